@@ -1,0 +1,56 @@
+//! Command-line interface: clap definitions and one module per command.
+
+mod register;
+mod serve;
+mod whoami;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use switchboard::client::Home;
+use tracing_subscriber::EnvFilter;
+
+/// Switchboard: a self-hosted messaging node and its command-line client.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, about)]
+pub struct Cli {
+    /// The client's home directory (device key and state).
+    #[arg(long, env = "SWITCHBOARD_HOME", global = true)]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve(serve::Args),
+    /// Register a phone number on a node, proving it with a code.
+    Register(register::Args),
+    /// Ask the node who this device is.
+    Whoami,
+}
+
+/// Logs go to stderr: info for the node, warnings only for client commands, unless
+/// RUST_LOG says otherwise.
+pub fn init_logging(cli: &Cli) {
+    let default = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Register(args) => register::run(Home::new(cli.home)?, args).await,
+        Command::Whoami => whoami::run(Home::new(cli.home)?).await,
+    }
+}

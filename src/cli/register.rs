@@ -1,0 +1,188 @@
+//! `switchboard register`: request a code, read it, verify it, save the device.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use anyhow::{Context, bail};
+use switchboard::client::{Client, ClientError, Home, Registration};
+use switchboard::phone::{Number, Region};
+use switchboard::proto::{Channel, ErrorKind};
+use switchboard::tls::{Credentials, Fingerprint};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Your phone number, as you would type it (`+1 415 555 0100`, `0044 20 7946 0958`).
+    number: String,
+    /// The node, as HOST:PORT.
+    #[arg(long)]
+    server: String,
+    /// Region for a number in national form (two letters: US, GB, DE...).
+    #[arg(long)]
+    region: Option<String>,
+    /// Ask for a voice call instead of an SMS.
+    #[arg(long)]
+    voice: bool,
+    /// The code, if you already have it; otherwise it is asked for.
+    #[arg(long)]
+    code: Option<String>,
+    /// Pin the node's certificate up front (as printed by `switchboard serve`);
+    /// otherwise the first connection's certificate is pinned.
+    #[arg(long)]
+    fingerprint: Option<String>,
+}
+
+pub async fn run(home: Home, args: Args) -> anyhow::Result<()> {
+    // Everything is checked before anything is sent or stored.
+    let region = args
+        .region
+        .as_deref()
+        .map(str::parse::<Region>)
+        .transpose()?;
+    let number = Number::parse(&args.number, region)?;
+    let pin = args
+        .fingerprint
+        .as_deref()
+        .map(str::parse::<Fingerprint>)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let channel = if args.voice {
+        Channel::Voice
+    } else {
+        Channel::Sms
+    };
+
+    // A fresh key for the new device; it is saved only once the node has accepted it.
+    let (credentials, pem) = Credentials::generate_device()?;
+    let client = Client::connect(&args.server, &credentials, pin).await?;
+    let result = register(&client, &number, channel, args.code).await;
+    let fingerprint = client.fingerprint();
+    client.close().await;
+    let registered = result?;
+
+    let reg = Registration {
+        server: args.server,
+        fingerprint,
+        number: number.clone(),
+        account_id: registered.account_id,
+        device_id: registered.device_id,
+        credentials,
+    };
+    home.save(&reg, &pem)
+        .with_context(|| format!("saving the device in {}", home.dir().display()))?;
+    if registered.took_over {
+        println!("{number} moved to this device; its other devices are signed out");
+    }
+    println!(
+        "registered {} as device {} on {} ({})",
+        number.display_international(),
+        registered.device_id,
+        reg.server,
+        fingerprint
+    );
+    Ok(())
+}
+
+async fn register(
+    client: &Client,
+    number: &Number,
+    channel: Channel,
+    code: Option<String>,
+) -> anyhow::Result<switchboard::proto::Registered> {
+    let sent = client.request_code(number, channel, &locale()).await?;
+    eprintln!(
+        "a code is on its way to {} by {}; it is valid for {} minutes",
+        number.display_international(),
+        match channel {
+            Channel::Sms => "SMS",
+            Channel::Voice => "voice call",
+        },
+        sent.expires_in_secs.div_ceil(60)
+    );
+    let mut codes = CodeSource::new(code);
+    // The node is the judge: the client keeps offering codes while the node answers
+    // "wrong code", so a dead code is refused by the node with its reason.
+    let mut last_refusal = None;
+    loop {
+        let Some(code) = codes.next()? else {
+            match last_refusal {
+                Some(e) => bail!("registration refused: {e}"),
+                None => bail!("no code given: registration cancelled"),
+            }
+        };
+        match client.verify_code(number, &code).await {
+            Ok(registered) => return Ok(registered),
+            Err(ClientError::Node(e)) => match e.kind {
+                ErrorKind::WrongCode { tries_left } if codes.can_ask_again(tries_left) => {
+                    eprintln!("{e}");
+                    last_refusal = Some(e);
+                }
+                ErrorKind::InvalidCode if codes.can_ask_again(1) => {
+                    eprintln!("{e}");
+                    last_refusal = Some(e);
+                }
+                _ => bail!("registration refused: {e}"),
+            },
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Where codes come from: `--code`, the terminal, or lines on stdin.
+struct CodeSource {
+    given: Option<String>,
+    used_given: bool,
+    terminal: bool,
+}
+
+impl CodeSource {
+    fn new(given: Option<String>) -> CodeSource {
+        CodeSource {
+            given,
+            used_given: false,
+            terminal: std::io::stdin().is_terminal(),
+        }
+    }
+
+    /// Whether to read another code after a refusal. A person at a terminal is not
+    /// asked again once the code is dead; piped input is read to its end.
+    fn can_ask_again(&self, tries_left: u32) -> bool {
+        self.given.is_none() && (tries_left > 0 || !self.terminal)
+    }
+
+    fn next(&mut self) -> anyhow::Result<Option<String>> {
+        if let Some(code) = &self.given {
+            if self.used_given {
+                return Ok(None);
+            }
+            self.used_given = true;
+            return Ok(Some(code.trim().to_string()));
+        }
+        if self.terminal {
+            eprint!("enter the 6-digit code: ");
+            std::io::stderr().flush()?;
+        }
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if std::io::stdin().lock().read_line(&mut line)? == 0 {
+                return Ok(None);
+            }
+            let code: String = line
+                .chars()
+                .filter(|c| !c.is_whitespace() && *c != '-')
+                .collect();
+            if !code.is_empty() {
+                return Ok(Some(code));
+            }
+        }
+    }
+}
+
+/// The user's language from the environment (`LANG=de_CH.UTF-8` → `de-CH`).
+fn locale() -> String {
+    std::env::var("LC_ALL")
+        .or_else(|_| std::env::var("LANG"))
+        .ok()
+        .and_then(|l| l.split('.').next().map(|s| s.replace('_', "-")))
+        .filter(|l| !l.is_empty() && l != "C" && l != "POSIX")
+        .unwrap_or_else(|| "en".to_string())
+}

@@ -1,0 +1,72 @@
+//! `switchboard serve`: run a node.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use switchboard::config::Config;
+use switchboard::node::Node;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Config file (TOML); without it the embedded defaults apply.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (overrides `server.data_dir`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// UDP address to listen on (overrides `server.listen`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(data) = args.data {
+        config.server.data_dir = data;
+    }
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    let node = Node::bind(config).await?;
+    let addr = node.local_addr().context("reading the bound address")?;
+    {
+        // Scripts read these two lines; logs go to stderr.
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on {addr}")?;
+        writeln!(out, "fingerprint {}", node.fingerprint())?;
+        out.flush()?;
+    }
+    tracing::info!(%addr, fingerprint = %node.fingerprint(), "node started");
+    node.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the node");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,140 @@
+//! The client's home directory: the device key and what the device knows of its node.
+//!
+//! Layout (every file owner-only, the directory 0700):
+//! - `device.key`, `device.crt`: the device's private key and self-signed certificate (PEM);
+//! - `state.toml`: server address, pinned node fingerprint, number and ids.
+//!
+//! Files are written atomically, so an interrupted write never leaves half a home.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+use crate::phone::Number;
+use crate::tls::{Credentials, Fingerprint, PemPair, TlsError};
+
+/// What can go wrong with the home directory.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error("no home directory: pass --home or set SWITCHBOARD_HOME")]
+    NoHome,
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is damaged: {reason}")]
+    Damaged { path: PathBuf, reason: String },
+    #[error("this home ({path}) has no registered device: run `switchboard register` first")]
+    NotRegistered { path: PathBuf },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// A client home directory.
+#[derive(Debug, Clone)]
+pub struct Home {
+    dir: PathBuf,
+}
+
+/// A registered device as its home knows it.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub server: String,
+    pub fingerprint: Fingerprint,
+    pub number: Number,
+    pub account_id: u64,
+    pub device_id: u32,
+    pub credentials: Credentials,
+}
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    server: String,
+    fingerprint: String,
+    number: String,
+    account_id: u64,
+    device_id: u32,
+}
+
+impl Home {
+    /// The home at `dir`, or the platform's data dir (`~/.local/share/switchboard`).
+    pub fn new(dir: Option<PathBuf>) -> Result<Home, HomeError> {
+        let dir = match dir {
+            Some(d) => d,
+            None => dirs::data_dir()
+                .ok_or(HomeError::NoHome)?
+                .join("switchboard"),
+        };
+        Ok(Home { dir })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn io(&self, path: &Path) -> impl Fn(std::io::Error) -> HomeError {
+        let path = path.to_path_buf();
+        move |source| HomeError::Io {
+            path: path.clone(),
+            source,
+        }
+    }
+
+    /// The registered device, or [`HomeError::NotRegistered`].
+    pub fn load(&self) -> Result<Registration, HomeError> {
+        let state_path = self.dir.join("state.toml");
+        if !state_path.exists() {
+            return Err(HomeError::NotRegistered {
+                path: self.dir.clone(),
+            });
+        }
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(self.io(p));
+        let damaged = |reason: String| HomeError::Damaged {
+            path: state_path.clone(),
+            reason,
+        };
+        let state: State =
+            toml::from_str(&read(&state_path)?).map_err(|e| damaged(e.to_string()))?;
+        let credentials = Credentials::from_pem(
+            &read(&self.dir.join("device.crt"))?,
+            &read(&self.dir.join("device.key"))?,
+        )?;
+        Ok(Registration {
+            fingerprint: state.fingerprint.parse().map_err(damaged)?,
+            number: Number::parse_e164(&state.number).map_err(|e| damaged(e.to_string()))?,
+            server: state.server,
+            account_id: state.account_id,
+            device_id: state.device_id,
+            credentials,
+        })
+    }
+
+    /// Saves a new registration with its device key, replacing any earlier one.
+    pub fn save(&self, reg: &Registration, pem: &PemPair) -> Result<(), HomeError> {
+        fsutil::create_private_dir(&self.dir).map_err(self.io(&self.dir))?;
+        let state = State {
+            server: reg.server.clone(),
+            fingerprint: reg.fingerprint.to_string(),
+            number: reg.number.to_string(),
+            account_id: reg.account_id,
+            device_id: reg.device_id,
+        };
+        let text = toml::to_string(&state).map_err(|e| HomeError::Damaged {
+            path: self.dir.join("state.toml"),
+            reason: e.to_string(),
+        })?;
+        // Key and certificate before the state that points at them.
+        for (name, bytes) in [
+            ("device.key", pem.key.as_bytes()),
+            ("device.crt", pem.cert.as_bytes()),
+            ("state.toml", text.as_bytes()),
+        ] {
+            let path = self.dir.join(name);
+            fsutil::write_private(&path, bytes).map_err(self.io(&path))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! The client library: what any app needs to talk to a node.
+//!
+//! A [`Client`] is one QUIC connection authenticated by the device's own key (its TLS
+//! client certificate). Each request runs on its own stream, so many can be in flight
+//! at once. The node's certificate is pinned by fingerprint: pass the pin when it is
+//! known, or `None` to trust on first use and store [`Client::fingerprint`].
+
+pub mod home;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::phone::Number;
+use crate::proto::{
+    self, Channel, CodeSent, Identity, NodeError, Registered, Reply, Request, Response, frame,
+};
+use crate::tls::{self, Credentials, Fingerprint, PinObservation, TlsError};
+
+pub use home::{Home, HomeError, Registration};
+
+/// What can go wrong talking to a node.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{server:?} is not a server address: expected HOST:PORT ({reason})")]
+    BadServer { server: String, reason: String },
+    #[error("cannot connect to {server}: {reason}")]
+    Connect { server: String, reason: String },
+    #[error(
+        "the node at {server} presented certificate {actual}, but this device pinned {expected}: \
+         refusing to connect. If the operator really replaced the certificate, check the new \
+         fingerprint with them and register again with --fingerprint"
+    )]
+    FingerprintMismatch {
+        server: String,
+        expected: Fingerprint,
+        actual: Fingerprint,
+    },
+    #[error("{0}")]
+    Node(#[from] NodeError),
+    #[error("the node sent an answer that does not fit the request: {0}")]
+    Protocol(String),
+    #[error("connection to the node failed: {0}")]
+    Connection(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// A connection to a node.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    server: String,
+    fingerprint: Fingerprint,
+}
+
+/// The largest reply the client accepts.
+const MAX_REPLY_BYTES: usize = proto::HARD_MAX_FRAME_BYTES;
+
+impl Client {
+    /// Connects to `server` (`HOST:PORT`) as the device `creds`, checking the node's
+    /// certificate against `pin` when given.
+    pub async fn connect(
+        server: &str,
+        creds: &Credentials,
+        pin: Option<Fingerprint>,
+    ) -> Result<Client, ClientError> {
+        let (host, addr) = resolve(server).await?;
+        let (crypto, observation) = tls::client_crypto(creds, pin)?;
+        let mut config = quinn::ClientConfig::new(crypto);
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(15)));
+        config.transport_config(Arc::new(transport));
+
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let connect_err = |reason: String| ClientError::Connect {
+            server: server.to_string(),
+            reason,
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
+        endpoint.set_default_client_config(config);
+        let connecting = endpoint
+            .connect(addr, &host)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(handshake_error(server, pin, &observation, e)),
+            Err(_) => {
+                return Err(connect_err(
+                    "no answer within 10 seconds (is the node running and the UDP port open?)"
+                        .into(),
+                ));
+            }
+        };
+        let fingerprint = observation
+            .seen()
+            .ok_or_else(|| connect_err("the node presented no certificate".into()))?;
+        Ok(Client {
+            endpoint,
+            conn,
+            server: server.to_string(),
+            fingerprint,
+        })
+    }
+
+    /// The fingerprint of the node's certificate.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// The server address as given to [`Client::connect`].
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Sends one request on its own stream and waits for its reply.
+    pub async fn call(&self, request: &Request) -> Result<Response, ClientError> {
+        let conn_err = |e: String| ClientError::Connection(e);
+        let (mut send, mut recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
+        frame::write(&mut send, request)
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
+        send.finish().map_err(|e| conn_err(e.to_string()))?;
+        let reply = frame::read::<Reply, _>(&mut recv, MAX_REPLY_BYTES)
+            .await
+            .map_err(|e| conn_err(e.to_string()))?
+            .ok_or_else(|| {
+                ClientError::Protocol("the node closed the stream without a reply".into())
+            })?;
+        match reply {
+            Reply::Ok(response) => Ok(response),
+            Reply::Err(e) => Err(ClientError::Node(e)),
+        }
+    }
+
+    /// Asks the node to send a verification code to `number`.
+    pub async fn request_code(
+        &self,
+        number: &Number,
+        channel: Channel,
+        locale: &str,
+    ) -> Result<CodeSent, ClientError> {
+        let request = Request::RequestCode {
+            number: number.to_string(),
+            channel,
+            locale: locale.to_string(),
+        };
+        match self.call(&request).await? {
+            Response::CodeSent(sent) => Ok(sent),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Proves ownership of `number` with `code`, registering this device.
+    pub async fn verify_code(
+        &self,
+        number: &Number,
+        code: &str,
+    ) -> Result<Registered, ClientError> {
+        let request = Request::VerifyCode {
+            number: number.to_string(),
+            code: code.to_string(),
+        };
+        match self.call(&request).await? {
+            Response::Registered(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks the node who this device is.
+    pub async fn whoami(&self) -> Result<Identity, ClientError> {
+        match self.call(&Request::WhoAmI).await? {
+            Response::Identity(i) => Ok(i),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The underlying QUIC connection, for tests and tools that speak raw frames.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Closes the connection politely and waits until the node has been told.
+    pub async fn close(self) {
+        self.conn.close(proto::codes::OK.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn unexpected(response: Response) -> ClientError {
+    ClientError::Protocol(format!("unexpected response {response:?}"))
+}
+
+fn handshake_error(
+    server: &str,
+    pin: Option<Fingerprint>,
+    observation: &PinObservation,
+    e: quinn::ConnectionError,
+) -> ClientError {
+    if let (Some(expected), Some(actual)) = (pin, observation.seen()) {
+        if expected != actual {
+            return ClientError::FingerprintMismatch {
+                server: server.to_string(),
+                expected,
+                actual,
+            };
+        }
+    }
+    ClientError::Connect {
+        server: server.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Splits `HOST:PORT` and resolves it. The host is also the TLS server name; the
+/// node's certificate is pinned, so the name is not checked.
+async fn resolve(server: &str) -> Result<(String, SocketAddr), ClientError> {
+    let bad = |reason: &str| ClientError::BadServer {
+        server: server.to_string(),
+        reason: reason.to_string(),
+    };
+    let (host, port) = server.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    port.parse::<u16>()
+        .map_err(|_| bad("the port is not a number from 0 to 65535"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let addr = tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| bad(&e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("the host name has no address"))?;
+    let name = if rustls::pki_types::ServerName::try_from(host).is_ok() {
+        host.to_string()
+    } else {
+        "switchboard".to_string()
+    };
+    Ok((name, addr))
+}

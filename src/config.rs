@@ -1,0 +1,429 @@
+//! Node configuration: one TOML file, parsed into validated types when it is loaded.
+//!
+//! Every setting has a default, so a node runs with no file at all; `config/switchboard.toml`
+//! documents each one and a test checks that it parses to exactly [`Config::default`].
+//! Unknown keys are errors, and every error names the key it is about.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::phone::Number;
+use crate::proto::HARD_MAX_FRAME_BYTES;
+
+/// The validated configuration of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub server: Server,
+    pub limits: Limits,
+    pub verification: Verification,
+}
+
+/// Where the node listens and keeps its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// UDP address to listen on. `[::]` listens on IPv6 and IPv4 both.
+    pub listen: SocketAddr,
+    /// Directory of the node's database, certificate and keys.
+    pub data_dir: PathBuf,
+    /// An operator's own certificate and key (PEM); `None` means a self-signed one
+    /// generated on first start and kept in the data dir.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of a certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Limits that keep one client, or many, from exhausting the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: u32,
+    pub max_connections_per_address: u32,
+    pub max_streams_per_connection: u32,
+    pub max_frame_bytes: u32,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// How long a client has to send a whole request once it opened a stream.
+    pub request_timeout: Duration,
+    /// How long shutdown waits for in-flight requests before closing connections.
+    pub shutdown_grace: Duration,
+}
+
+/// Verification codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub provider: Provider,
+    pub code_ttl: Duration,
+    pub max_attempts: u32,
+    pub resend_cooldown: Duration,
+    /// Numbers whose code is fixed and never delivered, for development and tests.
+    pub test_numbers: BTreeMap<Number, String>,
+}
+
+/// How codes reach people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// The code is written to the node's log, for an operator to pass on by hand.
+    Log,
+}
+
+/// A config file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            server: Server {
+                listen: SocketAddr::from(([0u16; 8], 4433)),
+                data_dir: PathBuf::from("switchboard-data"),
+                tls: None,
+            },
+            limits: Limits {
+                max_connections: 10_000,
+                max_connections_per_address: 256,
+                max_streams_per_connection: 128,
+                max_frame_bytes: 256 * 1024,
+                handshake_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+                request_timeout: Duration::from_secs(10),
+                shutdown_grace: Duration::from_secs(5),
+            },
+            verification: Verification {
+                provider: Provider::Log,
+                code_ttl: Duration::from_secs(600),
+                max_attempts: 5,
+                resend_cooldown: Duration::from_secs(60),
+                test_numbers: BTreeMap::new(),
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Loads and validates a config file; settings it leaves out keep their defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses and validates config text. The error names the offending key.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let deserializer = toml::Deserializer::new(text);
+        let raw: raw::File = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            // toml's own message carries the line and a caret under the value.
+            let inner = e.into_inner().to_string();
+            if path == "." {
+                inner.trim_end().to_string()
+            } else {
+                format!("key `{path}`: {}", inner.trim_end())
+            }
+        })?;
+        raw.validate()
+    }
+}
+
+/// The file as written: every field optional, unknown fields refused.
+mod raw {
+    use super::*;
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct File {
+        pub server: Server,
+        pub limits: Limits,
+        pub verification: Verification,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Server {
+        pub listen: Option<SocketAddr>,
+        pub data_dir: Option<PathBuf>,
+        pub tls_cert: Option<PathBuf>,
+        pub tls_key: Option<PathBuf>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Limits {
+        pub max_connections: Option<u32>,
+        pub max_connections_per_address: Option<u32>,
+        pub max_streams_per_connection: Option<u32>,
+        pub max_frame_bytes: Option<u32>,
+        pub handshake_timeout_ms: Option<u64>,
+        pub idle_timeout_ms: Option<u64>,
+        pub request_timeout_ms: Option<u64>,
+        pub shutdown_grace_ms: Option<u64>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Verification {
+        pub provider: Option<String>,
+        pub code_ttl_secs: Option<u64>,
+        pub max_attempts: Option<u32>,
+        pub resend_cooldown_secs: Option<u64>,
+        pub test_numbers: BTreeMap<String, String>,
+    }
+
+    fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+        key: &str,
+        value: Option<T>,
+        default: T,
+        min: T,
+        max: T,
+    ) -> Result<T, String> {
+        let v = value.unwrap_or(default);
+        if v < min || v > max {
+            return Err(format!("key `{key}`: {v} is out of range ({min} to {max})"));
+        }
+        Ok(v)
+    }
+
+    fn millis(
+        key: &str,
+        value: Option<u64>,
+        default: Duration,
+        min: u64,
+        max: u64,
+    ) -> Result<Duration, String> {
+        in_range(key, value, default.as_millis() as u64, min, max).map(Duration::from_millis)
+    }
+
+    fn secs(
+        key: &str,
+        value: Option<u64>,
+        default: Duration,
+        min: u64,
+        max: u64,
+    ) -> Result<Duration, String> {
+        in_range(key, value, default.as_secs(), min, max).map(Duration::from_secs)
+    }
+
+    impl File {
+        pub fn validate(self) -> Result<super::Config, String> {
+            let d = super::Config::default();
+            let tls =
+                match (self.server.tls_cert, self.server.tls_key) {
+                    (None, None) => None,
+                    (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                    (Some(_), None) => {
+                        return Err(
+                            "key `server.tls_key`: missing; `server.tls_cert` needs its key".into(),
+                        );
+                    }
+                    (None, Some(_)) => return Err(
+                        "key `server.tls_cert`: missing; `server.tls_key` needs its certificate"
+                            .into(),
+                    ),
+                };
+            let server = super::Server {
+                listen: self.server.listen.unwrap_or(d.server.listen),
+                data_dir: self.server.data_dir.unwrap_or(d.server.data_dir),
+                tls,
+            };
+            let l = self.limits;
+            let dl = d.limits;
+            let limits = super::Limits {
+                max_connections: in_range(
+                    "limits.max_connections",
+                    l.max_connections,
+                    dl.max_connections,
+                    1,
+                    10_000_000,
+                )?,
+                max_connections_per_address: in_range(
+                    "limits.max_connections_per_address",
+                    l.max_connections_per_address,
+                    dl.max_connections_per_address,
+                    1,
+                    10_000_000,
+                )?,
+                max_streams_per_connection: in_range(
+                    "limits.max_streams_per_connection",
+                    l.max_streams_per_connection,
+                    dl.max_streams_per_connection,
+                    1,
+                    10_000,
+                )?,
+                max_frame_bytes: in_range(
+                    "limits.max_frame_bytes",
+                    l.max_frame_bytes,
+                    dl.max_frame_bytes,
+                    1024,
+                    HARD_MAX_FRAME_BYTES as u32,
+                )?,
+                handshake_timeout: millis(
+                    "limits.handshake_timeout_ms",
+                    l.handshake_timeout_ms,
+                    dl.handshake_timeout,
+                    100,
+                    600_000,
+                )?,
+                idle_timeout: millis(
+                    "limits.idle_timeout_ms",
+                    l.idle_timeout_ms,
+                    dl.idle_timeout,
+                    1_000,
+                    3_600_000,
+                )?,
+                request_timeout: millis(
+                    "limits.request_timeout_ms",
+                    l.request_timeout_ms,
+                    dl.request_timeout,
+                    100,
+                    600_000,
+                )?,
+                shutdown_grace: millis(
+                    "limits.shutdown_grace_ms",
+                    l.shutdown_grace_ms,
+                    dl.shutdown_grace,
+                    0,
+                    600_000,
+                )?,
+            };
+            let v = self.verification;
+            let dv = d.verification;
+            let provider = match v.provider.as_deref() {
+                None | Some("log") => Provider::Log,
+                Some(other) => {
+                    return Err(format!(
+                        "key `verification.provider`: unknown provider {other:?} (known: \"log\")"
+                    ));
+                }
+            };
+            let mut test_numbers = BTreeMap::new();
+            for (number, code) in v.test_numbers {
+                let parsed = Number::parse(&number, None)
+                    .map_err(|e| format!("key `verification.test_numbers.\"{number}\"`: {e}"))?;
+                if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(format!(
+                        "key `verification.test_numbers.\"{number}\"`: the code must be 6 digits, not {code:?}"
+                    ));
+                }
+                if test_numbers.insert(parsed.clone(), code).is_some() {
+                    return Err(format!(
+                        "key `verification.test_numbers.\"{number}\"`: {parsed} is listed twice"
+                    ));
+                }
+            }
+            let verification = super::Verification {
+                provider,
+                code_ttl: secs(
+                    "verification.code_ttl_secs",
+                    v.code_ttl_secs,
+                    dv.code_ttl,
+                    60,
+                    86_400,
+                )?,
+                max_attempts: in_range(
+                    "verification.max_attempts",
+                    v.max_attempts,
+                    dv.max_attempts,
+                    1,
+                    10,
+                )?,
+                resend_cooldown: secs(
+                    "verification.resend_cooldown_secs",
+                    v.resend_cooldown_secs,
+                    dv.resend_cooldown,
+                    0,
+                    86_400,
+                )?,
+                test_numbers,
+            };
+            Ok(super::Config {
+                server,
+                limits,
+                verification,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_file_documents_exactly_the_defaults() {
+        let shipped = include_str!("../config/switchboard.toml");
+        assert_eq!(Config::parse(shipped).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    fn check_err(text: &str, needle: &str) {
+        let err = Config::parse(text).expect_err(text);
+        assert!(
+            err.contains(needle),
+            "error {err:?} does not mention {needle:?}"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        check_err(
+            "[limits]\nmax_connections = \"many\"\n",
+            "limits.max_connections",
+        );
+        check_err("[limits]\nmax_conections = 5\n", "max_conections");
+        check_err(
+            "[limits]\nmax_frame_bytes = 999999999\n",
+            "limits.max_frame_bytes",
+        );
+        check_err("[server]\nlisten = \"nowhere\"\n", "server.listen");
+        check_err("[server]\ntls_cert = \"a.pem\"\n", "server.tls_key");
+        check_err(
+            "[verification]\nprovider = \"pigeon\"\n",
+            "verification.provider",
+        );
+        check_err(
+            "[verification.test_numbers]\n\"+1 23\" = \"123456\"\n",
+            "+1 23",
+        );
+        check_err(
+            "[verification.test_numbers]\n\"+14155550100\" = \"12\"\n",
+            "6 digits",
+        );
+        check_err("[nonsense]\n", "nonsense");
+        check_err("this is not toml", "line 1");
+    }
+
+    #[test]
+    fn test_numbers_are_normalised() {
+        let c = Config::parse("[verification.test_numbers]\n\"+1 (415) 555-0100\" = \"123456\"\n")
+            .unwrap();
+        let n = Number::parse("+14155550100", None).unwrap();
+        assert_eq!(
+            c.verification.test_numbers.get(&n).map(String::as_str),
+            Some("123456")
+        );
+    }
+}

@@ -1,0 +1,180 @@
+//! One connection: the handshake, the device key, and a task per request stream.
+//!
+//! This is the only part of the node that sees quinn types; handlers get a
+//! [`Session`] and a decoded request and return a reply.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::Shared;
+use super::handlers;
+use super::limits::Ticket;
+use crate::config::Config;
+use crate::proto::{ErrorKind, FrameError, NodeError, Reply, Request, codes, frame};
+use crate::store::keys::KeyId;
+use crate::tls::{self, Credentials, TlsError};
+
+/// What a handler knows of the connection a request came on.
+pub struct Session {
+    /// SHA-256 of the device's public key, from its TLS client certificate.
+    pub key_id: KeyId,
+    /// The device's SubjectPublicKeyInfo, stored when the device registers.
+    pub public_key: Vec<u8>,
+    pub remote: SocketAddr,
+}
+
+/// The quinn server configuration: TLS plus the transport limits from config.
+pub fn server_config(
+    creds: &Credentials,
+    config: &Config,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let mut server = quinn::ServerConfig::with_crypto(tls::server_crypto(creds)?);
+    let limits = &config.limits;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(limits.max_streams_per_connection.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(limits.idle_timeout)
+                .map_err(|e| TlsError::Quic(e.to_string()))?,
+        ));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+/// Serves one connection until it closes or the node stops.
+pub async fn serve(
+    incoming: quinn::Incoming,
+    ticket: Ticket,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let remote = incoming.remote_address();
+    let span = tracing::info_span!("conn", %remote);
+    async move {
+        let _ticket = ticket;
+        let connecting = match incoming.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "handshake refused");
+                return;
+            }
+        };
+        let conn =
+            match tokio::time::timeout(shared.config.limits.handshake_timeout, connecting).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("handshake timed out");
+                    return;
+                }
+            };
+        let Some((key_id, public_key)) = device_key(&conn) else {
+            conn.close(codes::REFUSED.into(), b"no usable client certificate");
+            return;
+        };
+        let session = Arc::new(Session {
+            key_id,
+            public_key,
+            remote,
+        });
+        tracing::debug!(device_key = %hex::encode(&key_id[..8]), "connected");
+        loop {
+            let accepted = tokio::select! {
+                () = stop.cancelled() => break,
+                accepted = conn.accept_bi() => accepted,
+            };
+            match accepted {
+                Ok((send, recv)) => {
+                    let task = serve_stream(send, recv, shared.clone(), session.clone());
+                    tracker.spawn(task.in_current_span());
+                }
+                Err(e) => {
+                    tracing::debug!(reason = %e, "connection closed");
+                    break;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The device key of the peer, from its client certificate.
+fn device_key(conn: &quinn::Connection) -> Option<(KeyId, Vec<u8>)> {
+    let identity = conn.peer_identity()?;
+    let chain = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    tls::key_id(chain.first()?).ok()
+}
+
+/// Serves one request stream: read one request frame, answer with one reply frame.
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+) {
+    let limits = &shared.config.limits;
+    let max = limits.max_frame_bytes as usize;
+    let read = tokio::time::timeout(
+        limits.request_timeout,
+        frame::read::<Request, _>(&mut recv, max),
+    )
+    .await;
+    let reply = match read {
+        Ok(Ok(Some(request))) => handlers::handle(request, &shared, &session).await,
+        Ok(Ok(None)) => {
+            // An empty stream asks nothing; close it quietly.
+            let _ = send.finish();
+            return;
+        }
+        Ok(Err(FrameError::TooLarge { len, max })) => {
+            tracing::debug!(len, max, "frame too large");
+            let _ = recv.stop(codes::FRAME_TOO_LARGE.into());
+            Reply::Err(NodeError::new(
+                ErrorKind::FrameTooLarge { max: max as u32 },
+                format!("request frame of {len} bytes is over the node's limit of {max} bytes"),
+            ))
+        }
+        Ok(Err(FrameError::Malformed(reason))) => {
+            tracing::debug!(%reason, "malformed request");
+            let _ = recv.stop(codes::MALFORMED.into());
+            Reply::Err(NodeError::new(
+                ErrorKind::Malformed,
+                format!("malformed request: {reason}"),
+            ))
+        }
+        Ok(Err(FrameError::Truncated)) => Reply::Err(NodeError::new(
+            ErrorKind::Malformed,
+            "the stream ended in the middle of a request frame",
+        )),
+        Ok(Err(FrameError::Io(e))) => {
+            tracing::debug!(error = %e, "request stream failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("request not received in time");
+            let _ = recv.stop(codes::TIMEOUT.into());
+            let _ = send.reset(codes::TIMEOUT.into());
+            return;
+        }
+    };
+    if let Err(e) = frame::write(&mut send, &reply).await {
+        tracing::debug!(error = %e, "could not send the reply");
+        return;
+    }
+    let _ = send.finish();
+    // Wait until the peer has the whole reply, so a graceful shutdown does not cut it
+    // off; bounded, so a peer that never acknowledges cannot hold the task.
+    let _ = tokio::time::timeout(limits.request_timeout, send.stopped()).await;
+}

@@ -1,0 +1,221 @@
+//! The node: a QUIC endpoint, one task per connection, one task per request stream.
+//!
+//! [`Node::bind`] opens the store, loads or makes the certificate and binds the socket;
+//! [`Node::run`] serves until the `shutdown` future completes, then stops taking
+//! connections and streams, lets in-flight requests finish (up to the configured
+//! grace), closes the endpoint and flushes the store. Every task belongs to one
+//! `TaskTracker`, so shutdown knows when the work is done.
+
+mod conn;
+mod handlers;
+mod limits;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Provider as ProviderKind};
+use crate::fsutil;
+use crate::proto::codes;
+use crate::store::{Store, StoreError};
+use crate::tls::{Credentials, Fingerprint, TlsError};
+use crate::verify::{Codes, LogProvider, Provider};
+
+/// Why a node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the database in {path}: {source}")]
+    Store { path: PathBuf, source: StoreError },
+    #[error("flushing the database on shutdown: {0}")]
+    Flush(StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What every connection and request shares.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub store: Store,
+    pub codes: Codes,
+    pub provider: Box<dyn Provider>,
+    pub admission: limits::Admission,
+}
+
+/// A bound node, ready to [`run`](Node::run).
+pub struct Node {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    fingerprint: Fingerprint,
+}
+
+impl Node {
+    /// Opens the data dir, the store and the certificate, and binds the UDP socket.
+    pub async fn bind(config: Config) -> Result<Node, ServeError> {
+        let data_dir = config.server.data_dir.clone();
+        fsutil::create_private_dir(&data_dir).map_err(|source| ServeError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        let creds = match &config.server.tls {
+            Some(files) => Credentials::load_pem(&files.cert, &files.key)?,
+            None => load_or_make_self_signed(&data_dir)?,
+        };
+        let fingerprint = creds.fingerprint();
+
+        let db_path = data_dir.join("db");
+        let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
+            .await
+            .map_err(|e| ServeError::Store {
+                path: data_dir.join("db"),
+                source: StoreError::Corrupt(format!("opening task failed: {e}")),
+            })?
+            .map_err(|source| ServeError::Store {
+                path: data_dir.join("db"),
+                source,
+            })?;
+        let code_key = store
+            .secret("code_hash_key")
+            .map_err(|source| ServeError::Store {
+                path: data_dir.join("db"),
+                source,
+            })?;
+
+        let server_config = conn::server_config(&creds, &config)?;
+        let endpoint = bind_endpoint(config.server.listen, server_config)?;
+        let provider: Box<dyn Provider> = match config.verification.provider {
+            ProviderKind::Log => Box::new(LogProvider),
+        };
+        let shared = Arc::new(Shared {
+            codes: Codes::new(code_key, config.verification.clone()),
+            admission: limits::Admission::new(
+                config.limits.max_connections,
+                config.limits.max_connections_per_address,
+            ),
+            provider,
+            store,
+            config,
+        });
+        Ok(Node {
+            endpoint,
+            shared,
+            fingerprint,
+        })
+    }
+
+    /// The address the node listens on (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The fingerprint of the node's certificate, for clients to pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// Serves until `shutdown` completes, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let remote = incoming.remote_address();
+                    let Some(ticket) = self.shared.admission.admit(remote.ip()) else {
+                        tracing::warn!(%remote, "connection refused: connection limit reached");
+                        incoming.refuse();
+                        continue;
+                    };
+                    let task = conn::serve(incoming, ticket, self.shared.clone(), stop.clone(), tracker.clone());
+                    tracker.spawn(task);
+                }
+            }
+        }
+
+        tracing::info!(
+            in_flight = tracker.len(),
+            "shutting down: finishing in-flight requests"
+        );
+        self.endpoint.set_server_config(None);
+        stop.cancel();
+        tracker.close();
+        if tokio::time::timeout(self.shared.config.limits.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = tracker.len(),
+                "shutdown grace elapsed; closing the remaining requests"
+            );
+        }
+        self.endpoint
+            .close(codes::SHUTDOWN.into(), b"node shutting down");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle())
+            .await;
+        self.shared.store.flush().await.map_err(ServeError::Flush)?;
+        tracing::info!("stopped; storage flushed");
+        Ok(())
+    }
+}
+
+/// The self-signed certificate kept in `data_dir/tls`, made on first start.
+fn load_or_make_self_signed(data_dir: &Path) -> Result<Credentials, ServeError> {
+    let dir = data_dir.join("tls");
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    if cert_path.exists() && key_path.exists() {
+        return Ok(Credentials::load_pem(&cert_path, &key_path)?);
+    }
+    let io_err = |source| ServeError::DataDir {
+        path: dir.clone(),
+        source,
+    };
+    fsutil::create_private_dir(&dir).map_err(io_err)?;
+    let (creds, pem) = Credentials::generate_node(vec!["localhost".into(), "switchboard".into()])?;
+    // Key first: a crash between the two writes leaves no certificate without its key.
+    fsutil::write_private(&key_path, pem.key.as_bytes()).map_err(io_err)?;
+    fsutil::write_private(&cert_path, pem.cert.as_bytes()).map_err(io_err)?;
+    tracing::info!(path = %cert_path.display(), "generated a self-signed certificate");
+    Ok(creds)
+}
+
+/// Binds the UDP socket. An IPv6 wildcard also accepts IPv4 (dual stack), whatever the
+/// system default for `IPV6_V6ONLY` is.
+fn bind_endpoint(
+    addr: SocketAddr,
+    server_config: quinn::ServerConfig,
+) -> Result<quinn::Endpoint, ServeError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind_err = |source| ServeError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(bind_err)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).map_err(bind_err)?;
+    }
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_err(std::io::Error::other("no async runtime")))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket.into(),
+        runtime,
+    )
+    .map_err(bind_err)
+}

@@ -1,0 +1,40 @@
+//! The wire protocol: the messages a client and a node exchange, and how they are framed.
+//!
+//! This module is the only place that defines wire types. It knows nothing of quinn,
+//! sled or the node: frames are read from any `AsyncRead`, so the same code serves the
+//! node, the client library and the fuzz targets. PROTOCOL.md describes the same thing
+//! for people writing clients in other languages; keep the two in step.
+
+pub mod frame;
+pub mod messages;
+
+pub use frame::{FrameError, HARD_MAX_FRAME_BYTES};
+pub use messages::{
+    Channel, CodeSent, ErrorKind, Identity, NodeError, Registered, Reply, Request, Response,
+};
+
+/// The protocol version. It is carried in the TLS ALPN (`switchboard/1`), so a client
+/// and a node that do not share a version fail the handshake instead of misreading
+/// each other's frames.
+pub const VERSION: u32 = 1;
+
+/// The ALPN protocol id of [`VERSION`].
+pub const ALPN: &[u8] = b"switchboard/1";
+
+/// QUIC application error codes used when the node closes a stream or a connection.
+pub mod codes {
+    /// Normal close.
+    pub const OK: u32 = 0;
+    /// The peer sent a frame that could not be decoded.
+    pub const MALFORMED: u32 = 1;
+    /// The peer announced a frame larger than the limit.
+    pub const FRAME_TOO_LARGE: u32 = 2;
+    /// The peer did not send a whole request in time.
+    pub const TIMEOUT: u32 = 3;
+    /// The node is shutting down.
+    pub const SHUTDOWN: u32 = 4;
+    /// The device was signed out (its number was registered elsewhere).
+    pub const SIGNED_OUT: u32 = 5;
+    /// The node refused the connection (limits).
+    pub const REFUSED: u32 = 6;
+}

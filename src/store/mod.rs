@@ -1,0 +1,509 @@
+//! Storage: the only code that touches sled.
+//!
+//! Every tree is declared in [`Trees`], named after what it maps, with its key layout
+//! beside it; key encodings live in [`keys`], value types in [`records`]. Few trees
+//! with prefixed keys, never a tree per user (sled bloats with many trees). Updates
+//! that touch more than one tree run in one sled transaction.
+//!
+//! The store speaks in storage terms (records, ids, outcomes): it never builds a wire
+//! error. Its methods are synchronous and may block on I/O; the node calls them from
+//! blocking threads, never from its async workers.
+
+pub mod keys;
+pub mod records;
+
+use std::path::Path;
+
+use rand::RngCore;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use keys::KeyId;
+use records::{AccountRecord, CodeRecord, DeviceRecord};
+
+/// The schema this build writes. Raise it with every change of layout and add a rung
+/// to [`Store::migrate`].
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What can go wrong in storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+    #[error(
+        "the data dir was written by a newer switchboard (schema {found}); this build knows schema {SCHEMA_VERSION} and older"
+    )]
+    TooNew { found: u32 },
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        }
+    }
+}
+
+/// Every tree of the database.
+#[derive(Clone)]
+struct Trees {
+    /// `meta`: name (ASCII) → value. `schema_version` (u32 BE), `code_hash_key` (32 bytes).
+    meta: sled::Tree,
+    /// `number_account`: E.164 (UTF-8) → account id (u64 BE). One account per number.
+    number_account: sled::Tree,
+    /// `account`: account id (u64 BE) → [`AccountRecord`] (with its devices).
+    account: sled::Tree,
+    /// `device_key`: key id (32 bytes, SHA-256 of the SPKI) → account id (u64 BE) ++ device id (u32 BE).
+    device_key: sled::Tree,
+    /// `number_code`: E.164 (UTF-8) → [`CodeRecord`], the pending verification code.
+    number_code: sled::Tree,
+}
+
+/// The node's database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    trees: Trees,
+}
+
+/// A device as the rest of the node refers to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeviceRef {
+    pub account_id: u64,
+    pub device_id: u32,
+}
+
+/// A device that is being registered.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub key_id: KeyId,
+    pub public_key: Vec<u8>,
+}
+
+/// The verdict on a guessed code, given by the caller (the store does not know codes).
+#[derive(Debug, Clone)]
+pub enum Judgement<E> {
+    /// The code is right: consume it and register the device.
+    Accept,
+    /// The code is refused with `error`; the pending record becomes `update`
+    /// (`None` deletes it). The update is committed although the guess failed.
+    Reject {
+        update: Option<CodeRecord>,
+        error: E,
+    },
+}
+
+/// What a verification did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyOutcome<E> {
+    Registered {
+        device: DeviceRef,
+        /// True when the number had an account, which now belongs to this device.
+        took_over: bool,
+        /// Devices that were signed out because the account moved.
+        signed_out: Vec<DeviceRef>,
+    },
+    Rejected(E),
+    NoCode,
+}
+
+/// A device together with its account's number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    pub device: DeviceRef,
+    pub number: String,
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn abort<T>(e: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let trees = Trees {
+            meta: db.open_tree("meta")?,
+            number_account: db.open_tree("number_account")?,
+            account: db.open_tree("account")?,
+            device_key: db.open_tree("device_key")?,
+            number_code: db.open_tree("number_code")?,
+        };
+        let store = Store { db, trees };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Brings an older schema up to [`SCHEMA_VERSION`], one rung at a time.
+    fn migrate(&self) -> Result<(), StoreError> {
+        let found =
+            match self.trees.meta.get("schema_version")? {
+                None => 0,
+                Some(v) => u32::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                    StoreError::Corrupt("meta/schema_version is not 4 bytes".into())
+                })?),
+            };
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::TooNew { found });
+        }
+        // Rung 0 → 1: a new database; nothing to convert.
+        if found < SCHEMA_VERSION {
+            self.trees
+                .meta
+                .insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The schema version on disk.
+    pub fn schema_version(&self) -> u32 {
+        SCHEMA_VERSION
+    }
+
+    /// A 32-byte random secret kept in `meta` under `name`, made on first use.
+    pub fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        let mut fresh = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut fresh);
+        // compare_and_swap makes two racing first uses agree on one secret.
+        let _ = self
+            .trees
+            .meta
+            .compare_and_swap(name, None as Option<&[u8]>, Some(&fresh[..]))?;
+        let stored = self
+            .trees
+            .meta
+            .get(name)?
+            .ok_or_else(|| StoreError::Corrupt(format!("meta/{name} vanished")))?;
+        stored
+            .as_ref()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt(format!("meta/{name} is not 32 bytes")))
+    }
+
+    /// Replaces the pending code of `number` with the one `decide` makes from the
+    /// current one, or leaves it as it is when `decide` refuses.
+    pub fn replace_code<E>(
+        &self,
+        number: &str,
+        decide: impl Fn(Option<&CodeRecord>) -> Result<CodeRecord, E>,
+    ) -> Result<Result<CodeRecord, E>, StoreError> {
+        let key = keys::number(number);
+        let result = self.trees.number_code.transaction(|tree| {
+            let current = match tree.get(key)? {
+                Some(bytes) => {
+                    Some(records::decode::<CodeRecord>(&bytes, "number_code").or_else(abort)?)
+                }
+                None => None,
+            };
+            match decide(current.as_ref()) {
+                Ok(record) => {
+                    tree.insert(key, records::encode(&record).or_else(abort)?)?;
+                    Ok(Ok(record))
+                }
+                Err(e) => Ok(Err(e)),
+            }
+        });
+        Ok(result?)
+    }
+
+    /// Deletes the pending code of `number`, if any.
+    pub fn remove_code(&self, number: &str) -> Result<(), StoreError> {
+        self.trees.number_code.remove(keys::number(number))?;
+        Ok(())
+    }
+
+    /// Judges a guess at the pending code of `number` and, when `judge` accepts it,
+    /// consumes the code and makes `new_device` the number's device, all in one
+    /// transaction. A number that already has an account keeps it: the account moves
+    /// to the new device and its old devices are signed out (their keys revoked).
+    pub fn verify_and_register<E: Clone>(
+        &self,
+        number: &str,
+        new_device: &NewDevice,
+        now_ms: u64,
+        judge: impl Fn(&CodeRecord) -> Judgement<E>,
+    ) -> Result<VerifyOutcome<E>, StoreError> {
+        // Ids are drawn outside the transaction (sled cannot inside); an unused one is
+        // simply skipped. They start at 1: 0 reads as "none" too easily.
+        let fresh_account_id = self.db.generate_id()? + 1;
+        let t = &self.trees;
+        let outcome = (&t.number_code, &t.number_account, &t.account, &t.device_key).transaction(
+            |(codes, numbers, accounts, device_keys)| {
+                let number_key = keys::number(number);
+                let Some(bytes) = codes.get(number_key)? else {
+                    return Ok(VerifyOutcome::NoCode);
+                };
+                let record = records::decode::<CodeRecord>(&bytes, "number_code").or_else(abort)?;
+                match judge(&record) {
+                    Judgement::Reject { update, error } => {
+                        match update {
+                            Some(r) => {
+                                codes.insert(number_key, records::encode(&r).or_else(abort)?)?
+                            }
+                            None => codes.remove(number_key)?,
+                        };
+                        return Ok(VerifyOutcome::Rejected(error));
+                    }
+                    Judgement::Accept => {
+                        codes.remove(number_key)?;
+                    }
+                }
+
+                // The new key may already belong to a device (the same home registering
+                // again): detach it from wherever it is first.
+                if let Some(bytes) = device_keys.get(new_device.key_id)? {
+                    let (acct, dev) = keys::parse_device(&bytes)
+                        .ok_or_else(|| StoreError::Corrupt("device_key value".into()))
+                        .or_else(abort)?;
+                    if let Some(abytes) = accounts.get(keys::account(acct))? {
+                        let mut a =
+                            records::decode::<AccountRecord>(&abytes, "account").or_else(abort)?;
+                        a.devices.retain(|d| d.device_id != dev);
+                        accounts
+                            .insert(&keys::account(acct), records::encode(&a).or_else(abort)?)?;
+                    }
+                }
+
+                let (account_id, mut account, took_over) = match numbers.get(number_key)? {
+                    Some(id) => {
+                        let id = keys::parse_account(&id)
+                            .ok_or_else(|| StoreError::Corrupt("number_account value".into()))
+                            .or_else(abort)?;
+                        let bytes = accounts
+                            .get(keys::account(id))?
+                            .ok_or_else(|| StoreError::Corrupt(format!("account {id} missing")))
+                            .or_else(abort)?;
+                        (
+                            id,
+                            records::decode::<AccountRecord>(&bytes, "account").or_else(abort)?,
+                            true,
+                        )
+                    }
+                    None => {
+                        let account = AccountRecord {
+                            number: number.to_string(),
+                            created_at_ms: now_ms,
+                            next_device_id: 1,
+                            devices: Vec::new(),
+                        };
+                        numbers.insert(number_key, &keys::account(fresh_account_id))?;
+                        (fresh_account_id, account, false)
+                    }
+                };
+
+                let mut signed_out = Vec::new();
+                for old in account.devices.drain(..) {
+                    device_keys.remove(&old.key_id)?;
+                    signed_out.push(DeviceRef {
+                        account_id,
+                        device_id: old.device_id,
+                    });
+                }
+                let device_id = account.next_device_id;
+                account.next_device_id += 1;
+                account.devices.push(DeviceRecord {
+                    device_id,
+                    key_id: new_device.key_id,
+                    public_key: new_device.public_key.clone(),
+                    created_at_ms: now_ms,
+                });
+                accounts.insert(
+                    &keys::account(account_id),
+                    records::encode(&account).or_else(abort)?,
+                )?;
+                device_keys.insert(&new_device.key_id, &keys::device(account_id, device_id))?;
+                Ok(VerifyOutcome::Registered {
+                    device: DeviceRef {
+                        account_id,
+                        device_id,
+                    },
+                    took_over,
+                    signed_out,
+                })
+            },
+        )?;
+        Ok(outcome)
+    }
+
+    /// The device whose key id is `key_id`, with its number.
+    pub fn device_by_key(&self, key_id: &KeyId) -> Result<Option<DeviceIdentity>, StoreError> {
+        let Some(bytes) = self.trees.device_key.get(key_id)? else {
+            return Ok(None);
+        };
+        let (account_id, device_id) = keys::parse_device(&bytes)
+            .ok_or_else(|| StoreError::Corrupt("device_key value".into()))?;
+        let Some(account) = self.account(account_id)? else {
+            return Ok(None);
+        };
+        Ok(Some(DeviceIdentity {
+            device: DeviceRef {
+                account_id,
+                device_id,
+            },
+            number: account.number,
+        }))
+    }
+
+    /// The account `id`.
+    pub fn account(&self, id: u64) -> Result<Option<AccountRecord>, StoreError> {
+        match self.trees.account.get(keys::account(id))? {
+            Some(bytes) => Ok(Some(records::decode(&bytes, "account")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The account of `number`.
+    pub fn account_by_number(
+        &self,
+        number: &str,
+    ) -> Result<Option<(u64, AccountRecord)>, StoreError> {
+        let Some(id) = self.trees.number_account.get(keys::number(number))? else {
+            return Ok(None);
+        };
+        let id = keys::parse_account(&id)
+            .ok_or_else(|| StoreError::Corrupt("number_account value".into()))?;
+        Ok(self.account(id)?.map(|a| (id, a)))
+    }
+
+    /// The number of accounts.
+    pub fn account_count(&self) -> usize {
+        self.trees.number_account.len()
+    }
+
+    /// Makes every write so far durable against a process crash. Waits without
+    /// blocking the async runtime.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Blocking variant of [`Store::flush`], for shutdown and tools.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(tries: u32) -> CodeRecord {
+        CodeRecord {
+            hash: [7; 32],
+            sent_at_ms: 1,
+            expires_at_ms: 2,
+            tries_left: tries,
+        }
+    }
+
+    fn device(n: u8) -> NewDevice {
+        NewDevice {
+            key_id: [n; 32],
+            public_key: vec![n; 44],
+        }
+    }
+
+    #[test]
+    fn register_then_take_over_revokes_the_old_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let n = "+14155550100";
+        let put = |s: &Store| s.replace_code::<()>(n, |_| Ok(code(5))).unwrap().unwrap();
+
+        put(&store);
+        let first = store
+            .verify_and_register::<()>(n, &device(1), 10, |_| Judgement::Accept)
+            .unwrap();
+        let VerifyOutcome::Registered {
+            device: d1,
+            took_over: false,
+            ..
+        } = first
+        else {
+            panic!("{first:?}")
+        };
+        assert_eq!(store.device_by_key(&[1; 32]).unwrap().unwrap().device, d1);
+
+        put(&store);
+        let second = store
+            .verify_and_register::<()>(n, &device(2), 11, |_| Judgement::Accept)
+            .unwrap();
+        let VerifyOutcome::Registered {
+            device: d2,
+            took_over: true,
+            signed_out,
+        } = second
+        else {
+            panic!("{second:?}")
+        };
+        assert_eq!(d2.account_id, d1.account_id);
+        assert_ne!(d2.device_id, d1.device_id);
+        assert_eq!(signed_out, vec![d1]);
+        assert_eq!(store.device_by_key(&[1; 32]).unwrap(), None);
+        assert_eq!(store.account_count(), 1);
+    }
+
+    #[test]
+    fn rejection_commits_the_update_and_registers_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let n = "+14155550100";
+        store
+            .replace_code::<()>(n, |_| Ok(code(5)))
+            .unwrap()
+            .unwrap();
+        let out = store
+            .verify_and_register(n, &device(1), 10, |r| Judgement::Reject {
+                update: Some(code(r.tries_left - 1)),
+                error: "wrong",
+            })
+            .unwrap();
+        assert_eq!(out, VerifyOutcome::Rejected("wrong"));
+        let left = store
+            .replace_code::<u32>(n, |r| Err(r.map_or(99, |r| r.tries_left)))
+            .unwrap();
+        assert_eq!(left, Err(4));
+        assert_eq!(store.account_count(), 0);
+        assert_eq!(store.device_by_key(&[1; 32]).unwrap(), None);
+    }
+
+    #[test]
+    fn reopen_keeps_data_and_secret_and_refuses_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .replace_code::<()>("+14155550100", |_| Ok(code(5)))
+                .unwrap()
+                .unwrap();
+            store
+                .verify_and_register::<()>("+14155550100", &device(3), 1, |_| Judgement::Accept)
+                .unwrap();
+            let s = store.secret("code_hash_key").unwrap();
+            assert_eq!(store.secret("code_hash_key").unwrap(), s);
+            store.flush_blocking().unwrap();
+            s
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.secret("code_hash_key").unwrap(), secret);
+            assert!(store.device_by_key(&[3; 32]).unwrap().is_some());
+            store
+                .trees
+                .meta
+                .insert("schema_version", &99u32.to_be_bytes())
+                .unwrap();
+            store.flush_blocking().unwrap();
+        }
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::TooNew { found: 99 })
+        ));
+    }
+}

@@ -1,0 +1,326 @@
+//! The CLI as a process against a node as a process: what an operator and a member do.
+
+use crate::support::*;
+
+#[test]
+fn register_then_whoami() {
+    let node = ProcessNode::start(&config_text(""));
+    let home = node.dir.path().join("alice");
+    let h = home.to_str().unwrap();
+    let args = [
+        "register",
+        "+1 (415) 555-0100",
+        "--server",
+        &node.addr,
+        "--code",
+        CODE,
+    ];
+    let out = node.cli(&home, &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+    assert!(
+        stdout(&out).contains("registered +1 415-555-0100"),
+        "{}",
+        show(&args, &out)
+    );
+
+    let out = node.cli(&home, &["whoami"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        show(&["--home", h, "whoami"], &out)
+    );
+    let text = stdout(&out);
+    assert_eq!(text.lines().next(), Some(ALICE), "{text}");
+    assert!(text.contains(&node.addr), "{text}");
+    assert!(text.contains(&node.fingerprint.to_string()), "{text}");
+}
+
+#[test]
+fn home_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = ProcessNode::start(&config_text(""));
+    let home = node.dir.path().join("alice");
+    let out = node.cli(
+        &home,
+        &["register", ALICE, "--server", &node.addr, "--code", CODE],
+        "",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&home), 0o700);
+    for name in ["device.key", "device.crt", "state.toml"] {
+        assert_eq!(mode(&home.join(name)), 0o600, "{name}");
+    }
+    assert_eq!(mode(&node.data_dir()), 0o700);
+    assert_eq!(mode(&node.data_dir().join("tls/key.pem")), 0o600);
+}
+
+#[test]
+fn five_wrong_codes_kill_the_code_even_for_the_right_one() {
+    // No cooldown, so the test can ask for a second code straight away.
+    let node = ProcessNode::start(&config_text("[verification]\nresend_cooldown_secs = 0\n"));
+    let home = node.dir.path().join("bob");
+    let args = ["register", BOB, "--server", &node.addr];
+    let out = node.cli(
+        &home,
+        &args,
+        "000000\n111111\n222222\n333333\n444444\n123456\n",
+    );
+    assert!(!out.status.success(), "{}", show(&args, &out));
+    let err = stderr(&out);
+    for left in [
+        "4 tries left",
+        "3 tries left",
+        "2 tries left",
+        "1 try left",
+        "no tries left",
+    ] {
+        assert!(
+            err.contains(left),
+            "missing {left:?}: {}",
+            show(&args, &out)
+        );
+    }
+    assert!(
+        err.contains("too many wrong codes"),
+        "{}",
+        show(&args, &out)
+    );
+    assert!(
+        err.contains("dead even if it is right"),
+        "{}",
+        show(&args, &out)
+    );
+    assert!(
+        !home.join("state.toml").exists(),
+        "a refused registration saved state"
+    );
+
+    // The number has no account: registering it now creates one (no takeover).
+    let args = ["register", BOB, "--server", &node.addr, "--code", CODE];
+    let out = node.cli(&home, &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+    assert!(
+        !stdout(&out).contains("moved to this device"),
+        "{}",
+        show(&args, &out)
+    );
+}
+
+#[test]
+fn wrong_code_then_right_code_on_stdin_registers() {
+    let node = ProcessNode::start(&config_text(""));
+    let home = node.dir.path().join("carol");
+    let args = ["register", "+1 415 555 0102", "--server", &node.addr];
+    let out = node.cli(&home, &args, "654321\n\n 123-456 \n");
+    assert!(out.status.success(), "{}", show(&args, &out));
+    assert!(
+        stderr(&out).contains("4 tries left"),
+        "{}",
+        show(&args, &out)
+    );
+}
+
+#[test]
+fn real_code_from_the_log_provider_verifies() {
+    // A number that is not a test number: its code is random and goes to the log.
+    let node = ProcessNode::start(&config_text(""));
+    let home = node.dir.path().join("dave");
+    let number = "+442079460958";
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "--home",
+            home.to_str().unwrap(),
+            "register",
+            "0044 20 7946 0958",
+        ])
+        .args(["--server", &node.addr])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = wait_for_logged_code(&node, number);
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{code}").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        show(&["register", number], &out)
+    );
+    let who = node.cli(&home, &["whoami"], "");
+    assert_eq!(stdout(&who).lines().next(), Some(number));
+}
+
+/// Waits (bounded) until the node logs a code for `number` and returns it.
+fn wait_for_logged_code(node: &ProcessNode, number: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let log = node.log();
+        let found = log
+            .lines()
+            .filter(|l| l.contains("verification code") && l.contains(number))
+            .find_map(|l| l.split("code=").nth(1).map(|c| c.trim().to_string()));
+        if let Some(code) = found {
+            return code;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no code logged for {number}:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn invalid_number_is_refused_and_nothing_is_stored() {
+    let node = ProcessNode::start(&config_text(""));
+    let home = node.dir.path().join("nobody");
+    for bad in ["+1 23", "hello", "020 7946 0958"] {
+        let args = ["register", bad, "--server", &node.addr];
+        let out = node.cli(&home, &args, "123456\n");
+        assert!(!out.status.success(), "{}", show(&args, &out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(bad) && err.contains("number"),
+            "{}",
+            show(&args, &out)
+        );
+    }
+    let args = [
+        "register",
+        "020 7946 0958",
+        "--region",
+        "XX",
+        "--server",
+        &node.addr,
+    ];
+    let out = node.cli(&home, &args, "");
+    assert!(
+        stderr(&out).contains("not a region"),
+        "{}",
+        show(&args, &out)
+    );
+    assert!(!home.exists(), "the home was created for an invalid number");
+    assert!(
+        !node.log().contains("code requested"),
+        "the node was asked:\n{}",
+        node.log()
+    );
+}
+
+#[test]
+fn restart_keeps_accounts_and_a_new_certificate_is_refused() {
+    let mut node = ProcessNode::start(&config_text(""));
+    let home = node.dir.path().join("alice");
+    let out = node.cli(
+        &home,
+        &["register", ALICE, "--server", &node.addr, "--code", CODE],
+        "",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    node.restart();
+    let out = node.cli(&home, &["whoami"], "");
+    assert!(out.status.success(), "{}", show(&["whoami"], &out));
+    assert_eq!(stdout(&out).lines().next(), Some(ALICE));
+
+    // Same data, new certificate: the client must refuse the node.
+    assert!(node.stop());
+    std::fs::remove_dir_all(node.data_dir().join("tls")).unwrap();
+    node.restart();
+    let out = node.cli(&home, &["whoami"], "");
+    assert!(!out.status.success(), "{}", show(&["whoami"], &out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("pinned") && err.contains("refusing"),
+        "{}",
+        show(&["whoami"], &out)
+    );
+}
+
+#[test]
+fn fingerprint_given_up_front_is_enforced() {
+    let node = ProcessNode::start(&config_text(""));
+    let home = node.dir.path().join("alice");
+    let wrong = format!("sha256:{}", "00".repeat(32));
+    let args = [
+        "register",
+        ALICE,
+        "--server",
+        &node.addr,
+        "--code",
+        CODE,
+        "--fingerprint",
+        &wrong,
+    ];
+    let out = node.cli(&home, &args, "");
+    assert!(!out.status.success(), "{}", show(&args, &out));
+    assert!(stderr(&out).contains("pinned"), "{}", show(&args, &out));
+    let right = node.fingerprint.to_string();
+    let args = [
+        "register",
+        ALICE,
+        "--server",
+        &node.addr,
+        "--code",
+        CODE,
+        "--fingerprint",
+        &right,
+    ];
+    let out = node.cli(&home, &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+}
+
+#[test]
+fn whoami_without_registration_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cli(&dir.path().join("empty"), &["whoami"], "");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("switchboard register"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bad_config_names_the_key_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[limits]\nmax_connections = \"lots\"\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("limits.max_connections"), "{err}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "a bad config still created the data dir"
+    );
+}
+
+#[test]
+fn sigterm_shuts_down_gracefully() {
+    let mut node = ProcessNode::start(&config_text(""));
+    assert!(
+        node.stop(),
+        "node exited non-zero on SIGTERM\n{}",
+        node.log()
+    );
+    assert!(node.log().contains("storage flushed"), "{}", node.log());
+}

@@ -1,0 +1,227 @@
+//! The client library against an in-process node: registration and its rules.
+
+use switchboard::client::{Client, ClientError};
+use switchboard::proto::{Channel, ErrorKind, Request};
+use switchboard::tls::Credentials;
+
+use crate::support::*;
+
+fn kind(result: Result<impl std::fmt::Debug, ClientError>) -> ErrorKind {
+    match result {
+        Err(ClientError::Node(e)) => e.kind,
+        other => panic!("expected a node error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn register_and_whoami() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let client = node.connect().await;
+    let alice = number(ALICE);
+    let sent = client
+        .request_code(&alice, Channel::Sms, "en")
+        .await
+        .unwrap();
+    assert_eq!(sent.expires_in_secs, 600);
+    assert_eq!(sent.tries, 5);
+    let reg = client.verify_code(&alice, CODE).await.unwrap();
+    assert_eq!(reg.number, ALICE);
+    assert!(!reg.took_over);
+    let me = client.whoami().await.unwrap();
+    assert_eq!(
+        (me.number.as_str(), me.account_id, me.device_id),
+        (ALICE, reg.account_id, reg.device_id)
+    );
+    assert_eq!(client.fingerprint(), node.fingerprint);
+    client.close().await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn many_requests_in_flight_on_one_connection() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let client = node.registered(ALICE).await;
+    let calls = (0..64).map(|_| client.whoami());
+    let answers = futures_join_all(calls).await;
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|i| i.number == ALICE))
+    );
+    node.shutdown().await;
+}
+
+/// Joins futures without pulling in the futures crate.
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futures {
+        set.push(Box::pin(f));
+    }
+    let mut out = Vec::with_capacity(set.len());
+    for f in set {
+        out.push(f.await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn unregistered_device_is_unauthenticated() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let client = node.connect().await;
+    assert_eq!(kind(client.whoami().await), ErrorKind::Unauthenticated);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn resend_cooldown_is_enforced() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let client = node.connect().await;
+    let bob = number(BOB);
+    client.request_code(&bob, Channel::Sms, "en").await.unwrap();
+    match kind(client.request_code(&bob, Channel::Voice, "en").await) {
+        ErrorKind::RateLimited { retry_after_secs } => {
+            assert!((1..=60).contains(&retry_after_secs))
+        }
+        other => panic!("{other:?}"),
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn verify_needs_a_pending_code_and_a_well_formed_one() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let client = node.connect().await;
+    let carol = number(CAROL);
+    assert_eq!(
+        kind(client.verify_code(&carol, CODE).await),
+        ErrorKind::NoCodePending
+    );
+    client
+        .request_code(&carol, Channel::Sms, "en")
+        .await
+        .unwrap();
+    assert_eq!(
+        kind(client.verify_code(&carol, "12345").await),
+        ErrorKind::InvalidCode
+    );
+    assert_eq!(
+        kind(client.verify_code(&carol, "abcdef").await),
+        ErrorKind::InvalidCode
+    );
+    // Malformed codes did not use up tries.
+    assert_eq!(
+        kind(client.verify_code(&carol, "000000").await),
+        ErrorKind::WrongCode { tries_left: 4 }
+    );
+    client.verify_code(&carol, CODE).await.unwrap();
+    // A code is used once.
+    assert_eq!(
+        kind(client.verify_code(&carol, CODE).await),
+        ErrorKind::NoCodePending
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_node_rejects_numbers_that_are_not_e164() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let client = node.connect().await;
+    for bad in ["+1 415 555 0100", "14155550100", "+1", "", "+99912345678"] {
+        let request = Request::RequestCode {
+            number: bad.to_string(),
+            channel: Channel::Sms,
+            locale: "en".into(),
+        };
+        match client.call(&request).await {
+            Err(ClientError::Node(e)) => {
+                assert_eq!(e.kind, ErrorKind::InvalidNumber, "{bad:?}");
+                assert!(e.message.contains(&format!("{bad:?}")), "{}", e.message);
+            }
+            other => panic!("{bad:?}: {other:?}"),
+        }
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn registering_again_moves_the_account_and_signs_the_old_device_out() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let old = node.registered(ALICE).await;
+    let first = old.whoami().await.unwrap();
+
+    let new = node.connect().await;
+    let alice = number(ALICE);
+    new.request_code(&alice, Channel::Sms, "en").await.unwrap();
+    let reg = new.verify_code(&alice, CODE).await.unwrap();
+    assert!(reg.took_over);
+    assert_eq!(reg.account_id, first.account_id);
+    assert_ne!(reg.device_id, first.device_id);
+    assert_eq!(kind(old.whoami().await), ErrorKind::Unauthenticated);
+    assert_eq!(new.whoami().await.unwrap().device_id, reg.device_id);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_device_key_on_two_connections_is_one_device() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let (creds, _) = Credentials::generate_device().unwrap();
+    let a = node.connect_as(&creds).await;
+    let alice = number(ALICE);
+    a.request_code(&alice, Channel::Sms, "en").await.unwrap();
+    let reg = a.verify_code(&alice, CODE).await.unwrap();
+    let b = node.connect_as(&creds).await;
+    assert_eq!(b.whoami().await.unwrap().device_id, reg.device_id);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn restart_keeps_registrations() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let (creds, _) = Credentials::generate_device().unwrap();
+    let client = node.connect_as(&creds).await;
+    let bob = number(BOB);
+    client.request_code(&bob, Channel::Sms, "en").await.unwrap();
+    let reg = client.verify_code(&bob, CODE).await.unwrap();
+    client.close().await;
+    let fingerprint = node.fingerprint;
+    let dir = node.stop().await;
+
+    let node = InProcessNode::start_in(dir, &config_text("")).await;
+    assert_eq!(
+        node.fingerprint, fingerprint,
+        "the certificate must survive a restart"
+    );
+    let client = Client::connect(&node.addr, &creds, Some(fingerprint))
+        .await
+        .unwrap();
+    let me = client.whoami().await.unwrap();
+    assert_eq!(
+        (me.account_id, me.device_id),
+        (reg.account_id, reg.device_id)
+    );
+    client.close().await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_per_address_are_capped() {
+    let node =
+        InProcessNode::start(&config_text("[limits]\nmax_connections_per_address = 2\n")).await;
+    let a = node.connect().await;
+    let b = node.connect().await;
+    let (creds, _) = Credentials::generate_device().unwrap();
+    let third = Client::connect(&node.addr, &creds, Some(node.fingerprint)).await;
+    assert!(
+        matches!(third, Err(ClientError::Connect { .. })),
+        "third connection was accepted"
+    );
+    // The first two still work, and a closed one frees its place.
+    assert_eq!(kind(a.whoami().await), ErrorKind::Unauthenticated);
+    a.close().await;
+    let c = node.connect().await;
+    assert_eq!(kind(c.whoami().await), ErrorKind::Unauthenticated);
+    assert_eq!(kind(b.whoami().await), ErrorKind::Unauthenticated);
+    node.shutdown().await;
+}

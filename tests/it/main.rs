@@ -1,0 +1,8 @@
+//! Integration tests: real nodes on 127.0.0.1 port 0 with their data in temp dirs,
+//! driven through the client library and the `switchboard` binary as a process.
+
+mod support;
+
+mod cli;
+mod hostile;
+mod library;

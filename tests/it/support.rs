@@ -1,0 +1,294 @@
+//! Test harness: nodes as processes or in-process, CLI runs, and helpers.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use switchboard::client::Client;
+use switchboard::config::Config;
+use switchboard::node::Node;
+use switchboard::phone::Number;
+use switchboard::proto::Channel;
+use switchboard::tls::{Credentials, Fingerprint};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+/// Test numbers and their fixed codes, in every test config.
+pub const ALICE: &str = "+14155550100";
+pub const BOB: &str = "+14155550101";
+pub const CAROL: &str = "+14155550102";
+pub const CODE: &str = "123456";
+
+/// A config with the three test numbers and `extra` TOML appended to their section
+/// (extra sections may follow).
+pub fn config_text(extra: &str) -> String {
+    format!(
+        "[verification.test_numbers]\n\"{ALICE}\" = \"{CODE}\"\n\"{BOB}\" = \"{CODE}\"\n\"{CAROL}\" = \"{CODE}\"\n{extra}"
+    )
+}
+
+/// A node running as a child process of the test.
+pub struct ProcessNode {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub addr: String,
+    pub fingerprint: Fingerprint,
+}
+
+impl ProcessNode {
+    /// Starts a node with `config` (TOML) and a fresh data dir.
+    pub fn start(config: &str) -> ProcessNode {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("node.toml"), config).expect("write config");
+        let mut node = ProcessNode {
+            dir,
+            child: None,
+            addr: String::new(),
+            fingerprint: Fingerprint([0; 32]),
+        };
+        node.spawn();
+        node
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("node.log")
+    }
+
+    /// Everything the node has logged so far, across restarts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open log");
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(self.dir.path().join("node.toml"))
+            .arg("--data")
+            .arg(self.data_dir())
+            .arg("--listen")
+            // A restart comes back on the same port, as a real node would.
+            .arg(if self.addr.is_empty() {
+                "127.0.0.1:0"
+            } else {
+                &self.addr
+            })
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn node");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        let second = lines.next().and_then(Result::ok).unwrap_or_default();
+        let addr = first.strip_prefix("listening on ");
+        let fp = second.strip_prefix("fingerprint ");
+        let (Some(addr), Some(fp)) = (addr, fp) else {
+            let _ = child.kill();
+            panic!(
+                "node did not start: stdout {first:?} / {second:?}\nlog:\n{}",
+                self.log()
+            );
+        };
+        self.addr = addr.to_string();
+        self.fingerprint = fp.parse().expect("fingerprint line");
+        self.child = Some(child);
+    }
+
+    /// Stops the node with SIGTERM and waits; returns whether it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        signal(&child, "TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "node did not stop within 20 s of SIGTERM\nlog:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the node with SIGKILL: no chance to flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the node again on the same data dir, config and port.
+    pub fn restart(&mut self) {
+        assert!(
+            self.stop(),
+            "node exited with an error\nlog:\n{}",
+            self.log()
+        );
+        self.spawn();
+    }
+
+    /// Runs the CLI with `home` and `args`, feeding `stdin`.
+    pub fn cli(&self, home: &Path, args: &[&str], stdin: &str) -> Output {
+        cli(home, args, stdin)
+    }
+}
+
+impl Drop for ProcessNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} failed");
+}
+
+/// Runs `switchboard --home HOME ARGS...` with `stdin` and returns its output.
+pub fn cli(home: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("SWITCHBOARD_HOME")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cli");
+    {
+        let mut input = child.stdin.take().expect("stdin");
+        // The CLI may exit before reading all of it; that is not the test's concern.
+        let _ = input.write_all(stdin.as_bytes());
+    }
+    child.wait_with_output().expect("wait cli")
+}
+
+/// Describes a CLI run for assertion messages.
+pub fn show(args: &[&str], out: &Output) -> String {
+    format!(
+        "switchboard {}\nexit: {:?}\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A node running inside the test process, for library tests.
+pub struct InProcessNode {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    pub fingerprint: Fingerprint,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl InProcessNode {
+    /// Starts a node on 127.0.0.1:0 with `config` (TOML) and a fresh data dir.
+    pub async fn start(config: &str) -> InProcessNode {
+        Self::start_in(tempfile::tempdir().expect("temp dir"), config).await
+    }
+
+    /// Starts a node on the data dir kept in `dir` (a restart when it has one).
+    pub async fn start_in(dir: tempfile::TempDir, config: &str) -> InProcessNode {
+        let mut config = Config::parse(config).expect("test config");
+        config.server.listen = "127.0.0.1:0".parse().expect("addr");
+        config.server.data_dir = dir.path().join("data");
+        let node = Node::bind(config).await.expect("bind node");
+        let addr = node.local_addr().expect("local addr").to_string();
+        let fingerprint = node.fingerprint();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            node.run(async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("node run");
+        });
+        InProcessNode {
+            dir,
+            addr,
+            fingerprint,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Connects a client with a fresh device key, pinned to this node.
+    pub async fn connect(&self) -> Client {
+        let (creds, _) = Credentials::generate_device().expect("device key");
+        self.connect_as(&creds).await
+    }
+
+    pub async fn connect_as(&self, creds: &Credentials) -> Client {
+        Client::connect(&self.addr, creds, Some(self.fingerprint))
+            .await
+            .expect("connect")
+    }
+
+    /// A client registered as `number` (a test number).
+    pub async fn registered(&self, number: &str) -> Client {
+        let client = self.connect().await;
+        let number = Number::parse(number, None).expect("number");
+        client
+            .request_code(&number, Channel::Sms, "en")
+            .await
+            .expect("request code");
+        client.verify_code(&number, CODE).await.expect("verify");
+        client
+    }
+
+    /// Stops the node gracefully and waits for it.
+    pub async fn shutdown(self) {
+        self.stop().await;
+    }
+
+    /// Stops the node gracefully and hands back its directory, for a restart.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("node task");
+        }
+        self.dir
+    }
+}
+
+pub fn number(s: &str) -> Number {
+    Number::parse(s, None).expect("number")
+}
