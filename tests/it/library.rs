@@ -225,3 +225,20 @@ async fn connections_per_address_are_capped() {
     assert_eq!(kind(b.whoami().await), ErrorKind::Unauthenticated);
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_wildcard_ipv6_listener_serves_ipv4_and_ipv6_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = InProcessNode::start_on(dir, "[::]:0", &config_text("")).await;
+    let port = node.addr.rsplit(':').next().unwrap().to_string();
+    let (creds, _) = Credentials::generate_device().unwrap();
+    for host in ["127.0.0.1", "[::1]"] {
+        let addr = format!("{host}:{port}");
+        let client = Client::connect(&addr, &creds, Some(node.fingerprint))
+            .await
+            .unwrap_or_else(|e| panic!("connect over {addr}: {e}"));
+        assert_eq!(kind(client.whoami().await), ErrorKind::Unauthenticated);
+        client.close().await;
+    }
+    node.shutdown().await;
+}

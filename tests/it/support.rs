@@ -225,8 +225,13 @@ impl InProcessNode {
 
     /// Starts a node on the data dir kept in `dir` (a restart when it has one).
     pub async fn start_in(dir: tempfile::TempDir, config: &str) -> InProcessNode {
+        Self::start_on(dir, "127.0.0.1:0", config).await
+    }
+
+    /// Starts a node listening on `listen` (a loopback or wildcard address, port 0).
+    pub async fn start_on(dir: tempfile::TempDir, listen: &str, config: &str) -> InProcessNode {
         let mut config = Config::parse(config).expect("test config");
-        config.server.listen = "127.0.0.1:0".parse().expect("addr");
+        config.server.listen = listen.parse().expect("addr");
         config.server.data_dir = dir.path().join("data");
         let node = Node::bind(config).await.expect("bind node");
         let addr = node.local_addr().expect("local addr").to_string();
