@@ -130,7 +130,8 @@ impl Config {
 
     /// Parses and validates config text. The error names the offending key.
     pub fn parse(text: &str) -> Result<Config, String> {
-        let deserializer = toml::Deserializer::new(text);
+        let deserializer =
+            toml::Deserializer::parse(text).map_err(|e| e.to_string().trim_end().to_string())?;
         let raw: raw::File = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let path = e.path().to_string();
             // toml's own message carries the line and a caret under the value.

@@ -14,7 +14,7 @@ pub mod records;
 
 use std::path::Path;
 
-use rand::RngCore;
+use rand::TryRng;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use keys::KeyId;
@@ -168,7 +168,9 @@ impl Store {
     /// A 32-byte random secret kept in `meta` under `name`, made on first use.
     pub fn secret(&self, name: &str) -> Result<[u8; 32], StoreError> {
         let mut fresh = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut fresh);
+        rand::rngs::SysRng
+            .try_fill_bytes(&mut fresh)
+            .map_err(|e| StoreError::Corrupt(format!("the system random generator failed: {e}")))?;
         // compare_and_swap makes two racing first uses agree on one secret.
         let _ = self
             .trees

@@ -9,8 +9,8 @@ pub mod provider;
 
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
-use rand::Rng;
+use hmac::{Hmac, KeyInit, Mac};
+use rand::RngExt;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
@@ -51,7 +51,7 @@ impl Codes {
     pub fn generate(&self, number: &Number) -> String {
         match self.config.test_numbers.get(number) {
             Some(code) => code.clone(),
-            None => format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32)),
+            None => format!("{:06}", rand::rng().random_range(0..1_000_000u32)),
         }
     }
 
@@ -63,7 +63,7 @@ impl Codes {
     fn hash(&self, number: &Number, code: &str) -> [u8; 32] {
         // HMAC accepts keys of any length, so this cannot fail.
         let mut mac =
-            <Hmac<Sha256> as Mac>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
         mac.update(number.as_str().as_bytes());
         mac.update(&[0]);
         mac.update(code.as_bytes());
