@@ -20,6 +20,26 @@ pub struct Config {
     pub server: Server,
     pub limits: Limits,
     pub verification: Verification,
+    pub messages: Messages,
+}
+
+/// Queues, envelopes and keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Messages {
+    /// Largest ciphertext for one device, in bytes.
+    pub max_envelope_bytes: u32,
+    /// Items (messages and receipts) a device's queue may hold before sends to it fail.
+    pub max_queued_per_device: u32,
+    /// Queued items older than this are dropped by the sweep.
+    pub ttl: Duration,
+    /// How often the sweep runs.
+    pub sweep_interval: Duration,
+    /// Items per push frame on a delivery stream.
+    pub delivery_batch: u32,
+    /// One-time keys a device may keep on the node.
+    pub max_one_time_keys: u32,
+    /// Below this many one-time keys the node tells the device to top up.
+    pub one_time_keys_low: u32,
 }
 
 /// Where the node listens and keeps its data.
@@ -111,6 +131,15 @@ impl Default for Config {
                 resend_cooldown: Duration::from_secs(60),
                 test_numbers: BTreeMap::new(),
             },
+            messages: Messages {
+                max_envelope_bytes: 64 * 1024,
+                max_queued_per_device: 100_000,
+                ttl: Duration::from_secs(30 * 86_400),
+                sweep_interval: Duration::from_secs(3600),
+                delivery_batch: 256,
+                max_one_time_keys: 200,
+                one_time_keys_low: 20,
+            },
         }
     }
 }
@@ -156,6 +185,19 @@ mod raw {
         pub server: Server,
         pub limits: Limits,
         pub verification: Verification,
+        pub messages: Messages,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Messages {
+        pub max_envelope_bytes: Option<u32>,
+        pub max_queued_per_device: Option<u32>,
+        pub ttl_secs: Option<u64>,
+        pub sweep_interval_secs: Option<u64>,
+        pub delivery_batch: Option<u32>,
+        pub max_one_time_keys: Option<u32>,
+        pub one_time_keys_low: Option<u32>,
     }
 
     #[derive(Deserialize, Default)]
@@ -356,10 +398,73 @@ mod raw {
                 )?,
                 test_numbers,
             };
+            let m = self.messages;
+            let dm = d.messages;
+            let max_envelope_bytes = in_range(
+                "messages.max_envelope_bytes",
+                m.max_envelope_bytes,
+                dm.max_envelope_bytes,
+                256,
+                HARD_MAX_FRAME_BYTES as u32 / 2,
+            )?;
+            if max_envelope_bytes + 1024 > limits.max_frame_bytes {
+                return Err(format!(
+                    "key `messages.max_envelope_bytes`: {max_envelope_bytes} does not fit in a frame; \
+                     `limits.max_frame_bytes` ({}) must be at least 1024 bytes larger",
+                    limits.max_frame_bytes
+                ));
+            }
+            let max_one_time_keys = in_range(
+                "messages.max_one_time_keys",
+                m.max_one_time_keys,
+                dm.max_one_time_keys,
+                1,
+                10_000,
+            )?;
+            let messages = super::Messages {
+                max_envelope_bytes,
+                max_queued_per_device: in_range(
+                    "messages.max_queued_per_device",
+                    m.max_queued_per_device,
+                    dm.max_queued_per_device,
+                    1,
+                    100_000_000,
+                )?,
+                ttl: secs(
+                    "messages.ttl_secs",
+                    m.ttl_secs,
+                    dm.ttl,
+                    1,
+                    10 * 365 * 86_400,
+                )?,
+                sweep_interval: secs(
+                    "messages.sweep_interval_secs",
+                    m.sweep_interval_secs,
+                    dm.sweep_interval,
+                    1,
+                    86_400,
+                )?,
+                delivery_batch: in_range(
+                    "messages.delivery_batch",
+                    m.delivery_batch,
+                    dm.delivery_batch,
+                    1,
+                    4096,
+                )?,
+                max_one_time_keys,
+                one_time_keys_low: in_range(
+                    "messages.one_time_keys_low",
+                    m.one_time_keys_low,
+                    dm.one_time_keys_low,
+                    0,
+                    max_one_time_keys,
+                )?,
+            };
             Ok(super::Config {
                 server,
                 limits,
                 verification,
+                messages,
             })
         }
     }

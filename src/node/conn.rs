@@ -11,8 +11,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::Shared;
-use super::handlers;
 use super::limits::Ticket;
+use super::{delivery, handlers};
 use crate::config::Config;
 use crate::proto::{ErrorKind, FrameError, NodeError, Reply, Request, codes, frame};
 use crate::store::keys::KeyId;
@@ -94,7 +94,8 @@ pub async fn serve(
             };
             match accepted {
                 Ok((send, recv)) => {
-                    let task = serve_stream(send, recv, shared.clone(), session.clone());
+                    let task =
+                        serve_stream(send, recv, shared.clone(), session.clone(), stop.clone());
                     tracker.spawn(task.in_current_span());
                 }
                 Err(e) => {
@@ -123,6 +124,7 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     shared: Arc<Shared>,
     session: Arc<Session>,
+    stop: CancellationToken,
 ) {
     let limits = &shared.config.limits;
     let max = limits.max_frame_bytes as usize;
@@ -132,6 +134,10 @@ async fn serve_stream(
     )
     .await;
     let reply = match read {
+        Ok(Ok(Some(Request::Subscribe))) => {
+            delivery::serve(send, recv, shared.clone(), session, stop).await;
+            return;
+        }
         Ok(Ok(Some(request))) => handlers::handle(request, &shared, &session).await,
         Ok(Ok(None)) => {
             // An empty stream asks nothing; close it quietly.

@@ -7,9 +7,14 @@ use super::Shared;
 use super::conn::Session;
 use crate::phone::Number;
 use crate::proto::{
-    Channel, CodeSent, ErrorKind, Identity, NodeError, Registered, Reply, Request, Response,
+    Accepted, Bundle, Bundles, Channel, CodeSent, ErrorKind, Identity, IdentityKeys, KeyUpload,
+    NodeError, Outgoing, Registered, Reply, Request, Response, SignedKey,
 };
-use crate::store::{NewDevice, Store, StoreError, VerifyOutcome};
+use crate::store::records::StoredKey;
+use crate::store::{
+    AppendOutcome, DeviceIdentity, DeviceRef, KeysRefusal, NewDevice, Store, StoreError,
+    VerifyOutcome,
+};
 use crate::verify::{self, Delivery, Refusal, provider};
 
 /// Answers one request.
@@ -22,6 +27,17 @@ pub async fn handle(request: Request, shared: &Arc<Shared>, session: &Session) -
         } => request_code(shared, session, &number, channel, &locale).await,
         Request::VerifyCode { number, code } => verify_code(shared, session, &number, &code).await,
         Request::WhoAmI => whoami(shared, session).await,
+        Request::PublishKeys(upload) => publish_keys(shared, session, upload).await,
+        Request::FetchBundles { number, claim } => {
+            fetch_bundles(shared, session, &number, claim).await
+        }
+        Request::Send(outgoing) => send(shared, session, outgoing).await,
+        // The connection layer turns a Subscribe stream into a delivery stream before
+        // it gets here; a Subscribe that arrives here is a bug, answered as one.
+        Request::Subscribe => Err(NodeError::new(
+            ErrorKind::Internal,
+            "subscribe is not a plain request",
+        )),
     };
     match result {
         Ok(response) => Reply::Ok(response),
@@ -29,7 +45,7 @@ pub async fn handle(request: Request, shared: &Arc<Shared>, session: &Session) -
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -45,7 +61,7 @@ fn parse_number(number: &str) -> Result<Number, NodeError> {
     Number::parse_e164(number).map_err(|e| NodeError::new(ErrorKind::InvalidNumber, e.to_string()))
 }
 
-fn internal(e: StoreError) -> NodeError {
+pub(crate) fn internal(e: StoreError) -> NodeError {
     tracing::error!(error = %e, "storage failure");
     NodeError::new(
         ErrorKind::Internal,
@@ -54,7 +70,7 @@ fn internal(e: StoreError) -> NodeError {
 }
 
 /// Runs a store operation on a blocking thread, so sled never blocks an async worker.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     shared: &Arc<Shared>,
     op: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, NodeError> {
@@ -188,6 +204,17 @@ async fn verify_code(
             took_over,
             signed_out,
         } => {
+            // What the node held for signed-out devices goes: their queues can never
+            // be read again, and their keys must not be handed out.
+            for old in signed_out.iter().copied() {
+                let dropped = blocking(shared, move |store| store.drop_device(old)).await?;
+                tracing::info!(
+                    account = old.account_id,
+                    device = old.device_id,
+                    dropped,
+                    "device signed out"
+                );
+            }
             // The device must not be told it is registered before that is durable.
             shared.store.flush().await.map_err(internal)?;
             tracing::info!(
@@ -208,18 +235,260 @@ async fn verify_code(
     }
 }
 
-async fn whoami(shared: &Arc<Shared>, session: &Session) -> Result<Response, NodeError> {
+/// The registered device behind this connection's key, or `Unauthenticated`.
+pub(crate) async fn authenticated(
+    shared: &Arc<Shared>,
+    session: &Session,
+) -> Result<DeviceIdentity, NodeError> {
     let key_id = session.key_id;
-    let found = blocking(shared, move |store| store.device_by_key(&key_id)).await?;
-    match found {
-        Some(identity) => Ok(Response::Identity(Identity {
-            number: identity.number,
-            account_id: identity.device.account_id,
-            device_id: identity.device.device_id,
-        })),
-        None => Err(NodeError::new(
-            ErrorKind::Unauthenticated,
-            "this device is not registered on this node (never registered, or its number was registered on another device since)",
-        )),
+    blocking(shared, move |store| store.device_by_key(&key_id))
+        .await?
+        .ok_or_else(|| {
+            NodeError::new(
+                ErrorKind::Unauthenticated,
+                "this device is not registered on this node (never registered, or its number was registered on another device since)",
+            )
+        })
+}
+
+async fn whoami(shared: &Arc<Shared>, session: &Session) -> Result<Response, NodeError> {
+    let identity = authenticated(shared, session).await?;
+    Ok(Response::Identity(Identity {
+        number: identity.number,
+        account_id: identity.device.account_id,
+        device_id: identity.device.device_id,
+    }))
+}
+
+fn verify_signed(identity: &IdentityKeys, label: &[u8], key: &SignedKey) -> bool {
+    let Ok(signer) = vodozemac::Ed25519PublicKey::from_slice(&identity.ed25519) else {
+        return false;
+    };
+    let signature = vodozemac::Ed25519Signature::from_slice(&key.signature);
+    signature.is_ok_and(|sig| {
+        signer
+            .verify(&SignedKey::signed_bytes(label, &key.key), &sig)
+            .is_ok()
+    })
+}
+
+fn bad_keys(message: impl Into<String>) -> NodeError {
+    NodeError::new(ErrorKind::BadKeys, message)
+}
+
+async fn publish_keys(
+    shared: &Arc<Shared>,
+    session: &Session,
+    upload: KeyUpload,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    let max = shared.config.messages.max_one_time_keys;
+    if upload.one_time_keys.len() > max as usize {
+        return Err(bad_keys(format!(
+            "{} one-time keys in one upload; the node keeps at most {max} per device",
+            upload.one_time_keys.len()
+        )));
     }
+    // The node cannot tell good keys from bad, but it can refuse keys whose signature
+    // does not verify: they would only make every fetcher fail later.
+    if let Some(fallback) = &upload.fallback
+        && !verify_signed(&upload.identity, SignedKey::FALLBACK, fallback)
+    {
+        return Err(bad_keys("the fallback key's signature does not verify"));
+    }
+    if let Some(i) = upload
+        .one_time_keys
+        .iter()
+        .position(|k| !verify_signed(&upload.identity, SignedKey::ONE_TIME, k))
+    {
+        return Err(bad_keys(format!(
+            "one-time key {i}'s signature does not verify"
+        )));
+    }
+    let stored = |k: &SignedKey| StoredKey {
+        key: k.key,
+        signature: k.signature,
+    };
+    let fallback = upload.fallback.as_ref().map(stored);
+    let otks: Vec<StoredKey> = upload.one_time_keys.iter().map(stored).collect();
+    let identity = upload.identity;
+    let now = now_ms();
+    let device = me.device;
+    let result = blocking(shared, move |store| {
+        store.publish_keys(
+            device,
+            identity.curve25519,
+            identity.ed25519,
+            fallback,
+            &otks,
+            max,
+            now,
+        )
+    })
+    .await?;
+    match result {
+        Ok(count) => {
+            shared.commit.durable().await.map_err(commit_failed)?;
+            Ok(Response::KeysStored {
+                one_time_keys: count,
+            })
+        }
+        Err(KeysRefusal::TooMany { stored, max }) => Err(bad_keys(format!(
+            "the node already holds {stored} one-time keys for this device and keeps at most {max}"
+        ))),
+    }
+}
+
+fn commit_failed(e: String) -> NodeError {
+    tracing::error!(error = %e, "group commit failed");
+    NodeError::new(
+        ErrorKind::Internal,
+        "the node could not make the write durable; send again",
+    )
+}
+
+fn unknown_recipient(number: &Number) -> NodeError {
+    NodeError::new(
+        ErrorKind::UnknownRecipient,
+        format!("{number} is not registered on this node"),
+    )
+}
+
+async fn fetch_bundles(
+    shared: &Arc<Shared>,
+    session: &Session,
+    number: &str,
+    claim: bool,
+) -> Result<Response, NodeError> {
+    authenticated(shared, session).await?;
+    let number = parse_number(number)?;
+    let n2 = number.clone();
+    let found = blocking(shared, move |store| {
+        let Some((account_id, account)) = store.account_by_number(n2.as_str())? else {
+            return Ok(None);
+        };
+        let devices: Vec<u32> = account.devices.iter().map(|d| d.device_id).collect();
+        store
+            .fetch_bundles(account_id, &devices, claim)
+            .map(|b| Some((account_id, b)))
+    })
+    .await?;
+    let Some((account_id, claimed)) = found else {
+        return Err(unknown_recipient(&number));
+    };
+    if claimed.is_empty() {
+        return Err(NodeError::new(
+            ErrorKind::NoKeys,
+            format!("{number} has not published its keys yet; it must connect once first"),
+        ));
+    }
+    if claim {
+        for c in &claimed {
+            shared.mailboxes.keys_claimed(DeviceRef {
+                account_id,
+                device_id: c.device_id,
+            });
+        }
+    }
+    let signed = |k: StoredKey| SignedKey {
+        key: k.key,
+        signature: k.signature,
+    };
+    Ok(Response::Bundles(Bundles {
+        number: number.to_string(),
+        devices: claimed
+            .into_iter()
+            .map(|c| Bundle {
+                device_id: c.device_id,
+                identity: IdentityKeys {
+                    curve25519: c.keys.curve25519,
+                    ed25519: c.keys.ed25519,
+                },
+                one_time_key: c.one_time_key.map(signed),
+                fallback: c.keys.fallback.map(signed),
+            })
+            .collect(),
+    }))
+}
+
+async fn send(
+    shared: &Arc<Shared>,
+    session: &Session,
+    outgoing: Outgoing,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    let to = parse_number(&outgoing.to)?;
+    let limits = &shared.config.messages;
+    let max = limits.max_envelope_bytes;
+    if outgoing
+        .envelopes
+        .iter()
+        .any(|e| e.body.len() > max as usize)
+    {
+        return Err(NodeError::new(
+            ErrorKind::EnvelopeTooLarge { max },
+            format!("a message may be at most {max} bytes once encrypted"),
+        ));
+    }
+    let to2 = to.clone();
+    let Some((account_id, account)) =
+        blocking(shared, move |store| store.account_by_number(to2.as_str())).await?
+    else {
+        return Err(unknown_recipient(&to));
+    };
+    let mut devices: Vec<u32> = account.devices.iter().map(|d| d.device_id).collect();
+    devices.sort_unstable();
+    let mut given: Vec<u32> = outgoing.envelopes.iter().map(|e| e.device_id).collect();
+    given.sort_unstable();
+    if given != devices {
+        return Err(NodeError::new(
+            ErrorKind::StaleDevices { devices },
+            format!("{to}'s devices have changed; fetch their keys and send again"),
+        ));
+    }
+    let recipients: Vec<DeviceRef> = outgoing
+        .envelopes
+        .iter()
+        .map(|e| DeviceRef {
+            account_id,
+            device_id: e.device_id,
+        })
+        .collect();
+    let envelopes: Vec<(DeviceRef, Vec<u8>)> = recipients
+        .iter()
+        .copied()
+        .zip(outgoing.envelopes.into_iter().map(|e| e.body))
+        .collect();
+    let (id, now, max_queued) = (outgoing.id, now_ms(), limits.max_queued_per_device.into());
+    let sender = me.device;
+    let sender_number = me.number;
+    let outcome = blocking(shared, move |store| {
+        store.append(sender, &sender_number, id, envelopes, now, max_queued)
+    })
+    .await?;
+    let (accepted_at_ms, duplicate) = match outcome {
+        AppendOutcome::Queued { accepted_at_ms } => {
+            // Online recipients get it now; the sender hears back once it is durable.
+            for device in &recipients {
+                shared.mailboxes.wake(*device);
+            }
+            (accepted_at_ms, false)
+        }
+        AppendOutcome::Duplicate { accepted_at_ms } => (accepted_at_ms, true),
+        AppendOutcome::QueueFull { device_id } => {
+            return Err(NodeError::new(
+                ErrorKind::QueueFull { device_id },
+                format!(
+                    "{to}'s queue is full; it must receive its messages before more can be sent"
+                ),
+            ));
+        }
+    };
+    // Also for a duplicate: the first copy may not be durable yet.
+    shared.commit.durable().await.map_err(commit_failed)?;
+    Ok(Response::Accepted(Accepted {
+        id,
+        accepted_at_ms,
+        duplicate,
+    }))
 }

@@ -6,9 +6,12 @@
 //! grace), closes the endpoint and flushes the store. Every task belongs to one
 //! `TaskTracker`, so shutdown knows when the work is done.
 
+mod commit;
 mod conn;
+mod delivery;
 mod handlers;
 mod limits;
+mod mailbox;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -53,6 +56,8 @@ pub(crate) struct Shared {
     pub codes: Codes,
     pub provider: Box<dyn Provider>,
     pub admission: limits::Admission,
+    pub commit: commit::GroupCommit,
+    pub mailboxes: mailbox::Mailboxes,
 }
 
 /// A bound node, ready to [`run`](Node::run).
@@ -106,6 +111,8 @@ impl Node {
                 config.limits.max_connections_per_address,
             ),
             provider,
+            commit: commit::GroupCommit::start(store.clone()),
+            mailboxes: mailbox::Mailboxes::default(),
             store,
             config,
         });
@@ -130,6 +137,7 @@ impl Node {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
+        tracker.spawn(sweeper(self.shared.clone(), stop.clone()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -169,8 +177,42 @@ impl Node {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle())
             .await;
         self.shared.store.flush().await.map_err(ServeError::Flush)?;
-        tracing::info!("stopped; storage flushed");
+        let stats = self.shared.commit.stats();
+        tracing::info!(
+            group_commits = stats.flushes.load(std::sync::atomic::Ordering::Relaxed),
+            durable_writes = stats.commits.load(std::sync::atomic::Ordering::Relaxed),
+            "stopped; storage flushed"
+        );
         Ok(())
+    }
+}
+
+/// Drops queued items older than the TTL, every `sweep_interval`, until the node stops.
+async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
+    let messages = &shared.config.messages;
+    let mut ticks = tokio::time::interval(messages.sweep_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let ttl_ms = messages.ttl.as_millis() as u64;
+        let cutoff = handlers::now_ms().saturating_sub(ttl_ms);
+        let store = shared.store.clone();
+        match tokio::task::spawn_blocking(move || store.sweep(cutoff)).await {
+            Ok(Ok(stats)) if stats.items + stats.sent_ids > 0 => {
+                tracing::info!(
+                    items = stats.items,
+                    sent_ids = stats.sent_ids,
+                    "swept expired items"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "sweep failed"),
+            Err(e) => tracing::error!(error = %e, "sweep task failed"),
+        }
+        shared.mailboxes.prune();
     }
 }
 

@@ -24,6 +24,167 @@ pub enum Request {
     /// Ask who this device is. Needs a registered device key. Answered by
     /// [`Response::Identity`].
     WhoAmI,
+    /// Publish this device's identity keys, a signed fallback key and signed one-time
+    /// keys (added to those already stored). A changed identity key replaces the
+    /// device's keys and discards its stored one-time keys. Answered by
+    /// [`Response::KeysStored`].
+    PublishKeys(KeyUpload),
+    /// Fetch the key bundles of every device of `number`. With `claim`, one one-time
+    /// key of each device is claimed (removed from the node) and returned; without,
+    /// only identity and fallback keys are returned (for safety numbers). Answered by
+    /// [`Response::Bundles`].
+    FetchBundles { number: String, claim: bool },
+    /// Queue one envelope per device of the recipient. Answered by
+    /// [`Response::Accepted`] once the envelopes are durable.
+    Send(Outgoing),
+    /// Turn this stream into the device's delivery stream: the node answers
+    /// [`Response::Subscribed`], then writes [`Push`] frames; the client writes
+    /// [`Ack`] frames. See PROTOCOL.md.
+    Subscribe,
+}
+
+/// A device's public identity keys (Olm: Curve25519 for key agreement, Ed25519 for
+/// signatures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
+pub struct IdentityKeys {
+    pub curve25519: [u8; 32],
+    pub ed25519: [u8; 32],
+}
+
+/// A Curve25519 public key signed by the device's Ed25519 identity key. The signed
+/// bytes are a domain label (`switchboard one-time key` or `switchboard fallback
+/// key`, ASCII) followed by the 32 key bytes. The node stores these opaquely; the
+/// client that uses one verifies its signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct SignedKey {
+    pub key: [u8; 32],
+    pub signature: [u8; 64],
+}
+
+impl SignedKey {
+    /// Label of the bytes a one-time key's signature covers.
+    pub const ONE_TIME: &'static [u8] = b"switchboard one-time key";
+    /// Label of the bytes a fallback key's signature covers.
+    pub const FALLBACK: &'static [u8] = b"switchboard fallback key";
+
+    /// The bytes signed for `key` under `label`: the label, then the key.
+    pub fn signed_bytes(label: &[u8], key: &[u8; 32]) -> Vec<u8> {
+        [label, &key[..]].concat()
+    }
+}
+
+/// Keys a device publishes.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct KeyUpload {
+    pub identity: IdentityKeys,
+    /// A new fallback key, replacing the stored one; `None` keeps it.
+    pub fallback: Option<SignedKey>,
+    /// One-time keys to add.
+    pub one_time_keys: Vec<SignedKey>,
+}
+
+/// A 16-byte message id chosen by the sending client (random). Sending the same id
+/// again is idempotent.
+pub type MessageId = [u8; 16];
+
+/// A message to one account, encrypted separately for each of its devices.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Outgoing {
+    pub id: MessageId,
+    /// Recipient number, E.164.
+    pub to: String,
+    /// Exactly one per device of the recipient account (as the node knows them).
+    pub envelopes: Vec<DeviceEnvelope>,
+}
+
+/// Ciphertext for one device. The node never looks inside `body`.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DeviceEnvelope {
+    pub device_id: u32,
+    pub body: Vec<u8>,
+}
+
+/// The key bundles of an account's devices.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Bundles {
+    pub number: String,
+    pub devices: Vec<Bundle>,
+}
+
+/// One device's keys.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Bundle {
+    pub device_id: u32,
+    pub identity: IdentityKeys,
+    /// A claimed one-time key; `None` when none was asked for or none is left (use
+    /// the fallback key then).
+    pub one_time_key: Option<SignedKey>,
+    pub fallback: Option<SignedKey>,
+}
+
+/// The node holds the message durably.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Accepted {
+    pub id: MessageId,
+    /// When the node first accepted this id (milliseconds since the Unix epoch).
+    pub accepted_at_ms: u64,
+    /// True when this id had been accepted before and nothing new was queued.
+    pub duplicate: bool,
+}
+
+/// A batch of queued items, node to client, on the delivery stream.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Push {
+    pub items: Vec<Delivery>,
+    /// Set on the push that completes the backlog the device had when it subscribed
+    /// (once per subscription; an empty push when there was no backlog).
+    pub backlog_end: bool,
+    /// The device's stock of one-time keys on the node, when it is running low.
+    pub one_time_keys_left: Option<u32>,
+}
+
+/// One item of a device's queue.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Delivery {
+    /// Position in the device's queue; acknowledge with it. Increases in queue order.
+    pub seq: u64,
+    /// When the node queued it (milliseconds since the Unix epoch).
+    pub queued_at_ms: u64,
+    pub item: Item,
+}
+
+/// What a queue holds.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Item {
+    /// A message from another device.
+    Message(Incoming),
+    /// A recipient device acknowledged a message this device sent.
+    Delivered(Receipt),
+}
+
+/// A message as the recipient receives it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Incoming {
+    /// The sender's number (E.164), as authenticated by the node.
+    pub from: String,
+    pub from_device: u32,
+    pub id: MessageId,
+    pub body: Vec<u8>,
+}
+
+/// A delivery receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Receipt {
+    /// The recipient's number (E.164).
+    pub to: String,
+    pub device_id: u32,
+    pub id: MessageId,
+}
+
+/// Client to node, on the delivery stream: these items may leave the queue.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Ack {
+    pub seqs: Vec<u64>,
 }
 
 /// How a verification code is delivered.
@@ -56,6 +217,16 @@ pub enum Response {
     CodeSent(CodeSent),
     Registered(Registered),
     Identity(Identity),
+    /// The device's keys are stored; this many one-time keys are on the node.
+    KeysStored {
+        one_time_keys: u32,
+    },
+    Bundles(Bundles),
+    Accepted(Accepted),
+    /// The delivery stream is open; this many items were queued for the device.
+    Subscribed {
+        queued: u64,
+    },
 }
 
 /// A code is on its way.
@@ -133,6 +304,19 @@ pub enum ErrorKind {
     DeliveryFailed,
     /// Something failed inside the node; nothing was changed.
     Internal,
+    /// The number has no account on this node.
+    UnknownRecipient,
+    /// None of the number's devices has published keys yet.
+    NoKeys,
+    /// The envelopes do not match the recipient's devices; these are its devices now.
+    /// Fetch bundles for the new ones and send again.
+    StaleDevices { devices: Vec<u32> },
+    /// An envelope is larger than the node accepts.
+    EnvelopeTooLarge { max: u32 },
+    /// A recipient device's queue is full; it must receive before more can be queued.
+    QueueFull { device_id: u32 },
+    /// The key upload is invalid or would store more one-time keys than allowed.
+    BadKeys,
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ pub mod messages;
 
 pub use frame::{FrameError, HARD_MAX_FRAME_BYTES};
 pub use messages::{
-    Channel, CodeSent, ErrorKind, Identity, NodeError, Registered, Reply, Request, Response,
+    Accepted, Ack, Bundle, Bundles, Channel, CodeSent, Delivery, DeviceEnvelope, ErrorKind,
+    Identity, IdentityKeys, Incoming, Item, KeyUpload, MessageId, NodeError, Outgoing, Push,
+    Receipt, Registered, Reply, Request, Response, SignedKey,
 };
 
 /// The protocol version. It is carried in the TLS ALPN (`switchboard/1`), so a client

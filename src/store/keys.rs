@@ -35,6 +35,41 @@ pub fn parse_device(bytes: &[u8]) -> Option<(u64, u32)> {
     Some((account, device))
 }
 
+/// A device address as a fixed array, for maps and prefixes.
+pub type DeviceKey = [u8; 12];
+
+/// `queue` tree key: device address, then the item's sequence number.
+pub fn queue(device: DeviceKey, seq: u64) -> [u8; 20] {
+    let mut out = [0u8; 20];
+    out[..12].copy_from_slice(&device);
+    out[12..].copy_from_slice(&seq.to_be_bytes());
+    out
+}
+
+/// Reads a `queue` (or `one_time_key`) key: device address and sequence number.
+pub fn parse_queue(bytes: &[u8]) -> Option<(DeviceKey, u64)> {
+    if bytes.len() != 20 {
+        return None;
+    }
+    let device = *bytes.first_chunk::<12>()?;
+    let seq = u64::from_be_bytes(*bytes[12..].first_chunk::<8>()?);
+    Some((device, seq))
+}
+
+/// `one_time_key` tree key: device address, then an upload sequence number (so the
+/// oldest key is claimed first).
+pub fn one_time_key(device: DeviceKey, id: u64) -> [u8; 20] {
+    queue(device, id)
+}
+
+/// `sent_message` tree key: the sending device's address, then the client's message id.
+pub fn sent(device: DeviceKey, id: &[u8; 16]) -> [u8; 28] {
+    let mut out = [0u8; 28];
+    out[..12].copy_from_slice(&device);
+    out[12..].copy_from_slice(id);
+    out
+}
+
 /// `number_account` and `number_code` key: the E.164 number as UTF-8.
 pub fn number(e164: &str) -> &[u8] {
     e164.as_bytes()
@@ -60,9 +95,27 @@ mod tests {
         }
 
         #[test]
+        fn queue_order_is_device_then_seq(a in any::<(u64, u32, u64)>(), b in any::<(u64, u32, u64)>()) {
+            let ka = queue(device(a.0, a.1), a.2);
+            let kb = queue(device(b.0, b.1), b.2);
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            prop_assert_eq!(parse_queue(&ka), Some((device(a.0, a.1), a.2)));
+            // A device's keys share its address as prefix, and no other device's do.
+            prop_assert_eq!(ka.starts_with(&device(b.0, b.1)), (a.0, a.1) == (b.0, b.1));
+        }
+
+        #[test]
+        fn sent_keys_group_by_device(d in any::<(u64, u32)>(), id in any::<[u8; 16]>()) {
+            let k = sent(device(d.0, d.1), &id);
+            prop_assert!(k.starts_with(&device(d.0, d.1)));
+            prop_assert_eq!(&k[12..], &id[..]);
+        }
+
+        #[test]
         fn parsers_reject_wrong_lengths(bytes in proptest::collection::vec(any::<u8>(), 0..20)) {
             prop_assert_eq!(parse_account(&bytes).is_some(), bytes.len() == 8);
             prop_assert_eq!(parse_device(&bytes).is_some(), bytes.len() == 12);
+            prop_assert_eq!(parse_queue(&bytes).is_some(), bytes.len() == 20);
         }
     }
 }

@@ -10,9 +10,14 @@
 //! blocking threads, never from its async workers.
 
 pub mod keys;
+mod messages;
 pub mod records;
 
+pub use messages::{AppendOutcome, Claimed, KeysRefusal, Queued, SweepStats};
+
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use rand::TryRng;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -22,7 +27,7 @@ use records::{AccountRecord, CodeRecord, DeviceRecord};
 
 /// The schema this build writes. Raise it with every change of layout and add a rung
 /// to [`Store::migrate`].
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// What can go wrong in storage.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +64,16 @@ struct Trees {
     device_key: sled::Tree,
     /// `number_code`: E.164 (UTF-8) → [`CodeRecord`], the pending verification code.
     number_code: sled::Tree,
+    /// `device_keys`: device address (12 bytes) → [`records::DeviceKeysRecord`].
+    device_keys: sled::Tree,
+    /// `one_time_key`: device address ++ upload seq (u64 BE) → key ++ signature (96 bytes).
+    one_time_key: sled::Tree,
+    /// `queue`: device address ++ seq (u64 BE) → queue time (u64 BE) ++ [`records::QueueItem`].
+    /// One queue per device, oldest first; seqs come from `generate_id`, so they only grow.
+    queue: sled::Tree,
+    /// `sent_message`: sender device address ++ client message id (16 bytes) → accept
+    /// time (u64 BE). Makes resending an id idempotent; swept with the queue TTL.
+    sent_message: sled::Tree,
 }
 
 /// The node's database.
@@ -66,13 +81,29 @@ struct Trees {
 pub struct Store {
     db: sled::Db,
     trees: Trees,
+    /// Serialises every write to `queue`, so that seqs are committed in the order they
+    /// are drawn (a reader that has seen seq n never later finds a new item below n),
+    /// and holds the queue lengths (loaded per device on first use).
+    queue_writer: Arc<Mutex<QueueLengths>>,
 }
+
+/// Items per device queue, for quotas. Exact: only code holding the writer lock
+/// changes a queue.
+#[derive(Default)]
+struct QueueLengths(HashMap<keys::DeviceKey, u64>);
 
 /// A device as the rest of the node refers to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DeviceRef {
     pub account_id: u64,
     pub device_id: u32,
+}
+
+impl DeviceRef {
+    /// The device's address, the prefix of its keys in per-device trees.
+    pub fn key(self) -> keys::DeviceKey {
+        keys::device(self.account_id, self.device_id)
+    }
 }
 
 /// A device that is being registered.
@@ -132,8 +163,16 @@ impl Store {
             account: db.open_tree("account")?,
             device_key: db.open_tree("device_key")?,
             number_code: db.open_tree("number_code")?,
+            device_keys: db.open_tree("device_keys")?,
+            one_time_key: db.open_tree("one_time_key")?,
+            queue: db.open_tree("queue")?,
+            sent_message: db.open_tree("sent_message")?,
         };
-        let store = Store { db, trees };
+        let store = Store {
+            db,
+            trees,
+            queue_writer: Arc::default(),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -151,6 +190,9 @@ impl Store {
             return Err(StoreError::TooNew { found });
         }
         // Rung 0 → 1: a new database; nothing to convert.
+        // Rung 1 → 2: the messaging trees (`device_keys`, `one_time_key`, `queue`,
+        // `sent_message`) appear empty; nothing to convert, but a build that knows
+        // only schema 1 must not open a database that holds queues it would ignore.
         if found < SCHEMA_VERSION {
             self.trees
                 .meta
@@ -257,7 +299,9 @@ impl Store {
                 }
 
                 // The new key may already belong to a device (the same home registering
-                // again): detach it from wherever it is first.
+                // again): detach it from wherever it is first. That device is signed
+                // out too: its queue and keys go with it.
+                let mut signed_out = Vec::new();
                 if let Some(bytes) = device_keys.get(new_device.key_id)? {
                     let (acct, dev) = keys::parse_device(&bytes)
                         .ok_or_else(|| StoreError::Corrupt("device_key value".into()))
@@ -266,6 +310,10 @@ impl Store {
                         let mut a =
                             records::decode::<AccountRecord>(&abytes, "account").or_else(abort)?;
                         a.devices.retain(|d| d.device_id != dev);
+                        signed_out.push(DeviceRef {
+                            account_id: acct,
+                            device_id: dev,
+                        });
                         accounts
                             .insert(&keys::account(acct), records::encode(&a).or_else(abort)?)?;
                     }
@@ -298,7 +346,6 @@ impl Store {
                     }
                 };
 
-                let mut signed_out = Vec::new();
                 for old in account.devices.drain(..) {
                     device_keys.remove(&old.key_id)?;
                     signed_out.push(DeviceRef {

@@ -41,6 +41,82 @@ pub struct CodeRecord {
     pub tries_left: u32,
 }
 
+/// `device_keys` tree value: a device's published identity and fallback keys.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DeviceKeysRecord {
+    pub curve25519: [u8; 32],
+    pub ed25519: [u8; 32],
+    /// The fallback key and its signature.
+    pub fallback: Option<StoredKey>,
+    pub updated_at_ms: u64,
+}
+
+/// A signed public key: 32 key bytes and a 64-byte signature. `one_time_key` values
+/// are these, as 96 raw bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct StoredKey {
+    pub key: [u8; 32],
+    pub signature: [u8; 64],
+}
+
+impl StoredKey {
+    pub fn to_bytes(self) -> [u8; 96] {
+        let mut out = [0u8; 96];
+        out[..32].copy_from_slice(&self.key);
+        out[32..].copy_from_slice(&self.signature);
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<StoredKey> {
+        if bytes.len() != 96 {
+            return None;
+        }
+        Some(StoredKey {
+            key: *bytes.first_chunk::<32>()?,
+            signature: *bytes[32..].first_chunk::<64>()?,
+        })
+    }
+}
+
+/// What a `queue` entry holds. The stored value is the queue time (u64 BE, 8 bytes,
+/// so the sweep reads it without decoding) followed by this, in bincode.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum QueueItem {
+    /// A message from a device; `body` is opaque ciphertext.
+    Message {
+        from_account: u64,
+        from_device: u32,
+        from_number: String,
+        id: [u8; 16],
+        body: Vec<u8>,
+    },
+    /// The device `to_number`/`device_id` acknowledged the message `id` this device sent.
+    Delivered {
+        to_number: String,
+        device_id: u32,
+        id: [u8; 16],
+    },
+}
+
+/// Encodes a `queue` value.
+pub fn encode_queued(queued_at_ms: u64, item: &QueueItem) -> Result<Vec<u8>, StoreError> {
+    let mut out = queued_at_ms.to_be_bytes().to_vec();
+    bincode::encode_into_std_write(item, &mut out, config())
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok(out)
+}
+
+/// The queue time of a `queue` value, without decoding the item.
+pub fn queued_at(bytes: &[u8]) -> Option<u64> {
+    bytes.first_chunk::<8>().map(|b| u64::from_be_bytes(*b))
+}
+
+/// Decodes a `queue` value.
+pub fn decode_queued(bytes: &[u8]) -> Result<(u64, QueueItem), StoreError> {
+    let at = queued_at(bytes).ok_or_else(|| StoreError::Corrupt("queue value too short".into()))?;
+    Ok((at, decode(&bytes[8..], "queue")?))
+}
+
 fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }

@@ -1,0 +1,245 @@
+//! The delivery stream: a device's queue, pushed to it as it fills.
+//!
+//! After `Subscribe` the node answers `Subscribed`, then a pusher writes `Push` frames
+//! (pages of up to `delivery_batch` items read from sled after a cursor) while an acker
+//! reads the client's `Ack` frames and removes those items. The two run apart, so a
+//! push blocked on QUIC flow control never stops acknowledgements (which would
+//! deadlock a client waiting to write its acks). Items leave the queue only when
+//! acknowledged; a device that reconnects gets everything unacknowledged again, so
+//! delivery is at least once and clients drop duplicates by message id.
+//!
+//! When the client finishes its half of the stream, the acker applies the acks it
+//! read, waits for them to be durable, and the pusher finishes the node's half: a
+//! client that reads to the end knows its acknowledgements are kept.
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::conn::Session;
+use super::handlers::{self, blocking, now_ms};
+use crate::proto::{
+    Ack, Delivery, FrameError, Incoming, Item, Push, Receipt, Reply, Response, codes, frame,
+};
+use crate::store::records::QueueItem;
+use crate::store::{DeviceIdentity, Queued};
+
+/// Seqs one `Ack` frame may carry.
+pub const MAX_ACKS_PER_FRAME: usize = 4096;
+
+/// How the client's half of the stream ended.
+enum AckEnd {
+    /// Finished cleanly; every ack it sent is applied and durable.
+    Finished,
+    /// It sent something that is not an ack.
+    Broken,
+}
+
+/// Serves a delivery stream until the client finishes it, it breaks, or the node stops.
+pub async fn serve(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    stop: CancellationToken,
+) {
+    let me = match handlers::authenticated(&shared, &session).await {
+        Ok(me) => me,
+        Err(e) => {
+            let _ = frame::write(&mut send, &Reply::Err(e)).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let device = me.device;
+    let mailbox = shared.mailboxes.open(device);
+    let queued = match blocking(&shared, move |store| Ok(store.queue_len(device))).await {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = frame::write(&mut send, &Reply::Err(e)).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if frame::write(&mut send, &Reply::Ok(Response::Subscribed { queued }))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tracing::debug!(
+        account = device.account_id,
+        device = device.device_id,
+        queued,
+        "subscribed"
+    );
+
+    let (done_tx, mut done) = oneshot::channel();
+    tokio::spawn(read_acks(recv, shared.clone(), me, done_tx));
+
+    let batch = shared.config.messages.delivery_batch as usize;
+    let low = shared.config.messages.one_time_keys_low;
+    let mut cursor: Option<u64> = None;
+    let mut backlog_sent = false;
+    let mut first = true;
+    loop {
+        let notified = mailbox.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+
+        let keys_changed = std::mem::take(&mut first) | mailbox.take_keys_claimed();
+        let mut keys_left = if keys_changed {
+            match blocking(&shared, move |store| {
+                store.count_one_time_keys(device, low.max(1))
+            })
+            .await
+            {
+                Ok(n) if n < low => Some(n),
+                Ok(_) => None,
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        loop {
+            let after = cursor;
+            let page = match blocking(&shared, move |store| store.queue_page(device, after, batch))
+                .await
+            {
+                Ok(page) => page,
+                Err(_) => {
+                    let _ = send.reset(codes::SHUTDOWN.into());
+                    return;
+                }
+            };
+            let full = page.len() == batch;
+            let backlog_end = !backlog_sent && !full;
+            if page.is_empty() && !backlog_end && keys_left.is_none() {
+                break;
+            }
+            cursor = page.last().map(|q| q.seq).or(cursor);
+            let push = Push {
+                items: page.into_iter().map(delivery).collect(),
+                backlog_end,
+                one_time_keys_left: keys_left.take(),
+            };
+            let written = tokio::select! {
+                () = stop.cancelled() => return,
+                written = frame::write(&mut send, &push) => written,
+            };
+            if written.is_err() {
+                return;
+            }
+            backlog_sent |= backlog_end;
+            if !full {
+                break;
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            end = &mut done => {
+                match end {
+                    Ok(AckEnd::Finished) => {
+                        let _ = send.finish();
+                        let limit = shared.config.limits.request_timeout;
+                        let _ = tokio::time::timeout(limit, send.stopped()).await;
+                    }
+                    Ok(AckEnd::Broken) => {
+                        let _ = send.reset(codes::MALFORMED.into());
+                    }
+                    // The acker ended without a word: the stream or connection is gone.
+                    Err(_) => {}
+                }
+                return;
+            }
+            () = &mut notified => {}
+        }
+    }
+}
+
+/// The wire form of a queued item.
+fn delivery(q: Queued) -> Delivery {
+    let item = match q.item {
+        QueueItem::Message {
+            from_device,
+            from_number,
+            id,
+            body,
+            ..
+        } => Item::Message(Incoming {
+            from: from_number,
+            from_device,
+            id,
+            body,
+        }),
+        QueueItem::Delivered {
+            to_number,
+            device_id,
+            id,
+        } => Item::Delivered(Receipt {
+            to: to_number,
+            device_id,
+            id,
+        }),
+    };
+    Delivery {
+        seq: q.seq,
+        queued_at_ms: q.queued_at_ms,
+        item,
+    }
+}
+
+/// Reads `Ack` frames and applies them until the client finishes its half.
+async fn read_acks(
+    mut recv: quinn::RecvStream,
+    shared: Arc<Shared>,
+    me: DeviceIdentity,
+    done: oneshot::Sender<AckEnd>,
+) {
+    let max = shared.config.limits.max_frame_bytes as usize;
+    let end = loop {
+        match frame::read::<Ack, _>(&mut recv, max).await {
+            Ok(Some(ack)) if ack.seqs.len() <= MAX_ACKS_PER_FRAME => {
+                let (device, number) = (me.device, me.number.clone());
+                let now = now_ms();
+                match blocking(&shared, move |store| {
+                    store.ack(device, &number, &ack.seqs, now)
+                })
+                .await
+                {
+                    Ok(receipts) => {
+                        for sender in receipts {
+                            shared.mailboxes.wake(sender);
+                        }
+                    }
+                    Err(_) => break AckEnd::Broken,
+                }
+            }
+            Ok(Some(ack)) => {
+                tracing::debug!(seqs = ack.seqs.len(), "ack frame over the limit");
+                let _ = recv.stop(codes::MALFORMED.into());
+                break AckEnd::Broken;
+            }
+            Ok(None) => {
+                if shared.commit.durable().await.is_err() {
+                    break AckEnd::Broken;
+                }
+                break AckEnd::Finished;
+            }
+            Err(FrameError::TooLarge { .. }) => {
+                let _ = recv.stop(codes::FRAME_TOO_LARGE.into());
+                break AckEnd::Broken;
+            }
+            Err(FrameError::Malformed(reason)) => {
+                tracing::debug!(%reason, "malformed ack frame");
+                let _ = recv.stop(codes::MALFORMED.into());
+                break AckEnd::Broken;
+            }
+            Err(FrameError::Truncated) => break AckEnd::Broken,
+            Err(FrameError::Io(_)) => return,
+        }
+    };
+    let _ = done.send(end);
+}

@@ -1,0 +1,672 @@
+//! Key directory and device queues.
+//!
+//! Queue writes (appends, acknowledgements with their receipts, drops, the sweep) hold
+//! the store's queue writer lock: a seq is drawn and committed under it, so every
+//! device queue grows strictly in seq order as readers see it. Reads take no lock.
+
+use std::sync::MutexGuard;
+
+use sled::transaction::Transactional;
+
+use super::keys::{self, DeviceKey};
+use super::records::{self, DeviceKeysRecord, QueueItem, StoredKey};
+use super::{DeviceRef, QueueLengths, Store, StoreError, TxResult, abort};
+
+/// A queued item as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub seq: u64,
+    pub queued_at_ms: u64,
+    pub item: QueueItem,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendOutcome {
+    Queued {
+        accepted_at_ms: u64,
+    },
+    /// This sender had already sent this id; nothing was queued.
+    Duplicate {
+        accepted_at_ms: u64,
+    },
+    /// This recipient device's queue is at its quota; nothing was queued.
+    QueueFull {
+        device_id: u32,
+    },
+}
+
+/// Why a key upload was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeysRefusal {
+    /// Storing them would leave more than `max` one-time keys for the device.
+    TooMany { stored: u32, max: u32 },
+}
+
+/// One device's keys as handed to a fetcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub device_id: u32,
+    pub keys: DeviceKeysRecord,
+    pub one_time_key: Option<StoredKey>,
+}
+
+/// What a sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    pub items: u64,
+    pub sent_ids: u64,
+}
+
+/// Keys scanned per lock hold in the sweep, so appends are never held up for long.
+const SWEEP_CHUNK: usize = 1024;
+
+impl Store {
+    fn queue_writer(&self) -> MutexGuard<'_, QueueLengths> {
+        // A panic while holding the lock cannot leave a queue half-written (sled
+        // writes are atomic); at worst a length is off, so carry on.
+        self.queue_writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The length of `device`'s queue, counted on first use. Caller holds the lock.
+    fn len_of(&self, lens: &mut QueueLengths, device: DeviceKey) -> u64 {
+        *lens.0.entry(device).or_insert_with(|| {
+            self.trees
+                .queue
+                .scan_prefix(device)
+                .keys()
+                .filter(Result::is_ok)
+                .count() as u64
+        })
+    }
+
+    /// Items in `device`'s queue.
+    pub fn queue_len(&self, device: DeviceRef) -> u64 {
+        let mut lens = self.queue_writer();
+        self.len_of(&mut lens, device.key())
+    }
+
+    /// Appends one message from `sender` to each recipient device's queue, and records
+    /// `id` as sent by `sender`, in one transaction. Not durable until a flush.
+    pub fn append(
+        &self,
+        sender: DeviceRef,
+        sender_number: &str,
+        id: [u8; 16],
+        envelopes: Vec<(DeviceRef, Vec<u8>)>,
+        now_ms: u64,
+        max_queued: u64,
+    ) -> Result<AppendOutcome, StoreError> {
+        let sent_key = keys::sent(sender.key(), &id);
+        let mut lens = self.queue_writer();
+        if let Some(at) = self.trees.sent_message.get(sent_key)? {
+            return Ok(AppendOutcome::Duplicate {
+                accepted_at_ms: records::queued_at(&at).unwrap_or(0),
+            });
+        }
+        for (device, _) in &envelopes {
+            if self.len_of(&mut lens, device.key()) >= max_queued {
+                return Ok(AppendOutcome::QueueFull {
+                    device_id: device.device_id,
+                });
+            }
+        }
+        let mut rows = Vec::with_capacity(envelopes.len());
+        for (device, body) in envelopes {
+            let item = QueueItem::Message {
+                from_account: sender.account_id,
+                from_device: sender.device_id,
+                from_number: sender_number.to_string(),
+                id,
+                body,
+            };
+            let seq = self.db.generate_id()?;
+            rows.push((
+                device.key(),
+                keys::queue(device.key(), seq),
+                records::encode_queued(now_ms, &item)?,
+            ));
+        }
+        let t = &self.trees;
+        (&t.queue, &t.sent_message).transaction(|(queue, sent)| -> TxResult<()> {
+            for (_, key, value) in &rows {
+                queue.insert(&key[..], value.as_slice())?;
+            }
+            sent.insert(&sent_key[..], &now_ms.to_be_bytes()[..])?;
+            Ok(())
+        })?;
+        for (device, _, _) in &rows {
+            *lens.0.entry(*device).or_default() += 1;
+        }
+        Ok(AppendOutcome::Queued {
+            accepted_at_ms: now_ms,
+        })
+    }
+
+    /// Up to `max` items of `device`'s queue with a seq above `after`, oldest first.
+    pub fn queue_page(
+        &self,
+        device: DeviceRef,
+        after: Option<u64>,
+        max: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
+        let dk = device.key();
+        let start = match after {
+            Some(seq) => match seq.checked_add(1) {
+                Some(next) => keys::queue(dk, next),
+                None => return Ok(Vec::new()),
+            },
+            None => keys::queue(dk, 0),
+        };
+        let end = keys::queue(dk, u64::MAX);
+        let mut out = Vec::new();
+        for entry in self.trees.queue.range(start..=end).take(max) {
+            let (key, value) = entry?;
+            let (_, seq) = keys::parse_queue(&key)
+                .ok_or_else(|| StoreError::Corrupt("queue key length".into()))?;
+            let (queued_at_ms, item) = records::decode_queued(&value)?;
+            out.push(Queued {
+                seq,
+                queued_at_ms,
+                item,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes the acknowledged items `seqs` from `device`'s queue (seqs it does not
+    /// hold are ignored: a device can only ever touch its own queue) and queues a
+    /// delivery receipt for the sender of each message among them, atomically.
+    /// Returns the devices that got a receipt.
+    pub fn ack(
+        &self,
+        device: DeviceRef,
+        device_number: &str,
+        seqs: &[u64],
+        now_ms: u64,
+    ) -> Result<Vec<DeviceRef>, StoreError> {
+        let dk = device.key();
+        let mut lens = self.queue_writer();
+        let mut batch = sled::Batch::default();
+        let mut removed = 0u64;
+        let mut receipts: Vec<DeviceRef> = Vec::new();
+        for &seq in seqs {
+            let key = keys::queue(dk, seq);
+            let Some(value) = self.trees.queue.get(key)? else {
+                continue;
+            };
+            batch.remove(&key[..]);
+            removed += 1;
+            if let (
+                _,
+                QueueItem::Message {
+                    from_account,
+                    from_device,
+                    id,
+                    ..
+                },
+            ) = records::decode_queued(&value)?
+            {
+                let sender = DeviceRef {
+                    account_id: from_account,
+                    device_id: from_device,
+                };
+                let receipt = QueueItem::Delivered {
+                    to_number: device_number.to_string(),
+                    device_id: device.device_id,
+                    id,
+                };
+                let seq = self.db.generate_id()?;
+                batch.insert(
+                    &keys::queue(sender.key(), seq)[..],
+                    records::encode_queued(now_ms, &receipt)?,
+                );
+                receipts.push(sender);
+            }
+        }
+        if removed == 0 {
+            return Ok(Vec::new());
+        }
+        self.trees.queue.apply_batch(batch)?;
+        if let Some(len) = lens.0.get_mut(&dk) {
+            *len = len.saturating_sub(removed);
+        }
+        for sender in &receipts {
+            if let Some(len) = lens.0.get_mut(&sender.key()) {
+                *len += 1;
+            }
+        }
+        Ok(receipts)
+    }
+
+    /// Deletes everything the node holds for `device`: its queue and its keys. For a
+    /// device that was signed out.
+    pub fn drop_device(&self, device: DeviceRef) -> Result<u64, StoreError> {
+        let dk = device.key();
+        let mut lens = self.queue_writer();
+        let mut dropped = 0;
+        for key in self.trees.queue.scan_prefix(dk).keys() {
+            self.trees.queue.remove(key?)?;
+            dropped += 1;
+        }
+        lens.0.remove(&dk);
+        drop(lens);
+        for key in self.trees.one_time_key.scan_prefix(dk).keys() {
+            self.trees.one_time_key.remove(key?)?;
+        }
+        for key in self.trees.sent_message.scan_prefix(dk).keys() {
+            self.trees.sent_message.remove(key?)?;
+        }
+        self.trees.device_keys.remove(dk)?;
+        Ok(dropped)
+    }
+
+    /// Removes queue items queued before `cutoff_ms` and sent-id records older than it.
+    pub fn sweep(&self, cutoff_ms: u64) -> Result<SweepStats, StoreError> {
+        let mut stats = SweepStats::default();
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let mut lens = self.queue_writer();
+            let mut last = None;
+            let mut seen = 0;
+            for entry in self.trees.queue.range(from.clone()..).take(SWEEP_CHUNK) {
+                let (key, value) = entry?;
+                seen += 1;
+                if records::queued_at(&value).is_some_and(|at| at < cutoff_ms) {
+                    self.trees.queue.remove(&key)?;
+                    stats.items += 1;
+                    if let Some((device, _)) = keys::parse_queue(&key)
+                        && let Some(len) = lens.0.get_mut(&device)
+                    {
+                        *len = len.saturating_sub(1);
+                    }
+                }
+                last = Some(key);
+            }
+            drop(lens);
+            match last {
+                Some(key) if seen == SWEEP_CHUNK => {
+                    from = key.to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        for entry in self.trees.sent_message.iter() {
+            let (key, value) = entry?;
+            if records::queued_at(&value).is_some_and(|at| at < cutoff_ms) {
+                self.trees.sent_message.remove(key)?;
+                stats.sent_ids += 1;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Stores a device's keys. A changed identity replaces the stored keys and drops
+    /// the old one-time keys (they belong to an account that no longer exists).
+    /// Returns the number of one-time keys stored afterwards.
+    pub fn publish_keys(
+        &self,
+        device: DeviceRef,
+        curve25519: [u8; 32],
+        ed25519: [u8; 32],
+        fallback: Option<StoredKey>,
+        one_time_keys: &[StoredKey],
+        max_one_time_keys: u32,
+        now_ms: u64,
+    ) -> Result<Result<u32, KeysRefusal>, StoreError> {
+        let dk = device.key();
+        let current = match self.trees.device_keys.get(dk)? {
+            Some(bytes) => Some(records::decode::<DeviceKeysRecord>(&bytes, "device_keys")?),
+            None => None,
+        };
+        let same_identity = current
+            .as_ref()
+            .is_some_and(|c| c.curve25519 == curve25519 && c.ed25519 == ed25519);
+        let stale: Vec<sled::IVec> = if same_identity {
+            Vec::new()
+        } else {
+            self.trees
+                .one_time_key
+                .scan_prefix(dk)
+                .keys()
+                .collect::<Result<_, _>>()?
+        };
+        let stored = if same_identity {
+            self.count_one_time_keys(device, u32::MAX)?
+        } else {
+            0
+        };
+        let total = stored.saturating_add(one_time_keys.len() as u32);
+        if total > max_one_time_keys {
+            return Ok(Err(KeysRefusal::TooMany {
+                stored,
+                max: max_one_time_keys,
+            }));
+        }
+        let record = DeviceKeysRecord {
+            curve25519,
+            ed25519,
+            fallback: fallback.or(if same_identity {
+                current.and_then(|c| c.fallback)
+            } else {
+                None
+            }),
+            updated_at_ms: now_ms,
+        };
+        let mut new_keys = Vec::with_capacity(one_time_keys.len());
+        for k in one_time_keys {
+            new_keys.push((keys::one_time_key(dk, self.db.generate_id()?), k.to_bytes()));
+        }
+        let t = &self.trees;
+        (&t.device_keys, &t.one_time_key).transaction(|(dkeys, otks)| -> TxResult<()> {
+            for key in &stale {
+                otks.remove(key)?;
+            }
+            dkeys.insert(&dk[..], records::encode(&record).or_else(abort)?)?;
+            for (key, value) in &new_keys {
+                otks.insert(&key[..], &value[..])?;
+            }
+            Ok(())
+        })?;
+        Ok(Ok(total))
+    }
+
+    /// One-time keys stored for `device`, counting no further than `limit`.
+    pub fn count_one_time_keys(&self, device: DeviceRef, limit: u32) -> Result<u32, StoreError> {
+        let mut n = 0;
+        for key in self.trees.one_time_key.scan_prefix(device.key()).keys() {
+            key?;
+            n += 1;
+            if n >= limit {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The published keys of each of `devices` of `account_id` (devices without keys
+    /// are left out). With `claim`, each device's oldest one-time key is removed and
+    /// returned: two fetchers never get the same key (compare-and-swap on removal).
+    pub fn fetch_bundles(
+        &self,
+        account_id: u64,
+        devices: &[u32],
+        claim: bool,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let mut out = Vec::new();
+        for &device_id in devices {
+            let device = DeviceRef {
+                account_id,
+                device_id,
+            };
+            let dk = device.key();
+            let Some(bytes) = self.trees.device_keys.get(dk)? else {
+                continue;
+            };
+            let keys = records::decode::<DeviceKeysRecord>(&bytes, "device_keys")?;
+            let one_time_key = if claim { self.claim_one(dk)? } else { None };
+            out.push(Claimed {
+                device_id,
+                keys,
+                one_time_key,
+            });
+        }
+        Ok(out)
+    }
+
+    fn claim_one(&self, dk: DeviceKey) -> Result<Option<StoredKey>, StoreError> {
+        loop {
+            let Some(entry) = self.trees.one_time_key.scan_prefix(dk).next() else {
+                return Ok(None);
+            };
+            let (key, value) = entry?;
+            // Only the fetcher whose swap removes the key gets it; a loser tries the next.
+            if self
+                .trees
+                .one_time_key
+                .compare_and_swap(&key, Some(&value), None as Option<&[u8]>)?
+                .is_ok()
+            {
+                return StoredKey::from_bytes(&value)
+                    .map(Some)
+                    .ok_or_else(|| StoreError::Corrupt("one_time_key value length".into()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Judgement, NewDevice};
+
+    fn registered(store: &Store, number: &str, key: u8) -> DeviceRef {
+        let code = records::CodeRecord {
+            hash: [0; 32],
+            sent_at_ms: 0,
+            expires_at_ms: u64::MAX,
+            tries_left: 5,
+        };
+        store
+            .replace_code::<()>(number, |_| Ok(code.clone()))
+            .unwrap()
+            .unwrap();
+        let device = NewDevice {
+            key_id: [key; 32],
+            public_key: vec![key],
+        };
+        match store
+            .verify_and_register::<()>(number, &device, 0, |_| Judgement::Accept)
+            .unwrap()
+        {
+            super::super::VerifyOutcome::Registered { device, .. } => device,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn bodies(page: &[Queued]) -> Vec<Vec<u8>> {
+        page.iter()
+            .filter_map(|q| match &q.item {
+                QueueItem::Message { body, .. } => Some(body.clone()),
+                QueueItem::Delivered { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn append_is_ordered_idempotent_and_acks_make_receipts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let alice = registered(&store, "+14155550100", 1);
+        let bob = registered(&store, "+14155550101", 2);
+        for (i, id) in [[1u8; 16], [2; 16], [3; 16]].into_iter().enumerate() {
+            let out = store
+                .append(
+                    alice,
+                    "+14155550100",
+                    id,
+                    vec![(bob, vec![i as u8])],
+                    10,
+                    100,
+                )
+                .unwrap();
+            assert_eq!(out, AppendOutcome::Queued { accepted_at_ms: 10 });
+        }
+        let again = store
+            .append(
+                alice,
+                "+14155550100",
+                [2; 16],
+                vec![(bob, vec![9])],
+                20,
+                100,
+            )
+            .unwrap();
+        assert_eq!(again, AppendOutcome::Duplicate { accepted_at_ms: 10 });
+        let page = store.queue_page(bob, None, 10).unwrap();
+        assert_eq!(bodies(&page), vec![vec![0], vec![1], vec![2]]);
+        assert_eq!(store.queue_len(bob), 3);
+        // Paging continues after the cursor.
+        let rest = store.queue_page(bob, Some(page[0].seq), 10).unwrap();
+        assert_eq!(bodies(&rest), vec![vec![1], vec![2]]);
+
+        // Alice cannot remove Bob's items by naming their seqs.
+        let seqs: Vec<u64> = page.iter().map(|q| q.seq).collect();
+        assert!(
+            store
+                .ack(alice, "+14155550100", &seqs, 30)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(store.queue_len(bob), 3);
+
+        let notified = store.ack(bob, "+14155550101", &seqs[..2], 30).unwrap();
+        assert_eq!(notified, vec![alice, alice]);
+        assert_eq!(store.queue_len(bob), 1);
+        let receipts = store.queue_page(alice, None, 10).unwrap();
+        assert_eq!(receipts.len(), 2);
+        assert!(matches!(&receipts[0].item, QueueItem::Delivered { id, .. } if *id == [1; 16]));
+    }
+
+    #[test]
+    fn quota_refuses_and_nothing_is_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let alice = registered(&store, "+14155550100", 1);
+        let bob = registered(&store, "+14155550101", 2);
+        for i in 0..2u8 {
+            store
+                .append(alice, "a", [i; 16], vec![(bob, vec![i])], 1, 2)
+                .unwrap();
+        }
+        let full = store
+            .append(alice, "a", [7; 16], vec![(bob, vec![7])], 1, 2)
+            .unwrap();
+        assert_eq!(
+            full,
+            AppendOutcome::QueueFull {
+                device_id: bob.device_id
+            }
+        );
+        assert_eq!(store.queue_len(bob), 2);
+        // A refused id was not recorded: it may be sent again once there is room.
+        let seqs: Vec<u64> = store
+            .queue_page(bob, None, 10)
+            .unwrap()
+            .iter()
+            .map(|q| q.seq)
+            .collect();
+        store.ack(bob, "b", &seqs, 2).unwrap();
+        let retry = store
+            .append(alice, "a", [7; 16], vec![(bob, vec![7])], 3, 2)
+            .unwrap();
+        assert_eq!(retry, AppendOutcome::Queued { accepted_at_ms: 3 });
+    }
+
+    #[test]
+    fn sweep_drops_only_old_items_and_lengths_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let alice = registered(&store, "+14155550100", 1);
+        let bob = registered(&store, "+14155550101", 2);
+        for i in 0..3000u32 {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            let at = if i < 2000 { 100 } else { 200 };
+            store
+                .append(alice, "a", id, vec![(bob, vec![1])], at, 10_000)
+                .unwrap();
+        }
+        let stats = store.sweep(150).unwrap();
+        assert_eq!(
+            stats,
+            SweepStats {
+                items: 2000,
+                sent_ids: 2000
+            }
+        );
+        assert_eq!(store.queue_len(bob), 1000);
+        assert_eq!(store.queue_page(bob, None, 5000).unwrap().len(), 1000);
+    }
+
+    #[test]
+    fn one_time_keys_are_claimed_once_then_fallback_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let bob = registered(&store, "+14155550101", 2);
+        let k = |n: u8| StoredKey {
+            key: [n; 32],
+            signature: [n; 64],
+        };
+        let n = store
+            .publish_keys(bob, [1; 32], [2; 32], Some(k(9)), &[k(1), k(2)], 3, 0)
+            .unwrap();
+        assert_eq!(n, Ok(2));
+        let too_many = store
+            .publish_keys(bob, [1; 32], [2; 32], None, &[k(3), k(4)], 3, 0)
+            .unwrap();
+        assert_eq!(too_many, Err(KeysRefusal::TooMany { stored: 2, max: 3 }));
+        let first = store
+            .fetch_bundles(bob.account_id, &[bob.device_id], true)
+            .unwrap();
+        let second = store
+            .fetch_bundles(bob.account_id, &[bob.device_id], true)
+            .unwrap();
+        let third = store
+            .fetch_bundles(bob.account_id, &[bob.device_id], true)
+            .unwrap();
+        assert_eq!(first[0].one_time_key, Some(k(1)));
+        assert_eq!(second[0].one_time_key, Some(k(2)));
+        assert_eq!(third[0].one_time_key, None);
+        assert_eq!(third[0].keys.fallback, Some(k(9)));
+        // A new identity drops what was left and starts again.
+        store
+            .publish_keys(bob, [5; 32], [6; 32], Some(k(8)), &[k(7)], 3, 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.count_one_time_keys(bob, 10).unwrap(), 1);
+    }
+
+    #[test]
+    fn concurrent_claims_never_share_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let bob = registered(&store, "+14155550101", 2);
+        let keys: Vec<StoredKey> = (0..200u8)
+            .map(|n| StoredKey {
+                key: [n; 32],
+                signature: [0; 64],
+            })
+            .collect();
+        store
+            .publish_keys(bob, [1; 32], [2; 32], None, &keys, 200, 0)
+            .unwrap()
+            .unwrap();
+        let claimed: Vec<Vec<[u8; 32]>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..60)
+                            .filter_map(|_| {
+                                store
+                                    .fetch_bundles(bob.account_id, &[bob.device_id], true)
+                                    .unwrap()[0]
+                                    .one_time_key
+                                    .map(|k| k.key)
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut all: Vec<[u8; 32]> = claimed.into_iter().flatten().collect();
+        assert_eq!(all.len(), 200);
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 200, "a key was handed out twice");
+    }
+}
