@@ -205,14 +205,14 @@ fn handshake_error(
     observation: &PinObservation,
     e: quinn::ConnectionError,
 ) -> ClientError {
-    if let (Some(expected), Some(actual)) = (pin, observation.seen()) {
-        if expected != actual {
-            return ClientError::FingerprintMismatch {
-                server: server.to_string(),
-                expected,
-                actual,
-            };
-        }
+    if let (Some(expected), Some(actual)) = (pin, observation.seen())
+        && expected != actual
+    {
+        return ClientError::FingerprintMismatch {
+            server: server.to_string(),
+            expected,
+            actual,
+        };
     }
     ClientError::Connect {
         server: server.to_string(),

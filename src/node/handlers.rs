@@ -317,8 +317,7 @@ async fn publish_keys(
     let result = blocking(shared, move |store| {
         store.publish_keys(
             device,
-            identity.curve25519,
-            identity.ed25519,
+            (identity.curve25519, identity.ed25519),
             fallback,
             &otks,
             max,

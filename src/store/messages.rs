@@ -310,8 +310,7 @@ impl Store {
     pub fn publish_keys(
         &self,
         device: DeviceRef,
-        curve25519: [u8; 32],
-        ed25519: [u8; 32],
+        (curve25519, ed25519): ([u8; 32], [u8; 32]),
         fallback: Option<StoredKey>,
         one_time_keys: &[StoredKey],
         max_one_time_keys: u32,
@@ -602,11 +601,11 @@ mod tests {
             signature: [n; 64],
         };
         let n = store
-            .publish_keys(bob, [1; 32], [2; 32], Some(k(9)), &[k(1), k(2)], 3, 0)
+            .publish_keys(bob, ([1; 32], [2; 32]), Some(k(9)), &[k(1), k(2)], 3, 0)
             .unwrap();
         assert_eq!(n, Ok(2));
         let too_many = store
-            .publish_keys(bob, [1; 32], [2; 32], None, &[k(3), k(4)], 3, 0)
+            .publish_keys(bob, ([1; 32], [2; 32]), None, &[k(3), k(4)], 3, 0)
             .unwrap();
         assert_eq!(too_many, Err(KeysRefusal::TooMany { stored: 2, max: 3 }));
         let first = store
@@ -624,7 +623,7 @@ mod tests {
         assert_eq!(third[0].keys.fallback, Some(k(9)));
         // A new identity drops what was left and starts again.
         store
-            .publish_keys(bob, [5; 32], [6; 32], Some(k(8)), &[k(7)], 3, 0)
+            .publish_keys(bob, ([5; 32], [6; 32]), Some(k(8)), &[k(7)], 3, 0)
             .unwrap()
             .unwrap();
         assert_eq!(store.count_one_time_keys(bob, 10).unwrap(), 1);
@@ -642,7 +641,7 @@ mod tests {
             })
             .collect();
         store
-            .publish_keys(bob, [1; 32], [2; 32], None, &keys, 200, 0)
+            .publish_keys(bob, ([1; 32], [2; 32]), None, &keys, 200, 0)
             .unwrap()
             .unwrap();
         let claimed: Vec<Vec<[u8; 32]>> = std::thread::scope(|s| {
