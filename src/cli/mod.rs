@@ -1,5 +1,6 @@
 //! Command-line interface: clap definitions and one module per command.
 
+mod messaging;
 mod register;
 mod serve;
 mod whoami;
@@ -30,6 +31,12 @@ enum Command {
     Register(register::Args),
     /// Ask the node who this device is.
     Whoami,
+    /// Send an end-to-end encrypted message.
+    Send(messaging::SendArgs),
+    /// Print the messages waiting for this device, oldest first.
+    Recv(messaging::RecvArgs),
+    /// Show the safety number with a contact, to compare in person.
+    Safety(messaging::SafetyArgs),
 }
 
 /// Logs go to stderr: info for the node, warnings only for client commands, unless
@@ -52,5 +59,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args).await,
         Command::Register(args) => register::run(Home::new(cli.home)?, args).await,
         Command::Whoami => whoami::run(Home::new(cli.home)?).await,
+        Command::Send(args) => messaging::send(Home::new(cli.home)?, args).await,
+        Command::Recv(args) => messaging::recv(Home::new(cli.home)?, args).await,
+        Command::Safety(args) => messaging::safety(Home::new(cli.home)?, args).await,
     }
 }

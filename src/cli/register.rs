@@ -3,6 +3,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{Context, bail};
+use switchboard::client::e2e::Vault;
 use switchboard::client::{Client, ClientError, Home, Registration};
 use switchboard::phone::{Number, Region};
 use switchboard::proto::{Channel, ErrorKind};
@@ -55,8 +56,13 @@ pub async fn run(home: Home, args: Args) -> anyhow::Result<()> {
     let client = Client::connect(&args.server, &credentials, pin).await?;
     let result = register(&client, &number, channel, args.code).await;
     let fingerprint = client.fingerprint();
-    client.close().await;
-    let registered = result?;
+    let registered = match result {
+        Ok(r) => r,
+        Err(e) => {
+            client.close().await;
+            return Err(e);
+        }
+    };
 
     let reg = Registration {
         server: args.server,
@@ -68,6 +74,22 @@ pub async fn run(home: Home, args: Args) -> anyhow::Result<()> {
     };
     home.save(&reg, &pem)
         .with_context(|| format!("saving the device in {}", home.dir().display()))?;
+    // Publish the end-to-end keys at once, so others can write before this device is
+    // next online. The home keeps its Olm identity across registrations.
+    let published = async {
+        let mut vault = Vault::open(home.dir())?;
+        vault
+            .publish(&client, (reg.account_id, reg.device_id), 0)
+            .await
+    }
+    .await;
+    client.close().await;
+    if let Err(e) = published {
+        eprintln!(
+            "warning: registered, but publishing the encryption keys failed ({e}); \
+             they are published on the next `recv`"
+        );
+    }
     if registered.took_over {
         println!("{number} moved to this device; its other devices are signed out");
     }

@@ -5,6 +5,7 @@
 //! at once. The node's certificate is pinned by fingerprint: pass the pin when it is
 //! known, or `None` to trust on first use and store [`Client::fingerprint`].
 
+pub mod e2e;
 pub mod home;
 
 use std::net::SocketAddr;
@@ -13,7 +14,8 @@ use std::time::Duration;
 
 use crate::phone::Number;
 use crate::proto::{
-    self, Channel, CodeSent, Identity, NodeError, Registered, Reply, Request, Response, frame,
+    self, Accepted, Ack, Bundles, Channel, CodeSent, Identity, KeyUpload, NodeError, Outgoing,
+    Push, Registered, Reply, Request, Response, frame,
 };
 use crate::tls::{self, Credentials, Fingerprint, PinObservation, TlsError};
 
@@ -183,6 +185,63 @@ impl Client {
         }
     }
 
+    /// Publishes this device's keys; returns how many one-time keys the node holds.
+    pub async fn publish_keys(&self, upload: KeyUpload) -> Result<u32, ClientError> {
+        match self.call(&Request::PublishKeys(upload)).await? {
+            Response::KeysStored { one_time_keys } => Ok(one_time_keys),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Fetches the key bundles of `number`'s devices, claiming a one-time key of each
+    /// when `claim` is set.
+    pub async fn fetch_bundles(
+        &self,
+        number: &Number,
+        claim: bool,
+    ) -> Result<Bundles, ClientError> {
+        let request = Request::FetchBundles {
+            number: number.to_string(),
+            claim,
+        };
+        match self.call(&request).await? {
+            Response::Bundles(b) => Ok(b),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends envelopes; returns once the node holds them durably.
+    pub async fn send(&self, outgoing: Outgoing) -> Result<Accepted, ClientError> {
+        match self.call(&Request::Send(outgoing)).await? {
+            Response::Accepted(a) => Ok(a),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Opens this device's delivery stream.
+    pub async fn subscribe(&self) -> Result<Subscription, ClientError> {
+        let conn_err = |e: String| ClientError::Connection(e);
+        let (mut send, mut recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
+        frame::write(&mut send, &Request::Subscribe)
+            .await
+            .map_err(|e| conn_err(e.to_string()))?;
+        let reply = frame::read::<Reply, _>(&mut recv, MAX_REPLY_BYTES)
+            .await
+            .map_err(|e| conn_err(e.to_string()))?
+            .ok_or_else(|| {
+                ClientError::Protocol("the node closed the stream without a reply".into())
+            })?;
+        match reply {
+            Reply::Ok(Response::Subscribed { queued }) => Ok(Subscription { send, recv, queued }),
+            Reply::Ok(other) => Err(unexpected(other)),
+            Reply::Err(e) => Err(ClientError::Node(e)),
+        }
+    }
+
     /// The underlying QUIC connection, for tests and tools that speak raw frames.
     pub fn connection(&self) -> &quinn::Connection {
         &self.conn
@@ -192,6 +251,54 @@ impl Client {
     pub async fn close(self) {
         self.conn.close(proto::codes::OK.into(), b"bye");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// A device's delivery stream: pushes from the node, acknowledgements to it.
+pub struct Subscription {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// Items queued for the device when it subscribed.
+    pub queued: u64,
+}
+
+impl Subscription {
+    /// The next push, or `None` when the node ended the stream.
+    pub async fn next(&mut self) -> Result<Option<Push>, ClientError> {
+        frame::read::<Push, _>(&mut self.recv, MAX_REPLY_BYTES)
+            .await
+            .map_err(|e| ClientError::Connection(e.to_string()))
+    }
+
+    /// Acknowledges items: the node removes them from the queue.
+    pub async fn ack(&mut self, seqs: Vec<u64>) -> Result<(), ClientError> {
+        for chunk in seqs.chunks(crate::proto::MAX_ACKS_PER_FRAME) {
+            let ack = Ack {
+                seqs: chunk.to_vec(),
+            };
+            frame::write(&mut self.send, &ack)
+                .await
+                .map_err(|e| ClientError::Connection(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Ends the subscription: returns once the node has applied every acknowledgement
+    /// and made it durable. Pushes that arrive meanwhile are dropped unacknowledged
+    /// (they stay queued).
+    pub async fn finish(mut self) -> Result<(), ClientError> {
+        self.send
+            .finish()
+            .map_err(|e| ClientError::Connection(e.to_string()))?;
+        let wait = async {
+            while self.next().await?.is_some() {}
+            Ok::<(), ClientError>(())
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .map_err(|_| {
+                ClientError::Connection("the node did not end the delivery stream".into())
+            })?
     }
 }
 

@@ -21,13 +21,11 @@ use super::Shared;
 use super::conn::Session;
 use super::handlers::{self, blocking, now_ms};
 use crate::proto::{
-    Ack, Delivery, FrameError, Incoming, Item, Push, Receipt, Reply, Response, codes, frame,
+    Ack, Delivery, FrameError, Incoming, Item, MAX_ACKS_PER_FRAME, Push, Receipt, Reply, Response,
+    codes, frame,
 };
 use crate::store::records::QueueItem;
 use crate::store::{DeviceIdentity, Queued};
-
-/// Seqs one `Ack` frame may carry.
-pub const MAX_ACKS_PER_FRAME: usize = 4096;
 
 /// How the client's half of the stream ended.
 enum AckEnd {

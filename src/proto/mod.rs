@@ -15,6 +15,9 @@ pub use messages::{
     Receipt, Registered, Reply, Request, Response, SignedKey,
 };
 
+/// Seqs one `Ack` frame may carry; a frame with more is a protocol error.
+pub const MAX_ACKS_PER_FRAME: usize = 4096;
+
 /// The protocol version. It is carried in the TLS ALPN (`switchboard/1`), so a client
 /// and a node that do not share a version fail the handshake instead of misreading
 /// each other's frames.
