@@ -1,0 +1,465 @@
+//! Messaging through the client library: queues, delivery, acknowledgement, keys.
+//! Bodies here are opaque bytes (the node never decrypts); the CLI tests cover the
+//! encryption end to end.
+
+use std::time::Duration;
+
+use switchboard::client::e2e::{Content, Opened, Vault, new_message_id};
+use switchboard::client::{Client, ClientError, Subscription};
+use switchboard::proto::{
+    Accepted, Delivery, DeviceEnvelope, ErrorKind, Item, MessageId, Outgoing, Push,
+};
+
+use crate::support::*;
+
+fn kind<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ErrorKind {
+    match result {
+        Err(ClientError::Node(e)) => e.kind,
+        other => panic!("expected a node error, got {other:?}"),
+    }
+}
+
+async fn send_with_id(
+    client: &Client,
+    to: &str,
+    id: MessageId,
+    body: &[u8],
+) -> Result<Accepted, ClientError> {
+    client
+        .send(Outgoing {
+            id,
+            to: to.into(),
+            envelopes: vec![DeviceEnvelope {
+                device_id: 1,
+                body: body.to_vec(),
+            }],
+        })
+        .await
+}
+
+async fn send_raw(client: &Client, to: &str, body: &[u8]) -> Result<Accepted, ClientError> {
+    send_with_id(client, to, new_message_id(), body).await
+}
+
+async fn next(sub: &mut Subscription) -> Push {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("a push within 10 s")
+        .expect("delivery stream")
+        .expect("the stream stays open")
+}
+
+/// Reads the backlog (up to its end marker) without acknowledging it.
+async fn backlog(sub: &mut Subscription) -> Vec<Delivery> {
+    let mut items = Vec::new();
+    loop {
+        let push = next(sub).await;
+        items.extend(push.items);
+        if push.backlog_end {
+            return items;
+        }
+    }
+}
+
+/// Subscribes, reads the backlog, acknowledges it all and ends the subscription.
+async fn drain(client: &Client) -> Vec<Delivery> {
+    let mut sub = client.subscribe().await.expect("subscribe");
+    let items = backlog(&mut sub).await;
+    sub.ack(items.iter().map(|d| d.seq).collect())
+        .await
+        .expect("ack");
+    sub.finish().await.expect("finish");
+    items
+}
+
+fn bodies(items: &[Delivery]) -> Vec<String> {
+    items
+        .iter()
+        .filter_map(|d| match &d.item {
+            Item::Message(m) => Some(String::from_utf8_lossy(&m.body).into_owned()),
+            Item::Delivered(_) => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn offline_backlog_arrives_in_order_once_and_the_sender_gets_receipts() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            send_raw(&alice, BOB, format!("m{i}").as_bytes())
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let got = drain(&bob).await;
+    assert_eq!(bodies(&got), ["m0", "m1", "m2", "m3", "m4"]);
+    assert!(
+        got.iter()
+            .all(|d| matches!(&d.item, Item::Message(m) if m.from == ALICE))
+    );
+    assert!(drain(&bob).await.is_empty(), "acknowledged items came back");
+
+    let receipts: Vec<_> = drain(&alice)
+        .await
+        .into_iter()
+        .filter_map(|d| match d.item {
+            Item::Delivered(r) => Some(r),
+            Item::Message(_) => None,
+        })
+        .collect();
+    assert_eq!(receipts.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+    assert!(receipts.iter().all(|r| r.to == BOB && r.device_id == 1));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_online_device_gets_messages_pushed() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    let mut sub = bob.subscribe().await.unwrap();
+    assert!(backlog(&mut sub).await.is_empty());
+    for i in 0..3 {
+        send_raw(&alice, BOB, format!("live{i}").as_bytes())
+            .await
+            .unwrap();
+        let push = next(&mut sub).await;
+        assert_eq!(bodies(&push.items), [format!("live{i}")]);
+        sub.ack(push.items.iter().map(|d| d.seq).collect())
+            .await
+            .unwrap();
+    }
+    sub.finish().await.unwrap();
+    assert!(drain(&bob).await.is_empty());
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn unacknowledged_items_are_delivered_again() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    send_raw(&alice, BOB, b"one").await.unwrap();
+    send_raw(&alice, BOB, b"two").await.unwrap();
+    let mut sub = bob.subscribe().await.unwrap();
+    let first = backlog(&mut sub).await;
+    // Acknowledge only the first.
+    sub.ack(vec![first[0].seq]).await.unwrap();
+    sub.finish().await.unwrap();
+    let again = drain(&bob).await;
+    assert_eq!(bodies(&again), ["two"]);
+    assert_eq!(again[0].seq, first[1].seq);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn order_holds_per_sender_with_several_senders() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = node.registered(ALICE).await;
+    let carol = node.registered(CAROL).await;
+    let bob = node.registered(BOB).await;
+    let sends = |client: Client, who: &'static str| async move {
+        for i in 0..40 {
+            send_raw(&client, BOB, format!("{who}{i}").as_bytes())
+                .await
+                .unwrap();
+        }
+        client
+    };
+    let (alice, carol) = tokio::join!(sends(alice, "a"), sends(carol, "c"));
+    let got = bodies(&drain(&bob).await);
+    assert_eq!(got.len(), 80);
+    for who in ["a", "c"] {
+        let mine: Vec<&String> = got.iter().filter(|b| b.starts_with(who)).collect();
+        let expected: Vec<String> = (0..40).map(|i| format!("{who}{i}")).collect();
+        assert_eq!(mine, expected.iter().collect::<Vec<_>>(), "order of {who}");
+    }
+    alice.close().await;
+    carol.close().await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn resending_an_id_queues_nothing_new() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    let id = new_message_id();
+    let first = send_with_id(&alice, BOB, id, b"once").await.unwrap();
+    let second = send_with_id(&alice, BOB, id, b"once").await.unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate);
+    assert_eq!(second.accepted_at_ms, first.accepted_at_ms);
+    assert_eq!(bodies(&drain(&bob).await), ["once"]);
+    // The same id from another sender is another message.
+    let carol = node.registered(CAROL).await;
+    assert!(
+        !send_with_id(&carol, BOB, id, b"other")
+            .await
+            .unwrap()
+            .duplicate
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_sends_get_typed_errors_and_change_nothing() {
+    let node = InProcessNode::start(&config_text(
+        "[limits]\nmax_frame_bytes = 4096\n[messages]\nmax_envelope_bytes = 1024\nmax_queued_per_device = 3\n",
+    ))
+    .await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    assert_eq!(
+        kind(send_raw(&alice, "+14155550199", b"x").await),
+        ErrorKind::UnknownRecipient
+    );
+    assert_eq!(
+        kind(send_raw(&alice, "not a number", b"x").await),
+        ErrorKind::InvalidNumber
+    );
+    assert_eq!(
+        kind(send_raw(&alice, BOB, &[0; 1025]).await),
+        ErrorKind::EnvelopeTooLarge { max: 1024 }
+    );
+    let wrong_device = alice
+        .send(Outgoing {
+            id: new_message_id(),
+            to: BOB.into(),
+            envelopes: vec![DeviceEnvelope {
+                device_id: 7,
+                body: b"x".to_vec(),
+            }],
+        })
+        .await;
+    assert_eq!(
+        kind(wrong_device),
+        ErrorKind::StaleDevices { devices: vec![1] }
+    );
+    let unregistered = node.connect().await;
+    assert_eq!(
+        kind(send_raw(&unregistered, BOB, b"x").await),
+        ErrorKind::Unauthenticated
+    );
+
+    for i in 0..3 {
+        send_raw(&alice, BOB, format!("q{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        kind(send_raw(&alice, BOB, b"q3").await),
+        ErrorKind::QueueFull { device_id: 1 }
+    );
+    assert_eq!(bodies(&drain(&bob).await), ["q0", "q1", "q2"]);
+    // Receiving made room.
+    send_raw(&alice, BOB, b"q4").await.unwrap();
+    assert_eq!(bodies(&drain(&bob).await), ["q4"]);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn expired_items_are_swept() {
+    let node = InProcessNode::start(&config_text(
+        "[messages]\nttl_secs = 1\nsweep_interval_secs = 1\n",
+    ))
+    .await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    send_raw(&alice, BOB, b"stale").await.unwrap();
+    // Bounded wait: the sweep runs every second and drops items over a second old.
+    let mut left = 1;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut sub = bob.subscribe().await.unwrap();
+        left = backlog(&mut sub).await.len();
+        sub.finish().await.unwrap();
+        if left == 0 {
+            break;
+        }
+    }
+    assert_eq!(left, 0, "the expired message was never swept");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn another_device_cannot_read_or_acknowledge_bobs_queue() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    let carol = node.registered(CAROL).await;
+    for i in 0..3 {
+        send_raw(&alice, BOB, format!("for bob {i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    // Peek at Bob's seqs without acknowledging them.
+    let mut sub = bob.subscribe().await.unwrap();
+    let seqs: Vec<u64> = backlog(&mut sub).await.iter().map(|d| d.seq).collect();
+    sub.finish().await.unwrap();
+    assert_eq!(seqs.len(), 3);
+
+    // Carol's delivery stream is her own queue: empty. Her acks of Bob's seqs do nothing.
+    let mut theirs = carol.subscribe().await.unwrap();
+    assert!(backlog(&mut theirs).await.is_empty());
+    theirs.ack(seqs.clone()).await.unwrap();
+    theirs.finish().await.unwrap();
+    // A device that is not registered cannot subscribe at all.
+    let stranger = node.connect().await;
+    assert_eq!(
+        kind(stranger.subscribe().await.map(|s| s.queued)),
+        ErrorKind::Unauthenticated
+    );
+    assert_eq!(
+        bodies(&drain(&bob).await),
+        ["for bob 0", "for bob 1", "for bob 2"]
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_graceful_restart_keeps_queued_messages() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = node.registered(ALICE).await;
+    let bob_creds = switchboard::tls::Credentials::generate_device().unwrap().0;
+    let bob = node.connect_as(&bob_creds).await;
+    let b = number(BOB);
+    bob.request_code(&b, switchboard::proto::Channel::Sms, "en")
+        .await
+        .unwrap();
+    bob.verify_code(&b, CODE).await.unwrap();
+    bob.close().await;
+    send_raw(&alice, BOB, b"kept").await.unwrap();
+    alice.close().await;
+    let dir = node.stop().await;
+    let node = InProcessNode::start_in(dir, &config_text("")).await;
+    let bob = node.connect_as(&bob_creds).await;
+    assert_eq!(bodies(&drain(&bob).await), ["kept"]);
+    node.shutdown().await;
+}
+
+/// A registered client with its vault (Olm account) published, as the CLI would.
+async fn with_vault(node: &InProcessNode, number: &str) -> (Client, Vault, tempfile::TempDir) {
+    let client = node.connect().await;
+    let n = crate::support::number(number);
+    client
+        .request_code(&n, switchboard::proto::Channel::Sms, "en")
+        .await
+        .unwrap();
+    let reg = client.verify_code(&n, CODE).await.unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let mut vault = Vault::open(home.path()).unwrap();
+    vault
+        .publish(&client, (reg.account_id, reg.device_id), 0)
+        .await
+        .unwrap();
+    (client, vault, home)
+}
+
+fn open_all(vault: &mut Vault, items: &[Delivery]) -> Vec<String> {
+    items
+        .iter()
+        .filter_map(|d| match &d.item {
+            Item::Message(m) => match vault.open_envelope(m) {
+                Opened::Message(r) => {
+                    let Content::Text(t) = r.content;
+                    Some(t)
+                }
+                other => panic!("could not open: {other:?}"),
+            },
+            Item::Delivered(_) => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_time_keys_run_out_then_the_fallback_key_works_and_the_device_tops_up() {
+    let node = InProcessNode::start(&config_text("[messages]\none_time_keys_low = 10\n")).await;
+    let (bob, mut bob_vault, _bob_home) = with_vault(&node, BOB).await;
+    let carol = node.registered(CAROL).await;
+    let b = number(BOB);
+    // Carol claims every one-time key Bob published; two claims never share one.
+    let mut claimed = std::collections::HashSet::new();
+    for _ in 0..switchboard::client::e2e::ONE_TIME_KEY_TARGET {
+        let bundles = carol.fetch_bundles(&b, true).await.unwrap();
+        let otk = bundles.devices[0].one_time_key.expect("a one-time key");
+        assert!(
+            claimed.insert(otk.key),
+            "a one-time key was handed out twice"
+        );
+    }
+    let exhausted = carol.fetch_bundles(&b, true).await.unwrap();
+    assert_eq!(exhausted.devices[0].one_time_key, None);
+    assert!(exhausted.devices[0].fallback.is_some());
+
+    // Alice starts a session on the fallback key; Bob reads it.
+    let (alice, mut alice_vault, _alice_home) = with_vault(&node, ALICE).await;
+    alice_vault
+        .send(&alice, &b, &Content::Text("via fallback".into()))
+        .await
+        .unwrap();
+    let mut sub = bob.subscribe().await.unwrap();
+    let mut low = None;
+    let mut items = Vec::new();
+    loop {
+        let push = next(&mut sub).await;
+        low = low.or(push.one_time_keys_left);
+        items.extend(push.items);
+        if push.backlog_end {
+            break;
+        }
+    }
+    assert_eq!(open_all(&mut bob_vault, &items), ["via fallback"]);
+    sub.ack(items.iter().map(|d| d.seq).collect())
+        .await
+        .unwrap();
+    sub.finish().await.unwrap();
+    assert_eq!(low, Some(0), "the node did not tell Bob his keys ran out");
+
+    // Bob tops up; fetchers get one-time keys again.
+    let me = bob.whoami().await.unwrap();
+    let n = bob_vault
+        .publish(
+            &bob,
+            (me.account_id, me.device_id),
+            switchboard::client::e2e::ONE_TIME_KEY_TARGET,
+        )
+        .await
+        .unwrap();
+    assert!(n >= switchboard::client::e2e::ONE_TIME_KEY_TARGET);
+    assert!(
+        carol.fetch_bundles(&b, true).await.unwrap().devices[0]
+            .one_time_key
+            .is_some()
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn key_uploads_with_bad_signatures_are_refused() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let bob = node.registered(BOB).await;
+    let upload = switchboard::proto::KeyUpload {
+        identity: switchboard::proto::IdentityKeys {
+            curve25519: [9; 32],
+            ed25519: [9; 32],
+        },
+        fallback: None,
+        one_time_keys: vec![switchboard::proto::SignedKey {
+            key: [1; 32],
+            signature: [2; 64],
+        }],
+    };
+    assert_eq!(kind(bob.publish_keys(upload).await), ErrorKind::BadKeys);
+    let carol = node.registered(CAROL).await;
+    assert_eq!(
+        kind(carol.fetch_bundles(&number(BOB), true).await),
+        ErrorKind::NoKeys
+    );
+    node.shutdown().await;
+}
