@@ -183,9 +183,11 @@ fn show(
                     });
                     writeln!(out, "{line}")?;
                 } else {
+                    // Second field "delivered", never a number: tells receipts from
+                    // messages at a glance and to scripts.
                     writeln!(
                         out,
-                        "{at} {} delivered {}",
+                        "{at} delivered to {} (id {})",
                         receipt.to,
                         hex::encode(receipt.id)
                     )?;

@@ -48,7 +48,13 @@ fn home_files_are_owner_only() {
     assert!(out.status.success(), "{}", stderr(&out));
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&home), 0o700);
-    for name in ["device.key", "device.crt", "state.toml"] {
+    for name in [
+        "device.key",
+        "device.crt",
+        "state.toml",
+        "e2e.key",
+        "e2e.state",
+    ] {
         assert_eq!(mode(&home.join(name)), 0o600, "{name}");
     }
     assert_eq!(mode(&node.data_dir()), 0o700);

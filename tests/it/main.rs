@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod cli_messaging;
 mod hostile;
 mod library;
 mod messaging;
