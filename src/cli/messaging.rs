@@ -199,29 +199,6 @@ fn show(
     Ok(seqs)
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn interrupted() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
     let reg = home.load()?;
     let mut vault = Vault::open(home.dir())?;
@@ -240,7 +217,7 @@ async fn receive(
     ensure_published(vault, client, reg).await?;
     let mut sub = client.subscribe().await?;
     let stdout = std::io::stdout();
-    let stop = interrupted();
+    let stop = super::interrupted();
     tokio::pin!(stop);
     loop {
         let push = tokio::select! {

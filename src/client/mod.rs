@@ -121,6 +121,17 @@ impl Client {
 
     /// Sends one request on its own stream and waits for its reply.
     pub async fn call(&self, request: &Request) -> Result<Response, ClientError> {
+        let (_, _, response) = self.exchange(request, true).await?;
+        Ok(response)
+    }
+
+    /// Opens a stream, writes `request` (finishing the stream when `finish`), and
+    /// reads the reply; hands back the stream for requests that go on using it.
+    async fn exchange(
+        &self,
+        request: &Request,
+        finish: bool,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, Response), ClientError> {
         let conn_err = |e: String| ClientError::Connection(e);
         let (mut send, mut recv) = self
             .conn
@@ -130,7 +141,9 @@ impl Client {
         frame::write(&mut send, request)
             .await
             .map_err(|e| conn_err(e.to_string()))?;
-        send.finish().map_err(|e| conn_err(e.to_string()))?;
+        if finish {
+            send.finish().map_err(|e| conn_err(e.to_string()))?;
+        }
         let reply = frame::read::<Reply, _>(&mut recv, MAX_REPLY_BYTES)
             .await
             .map_err(|e| conn_err(e.to_string()))?
@@ -138,7 +151,7 @@ impl Client {
                 ClientError::Protocol("the node closed the stream without a reply".into())
             })?;
         match reply {
-            Reply::Ok(response) => Ok(response),
+            Reply::Ok(response) => Ok((send, recv, response)),
             Reply::Err(e) => Err(ClientError::Node(e)),
         }
     }
@@ -220,25 +233,11 @@ impl Client {
 
     /// Opens this device's delivery stream.
     pub async fn subscribe(&self) -> Result<Subscription, ClientError> {
-        let conn_err = |e: String| ClientError::Connection(e);
-        let (mut send, mut recv) = self
-            .conn
-            .open_bi()
-            .await
-            .map_err(|e| conn_err(e.to_string()))?;
-        frame::write(&mut send, &Request::Subscribe)
-            .await
-            .map_err(|e| conn_err(e.to_string()))?;
-        let reply = frame::read::<Reply, _>(&mut recv, MAX_REPLY_BYTES)
-            .await
-            .map_err(|e| conn_err(e.to_string()))?
-            .ok_or_else(|| {
-                ClientError::Protocol("the node closed the stream without a reply".into())
-            })?;
-        match reply {
-            Reply::Ok(Response::Subscribed { queued }) => Ok(Subscription { send, recv, queued }),
-            Reply::Ok(other) => Err(unexpected(other)),
-            Reply::Err(e) => Err(ClientError::Node(e)),
+        match self.exchange(&Request::Subscribe, false).await? {
+            (send, recv, Response::Subscribed { queued }) => {
+                Ok(Subscription { send, recv, queued })
+            }
+            (_, _, other) => Err(unexpected(other)),
         }
     }
 
