@@ -363,12 +363,7 @@ mod tests {
             "0000000e 01 07 04 0a 77726f6e6720636f6465",
         );
         check(Request::Subscribe, "00000001 06");
-        check(
-            Ack {
-                seqs: vec![1, 300],
-            },
-            "00000005 02 01 fb2c01",
-        );
+        check(Ack { seqs: vec![1, 300] }, "00000005 02 01 fb2c01");
         check(
             Reply::Ok(Response::Subscribed { queued: 2 }),
             "00000003 00 06 02",
