@@ -51,6 +51,8 @@ pub enum ClientError {
 /// A connection to a node.
 pub struct Client {
     endpoint: quinn::Endpoint,
+    /// Whether the endpoint is this client's alone (then `close` waits for it).
+    owns_endpoint: bool,
     conn: quinn::Connection,
     server: String,
     fingerprint: Fingerprint,
@@ -61,8 +63,27 @@ const MAX_REPLY_BYTES: usize = proto::HARD_MAX_FRAME_BYTES;
 
 impl Client {
     /// Connects to `server` (`HOST:PORT`) as the device `creds`, checking the node's
-    /// certificate against `pin` when given.
+    /// certificate against `pin` when given. The connection gets its own UDP socket.
     pub async fn connect(
+        server: &str,
+        creds: &Credentials,
+        pin: Option<Fingerprint>,
+    ) -> Result<Client, ClientError> {
+        let (_, addr) = resolve(server).await?;
+        let endpoint = client_endpoint(addr.is_ipv6()).map_err(|e| ClientError::Connect {
+            server: server.to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut client = Self::connect_via(&endpoint, server, creds, pin).await?;
+        client.owns_endpoint = true;
+        Ok(client)
+    }
+
+    /// Like [`Client::connect`], over an existing endpoint (from [`client_endpoint`]),
+    /// so that many devices can share a few sockets (load generators, multi-account
+    /// apps).
+    pub async fn connect_via(
+        endpoint: &quinn::Endpoint,
         server: &str,
         creds: &Credentials,
         pin: Option<Fingerprint>,
@@ -73,20 +94,12 @@ impl Client {
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_secs(15)));
         config.transport_config(Arc::new(transport));
-
-        let bind: SocketAddr = if addr.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        };
         let connect_err = |reason: String| ClientError::Connect {
             server: server.to_string(),
             reason,
         };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
-        endpoint.set_default_client_config(config);
         let connecting = endpoint
-            .connect(addr, &host)
+            .connect_with(config, addr, &host)
             .map_err(|e| connect_err(e.to_string()))?;
         let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
             Ok(Ok(conn)) => conn,
@@ -102,7 +115,8 @@ impl Client {
             .seen()
             .ok_or_else(|| connect_err("the node presented no certificate".into()))?;
         Ok(Client {
-            endpoint,
+            endpoint: endpoint.clone(),
+            owns_endpoint: false,
             conn,
             server: server.to_string(),
             fingerprint,
@@ -249,7 +263,9 @@ impl Client {
     /// Closes the connection politely and waits until the node has been told.
     pub async fn close(self) {
         self.conn.close(proto::codes::OK.into(), b"bye");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        if self.owns_endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        }
     }
 }
 
@@ -299,6 +315,16 @@ impl Subscription {
                 ClientError::Connection("the node did not end the delivery stream".into())
             })?
     }
+}
+
+/// A client-only QUIC endpoint on an ephemeral port, for [`Client::connect_via`].
+pub fn client_endpoint(ipv6: bool) -> std::io::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if ipv6 {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    quinn::Endpoint::client(bind)
 }
 
 fn unexpected(response: Response) -> ClientError {

@@ -216,7 +216,7 @@ async fn verify_code(
                 );
             }
             // The device must not be told it is registered before that is durable.
-            shared.store.flush().await.map_err(internal)?;
+            shared.commit.durable().await.map_err(commit_failed)?;
             tracing::info!(
                 %number,
                 account = device.account_id,

@@ -425,9 +425,14 @@ impl Store {
     }
 
     /// Makes every write so far durable against a process crash. Waits without
-    /// blocking the async runtime.
+    /// blocking the async runtime: the flush runs on tokio's blocking pool. (sled's own
+    /// `flush_async` runs on sled's thread pool, which spawns threads under load and
+    /// was seen to hang with several flushes in flight.)
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
         Ok(())
     }
 

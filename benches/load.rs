@@ -1,0 +1,1456 @@
+//! Load generator: `cargo bench --bench load -- <scenario> [options]`.
+//!
+//! The node runs as a separate release process on 127.0.0.1 (its CPU and memory are
+//! its own, read from /proc), driven by many client connections multiplexed over a few
+//! QUIC endpoints in this process. Payloads are opaque pre-made bytes: the node never
+//! decrypts, so this measures the node, not the client's crypto. Each scenario also
+//! measures its bare limit in the same run (a minimal quinn relay with no storage and
+//! no auth, or raw sled) and prints a table plus one JSON line per figure.
+//! Every loop is bounded in count and in time.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use switchboard::client::{Client, ClientError, client_endpoint};
+use switchboard::phone::Number;
+use switchboard::proto::{Channel, DeviceEnvelope, Item, Outgoing};
+use switchboard::tls::{Credentials, Fingerprint};
+use tokio::sync::Semaphore;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+const CODE: &str = "123456";
+
+#[derive(Parser)]
+#[command(about = "Switchboard load generator")]
+struct Args {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Ignored: cargo passes `--bench` to every bench target.
+    #[arg(long, hide = true, global = true)]
+    bench: bool,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Online pairs relaying 256-byte envelopes; the same over bare quinn.
+    Relay {
+        #[arg(long, default_value_t = 100)]
+        pairs: usize,
+        /// Sends in flight per device at saturation.
+        #[arg(long, default_value_t = 8)]
+        window: usize,
+        /// Seconds per measured phase.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+    },
+    /// Idle authenticated devices: node memory per connection and handshakes per second.
+    Connections {
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// QUIC endpoints (UDP sockets) the devices share.
+        #[arg(long, default_value_t = 8)]
+        endpoints: usize,
+    },
+    /// Envelopes queued for an offline device, then drained when it connects.
+    Backlog {
+        #[arg(long, default_value_t = 100_000)]
+        envelopes: usize,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+    },
+    /// Envelopes through the store (append, then acknowledge), against raw sled.
+    Storage {
+        #[arg(long, default_value_t = 1_000_000)]
+        envelopes: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        accounts: usize,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+    },
+    /// Internal: the bare quinn relay, run as its own process.
+    #[command(hide = true)]
+    BareServer,
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match args.scenario {
+            Scenario::Relay {
+                pairs,
+                window,
+                duration,
+                size,
+            } => relay::run(pairs, window, Duration::from_secs(duration), size).await,
+            Scenario::Connections { devices, endpoints } => {
+                connections::run(devices, endpoints).await
+            }
+            Scenario::Backlog { envelopes, size } => backlog::run(envelopes, size).await,
+            Scenario::Storage {
+                envelopes,
+                accounts,
+                size,
+            } => storage::run(envelopes, accounts, size),
+            Scenario::BareServer => bare::serve().await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("load: {e}");
+        std::process::exit(1);
+    }
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+// ---------------------------------------------------------------------------------
+// Reporting
+
+/// One figure, printed as a table row and a JSON line.
+struct Figure {
+    scenario: &'static str,
+    metric: String,
+    unit: &'static str,
+    node: f64,
+    limit: Option<f64>,
+}
+
+fn report(figures: &[Figure], notes: &[String]) {
+    println!();
+    println!(
+        "{:<12} {:<44} {:>14} {:>14} {:>8}",
+        "scenario", "metric", "switchboard", "limit", "ratio"
+    );
+    for f in figures {
+        let limit = f.limit.map(|l| format!("{l:.1}")).unwrap_or("-".into());
+        let ratio = f
+            .limit
+            .filter(|l| *l != 0.0)
+            .map(|l| format!("{:.2}", f.node / l))
+            .unwrap_or("-".into());
+        println!(
+            "{:<12} {:<44} {:>14.1} {:>14} {:>8}",
+            f.scenario,
+            format!("{} ({})", f.metric, f.unit),
+            f.node,
+            limit,
+            ratio
+        );
+    }
+    for note in notes {
+        println!("  {note}");
+    }
+    for f in figures {
+        let json = serde_json::json!({
+            "scenario": f.scenario,
+            "metric": f.metric,
+            "unit": f.unit,
+            "switchboard": f.node,
+            "limit": f.limit,
+            "ratio": f.limit.filter(|l| *l != 0.0).map(|l| f.node / l),
+        });
+        println!("{json}");
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Processes under test
+
+/// CPU time (user + system) and resident memory of a process, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ")".
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+fn rss_bytes(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb * 1024.0)
+}
+
+/// A child process that printed `listening on ADDR` (and maybe more lines).
+struct Server {
+    child: Child,
+    addr: String,
+    lines: Vec<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn spawn(
+        mut command: Command,
+        dir: Option<tempfile::TempDir>,
+        extra_lines: usize,
+    ) -> Result<Server> {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(err)?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut reader = BufReader::new(stdout);
+        let mut lines = Vec::new();
+        for _ in 0..=extra_lines {
+            let mut line = String::new();
+            reader.read_line(&mut line).map_err(err)?;
+            lines.push(line.trim().to_string());
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in reader.lines() {});
+        let addr = lines[0]
+            .strip_prefix("listening on ")
+            .ok_or_else(|| format!("server did not start: {lines:?}"))?
+            .to_string();
+        Ok(Server {
+            child,
+            addr,
+            lines,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The release node with `numbers` as test numbers and limits opened up for load.
+fn start_node(numbers: &[Number], extra: &str) -> Result<(Server, Fingerprint)> {
+    let dir = tempfile::tempdir().map_err(err)?;
+    let mut config = String::from(
+        "[limits]\nmax_connections = 1000000\nmax_connections_per_address = 1000000\n\
+         max_streams_per_connection = 1024\nidle_timeout_ms = 120000\n",
+    );
+    config.push_str("[verification]\nresend_cooldown_secs = 0\n");
+    config.push_str(extra);
+    config.push_str("\n[verification.test_numbers]\n");
+    for n in numbers {
+        config.push_str(&format!("\"{n}\" = \"{CODE}\"\n"));
+    }
+    let path = dir.path().join("node.toml");
+    std::fs::write(&path, config).map_err(err)?;
+    let mut command = Command::new(BIN);
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .env("RUST_LOG", "warn");
+    let server = Server::spawn(command, Some(dir), 1)?;
+    let fp = server.lines[1]
+        .strip_prefix("fingerprint ")
+        .ok_or("no fingerprint line")?
+        .parse()
+        .map_err(err)?;
+    Ok((server, fp))
+}
+
+fn start_bare() -> Result<(Server, Vec<u8>)> {
+    let exe = std::env::current_exe().map_err(err)?;
+    let mut command = Command::new(exe);
+    command.arg("bare-server");
+    let server = Server::spawn(command, None, 1)?;
+    let cert = server.lines[1]
+        .strip_prefix("cert ")
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or("bare server printed no certificate")?;
+    Ok((server, cert))
+}
+
+/// Test numbers for `n` devices: +1 415 2xx xxxx.
+fn numbers(n: usize) -> Vec<Number> {
+    (0..n)
+        .map(|i| {
+            Number::parse_e164(&format!("+1415{:07}", 2_000_000 + i)).expect("valid bench number")
+        })
+        .collect()
+}
+
+/// A registered device of the load generator.
+struct Device {
+    number: Number,
+    creds: Credentials,
+    device_id: u32,
+}
+
+/// Registers every number (on its own connection, `concurrency` at a time); returns
+/// the devices and the elapsed time.
+async fn register_all(
+    addr: &str,
+    fp: Fingerprint,
+    numbers: &[Number],
+    endpoints: &[quinn::Endpoint],
+    concurrency: usize,
+) -> Result<(Vec<Device>, Duration)> {
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, number) in numbers.iter().cloned().enumerate() {
+        let gate = gate.clone();
+        let endpoint = endpoints[i % endpoints.len()].clone();
+        let addr = addr.to_string();
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.map_err(err)?;
+            let (creds, _) = Credentials::generate_device().map_err(err)?;
+            let n = number.to_string();
+            let step = |what: &'static str| {
+                let n = n.clone();
+                move |e: ClientError| format!("{what} {n}: {e}")
+            };
+            let client = Client::connect_via(&endpoint, &addr, &creds, Some(fp))
+                .await
+                .map_err(step("connecting"))?;
+            let registered = tokio::time::timeout(Duration::from_secs(30), async {
+                client
+                    .request_code(&number, Channel::Sms, "en")
+                    .await
+                    .map_err(step("requesting a code for"))?;
+                client
+                    .verify_code(&number, CODE)
+                    .await
+                    .map_err(step("verifying"))
+            })
+            .await
+            .map_err(|_| format!("registering {number} timed out"))?;
+            let reg = registered?;
+            client.close().await;
+            Ok::<_, String>((
+                i,
+                Device {
+                    number,
+                    creds,
+                    device_id: reg.device_id,
+                },
+            ))
+        });
+    }
+    let mut devices: Vec<Option<Device>> = (0..numbers.len()).map(|_| None).collect();
+    while let Some(done) = tasks.join_next().await {
+        let (i, d) = done.map_err(err)??;
+        devices[i] = Some(d);
+    }
+    let devices = devices.into_iter().flatten().collect();
+    Ok((devices, started.elapsed()))
+}
+
+fn endpoints(n: usize) -> Result<Vec<quinn::Endpoint>> {
+    (0..n.max(1))
+        .map(|_| client_endpoint(false).map_err(err))
+        .collect()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64
+}
+
+/// Nanoseconds since the run started, for latency stamps inside payloads.
+fn stamp(base: Instant) -> u64 {
+    base.elapsed().as_nanos() as u64
+}
+
+fn payload(base: Instant, size: usize) -> Vec<u8> {
+    let mut body = vec![0xA5u8; size.max(8)];
+    body[..8].copy_from_slice(&stamp(base).to_le_bytes());
+    body
+}
+
+fn latency_of(base: Instant, body: &[u8]) -> Option<u64> {
+    let sent = u64::from_le_bytes(*body.first_chunk::<8>()?);
+    Some(stamp(base).saturating_sub(sent))
+}
+
+/// What receivers record while a phase runs.
+#[derive(Default)]
+struct Tally {
+    measuring: AtomicBool,
+    delivered: AtomicU64,
+    latencies: Mutex<Vec<u64>>,
+}
+
+impl Tally {
+    fn record(&self, latency: Option<u64>) {
+        if !self.measuring.load(Ordering::Relaxed) {
+            return;
+        }
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        if let Some(l) = latency
+            && let Ok(mut v) = self.latencies.lock()
+        {
+            v.push(l);
+        }
+    }
+
+    /// Runs a measured phase of `duration`: returns (delivered/s, sorted latencies).
+    async fn phase(&self, duration: Duration) -> (f64, Vec<u64>) {
+        self.delivered.store(0, Ordering::Relaxed);
+        if let Ok(mut v) = self.latencies.lock() {
+            v.clear();
+        }
+        let started = Instant::now();
+        self.measuring.store(true, Ordering::Relaxed);
+        tokio::time::sleep(duration).await;
+        self.measuring.store(false, Ordering::Relaxed);
+        let elapsed = started.elapsed().as_secs_f64();
+        let rate = self.delivered.load(Ordering::Relaxed) as f64 / elapsed;
+        let mut lat = self.latencies.lock().map(|v| v.clone()).unwrap_or_default();
+        lat.sort_unstable();
+        (rate, lat)
+    }
+}
+
+/// How senders pace themselves.
+#[derive(Clone, Copy)]
+enum Pace {
+    /// `window` sends in flight per device, back to back.
+    Saturate { window: usize },
+    /// Open loop: one send every `interval` per device, at most `window` in flight.
+    Rate { interval: Duration, window: usize },
+}
+
+mod relay {
+    use super::*;
+
+    /// Results of one system (node or bare) at saturation and at half load.
+    struct Run {
+        saturated: f64,
+        half_rate: f64,
+        latencies: Vec<u64>,
+        cpu_per_message_us: f64,
+    }
+
+    pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -> Result<()> {
+        let pairs = pairs.max(1);
+        println!(
+            "relay: {pairs} pairs, window {window}, {size}-byte envelopes, {duration:?} per phase"
+        );
+        let node = node_run(pairs, window, duration, size).await?;
+        let bare = bare_run(pairs, window, duration, size).await?;
+        let p = |v: &[u64], q| percentile(v, q) / 1000.0;
+        let figures = vec![
+            Figure {
+                scenario: "relay",
+                metric: format!("delivered messages/s, {pairs} pairs, saturated"),
+                unit: "msg/s",
+                node: node.saturated,
+                limit: Some(bare.saturated),
+            },
+            Figure {
+                scenario: "relay",
+                metric: "offered load at half saturation".into(),
+                unit: "msg/s",
+                node: node.half_rate,
+                limit: Some(bare.half_rate),
+            },
+            Figure {
+                scenario: "relay",
+                metric: "latency p50 at half load".into(),
+                unit: "µs",
+                node: p(&node.latencies, 0.50),
+                limit: Some(p(&bare.latencies, 0.50)),
+            },
+            Figure {
+                scenario: "relay",
+                metric: "latency p99 at half load".into(),
+                unit: "µs",
+                node: p(&node.latencies, 0.99),
+                limit: Some(p(&bare.latencies, 0.99)),
+            },
+            Figure {
+                scenario: "relay",
+                metric: "latency p99.9 at half load".into(),
+                unit: "µs",
+                node: p(&node.latencies, 0.999),
+                limit: Some(p(&bare.latencies, 0.999)),
+            },
+            Figure {
+                scenario: "relay",
+                metric: "server CPU per delivered message".into(),
+                unit: "µs",
+                node: node.cpu_per_message_us,
+                limit: Some(bare.cpu_per_message_us),
+            },
+        ];
+        let notes = vec![
+            "limit: bare quinn relay (same streams and frames; no storage, no auth, no acks, no receipts)".to_string(),
+            "switchboard acknowledges every send only once durable (group commit), and every delivery is acknowledged and answered with a receipt".to_string(),
+        ];
+        report(&figures, &notes);
+        Ok(())
+    }
+
+    async fn node_run(pairs: usize, window: usize, duration: Duration, size: usize) -> Result<Run> {
+        let nums = numbers(2 * pairs);
+        let (server, fp) = start_node(&nums, "")?;
+        let eps = endpoints(4)?;
+        let (devices, took) = register_all(&server.addr, fp, &nums, &eps, 64).await?;
+        println!(
+            "  node: registered {} devices in {:.1}s",
+            devices.len(),
+            took.as_secs_f64()
+        );
+        let base = Instant::now();
+        let tally = Arc::new(Tally::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for (i, d) in devices.iter().enumerate() {
+            let client = Client::connect_via(&eps[i % eps.len()], &server.addr, &d.creds, Some(fp))
+                .await
+                .map_err(err)?;
+            clients.push(Arc::new(client));
+        }
+        // Receivers: every device subscribes and acknowledges everything it gets.
+        let mut receivers = tokio::task::JoinSet::new();
+        for client in &clients {
+            let mut sub = client.subscribe().await.map_err(err)?;
+            let (tally, stop) = (tally.clone(), stop.clone());
+            receivers.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(Ok(Some(push))) =
+                        tokio::time::timeout(Duration::from_millis(500), sub.next()).await
+                    else {
+                        continue;
+                    };
+                    let mut seqs = Vec::with_capacity(push.items.len());
+                    for d in &push.items {
+                        seqs.push(d.seq);
+                        if let Item::Message(m) = &d.item {
+                            tally.record(latency_of(base, &m.body));
+                        }
+                    }
+                    if !seqs.is_empty() && sub.ack(seqs).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let send_one = {
+            let devices: Arc<Vec<(String, u32)>> = Arc::new(
+                devices
+                    .iter()
+                    .map(|d| (d.number.to_string(), d.device_id))
+                    .collect(),
+            );
+            move |client: Arc<Client>, me: usize| {
+                let devices = devices.clone();
+                async move {
+                    let partner = me ^ 1;
+                    let (to, device_id) = devices[partner].clone();
+                    let outgoing = Outgoing {
+                        id: switchboard::client::e2e::new_message_id(),
+                        to,
+                        envelopes: vec![DeviceEnvelope {
+                            device_id,
+                            body: payload(base, size),
+                        }],
+                    };
+                    client.send(outgoing).await.is_ok()
+                }
+            }
+        };
+        let pid = server.pid();
+        let run = measure(&clients, &tally, &stop, window, duration, pid, send_one).await;
+        stop.store(true, Ordering::Relaxed);
+        while receivers.join_next().await.is_some() {}
+        Ok(run)
+    }
+
+    async fn bare_run(pairs: usize, window: usize, duration: Duration, size: usize) -> Result<Run> {
+        let (server, cert) = start_bare()?;
+        let eps = endpoints(4)?;
+        let base = Instant::now();
+        let tally = Arc::new(Tally::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = Vec::new();
+        let mut receivers = tokio::task::JoinSet::new();
+        for i in 0..2 * pairs {
+            let conn = bare::connect(&eps[i % eps.len()], &server.addr, &cert).await?;
+            let mut inbox = bare::subscribe(&conn, i as u32).await?;
+            let (tally, stop) = (tally.clone(), stop.clone());
+            receivers.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(Ok(Some(body))) = tokio::time::timeout(
+                        Duration::from_millis(500),
+                        switchboard::proto::frame::read::<Vec<u8>, _>(&mut inbox, 1 << 20),
+                    )
+                    .await
+                    else {
+                        continue;
+                    };
+                    tally.record(latency_of(base, &body));
+                }
+            });
+            clients.push(Arc::new(conn));
+        }
+        let send_one = move |conn: Arc<quinn::Connection>, me: usize| async move {
+            bare::send(&conn, (me ^ 1) as u32, payload(base, size))
+                .await
+                .is_ok()
+        };
+        let pid = server.pid();
+        let run = measure(&clients, &tally, &stop, window, duration, pid, send_one).await;
+        stop.store(true, Ordering::Relaxed);
+        while receivers.join_next().await.is_some() {}
+        Ok(run)
+    }
+
+    /// Saturation phase, then a half-load phase; both bounded by `duration`.
+    async fn measure<C, F, Fut>(
+        clients: &[Arc<C>],
+        tally: &Arc<Tally>,
+        stop: &Arc<AtomicBool>,
+        window: usize,
+        duration: Duration,
+        pid: u32,
+        send_one: F,
+    ) -> Run
+    where
+        C: Send + Sync + 'static,
+        F: Fn(Arc<C>, usize) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = bool> + Send + 'static,
+    {
+        // Saturation.
+        let phase_stop = Arc::new(AtomicBool::new(false));
+        let senders = spawn_senders(
+            clients,
+            &phase_stop,
+            Pace::Saturate { window },
+            send_one.clone(),
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
+        let cpu0 = cpu_seconds(pid);
+        let (saturated, _) = tally.phase(duration).await;
+        let cpu = cpu_seconds(pid) - cpu0;
+        let delivered = saturated * duration.as_secs_f64();
+        phase_stop.store(true, Ordering::Relaxed);
+        drain(senders).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // Half load, open loop.
+        let half_rate = saturated / 2.0;
+        let per_device = (half_rate / clients.len() as f64).max(0.1);
+        let interval = Duration::from_secs_f64(1.0 / per_device);
+        let phase_stop = Arc::new(AtomicBool::new(false));
+        let senders = spawn_senders(
+            clients,
+            &phase_stop,
+            Pace::Rate {
+                interval,
+                window: window * 4,
+            },
+            send_one,
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (_, latencies) = tally.phase(duration).await;
+        phase_stop.store(true, Ordering::Relaxed);
+        drain(senders).await;
+        let _ = stop;
+        Run {
+            saturated,
+            half_rate,
+            latencies,
+            cpu_per_message_us: if delivered > 0.0 {
+                cpu / delivered * 1e6
+            } else {
+                0.0
+            },
+        }
+    }
+
+    async fn drain(mut set: tokio::task::JoinSet<()>) {
+        // Bounded: senders check the stop flag between sends, each send times out.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(None) = tokio::time::timeout(Duration::from_secs(1), set.join_next()).await {
+                return;
+            }
+        }
+        set.abort_all();
+    }
+
+    fn spawn_senders<C, F, Fut>(
+        clients: &[Arc<C>],
+        stop: &Arc<AtomicBool>,
+        pace: Pace,
+        send_one: F,
+    ) -> tokio::task::JoinSet<()>
+    where
+        C: Send + Sync + 'static,
+        F: Fn(Arc<C>, usize) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = bool> + Send + 'static,
+    {
+        let mut set = tokio::task::JoinSet::new();
+        for (me, client) in clients.iter().enumerate() {
+            match pace {
+                Pace::Saturate { window } => {
+                    for _ in 0..window {
+                        let (client, stop, send_one) =
+                            (client.clone(), stop.clone(), send_one.clone());
+                        set.spawn(async move {
+                            while !stop.load(Ordering::Relaxed) {
+                                let sent = tokio::time::timeout(
+                                    Duration::from_secs(10),
+                                    send_one(client.clone(), me),
+                                )
+                                .await;
+                                if !matches!(sent, Ok(true)) {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                }
+                            }
+                        });
+                    }
+                }
+                Pace::Rate { interval, window } => {
+                    let (client, stop, send_one) = (client.clone(), stop.clone(), send_one.clone());
+                    set.spawn(async move {
+                        let gate = Arc::new(Semaphore::new(window));
+                        // Spread the devices' ticks over one interval.
+                        let offset = interval.mul_f64((me % 97) as f64 / 97.0);
+                        tokio::time::sleep(offset).await;
+                        let mut ticks = tokio::time::interval(interval);
+                        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                        while !stop.load(Ordering::Relaxed) {
+                            ticks.tick().await;
+                            let Ok(permit) = gate.clone().try_acquire_owned() else {
+                                continue;
+                            };
+                            let (client, send_one) = (client.clone(), send_one.clone());
+                            tokio::spawn(async move {
+                                let _ = tokio::time::timeout(
+                                    Duration::from_secs(10),
+                                    send_one(client, me),
+                                )
+                                .await;
+                                drop(permit);
+                            });
+                        }
+                    });
+                }
+            }
+        }
+        set
+    }
+}
+
+mod connections {
+    use super::*;
+
+    pub async fn run(devices: usize, endpoint_count: usize) -> Result<()> {
+        println!("connections: {devices} devices over {endpoint_count} endpoints");
+        let nums = numbers(devices);
+        let (server, fp) = start_node(&nums, "")?;
+        let eps = endpoints(endpoint_count)?;
+        let (registered, took) = register_all(&server.addr, fp, &nums, &eps, 128).await?;
+        let reg_rate = registered.len() as f64 / took.as_secs_f64();
+        println!(
+            "  registered {} devices in {:.1}s",
+            registered.len(),
+            took.as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pid = server.pid();
+        let base_rss = rss_bytes(pid);
+
+        // Connect every device, 256 handshakes in flight; then each proves it is
+        // authenticated with a whoami.
+        let started = Instant::now();
+        let gate = Arc::new(Semaphore::new(256));
+        let mut tasks = tokio::task::JoinSet::new();
+        let registered = Arc::new(registered);
+        for i in 0..registered.len() {
+            let (gate, registered) = (gate.clone(), registered.clone());
+            let endpoint = eps[i % eps.len()].clone();
+            let addr = server.addr.clone();
+            tasks.spawn(async move {
+                let _permit = gate.acquire_owned().await.map_err(err)?;
+                Client::connect_via(&endpoint, &addr, &registered[i].creds, Some(fp))
+                    .await
+                    .map_err(err)
+            });
+        }
+        let mut clients = Vec::with_capacity(devices);
+        let mut failed = 0usize;
+        while let Some(done) = tasks.join_next().await {
+            match done.map_err(err)? {
+                Ok(c) => clients.push(c),
+                Err(_) => failed += 1,
+            }
+        }
+        let handshake_rate = clients.len() as f64 / started.elapsed().as_secs_f64();
+        let mut authenticated = 0usize;
+        for chunk in clients.chunks(512) {
+            let answers = futures_all(chunk.iter().map(|c| c.whoami())).await;
+            authenticated += answers.iter().filter(|a| a.is_ok()).count();
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rss = rss_bytes(pid);
+        let per_conn = (rss - base_rss) / clients.len().max(1) as f64;
+        println!(
+            "  node: {} connected ({failed} failed), {authenticated} authenticated; RSS {:.0} MiB -> {:.0} MiB",
+            clients.len(),
+            base_rss / 1048576.0,
+            rss / 1048576.0
+        );
+        for c in clients.drain(..) {
+            c.connection().close(0u32.into(), b"done");
+        }
+        drop(server);
+
+        // Bare quinn: the same number of plain connections.
+        let (bare_server, cert) = start_bare()?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let bare_pid = bare_server.pid();
+        let bare_base = rss_bytes(bare_pid);
+        let started = Instant::now();
+        let gate = Arc::new(Semaphore::new(256));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..devices {
+            let gate = gate.clone();
+            let endpoint = eps[i % eps.len()].clone();
+            let (addr, cert) = (bare_server.addr.clone(), cert.clone());
+            tasks.spawn(async move {
+                let _permit = gate.acquire_owned().await.map_err(err)?;
+                bare::connect(&endpoint, &addr, &cert).await
+            });
+        }
+        let mut bare_conns = Vec::with_capacity(devices);
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(Ok(c)) = done {
+                bare_conns.push(c);
+            }
+        }
+        let bare_rate = bare_conns.len() as f64 / started.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let bare_rss = rss_bytes(bare_pid);
+        let bare_per_conn = (bare_rss - bare_base) / bare_conns.len().max(1) as f64;
+        println!("  bare: {} connected", bare_conns.len());
+
+        report(
+            &[
+                Figure {
+                    scenario: "connections",
+                    metric: format!("idle devices held ({devices} tried)"),
+                    unit: "count",
+                    node: authenticated as f64,
+                    limit: Some(bare_conns.len() as f64),
+                },
+                Figure {
+                    scenario: "connections",
+                    metric: "server memory per idle connection".into(),
+                    unit: "KiB",
+                    node: per_conn / 1024.0,
+                    limit: Some(bare_per_conn / 1024.0),
+                },
+                Figure {
+                    scenario: "connections",
+                    metric: "handshakes per second (mTLS for the node)".into(),
+                    unit: "1/s",
+                    node: handshake_rate,
+                    limit: Some(bare_rate),
+                },
+                Figure {
+                    scenario: "connections",
+                    metric: "registrations per second (setup)".into(),
+                    unit: "1/s",
+                    node: reg_rate,
+                    limit: None,
+                },
+            ],
+            &["limit: bare quinn server, default transport config, server-only TLS".into()],
+        );
+        Ok(())
+    }
+
+    async fn futures_all<F: std::future::Future>(
+        futures: impl Iterator<Item = F>,
+    ) -> Vec<F::Output> {
+        let mut out = Vec::new();
+        // Sequential polling of a bounded chunk; each future is one request.
+        let futures: Vec<F> = futures.collect();
+        let mut pinned: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+        let mut results: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for (i, f) in pinned.iter_mut().enumerate() {
+                if results[i].is_none() {
+                    match f.as_mut().poll(cx) {
+                        std::task::Poll::Ready(v) => results[i] = Some(v),
+                        std::task::Poll::Pending => pending = true,
+                    }
+                }
+            }
+            if pending {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        out.extend(results.into_iter().flatten());
+        out
+    }
+}
+
+mod backlog {
+    use super::*;
+
+    pub async fn run(envelopes: usize, size: usize) -> Result<()> {
+        println!("backlog: {envelopes} envelopes of {size} bytes for one offline device");
+        let senders = 16usize;
+        let nums = numbers(senders + 1);
+        let extra = format!(
+            "[messages]\nmax_queued_per_device = {}\n",
+            envelopes * 2 + 1000
+        );
+        let (server, fp) = start_node(&nums, &extra)?;
+        let eps = endpoints(4)?;
+        let (devices, _) = register_all(&server.addr, fp, &nums, &eps, 32).await?;
+        let (receiver, senders_devs) = devices.split_first().ok_or("no devices")?;
+        let to = receiver.number.to_string();
+        let device_id = receiver.device_id;
+
+        // Fill the queue: 16 senders with 32 sends in flight each.
+        let started = Instant::now();
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, d) in senders_devs.iter().enumerate() {
+            let client = Arc::new(
+                Client::connect_via(&eps[i % eps.len()], &server.addr, &d.creds, Some(fp))
+                    .await
+                    .map_err(err)?,
+            );
+            for _ in 0..32 {
+                let (client, next, to) = (client.clone(), next.clone(), to.clone());
+                tasks.spawn(async move {
+                    while next.fetch_add(1, Ordering::Relaxed) < envelopes as u64 {
+                        let outgoing = Outgoing {
+                            id: switchboard::client::e2e::new_message_id(),
+                            to: to.clone(),
+                            envelopes: vec![DeviceEnvelope {
+                                device_id,
+                                body: vec![0x5A; size],
+                            }],
+                        };
+                        client.send(outgoing).await.map_err(err)?;
+                    }
+                    Ok::<_, String>(())
+                });
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.map_err(err)??;
+        }
+        let fill = started.elapsed();
+        let cpu0 = cpu_seconds(server.pid());
+
+        // The receiver connects and drains.
+        let client = Client::connect_via(&eps[0], &server.addr, &receiver.creds, Some(fp))
+            .await
+            .map_err(err)?;
+        let started = Instant::now();
+        let mut sub = client.subscribe().await.map_err(err)?;
+        let queued = sub.queued;
+        let mut got = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while got < envelopes && Instant::now() < deadline {
+            let push = sub.next().await.map_err(err)?.ok_or("stream ended")?;
+            got += push.items.len();
+            sub.ack(push.items.iter().map(|d| d.seq).collect())
+                .await
+                .map_err(err)?;
+        }
+        let received = started.elapsed();
+        sub.finish().await.map_err(err)?;
+        let acked = started.elapsed();
+        let cpu = cpu_seconds(server.pid()) - cpu0;
+        println!(
+            "  queued {queued}, received {got}; filled in {:.2}s ({:.0} durable sends/s)",
+            fill.as_secs_f64(),
+            envelopes as f64 / fill.as_secs_f64()
+        );
+        report(
+            &[
+                Figure {
+                    scenario: "backlog",
+                    metric: format!("time to receive {envelopes} queued envelopes"),
+                    unit: "ms",
+                    node: received.as_secs_f64() * 1000.0,
+                    limit: None,
+                },
+                Figure {
+                    scenario: "backlog",
+                    metric: "time until all are acknowledged and durable".into(),
+                    unit: "ms",
+                    node: acked.as_secs_f64() * 1000.0,
+                    limit: None,
+                },
+                Figure {
+                    scenario: "backlog",
+                    metric: "node CPU for the drain".into(),
+                    unit: "ms",
+                    node: cpu * 1000.0,
+                    limit: None,
+                },
+                Figure {
+                    scenario: "backlog",
+                    metric: "filling: durable sends per second (16x32 in flight)".into(),
+                    unit: "msg/s",
+                    node: envelopes as f64 / fill.as_secs_f64(),
+                    limit: None,
+                },
+            ],
+            &[],
+        );
+        Ok(())
+    }
+}
+
+mod storage {
+    use switchboard::store::{DeviceRef, Judgement, NewDevice, Store};
+
+    use super::*;
+
+    const BATCH: usize = 1000;
+    const RECIPIENTS: u64 = 1000;
+
+    fn dir_bytes(path: &Path) -> u64 {
+        let mut total = 0;
+        let mut stack = vec![path.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                match e.metadata() {
+                    Ok(m) if m.is_dir() => stack.push(p),
+                    Ok(m) => total += m.len(),
+                    Err(_) => {}
+                }
+            }
+        }
+        total
+    }
+
+    pub fn run(envelopes: usize, accounts: usize, size: usize) -> Result<()> {
+        println!("storage: {envelopes} envelopes of {size} bytes, {accounts} accounts");
+        let tmp = tempfile::tempdir().map_err(err)?;
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(&data).map_err(err)?;
+        let db_path = data.join("db");
+        let store = Store::open(&db_path).map_err(err)?;
+
+        // Accounts, through the registration transaction.
+        let started = Instant::now();
+        let nums = numbers(accounts.max(RECIPIENTS as usize + 1));
+        for (i, n) in nums.iter().enumerate() {
+            let code = switchboard::store::records::CodeRecord {
+                hash: [0; 32],
+                sent_at_ms: 0,
+                expires_at_ms: u64::MAX,
+                tries_left: 5,
+            };
+            store
+                .replace_code::<()>(n.as_str(), |_| Ok(code.clone()))
+                .map_err(err)?
+                .map_err(|_| "code")?;
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            store
+                .verify_and_register::<()>(
+                    n.as_str(),
+                    &NewDevice {
+                        key_id: key,
+                        public_key: vec![0; 44],
+                    },
+                    0,
+                    |_| Judgement::Accept,
+                )
+                .map_err(err)?;
+        }
+        store.flush_blocking().map_err(err)?;
+        let accounts_took = started.elapsed();
+        let after_accounts = dir_bytes(&db_path);
+
+        let sender = DeviceRef {
+            account_id: 1,
+            device_id: 1,
+        };
+        let recipient = |i: usize| DeviceRef {
+            account_id: 2 + (i as u64 % RECIPIENTS),
+            device_id: 1,
+        };
+        let body = vec![0x3Cu8; size];
+        let append = |round: u64| -> Result<(Duration, u64)> {
+            let started = Instant::now();
+            let mut live = 0u64;
+            for chunk in 0..envelopes.div_ceil(BATCH) {
+                for i in chunk * BATCH..((chunk + 1) * BATCH).min(envelopes) {
+                    let mut id = [0u8; 16];
+                    id[..8].copy_from_slice(&round.to_be_bytes());
+                    id[8..].copy_from_slice(&(i as u64).to_be_bytes());
+                    store
+                        .append(
+                            sender,
+                            "+14152000000",
+                            id,
+                            vec![(recipient(i), body.clone())],
+                            1,
+                            u64::MAX,
+                        )
+                        .map_err(err)?;
+                    // key 20 + value: time 8 + item (tag, ids, number, id, body)
+                    live += 20 + 8 + 1 + 1 + 1 + 13 + 16 + 3 + size as u64;
+                }
+                store.flush_blocking().map_err(err)?; // the group commit
+            }
+            Ok((started.elapsed(), live))
+        };
+        let ack_all = || -> Result<Duration> {
+            let started = Instant::now();
+            for r in 0..RECIPIENTS {
+                let device = DeviceRef {
+                    account_id: 2 + r,
+                    device_id: 1,
+                };
+                loop {
+                    let page = store.queue_page(device, None, 256).map_err(err)?;
+                    if page.is_empty() {
+                        break;
+                    }
+                    let seqs: Vec<u64> = page.iter().map(|q| q.seq).collect();
+                    store.ack(device, "+14152000001", &seqs, 2).map_err(err)?;
+                }
+                // Receipts pile up in the sender's queue; it acknowledges them too.
+                loop {
+                    let page = store.queue_page(sender, None, 256).map_err(err)?;
+                    if page.is_empty() {
+                        break;
+                    }
+                    let seqs: Vec<u64> = page.iter().map(|q| q.seq).collect();
+                    store.ack(sender, "+14152000000", &seqs, 2).map_err(err)?;
+                }
+            }
+            store.flush_blocking().map_err(err)?;
+            Ok(started.elapsed())
+        };
+
+        let (append1, live) = append(1)?;
+        let with_live = dir_bytes(&db_path);
+        let queued_bytes = with_live.saturating_sub(after_accounts);
+        let ack1 = ack_all()?;
+        let after_ack = dir_bytes(&db_path);
+        let (append2, _) = append(2)?;
+        let ack2 = ack_all()?;
+        let after_second = dir_bytes(&db_path);
+        // Leave 1M live envelopes for the open test.
+        let (_, _) = append(3)?;
+        let with_live_again = dir_bytes(&db_path);
+        drop(store);
+
+        // Open time and RSS: the real node starting on that data dir.
+        let started = Instant::now();
+        let mut command = Command::new(BIN);
+        command
+            .arg("serve")
+            .arg("--data")
+            .arg(&data)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env("RUST_LOG", "warn");
+        let node = Server::spawn(command, None, 1)?;
+        let open_took = started.elapsed();
+        std::thread::sleep(Duration::from_millis(500));
+        let open_rss = rss_bytes(node.pid());
+        drop(node);
+
+        // Raw sled with the same keys, value sizes and group commit.
+        let raw_dir = tmp.path().join("raw");
+        let db = sled::open(&raw_dir).map_err(err)?;
+        let tree = db.open_tree("queue").map_err(err)?;
+        let value = vec![0x3Cu8; (live / envelopes.max(1) as u64) as usize - 20];
+        let started = Instant::now();
+        for chunk in 0..envelopes.div_ceil(BATCH) {
+            for i in chunk * BATCH..((chunk + 1) * BATCH).min(envelopes) {
+                let mut key = [0u8; 20];
+                key[..8].copy_from_slice(&(2 + (i as u64 % RECIPIENTS)).to_be_bytes());
+                key[8..12].copy_from_slice(&1u32.to_be_bytes());
+                key[12..].copy_from_slice(&db.generate_id().map_err(err)?.to_be_bytes());
+                tree.insert(key, value.as_slice()).map_err(err)?;
+            }
+            db.flush().map_err(err)?;
+        }
+        let raw_append = started.elapsed();
+        let raw_bytes = dir_bytes(&raw_dir);
+        drop(tree);
+        drop(db);
+
+        let per_sec = |d: Duration| envelopes as f64 / d.as_secs_f64();
+        let mib = |b: u64| b as f64 / 1048576.0;
+        report(
+            &[
+                Figure {
+                    scenario: "storage",
+                    metric: "appends per second (group commit every 1000)".into(),
+                    unit: "1/s",
+                    node: per_sec(append1),
+                    limit: Some(per_sec(raw_append)),
+                },
+                Figure {
+                    scenario: "storage",
+                    metric: "acknowledgements per second (256 a batch)".into(),
+                    unit: "1/s",
+                    node: per_sec(ack1),
+                    limit: None,
+                },
+                Figure {
+                    scenario: "storage",
+                    metric: "queue bytes on disk per live envelope".into(),
+                    unit: "B",
+                    node: queued_bytes as f64 / envelopes.max(1) as f64,
+                    limit: Some(raw_bytes as f64 / envelopes.max(1) as f64),
+                },
+                Figure {
+                    scenario: "storage",
+                    metric: "data dir / live bytes (queue part)".into(),
+                    unit: "x",
+                    node: queued_bytes as f64 / live.max(1) as f64,
+                    limit: Some(raw_bytes as f64 / live.max(1) as f64),
+                },
+                Figure {
+                    scenario: "storage",
+                    metric: "data dir after all acknowledged".into(),
+                    unit: "MiB",
+                    node: mib(after_ack),
+                    limit: None,
+                },
+                Figure {
+                    scenario: "storage",
+                    metric: "data dir after a second volume, acknowledged".into(),
+                    unit: "MiB",
+                    node: mib(after_second),
+                    limit: Some(mib(after_ack)),
+                },
+                Figure {
+                    scenario: "storage",
+                    metric: format!("open: node start with {accounts} accounts + {envelopes} queued"),
+                    unit: "ms",
+                    node: open_took.as_secs_f64() * 1000.0,
+                    limit: None,
+                },
+                Figure {
+                    scenario: "storage",
+                    metric: "node RSS after opening".into(),
+                    unit: "MiB",
+                    node: open_rss / 1048576.0,
+                    limit: None,
+                },
+            ],
+            &[
+                format!(
+                    "accounts: {accounts} registered in {:.1}s ({:.0} MiB on disk)",
+                    accounts_took.as_secs_f64(),
+                    mib(after_accounts)
+                ),
+                format!(
+                    "data dir with accounts and {envelopes} live envelopes: {:.0} MiB; second round append {:.1}s, ack {:.1}s; third fill {:.0} MiB",
+                    mib(with_live),
+                    append2.as_secs_f64(),
+                    ack2.as_secs_f64(),
+                    mib(with_live_again)
+                ),
+                "live bytes: key + value of each queue entry; limit: raw sled, same key and value sizes, same flush cadence".into(),
+            ],
+        );
+        Ok(())
+    }
+}
+
+/// The bare limit: a minimal quinn relay. A client opens one stream and writes its id
+/// (the inbox); each message is a stream carrying `[to: u32][payload]`, answered with
+/// one byte after it was handed to the recipient's inbox. No storage, no client
+/// authentication, no acknowledgements.
+mod bare {
+    use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+    use switchboard::proto::frame;
+
+    use super::*;
+
+    const ALPN: &[u8] = b"bare";
+
+    type Inboxes = Arc<Mutex<HashMap<u32, tokio::sync::mpsc::Sender<Vec<u8>>>>>;
+
+    pub async fn serve() -> Result<()> {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).map_err(err)?;
+        let cert_der = cert.cert.der().to_vec();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(err)?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert_der.clone().into()], key)
+            .map_err(err)?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicServerConfig::try_from(tls).map_err(err)?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(1024u32.into());
+        transport.max_idle_timeout(Some(Duration::from_secs(120).try_into().map_err(err)?));
+        config.transport_config(Arc::new(transport));
+        let endpoint =
+            quinn::Endpoint::server(config, "127.0.0.1:0".parse().map_err(err)?).map_err(err)?;
+        println!("listening on {}", endpoint.local_addr().map_err(err)?);
+        println!("cert {}", hex::encode(&cert_der));
+        let inboxes: Inboxes = Arc::default();
+        while let Some(incoming) = endpoint.accept().await {
+            let inboxes = inboxes.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    tokio::spawn(stream(send, recv, inboxes.clone()));
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, inboxes: Inboxes) {
+        let Ok(Some(first)) = frame::read::<Vec<u8>, _>(&mut recv, 1 << 20).await else {
+            return;
+        };
+        let Some((head, body)) = first.split_first_chunk::<4>() else {
+            return;
+        };
+        let id = u32::from_be_bytes(*head);
+        if body.is_empty() {
+            // An inbox: forward everything sent to `id`.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
+            if let Ok(mut map) = inboxes.lock() {
+                map.insert(id, tx);
+            }
+            while let Some(msg) = rx.recv().await {
+                if frame::write(&mut send, &msg).await.is_err() {
+                    return;
+                }
+            }
+        } else {
+            let tx = inboxes.lock().ok().and_then(|m| m.get(&id).cloned());
+            if let Some(tx) = tx {
+                let _ = tx.send(body.to_vec()).await;
+            }
+            let _ = frame::write(&mut send, &vec![1u8]).await;
+            let _ = send.finish();
+        }
+    }
+
+    pub async fn connect(
+        endpoint: &quinn::Endpoint,
+        addr: &str,
+        cert: &[u8],
+    ) -> Result<quinn::Connection> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.to_vec().into()).map_err(err)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(err)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(tls).map_err(err)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(15)));
+        config.transport_config(Arc::new(transport));
+        let addr: std::net::SocketAddr = addr.parse().map_err(err)?;
+        endpoint
+            .connect_with(config, addr, "localhost")
+            .map_err(err)?
+            .await
+            .map_err(err)
+    }
+
+    /// Opens the inbox of `id`; read frames of `Vec<u8>` from it.
+    pub async fn subscribe(conn: &quinn::Connection, id: u32) -> Result<quinn::RecvStream> {
+        let (mut send, recv) = conn.open_bi().await.map_err(err)?;
+        frame::write(&mut send, &id.to_be_bytes().to_vec())
+            .await
+            .map_err(err)?;
+        Ok(recv)
+    }
+
+    pub async fn send(conn: &quinn::Connection, to: u32, body: Vec<u8>) -> Result<()> {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(err)?;
+        let mut msg = to.to_be_bytes().to_vec();
+        msg.extend_from_slice(&body);
+        frame::write(&mut send, &msg).await.map_err(err)?;
+        send.finish().map_err(err)?;
+        frame::read::<Vec<u8>, _>(&mut recv, 1024)
+            .await
+            .map_err(err)?
+            .ok_or("no reply")?;
+        Ok(())
+    }
+}
