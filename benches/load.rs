@@ -274,7 +274,7 @@ fn start_node(numbers: &[Number], extra: &str) -> Result<(Server, Fingerprint)> 
     let dir = tempfile::tempdir().map_err(err)?;
     let mut config = String::from(
         "[limits]\nmax_connections = 1000000\nmax_connections_per_address = 1000000\n\
-         max_streams_per_connection = 1024\nidle_timeout_ms = 120000\n",
+         idle_timeout_ms = 120000\n",
     );
     config.push_str("[verification]\nresend_cooldown_secs = 0\n");
     config.push_str(extra);
@@ -1356,7 +1356,6 @@ mod bare {
         let crypto = QuicServerConfig::try_from(tls).map_err(err)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
-        transport.max_concurrent_bidi_streams(1024u32.into());
         transport.max_idle_timeout(Some(Duration::from_secs(120).try_into().map_err(err)?));
         config.transport_config(Arc::new(transport));
         let endpoint =

@@ -117,7 +117,7 @@ impl Default for Config {
             limits: Limits {
                 max_connections: 10_000,
                 max_connections_per_address: 256,
-                max_streams_per_connection: 128,
+                max_streams_per_connection: 32,
                 max_frame_bytes: 256 * 1024,
                 handshake_timeout: Duration::from_secs(10),
                 idle_timeout: Duration::from_secs(60),

@@ -41,7 +41,15 @@ pub fn server_config(
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(limits.idle_timeout)
                 .map_err(|e| TlsError::Quic(e.to_string()))?,
-        ));
+        ))
+        // Windows sized to the protocol, not to bulk transfer: a request is one frame
+        // of at most max_frame_bytes, so a stream never needs more credit than that,
+        // and most connections sit idle. Quinn's defaults (1.25 MB per stream, 10 MB to
+        // send) cost memory on every connection.
+        .stream_receive_window(limits.max_frame_bytes.into())
+        .receive_window((limits.max_frame_bytes * 4).into())
+        .send_window(u64::from(limits.max_frame_bytes) * 4)
+        .datagram_receive_buffer_size(None);
     server.transport_config(Arc::new(transport));
     Ok(server)
 }
