@@ -69,18 +69,12 @@ pub(crate) fn internal(e: StoreError) -> NodeError {
     )
 }
 
-/// Runs a store operation on a blocking thread, so sled never blocks an async worker.
+/// Runs a store operation on the store thread, so sled never blocks an async worker.
 pub(crate) async fn blocking<T: Send + 'static>(
     shared: &Arc<Shared>,
     op: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, NodeError> {
-    let store = shared.store.clone();
-    match tokio::task::spawn_blocking(move || op(&store)).await {
-        Ok(result) => result.map_err(internal),
-        Err(e) => Err(internal(StoreError::Corrupt(format!(
-            "storage task failed: {e}"
-        )))),
-    }
+    shared.worker.run(op).await.map_err(internal)
 }
 
 fn refusal(r: Refusal) -> NodeError {

@@ -12,6 +12,7 @@ mod delivery;
 mod handlers;
 mod limits;
 mod mailbox;
+mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -58,6 +59,7 @@ pub(crate) struct Shared {
     pub admission: limits::Admission,
     pub commit: commit::GroupCommit,
     pub mailboxes: mailbox::Mailboxes,
+    pub worker: worker::StoreWorker,
 }
 
 /// A bound node, ready to [`run`](Node::run).
@@ -113,6 +115,12 @@ impl Node {
             provider,
             commit: commit::GroupCommit::start(store.clone()),
             mailboxes: mailbox::Mailboxes::default(),
+            worker: worker::StoreWorker::start(store.clone()).map_err(|source| {
+                ServeError::DataDir {
+                    path: data_dir.join("db"),
+                    source,
+                }
+            })?,
             store,
             config,
         });

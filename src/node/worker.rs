@@ -1,0 +1,55 @@
+//! The store thread: one OS thread that runs every store operation of the request path.
+//!
+//! Handlers must not block async workers on sled, and `spawn_blocking` per operation
+//! proved costly under load (a thread handoff per call, new threads spawned whenever
+//! none is idle: it dominated the relay profile). One long-lived thread fed by a
+//! channel does the same job: under load it runs operations back to back without
+//! sleeping, so the handoff costs next to nothing. Writes to queues are serialised by
+//! the store anyway. Long maintenance (the TTL sweep) stays off this thread.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
+
+use crate::store::{Store, StoreError};
+
+type Job = Box<dyn FnOnce(&Store) + Send>;
+
+/// A handle to the store thread; it ends when every handle is dropped.
+pub struct StoreWorker {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl StoreWorker {
+    pub fn start(store: Store) -> std::io::Result<StoreWorker> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || {
+                while let Ok(job) = queue.recv() {
+                    // A panicking operation fails its own request (its reply channel
+                    // is dropped), never the thread.
+                    if std::panic::catch_unwind(AssertUnwindSafe(|| job(&store))).is_err() {
+                        tracing::error!("a store operation panicked");
+                    }
+                }
+            })?;
+        Ok(StoreWorker { jobs })
+    }
+
+    /// Runs `op` on the store thread and waits for it without blocking.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |store| {
+                let _ = tx.send(op(store));
+            }))
+            .map_err(|_| StoreError::Corrupt("the store thread has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Corrupt("a store operation failed inside".into()))?
+    }
+}
