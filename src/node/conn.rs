@@ -25,6 +25,9 @@ pub struct Session {
     /// The device's SubjectPublicKeyInfo, stored when the device registers.
     pub public_key: Vec<u8>,
     pub remote: SocketAddr,
+    /// The registered device behind the key, as last looked up, with the directory
+    /// epoch it was read in (see `Shared::directory_epoch`).
+    pub identity: std::sync::Mutex<Option<(u64, crate::store::DeviceIdentity)>>,
 }
 
 /// The quinn server configuration: TLS plus the transport limits from config.
@@ -93,6 +96,7 @@ pub async fn serve(
             key_id,
             public_key,
             remote,
+            identity: std::sync::Mutex::new(None),
         });
         tracing::debug!(device_key = %hex::encode(&key_id[..8]), "connected");
         loop {

@@ -1,6 +1,7 @@
 //! Request handlers: one function per request kind, no quinn types.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::Shared;
@@ -181,12 +182,17 @@ async fn verify_code(
         public_key: session.public_key.clone(),
     };
     let (shared2, number2, code2) = (shared.clone(), number.clone(), code.to_string());
+    // Invalidate directory caches before the change and again after it, so that no
+    // cache filled in between outlives it.
+    shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
     let outcome = blocking(shared, move |store| {
         store.verify_and_register(number2.as_str(), &device, now, |record| {
             shared2.codes.judge(&number2, &code2, record, now)
         })
     })
-    .await?;
+    .await;
+    shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
+    let outcome = outcome?;
     match outcome {
         VerifyOutcome::NoCode => Err(NodeError::new(
             ErrorKind::NoCodePending,
@@ -234,10 +240,19 @@ pub(crate) async fn authenticated(
     shared: &Arc<Shared>,
     session: &Session,
 ) -> Result<DeviceIdentity, NodeError> {
+    let epoch = shared.directory_epoch.load(Ordering::Acquire);
+    if let Ok(cached) = session.identity.lock()
+        && let Some((at, identity)) = cached.as_ref()
+        && *at == epoch
+    {
+        return Ok(identity.clone());
+    }
     let key_id = session.key_id;
-    blocking(shared, move |store| store.device_by_key(&key_id))
-        .await?
-        .ok_or_else(|| {
+    let found = blocking(shared, move |store| store.device_by_key(&key_id)).await?;
+    if let (Some(identity), Ok(mut cached)) = (&found, session.identity.lock()) {
+        *cached = Some((epoch, identity.clone()));
+    }
+    found.ok_or_else(|| {
             NodeError::new(
                 ErrorKind::Unauthenticated,
                 "this device is not registered on this node (never registered, or its number was registered on another device since)",
@@ -404,13 +419,47 @@ async fn fetch_bundles(
     }))
 }
 
+/// The account of `number` (as sent on the wire) and its device ids (sorted), from
+/// the directory cache when it is current. Only registered numbers, which were valid
+/// E.164 when they registered, are ever cached, so a hit needs no parsing; a miss is
+/// validated (`InvalidNumber`) before the store is asked.
+async fn recipient(
+    shared: &Arc<Shared>,
+    number: &str,
+) -> Result<Option<(u64, Vec<u32>)>, NodeError> {
+    const MAX_CACHED: usize = 100_000;
+    let epoch = shared.directory_epoch.load(Ordering::Acquire);
+    if let Ok(cache) = shared.directory.lock()
+        && cache.0 == epoch
+        && let Some(hit) = cache.1.get(number)
+    {
+        return Ok(Some(hit.clone()));
+    }
+    let n = parse_number(number)?;
+    let found = blocking(shared, move |store| store.account_by_number(n.as_str())).await?;
+    let Some((account_id, account)) = found else {
+        return Ok(None);
+    };
+    let mut devices: Vec<u32> = account.devices.iter().map(|d| d.device_id).collect();
+    devices.sort_unstable();
+    if let Ok(mut cache) = shared.directory.lock() {
+        if cache.0 != epoch || cache.1.len() >= MAX_CACHED {
+            *cache = (epoch, std::collections::HashMap::new());
+        }
+        cache
+            .1
+            .insert(number.to_string(), (account_id, devices.clone()));
+    }
+    Ok(Some((account_id, devices)))
+}
+
 async fn send(
     shared: &Arc<Shared>,
     session: &Session,
     outgoing: Outgoing,
 ) -> Result<Response, NodeError> {
     let me = authenticated(shared, session).await?;
-    let to = parse_number(&outgoing.to)?;
+    let to = outgoing.to.as_str();
     let limits = &shared.config.messages;
     let max = limits.max_envelope_bytes;
     if outgoing
@@ -423,14 +472,9 @@ async fn send(
             format!("a message may be at most {max} bytes once encrypted"),
         ));
     }
-    let to2 = to.clone();
-    let Some((account_id, account)) =
-        blocking(shared, move |store| store.account_by_number(to2.as_str())).await?
-    else {
-        return Err(unknown_recipient(&to));
+    let Some((account_id, devices)) = recipient(shared, to).await? else {
+        return Err(unknown_recipient(&parse_number(to)?));
     };
-    let mut devices: Vec<u32> = account.devices.iter().map(|d| d.device_id).collect();
-    devices.sort_unstable();
     let mut given: Vec<u32> = outgoing.envelopes.iter().map(|e| e.device_id).collect();
     given.sort_unstable();
     if given != devices {

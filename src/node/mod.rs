@@ -60,6 +60,11 @@ pub(crate) struct Shared {
     pub commit: commit::GroupCommit,
     pub mailboxes: mailbox::Mailboxes,
     pub worker: worker::StoreWorker,
+    /// Bumped before and after every registration: caches of who is registered (a
+    /// session's identity, the recipient directory) are valid only within one epoch.
+    pub directory_epoch: std::sync::atomic::AtomicU64,
+    /// Recipient number → (account id, device ids), for the current epoch.
+    pub directory: std::sync::Mutex<(u64, std::collections::HashMap<String, (u64, Vec<u32>)>)>,
 }
 
 /// A bound node, ready to [`run`](Node::run).
@@ -121,6 +126,8 @@ impl Node {
                     source,
                 }
             })?,
+            directory_epoch: std::sync::atomic::AtomicU64::new(0),
+            directory: std::sync::Mutex::new((0, std::collections::HashMap::new())),
             store,
             config,
         });
