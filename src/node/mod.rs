@@ -50,6 +50,9 @@ pub enum ServeError {
     },
 }
 
+/// Registered number → (account id, sorted device ids).
+pub(crate) type Directory = std::collections::HashMap<String, (u64, Vec<u32>)>;
+
 /// What every connection and request shares.
 pub(crate) struct Shared {
     pub config: Config,
@@ -64,7 +67,7 @@ pub(crate) struct Shared {
     /// session's identity, the recipient directory) are valid only within one epoch.
     pub directory_epoch: std::sync::atomic::AtomicU64,
     /// Recipient number → (account id, device ids), for the current epoch.
-    pub directory: std::sync::Mutex<(u64, std::collections::HashMap<String, (u64, Vec<u32>)>)>,
+    pub directory: std::sync::Mutex<(u64, Directory)>,
 }
 
 /// A bound node, ready to [`run`](Node::run).
