@@ -1,0 +1,113 @@
+//! Micro-benchmarks (divan): the frame codec and the store's append and ack, each
+//! beside its bare counterpart (bincode alone, raw sled insert and remove).
+//!
+//! `cargo bench --bench micro`
+
+use std::hint::black_box;
+
+use switchboard::proto::{DeviceEnvelope, Outgoing, Request, frame};
+use switchboard::store::records::CodeRecord;
+use switchboard::store::{DeviceRef, Judgement, NewDevice, Store, VerifyOutcome};
+
+fn main() {
+    divan::main();
+}
+
+fn send_request() -> Request {
+    Request::Send(Outgoing {
+        id: [7; 16],
+        to: "+14155550101".into(),
+        envelopes: vec![DeviceEnvelope {
+            device_id: 1,
+            body: vec![0xA5; 256],
+        }],
+    })
+}
+
+#[divan::bench]
+fn frame_encode_send() -> Vec<u8> {
+    frame::encode(black_box(&send_request())).unwrap_or_default()
+}
+
+#[divan::bench]
+fn frame_decode_send(bencher: divan::Bencher) {
+    let bytes = frame::encode(&send_request()).unwrap_or_default();
+    bencher.bench(|| frame::decode::<Request>(black_box(&bytes), 1 << 20).is_ok());
+}
+
+/// The limit for the codec: plain bincode of the same value, no limit, no prefix.
+#[divan::bench]
+fn bare_bincode_decode_send(bencher: divan::Bencher) {
+    let bytes =
+        bincode::encode_to_vec(send_request(), bincode::config::standard()).unwrap_or_default();
+    bencher.bench(|| {
+        bincode::decode_from_slice::<Request, _>(black_box(&bytes), bincode::config::standard())
+            .is_ok()
+    });
+}
+
+fn register(store: &Store, number: &str, key: u8) -> DeviceRef {
+    let code = CodeRecord {
+        hash: [0; 32],
+        sent_at_ms: 0,
+        expires_at_ms: u64::MAX,
+        tries_left: 5,
+    };
+    let _ = store.replace_code::<()>(number, |_| Ok(code.clone()));
+    let device = NewDevice {
+        key_id: [key; 32],
+        public_key: vec![key; 44],
+    };
+    match store.verify_and_register::<()>(number, &device, 0, |_| Judgement::Accept) {
+        Ok(VerifyOutcome::Registered { device, .. }) => device,
+        other => panic!("registration for the benchmark failed: {other:?}"),
+    }
+}
+
+/// One message through a queue: append, read the page, acknowledge (with its receipt,
+/// which the sender then acknowledges). No flush: that is the group commit's cost.
+#[divan::bench(sample_count = 200, sample_size = 50)]
+fn store_append_then_ack(bencher: divan::Bencher) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("store");
+    let alice = register(&store, "+14155550100", 1);
+    let bob = register(&store, "+14155550101", 2);
+    let mut n = 0u64;
+    bencher.bench_local(|| {
+        n += 1;
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&n.to_be_bytes());
+        let _ = store.append(
+            alice,
+            "+14155550100",
+            id,
+            vec![(bob, vec![0xA5; 256])],
+            n,
+            u64::MAX,
+        );
+        let page = store.queue_page(bob, None, 16).unwrap_or_default();
+        let seqs: Vec<u64> = page.iter().map(|q| q.seq).collect();
+        let _ = store.ack(bob, "+14155550101", &seqs, n);
+        let receipts = store.queue_page(alice, None, 16).unwrap_or_default();
+        let seqs: Vec<u64> = receipts.iter().map(|q| q.seq).collect();
+        let _ = store.ack(alice, "+14155550100", &seqs, n);
+    });
+}
+
+/// The limit: raw sled doing the same writes (two inserts, two removes, same sizes).
+#[divan::bench(sample_count = 200, sample_size = 50)]
+fn bare_sled_insert_then_remove(bencher: divan::Bencher) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = sled::open(dir.path()).expect("sled");
+    let tree = db.open_tree("queue").expect("tree");
+    let value = vec![0xA5u8; 300];
+    let receipt = vec![0x5Au8; 40];
+    bencher.bench_local(|| {
+        let a = db.generate_id().unwrap_or(0).to_be_bytes();
+        let b = db.generate_id().unwrap_or(0).to_be_bytes();
+        let _ = tree.insert(a, value.as_slice());
+        let _ = tree.insert(b, receipt.as_slice());
+        let _ = tree.remove(a);
+        let _ = tree.remove(b);
+    });
+}
