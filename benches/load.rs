@@ -355,9 +355,19 @@ async fn register_all(
                 let n = n.clone();
                 move |e: ClientError| format!("{what} {n}: {e}")
             };
-            let client = Client::connect_via(&endpoint, &addr, &creds, Some(fp))
-                .await
-                .map_err(step("connecting"))?;
+            // A handshake can be lost when thousands are in flight on a 2-core box;
+            // retry a bounded number of times before giving up on the run.
+            let mut attempt = 0;
+            let client = loop {
+                match Client::connect_via(&endpoint, &addr, &creds, Some(fp)).await {
+                    Ok(c) => break c,
+                    Err(e) if attempt >= 3 => return Err(step("connecting")(e)),
+                    Err(_) => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                    }
+                }
+            };
             let registered = tokio::time::timeout(Duration::from_secs(30), async {
                 client
                     .request_code(&number, Channel::Sms, "en")

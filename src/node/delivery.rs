@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::conn::Session;
-use super::handlers::{self, blocking, now_ms};
+use super::handlers::{self, blocking, now_ms, read};
 use crate::proto::{
     Ack, Delivery, FrameError, Incoming, Item, MAX_ACKS_PER_FRAME, Push, Receipt, Reply, Response,
     codes, frame,
@@ -89,7 +89,7 @@ pub async fn serve(
 
         let keys_changed = std::mem::take(&mut first) | mailbox.take_keys_claimed();
         let mut keys_left = if keys_changed {
-            match blocking(&shared, move |store| {
+            match read(&shared, move |store| {
                 store.count_one_time_keys(device, low.max(1))
             })
             .await
@@ -103,15 +103,14 @@ pub async fn serve(
         };
         loop {
             let after = cursor;
-            let page = match blocking(&shared, move |store| store.queue_page(device, after, batch))
-                .await
-            {
-                Ok(page) => page,
-                Err(_) => {
-                    let _ = send.reset(codes::SHUTDOWN.into());
-                    return;
-                }
-            };
+            let page =
+                match read(&shared, move |store| store.queue_page(device, after, batch)).await {
+                    Ok(page) => page,
+                    Err(_) => {
+                        let _ = send.reset(codes::SHUTDOWN.into());
+                        return;
+                    }
+                };
             let full = page.len() == batch;
             let backlog_end = !backlog_sent && !full;
             if page.is_empty() && !backlog_end && keys_left.is_none() {

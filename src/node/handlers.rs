@@ -78,6 +78,14 @@ pub(crate) async fn blocking<T: Send + 'static>(
     shared.worker.run(op).await.map_err(internal)
 }
 
+/// Runs a read-only store operation on the reader thread, beside the writes.
+pub(crate) async fn read<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    op: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, NodeError> {
+    shared.reader.run(op).await.map_err(internal)
+}
+
 fn refusal(r: Refusal) -> NodeError {
     match r {
         Refusal::Cooldown { retry_after } => NodeError::new(
@@ -248,7 +256,7 @@ pub(crate) async fn authenticated(
         return Ok(identity.clone());
     }
     let key_id = session.key_id;
-    let found = blocking(shared, move |store| store.device_by_key(&key_id)).await?;
+    let found = read(shared, move |store| store.device_by_key(&key_id)).await?;
     if let (Some(identity), Ok(mut cached)) = (&found, session.identity.lock()) {
         *cached = Some((epoch, identity.clone()));
     }
@@ -436,7 +444,7 @@ async fn recipient(
         return Ok(Some(hit.clone()));
     }
     let n = parse_number(number)?;
-    let found = blocking(shared, move |store| store.account_by_number(n.as_str())).await?;
+    let found = read(shared, move |store| store.account_by_number(n.as_str())).await?;
     let Some((account_id, account)) = found else {
         return Ok(None);
     };

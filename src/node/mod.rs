@@ -63,6 +63,9 @@ pub(crate) struct Shared {
     pub commit: commit::GroupCommit,
     pub mailboxes: mailbox::Mailboxes,
     pub worker: worker::StoreWorker,
+    /// A second store thread for reads (delivery pages, lookups), so that a drain of
+    /// a large backlog does not queue behind its own acknowledgements.
+    pub reader: worker::StoreWorker,
     /// Bumped before and after every registration: caches of who is registered (a
     /// session's identity, the recipient directory) are valid only within one epoch.
     pub directory_epoch: std::sync::atomic::AtomicU64,
@@ -123,7 +126,13 @@ impl Node {
             provider,
             commit: commit::GroupCommit::start(store.clone()),
             mailboxes: mailbox::Mailboxes::default(),
-            worker: worker::StoreWorker::start(store.clone()).map_err(|source| {
+            worker: worker::StoreWorker::start(store.clone(), "store").map_err(|source| {
+                ServeError::DataDir {
+                    path: data_dir.join("db"),
+                    source,
+                }
+            })?,
+            reader: worker::StoreWorker::start(store.clone(), "store-read").map_err(|source| {
                 ServeError::DataDir {
                     path: data_dir.join("db"),
                     source,

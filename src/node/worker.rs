@@ -5,7 +5,8 @@
 //! none is idle: it dominated the relay profile). One long-lived thread fed by a
 //! channel does the same job: under load it runs operations back to back without
 //! sleeping, so the handoff costs next to nothing. Writes to queues are serialised by
-//! the store anyway. Long maintenance (the TTL sweep) stays off this thread.
+//! the store anyway. Long maintenance (the TTL sweep) stays off this thread. The node
+//! runs two: one for writes and one for reads.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
@@ -22,10 +23,10 @@ pub struct StoreWorker {
 }
 
 impl StoreWorker {
-    pub fn start(store: Store) -> std::io::Result<StoreWorker> {
+    pub fn start(store: Store, name: &str) -> std::io::Result<StoreWorker> {
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
-            .name("store".into())
+            .name(name.into())
             .spawn(move || {
                 while let Ok(job) = queue.recv() {
                     // A panicking operation fails its own request (its reply channel
