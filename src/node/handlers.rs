@@ -256,7 +256,7 @@ pub(crate) async fn authenticated(
         return Ok(identity.clone());
     }
     let key_id = session.key_id;
-    let found = read(shared, move |store| store.device_by_key(&key_id)).await?;
+    let found = blocking(shared, move |store| store.device_by_key(&key_id)).await?;
     if let (Some(identity), Ok(mut cached)) = (&found, session.identity.lock()) {
         *cached = Some((epoch, identity.clone()));
     }
@@ -444,7 +444,7 @@ async fn recipient(
         return Ok(Some(hit.clone()));
     }
     let n = parse_number(number)?;
-    let found = read(shared, move |store| store.account_by_number(n.as_str())).await?;
+    let found = blocking(shared, move |store| store.account_by_number(n.as_str())).await?;
     let Some((account_id, account)) = found else {
         return Ok(None);
     };
