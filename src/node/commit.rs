@@ -17,8 +17,10 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 /// The group-commit handle; cheap to clone.
 #[derive(Clone)]
 pub struct GroupCommit {
-    waiters: mpsc::UnboundedSender<Waiter>,
+    /// `None` asks the flusher to stop.
+    waiters: mpsc::UnboundedSender<Option<Waiter>>,
     stats: Arc<CommitStats>,
+    task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 /// Counters for benchmarks and metrics.
@@ -29,18 +31,25 @@ pub struct CommitStats {
 }
 
 impl GroupCommit {
-    /// Starts the flusher task on the current runtime. It ends when every handle is
-    /// dropped.
+    /// Starts the flusher task on the current runtime. It ends on [`GroupCommit::stop`]
+    /// or when every handle is dropped.
     pub fn start(store: Store) -> GroupCommit {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Waiter>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Option<Waiter>>();
         let stats = Arc::new(CommitStats::default());
         let task_stats = stats.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut batch = Vec::new();
-            while let Some(first) = rx.recv().await {
-                batch.push(first);
+            let mut stopping = false;
+            while !stopping {
+                match rx.recv().await {
+                    Some(Some(first)) => batch.push(first),
+                    Some(None) | None => break,
+                }
                 while let Ok(more) = rx.try_recv() {
-                    batch.push(more);
+                    match more {
+                        Some(waiter) => batch.push(waiter),
+                        None => stopping = true,
+                    }
                 }
                 let result = store.flush().await.map_err(|e| e.to_string());
                 if let Err(e) = &result {
@@ -55,14 +64,28 @@ impl GroupCommit {
                 }
             }
         });
-        GroupCommit { waiters: tx, stats }
+        GroupCommit {
+            waiters: tx,
+            stats,
+            task: Arc::new(std::sync::Mutex::new(Some(task))),
+        }
+    }
+
+    /// Answers the waiters queued so far, then stops the flusher and waits until it
+    /// has let go of the store.
+    pub async fn stop(&self) {
+        let _ = self.waiters.send(None);
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// Returns once every write that completed before this call is durable.
     pub async fn durable(&self) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         self.waiters
-            .send(tx)
+            .send(Some(tx))
             .map_err(|_| "the group-commit task has stopped".to_string())?;
         rx.await
             .map_err(|_| "the group-commit task has stopped".to_string())?

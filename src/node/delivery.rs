@@ -74,9 +74,23 @@ pub async fn serve(
         "subscribed"
     );
 
-    let (done_tx, mut done) = oneshot::channel();
-    tokio::spawn(read_acks(recv, shared.clone(), me, done_tx));
+    // The acker and the pusher run side by side in this task (a task of the node's
+    // tracker, so shutdown waits for both and nothing holds the store afterwards).
+    let (done_tx, done) = oneshot::channel();
+    let acker = read_acks(recv, shared.clone(), me, done_tx, stop.clone());
+    let pusher = push(send, &shared, &mailbox, device, done, &stop);
+    tokio::join!(acker, pusher);
+}
 
+/// Writes pushes until the acker reports the client's half finished, or the node stops.
+async fn push(
+    mut send: quinn::SendStream,
+    shared: &Arc<Shared>,
+    mailbox: &super::mailbox::Mailbox,
+    device: crate::store::DeviceRef,
+    mut done: oneshot::Receiver<AckEnd>,
+    stop: &CancellationToken,
+) {
     let batch = shared.config.messages.delivery_batch as usize;
     let low = shared.config.messages.one_time_keys_low;
     let mut cursor: Option<u64> = None;
@@ -203,10 +217,15 @@ async fn read_acks(
     shared: Arc<Shared>,
     me: DeviceIdentity,
     done: oneshot::Sender<AckEnd>,
+    stop: CancellationToken,
 ) {
     let max = shared.config.limits.max_frame_bytes as usize;
     let end = loop {
-        match frame::read::<Ack, _>(&mut recv, max).await {
+        let read = tokio::select! {
+            () = stop.cancelled() => return,
+            read = frame::read::<Ack, _>(&mut recv, max) => read,
+        };
+        match read {
             Ok(Some(ack)) if ack.seqs.len() <= MAX_ACKS_PER_FRAME => {
                 let (device, number) = (me.device, me.number.clone());
                 let now = now_ms();

@@ -203,6 +203,9 @@ impl Node {
             .close(codes::SHUTDOWN.into(), b"node shutting down");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle())
             .await;
+        self.shared.commit.stop().await;
+        self.shared.worker.stop().await;
+        self.shared.reader.stop().await;
         self.shared.store.flush().await.map_err(ServeError::Flush)?;
         let stats = self.shared.commit.stats();
         tracing::info!(

@@ -17,18 +17,20 @@ use crate::store::{Store, StoreError};
 
 type Job = Box<dyn FnOnce(&Store) + Send>;
 
-/// A handle to the store thread; it ends when every handle is dropped.
+/// A handle to the store thread.
 pub struct StoreWorker {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Option<Job>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl StoreWorker {
     pub fn start(store: Store, name: &str) -> std::io::Result<StoreWorker> {
-        let (jobs, queue) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
+        let (jobs, queue) = mpsc::channel::<Option<Job>>();
+        let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                while let Ok(job) = queue.recv() {
+                // `None` (or every handle gone) stops the thread, which drops its Store.
+                while let Ok(Some(job)) = queue.recv() {
                     // A panicking operation fails its own request (its reply channel
                     // is dropped), never the thread.
                     if std::panic::catch_unwind(AssertUnwindSafe(|| job(&store))).is_err() {
@@ -36,7 +38,20 @@ impl StoreWorker {
                     }
                 }
             })?;
-        Ok(StoreWorker { jobs })
+        Ok(StoreWorker {
+            jobs,
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Finishes the queued operations, stops the thread and waits until it has let go
+    /// of the store (so the database can be opened again in this process).
+    pub async fn stop(&self) {
+        let _ = self.jobs.send(None);
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
 
     /// Runs `op` on the store thread and waits for it without blocking.
@@ -46,9 +61,9 @@ impl StoreWorker {
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.jobs
-            .send(Box::new(move |store| {
+            .send(Some(Box::new(move |store| {
                 let _ = tx.send(op(store));
-            }))
+            })))
             .map_err(|_| StoreError::Corrupt("the store thread has stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Corrupt("a store operation failed inside".into()))?
