@@ -103,7 +103,7 @@ async fn push(
 
         let keys_changed = std::mem::take(&mut first) | mailbox.take_keys_claimed();
         let mut keys_left = if keys_changed {
-            match blocking(&shared, move |store| {
+            match blocking(shared, move |store| {
                 store.count_one_time_keys(device, low.max(1))
             })
             .await
@@ -123,9 +123,9 @@ async fn push(
             // cost more in wake-ups than they save: p99 grew tenfold in the relay).
             let op = move |store: &crate::store::Store| store.queue_page(device, after, batch);
             let page = if backlog_sent {
-                blocking(&shared, op).await
+                blocking(shared, op).await
             } else {
-                read(&shared, op).await
+                read(shared, op).await
             };
             let page = match page {
                 Ok(page) => page,
