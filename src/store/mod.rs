@@ -153,10 +153,29 @@ fn abort<T>(e: StoreError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
+/// Opens sled in `dir`. sled lets go of its file lock only when its background flusher
+/// notices the last handle is gone (up to its 500 ms flush interval), so a database
+/// closed a moment ago in this same process (an in-process restart, a test) may still
+/// be locked: retry for a bounded time. Another process holding it still fails.
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = open_db(dir)?;
         let trees = Trees {
             meta: db.open_tree("meta")?,
             number_account: db.open_tree("number_account")?,
