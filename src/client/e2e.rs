@@ -19,8 +19,8 @@ use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
 use rand::TryRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha512};
+use vodozemac::Curve25519PublicKey;
 use vodozemac::olm::{Account, AccountPickle, OlmMessage, Session, SessionConfig, SessionPickle};
-use vodozemac::{Curve25519PublicKey, Ed25519PublicKey, Ed25519Signature};
 
 use super::{Client, ClientError};
 use crate::fsutil;
@@ -85,6 +85,16 @@ struct State {
     published_for: Option<(u64, u32)>,
     contacts: BTreeMap<String, Contact>,
     seen: VecDeque<String>,
+}
+
+/// [`State`] as written: the same fields, borrowed from the vault, so a save copies no
+/// session (vodozemac's pickles are not `Clone`).
+#[derive(Serialize)]
+struct StateRef<'a> {
+    account: AccountPickle,
+    published_for: Option<(u64, u32)>,
+    contacts: &'a BTreeMap<String, Contact>,
+    seen: &'a VecDeque<String>,
 }
 
 /// A received message, decrypted.
@@ -202,27 +212,11 @@ impl Vault {
 
     /// Writes the vault, encrypted, atomically.
     pub fn save(&self) -> Result<(), E2eError> {
-        let state = State {
+        let state = StateRef {
             account: self.account.pickle(),
             published_for: self.published_for,
-            contacts: self
-                .contacts
-                .iter()
-                .map(|(k, c)| {
-                    (
-                        k.clone(),
-                        Contact {
-                            identity: c.identity,
-                            sessions: c
-                                .sessions
-                                .iter()
-                                .map(|(d, s)| (*d, s.iter().map(clone_pickle).collect()))
-                                .collect(),
-                        },
-                    )
-                })
-                .collect(),
-            seen: self.seen.clone(),
+            contacts: &self.contacts,
+            seen: &self.seen,
         };
         let json = serde_json::to_vec(&state).map_err(|e| E2eError::Damaged {
             path: self.path.clone(),
@@ -546,26 +540,15 @@ fn envelope_body(message: &OlmMessage) -> Vec<u8> {
     out
 }
 
-fn verify(identity: &IdentityKeys, label: &[u8], key: &SignedKey) -> bool {
-    let Ok(signer) = Ed25519PublicKey::from_slice(&identity.ed25519) else {
-        return false;
-    };
-    Ed25519Signature::from_slice(&key.signature).is_ok_and(|sig| {
-        signer
-            .verify(&SignedKey::signed_bytes(label, &key.key), &sig)
-            .is_ok()
-    })
-}
-
 /// The key to start a session with from `bundle`: its one-time key, else its fallback
 /// key, each only if signed by the bundle's identity.
 fn checked_session_key(bundle: &Bundle) -> Result<Curve25519PublicKey, E2eError> {
     let pick = bundle
         .one_time_key
-        .filter(|k| verify(&bundle.identity, SignedKey::ONE_TIME, k))
+        .filter(|k| k.verify(&bundle.identity, SignedKey::ONE_TIME))
         .or(bundle
             .fallback
-            .filter(|k| verify(&bundle.identity, SignedKey::FALLBACK, k)));
+            .filter(|k| k.verify(&bundle.identity, SignedKey::FALLBACK)));
     match pick {
         Some(k) => Ok(Curve25519PublicKey::from_bytes(k.key)),
         None => Err(E2eError::Keys(format!(

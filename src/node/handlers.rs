@@ -277,18 +277,6 @@ async fn whoami(shared: &Arc<Shared>, session: &Session) -> Result<Response, Nod
     }))
 }
 
-fn verify_signed(identity: &IdentityKeys, label: &[u8], key: &SignedKey) -> bool {
-    let Ok(signer) = vodozemac::Ed25519PublicKey::from_slice(&identity.ed25519) else {
-        return false;
-    };
-    let signature = vodozemac::Ed25519Signature::from_slice(&key.signature);
-    signature.is_ok_and(|sig| {
-        signer
-            .verify(&SignedKey::signed_bytes(label, &key.key), &sig)
-            .is_ok()
-    })
-}
-
 fn bad_keys(message: impl Into<String>) -> NodeError {
     NodeError::new(ErrorKind::BadKeys, message)
 }
@@ -309,14 +297,14 @@ async fn publish_keys(
     // The node cannot tell good keys from bad, but it can refuse keys whose signature
     // does not verify: they would only make every fetcher fail later.
     if let Some(fallback) = &upload.fallback
-        && !verify_signed(&upload.identity, SignedKey::FALLBACK, fallback)
+        && !fallback.verify(&upload.identity, SignedKey::FALLBACK)
     {
         return Err(bad_keys("the fallback key's signature does not verify"));
     }
     if let Some(i) = upload
         .one_time_keys
         .iter()
-        .position(|k| !verify_signed(&upload.identity, SignedKey::ONE_TIME, k))
+        .position(|k| !k.verify(&upload.identity, SignedKey::ONE_TIME))
     {
         return Err(bad_keys(format!(
             "one-time key {i}'s signature does not verify"
@@ -363,7 +351,8 @@ fn commit_failed(e: String) -> NodeError {
     )
 }
 
-fn unknown_recipient(number: &Number) -> NodeError {
+/// For a number `recipient` found no account for (it is valid E.164 by then).
+fn unknown_recipient(number: &str) -> NodeError {
     NodeError::new(
         ErrorKind::UnknownRecipient,
         format!("{number} is not registered on this node"),
@@ -377,21 +366,13 @@ async fn fetch_bundles(
     claim: bool,
 ) -> Result<Response, NodeError> {
     authenticated(shared, session).await?;
-    let number = parse_number(number)?;
-    let n2 = number.clone();
-    let found = blocking(shared, move |store| {
-        let Some((account_id, account)) = store.account_by_number(n2.as_str())? else {
-            return Ok(None);
-        };
-        let devices: Vec<u32> = account.devices.iter().map(|d| d.device_id).collect();
-        store
-            .fetch_bundles(account_id, &devices, claim)
-            .map(|b| Some((account_id, b)))
+    let Some((account_id, devices)) = recipient(shared, number).await? else {
+        return Err(unknown_recipient(number));
+    };
+    let claimed = blocking(shared, move |store| {
+        store.fetch_bundles(account_id, &devices, claim)
     })
     .await?;
-    let Some((account_id, claimed)) = found else {
-        return Err(unknown_recipient(&number));
-    };
     if claimed.is_empty() {
         return Err(NodeError::new(
             ErrorKind::NoKeys,
@@ -481,7 +462,7 @@ async fn send(
         ));
     }
     let Some((account_id, devices)) = recipient(shared, to).await? else {
-        return Err(unknown_recipient(&parse_number(to)?));
+        return Err(unknown_recipient(to));
     };
     let mut given: Vec<u32> = outgoing.envelopes.iter().map(|e| e.device_id).collect();
     given.sort_unstable();

@@ -71,6 +71,18 @@ impl SignedKey {
     pub fn signed_bytes(label: &[u8], key: &[u8; 32]) -> Vec<u8> {
         [label, &key[..]].concat()
     }
+
+    /// Whether this key is signed under `label` by `signer`'s Ed25519 identity key.
+    pub fn verify(&self, signer: &IdentityKeys, label: &[u8]) -> bool {
+        let Ok(public) = vodozemac::Ed25519PublicKey::from_slice(&signer.ed25519) else {
+            return false;
+        };
+        vodozemac::Ed25519Signature::from_slice(&self.signature).is_ok_and(|sig| {
+            public
+                .verify(&Self::signed_bytes(label, &self.key), &sig)
+                .is_ok()
+        })
+    }
 }
 
 /// Keys a device publishes.

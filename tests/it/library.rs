@@ -6,13 +6,6 @@ use switchboard::tls::Credentials;
 
 use crate::support::*;
 
-fn kind(result: Result<impl std::fmt::Debug, ClientError>) -> ErrorKind {
-    match result {
-        Err(ClientError::Node(e)) => e.kind,
-        other => panic!("expected a node error, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn register_and_whoami() {
     let node = InProcessNode::start(&config_text("")).await;

@@ -12,13 +12,6 @@ use switchboard::proto::{
 
 use crate::support::*;
 
-fn kind<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ErrorKind {
-    match result {
-        Err(ClientError::Node(e)) => e.kind,
-        other => panic!("expected a node error, got {other:?}"),
-    }
-}
-
 async fn send_with_id(
     client: &Client,
     to: &str,

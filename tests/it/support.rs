@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use switchboard::client::Client;
+use switchboard::client::{Client, ClientError};
 use switchboard::config::Config;
 use switchboard::node::Node;
 use switchboard::phone::Number;
-use switchboard::proto::Channel;
+use switchboard::proto::{Channel, ErrorKind};
 use switchboard::tls::{Credentials, Fingerprint};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
@@ -296,4 +296,12 @@ impl InProcessNode {
 
 pub fn number(s: &str) -> Number {
     Number::parse(s, None).expect("number")
+}
+
+/// The kind of the node error `result` must be.
+pub fn kind<T: std::fmt::Debug>(result: Result<T, ClientError>) -> ErrorKind {
+    match result {
+        Err(ClientError::Node(e)) => e.kind,
+        other => panic!("expected a node error, got {other:?}"),
+    }
 }
