@@ -34,7 +34,14 @@ struct Args {
     /// Ignored: cargo passes `--bench` to every bench target.
     #[arg(long, hide = true, global = true)]
     bench: bool,
+    /// Extra TOML for the node's config file, e.g. `[storage]\npower_loss_sync = false`,
+    /// to measure what a setting costs.
+    #[arg(long, global = true)]
+    node_config: Option<String>,
 }
+
+/// `--node-config`, for [`start_node`].
+static NODE_CONFIG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum Scenario {
@@ -82,6 +89,7 @@ enum Scenario {
 
 fn main() {
     let args = Args::parse();
+    let _ = NODE_CONFIG.set(args.node_config.clone().unwrap_or_default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -278,6 +286,8 @@ fn start_node(numbers: &[Number], extra: &str) -> Result<(Server, Fingerprint)> 
     );
     config.push_str("[verification]\nresend_cooldown_secs = 0\n");
     config.push_str(extra);
+    config.push('\n');
+    config.push_str(NODE_CONFIG.get().map_or("", String::as_str));
     config.push_str("\n[verification.test_numbers]\n");
     for n in numbers {
         config.push_str(&format!("\"{n}\" = \"{CODE}\"\n"));

@@ -64,27 +64,38 @@ fn register(store: &Store, number: &str, key: u8) -> DeviceRef {
     }
 }
 
+/// A store in `dir` with Alice and Bob registered.
+fn alice_and_bob(dir: &std::path::Path, power_loss_sync: bool) -> (Store, DeviceRef, DeviceRef) {
+    let store = Store::open_with(dir, power_loss_sync).expect("store");
+    let alice = register(&store, "+14155550100", 1);
+    let bob = register(&store, "+14155550101", 2);
+    (store, alice, bob)
+}
+
+/// Appends message `n` (256 bytes) from Alice to Bob.
+fn append_one(store: &Store, alice: DeviceRef, bob: DeviceRef, n: u64) {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&n.to_be_bytes());
+    let _ = store.append(
+        alice,
+        "+14155550100",
+        id,
+        vec![(bob, vec![0xA5; 256])],
+        n,
+        u64::MAX,
+    );
+}
+
 /// One message through a queue: append, read the page, acknowledge (with its receipt,
 /// which the sender then acknowledges). No flush: that is the group commit's cost.
 #[divan::bench(sample_count = 200, sample_size = 50)]
 fn store_append_then_ack(bencher: divan::Bencher) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(dir.path()).expect("store");
-    let alice = register(&store, "+14155550100", 1);
-    let bob = register(&store, "+14155550101", 2);
+    let (store, alice, bob) = alice_and_bob(dir.path(), true);
     let mut n = 0u64;
     bencher.bench_local(|| {
         n += 1;
-        let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&n.to_be_bytes());
-        let _ = store.append(
-            alice,
-            "+14155550100",
-            id,
-            vec![(bob, vec![0xA5; 256])],
-            n,
-            u64::MAX,
-        );
+        append_one(&store, alice, bob, n);
         let page = store.queue_page(bob, None, 16).unwrap_or_default();
         let seqs: Vec<u64> = page.iter().map(|q| q.seq).collect();
         let _ = store.ack(bob, "+14155550101", &seqs, n);
@@ -109,5 +120,30 @@ fn bare_sled_insert_then_remove(bencher: divan::Bencher) {
         let _ = tree.insert(b, receipt.as_slice());
         let _ = tree.remove(a);
         let _ = tree.remove(b);
+    });
+}
+
+/// One group commit of one small write, with power-loss sync (`fdatasync` after sled's
+/// flush): the floor of a lone sender's `Accepted` latency.
+#[divan::bench(sample_count = 50, sample_size = 4)]
+fn group_commit_with_fdatasync(bencher: divan::Bencher) {
+    flush_after_insert(bencher, true);
+}
+
+/// The limit: sled's own flush alone (`sync_file_range`), which a power cut can undo.
+#[divan::bench(sample_count = 50, sample_size = 4)]
+fn group_commit_sled_flush_only(bencher: divan::Bencher) {
+    flush_after_insert(bencher, false);
+}
+
+fn flush_after_insert(bencher: divan::Bencher, power_loss_sync: bool) {
+    // On the target dir's disk, not a tmpfs /tmp, so the sync reaches a real device.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let (store, alice, bob) = alice_and_bob(dir.path(), power_loss_sync);
+    let mut n = 0u64;
+    bencher.bench_local(|| {
+        n += 1;
+        append_one(&store, alice, bob, n);
+        let _ = store.flush_blocking();
     });
 }

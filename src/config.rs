@@ -21,6 +21,18 @@ pub struct Config {
     pub limits: Limits,
     pub verification: Verification,
     pub messages: Messages,
+    pub storage: Storage,
+}
+
+/// How the database meets the disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Storage {
+    /// `fdatasync` sled's log in every group commit, so an acknowledged write survives
+    /// a power cut and not only a crash of the process.
+    pub power_loss_sync: bool,
+    /// Below this much free space on the data dir's filesystem the node refuses new
+    /// messages ("storage full") and keeps the rest for acknowledgements and keys.
+    pub min_free_bytes: u64,
 }
 
 /// Queues, envelopes and keys.
@@ -140,6 +152,10 @@ impl Default for Config {
                 max_one_time_keys: 200,
                 one_time_keys_low: 20,
             },
+            storage: Storage {
+                power_loss_sync: true,
+                min_free_bytes: 64 * 1024 * 1024,
+            },
         }
     }
 }
@@ -186,6 +202,14 @@ mod raw {
         pub limits: Limits,
         pub verification: Verification,
         pub messages: Messages,
+        pub storage: Storage,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Storage {
+        pub power_loss_sync: Option<bool>,
+        pub min_free_bytes: Option<u64>,
     }
 
     #[derive(Deserialize, Default)]
@@ -460,11 +484,25 @@ mod raw {
                     max_one_time_keys,
                 )?,
             };
+            let storage = super::Storage {
+                power_loss_sync: self
+                    .storage
+                    .power_loss_sync
+                    .unwrap_or(d.storage.power_loss_sync),
+                min_free_bytes: in_range(
+                    "storage.min_free_bytes",
+                    self.storage.min_free_bytes,
+                    d.storage.min_free_bytes,
+                    0,
+                    1 << 50,
+                )?,
+            };
             Ok(super::Config {
                 server,
                 limits,
                 verification,
                 messages,
+                storage,
             })
         }
     }

@@ -95,16 +95,18 @@ impl Node {
         let fingerprint = creds.fingerprint();
 
         let db_path = data_dir.join("db");
-        let store = tokio::task::spawn_blocking(move || Store::open(&db_path))
-            .await
-            .map_err(|e| ServeError::Store {
-                path: data_dir.join("db"),
-                source: StoreError::Corrupt(format!("opening task failed: {e}")),
-            })?
-            .map_err(|source| ServeError::Store {
-                path: data_dir.join("db"),
-                source,
-            })?;
+        let power_loss_sync = config.storage.power_loss_sync;
+        let store =
+            tokio::task::spawn_blocking(move || Store::open_with(&db_path, power_loss_sync))
+                .await
+                .map_err(|e| ServeError::Store {
+                    path: data_dir.join("db"),
+                    source: StoreError::Corrupt(format!("opening task failed: {e}")),
+                })?
+                .map_err(|source| ServeError::Store {
+                    path: data_dir.join("db"),
+                    source,
+                })?;
         let code_key = store
             .secret("code_hash_key")
             .map_err(|source| ServeError::Store {

@@ -34,6 +34,8 @@ pub const SCHEMA_VERSION: u32 = 2;
 pub enum StoreError {
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
     #[error(
@@ -85,6 +87,10 @@ pub struct Store {
     /// are drawn (a reader that has seen seq n never later finds a new item below n),
     /// and holds the queue lengths (loaded per device on first use).
     queue_writer: Arc<Mutex<QueueLengths>>,
+    /// sled's log file, opened a second time so that [`Store::flush`] can `fdatasync`
+    /// it after sled's flush (which syncs only with `sync_file_range`: safe from a
+    /// process crash, not from a power cut). `None` when power-loss sync is off.
+    log_file: Option<Arc<std::fs::File>>,
 }
 
 /// Items per device queue, for quotas. Exact: only code holding the writer lock
@@ -173,9 +179,25 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
 }
 
 impl Store {
-    /// Opens (or creates) the database in `dir`.
+    /// Opens (or creates) the database in `dir`, with power-loss sync on.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, true)
+    }
+
+    /// Opens (or creates) the database in `dir`. With `power_loss_sync`, every
+    /// [`Store::flush`] ends with an `fdatasync` of sled's log, so a flushed write
+    /// survives a power cut, not only a crash of the process.
+    pub fn open_with(dir: &Path, power_loss_sync: bool) -> Result<Store, StoreError> {
         let db = open_db(dir)?;
+        let log_file = if power_loss_sync {
+            let file = std::fs::File::open(dir.join("db"))?;
+            // The files sled just created must be reachable after a power cut too.
+            file.sync_all()?;
+            std::fs::File::open(dir)?.sync_all()?;
+            Some(Arc::new(file))
+        } else {
+            None
+        };
         let trees = Trees {
             meta: db.open_tree("meta")?,
             number_account: db.open_tree("number_account")?,
@@ -191,6 +213,7 @@ impl Store {
             db,
             trees,
             queue_writer: Arc::default(),
+            log_file,
         };
         store.migrate()?;
         Ok(store)
@@ -443,21 +466,24 @@ impl Store {
         self.trees.number_account.len()
     }
 
-    /// Makes every write so far durable against a process crash. Waits without
+    /// Makes every write so far durable: against a process crash always, and against a
+    /// power cut when the store was opened with power-loss sync. Waits without
     /// blocking the async runtime: the flush runs on tokio's blocking pool. (sled's own
     /// `flush_async` runs on sled's thread pool, which spawns threads under load and
     /// was seen to hang with several flushes in flight.)
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.flush_blocking())
             .await
-            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))??;
-        Ok(())
+            .map_err(|e| StoreError::Corrupt(format!("flush task failed: {e}")))?
     }
 
     /// Blocking variant of [`Store::flush`], for shutdown and tools.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;
+        if let Some(file) = &self.log_file {
+            file.sync_data()?;
+        }
         Ok(())
     }
 }

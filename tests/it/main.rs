@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod cli_messaging;
+mod crash;
 mod hostile;
 mod library;
 mod messaging;

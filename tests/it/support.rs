@@ -138,6 +138,13 @@ impl ProcessNode {
         }
     }
 
+    /// Kills the node with SIGKILL and starts it again on the same data dir, config
+    /// and port: a crash and a supervisor's restart.
+    pub fn crash_and_restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
     /// Starts the node again on the same data dir, config and port.
     pub fn restart(&mut self) {
         assert!(

@@ -1,0 +1,463 @@
+//! Crash consistency and graceful restarts under load.
+//!
+//! A node runs as a child process. Three devices send numbered messages to each other
+//! in a ring (each send waits for its acknowledgement, and a send whose outcome is
+//! unknown is sent again with the same id), receive and acknowledge what they are
+//! pushed, and one device keeps uploading keys while another claims them; the node
+//! sweeps its queues every second. Meanwhile the node is stopped at random moments,
+//! with SIGKILL or SIGTERM, and started again on the same data dir and port.
+//!
+//! An oracle checks, after the last cycle, that every message whose send was
+//! acknowledged was delivered, that nothing was delivered that was never sent, that
+//! each sender's messages arrived in order, and counts the duplicates (a message
+//! delivered again because the node went down before the recipient's ack was
+//! durable), which the client removes by id. The short run is part of `cargo test`;
+//! `SWITCHBOARD_SLOW_TESTS=1` runs 60 cycles of each.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::RngExt;
+use switchboard::client::e2e::Vault;
+use switchboard::client::{Client, Subscription};
+use switchboard::phone::Number;
+use switchboard::proto::{Channel, DeviceEnvelope, Item, MessageId, Outgoing};
+use switchboard::tls::{Credentials, Fingerprint};
+
+use crate::support::*;
+
+const DEVICES: [&str; 3] = [ALICE, BOB, CAROL];
+/// How long one request may take before the client gives the connection up.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds on the load, whatever the cycle count.
+const MAX_MESSAGES_PER_SENDER: u64 = 200_000;
+
+fn cycles() -> usize {
+    if std::env::var_os("SWITCHBOARD_SLOW_TESTS").is_some() {
+        60
+    } else {
+        6
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stop {
+    Kill,
+    Term,
+}
+
+/// What the clients saw, and what it means.
+#[derive(Default)]
+struct Oracle {
+    /// (sender, recipient) → the highest message number ever handed to `send`.
+    attempted: HashMap<(usize, usize), u64>,
+    /// (sender, recipient) → the numbers whose send was acknowledged.
+    acked: HashMap<(usize, usize), BTreeSet<u64>>,
+    /// (sender, recipient) → the numbers delivered, after de-duplication.
+    received: HashMap<(usize, usize), BTreeSet<u64>>,
+    /// (sender, recipient) → the last new number delivered.
+    last: HashMap<(usize, usize), u64>,
+    deliveries: u64,
+    duplicates: u64,
+    phantoms: Vec<String>,
+    out_of_order: Vec<String>,
+    /// Sends on an established connection that neither succeeded nor failed in time.
+    hung_sends: u64,
+    send_errors: u64,
+    key_uploads: u64,
+    key_claims: u64,
+}
+
+impl Oracle {
+    fn deliver(&mut self, to: usize, from: &str, body: &[u8]) {
+        self.deliveries += 1;
+        let text = String::from_utf8_lossy(body);
+        let parsed = text.split_once(':').and_then(|(s, n)| {
+            let s: usize = s.parse().ok()?;
+            let n: u64 = n.split_once(' ')?.0.parse().ok()?;
+            Some((s, n))
+        });
+        let Some((sender, n)) = parsed else {
+            self.phantoms
+                .push(format!("unparseable body {text:?} to {to}"));
+            return;
+        };
+        if DEVICES.get(sender) != Some(&from) {
+            self.phantoms.push(format!(
+                "{text:?} claims sender {sender} but came from {from}"
+            ));
+            return;
+        }
+        let pair = (sender, to);
+        if n == 0 || n > self.attempted.get(&pair).copied().unwrap_or(0) {
+            self.phantoms
+                .push(format!("message {n} from {sender} to {to} was never sent"));
+            return;
+        }
+        if !self.received.entry(pair).or_default().insert(n) {
+            self.duplicates += 1;
+            return;
+        }
+        let last = self.last.entry(pair).or_default();
+        if n < *last {
+            self.out_of_order.push(format!(
+                "message {n} from {sender} to {to} arrived after {last}"
+            ));
+        }
+        *last = n.max(*last);
+    }
+
+    /// Acknowledged messages not (yet) delivered.
+    fn missing(&self) -> Vec<((usize, usize), u64)> {
+        let mut missing = Vec::new();
+        for (pair, acked) in &self.acked {
+            let got = self.received.get(pair);
+            for n in acked {
+                if !got.is_some_and(|g| g.contains(n)) {
+                    missing.push((*pair, *n));
+                }
+            }
+        }
+        missing
+    }
+
+    fn acked_count(&self) -> usize {
+        self.acked.values().map(BTreeSet::len).sum()
+    }
+}
+
+/// What every client task shares.
+struct World {
+    stop: Stop,
+    addr: String,
+    fingerprint: Fingerprint,
+    oracle: Mutex<Oracle>,
+    /// Bumped before each stop and after each restart. A client that sees it change
+    /// while waiting on a killed node gives the connection up and reconnects (standing
+    /// in for its idle timeout, which would notice only after seconds).
+    generation: AtomicU64,
+    /// No new messages once set.
+    stop_sending: AtomicBool,
+    /// Everything ends once set.
+    done: AtomicBool,
+}
+
+fn message_id(sender: usize, n: u64) -> MessageId {
+    let mut id = [0u8; 16];
+    id[0] = 0xc5;
+    id[1] = sender as u8;
+    id[8..].copy_from_slice(&n.to_be_bytes());
+    id
+}
+
+enum Outcome<T> {
+    Done(T),
+    TimedOut,
+    /// The node was started again while the request was still waiting for an answer.
+    Restarted,
+}
+
+/// Runs `op` until it finishes, [`OP_TIMEOUT`] passes, or (when the node is being
+/// killed) the node is restarted.
+async fn watched<T>(world: &World, generation: u64, op: impl Future<Output = T>) -> Outcome<T> {
+    let restarted = async {
+        while world.stop == Stop::Term || world.generation.load(Ordering::Relaxed) == generation {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        out = tokio::time::timeout(OP_TIMEOUT, op) => match out {
+            Ok(v) => Outcome::Done(v),
+            Err(_) => Outcome::TimedOut,
+        },
+        () = restarted => Outcome::Restarted,
+    }
+}
+
+/// Connects as `creds`, retrying while the node is down (bounded by `done` and a
+/// deadline).
+async fn connect(world: &World, creds: &Credentials) -> Option<Client> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !world.done.load(Ordering::Relaxed) && Instant::now() < deadline {
+        if let Ok(Ok(client)) = tokio::time::timeout(
+            OP_TIMEOUT,
+            Client::connect(&world.addr, creds, Some(world.fingerprint)),
+        )
+        .await
+        {
+            return Some(client);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// The client kept from the same node incarnation, or a new connection.
+async fn reuse_or_connect(
+    world: &World,
+    kept: Option<(Client, u64)>,
+    creds: &Credentials,
+    generation: u64,
+) -> Option<Client> {
+    match kept {
+        Some((c, g)) if g == generation => Some(c),
+        _ => connect(world, creds).await,
+    }
+}
+
+/// Sends message 1, 2, 3... from `me` to the next device, each until acknowledged.
+async fn sender(world: Arc<World>, creds: Credentials, me: usize) {
+    let to = (me + 1) % DEVICES.len();
+    let pair = (me, to);
+    let mut n = 1;
+    let mut client: Option<(Client, u64)> = None;
+    while !world.stop_sending.load(Ordering::Relaxed) && n <= MAX_MESSAGES_PER_SENDER {
+        let generation = world.generation.load(Ordering::Relaxed);
+        let Some(conn) = reuse_or_connect(&world, client.take(), &creds, generation).await else {
+            return;
+        };
+        {
+            let mut oracle = world.oracle.lock().unwrap();
+            let attempted = oracle.attempted.entry(pair).or_default();
+            *attempted = (*attempted).max(n);
+        }
+        let outgoing = Outgoing {
+            id: message_id(me, n),
+            to: DEVICES[to].into(),
+            envelopes: vec![DeviceEnvelope {
+                device_id: 1,
+                body: format!("{me}:{n} {}", "x".repeat(200)).into_bytes(),
+            }],
+        };
+        match watched(&world, generation, conn.send(outgoing)).await {
+            Outcome::Done(Ok(_accepted)) => {
+                world
+                    .oracle
+                    .lock()
+                    .unwrap()
+                    .acked
+                    .entry(pair)
+                    .or_default()
+                    .insert(n);
+                n += 1;
+                client = Some((conn, generation));
+            }
+            // Failed or unknown: connect again and send the same id again.
+            Outcome::Done(Err(_)) => world.oracle.lock().unwrap().send_errors += 1,
+            // A killed node never answers: the client notices by its timeout (here,
+            // by the restart). A node stopped by SIGTERM must answer or close.
+            Outcome::Restarted if world.stop == Stop::Kill => {}
+            Outcome::Restarted | Outcome::TimedOut => world.oracle.lock().unwrap().hung_sends += 1,
+        }
+    }
+}
+
+/// Receives and acknowledges everything pushed to `me`, reconnecting as needed, until
+/// `done`.
+async fn receiver(world: Arc<World>, creds: Credentials, me: usize) {
+    while !world.done.load(Ordering::Relaxed) {
+        let generation = world.generation.load(Ordering::Relaxed);
+        let Some(client) = connect(&world, &creds).await else {
+            return;
+        };
+        let Ok(Ok(mut sub)) = tokio::time::timeout(OP_TIMEOUT, client.subscribe()).await else {
+            continue;
+        };
+        receive(&world, &mut sub, me, generation).await;
+    }
+}
+
+async fn receive(world: &World, sub: &mut Subscription, me: usize, generation: u64) {
+    while !world.done.load(Ordering::Relaxed)
+        && (world.stop == Stop::Term || world.generation.load(Ordering::Relaxed) == generation)
+    {
+        let push = match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            Ok(Ok(Some(push))) => push,
+            Ok(_) => return,
+            Err(_) => continue,
+        };
+        let mut seqs = Vec::with_capacity(push.items.len());
+        {
+            let mut oracle = world.oracle.lock().unwrap();
+            for delivery in &push.items {
+                if let Item::Message(m) = &delivery.item {
+                    oracle.deliver(me, &m.from, &m.body);
+                }
+                seqs.push(delivery.seq);
+            }
+        }
+        if !seqs.is_empty()
+            && !matches!(
+                tokio::time::timeout(OP_TIMEOUT, sub.ack(seqs)).await,
+                Ok(Ok(()))
+            )
+        {
+            return;
+        }
+    }
+}
+
+/// Uploads fresh keys for `me` over and over, while `claimer` claims them.
+async fn keys(world: Arc<World>, creds: Credentials, ids: (u64, u32), claimer: Credentials) {
+    let home = tempfile::tempdir().unwrap();
+    let mut vault = Vault::open(home.path()).unwrap();
+    let owner = Number::parse(DEVICES[0], None).unwrap();
+    let mut upload: Option<(Client, u64)> = None;
+    let mut claim: Option<(Client, u64)> = None;
+    while !world.stop_sending.load(Ordering::Relaxed) {
+        let generation = world.generation.load(Ordering::Relaxed);
+        let Some(up) = reuse_or_connect(&world, upload.take(), &creds, generation).await else {
+            return;
+        };
+        let Some(cl) = reuse_or_connect(&world, claim.take(), &claimer, generation).await else {
+            return;
+        };
+        if let Outcome::Done(Ok(_)) = watched(&world, generation, vault.publish(&up, ids, 0)).await
+        {
+            world.oracle.lock().unwrap().key_uploads += 1;
+            upload = Some((up, generation));
+        }
+        if let Outcome::Done(Ok(_)) =
+            watched(&world, generation, cl.fetch_bundles(&owner, true)).await
+        {
+            world.oracle.lock().unwrap().key_claims += 1;
+            claim = Some((cl, generation));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn run(stop: Stop, cycles: usize) {
+    let mut node = ProcessNode::start(&config_text(
+        "[messages]\nsweep_interval_secs = 1\n[limits]\nshutdown_grace_ms = 2000\n",
+    ));
+    // Register every device before the chaos starts.
+    let mut creds = Vec::new();
+    let mut ids = Vec::new();
+    for number in DEVICES {
+        let (c, _) = Credentials::generate_device().unwrap();
+        let client = Client::connect(&node.addr, &c, Some(node.fingerprint))
+            .await
+            .unwrap();
+        let n = Number::parse(number, None).unwrap();
+        client.request_code(&n, Channel::Sms, "en").await.unwrap();
+        let reg = client.verify_code(&n, CODE).await.unwrap();
+        ids.push((reg.account_id, reg.device_id));
+        creds.push(c);
+        client.close().await;
+    }
+    let world = Arc::new(World {
+        stop,
+        addr: node.addr.clone(),
+        fingerprint: node.fingerprint,
+        oracle: Mutex::default(),
+        generation: AtomicU64::new(0),
+        stop_sending: AtomicBool::new(false),
+        done: AtomicBool::new(false),
+    });
+    let mut tasks = Vec::new();
+    for (me, c) in creds.iter().enumerate() {
+        tasks.push(tokio::spawn(sender(world.clone(), c.clone(), me)));
+        tasks.push(tokio::spawn(receiver(world.clone(), c.clone(), me)));
+    }
+    tasks.push(tokio::spawn(keys(
+        world.clone(),
+        creds[0].clone(),
+        ids[0],
+        creds[2].clone(),
+    )));
+
+    // The chaos: stop the node at random moments, start it again.
+    for _ in 0..cycles {
+        let pause = rand::rng().random_range(150..700);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        world.generation.fetch_add(1, Ordering::Relaxed);
+        node = tokio::task::spawn_blocking(move || {
+            match stop {
+                Stop::Kill => node.crash_and_restart(),
+                Stop::Term => node.restart(),
+            }
+            node
+        })
+        .await
+        .unwrap();
+        world.generation.fetch_add(1, Ordering::Relaxed);
+    }
+    // Let the load settle on the last incarnation, then stop sending and wait for
+    // every acknowledged message to arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    world.stop_sending.store(true, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline && !world.oracle.lock().unwrap().missing().is_empty() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    world.done.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    let oracle = world.oracle.lock().unwrap();
+    let missing = oracle.missing();
+    let attempted: u64 = oracle.attempted.values().sum();
+    let report = format!(
+        "{stop:?}: {cycles} cycles; {attempted} messages sent, {} acknowledged, {} deliveries, \
+         {} duplicates removed by the client; {} send errors, {} hung sends; \
+         {} key uploads, {} key claims; lost {}, phantom {}, out of order {}",
+        oracle.acked_count(),
+        oracle.deliveries,
+        oracle.duplicates,
+        oracle.send_errors,
+        oracle.hung_sends,
+        oracle.key_uploads,
+        oracle.key_claims,
+        missing.len(),
+        oracle.phantoms.len(),
+        oracle.out_of_order.len(),
+    );
+    println!("crash harness: {report}");
+    assert!(
+        oracle.acked_count() > cycles,
+        "too little load to mean anything: {report}"
+    );
+    assert!(
+        missing.is_empty(),
+        "acknowledged but never delivered (first 10: {:?}): {report}\nlog:\n{}",
+        &missing[..missing.len().min(10)],
+        node.log()
+    );
+    assert!(
+        oracle.phantoms.is_empty(),
+        "{:?}: {report}",
+        oracle.phantoms
+    );
+    assert!(
+        oracle.out_of_order.is_empty(),
+        "{:?}: {report}",
+        oracle.out_of_order
+    );
+    // A graceful stop answers or fails every in-flight request; a killed node leaves
+    // them to the client's timeout. Either way no send hangs on a live node.
+    assert_eq!(oracle.hung_sends, 0, "{report}");
+    drop(oracle);
+
+    // The data dir opens cleanly after all that, and holds nothing undelivered.
+    assert!(
+        node.stop(),
+        "node exited with an error\nlog:\n{}",
+        node.log()
+    );
+    let store = switchboard::store::Store::open(&node.data_dir().join("db")).unwrap();
+    assert_eq!(store.account_count(), DEVICES.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_nothing_acknowledged() {
+    run(Stop::Kill, cycles()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_answers_every_send_and_loses_nothing() {
+    run(Stop::Term, cycles()).await;
+}
