@@ -27,6 +27,11 @@ use crate::proto::{
 use crate::store::records::QueueItem;
 use crate::store::{DeviceIdentity, Queued};
 
+/// The stored bytes one push may carry. Half the largest frame a client accepts: an
+/// envelope is at most half a frame too (config enforces it), and a page always
+/// holds at least one item, so every push fits in a frame with room for its framing.
+const MAX_PAGE_BYTES: usize = crate::proto::HARD_MAX_FRAME_BYTES / 2;
+
 /// How the client's half of the stream ended.
 enum AckEnd {
     /// Finished cleanly; every ack it sent is applied and durable.
@@ -121,20 +126,21 @@ async fn push(
             // behind its own acks; live pages go through the writer thread, right
             // behind the append that woke us (two threads trading one page each
             // cost more in wake-ups than they save: p99 grew tenfold in the relay).
-            let op = move |store: &crate::store::Store| store.queue_page(device, after, batch);
+            let op = move |store: &crate::store::Store| {
+                store.queue_page_within(device, after, batch, MAX_PAGE_BYTES)
+            };
             let page = if backlog_sent {
                 blocking(shared, op).await
             } else {
                 read(shared, op).await
             };
-            let page = match page {
+            let (page, full) = match page {
                 Ok(page) => page,
                 Err(_) => {
                     let _ = send.reset(codes::SHUTDOWN.into());
                     return;
                 }
             };
-            let full = page.len() == batch;
             let backlog_end = !backlog_sent && !full;
             if page.is_empty() && !backlog_end && keys_left.is_none() {
                 break;

@@ -281,12 +281,25 @@ fn bad_keys(message: impl Into<String>) -> NodeError {
     NodeError::new(ErrorKind::BadKeys, message)
 }
 
+/// Refuses a write that would grow the store when the disk is nearly full.
+fn check_space(shared: &Shared) -> Result<(), NodeError> {
+    if shared.space.full() {
+        return Err(NodeError::new(
+            ErrorKind::StorageFull,
+            "storage full: the node's disk is nearly full and it takes no new messages or keys \
+             until space is freed; try again later",
+        ));
+    }
+    Ok(())
+}
+
 async fn publish_keys(
     shared: &Arc<Shared>,
     session: &Session,
     upload: KeyUpload,
 ) -> Result<Response, NodeError> {
     let me = authenticated(shared, session).await?;
+    check_space(shared)?;
     let max = shared.config.messages.max_one_time_keys;
     if upload.one_time_keys.len() > max as usize {
         return Err(bad_keys(format!(
@@ -464,6 +477,7 @@ async fn send(
     let Some((account_id, devices)) = recipient(shared, to).await? else {
         return Err(unknown_recipient(to));
     };
+    check_space(shared)?;
     let mut given: Vec<u32> = outgoing.envelopes.iter().map(|e| e.device_id).collect();
     given.sort_unstable();
     if given != devices {

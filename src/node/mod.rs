@@ -12,6 +12,7 @@ mod delivery;
 mod handlers;
 mod limits;
 mod mailbox;
+mod space;
 mod worker;
 
 use std::future::Future;
@@ -71,6 +72,8 @@ pub(crate) struct Shared {
     pub directory_epoch: std::sync::atomic::AtomicU64,
     /// Recipient number → (account id, device ids), for the current epoch.
     pub directory: std::sync::Mutex<(u64, Directory)>,
+    /// Free space on the data dir's filesystem against `storage.min_free_bytes`.
+    pub space: space::SpaceGuard,
 }
 
 /// A bound node, ready to [`run`](Node::run).
@@ -142,6 +145,7 @@ impl Node {
             })?,
             directory_epoch: std::sync::atomic::AtomicU64::new(0),
             directory: std::sync::Mutex::new((0, std::collections::HashMap::new())),
+            space: space::SpaceGuard::new(data_dir.clone(), config.storage.min_free_bytes),
             store,
             config,
         });

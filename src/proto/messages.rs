@@ -329,6 +329,9 @@ pub enum ErrorKind {
     QueueFull { device_id: u32 },
     /// The key upload is invalid or would store more one-time keys than allowed.
     BadKeys,
+    /// The node's disk is (nearly) full: it takes no new messages or keys until space
+    /// is freed. Deliveries and acknowledgements go on. Try again later.
+    StorageFull,
 }
 
 #[cfg(test)]

@@ -155,18 +155,40 @@ impl Store {
         after: Option<u64>,
         max: usize,
     ) -> Result<Vec<Queued>, StoreError> {
+        Ok(self.queue_page_within(device, after, max, usize::MAX)?.0)
+    }
+
+    /// Like [`Store::queue_page`], but stops before the stored items would pass
+    /// `max_bytes` in all (always returning at least one item if there is one), so that
+    /// a page of large envelopes still fits in one frame. The flag is true when the
+    /// page stopped at a limit, so more items may follow.
+    pub fn queue_page_within(
+        &self,
+        device: DeviceRef,
+        after: Option<u64>,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Queued>, bool), StoreError> {
         let dk = device.key();
         let start = match after {
             Some(seq) => match seq.checked_add(1) {
                 Some(next) => keys::queue(dk, next),
-                None => return Ok(Vec::new()),
+                None => return Ok((Vec::new(), false)),
             },
             None => keys::queue(dk, 0),
         };
         let end = keys::queue(dk, u64::MAX);
         let mut out = Vec::new();
-        for entry in self.trees.queue.range(start..=end).take(max) {
+        let mut bytes = 0usize;
+        for entry in self.trees.queue.range(start..=end) {
+            if out.len() == max {
+                return Ok((out, true));
+            }
             let (key, value) = entry?;
+            bytes = bytes.saturating_add(value.len());
+            if bytes > max_bytes && !out.is_empty() {
+                return Ok((out, true));
+            }
             let (_, seq) = keys::parse_queue(&key)
                 .ok_or_else(|| StoreError::Corrupt("queue key length".into()))?;
             let (queued_at_ms, item) = records::decode_queued(&value)?;
@@ -176,7 +198,7 @@ impl Store {
                 item,
             });
         }
-        Ok(out)
+        Ok((out, false))
     }
 
     /// Removes the acknowledged items `seqs` from `device`'s queue (seqs it does not
@@ -474,12 +496,45 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn append_is_ordered_idempotent_and_acks_make_receipts() {
+    /// A fresh store with Alice and Bob registered (keep the dir alive).
+    fn alice_and_bob() -> (tempfile::TempDir, Store, DeviceRef, DeviceRef) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let alice = registered(&store, "+14155550100", 1);
         let bob = registered(&store, "+14155550101", 2);
+        (dir, store, alice, bob)
+    }
+
+    #[test]
+    fn pages_stop_at_their_byte_budget_but_never_come_back_empty() {
+        let (_dir, store, alice, bob) = alice_and_bob();
+        for i in 0..10u8 {
+            let out = store
+                .append(
+                    alice,
+                    "+14155550100",
+                    [i; 16],
+                    vec![(bob, vec![i; 1000])],
+                    1,
+                    100,
+                )
+                .unwrap();
+            assert!(matches!(out, AppendOutcome::Queued { .. }));
+        }
+        let (page, more) = store.queue_page_within(bob, None, 100, 3500).unwrap();
+        assert_eq!((page.len(), more), (3, true));
+        let (page, more) = store.queue_page_within(bob, None, 100, 1).unwrap();
+        assert_eq!((page.len(), more), (1, true), "one item even over budget");
+        let (page, more) = store.queue_page_within(bob, None, 4, usize::MAX).unwrap();
+        assert_eq!((page.len(), more), (4, true));
+        let last = Some(page[3].seq);
+        let (page, more) = store.queue_page_within(bob, last, 100, usize::MAX).unwrap();
+        assert_eq!((page.len(), more), (6, false));
+    }
+
+    #[test]
+    fn append_is_ordered_idempotent_and_acks_make_receipts() {
+        let (_dir, store, alice, bob) = alice_and_bob();
         for (i, id) in [[1u8; 16], [2; 16], [3; 16]].into_iter().enumerate() {
             let out = store
                 .append(
@@ -531,10 +586,7 @@ mod tests {
 
     #[test]
     fn quota_refuses_and_nothing_is_queued() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let alice = registered(&store, "+14155550100", 1);
-        let bob = registered(&store, "+14155550101", 2);
+        let (_dir, store, alice, bob) = alice_and_bob();
         for i in 0..2u8 {
             store
                 .append(alice, "a", [i; 16], vec![(bob, vec![i])], 1, 2)
@@ -566,10 +618,7 @@ mod tests {
 
     #[test]
     fn sweep_drops_only_old_items_and_lengths_follow() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let alice = registered(&store, "+14155550100", 1);
-        let bob = registered(&store, "+14155550101", 2);
+        let (_dir, store, alice, bob) = alice_and_bob();
         for i in 0..3000u32 {
             let mut id = [0u8; 16];
             id[..4].copy_from_slice(&i.to_be_bytes());

@@ -357,12 +357,13 @@ async fn run(stop: Stop, cycles: usize) {
         stop_sending: AtomicBool::new(false),
         done: AtomicBool::new(false),
     });
-    let mut tasks = Vec::new();
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
     for (me, c) in creds.iter().enumerate() {
-        tasks.push(tokio::spawn(sender(world.clone(), c.clone(), me)));
-        tasks.push(tokio::spawn(receiver(world.clone(), c.clone(), me)));
+        senders.push(tokio::spawn(sender(world.clone(), c.clone(), me)));
+        receivers.push(tokio::spawn(receiver(world.clone(), c.clone(), me)));
     }
-    tasks.push(tokio::spawn(keys(
+    senders.push(tokio::spawn(keys(
         world.clone(),
         creds[0].clone(),
         ids[0],
@@ -389,12 +390,16 @@ async fn run(stop: Stop, cycles: usize) {
     // every acknowledged message to arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
     world.stop_sending.store(true, Ordering::Relaxed);
+    // A send in flight may still be acknowledged: wait for the senders to finish.
+    for task in senders {
+        task.await.unwrap();
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline && !world.oracle.lock().unwrap().missing().is_empty() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     world.done.store(true, Ordering::Relaxed);
-    for task in tasks {
+    for task in receivers {
         task.await.unwrap();
     }
 

@@ -31,6 +31,8 @@ pub fn config_text(extra: &str) -> String {
 /// A node running as a child process of the test.
 pub struct ProcessNode {
     pub dir: tempfile::TempDir,
+    /// The data dir, when not the default `dir/data`.
+    data: Option<PathBuf>,
     child: Option<Child>,
     pub addr: String,
     pub fingerprint: Fingerprint,
@@ -39,10 +41,17 @@ pub struct ProcessNode {
 impl ProcessNode {
     /// Starts a node with `config` (TOML) and a fresh data dir.
     pub fn start(config: &str) -> ProcessNode {
+        ProcessNode::start_with_data(config, None)
+    }
+
+    /// Starts a node with `config` and its data in `data` (for example a small
+    /// filesystem), or in a fresh temp dir.
+    pub fn start_with_data(config: &str, data: Option<PathBuf>) -> ProcessNode {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("node.toml"), config).expect("write config");
         let mut node = ProcessNode {
             dir,
+            data,
             child: None,
             addr: String::new(),
             fingerprint: Fingerprint([0; 32]),
@@ -52,7 +61,9 @@ impl ProcessNode {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     pub fn log_path(&self) -> PathBuf {

@@ -1,0 +1,186 @@
+//! A full disk: the node refuses new messages with a clear error, keeps delivering
+//! and acknowledging what it holds, loses nothing, and takes messages again once
+//! acknowledgements have freed space.
+//!
+//! The data dir is a 64 MiB tmpfs that the test mounts, which needs root (CI runs as
+//! root). Without it the test says so and does nothing: a file-size limit would not
+//! do, since free space is what the node watches.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use switchboard::client::{Client, ClientError, Subscription};
+use switchboard::proto::{Channel, DeviceEnvelope, ErrorKind, Item, Outgoing};
+use switchboard::tls::Credentials;
+
+use crate::support::*;
+
+/// A tmpfs mounted for the length of a test.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then_some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    fs2::available_space(path).expect("statvfs")
+}
+
+async fn registered(node: &ProcessNode, number: &str) -> Client {
+    let (creds, _) = Credentials::generate_device().unwrap();
+    let client = Client::connect(&node.addr, &creds, Some(node.fingerprint))
+        .await
+        .unwrap();
+    let n = crate::support::number(number);
+    client.request_code(&n, Channel::Sms, "en").await.unwrap();
+    client.verify_code(&n, CODE).await.unwrap();
+    client
+}
+
+async fn send(alice: &Client, i: u32) -> Result<(), ClientError> {
+    let mut body = vec![0u8; 32 * 1024];
+    body[..4].copy_from_slice(&i.to_be_bytes());
+    alice
+        .send(Outgoing {
+            id: switchboard::client::e2e::new_message_id(),
+            to: BOB.into(),
+            envelopes: vec![DeviceEnvelope { device_id: 1, body }],
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Receives and acknowledges everything queued; returns the message numbers in order
+/// and the least free space seen while acknowledging.
+async fn drain(node: &ProcessNode, sub: &mut Subscription) -> (Vec<u32>, u64) {
+    let mut got = Vec::new();
+    let mut least_free = u64::MAX;
+    loop {
+        let push = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("a push within 10 s")
+            .expect("delivery stream")
+            .expect("open stream");
+        for d in &push.items {
+            if let Item::Message(m) = &d.item {
+                got.push(u32::from_be_bytes(m.body[..4].try_into().unwrap()));
+            }
+        }
+        if let Err(e) = sub.ack(push.items.iter().map(|d| d.seq).collect()).await {
+            panic!("ack failed: {e}\nlog:\n{}", node.log());
+        }
+        least_free = least_free.min(free_bytes(&node.data_dir()));
+        if push.backlog_end {
+            return (got, least_free);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_sends_keeps_delivering_and_recovers() {
+    let Some(fs) = Tmpfs::mount("64m") else {
+        println!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let mut node = ProcessNode::start_with_data(
+        &config_text("[storage]\nmin_free_bytes = 25165824\n"),
+        Some(fs.path()),
+    );
+    let alice = registered(&node, ALICE).await;
+    let bob = registered(&node, BOB).await;
+
+    // Fill the disk until the node refuses.
+    let mut accepted = 0u32;
+    let refusal = loop {
+        assert!(accepted < 2_000, "64 MiB never filled up");
+        match send(&alice, accepted).await {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+    };
+    let message = refusal.to_string();
+    let refused_as = kind(Err::<(), _>(refusal));
+    assert_eq!(
+        refused_as,
+        ErrorKind::StorageFull,
+        "{message}\nlog:\n{}",
+        node.log()
+    );
+    assert!(
+        message.contains("storage full"),
+        "unclear refusal: {message}"
+    );
+    assert!(accepted > 50, "refused too early: after {accepted} sends");
+    assert!(free_bytes(&fs.path()) < 24 * 1024 * 1024);
+    let free_when_full = free_bytes(&fs.path());
+    // Still refused, and nothing changed by the refusal.
+    assert_eq!(kind(send(&alice, accepted).await), ErrorKind::StorageFull);
+
+    // Bob receives every accepted message, in order, and acknowledges them.
+    let mut sub = bob.subscribe().await.unwrap();
+    let (got, least_free) = drain(&node, &mut sub).await;
+    assert_eq!(got, (0..accepted).collect::<Vec<_>>());
+    sub.finish().await.unwrap();
+
+    // The acknowledgements free space; sending works again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut again = 0;
+    while again < 10 {
+        match send(&alice, accepted + again).await {
+            Ok(()) => again += 1,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(kind(Err::<(), _>(e)), ErrorKind::StorageFull);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!(
+                "sending still refused 30 s after every message was acknowledged \
+                 ({} bytes free): {e}",
+                free_bytes(&fs.path())
+            ),
+        }
+    }
+    println!(
+        "disk full after {accepted} sends of 32 KiB ({free_when_full} bytes free, \
+         {least_free} at least while acknowledging); {} bytes free once all were \
+         acknowledged and 10 more sent",
+        free_bytes(&fs.path())
+    );
+    let mut sub = bob.subscribe().await.unwrap();
+    assert_eq!(
+        drain(&node, &mut sub).await.0,
+        (accepted..accepted + 10).collect::<Vec<_>>()
+    );
+    sub.finish().await.unwrap();
+    alice.close().await;
+    bob.close().await;
+    assert!(node.stop(), "node failed\nlog:\n{}", node.log());
+    assert!(node.log().contains("storage full"));
+}
