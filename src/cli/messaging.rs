@@ -93,7 +93,7 @@ pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
     if text.is_empty() {
         bail!("the message is empty");
     }
-    let mut vault = Vault::open(home.dir())?;
+    let mut vault = Vault::open_with(home.dir(), home.passphrase())?;
     let client = connect(&reg).await?;
     let result = async {
         ensure_published(&mut vault, &client, &reg).await?;
@@ -201,7 +201,7 @@ fn show(
 
 pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
     let reg = home.load()?;
-    let mut vault = Vault::open(home.dir())?;
+    let mut vault = Vault::open_with(home.dir(), home.passphrase())?;
     let client = connect(&reg).await?;
     let result = receive(&client, &mut vault, &reg, &args).await;
     client.close().await;
@@ -252,7 +252,7 @@ async fn receive(
 pub async fn safety(home: Home, args: SafetyArgs) -> anyhow::Result<()> {
     let reg = home.load()?;
     let them = contact(&reg, &args.number, args.region.as_deref())?;
-    let mut vault = Vault::open(home.dir())?;
+    let mut vault = Vault::open_with(home.dir(), home.passphrase())?;
     let client = connect(&reg).await?;
     let bundles = client.fetch_bundles(&them, false).await;
     client.close().await;

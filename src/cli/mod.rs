@@ -6,10 +6,13 @@ mod serve;
 mod whoami;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 
 use clap::{Parser, Subcommand};
 use switchboard::client::Home;
+use switchboard::client::sealed::Passphrase;
 use tracing_subscriber::EnvFilter;
 
 /// Switchboard: a self-hosted messaging node and its command-line client.
@@ -19,6 +22,10 @@ pub struct Cli {
     /// The client's home directory (device key and state).
     #[arg(long, env = "SWITCHBOARD_HOME", global = true)]
     home: Option<PathBuf>,
+    /// A file whose first line is the passphrase that encrypts this home's keys
+    /// (instead of the SWITCHBOARD_PASSPHRASE environment variable).
+    #[arg(long, global = true, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,14 +61,32 @@ pub fn init_logging(cli: &Cli) {
         .init();
 }
 
+/// The client home, with the passphrase from `--passphrase-file` or
+/// `SWITCHBOARD_PASSPHRASE`, if either is given.
+fn home(dir: Option<PathBuf>, passphrase_file: Option<&Path>) -> anyhow::Result<Home> {
+    let passphrase = match passphrase_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the passphrase file {}", path.display()))?;
+            Some(text.lines().next().unwrap_or("").to_string())
+        }
+        None => std::env::var("SWITCHBOARD_PASSPHRASE").ok(),
+    };
+    if passphrase.as_deref() == Some("") {
+        anyhow::bail!("the passphrase is empty");
+    }
+    Ok(Home::new(dir)?.with_passphrase(passphrase.map(Passphrase::new)))
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let pass = cli.passphrase_file.as_deref();
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
-        Command::Register(args) => register::run(Home::new(cli.home)?, args).await,
-        Command::Whoami => whoami::run(Home::new(cli.home)?).await,
-        Command::Send(args) => messaging::send(Home::new(cli.home)?, args).await,
-        Command::Recv(args) => messaging::recv(Home::new(cli.home)?, args).await,
-        Command::Safety(args) => messaging::safety(Home::new(cli.home)?, args).await,
+        Command::Register(args) => register::run(home(cli.home, pass)?, args).await,
+        Command::Whoami => whoami::run(home(cli.home, pass)?).await,
+        Command::Send(args) => messaging::send(home(cli.home, pass)?, args).await,
+        Command::Recv(args) => messaging::recv(home(cli.home, pass)?, args).await,
+        Command::Safety(args) => messaging::safety(home(cli.home, pass)?, args).await,
     }
 }
 

@@ -77,7 +77,7 @@ pub async fn run(home: Home, args: Args) -> anyhow::Result<()> {
     // Publish the end-to-end keys at once, so others can write before this device is
     // next online. The home keeps its Olm identity across registrations.
     let published = async {
-        let mut vault = Vault::open(home.dir())?;
+        let mut vault = Vault::open_with(home.dir(), home.passphrase())?;
         vault
             .publish(&client, (reg.account_id, reg.device_id), 0)
             .await
@@ -88,6 +88,14 @@ pub async fn run(home: Home, args: Args) -> anyhow::Result<()> {
         eprintln!(
             "warning: registered, but publishing the encryption keys failed ({e}); \
              they are published on the next `recv`"
+        );
+    }
+    if home.passphrase().is_none() {
+        eprintln!(
+            "note: the device and encryption keys in {} are not encrypted (the files are \
+             readable by you only); set SWITCHBOARD_PASSPHRASE or pass --passphrase-file \
+             to encrypt them",
+            home.dir().display()
         );
     }
     if registered.took_over {

@@ -22,6 +22,7 @@ use sha2::{Digest, Sha512};
 use vodozemac::Curve25519PublicKey;
 use vodozemac::olm::{Account, AccountPickle, OlmMessage, Session, SessionConfig, SessionPickle};
 
+use super::sealed::Passphrase;
 use super::{Client, ClientError};
 use crate::fsutil;
 use crate::phone::Number;
@@ -60,6 +61,8 @@ pub enum E2eError {
     Keys(String),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Home(#[from] super::HomeError),
 }
 
 /// What this device knows of one contact.
@@ -144,7 +147,14 @@ pub fn new_message_id() -> MessageId {
 
 impl Vault {
     /// Loads the vault of the home `dir`, creating a new Olm account if it has none.
+    /// Its key (`e2e.key`) is kept plain (owner-only); see [`Vault::open_with`].
     pub fn open(dir: &Path) -> Result<Vault, E2eError> {
+        Vault::open_with(dir, None)
+    }
+
+    /// Like [`Vault::open`], with the vault key sealed under `passphrase` at rest (a
+    /// plain key found on disk is sealed now).
+    pub fn open_with(dir: &Path, passphrase: Option<&Passphrase>) -> Result<Vault, E2eError> {
         let path = dir.join(STATE_FILE);
         let key_path = dir.join(KEY_FILE);
         let io = |p: &Path| {
@@ -153,10 +163,13 @@ impl Vault {
         };
         fsutil::create_private_dir(dir).map_err(io(dir))?;
         let key: [u8; 32] = match std::fs::read(&key_path) {
-            Ok(bytes) => bytes.try_into().map_err(|_| E2eError::Damaged {
-                path: key_path.clone(),
-                reason: "not 32 bytes".into(),
-            })?,
+            Ok(bytes) => super::home::unseal(&key_path, bytes, passphrase)?
+                .as_slice()
+                .try_into()
+                .map_err(|_| E2eError::Damaged {
+                    path: key_path.clone(),
+                    reason: "not 32 bytes".into(),
+                })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if path.exists() {
                     return Err(E2eError::Damaged {
@@ -165,7 +178,16 @@ impl Vault {
                     });
                 }
                 let key = random::<32>();
-                fsutil::write_private(&key_path, &key).map_err(io(&key_path))?;
+                let stored = match passphrase {
+                    Some(p) => super::sealed::seal(p.as_str(), &key).map_err(|source| {
+                        super::HomeError::Seal {
+                            path: key_path.clone(),
+                            source,
+                        }
+                    })?,
+                    None => key.to_vec(),
+                };
+                fsutil::write_private(&key_path, &stored).map_err(io(&key_path))?;
                 key
             }
             Err(e) => return Err(io(&key_path)(e)),

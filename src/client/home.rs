@@ -1,7 +1,8 @@
 //! The client's home directory: the device key and what the device knows of its node.
 //!
 //! Layout (every file owner-only, the directory 0700):
-//! - `device.key`, `device.crt`: the device's private key and self-signed certificate (PEM);
+//! - `device.key`, `device.crt`: the device's private key and self-signed certificate
+//!   (PEM). With a passphrase, `device.key` is sealed (`client::sealed`);
 //! - `state.toml`: server address, pinned node fingerprint, number and ids.
 //!
 //! Files are written atomically, so an interrupted write never leaves half a home.
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::sealed::{self, Passphrase};
 use crate::fsutil;
 use crate::phone::Number;
 use crate::tls::{Credentials, Fingerprint, PemPair, TlsError};
@@ -28,6 +30,15 @@ pub enum HomeError {
     Damaged { path: PathBuf, reason: String },
     #[error("this home ({path}) has no registered device: run `switchboard register` first")]
     NotRegistered { path: PathBuf },
+    #[error(
+        "{path} is encrypted: set SWITCHBOARD_PASSPHRASE or pass --passphrase-file to unlock it"
+    )]
+    Locked { path: PathBuf },
+    #[error("{path}: {source}")]
+    Seal {
+        path: PathBuf,
+        source: sealed::SealError,
+    },
     #[error(transparent)]
     Tls(#[from] TlsError),
 }
@@ -36,6 +47,8 @@ pub enum HomeError {
 #[derive(Debug, Clone)]
 pub struct Home {
     dir: PathBuf,
+    /// Seals the device key at rest when set.
+    passphrase: Option<Passphrase>,
 }
 
 /// A registered device as its home knows it.
@@ -67,7 +80,22 @@ impl Home {
                 .ok_or(HomeError::NoHome)?
                 .join("switchboard"),
         };
-        Ok(Home { dir })
+        Ok(Home {
+            dir,
+            passphrase: None,
+        })
+    }
+
+    /// The same home, with keys sealed under `passphrase`. Keys found unsealed are
+    /// sealed the next time they are read.
+    pub fn with_passphrase(mut self, passphrase: Option<Passphrase>) -> Home {
+        self.passphrase = passphrase;
+        self
+    }
+
+    /// The passphrase this home was opened with.
+    pub fn passphrase(&self) -> Option<&Passphrase> {
+        self.passphrase.as_ref()
     }
 
     /// The directory.
@@ -98,10 +126,17 @@ impl Home {
         };
         let state: State =
             toml::from_str(&read(&state_path)?).map_err(|e| damaged(e.to_string()))?;
-        let credentials = Credentials::from_pem(
-            &read(&self.dir.join("device.crt"))?,
-            &read(&self.dir.join("device.key"))?,
+        let key_path = self.dir.join("device.key");
+        let key = unseal(
+            &key_path,
+            std::fs::read(&key_path).map_err(self.io(&key_path))?,
+            self.passphrase.as_ref(),
         )?;
+        let key = std::str::from_utf8(&key).map_err(|_| HomeError::Damaged {
+            path: key_path.clone(),
+            reason: "not PEM text".into(),
+        })?;
+        let credentials = Credentials::from_pem(&read(&self.dir.join("device.crt"))?, key)?;
         Ok(Registration {
             fingerprint: state.fingerprint.parse().map_err(damaged)?,
             number: Number::parse_e164(&state.number).map_err(|e| damaged(e.to_string()))?,
@@ -126,9 +161,18 @@ impl Home {
             path: self.dir.join("state.toml"),
             reason: e.to_string(),
         })?;
+        let key = match &self.passphrase {
+            Some(p) => {
+                sealed::seal(p.as_str(), pem.key.as_bytes()).map_err(|source| HomeError::Seal {
+                    path: self.dir.join("device.key"),
+                    source,
+                })?
+            }
+            None => pem.key.as_bytes().to_vec(),
+        };
         // Key and certificate before the state that points at them.
         for (name, bytes) in [
-            ("device.key", pem.key.as_bytes()),
+            ("device.key", key.as_slice()),
             ("device.crt", pem.cert.as_bytes()),
             ("state.toml", text.as_bytes()),
         ] {
@@ -136,5 +180,33 @@ impl Home {
             fsutil::write_private(&path, bytes).map_err(self.io(&path))?;
         }
         Ok(())
+    }
+}
+
+/// The plain secret in `bytes`, read from `path`: opened with the passphrase when
+/// sealed, and sealed in place when it was plain and a passphrase is given.
+pub fn unseal(
+    path: &Path,
+    bytes: Vec<u8>,
+    passphrase: Option<&Passphrase>,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, HomeError> {
+    let seal_err = |source| HomeError::Seal {
+        path: path.to_path_buf(),
+        source,
+    };
+    match (sealed::is_sealed(&bytes), passphrase) {
+        (true, Some(p)) => sealed::open(p.as_str(), &bytes).map_err(seal_err),
+        (true, None) => Err(HomeError::Locked {
+            path: path.to_path_buf(),
+        }),
+        (false, Some(p)) => {
+            let sealed = sealed::seal(p.as_str(), &bytes).map_err(seal_err)?;
+            fsutil::write_private(path, &sealed).map_err(|source| HomeError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            Ok(zeroize::Zeroizing::new(bytes))
+        }
+        (false, None) => Ok(zeroize::Zeroizing::new(bytes)),
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod e2e;
 pub mod home;
+pub mod sealed;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

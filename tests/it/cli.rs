@@ -330,3 +330,129 @@ fn sigterm_shuts_down_gracefully() {
     );
     assert!(node.log().contains("storage flushed"), "{}", node.log());
 }
+
+#[test]
+fn a_passphrase_encrypts_the_keys_at_rest() {
+    let node = ProcessNode::start(&config_text(""));
+    let home = node.dir.path().join("alice");
+    let pass_file = node.dir.path().join("pass");
+    std::fs::write(&pass_file, "correct horse battery staple\n").unwrap();
+    let pass = pass_file.to_str().unwrap();
+    let out = node.register_cli(&home, &["--passphrase-file", pass], ALICE);
+    assert!(!stderr(&out).contains("not encrypted"), "{}", stderr(&out));
+    for name in ["device.key", "e2e.key"] {
+        let bytes = std::fs::read(home.join(name)).unwrap();
+        assert!(bytes.starts_with(b"SBSEAL1\n"), "{name} is not sealed");
+        assert!(!String::from_utf8_lossy(&bytes).contains("PRIVATE KEY"));
+    }
+
+    // Without the passphrase the keys stay locked, with a clear error.
+    let out = node.cli(&home, &["whoami"], "");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is encrypted: set SWITCHBOARD_PASSPHRASE"),
+        "{}",
+        show(&["whoami"], &out)
+    );
+    // A wrong one is refused.
+    let wrong = node.dir.path().join("wrong");
+    std::fs::write(&wrong, "tr0ub4dor&3").unwrap();
+    let args = ["--passphrase-file", wrong.to_str().unwrap(), "whoami"];
+    let out = node.cli(&home, &args, "");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("wrong passphrase"),
+        "{}",
+        show(&args, &out)
+    );
+    // The right one, from the environment this time, unlocks them.
+    let out = std::process::Command::new(BIN)
+        .args(["--home", home.to_str().unwrap(), "whoami"])
+        .env("SWITCHBOARD_PASSPHRASE", "correct horse battery staple")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&["whoami"], &out));
+    assert_eq!(stdout(&out).lines().next(), Some(ALICE));
+}
+
+#[test]
+fn plain_keys_are_sealed_once_a_passphrase_is_given() {
+    let node = ProcessNode::start(&config_text(""));
+    let home = node.dir.path().join("bob");
+    let out = node.register_cli(&home, &[], BOB);
+    assert!(stderr(&out).contains("not encrypted"), "{}", stderr(&out));
+    assert!(
+        !std::fs::read(home.join("device.key"))
+            .unwrap()
+            .starts_with(b"SBSEAL1")
+    );
+
+    let pass_file = node.dir.path().join("pass");
+    std::fs::write(&pass_file, "hunter2 but longer").unwrap();
+    let args = ["--passphrase-file", pass_file.to_str().unwrap(), "recv"];
+    let out = node.cli(&home, &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+    for name in ["device.key", "e2e.key"] {
+        assert!(
+            std::fs::read(home.join(name))
+                .unwrap()
+                .starts_with(b"SBSEAL1\n"),
+            "{name} was not sealed"
+        );
+    }
+    let args = ["--passphrase-file", pass_file.to_str().unwrap(), "whoami"];
+    let out = node.cli(&home, &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+}
+
+#[test]
+fn no_secret_reaches_the_node_log_even_at_trace_level() {
+    let node = ProcessNode::start_traced(&config_text(""));
+    let pass_file = node.dir.path().join("pass");
+    std::fs::write(&pass_file, "a passphrase nobody logs").unwrap();
+    let pass = pass_file.to_str().unwrap();
+    for (who, number) in [("alice", ALICE), ("bob", BOB)] {
+        node.register_cli(
+            &node.dir.path().join(who),
+            &["--passphrase-file", pass],
+            number,
+        );
+    }
+    let alice = node.dir.path().join("alice");
+    let bob = node.dir.path().join("bob");
+    let args = [
+        "--passphrase-file",
+        pass,
+        "send",
+        BOB,
+        "meet at the old mill",
+    ];
+    let out = node.cli(&alice, &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+    let args = ["--passphrase-file", pass, "recv"];
+    let out = node.cli(&bob, &args, "");
+    assert!(
+        stdout(&out).contains("meet at the old mill"),
+        "{}",
+        show(&args, &out)
+    );
+
+    let log = node.log();
+    assert!(log.len() > 10_000, "the trace log is suspiciously short");
+    let node_key = std::fs::read_to_string(node.data_dir().join("tls").join("key.pem")).unwrap();
+    let key_body: String = node_key
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let device_key = std::fs::read(alice.join("device.key")).unwrap();
+    for (what, secret) in [
+        ("the verification code", CODE.to_string()),
+        ("the passphrase", "a passphrase nobody logs".to_string()),
+        ("the message text", "meet at the old mill".to_string()),
+        ("a PEM private key", "PRIVATE KEY".to_string()),
+        ("the node's TLS key", key_body[..32].to_string()),
+        ("the sealed device key", hex::encode(&device_key[40..56])),
+    ] {
+        assert!(!log.contains(&secret), "the node logged {what}");
+    }
+}

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use switchboard::client::{Client, ClientError, Subscription};
-use switchboard::proto::{Channel, DeviceEnvelope, ErrorKind, Item, Outgoing};
+use switchboard::client::{Client, Subscription};
+use switchboard::proto::{Channel, ErrorKind, Item};
 use switchboard::tls::Credentials;
 
 use crate::support::*;
@@ -65,19 +65,6 @@ async fn registered(node: &ProcessNode, number: &str) -> Client {
     client
 }
 
-async fn send(alice: &Client, i: u32) -> Result<(), ClientError> {
-    let mut body = vec![0u8; 32 * 1024];
-    body[..4].copy_from_slice(&i.to_be_bytes());
-    alice
-        .send(Outgoing {
-            id: switchboard::client::e2e::new_message_id(),
-            to: BOB.into(),
-            envelopes: vec![DeviceEnvelope { device_id: 1, body }],
-        })
-        .await
-        .map(|_| ())
-}
-
 /// Receives and acknowledges everything queued; returns the message numbers in order
 /// and the least free space seen while acknowledging.
 async fn drain(node: &ProcessNode, sub: &mut Subscription) -> (Vec<u32>, u64) {
@@ -91,7 +78,7 @@ async fn drain(node: &ProcessNode, sub: &mut Subscription) -> (Vec<u32>, u64) {
             .expect("open stream");
         for d in &push.items {
             if let Item::Message(m) = &d.item {
-                got.push(u32::from_be_bytes(m.body[..4].try_into().unwrap()));
+                got.push(numbered(&m.body));
             }
         }
         if let Err(e) = sub.ack(push.items.iter().map(|d| d.seq).collect()).await {
@@ -121,7 +108,7 @@ async fn a_full_disk_refuses_sends_keeps_delivering_and_recovers() {
     let mut accepted = 0u32;
     let refusal = loop {
         assert!(accepted < 2_000, "64 MiB never filled up");
-        match send(&alice, accepted).await {
+        match send_numbered(&alice, BOB, accepted).await {
             Ok(()) => accepted += 1,
             Err(e) => break e,
         }
@@ -142,7 +129,10 @@ async fn a_full_disk_refuses_sends_keeps_delivering_and_recovers() {
     assert!(free_bytes(&fs.path()) < 24 * 1024 * 1024);
     let free_when_full = free_bytes(&fs.path());
     // Still refused, and nothing changed by the refusal.
-    assert_eq!(kind(send(&alice, accepted).await), ErrorKind::StorageFull);
+    assert_eq!(
+        kind(send_numbered(&alice, BOB, accepted).await),
+        ErrorKind::StorageFull
+    );
 
     // Bob receives every accepted message, in order, and acknowledges them.
     let mut sub = bob.subscribe().await.unwrap();
@@ -154,7 +144,7 @@ async fn a_full_disk_refuses_sends_keeps_delivering_and_recovers() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut again = 0;
     while again < 10 {
-        match send(&alice, accepted + again).await {
+        match send_numbered(&alice, BOB, accepted + again).await {
             Ok(()) => again += 1,
             Err(e) if Instant::now() < deadline => {
                 assert_eq!(kind(Err::<(), _>(e)), ErrorKind::StorageFull);

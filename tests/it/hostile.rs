@@ -129,3 +129,175 @@ async fn a_flood_of_garbage_does_not_stop_a_good_client() {
     tokio::join!(flood, work);
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_length_claiming_billions_of_items_is_refused_without_allocating() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let bad = node.connect().await;
+    // A `Send` (variant 5): a 16-byte id, a one-byte recipient, then an envelope list
+    // whose varint length claims 2^40 entries.
+    let mut payload = vec![5u8];
+    payload.extend_from_slice(&[7; 16]);
+    payload.extend_from_slice(&[1, b'x']);
+    payload.push(253);
+    payload.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&payload);
+    assert_eq!(error_kind(raw(&bad, &frame).await), ErrorKind::Malformed);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_before_registration_are_refused_and_change_nothing() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let bob = node.registered(BOB).await;
+    let stranger = node.connect().await;
+    assert_eq!(
+        kind(
+            stranger
+                .send(outgoing(BOB, [1; 16], b"let me in".to_vec()))
+                .await
+        ),
+        ErrorKind::Unauthenticated
+    );
+    assert_eq!(
+        kind(stranger.fetch_bundles(&number(BOB), true).await),
+        ErrorKind::Unauthenticated
+    );
+    assert_eq!(
+        kind(stranger.subscribe().await.map(|_| ())),
+        ErrorKind::Unauthenticated
+    );
+    // Bob's queue is as empty as before.
+    let mut sub = bob.subscribe().await.unwrap();
+    let push = sub.next().await.unwrap().unwrap();
+    assert!(push.items.is_empty() && push.backlog_end);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_used_code_cannot_be_replayed_by_another_device() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = node.registered(ALICE).await;
+    // Someone who saw the code (or the VerifyCode request) sends it again.
+    let thief = node.connect().await;
+    assert_eq!(
+        kind(thief.verify_code(&number(ALICE), CODE).await),
+        ErrorKind::NoCodePending
+    );
+    assert_eq!(kind(thief.whoami().await), ErrorKind::Unauthenticated);
+    assert_eq!(alice.whoami().await.unwrap().number, ALICE);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_code_requests_is_rate_limited() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let good = node.registered(BOB).await;
+    let flooder = node.connect().await;
+    let carol = number(CAROL);
+    flooder
+        .request_code(&carol, switchboard::proto::Channel::Sms, "en")
+        .await
+        .expect("the first request");
+    for _ in 0..50 {
+        match kind(
+            flooder
+                .request_code(&carol, switchboard::proto::Channel::Sms, "en")
+                .await,
+        ) {
+            ErrorKind::RateLimited { retry_after_secs } => assert!(retry_after_secs > 0),
+            other => panic!("a repeated code request got {other:?}"),
+        }
+    }
+    assert_eq!(good.whoami().await.unwrap().number, BOB);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_streams_on_one_connection_waits_its_turn() {
+    let node =
+        InProcessNode::start(&config_text("[limits]\nmax_streams_per_connection = 8\n")).await;
+    let good = node.registered(ALICE).await;
+    let bad = std::sync::Arc::new(node.connect().await);
+    // 400 requests at once on one connection: QUIC lets only 8 streams be open at a
+    // time, so the rest wait in the flooder's own client, not in the node.
+    let flood: Vec<_> = (0..400)
+        .map(|_| {
+            let bad = bad.clone();
+            tokio::spawn(async move { kind(bad.whoami().await) })
+        })
+        .collect();
+    for _ in 0..20 {
+        assert_eq!(good.whoami().await.unwrap().number, ALICE);
+    }
+    for task in flood {
+        assert_eq!(task.await.unwrap(), ErrorKind::Unauthenticated);
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed() {
+    let node = InProcessNode::start(&config_text("[limits]\nidle_timeout_ms = 1000\n")).await;
+    let idle = node.registered(ALICE).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let closed = idle
+        .whoami()
+        .await
+        .expect_err("an idle connection was kept");
+    assert!(
+        closed.to_string().contains("timed out") || closed.to_string().contains("closed"),
+        "{closed}"
+    );
+    // A new connection works.
+    assert_eq!(
+        node.registered(ALICE).await.whoami().await.unwrap().number,
+        ALICE
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_device_that_never_reads_its_deliveries_stalls_only_itself() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    let carol = node.registered(CAROL).await;
+    // Bob subscribes and then reads nothing: the node can push only as far as QUIC
+    // flow control lets it, and the rest stays in his queue.
+    let mut stalled = bob.subscribe().await.unwrap();
+    for i in 0..300u32 {
+        send_numbered(&alice, BOB, i)
+            .await
+            .expect("a send to a stalled device is still accepted");
+    }
+    // Everyone else is served as usual.
+    carol
+        .send(outgoing(ALICE, [9; 16], b"hi".to_vec()))
+        .await
+        .unwrap();
+    let mut sub = alice.subscribe().await.unwrap();
+    let push = sub.next().await.unwrap().unwrap();
+    assert_eq!(push.items.len(), 1);
+    // When Bob reads at last, everything is there, in order.
+    let mut got = Vec::new();
+    while got.len() < 300 {
+        let push = tokio::time::timeout(std::time::Duration::from_secs(10), stalled.next())
+            .await
+            .expect("a push")
+            .unwrap()
+            .unwrap();
+        for d in &push.items {
+            if let switchboard::proto::Item::Message(m) = &d.item {
+                got.push(numbered(&m.body));
+            }
+        }
+        stalled
+            .ack(push.items.iter().map(|d| d.seq).collect())
+            .await
+            .unwrap();
+    }
+    assert_eq!(got, (0..300).collect::<Vec<_>>());
+    node.shutdown().await;
+}

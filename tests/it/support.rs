@@ -33,6 +33,8 @@ pub struct ProcessNode {
     pub dir: tempfile::TempDir,
     /// The data dir, when not the default `dir/data`.
     data: Option<PathBuf>,
+    /// `RUST_LOG` for the node.
+    log_level: &'static str,
     child: Option<Child>,
     pub addr: String,
     pub fingerprint: Fingerprint,
@@ -47,11 +49,21 @@ impl ProcessNode {
     /// Starts a node with `config` and its data in `data` (for example a small
     /// filesystem), or in a fresh temp dir.
     pub fn start_with_data(config: &str, data: Option<PathBuf>) -> ProcessNode {
+        ProcessNode::start_full(config, data, "info")
+    }
+
+    /// Starts a node that logs everything, at every level, from every crate.
+    pub fn start_traced(config: &str) -> ProcessNode {
+        ProcessNode::start_full(config, None, "trace")
+    }
+
+    fn start_full(config: &str, data: Option<PathBuf>, log_level: &'static str) -> ProcessNode {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("node.toml"), config).expect("write config");
         let mut node = ProcessNode {
             dir,
             data,
+            log_level,
             child: None,
             addr: String::new(),
             fingerprint: Fingerprint([0; 32]),
@@ -94,7 +106,7 @@ impl ProcessNode {
             } else {
                 &self.addr
             })
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", self.log_level)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -164,6 +176,16 @@ impl ProcessNode {
             self.log()
         );
         self.spawn();
+    }
+
+    /// Registers `number` (a test number) from the client home `home` with the CLI,
+    /// with `global` options (such as `--passphrase-file F`) first; asserts success.
+    pub fn register_cli(&self, home: &Path, global: &[&str], number: &str) -> Output {
+        let mut args = global.to_vec();
+        args.extend(["register", number, "--server", &self.addr, "--code", CODE]);
+        let out = self.cli(home, &args, "");
+        assert!(out.status.success(), "{}", show(&args, &out));
+        out
     }
 
     /// Runs the CLI with `home` and `args`, feeding `stdin`.
@@ -310,6 +332,32 @@ impl InProcessNode {
         }
         self.dir
     }
+}
+
+/// A message to `to`'s device 1 with an opaque body.
+pub fn outgoing(
+    to: &str,
+    id: switchboard::proto::MessageId,
+    body: Vec<u8>,
+) -> switchboard::proto::Outgoing {
+    switchboard::proto::Outgoing {
+        id,
+        to: to.into(),
+        envelopes: vec![switchboard::proto::DeviceEnvelope { device_id: 1, body }],
+    }
+}
+
+/// Sends message `i` to `to`: 32 KiB whose first four bytes are `i`.
+pub async fn send_numbered(from: &Client, to: &str, i: u32) -> Result<(), ClientError> {
+    let mut body = vec![0x42; 32 * 1024];
+    body[..4].copy_from_slice(&i.to_be_bytes());
+    let id = switchboard::client::e2e::new_message_id();
+    from.send(outgoing(to, id, body)).await.map(|_| ())
+}
+
+/// The `i` of a message from [`send_numbered`].
+pub fn numbered(body: &[u8]) -> u32 {
+    u32::from_be_bytes(body[..4].try_into().expect("a numbered message"))
 }
 
 pub fn number(s: &str) -> Number {
