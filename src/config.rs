@@ -22,6 +22,17 @@ pub struct Config {
     pub verification: Verification,
     pub messages: Messages,
     pub storage: Storage,
+    pub discovery: Discovery,
+}
+
+/// Private contact discovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    /// Numbers an account may turn into accounts per day (UTC): each blinded element
+    /// evaluated, and each distinct number looked up by a send or a key fetch.
+    pub daily_budget: u32,
+    /// How often the membership filter is rebuilt when registrations changed it.
+    pub filter_refresh: Duration,
 }
 
 /// How the database meets the disk.
@@ -156,6 +167,10 @@ impl Default for Config {
                 power_loss_sync: true,
                 min_free_bytes: 64 * 1024 * 1024,
             },
+            discovery: Discovery {
+                daily_budget: 5_000,
+                filter_refresh: Duration::from_secs(10),
+            },
         }
     }
 }
@@ -203,6 +218,14 @@ mod raw {
         pub verification: Verification,
         pub messages: Messages,
         pub storage: Storage,
+        pub discovery: Discovery,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Discovery {
+        pub daily_budget: Option<u32>,
+        pub filter_refresh_secs: Option<u64>,
     }
 
     #[derive(Deserialize, Default)]
@@ -497,12 +520,29 @@ mod raw {
                     1 << 50,
                 )?,
             };
+            let discovery = super::Discovery {
+                daily_budget: in_range(
+                    "discovery.daily_budget",
+                    self.discovery.daily_budget,
+                    d.discovery.daily_budget,
+                    1,
+                    10_000_000,
+                )?,
+                filter_refresh: secs(
+                    "discovery.filter_refresh_secs",
+                    self.discovery.filter_refresh_secs,
+                    d.discovery.filter_refresh,
+                    1,
+                    86_400,
+                )?,
+            };
             Ok(super::Config {
                 server,
                 limits,
                 verification,
                 messages,
                 storage,
+                discovery,
             })
         }
     }

@@ -4,6 +4,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use switchboard::client::contacts::Book;
 use switchboard::client::e2e::{self, Content, ONE_TIME_KEY_TARGET, Opened, Vault};
 use switchboard::client::{Client, Home, Registration};
 use switchboard::phone::{Number, Region};
@@ -11,8 +12,8 @@ use switchboard::proto::{Item, Push};
 
 #[derive(Debug, clap::Args)]
 pub struct SendArgs {
-    /// The recipient's number (a national number is read in your own region unless
-    /// --region says otherwise).
+    /// The recipient: a number (a national number is read in your own region unless
+    /// --region says otherwise), or the name of a contact (`switchboard contacts`).
     number: String,
     /// The message; `-` reads it from stdin.
     text: String,
@@ -41,12 +42,37 @@ pub struct SafetyArgs {
     region: Option<String>,
 }
 
-fn contact(reg: &Registration, number: &str, region: Option<&str>) -> anyhow::Result<Number> {
+/// The number meant by `who`: a phone number, or else a contact's name.
+fn contact(
+    home: &Home,
+    reg: &Registration,
+    who: &str,
+    region: Option<&str>,
+) -> anyhow::Result<Number> {
     let region = match region {
         Some(r) => Some(r.parse::<Region>()?),
         None => reg.number.region(),
     };
-    Ok(Number::parse(number, region)?)
+    let not_a_number = match Number::parse(who, region) {
+        Ok(n) => return Ok(n),
+        Err(e) => e,
+    };
+    let book = Book::load(home.dir())?;
+    let matches = book.by_name(who);
+    match matches.as_slice() {
+        [] => Err(anyhow::anyhow!(
+            "{not_a_number}, and no contact is called {who:?}"
+        )),
+        [one] => Ok(Number::parse_e164(&one.number)?),
+        many => {
+            let numbers: Vec<&str> = many.iter().map(|c| c.number.as_str()).collect();
+            bail!(
+                "{} contacts are called {who:?} ({}); give the number instead",
+                many.len(),
+                numbers.join(", ")
+            )
+        }
+    }
 }
 
 async fn connect(reg: &Registration) -> anyhow::Result<Client> {
@@ -71,7 +97,7 @@ async fn ensure_published(
 
 pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
     let reg = home.load()?;
-    let to = contact(&reg, &args.number, args.region.as_deref())?;
+    let to = contact(&home, &reg, &args.number, args.region.as_deref())?;
     if to == reg.number {
         bail!("{to} is this device's own number; send to someone else");
     }
@@ -251,7 +277,7 @@ async fn receive(
 
 pub async fn safety(home: Home, args: SafetyArgs) -> anyhow::Result<()> {
     let reg = home.load()?;
-    let them = contact(&reg, &args.number, args.region.as_deref())?;
+    let them = contact(&home, &reg, &args.number, args.region.as_deref())?;
     let mut vault = Vault::open_with(home.dir(), home.passphrase())?;
     let client = connect(&reg).await?;
     let bundles = client.fetch_bundles(&them, false).await;

@@ -1,5 +1,7 @@
 //! Command-line interface: clap definitions and one module per command.
 
+mod admin;
+mod contacts;
 mod messaging;
 mod register;
 mod serve;
@@ -44,6 +46,12 @@ enum Command {
     Recv(messaging::RecvArgs),
     /// Show the safety number with a contact, to compare in person.
     Safety(messaging::SafetyArgs),
+    /// Your address book, and which of your contacts are on the node.
+    #[command(subcommand)]
+    Contacts(contacts::Command),
+    /// Operator commands on a node's data dir.
+    #[command(subcommand)]
+    Admin(admin::Command),
 }
 
 /// Logs go to stderr: info for the node, warnings only for client commands, unless
@@ -87,6 +95,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Send(args) => messaging::send(home(cli.home, pass)?, args).await,
         Command::Recv(args) => messaging::recv(home(cli.home, pass)?, args).await,
         Command::Safety(args) => messaging::safety(home(cli.home, pass)?, args).await,
+        Command::Contacts(command) => contacts::run(home(cli.home, pass)?, command).await,
+        Command::Admin(command) => admin::run(command),
     }
 }
 

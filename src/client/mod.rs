@@ -5,8 +5,10 @@
 //! at once. The node's certificate is pinned by fingerprint: pass the pin when it is
 //! known, or `None` to trust on first use and store [`Client::fingerprint`].
 
+pub mod contacts;
 pub mod e2e;
 pub mod home;
+pub mod import;
 pub mod sealed;
 
 use std::net::SocketAddr;
@@ -242,6 +244,84 @@ impl Client {
     pub async fn send(&self, outgoing: Outgoing) -> Result<Accepted, ClientError> {
         match self.call(&Request::Send(outgoing)).await? {
             Response::Accepted(a) => Ok(a),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Contact discovery: evaluates blinded elements (at most
+    /// [`proto::messages::MAX_DISCOVERY_BATCH`]). Returns the key version, the evaluated
+    /// elements in order, and what is left of today's budget.
+    pub async fn evaluate(
+        &self,
+        blinded: Vec<[u8; 32]>,
+    ) -> Result<(u32, Vec<[u8; 32]>, u32), ClientError> {
+        let n = blinded.len();
+        match self.call(&Request::Evaluate { blinded }).await? {
+            Response::Evaluated {
+                key_version,
+                evaluated,
+                budget_left,
+            } if evaluated.len() == n => Ok((key_version, evaluated, budget_left)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Contact discovery: the node's membership filter, unless `have` is its current
+    /// version (then `None`). Returns the version, the key version and the filter
+    /// bytes, fetched chunk by chunk.
+    pub async fn fetch_filter(
+        &self,
+        have: Option<u64>,
+    ) -> Result<Option<(u64, u32, Vec<u8>)>, ClientError> {
+        let mut bytes = Vec::new();
+        let mut current: Option<(u64, u32)> = None;
+        // Bounded: a filter that keeps changing under us is fetched afresh at most
+        // a few times.
+        for _ in 0..64 {
+            let offset = bytes.len() as u32;
+            match self.call(&Request::FetchFilter { have, offset }).await? {
+                Response::FilterUnchanged { .. } => return Ok(None),
+                Response::FilterChunk {
+                    version,
+                    key_version,
+                    total_len,
+                    offset: at,
+                    chunk,
+                } => {
+                    if at != offset || current.is_some_and(|c| c != (version, key_version)) {
+                        // The filter was rebuilt mid-download: start over.
+                        bytes.clear();
+                        current = None;
+                        continue;
+                    }
+                    current = Some((version, key_version));
+                    if chunk.is_empty() && bytes.len() < total_len as usize {
+                        return Err(unexpected(Response::FilterChunk {
+                            version,
+                            key_version,
+                            total_len,
+                            offset: at,
+                            chunk,
+                        }));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                    if bytes.len() >= total_len as usize {
+                        return Ok(Some((version, key_version, bytes)));
+                    }
+                }
+                other => return Err(unexpected(other)),
+            }
+        }
+        Err(ClientError::Protocol(
+            "the node's filter kept changing during the download".into(),
+        ))
+    }
+
+    /// Contact discovery: which of these PRF values belong to registered accounts.
+    pub async fn resolve(&self, prfs: Vec<[u8; 32]>) -> Result<Vec<bool>, ClientError> {
+        let n = prfs.len();
+        match self.call(&Request::Resolve { prfs }).await? {
+            Response::Resolved { registered } if registered.len() == n => Ok(registered),
             other => Err(unexpected(other)),
         }
     }

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::Shared;
 use super::conn::Session;
 use crate::phone::Number;
+use crate::proto::messages::{FILTER_CHUNK_BYTES, MAX_DISCOVERY_BATCH};
 use crate::proto::{
     Accepted, Bundle, Bundles, Channel, CodeSent, ErrorKind, Identity, IdentityKeys, KeyUpload,
     NodeError, Outgoing, Registered, Reply, Request, Response, SignedKey,
@@ -39,6 +40,9 @@ pub async fn handle(request: Request, shared: &Arc<Shared>, session: &Session) -
             ErrorKind::Internal,
             "subscribe is not a plain request",
         )),
+        Request::Evaluate { blinded } => evaluate(shared, session, blinded).await,
+        Request::FetchFilter { have, offset } => fetch_filter(shared, session, have, offset).await,
+        Request::Resolve { prfs } => resolve(shared, session, prfs).await,
     };
     match result {
         Ok(response) => Reply::Ok(response),
@@ -223,6 +227,9 @@ async fn verify_code(
                     "device signed out"
                 );
             }
+            if !took_over {
+                shared.discovery.mark_dirty();
+            }
             // The device must not be told it is registered before that is durable.
             shared.commit.durable().await.map_err(commit_failed)?;
             tracing::info!(
@@ -378,7 +385,8 @@ async fn fetch_bundles(
     number: &str,
     claim: bool,
 ) -> Result<Response, NodeError> {
-    authenticated(shared, session).await?;
+    let me = authenticated(shared, session).await?;
+    charge_lookup(shared, &me, number)?;
     let Some((account_id, devices)) = recipient(shared, number).await? else {
         return Err(unknown_recipient(number));
     };
@@ -474,6 +482,7 @@ async fn send(
             format!("a message may be at most {max} bytes once encrypted"),
         ));
     }
+    charge_lookup(shared, &me, to)?;
     let Some((account_id, devices)) = recipient(shared, to).await? else {
         return Err(unknown_recipient(to));
     };
@@ -531,4 +540,116 @@ async fn send(
         accepted_at_ms,
         duplicate,
     }))
+}
+
+fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
+/// Turning a number into an account counts against the discovery budget, so sending
+/// and key fetches cannot be used to enumerate around the OPRF.
+fn charge_lookup(shared: &Shared, me: &DeviceIdentity, number: &str) -> Result<(), NodeError> {
+    shared
+        .discovery
+        .charge_lookup(me.device.account_id, number, now_secs())
+}
+
+fn too_many(what: &str, n: usize) -> NodeError {
+    NodeError::new(
+        ErrorKind::Malformed,
+        format!("{n} {what} in one request; at most {MAX_DISCOVERY_BATCH} are allowed"),
+    )
+}
+
+async fn evaluate(
+    shared: &Arc<Shared>,
+    session: &Session,
+    blinded: Vec<[u8; 32]>,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    if blinded.len() > MAX_DISCOVERY_BATCH {
+        return Err(too_many("blinded elements", blinded.len()));
+    }
+    let budget_left =
+        shared
+            .discovery
+            .charge(me.device.account_id, blinded.len() as u32, now_secs())?;
+    let key = shared.store.discovery_key();
+    // About 50 µs of scalar multiplication per element: off the async workers.
+    let evaluated = tokio::task::spawn_blocking(move || {
+        blinded
+            .iter()
+            .map(|b| key.evaluate(b))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|e| (key.version(), e))
+    })
+    .await
+    .map_err(|e| NodeError::new(ErrorKind::Internal, format!("evaluation task failed: {e}")))?;
+    match evaluated {
+        Ok((key_version, evaluated)) => Ok(Response::Evaluated {
+            key_version,
+            evaluated,
+            budget_left,
+        }),
+        Err(_) => Err(NodeError::new(
+            ErrorKind::Malformed,
+            "a blinded element is not a valid ristretto255 point",
+        )),
+    }
+}
+
+async fn fetch_filter(
+    shared: &Arc<Shared>,
+    session: &Session,
+    have: Option<u64>,
+    offset: u32,
+) -> Result<Response, NodeError> {
+    authenticated(shared, session).await?;
+    let filter = shared
+        .discovery
+        .filter(&shared.store)
+        .await
+        .map_err(internal)?;
+    if have == Some(filter.version) {
+        return Ok(Response::FilterUnchanged {
+            version: filter.version,
+            key_version: filter.key_version,
+        });
+    }
+    let start = offset as usize;
+    if start > filter.bytes.len() {
+        return Err(NodeError::new(
+            ErrorKind::Malformed,
+            format!(
+                "offset {offset} is past the end of the filter ({} bytes)",
+                filter.bytes.len()
+            ),
+        ));
+    }
+    let end = (start + FILTER_CHUNK_BYTES).min(filter.bytes.len());
+    Ok(Response::FilterChunk {
+        version: filter.version,
+        key_version: filter.key_version,
+        total_len: filter.bytes.len() as u32,
+        offset,
+        chunk: filter.bytes[start..end].to_vec(),
+    })
+}
+
+async fn resolve(
+    shared: &Arc<Shared>,
+    session: &Session,
+    prfs: Vec<[u8; 32]>,
+) -> Result<Response, NodeError> {
+    authenticated(shared, session).await?;
+    if prfs.len() > MAX_DISCOVERY_BATCH {
+        return Err(too_many("PRF values", prfs.len()));
+    }
+    let registered = read(shared, move |store| {
+        prfs.iter()
+            .map(|p| store.discovery_lookup(p).map(|a| a.is_some()))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
+    Ok(Response::Resolved { registered })
 }

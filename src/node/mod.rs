@@ -9,6 +9,7 @@
 mod commit;
 mod conn;
 mod delivery;
+mod discovery;
 mod handlers;
 mod limits;
 mod mailbox;
@@ -74,6 +75,8 @@ pub(crate) struct Shared {
     pub directory: std::sync::Mutex<(u64, Directory)>,
     /// Free space on the data dir's filesystem against `storage.min_free_bytes`.
     pub space: space::SpaceGuard,
+    /// Contact discovery: budgets and the membership filter.
+    pub discovery: discovery::Discovery,
 }
 
 /// A bound node, ready to [`run`](Node::run).
@@ -146,6 +149,7 @@ impl Node {
             directory_epoch: std::sync::atomic::AtomicU64::new(0),
             directory: std::sync::Mutex::new((0, std::collections::HashMap::new())),
             space: space::SpaceGuard::new(data_dir.clone(), config.storage.min_free_bytes),
+            discovery: discovery::Discovery::new(config.discovery.daily_budget),
             store,
             config,
         });
@@ -171,6 +175,7 @@ impl Node {
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         tracker.spawn(sweeper(self.shared.clone(), stop.clone()));
+        tracker.spawn(filter_refresher(self.shared.clone(), stop.clone()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -224,6 +229,28 @@ impl Node {
 }
 
 /// Drops queued items older than the TTL, every `sweep_interval`, until the node stops.
+/// Rebuilds the discovery filter when registrations changed the index: at start, then
+/// every `discovery.filter_refresh_secs`.
+async fn filter_refresher(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(shared.config.discovery.filter_refresh);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match shared.discovery.refresh(&shared.store).await {
+            Ok(f) => tracing::debug!(
+                entries = f.entries,
+                bytes = f.bytes.len(),
+                version = f.version,
+                "discovery filter current"
+            ),
+            Err(e) => tracing::error!(error = %e, "building the discovery filter failed"),
+        }
+    }
+}
+
 async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
     let messages = &shared.config.messages;
     let mut ticks = tokio::time::interval(messages.sweep_interval);

@@ -41,7 +41,24 @@ pub enum Request {
     /// [`Response::Subscribed`], then writes [`Push`] frames; the client writes
     /// [`Ack`] frames. See PROTOCOL.md.
     Subscribe,
+    /// Contact discovery: evaluate these blinded OPRF elements (compressed ristretto255
+    /// points, at most [`MAX_DISCOVERY_BATCH`]) under the node's discovery key. Each
+    /// counts against the account's daily discovery budget. Answered by
+    /// [`Response::Evaluated`], in the same order.
+    Evaluate { blinded: Vec<[u8; 32]> },
+    /// Contact discovery: fetch the membership filter, from byte `offset`. With `have`
+    /// equal to the current filter version the node answers
+    /// [`Response::FilterUnchanged`]; otherwise [`Response::FilterChunk`].
+    FetchFilter { have: Option<u64>, offset: u32 },
+    /// Contact discovery: which of these PRF values (at most [`MAX_DISCOVERY_BATCH`])
+    /// belong to a registered account. Answered by [`Response::Resolved`].
+    Resolve { prfs: Vec<[u8; 32]> },
 }
+
+/// The most elements one `Evaluate` or `Resolve` may carry.
+pub const MAX_DISCOVERY_BATCH: usize = 1024;
+/// The most filter bytes one `FilterChunk` carries.
+pub const FILTER_CHUNK_BYTES: usize = 512 * 1024;
 
 /// A device's public identity keys (Olm: Curve25519 for key agreement, Ed25519 for
 /// signatures).
@@ -238,6 +255,32 @@ pub enum Response {
     /// The delivery stream is open; this many items were queued for the device.
     Subscribed {
         queued: u64,
+    },
+    /// The evaluated elements, in request order, under discovery key `key_version`.
+    Evaluated {
+        key_version: u32,
+        evaluated: Vec<[u8; 32]>,
+        /// Evaluations left in today's budget.
+        budget_left: u32,
+    },
+    /// Part of the membership filter (`discovery::MembershipFilter::encode`): bytes
+    /// `offset..offset + chunk.len()` of `total_len`.
+    FilterChunk {
+        version: u64,
+        key_version: u32,
+        total_len: u32,
+        offset: u32,
+        chunk: Vec<u8>,
+    },
+    /// The client's filter is current.
+    FilterUnchanged {
+        version: u64,
+        key_version: u32,
+    },
+    /// One flag per PRF value asked about, in request order: true when an account is
+    /// indexed under it.
+    Resolved {
+        registered: Vec<bool>,
     },
 }
 

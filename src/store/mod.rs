@@ -22,12 +22,13 @@ use std::sync::{Arc, Mutex};
 use rand::TryRng;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
+use crate::discovery::{DiscoveryKey, Prf};
 use keys::KeyId;
 use records::{AccountRecord, CodeRecord, DeviceRecord};
 
 /// The schema this build writes. Raise it with every change of layout and add a rung
 /// to [`Store::migrate`].
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// What can go wrong in storage.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +57,8 @@ impl From<TransactionError<StoreError>> for StoreError {
 /// Every tree of the database.
 #[derive(Clone)]
 struct Trees {
-    /// `meta`: name (ASCII) → value. `schema_version` (u32 BE), `code_hash_key` (32 bytes).
+    /// `meta`: name (ASCII) → value. `schema_version` (u32 BE), `code_hash_key` (32 bytes),
+    /// `discovery_key` (the OPRF key, 32 bytes), `discovery_key_version` (u32 BE).
     meta: sled::Tree,
     /// `number_account`: E.164 (UTF-8) → account id (u64 BE). One account per number.
     number_account: sled::Tree,
@@ -76,6 +78,9 @@ struct Trees {
     /// `sent_message`: sender device address ++ client message id (16 bytes) → accept
     /// time (u64 BE). Makes resending an id idempotent; swept with the queue TTL.
     sent_message: sled::Tree,
+    /// `discovery_index`: PRF(discovery key, E.164) (32 bytes) → account id (u64 BE).
+    /// The contact-discovery index: no plain or plain-hashed number in it.
+    discovery_index: sled::Tree,
 }
 
 /// The node's database.
@@ -91,6 +96,8 @@ pub struct Store {
     /// it after sled's flush (which syncs only with `sync_file_range`: safe from a
     /// process crash, not from a power cut). `None` when power-loss sync is off.
     log_file: Option<Arc<std::fs::File>>,
+    /// The OPRF key of the discovery index (replaced only by a rotation).
+    discovery: Arc<std::sync::RwLock<Arc<DiscoveryKey>>>,
 }
 
 /// Items per device queue, for quotas. Exact: only code holding the writer lock
@@ -159,6 +166,27 @@ fn abort<T>(e: StoreError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
+fn discovery_error(e: crate::discovery::DiscoveryError) -> StoreError {
+    StoreError::Corrupt(format!("discovery: {e}"))
+}
+
+/// The discovery key from `meta`, made (version 1) on first use.
+fn load_or_make_discovery_key(meta: &sled::Tree) -> Result<DiscoveryKey, StoreError> {
+    if let (Some(bytes), Some(version)) = (
+        meta.get("discovery_key")?,
+        meta.get("discovery_key_version")?,
+    ) {
+        let version = u32::from_be_bytes(version.as_ref().try_into().map_err(|_| {
+            StoreError::Corrupt("meta/discovery_key_version is not 4 bytes".into())
+        })?);
+        return DiscoveryKey::from_bytes(&bytes, version).map_err(discovery_error);
+    }
+    let key = DiscoveryKey::generate(1).map_err(discovery_error)?;
+    meta.insert("discovery_key", key.to_bytes())?;
+    meta.insert("discovery_key_version", &1u32.to_be_bytes())?;
+    Ok(key)
+}
+
 /// Opens sled in `dir`. sled lets go of its file lock only when its background flusher
 /// notices the last handle is gone (up to its 500 ms flush interval), so a database
 /// closed a moment ago in this same process (an in-process restart, a test) may still
@@ -208,12 +236,17 @@ impl Store {
             one_time_key: db.open_tree("one_time_key")?,
             queue: db.open_tree("queue")?,
             sent_message: db.open_tree("sent_message")?,
+            discovery_index: db.open_tree("discovery_index")?,
         };
+        let discovery = Arc::new(std::sync::RwLock::new(Arc::new(
+            load_or_make_discovery_key(&trees.meta)?,
+        )));
         let store = Store {
             db,
             trees,
             queue_writer: Arc::default(),
             log_file,
+            discovery,
         };
         store.migrate()?;
         Ok(store)
@@ -235,6 +268,10 @@ impl Store {
         // Rung 1 → 2: the messaging trees (`device_keys`, `one_time_key`, `queue`,
         // `sent_message`) appear empty; nothing to convert, but a build that knows
         // only schema 1 must not open a database that holds queues it would ignore.
+        // Rung 2 → 3: the discovery index is built for the accounts already there.
+        if (1..3).contains(&found) {
+            self.rebuild_discovery_index()?;
+        }
         if found < SCHEMA_VERSION {
             self.trees
                 .meta
@@ -317,9 +354,16 @@ impl Store {
         // Ids are drawn outside the transaction (sled cannot inside); an unused one is
         // simply skipped. They start at 1: 0 reads as "none" too easily.
         let fresh_account_id = self.db.generate_id()? + 1;
+        let prf = self.discovery_key().prf(number).map_err(discovery_error)?;
         let t = &self.trees;
-        let outcome = (&t.number_code, &t.number_account, &t.account, &t.device_key).transaction(
-            |(codes, numbers, accounts, device_keys)| {
+        let outcome = (
+            &t.number_code,
+            &t.number_account,
+            &t.account,
+            &t.device_key,
+            &t.discovery_index,
+        )
+            .transaction(|(codes, numbers, accounts, device_keys, index)| {
                 let number_key = keys::number(number);
                 let Some(bytes) = codes.get(number_key)? else {
                     return Ok(VerifyOutcome::NoCode);
@@ -408,6 +452,7 @@ impl Store {
                     records::encode(&account).or_else(abort)?,
                 )?;
                 device_keys.insert(&new_device.key_id, &keys::device(account_id, device_id))?;
+                index.insert(&prf, &keys::account(account_id))?;
                 Ok(VerifyOutcome::Registered {
                     device: DeviceRef {
                         account_id,
@@ -416,9 +461,74 @@ impl Store {
                     took_over,
                     signed_out,
                 })
-            },
-        )?;
+            })?;
         Ok(outcome)
+    }
+
+    /// The current discovery key.
+    pub fn discovery_key(&self) -> Arc<DiscoveryKey> {
+        match self.discovery.read() {
+            Ok(key) => key.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The account indexed under `prf`, if any.
+    pub fn discovery_lookup(&self, prf: &Prf) -> Result<Option<u64>, StoreError> {
+        match self.trees.discovery_index.get(prf)? {
+            None => Ok(None),
+            Some(v) => {
+                Ok(Some(keys::parse_account(&v).ok_or_else(|| {
+                    StoreError::Corrupt("discovery_index value".into())
+                })?))
+            }
+        }
+    }
+
+    /// The filter key of every index entry, in index order.
+    pub fn discovery_filter_keys(&self) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::with_capacity(self.trees.discovery_index.len());
+        for entry in self.trees.discovery_index.iter().keys() {
+            let key = entry?;
+            let prf: Prf = key
+                .as_ref()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("discovery_index key length".into()))?;
+            out.push(crate::discovery::filter_key(&prf));
+        }
+        Ok(out)
+    }
+
+    /// Replaces the discovery key with a fresh one (version + 1) and rebuilds the index
+    /// under it. Run it on a data dir no node has open. Returns the new version.
+    pub fn rotate_discovery_key(&self) -> Result<u32, StoreError> {
+        let version = self.discovery_key().version() + 1;
+        let key = DiscoveryKey::generate(version).map_err(discovery_error)?;
+        self.trees.meta.insert("discovery_key", key.to_bytes())?;
+        self.trees
+            .meta
+            .insert("discovery_key_version", &version.to_be_bytes())?;
+        match self.discovery.write() {
+            Ok(mut k) => *k = Arc::new(key),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(key),
+        }
+        self.rebuild_discovery_index()?;
+        self.flush_blocking()?;
+        Ok(version)
+    }
+
+    /// Writes the index afresh from `number_account`, under the current key.
+    fn rebuild_discovery_index(&self) -> Result<(), StoreError> {
+        let key = self.discovery_key();
+        self.trees.discovery_index.clear()?;
+        for entry in self.trees.number_account.iter() {
+            let (number, account) = entry?;
+            let number = std::str::from_utf8(&number)
+                .map_err(|_| StoreError::Corrupt("number_account key is not UTF-8".into()))?;
+            let prf = key.prf(number).map_err(discovery_error)?;
+            self.trees.discovery_index.insert(prf, account)?;
+        }
+        Ok(())
     }
 
     /// The device whose key id is `key_id`, with its number.

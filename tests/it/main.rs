@@ -6,6 +6,7 @@ mod support;
 mod cli;
 mod cli_messaging;
 mod crash;
+mod discovery;
 mod disk;
 mod hostile;
 mod library;

@@ -87,7 +87,8 @@ impl ProcessNode {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    fn spawn(&mut self) {
+    /// Starts the node process (again) on the same data dir, config and port.
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -1,0 +1,231 @@
+//! The node's side of contact discovery: the daily budget per account, and the
+//! membership filter that clients download.
+//!
+//! The budget counts every way of turning a number into an account: each blinded
+//! element evaluated, and each distinct number looked up by `Send` or `FetchBundles`
+//! in a day. It refills at midnight UTC. Budgets are kept in memory, one entry per
+//! account that used discovery today (accounts are registered, not attacker-chosen,
+//! and each entry holds at most a budget's worth of number hashes).
+//!
+//! The filter is rebuilt from the index on a timer when registrations changed it,
+//! never per request. Its version is a hash of its bytes, so it is the same across
+//! restarts for the same index.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use sha2::{Digest, Sha256};
+
+use crate::discovery::MembershipFilter;
+use crate::proto::{ErrorKind, NodeError};
+use crate::store::{Store, StoreError};
+
+const DAY_SECS: u64 = 86_400;
+
+/// One account's use of its budget today.
+struct Budget {
+    day: u64,
+    used: u32,
+    /// Hashes (keyed per process) of the numbers looked up today.
+    numbers: HashSet<u64>,
+}
+
+/// A built filter, as served.
+pub struct FilterSnapshot {
+    pub version: u64,
+    pub key_version: u32,
+    pub bytes: Vec<u8>,
+    pub entries: usize,
+}
+
+pub struct Discovery {
+    per_day: u32,
+    budgets: Mutex<HashMap<u64, Budget>>,
+    hasher: RandomState,
+    filter: RwLock<Option<Arc<FilterSnapshot>>>,
+    /// Set when the index changed since the filter was built.
+    dirty: AtomicBool,
+    /// Serialises builds.
+    building: tokio::sync::Mutex<()>,
+}
+
+impl Discovery {
+    pub fn new(per_day: u32) -> Discovery {
+        Discovery {
+            per_day,
+            budgets: Mutex::new(HashMap::new()),
+            hasher: RandomState::new(),
+            filter: RwLock::new(None),
+            dirty: AtomicBool::new(true),
+            building: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn refused(&self, now_secs: u64) -> NodeError {
+        let retry = DAY_SECS - now_secs % DAY_SECS;
+        NodeError::new(
+            ErrorKind::RateLimited {
+                retry_after_secs: retry as u32,
+            },
+            format!(
+                "the daily contact-discovery budget of {} lookups is used up; it refills \
+                 at midnight UTC, in {}",
+                self.per_day,
+                humantime::format_duration(std::time::Duration::from_secs(retry))
+            ),
+        )
+    }
+
+    fn with_budget<T>(&self, account: u64, now_secs: u64, f: impl FnOnce(&mut Budget) -> T) -> T {
+        let day = now_secs / DAY_SECS;
+        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        // A new day: yesterday's entries are worth nothing.
+        if budgets.values().next().is_some_and(|b| b.day != day) {
+            budgets.retain(|_, b| b.day == day);
+        }
+        let budget = budgets.entry(account).or_insert_with(|| Budget {
+            day,
+            used: 0,
+            numbers: HashSet::new(),
+        });
+        f(budget)
+    }
+
+    /// Charges `n` evaluations to `account`; returns what is left of today's budget.
+    pub fn charge(&self, account: u64, n: u32, now_secs: u64) -> Result<u32, NodeError> {
+        let per_day = self.per_day;
+        let left = self.with_budget(account, now_secs, |b| {
+            if b.used.saturating_add(n) > per_day {
+                return None;
+            }
+            b.used += n;
+            Some(per_day - b.used)
+        });
+        left.ok_or_else(|| self.refused(now_secs))
+    }
+
+    /// Charges a lookup of `number` by `account`, unless it looked the same number up
+    /// earlier today.
+    pub fn charge_lookup(
+        &self,
+        account: u64,
+        number: &str,
+        now_secs: u64,
+    ) -> Result<(), NodeError> {
+        let hash = self.hasher.hash_one(number);
+        let per_day = self.per_day;
+        let ok = self.with_budget(account, now_secs, |b| {
+            if b.numbers.contains(&hash) {
+                return true;
+            }
+            if b.used >= per_day {
+                return false;
+            }
+            b.used += 1;
+            b.numbers.insert(hash);
+            true
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(self.refused(now_secs))
+        }
+    }
+
+    /// The index changed: rebuild the filter at the next refresh.
+    pub fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// The current filter, built now if there is none yet.
+    pub async fn filter(&self, store: &Store) -> Result<Arc<FilterSnapshot>, StoreError> {
+        if let Some(f) = self.current() {
+            return Ok(f);
+        }
+        self.refresh(store).await
+    }
+
+    fn current(&self) -> Option<Arc<FilterSnapshot>> {
+        self.filter
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rebuilds the filter if the index changed since the last build (or none was
+    /// built), and returns the current one.
+    pub async fn refresh(&self, store: &Store) -> Result<Arc<FilterSnapshot>, StoreError> {
+        let _one_at_a_time = self.building.lock().await;
+        if let Some(f) = self.current()
+            && !self.dirty.load(Ordering::Acquire)
+        {
+            return Ok(f);
+        }
+        self.dirty.store(false, Ordering::Release);
+        let store = store.clone();
+        let built = tokio::task::spawn_blocking(move || build(&store))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("filter build task failed: {e}")));
+        let snapshot = match built.and_then(|r| r) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                self.dirty.store(true, Ordering::Release);
+                return Err(e);
+            }
+        };
+        *self.filter.write().unwrap_or_else(|p| p.into_inner()) = Some(snapshot.clone());
+        Ok(snapshot)
+    }
+}
+
+/// Builds the filter from the index (blocking: it reads the whole index).
+pub fn build(store: &Store) -> Result<FilterSnapshot, StoreError> {
+    let key_version = store.discovery_key().version();
+    let keys = store.discovery_filter_keys()?;
+    let entries = keys.len();
+    let filter = MembershipFilter::build(keys)
+        .map_err(|e| StoreError::Corrupt(format!("building the discovery filter: {e}")))?;
+    let bytes = filter.encode();
+    let digest = Sha256::new()
+        .chain_update(key_version.to_be_bytes())
+        .chain_update(&bytes)
+        .finalize();
+    let mut version = [0u8; 8];
+    version.copy_from_slice(&digest[..8]);
+    Ok(FilterSnapshot {
+        version: u64::from_be_bytes(version),
+        key_version,
+        bytes,
+        entries,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_counts_evaluations_and_new_numbers_and_refills_daily() {
+        let d = Discovery::new(10);
+        let noon = 20_000 * DAY_SECS + 43_200;
+        assert_eq!(d.charge(1, 6, noon).unwrap(), 4);
+        d.charge_lookup(1, "+14155550100", noon).unwrap();
+        // The same number again costs nothing.
+        d.charge_lookup(1, "+14155550100", noon).unwrap();
+        assert_eq!(d.charge(1, 3, noon).unwrap(), 0);
+        let refused = d.charge_lookup(1, "+14155550101", noon).unwrap_err();
+        assert_eq!(
+            refused.kind,
+            ErrorKind::RateLimited {
+                retry_after_secs: 43_200
+            }
+        );
+        assert!(refused.message.contains("refills at midnight UTC, in 12h"));
+        assert!(d.charge(1, 1, noon).is_err());
+        // Another account has its own budget; tomorrow the budget is full again.
+        assert_eq!(d.charge(2, 10, noon).unwrap(), 0);
+        assert_eq!(d.charge(1, 10, noon + DAY_SECS).unwrap(), 0);
+    }
+}
