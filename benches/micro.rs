@@ -147,3 +147,48 @@ fn flush_after_insert(bencher: divan::Bencher, power_loss_sync: bool) {
         let _ = store.flush_blocking();
     });
 }
+
+/// The node's cost per number in contact discovery: one `Evaluate` element (decode the
+/// blinded point, multiply by the key, encode).
+#[divan::bench]
+fn discovery_evaluate_one(bencher: divan::Bencher) {
+    let key = switchboard::discovery::DiscoveryKey::generate(1).expect("key");
+    let blinded = switchboard::discovery::blind("+14155550101").expect("blind");
+    bencher.bench_local(|| key.evaluate(divan::black_box(&blinded.element)));
+}
+
+/// The limit: the bare ristretto255 work inside an evaluation (decompress, one scalar
+/// multiplication, compress), with curve25519-dalek alone.
+#[divan::bench]
+fn bare_ristretto_scalar_mul(bencher: divan::Bencher) {
+    use curve25519_dalek::ristretto::CompressedRistretto;
+    use curve25519_dalek::scalar::Scalar;
+    let blinded = switchboard::discovery::blind("+14155550101").expect("blind");
+    let scalar = Scalar::from_bytes_mod_order([7; 32]);
+    bencher.bench_local(|| {
+        CompressedRistretto(divan::black_box(blinded.element))
+            .decompress()
+            .map(|p| (p * scalar).compress())
+    });
+}
+
+/// Building the membership filter of 100,000 accounts (sort, dedup, binary fuse).
+#[divan::bench(sample_count = 20)]
+fn discovery_filter_build_100k(bencher: divan::Bencher) {
+    let keys = filter_keys(100_000);
+    bencher.bench_local(|| switchboard::discovery::MembershipFilter::build(keys.clone()));
+}
+
+/// The limit: xorf's binary fuse filter alone, on the same (already unique) keys.
+#[divan::bench(sample_count = 20)]
+fn bare_xorf_build_100k(bencher: divan::Bencher) {
+    let keys = filter_keys(100_000);
+    bencher.bench_local(|| xorf::BinaryFuse8::try_from(&keys));
+}
+
+fn filter_keys(n: u64) -> Vec<u64> {
+    // Distinct, well-spread keys, as PRF values are.
+    (0..n)
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5bd1_e995)
+        .collect()
+}

@@ -190,6 +190,7 @@ impl Book {
             contacts: self.contacts.len(),
             ..SyncReport::default()
         };
+        fsutil::create_private_dir(dir).map_err(io(dir))?;
         // The filter, unless ours is current.
         let filter_path = dir.join(FILTER_FILE);
         let have = self.filter_version.filter(|_| filter_path.exists());

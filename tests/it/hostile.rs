@@ -301,3 +301,42 @@ async fn a_device_that_never_reads_its_deliveries_stalls_only_itself() {
     assert_eq!(got, (0..300).collect::<Vec<_>>());
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_discovery_requests_hits_the_budget_and_hurts_nobody() {
+    let node = InProcessNode::start(&config_text("[discovery]\ndaily_budget = 3000\n")).await;
+    let good = node.registered(ALICE).await;
+    let flooder = node.registered(BOB).await;
+    let point = switchboard::discovery::blind("+14155550177")
+        .unwrap()
+        .element;
+    let flood = async {
+        let mut refused = 0;
+        for _ in 0..10 {
+            match flooder.evaluate(vec![point; 1024]).await {
+                Ok(_) => {}
+                Err(e) => {
+                    assert!(matches!(
+                        kind(Err::<(), _>(e)),
+                        ErrorKind::RateLimited { .. }
+                    ));
+                    refused += 1;
+                }
+            }
+        }
+        refused
+    };
+    let work = async {
+        for _ in 0..20 {
+            assert_eq!(good.whoami().await.unwrap().number, ALICE);
+        }
+        good.evaluate(vec![point]).await.unwrap()
+    };
+    let (refused, (_, evaluated, left)) = tokio::join!(flood, work);
+    assert_eq!(
+        refused, 8,
+        "2 batches of 1024 fit a budget of 3000; 8 are refused"
+    );
+    assert_eq!((evaluated.len(), left), (1, 2999));
+    node.shutdown().await;
+}
