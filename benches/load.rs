@@ -1117,6 +1117,22 @@ mod backlog {
     }
 }
 
+/// The release node on an existing data dir, with `config` if given.
+fn node_on(data: &Path, config: Option<&Path>) -> Result<Server> {
+    let mut command = Command::new(BIN);
+    command.arg("serve");
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    command
+        .arg("--data")
+        .arg(data)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .env("RUST_LOG", "warn");
+    Server::spawn(command, None, 1)
+}
+
 /// Registers `nums` directly in `store`, through the registration transaction (which
 /// also writes the discovery index), and flushes.
 fn register_accounts(store: &switchboard::store::Store, nums: &[Number]) -> Result<()> {
@@ -1270,15 +1286,7 @@ mod storage {
 
         // Open time and RSS: the real node starting on that data dir.
         let started = Instant::now();
-        let mut command = Command::new(BIN);
-        command
-            .arg("serve")
-            .arg("--data")
-            .arg(&data)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .env("RUST_LOG", "warn");
-        let node = Server::spawn(command, None, 1)?;
+        let node = node_on(&data, None)?;
         let open_took = started.elapsed();
         std::thread::sleep(Duration::from_millis(500));
         let open_rss = rss_bytes(node.pid());
@@ -1424,17 +1432,7 @@ mod discovery {
                 ),
             )
             .map_err(err)?;
-            let mut command = Command::new(BIN);
-            command
-                .arg("serve")
-                .arg("--config")
-                .arg(&config)
-                .arg("--data")
-                .arg(&data)
-                .arg("--listen")
-                .arg("127.0.0.1:0")
-                .env("RUST_LOG", "warn");
-            let node = Server::spawn(command, None, 1)?;
+            let node = node_on(&data, Some(&config))?;
             let fp: Fingerprint = node.lines[1]
                 .strip_prefix("fingerprint ")
                 .ok_or("no fingerprint line")?
