@@ -220,3 +220,42 @@ async fn bad_discovery_requests_get_errors() {
     assert_eq!(alice.resolve(vec![[7; 32]]).await.unwrap(), [false]);
     node.shutdown().await;
 }
+
+#[test]
+fn a_broken_address_book_imports_what_is_valid_and_reports_the_rest() {
+    let node = ProcessNode::start(&config_text(""));
+    let alice = node.dir.path().join("alice");
+    node.register_cli(&alice, &[], ALICE);
+    let card = node.dir.path().join("broken.vcf");
+    std::fs::write(
+        &card,
+        "BEGIN:VCARD\nVERSION:3.0\nFN:Good One\nTEL:(415) 555-0101\nX-WHATEVER;A=b:c\nEND:VCARD\n\
+         garbage without a colon\n\
+         BEGIN:VCARD\nFN:Bad Number\nTEL:12\nEND:VCARD\n\
+         BEGIN:VCARD\nFN:Half\nTEL:+44 20 7946 0958\n",
+    )
+    .unwrap();
+    let out = run_ok(
+        &node,
+        &alice,
+        &["contacts", "import", card.to_str().unwrap()],
+    );
+    assert!(out.contains("read 2 numbers"), "{out}");
+    assert!(out.contains("1 added"), "{out}");
+    assert!(out.contains("3 skipped"), "{out}");
+    assert!(out.contains("not a vCard property"), "{out}");
+    assert!(out.contains("Bad Number: \"12\""), "{out}");
+    assert!(out.contains("without END:VCARD"), "{out}");
+    let listed = run_ok(&node, &alice, &["contacts", "list", "--json"]);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(listed.contains(BOB), "{listed}");
+    // Bytes that are not text at all import nothing and crash nothing.
+    let junk = node.dir.path().join("junk.csv");
+    std::fs::write(&junk, [0xff, 0xfe, 0x00, 0x01, 0x80, b'\n', 0xc3]).unwrap();
+    let out = run_ok(
+        &node,
+        &alice,
+        &["contacts", "import", junk.to_str().unwrap()],
+    );
+    assert!(out.contains("read 0 numbers"), "{out}");
+}
