@@ -102,7 +102,15 @@ pub struct Limits {
 /// Verification codes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verification {
-    pub provider: Provider,
+    /// How codes go out by SMS.
+    pub sms: Provider,
+    /// How codes go out by voice call.
+    pub voice: Provider,
+    /// Further tries after a failed delivery, with doubling waits from 500 ms.
+    pub retries: u32,
+    /// The message text per language (BCP 47 primary tag, e.g. `en`, `de`), with the
+    /// placeholders `{code}` and `{minutes}`. `en` is always there.
+    pub messages: BTreeMap<String, String>,
     pub code_ttl: Duration,
     pub max_attempts: u32,
     pub resend_cooldown: Duration,
@@ -111,11 +119,54 @@ pub struct Verification {
 }
 
 /// How codes reach people.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Provider {
     /// The code is written to the node's log, for an operator to pass on by hand.
     Log,
+    /// An HTTP request to an SMS or voice gateway.
+    Http(HttpProvider),
+    /// A program run with arguments (e.g. `gammu-smsd-inject` for a USB modem).
+    Command(CommandProvider),
 }
+
+/// An HTTP request template. Placeholders `{number}` (E.164), `{code}`, `{message}`
+/// and `{channel}` (`sms`, `voice`) are filled in the URL (percent-encoded), the
+/// headers, the form fields and the JSON body (JSON-escaped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpProvider {
+    pub url: String,
+    /// `GET`, `POST` or `PUT`.
+    pub method: String,
+    pub headers: BTreeMap<String, String>,
+    /// HTTP basic authentication: user and password.
+    pub basic_auth: Option<(String, String)>,
+    pub body: HttpBody,
+    pub timeout: Duration,
+    /// Status codes that mean "sent"; any 2xx when empty.
+    pub success_status: Vec<u16>,
+}
+
+/// The body of an HTTP provider's request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpBody {
+    None,
+    /// `application/x-www-form-urlencoded` fields.
+    Form(BTreeMap<String, String>),
+    /// A JSON text with placeholders inside its strings.
+    Json(String),
+}
+
+/// A program and its arguments (no shell), with placeholders in the arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandProvider {
+    pub program: String,
+    pub args: Vec<String>,
+    pub timeout: Duration,
+}
+
+/// The English message, and the one used when no other language matches.
+pub const DEFAULT_MESSAGE: &str =
+    "Your Switchboard code is {code}. It expires in {minutes} minutes. Do not share it.";
 
 /// A config file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +199,10 @@ impl Default for Config {
                 shutdown_grace: Duration::from_secs(5),
             },
             verification: Verification {
-                provider: Provider::Log,
+                sms: Provider::Log,
+                voice: Provider::Log,
+                retries: 2,
+                messages: BTreeMap::from([("en".to_string(), DEFAULT_MESSAGE.to_string())]),
                 code_ttl: Duration::from_secs(600),
                 max_attempts: 5,
                 resend_cooldown: Duration::from_secs(60),
@@ -273,10 +327,144 @@ mod raw {
     #[serde(deny_unknown_fields, default)]
     pub struct Verification {
         pub provider: Option<String>,
+        pub sms: Option<ProviderTable>,
+        pub voice: Option<ProviderTable>,
+        pub retries: Option<u32>,
+        pub messages: BTreeMap<String, String>,
         pub code_ttl_secs: Option<u64>,
         pub max_attempts: Option<u32>,
         pub resend_cooldown_secs: Option<u64>,
         pub test_numbers: BTreeMap<String, String>,
+    }
+
+    /// `[verification.sms]` or `[verification.voice]`.
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct ProviderTable {
+        pub kind: Option<String>,
+        pub url: Option<String>,
+        pub method: Option<String>,
+        pub headers: BTreeMap<String, String>,
+        pub username: Option<String>,
+        pub password: Option<String>,
+        pub form: Option<BTreeMap<String, String>>,
+        pub json: Option<String>,
+        pub timeout_secs: Option<u64>,
+        pub success_status: Vec<u16>,
+        pub program: Option<String>,
+        pub args: Vec<String>,
+    }
+
+    impl ProviderTable {
+        fn validate(self, key: &str) -> Result<super::Provider, String> {
+            let kind = self.kind.as_deref().unwrap_or("log");
+            let timeout = secs(
+                &format!("{key}.timeout_secs"),
+                self.timeout_secs,
+                Duration::from_secs(10),
+                1,
+                300,
+            )?;
+            let unused = |what: &str, present: bool| -> Result<(), String> {
+                if present {
+                    Err(format!(
+                        "key `{key}.{what}`: not used by a {kind:?} provider"
+                    ))
+                } else {
+                    Ok(())
+                }
+            };
+            match kind {
+                "log" => {
+                    unused("url", self.url.is_some())?;
+                    unused("program", self.program.is_some())?;
+                    Ok(super::Provider::Log)
+                }
+                "http" => {
+                    unused("program", self.program.is_some())?;
+                    unused("args", !self.args.is_empty())?;
+                    let url = self
+                        .url
+                        .ok_or_else(|| format!("key `{key}.url`: an http provider needs it"))?;
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return Err(format!(
+                            "key `{key}.url`: {url:?} is not an http:// or https:// URL"
+                        ));
+                    }
+                    let method = self.method.unwrap_or_else(|| "POST".into()).to_uppercase();
+                    if !["GET", "POST", "PUT"].contains(&method.as_str()) {
+                        return Err(format!(
+                            "key `{key}.method`: {method:?} is not GET, POST or PUT"
+                        ));
+                    }
+                    let basic_auth = match (self.username, self.password) {
+                        (None, None) => None,
+                        (Some(u), Some(p)) => Some((u, p)),
+                        _ => {
+                            return Err(format!(
+                                "key `{key}.username`: basic auth needs both username and password"
+                            ));
+                        }
+                    };
+                    let body = match (self.form, self.json) {
+                        (None, None) => super::HttpBody::None,
+                        (Some(f), None) => super::HttpBody::Form(f),
+                        (None, Some(j)) => {
+                            // The template must be JSON once filled in.
+                            let sample = j
+                                .replace("{number}", "+14155550100")
+                                .replace("{code}", "123456")
+                                .replace("{message}", "a message")
+                                .replace("{channel}", "sms");
+                            serde_json::from_str::<serde_json::Value>(&sample).map_err(|e| {
+                                format!("key `{key}.json`: not JSON once filled in: {e}")
+                            })?;
+                            super::HttpBody::Json(j)
+                        }
+                        (Some(_), Some(_)) => {
+                            return Err(format!(
+                                "key `{key}.json`: give either `form` or `json`, not both"
+                            ));
+                        }
+                    };
+                    if method == "GET" && body != super::HttpBody::None {
+                        return Err(format!("key `{key}.method`: a GET request has no body"));
+                    }
+                    if let Some(bad) = self
+                        .success_status
+                        .iter()
+                        .find(|s| !(100..600).contains(*s))
+                    {
+                        return Err(format!(
+                            "key `{key}.success_status`: {bad} is not an HTTP status"
+                        ));
+                    }
+                    Ok(super::Provider::Http(super::HttpProvider {
+                        url,
+                        method,
+                        headers: self.headers,
+                        basic_auth,
+                        body,
+                        timeout,
+                        success_status: self.success_status,
+                    }))
+                }
+                "command" => {
+                    unused("url", self.url.is_some())?;
+                    let program = self.program.ok_or_else(|| {
+                        format!("key `{key}.program`: a command provider needs it")
+                    })?;
+                    Ok(super::Provider::Command(super::CommandProvider {
+                        program,
+                        args: self.args,
+                        timeout,
+                    }))
+                }
+                other => Err(format!(
+                    "key `{key}.kind`: unknown provider {other:?} (known: \"log\", \"http\", \"command\")"
+                )),
+            }
+        }
     }
 
     fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
@@ -397,14 +585,31 @@ mod raw {
             };
             let v = self.verification;
             let dv = d.verification;
-            let provider = match v.provider.as_deref() {
-                None | Some("log") => Provider::Log,
+            match v.provider.as_deref() {
+                None | Some("log") => {}
                 Some(other) => {
                     return Err(format!(
-                        "key `verification.provider`: unknown provider {other:?} (known: \"log\")"
+                        "key `verification.provider`: unknown provider {other:?} (known: \"log\"; \
+                         http and command providers are set in [verification.sms] and \
+                         [verification.voice])"
                     ));
                 }
-            };
+            }
+            let sms = v
+                .sms
+                .map_or(Ok(Provider::Log), |t| t.validate("verification.sms"))?;
+            let voice = v
+                .voice
+                .map_or(Ok(Provider::Log), |t| t.validate("verification.voice"))?;
+            let mut messages = dv.messages.clone();
+            for (lang, text) in v.messages {
+                if !text.contains("{code}") {
+                    return Err(format!(
+                        "key `verification.messages.{lang}`: the text must contain {{code}}"
+                    ));
+                }
+                messages.insert(lang.to_ascii_lowercase(), text);
+            }
             let mut test_numbers = BTreeMap::new();
             for (number, code) in v.test_numbers {
                 let parsed = Number::parse(&number, None)
@@ -421,7 +626,10 @@ mod raw {
                 }
             }
             let verification = super::Verification {
-                provider,
+                sms,
+                voice,
+                retries: in_range("verification.retries", v.retries, dv.retries, 0, 10)?,
+                messages,
                 code_ttl: secs(
                     "verification.code_ttl_secs",
                     v.code_ttl_secs,
@@ -598,6 +806,56 @@ mod tests {
         );
         check_err("[nonsense]\n", "nonsense");
         check_err("this is not toml", "line 1");
+    }
+
+    #[test]
+    fn the_provider_examples_in_config_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/providers");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            let real = |p: &Provider| !matches!(p, Provider::Log);
+            assert!(
+                real(&c.verification.sms) || real(&c.verification.voice),
+                "{} sets no gateway",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(seen >= 4);
+    }
+
+    #[test]
+    fn bad_provider_tables_name_the_key() {
+        check_err(
+            "[verification.sms]\nkind = \"pigeon\"\n",
+            "verification.sms.kind",
+        );
+        check_err(
+            "[verification.sms]\nkind = \"http\"\n",
+            "verification.sms.url",
+        );
+        check_err(
+            "[verification.sms]\nkind = \"http\"\nurl = \"ftp://x\"\n",
+            "verification.sms.url",
+        );
+        check_err(
+            "[verification.voice]\nkind = \"http\"\nurl = \"http://x\"\njson = \"{nope\"\n",
+            "verification.voice.json",
+        );
+        check_err(
+            "[verification.sms]\nkind = \"http\"\nurl = \"http://x\"\nusername = \"u\"\n",
+            "verification.sms.username",
+        );
+        check_err(
+            "[verification.sms]\nkind = \"command\"\n",
+            "verification.sms.program",
+        );
+        check_err(
+            "[verification.messages]\nde = \"Kein Code\"\n",
+            "verification.messages.de",
+        );
     }
 
     #[test]

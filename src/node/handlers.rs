@@ -17,7 +17,7 @@ use crate::store::{
     AppendOutcome, DeviceIdentity, DeviceRef, KeysRefusal, NewDevice, Store, StoreError,
     VerifyOutcome,
 };
-use crate::verify::{self, Delivery, Refusal, provider};
+use crate::verify::{self, Delivery, Refusal, gateway, provider};
 
 /// Answers one request.
 pub async fn handle(request: Request, shared: &Arc<Shared>, session: &Session) -> Reply {
@@ -133,7 +133,7 @@ async fn request_code(
     session: &Session,
     number: &str,
     channel: Channel,
-    _locale: &str,
+    locale: &str,
 ) -> Result<Response, NodeError> {
     let number = parse_number(number)?;
     tracing::info!(%number, channel = channel.name(), source = %session.remote.ip(), "code requested");
@@ -153,14 +153,26 @@ async fn request_code(
         tracing::info!(%number, "code requested for a test number; its fixed code is not delivered");
     } else {
         let ttl_minutes = shared.codes.ttl().as_secs().div_ceil(60);
+        let template = provider::template(&shared.config.verification.messages, locale);
         let delivery = Delivery {
-            message: provider::message(&code, ttl_minutes),
+            message: provider::message(template, &code, ttl_minutes),
             number: number.clone(),
             channel,
             code,
         };
-        if let Err(e) = shared.provider.deliver(&delivery).await {
-            tracing::warn!(provider = shared.provider.name(), %number, error = %e, "code delivery failed");
+        let provider = match channel {
+            Channel::Sms => shared.providers.sms.as_ref(),
+            Channel::Voice => shared.providers.voice.as_ref(),
+        };
+        let retries = shared.config.verification.retries;
+        if let Err(e) = gateway::deliver_with_retries(provider, &delivery, retries).await {
+            tracing::error!(
+                provider = provider.name(),
+                %number,
+                tries = retries + 1,
+                error = %e,
+                "code delivery failed; the client was told to try later"
+            );
             let number2 = number.clone();
             blocking(shared, move |store| store.remove_code(number2.as_str())).await?;
             return Err(NodeError::new(

@@ -29,6 +29,7 @@ use crate::fsutil;
 use crate::proto::codes;
 use crate::store::{Store, StoreError};
 use crate::tls::{Credentials, Fingerprint, TlsError};
+use crate::verify::gateway::{CommandGateway, HttpGateway};
 use crate::verify::{Codes, LogProvider, Provider};
 
 /// Why a node could not start or stopped with an error.
@@ -55,12 +56,27 @@ pub enum ServeError {
 /// Registered number → (account id, sorted device ids).
 pub(crate) type Directory = std::collections::HashMap<String, (u64, Vec<u32>)>;
 
+/// The code delivery of each channel.
+pub(crate) struct Providers {
+    pub sms: Box<dyn Provider>,
+    pub voice: Box<dyn Provider>,
+}
+
+fn provider(kind: &ProviderKind) -> Box<dyn Provider> {
+    match kind {
+        ProviderKind::Log => Box::new(LogProvider),
+        ProviderKind::Http(c) => Box::new(HttpGateway::new(c.clone())),
+        ProviderKind::Command(c) => Box::new(CommandGateway::new(c.clone())),
+    }
+}
+
 /// What every connection and request shares.
 pub(crate) struct Shared {
     pub config: Config,
     pub store: Store,
     pub codes: Codes,
-    pub provider: Box<dyn Provider>,
+    /// Code delivery, per channel.
+    pub providers: Providers,
     pub admission: limits::Admission,
     pub commit: commit::GroupCommit,
     pub mailboxes: mailbox::Mailboxes,
@@ -122,8 +138,9 @@ impl Node {
 
         let server_config = conn::server_config(&creds, &config)?;
         let endpoint = bind_endpoint(config.server.listen, server_config)?;
-        let provider: Box<dyn Provider> = match config.verification.provider {
-            ProviderKind::Log => Box::new(LogProvider),
+        let providers = Providers {
+            sms: provider(&config.verification.sms),
+            voice: provider(&config.verification.voice),
         };
         let shared = Arc::new(Shared {
             codes: Codes::new(code_key, config.verification.clone()),
@@ -131,7 +148,7 @@ impl Node {
                 config.limits.max_connections,
                 config.limits.max_connections_per_address,
             ),
-            provider,
+            providers,
             commit: commit::GroupCommit::start(store.clone()),
             mailboxes: mailbox::Mailboxes::default(),
             worker: worker::StoreWorker::start(store.clone(), "store").map_err(|source| {

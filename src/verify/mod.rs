@@ -5,6 +5,7 @@
 //! copy of the database does not reveal pending codes, and compares hashes in
 //! constant time. This module decides; the store persists; the node answers.
 
+pub mod gateway;
 pub mod provider;
 
 use std::time::Duration;

@@ -3,6 +3,7 @@
 //! Registration only sees the [`Provider`] trait; the verification-delivery work adds
 //! `http` and `command` providers beside [`LogProvider`] without touching it.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -58,9 +59,48 @@ impl Provider for LogProvider {
     }
 }
 
-/// The default message text.
-pub fn message(code: &str, ttl_minutes: u64) -> String {
-    format!(
-        "Your Switchboard code is {code}. It expires in {ttl_minutes} minutes. Do not share it."
-    )
+/// The message template for a client's locale (BCP 47): the exact tag, else its
+/// primary language (`de` for `de-CH`), else English.
+pub fn template<'a>(messages: &'a BTreeMap<String, String>, locale: &str) -> &'a str {
+    let locale = locale.trim().to_ascii_lowercase();
+    let primary = locale.split(['-', '_']).next().unwrap_or("");
+    messages
+        .get(&locale)
+        .or_else(|| messages.get(primary))
+        .or_else(|| messages.get("en"))
+        .map_or(crate::config::DEFAULT_MESSAGE, String::as_str)
+}
+
+/// The message text: `template` with `{code}` and `{minutes}` filled in.
+pub fn message(template: &str, code: &str, ttl_minutes: u64) -> String {
+    template
+        .replace("{code}", code)
+        .replace("{minutes}", &ttl_minutes.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_follows_the_locale() {
+        let messages = BTreeMap::from([
+            ("en".to_string(), "Code {code}, {minutes} min".to_string()),
+            ("de".to_string(), "Code {code}, {minutes} Min.".to_string()),
+            ("pt-br".to_string(), "Código {code}".to_string()),
+        ]);
+        assert_eq!(
+            message(template(&messages, "de-CH"), "123456", 10),
+            "Code 123456, 10 Min."
+        );
+        assert_eq!(message(template(&messages, "pt-BR"), "1", 10), "Código 1");
+        assert_eq!(
+            message(template(&messages, "fr"), "1", 10),
+            "Code 1, 10 min"
+        );
+        assert_eq!(
+            template(&BTreeMap::new(), "fr"),
+            crate::config::DEFAULT_MESSAGE
+        );
+    }
 }

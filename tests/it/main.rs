@@ -11,3 +11,4 @@ mod disk;
 mod hostile;
 mod library;
 mod messaging;
+mod providers;
