@@ -116,6 +116,26 @@ pub struct Verification {
     pub resend_cooldown: Duration,
     /// Numbers whose code is fixed and never delivered, for development and tests.
     pub test_numbers: BTreeMap<Number, String>,
+    /// Limits on code requests, against SMS pumping and account takeover.
+    pub limits: CodeLimits,
+}
+
+/// How many codes may be sent, per number, per source address, per country and in
+/// all. Counted in the database, so a restart does not reset them. Test numbers are
+/// not counted (their codes are never sent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeLimits {
+    pub per_number_10min: u32,
+    pub per_number_hour: u32,
+    /// Per IPv4 address, or per IPv6 /64.
+    pub per_address_hour: u32,
+    /// Per country calling code.
+    pub per_country_day: u32,
+    pub global_day: u32,
+    /// Country calling codes that may receive codes; empty means all.
+    pub allowed_countries: Vec<u16>,
+    /// Country calling codes that never receive codes.
+    pub denied_countries: Vec<u16>,
 }
 
 /// How codes reach people.
@@ -207,6 +227,15 @@ impl Default for Config {
                 max_attempts: 5,
                 resend_cooldown: Duration::from_secs(60),
                 test_numbers: BTreeMap::new(),
+                limits: CodeLimits {
+                    per_number_10min: 3,
+                    per_number_hour: 5,
+                    per_address_hour: 10,
+                    per_country_day: 1_000,
+                    global_day: 10_000,
+                    allowed_countries: Vec::new(),
+                    denied_countries: Vec::new(),
+                },
             },
             messages: Messages {
                 max_envelope_bytes: 64 * 1024,
@@ -331,10 +360,23 @@ mod raw {
         pub voice: Option<ProviderTable>,
         pub retries: Option<u32>,
         pub messages: BTreeMap<String, String>,
+        pub limits: CodeLimits,
         pub code_ttl_secs: Option<u64>,
         pub max_attempts: Option<u32>,
         pub resend_cooldown_secs: Option<u64>,
         pub test_numbers: BTreeMap<String, String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct CodeLimits {
+        pub per_number_10min: Option<u32>,
+        pub per_number_hour: Option<u32>,
+        pub per_address_hour: Option<u32>,
+        pub per_country_day: Option<u32>,
+        pub global_day: Option<u32>,
+        pub allowed_countries: Vec<u16>,
+        pub denied_countries: Vec<u16>,
     }
 
     /// `[verification.sms]` or `[verification.voice]`.
@@ -652,6 +694,54 @@ mod raw {
                     86_400,
                 )?,
                 test_numbers,
+                limits: {
+                    let l = v.limits;
+                    let dl = &dv.limits;
+                    let count = |key: &str, value: Option<u32>, default: u32| {
+                        in_range(
+                            &format!("verification.limits.{key}"),
+                            value,
+                            default,
+                            1,
+                            10_000_000,
+                        )
+                    };
+                    if let Some(cc) = l
+                        .allowed_countries
+                        .iter()
+                        .chain(&l.denied_countries)
+                        .find(|cc| !(1..=999).contains(*cc))
+                    {
+                        return Err(format!(
+                            "key `verification.limits`: {cc} is not a country calling code (1 to 999)"
+                        ));
+                    }
+                    super::CodeLimits {
+                        per_number_10min: count(
+                            "per_number_10min",
+                            l.per_number_10min,
+                            dl.per_number_10min,
+                        )?,
+                        per_number_hour: count(
+                            "per_number_hour",
+                            l.per_number_hour,
+                            dl.per_number_hour,
+                        )?,
+                        per_address_hour: count(
+                            "per_address_hour",
+                            l.per_address_hour,
+                            dl.per_address_hour,
+                        )?,
+                        per_country_day: count(
+                            "per_country_day",
+                            l.per_country_day,
+                            dl.per_country_day,
+                        )?,
+                        global_day: count("global_day", l.global_day, dl.global_day)?,
+                        allowed_countries: l.allowed_countries,
+                        denied_countries: l.denied_countries,
+                    }
+                },
             };
             let m = self.messages;
             let dm = d.messages;

@@ -110,6 +110,13 @@ impl Number {
         &self.0
     }
 
+    /// The country calling code (`1` for +1 415…, `44` for +44 20…).
+    pub fn calling_code(&self) -> u16 {
+        phonenumber::parse(None, &self.0)
+            .map(|n| n.code().value())
+            .unwrap_or(0)
+    }
+
     /// The region the number belongs to, when libphonenumber knows one.
     pub fn region(&self) -> Option<Region> {
         phonenumber::parse(None, &self.0)

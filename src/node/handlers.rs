@@ -128,6 +128,43 @@ fn refusal(r: Refusal) -> NodeError {
     }
 }
 
+/// The abuse limits on sending a code to `number` for a client at `source`; counts
+/// this code when they allow it.
+async fn check_code_limits(
+    shared: &Arc<Shared>,
+    number: &Number,
+    source: std::net::IpAddr,
+    now: u64,
+) -> Result<(), NodeError> {
+    let v = &shared.config.verification;
+    if let Err(why) = verify::limits::country_allowed(&v.limits, number) {
+        tracing::warn!(%number, %source, "code refused: country not served");
+        return Err(NodeError::new(ErrorKind::InvalidNumber, why));
+    }
+    let keys = verify::limits::keys(number, source);
+    let (limits, cooldown) = (v.limits.clone(), v.resend_cooldown);
+    let judged = blocking(shared, move |store| {
+        store.record_code_send(&keys, now, verify::limits::KEEP_MS, |times| {
+            verify::limits::judge(&limits, cooldown, times, now)
+        })
+    })
+    .await?;
+    judged.map_err(|limited| {
+        tracing::warn!(%number, %source, limit = %limited.limit, "code refused by a limit");
+        let wait = Duration::from_secs(limited.retry_after.as_secs().max(1));
+        NodeError::new(
+            ErrorKind::RateLimited {
+                retry_after_secs: secs(wait),
+            },
+            format!(
+                "no code sent: {}; try again in {}",
+                limited.limit,
+                humantime::format_duration(wait)
+            ),
+        )
+    })
+}
+
 async fn request_code(
     shared: &Arc<Shared>,
     session: &Session,
@@ -139,6 +176,9 @@ async fn request_code(
     tracing::info!(%number, channel = channel.name(), source = %session.remote.ip(), "code requested");
     let code = shared.codes.generate(&number);
     let now = now_ms();
+    if !shared.codes.is_test_number(&number) {
+        check_code_limits(shared, &number, session.remote.ip(), now).await?;
+    }
     let record = {
         let (shared2, number2, code2) = (shared.clone(), number.clone(), code.clone());
         blocking(shared, move |store| {
@@ -173,8 +213,14 @@ async fn request_code(
                 error = %e,
                 "code delivery failed; the client was told to try later"
             );
+            // Nothing was sent: the code goes, and so does its count against the limits.
             let number2 = number.clone();
-            blocking(shared, move |store| store.remove_code(number2.as_str())).await?;
+            let keys = verify::limits::keys(&number, session.remote.ip());
+            blocking(shared, move |store| {
+                store.remove_code(number2.as_str())?;
+                store.forget_code_send(&keys, now)
+            })
+            .await?;
             return Err(NodeError::new(
                 ErrorKind::DeliveryFailed,
                 "could not send the code; try again later",

@@ -292,6 +292,15 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(Err(e)) => tracing::error!(error = %e, "sweep failed"),
             Err(e) => tracing::error!(error = %e, "sweep task failed"),
         }
+        let store = shared.store.clone();
+        let now = handlers::now_ms();
+        let keep = crate::verify::limits::KEEP_MS;
+        match tokio::task::spawn_blocking(move || store.sweep_code_sends(now, keep)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(keys = n, "dropped idle code-limit counters"),
+            Ok(Err(e)) => tracing::error!(error = %e, "sweeping code-limit counters failed"),
+            Err(e) => tracing::error!(error = %e, "sweep task failed"),
+        }
         shared.mailboxes.prune();
     }
 }

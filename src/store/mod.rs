@@ -28,7 +28,7 @@ use records::{AccountRecord, CodeRecord, DeviceRecord};
 
 /// The schema this build writes. Raise it with every change of layout and add a rung
 /// to [`Store::migrate`].
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// What can go wrong in storage.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +81,10 @@ struct Trees {
     /// `discovery_index`: PRF(discovery key, E.164) (32 bytes) → account id (u64 BE).
     /// The contact-discovery index: no plain or plain-hashed number in it.
     discovery_index: sled::Tree,
+    /// `code_sends`: limit key (ASCII: `global`, `cc:44`, `n:+44…`, `ip:…`) → the send
+    /// times (ms) of verification codes counted under it in the last day (bincode
+    /// `Vec<u64>`).
+    code_sends: sled::Tree,
 }
 
 /// The node's database.
@@ -237,6 +241,7 @@ impl Store {
             queue: db.open_tree("queue")?,
             sent_message: db.open_tree("sent_message")?,
             discovery_index: db.open_tree("discovery_index")?,
+            code_sends: db.open_tree("code_sends")?,
         };
         let discovery = Arc::new(std::sync::RwLock::new(Arc::new(
             load_or_make_discovery_key(&trees.meta)?,
@@ -269,6 +274,7 @@ impl Store {
         // `sent_message`) appear empty; nothing to convert, but a build that knows
         // only schema 1 must not open a database that holds queues it would ignore.
         // Rung 2 → 3: the discovery index is built for the accounts already there.
+        // Rung 3 → 4: `code_sends` appears empty (limits start counting now).
         if (1..3).contains(&found) {
             self.rebuild_discovery_index()?;
         }
@@ -463,6 +469,77 @@ impl Store {
                 })
             })?;
         Ok(outcome)
+    }
+
+    /// Counts one verification code under every key of `keys`, if `judge` allows it
+    /// given the send times already counted under them (in the same order, each
+    /// pruned to the last `keep_ms`). Atomic: a refused request records nothing.
+    pub fn record_code_send<E>(
+        &self,
+        keys: &[String],
+        now_ms: u64,
+        keep_ms: u64,
+        judge: impl Fn(&[Vec<u64>]) -> Result<(), E>,
+    ) -> Result<Result<(), E>, StoreError> {
+        let result = self.trees.code_sends.transaction(|tree| {
+            let mut all = Vec::with_capacity(keys.len());
+            for key in keys {
+                let mut times = match tree.get(key.as_bytes())? {
+                    Some(v) => records::decode::<Vec<u64>>(&v, "code_sends").or_else(abort)?,
+                    None => Vec::new(),
+                };
+                times.retain(|t| now_ms < t.saturating_add(keep_ms));
+                all.push(times);
+            }
+            if let Err(e) = judge(&all) {
+                return Ok(Err(e));
+            }
+            for (key, mut times) in keys.iter().zip(all) {
+                times.push(now_ms);
+                tree.insert(key.as_bytes(), records::encode(&times).or_else(abort)?)?;
+            }
+            Ok(Ok(()))
+        });
+        Ok(result?)
+    }
+
+    /// Takes back a send counted by [`Store::record_code_send`] at `at_ms` (the code
+    /// could not be delivered after all).
+    pub fn forget_code_send(&self, keys: &[String], at_ms: u64) -> Result<(), StoreError> {
+        self.trees.code_sends.transaction(|tree| {
+            for key in keys {
+                if let Some(v) = tree.get(key.as_bytes())? {
+                    let mut times = records::decode::<Vec<u64>>(&v, "code_sends").or_else(abort)?;
+                    if let Some(i) = times.iter().position(|t| *t == at_ms) {
+                        times.remove(i);
+                        tree.insert(key.as_bytes(), records::encode(&times).or_else(abort)?)?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Drops limit keys with no send in the last `keep_ms`. Returns how many.
+    pub fn sweep_code_sends(&self, now_ms: u64, keep_ms: u64) -> Result<usize, StoreError> {
+        let mut dropped = 0;
+        for entry in self.trees.code_sends.iter() {
+            let (key, value) = entry?;
+            let times = records::decode::<Vec<u64>>(&value, "code_sends")?;
+            if times.iter().all(|t| now_ms >= t.saturating_add(keep_ms)) {
+                // Only if unchanged since read: a send in between keeps it.
+                if self
+                    .trees
+                    .code_sends
+                    .compare_and_swap(&key, Some(value), None::<&[u8]>)?
+                    .is_ok()
+                {
+                    dropped += 1;
+                }
+            }
+        }
+        Ok(dropped)
     }
 
     /// The current discovery key.

@@ -6,6 +6,7 @@
 //! constant time. This module decides; the store persists; the node answers.
 
 pub mod gateway;
+pub mod limits;
 pub mod provider;
 
 use std::time::Duration;

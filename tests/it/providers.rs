@@ -274,3 +274,105 @@ async fn the_message_is_in_the_clients_language() {
     );
     node.shutdown().await;
 }
+
+async fn ask(client: &Client, n: &str) -> Result<(), String> {
+    client
+        .request_code(&number(n), Channel::Sms, "en")
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fourth_code_in_ten_minutes_is_refused_even_after_a_restart() {
+    let mut node = ProcessNode::start("[verification]\nresend_cooldown_secs = 0\n");
+    let (creds, _) = Credentials::generate_device().unwrap();
+    let client = Client::connect(&node.addr, &creds, Some(node.fingerprint))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        ask(&client, NEW_NUMBER).await.unwrap();
+    }
+    let refused = ask(&client, NEW_NUMBER).await.unwrap_err();
+    assert!(
+        refused.contains("at most 3 codes per number in 10 minutes; try again in 9m"),
+        "{refused}"
+    );
+    client.close().await;
+    node = tokio::task::spawn_blocking(move || {
+        node.restart();
+        node
+    })
+    .await
+    .unwrap();
+    let client = Client::connect(&node.addr, &creds, Some(node.fingerprint))
+        .await
+        .unwrap();
+    let refused = ask(&client, NEW_NUMBER).await.unwrap_err();
+    assert!(
+        refused.contains("at most 3 codes per number in 10 minutes"),
+        "after a restart: {refused}"
+    );
+    // Another number is not held back by this one.
+    ask(&client, "+14155550124").await.unwrap();
+}
+
+#[tokio::test]
+async fn address_country_and_global_limits_name_themselves() {
+    let node = InProcessNode::start(
+        "[verification]\nresend_cooldown_secs = 0\n[verification.limits]\nper_address_hour = 4\n\
+         denied_countries = [44]\n",
+    )
+    .await;
+    let client = node.connect().await;
+    for i in 0..4 {
+        client
+            .request_code(&number(&format!("+1415555013{i}")), Channel::Sms, "en")
+            .await
+            .unwrap();
+    }
+    let refused = client
+        .request_code(&number("+14155550139"), Channel::Sms, "en")
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("at most 4 code requests per hour from one address"),
+        "{refused}"
+    );
+    assert!(matches!(
+        kind(Err::<(), _>(refused)),
+        ErrorKind::RateLimited { retry_after_secs } if retry_after_secs > 3000
+    ));
+    let uk = client
+        .request_code(&number("+442079460958"), Channel::Sms, "en")
+        .await
+        .unwrap_err();
+    assert!(
+        uk.to_string()
+            .contains("does not send codes to +44 numbers"),
+        "{uk}"
+    );
+    node.shutdown().await;
+
+    let node = InProcessNode::start("[verification.limits]\nglobal_day = 2\n").await;
+    let client = node.connect().await;
+    for n in ["+14155550131", "+14155550132"] {
+        client
+            .request_code(&number(n), Channel::Sms, "en")
+            .await
+            .unwrap();
+    }
+    let spent = client
+        .request_code(&number("+14155550133"), Channel::Sms, "en")
+        .await
+        .unwrap_err();
+    assert!(
+        spent
+            .to_string()
+            .contains("budget of 2 codes a day is spent"),
+        "{spent}"
+    );
+    node.shutdown().await;
+}
