@@ -41,7 +41,7 @@ pub enum ClientError {
         expected: Fingerprint,
         actual: Fingerprint,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Node(#[from] NodeError),
     #[error("the node sent an answer that does not fit the request: {0}")]
     Protocol(String),

@@ -30,6 +30,49 @@ pub struct Session {
     pub identity: std::sync::Mutex<Option<(u64, crate::store::DeviceIdentity)>>,
 }
 
+/// The live connections of each device key, so that signing a device out can close
+/// them at once.
+#[derive(Default)]
+pub struct Connections {
+    next: std::sync::atomic::AtomicU64,
+    by_key: std::sync::Mutex<std::collections::HashMap<KeyId, Vec<(u64, quinn::Connection)>>>,
+}
+
+impl Connections {
+    fn add(&self, key: KeyId, conn: &quinn::Connection) -> u64 {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key).or_default().push((id, conn.clone()));
+        id
+    }
+
+    fn remove(&self, key: &KeyId, id: u64) {
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = map.get_mut(key) {
+            list.retain(|(i, _)| *i != id);
+            if list.is_empty() {
+                map.remove(key);
+            }
+        }
+    }
+
+    /// Closes every connection of these device keys: the devices were signed out.
+    pub fn sign_out(&self, keys: &[KeyId]) -> usize {
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0;
+        for key in keys {
+            for (_, conn) in map.remove(key).unwrap_or_default() {
+                conn.close(
+                    codes::SIGNED_OUT.into(),
+                    b"signed out: this number was registered on another device",
+                );
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
 /// The quinn server configuration: TLS plus the transport limits from config.
 pub fn server_config(
     creds: &Credentials,
@@ -92,6 +135,12 @@ pub async fn serve(
             conn.close(codes::REFUSED.into(), b"no usable client certificate");
             return;
         };
+        let registered = shared.connections.add(key_id, &conn);
+        let _unregister = Unregister {
+            shared: &shared,
+            key_id,
+            id: registered,
+        };
         let session = Arc::new(Session {
             key_id,
             public_key,
@@ -119,6 +168,19 @@ pub async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// Takes a connection out of [`Connections`] when its task ends, however it ends.
+struct Unregister<'a> {
+    shared: &'a Shared,
+    key_id: KeyId,
+    id: u64,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.shared.connections.remove(&self.key_id, self.id);
+    }
 }
 
 /// The device key of the peer, from its client certificate.

@@ -273,6 +273,7 @@ async fn verify_code(
             device,
             took_over,
             signed_out,
+            revoked_keys,
         } => {
             // What the node held for signed-out devices goes: their queues can never
             // be read again, and their keys must not be handed out.
@@ -290,6 +291,15 @@ async fn verify_code(
             }
             // The device must not be told it is registered before that is durable.
             shared.commit.durable().await.map_err(commit_failed)?;
+            // Signed-out devices lose their live connections at once, not at their
+            // next request.
+            let closed = shared.connections.sign_out(&revoked_keys);
+            if closed > 0 {
+                tracing::info!(
+                    connections = closed,
+                    "closed the connections of signed-out devices"
+                );
+            }
             tracing::info!(
                 %number,
                 account = device.account_id,
@@ -328,7 +338,7 @@ pub(crate) async fn authenticated(
     found.ok_or_else(|| {
             NodeError::new(
                 ErrorKind::Unauthenticated,
-                "this device is not registered on this node (never registered, or its number was registered on another device since)",
+                "this device is not registered on this node: it was signed out because its number was registered on another device, or it never registered",
             )
         })
 }

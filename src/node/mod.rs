@@ -93,6 +93,8 @@ pub(crate) struct Shared {
     pub space: space::SpaceGuard,
     /// Contact discovery: budgets and the membership filter.
     pub discovery: discovery::Discovery,
+    /// Live connections per device key, to close those of signed-out devices.
+    pub connections: conn::Connections,
 }
 
 /// A bound node, ready to [`run`](Node::run).
@@ -167,6 +169,7 @@ impl Node {
             directory: std::sync::Mutex::new((0, std::collections::HashMap::new())),
             space: space::SpaceGuard::new(data_dir.clone(), config.storage.min_free_bytes),
             discovery: discovery::Discovery::new(config.discovery.daily_budget),
+            connections: conn::Connections::default(),
             store,
             config,
         });

@@ -152,6 +152,9 @@ pub enum VerifyOutcome<E> {
         took_over: bool,
         /// Devices that were signed out because the account moved.
         signed_out: Vec<DeviceRef>,
+        /// The device keys of those devices, other than the registering key itself, so
+        /// their live connections can be closed.
+        revoked_keys: Vec<KeyId>,
     },
     Rejected(E),
     NoCode,
@@ -438,8 +441,12 @@ impl Store {
                     }
                 };
 
+                let mut revoked_keys = Vec::new();
                 for old in account.devices.drain(..) {
                     device_keys.remove(&old.key_id)?;
+                    if old.key_id != new_device.key_id {
+                        revoked_keys.push(old.key_id);
+                    }
                     signed_out.push(DeviceRef {
                         account_id,
                         device_id: old.device_id,
@@ -466,6 +473,7 @@ impl Store {
                     },
                     took_over,
                     signed_out,
+                    revoked_keys,
                 })
             })?;
         Ok(outcome)
@@ -724,6 +732,7 @@ mod tests {
             device: d2,
             took_over: true,
             signed_out,
+            revoked_keys,
         } = second
         else {
             panic!("{second:?}")
@@ -731,6 +740,7 @@ mod tests {
         assert_eq!(d2.account_id, d1.account_id);
         assert_ne!(d2.device_id, d1.device_id);
         assert_eq!(signed_out, vec![d1]);
+        assert_eq!(revoked_keys, vec![[1; 32]]);
         assert_eq!(store.device_by_key(&[1; 32]).unwrap(), None);
         assert_eq!(store.account_count(), 1);
     }

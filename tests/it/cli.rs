@@ -456,3 +456,26 @@ fn no_secret_reaches_the_node_log_even_at_trace_level() {
         assert!(!log.contains(&secret), "the node logged {what}");
     }
 }
+
+#[test]
+fn registering_on_a_new_home_signs_the_old_home_out() {
+    let node = ProcessNode::start(&config_text(""));
+    let old = node.dir.path().join("bob-old-phone");
+    let new = node.dir.path().join("bob-new-phone");
+    node.register_cli(&old, &[], BOB);
+    let out = node.register_cli(&new, &[], BOB);
+    assert!(
+        stdout(&out).contains("moved to this device; its other devices are signed out"),
+        "{}",
+        stdout(&out)
+    );
+    let out = node.cli(&old, &["whoami"], "");
+    assert!(!out.status.success(), "{}", show(&["whoami"], &out));
+    assert!(
+        stderr(&out).contains("signed out because its number was registered on another device"),
+        "{}",
+        show(&["whoami"], &out)
+    );
+    let out = node.cli(&new, &["whoami"], "");
+    assert_eq!(stdout(&out).lines().next(), Some(BOB));
+}

@@ -141,17 +141,35 @@ async fn the_node_rejects_numbers_that_are_not_e164() {
 #[tokio::test]
 async fn registering_again_moves_the_account_and_signs_the_old_device_out() {
     let node = InProcessNode::start(&config_text("")).await;
-    let old = node.registered(ALICE).await;
+    let alice = number(ALICE);
+    let (old_key, _) = Credentials::generate_device().unwrap();
+    let old = node.connect_as(&old_key).await;
+    old.request_code(&alice, Channel::Sms, "en").await.unwrap();
+    old.verify_code(&alice, CODE).await.unwrap();
     let first = old.whoami().await.unwrap();
+    let mut deliveries = old.subscribe().await.unwrap();
+    let backlog = deliveries.next().await.unwrap().unwrap();
+    assert!(backlog.backlog_end);
 
     let new = node.connect().await;
-    let alice = number(ALICE);
     new.request_code(&alice, Channel::Sms, "en").await.unwrap();
     let reg = new.verify_code(&alice, CODE).await.unwrap();
     assert!(reg.took_over);
     assert_eq!(reg.account_id, first.account_id);
     assert_ne!(reg.device_id, first.device_id);
-    assert_eq!(kind(old.whoami().await), ErrorKind::Unauthenticated);
+    // The old device's live connection is closed at once, with the reason.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), deliveries.next())
+        .await
+        .expect("the old device's delivery stream was left open");
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    let closed = old
+        .whoami()
+        .await
+        .expect_err("the old connection still answers");
+    assert!(closed.to_string().contains("signed out"), "{closed}");
+    // Its key no longer belongs to any device.
+    let again = node.connect_as(&old_key).await;
+    assert_eq!(kind(again.whoami().await), ErrorKind::Unauthenticated);
     assert_eq!(new.whoami().await.unwrap().device_id, reg.device_id);
     node.shutdown().await;
 }
