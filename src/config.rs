@@ -118,6 +118,11 @@ pub struct Verification {
     pub test_numbers: BTreeMap<Number, String>,
     /// Limits on code requests, against SMS pumping and account takeover.
     pub limits: CodeLimits,
+    /// A registration lock lapses once the account's devices have not been seen for
+    /// this long, so a member who lost both phone and PIN is not locked out forever.
+    pub lock_lapse: Duration,
+    /// Wrong PINs accepted before the lock refuses every PIN until it lapses.
+    pub max_pin_tries: u32,
 }
 
 /// How many codes may be sent, per number, per source address, per country and in
@@ -227,6 +232,8 @@ impl Default for Config {
                 max_attempts: 5,
                 resend_cooldown: Duration::from_secs(60),
                 test_numbers: BTreeMap::new(),
+                lock_lapse: Duration::from_secs(7 * 86_400),
+                max_pin_tries: 5,
                 limits: CodeLimits {
                     per_number_10min: 3,
                     per_number_hour: 5,
@@ -361,6 +368,8 @@ mod raw {
         pub retries: Option<u32>,
         pub messages: BTreeMap<String, String>,
         pub limits: CodeLimits,
+        pub lock_lapse_days: Option<u64>,
+        pub max_pin_tries: Option<u32>,
         pub code_ttl_secs: Option<u64>,
         pub max_attempts: Option<u32>,
         pub resend_cooldown_secs: Option<u64>,
@@ -694,6 +703,21 @@ mod raw {
                     86_400,
                 )?,
                 test_numbers,
+                lock_lapse: in_range(
+                    "verification.lock_lapse_days",
+                    v.lock_lapse_days,
+                    dv.lock_lapse.as_secs() / 86_400,
+                    0,
+                    365,
+                )
+                .map(|d| Duration::from_secs(d * 86_400))?,
+                max_pin_tries: in_range(
+                    "verification.max_pin_tries",
+                    v.max_pin_tries,
+                    dv.max_pin_tries,
+                    1,
+                    20,
+                )?,
                 limits: {
                     let l = v.limits;
                     let dl = &dv.limits;

@@ -2,6 +2,7 @@
 
 mod admin;
 mod contacts;
+mod lock;
 mod messaging;
 mod register;
 mod serve;
@@ -52,6 +53,9 @@ enum Command {
     /// Operator commands on a node's data dir.
     #[command(subcommand)]
     Admin(admin::Command),
+    /// The registration lock: a PIN needed to register your number on another device.
+    #[command(subcommand)]
+    Lock(lock::Command),
 }
 
 /// Logs go to stderr: info for the node, warnings only for client commands, unless
@@ -97,6 +101,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Safety(args) => messaging::safety(home(cli.home, pass)?, args).await,
         Command::Contacts(command) => contacts::run(home(cli.home, pass)?, command).await,
         Command::Admin(command) => admin::run(command),
+        Command::Lock(command) => lock::run(home(cli.home, pass)?, command).await,
     }
 }
 

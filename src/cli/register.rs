@@ -25,6 +25,10 @@ pub struct Args {
     /// The code, if you already have it; otherwise it is asked for.
     #[arg(long)]
     code: Option<String>,
+    /// The registration-lock PIN, if the number has a lock; otherwise it is asked for
+    /// when the node says the number is locked.
+    #[arg(long)]
+    pin: Option<String>,
     /// Pin the node's certificate up front (as printed by `switchboard serve`);
     /// otherwise the first connection's certificate is pinned.
     #[arg(long)]
@@ -54,7 +58,7 @@ pub async fn run(home: Home, args: Args) -> anyhow::Result<()> {
     // A fresh key for the new device; it is saved only once the node has accepted it.
     let (credentials, pem) = Credentials::generate_device()?;
     let client = Client::connect(&args.server, &credentials, pin).await?;
-    let result = register(&client, &number, channel, args.code).await;
+    let result = register(&client, &number, channel, args.code, args.pin).await;
     let fingerprint = client.fingerprint();
     let registered = match result {
         Ok(r) => r,
@@ -116,7 +120,9 @@ async fn register(
     number: &Number,
     channel: Channel,
     code: Option<String>,
+    mut lock_pin: Option<String>,
 ) -> anyhow::Result<switchboard::proto::Registered> {
+    let pin_given = lock_pin.is_some();
     let sent = client.request_code(number, channel, &locale()).await?;
     eprintln!(
         "a code is on its way to {} by {}; it is valid for {} minutes",
@@ -138,7 +144,26 @@ async fn register(
                 None => bail!("no code given: registration cancelled"),
             }
         };
-        match client.verify_code(number, &code).await {
+        let verified = loop {
+            let result = match &lock_pin {
+                Some(p) => client.verify_code_with_pin(number, &code, p).await,
+                None => client.verify_code(number, &code).await,
+            };
+            // A locked number: the code was right; the PIN is asked for (once per
+            // wrong PIN, while tries are left), and the same code is sent again.
+            if let Err(ClientError::Node(e)) = &result
+                && let ErrorKind::RegistrationLocked { tries_left, .. } = e.kind
+                && tries_left > 0
+                && !pin_given
+                && let Some(p) = read_line("registration-lock PIN: ")?
+            {
+                eprintln!("{e}");
+                lock_pin = Some(p);
+                continue;
+            }
+            break result;
+        };
+        match verified {
             Ok(registered) => return Ok(registered),
             Err(ClientError::Node(e)) => match e.kind {
                 ErrorKind::WrongCode { tries_left } if codes.can_ask_again(tries_left) => {
@@ -154,6 +179,19 @@ async fn register(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// One trimmed line from stdin (after `prompt` on a terminal); `None` at its end.
+pub fn read_line(prompt: &str) -> anyhow::Result<Option<String>> {
+    if std::io::stdin().is_terminal() {
+        eprint!("{prompt}");
+        std::io::stderr().flush()?;
+    }
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    Ok(Some(line.trim().to_string()))
 }
 
 /// Where codes come from: `--code`, the terminal, or lines on stdin.

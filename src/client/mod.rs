@@ -248,6 +248,45 @@ impl Client {
         }
     }
 
+    /// Verifies a code for a number that has a registration lock, with its PIN.
+    pub async fn verify_code_with_pin(
+        &self,
+        number: &Number,
+        code: &str,
+        pin: &str,
+    ) -> Result<Registered, ClientError> {
+        let request = Request::VerifyCodeWithPin {
+            number: number.to_string(),
+            code: code.to_string(),
+            pin: pin.to_string(),
+        };
+        match self.call(&request).await? {
+            Response::Registered(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets this account's registration lock; returns its lapse in days.
+    pub async fn set_lock(&self, pin: &str) -> Result<u32, ClientError> {
+        match self
+            .call(&Request::SetLock {
+                pin: pin.to_string(),
+            })
+            .await?
+        {
+            Response::LockSet { lapse_days } => Ok(lapse_days),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes this account's registration lock.
+    pub async fn clear_lock(&self) -> Result<(), ClientError> {
+        match self.call(&Request::ClearLock).await? {
+            Response::LockCleared => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Contact discovery: evaluates blinded elements (at most
     /// [`proto::messages::MAX_DISCOVERY_BATCH`]). Returns the key version, the evaluated
     /// elements in order, and what is left of today's budget.

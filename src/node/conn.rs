@@ -28,6 +28,8 @@ pub struct Session {
     /// The registered device behind the key, as last looked up, with the directory
     /// epoch it was read in (see `Shared::directory_epoch`).
     pub identity: std::sync::Mutex<Option<(u64, crate::store::DeviceIdentity)>>,
+    /// When this connection last recorded its account as seen (ms; 0: not yet).
+    pub seen_marked: std::sync::atomic::AtomicU64,
 }
 
 /// The live connections of each device key, so that signing a device out can close
@@ -146,6 +148,7 @@ pub async fn serve(
             public_key,
             remote,
             identity: std::sync::Mutex::new(None),
+            seen_marked: std::sync::atomic::AtomicU64::new(0),
         });
         tracing::debug!(device_key = %hex::encode(&key_id[..8]), "connected");
         loop {

@@ -12,9 +12,9 @@ use crate::proto::{
     Accepted, Bundle, Bundles, Channel, CodeSent, ErrorKind, Identity, IdentityKeys, KeyUpload,
     NodeError, Outgoing, Registered, Reply, Request, Response, SignedKey,
 };
-use crate::store::records::StoredKey;
+use crate::store::records::{LockRecord, StoredKey};
 use crate::store::{
-    AppendOutcome, DeviceIdentity, DeviceRef, KeysRefusal, NewDevice, Store, StoreError,
+    AppendOutcome, DeviceIdentity, DeviceRef, Judgement, KeysRefusal, NewDevice, Store, StoreError,
     VerifyOutcome,
 };
 use crate::verify::{self, Delivery, Refusal, gateway, provider};
@@ -27,7 +27,14 @@ pub async fn handle(request: Request, shared: &Arc<Shared>, session: &Session) -
             channel,
             locale,
         } => request_code(shared, session, &number, channel, &locale).await,
-        Request::VerifyCode { number, code } => verify_code(shared, session, &number, &code).await,
+        Request::VerifyCode { number, code } => {
+            verify_code(shared, session, &number, &code, None).await
+        }
+        Request::VerifyCodeWithPin { number, code, pin } => {
+            verify_code(shared, session, &number, &code, Some(&pin)).await
+        }
+        Request::SetLock { pin } => set_lock(shared, session, pin).await,
+        Request::ClearLock => clear_lock(shared, session).await,
         Request::WhoAmI => whoami(shared, session).await,
         Request::PublishKeys(upload) => publish_keys(shared, session, upload).await,
         Request::FetchBundles { number, claim } => {
@@ -101,6 +108,31 @@ fn refusal(r: Refusal) -> NodeError {
                 secs(retry_after)
             ),
         ),
+        Refusal::Locked {
+            tries_left,
+            lapses_in,
+            wrong_pin,
+        } => {
+            let lapse = humantime::format_duration(Duration::from_secs(lapses_in.as_secs()));
+            let message = match (tries_left, wrong_pin) {
+                (0, _) => format!(
+                    "this number has a registration lock and too many wrong PINs were given: \
+                     no PIN is accepted until the lock lapses, in {lapse} if its devices stay away"
+                ),
+                (n, true) => format!("wrong registration-lock PIN; {n} tries left"),
+                (n, false) => format!(
+                    "this number has a registration lock: registering it needs its PIN as well \
+                     ({n} tries left); the lock lapses in {lapse} if its devices stay away"
+                ),
+            };
+            NodeError::new(
+                ErrorKind::RegistrationLocked {
+                    tries_left,
+                    lapses_in_secs: lapses_in.as_secs(),
+                },
+                message,
+            )
+        }
         Refusal::Wrong { tries_left } => NodeError::new(
             ErrorKind::WrongCode { tries_left },
             match tries_left {
@@ -236,17 +268,58 @@ async fn request_code(
     }))
 }
 
+/// What the number's registration lock says of this attempt: `None` when there is no
+/// lock in force or the PIN is right.
+async fn lock_refusal(
+    shared: &Arc<Shared>,
+    lock: Option<&(u64, LockRecord, u64)>,
+    pin: Option<&str>,
+    now: u64,
+) -> Option<Refusal> {
+    let v = &shared.config.verification;
+    let (_, record, seen) = lock?;
+    let lapses_at = seen.saturating_add(v.lock_lapse.as_millis() as u64);
+    if now >= lapses_at {
+        return None;
+    }
+    let lapses_in = Duration::from_millis(lapses_at - now);
+    let left = v.max_pin_tries.saturating_sub(record.wrong_tries);
+    let Some(pin) = pin.filter(|_| left > 0) else {
+        return Some(Refusal::Locked {
+            tries_left: left,
+            lapses_in,
+            wrong_pin: false,
+        });
+    };
+    let (pin, hash) = (pin.to_string(), record.pin_hash.clone());
+    let right = tokio::task::spawn_blocking(move || verify::pin::verify(&pin, &hash))
+        .await
+        .unwrap_or(false);
+    (!right).then_some(Refusal::Locked {
+        tries_left: left - 1,
+        lapses_in,
+        wrong_pin: true,
+    })
+}
+
 async fn verify_code(
     shared: &Arc<Shared>,
     session: &Session,
     number: &str,
     code: &str,
+    pin: Option<&str>,
 ) -> Result<Response, NodeError> {
     let number = parse_number(number)?;
     if !verify::well_formed(code) {
         return Err(NodeError::new(ErrorKind::InvalidCode, "a code is 6 digits"));
     }
     let now = now_ms();
+    let number3 = number.clone();
+    let lock = blocking(shared, move |store| {
+        store.registration_lock(number3.as_str())
+    })
+    .await?;
+    let locked = lock_refusal(shared, lock.as_ref(), pin, now).await;
     let device = NewDevice {
         key_id: session.key_id,
         public_key: session.public_key.clone(),
@@ -255,9 +328,18 @@ async fn verify_code(
     // Invalidate directory caches before the change and again after it, so that no
     // cache filled in between outlives it.
     shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
+    let locked2 = locked.clone();
     let outcome = blocking(shared, move |store| {
         store.verify_and_register(number2.as_str(), &device, now, |record| {
-            shared2.codes.judge(&number2, &code2, record, now)
+            match (shared2.codes.judge(&number2, &code2, record, now), &locked2) {
+                // The code is right, but the lock holds: keep the code for a try with
+                // the PIN.
+                (Judgement::Accept, Some(refusal)) => Judgement::Reject {
+                    update: Some(record.clone()),
+                    error: refusal.clone(),
+                },
+                (judgement, _) => judgement,
+            }
         })
     })
     .await;
@@ -268,13 +350,58 @@ async fn verify_code(
             ErrorKind::NoCodePending,
             "no code is pending for this number; request one first",
         )),
-        VerifyOutcome::Rejected(r) => Err(refusal(r)),
+        VerifyOutcome::Rejected(r) => {
+            if let (
+                Refusal::Locked {
+                    wrong_pin: true, ..
+                },
+                Some((account, record, _)),
+            ) = (&r, &lock)
+            {
+                let (account, mut record) = (*account, record.clone());
+                record.wrong_tries += 1;
+                tracing::warn!(
+                    account,
+                    wrong_tries = record.wrong_tries,
+                    "wrong registration-lock PIN"
+                );
+                blocking(shared, move |store| {
+                    store.set_registration_lock(account, Some(&record))
+                })
+                .await?;
+                shared.commit.durable().await.map_err(commit_failed)?;
+            }
+            Err(refusal(r))
+        }
         VerifyOutcome::Registered {
             device,
             took_over,
             signed_out,
             revoked_keys,
         } => {
+            // A lock that let this through (right PIN) starts counting afresh; one that
+            // had lapsed goes.
+            if let Some((account, record, seen)) = lock {
+                let lapse = shared.config.verification.lock_lapse.as_millis() as u64;
+                let update = if now >= seen.saturating_add(lapse) {
+                    Some(None)
+                } else {
+                    (record.wrong_tries > 0).then(|| {
+                        Some(LockRecord {
+                            wrong_tries: 0,
+                            ..record.clone()
+                        })
+                    })
+                };
+                if let Some(update) = update {
+                    blocking(shared, move |store| {
+                        store.set_registration_lock(account, update.as_ref())
+                    })
+                    .await?;
+                }
+            }
+            let account = device.account_id;
+            blocking(shared, move |store| store.mark_seen(account, now)).await?;
             // What the node held for signed-out devices goes: their queues can never
             // be read again, and their keys must not be handed out.
             for old in signed_out.iter().copied() {
@@ -324,23 +451,49 @@ pub(crate) async fn authenticated(
     session: &Session,
 ) -> Result<DeviceIdentity, NodeError> {
     let epoch = shared.directory_epoch.load(Ordering::Acquire);
-    if let Ok(cached) = session.identity.lock()
-        && let Some((at, identity)) = cached.as_ref()
-        && *at == epoch
+    let cached = match session.identity.lock() {
+        Ok(cached) => cached
+            .as_ref()
+            .filter(|(at, _)| *at == epoch)
+            .map(|(_, identity)| identity.clone()),
+        Err(_) => None,
+    };
+    let identity = match cached {
+        Some(identity) => identity,
+        None => {
+            let key_id = session.key_id;
+            let found = blocking(shared, move |store| store.device_by_key(&key_id)).await?;
+            let identity = found.ok_or_else(|| {
+                NodeError::new(
+                    ErrorKind::Unauthenticated,
+                    "this device is not registered on this node: it was signed out because its number was registered on another device, or it never registered",
+                )
+            })?;
+            if let Ok(mut cached) = session.identity.lock() {
+                *cached = Some((epoch, identity.clone()));
+            }
+            identity
+        }
+    };
+    note_seen(shared, session, identity.device.account_id).await?;
+    Ok(identity)
+}
+
+/// Records the account as seen (a registration lock lapses when it is not), at most
+/// hourly per connection.
+async fn note_seen(shared: &Arc<Shared>, session: &Session, account: u64) -> Result<(), NodeError> {
+    const HOUR_MS: u64 = 3_600_000;
+    let now = now_ms();
+    let last = session.seen_marked.load(Ordering::Relaxed);
+    if now < last.saturating_add(HOUR_MS)
+        || session
+            .seen_marked
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
     {
-        return Ok(identity.clone());
+        return Ok(());
     }
-    let key_id = session.key_id;
-    let found = blocking(shared, move |store| store.device_by_key(&key_id)).await?;
-    if let (Some(identity), Ok(mut cached)) = (&found, session.identity.lock()) {
-        *cached = Some((epoch, identity.clone()));
-    }
-    found.ok_or_else(|| {
-            NodeError::new(
-                ErrorKind::Unauthenticated,
-                "this device is not registered on this node: it was signed out because its number was registered on another device, or it never registered",
-            )
-        })
+    blocking(shared, move |store| store.mark_seen(account, now)).await
 }
 
 async fn whoami(shared: &Arc<Shared>, session: &Session) -> Result<Response, NodeError> {
@@ -354,6 +507,46 @@ async fn whoami(shared: &Arc<Shared>, session: &Session) -> Result<Response, Nod
 
 fn bad_keys(message: impl Into<String>) -> NodeError {
     NodeError::new(ErrorKind::BadKeys, message)
+}
+
+async fn set_lock(
+    shared: &Arc<Shared>,
+    session: &Session,
+    pin: String,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    verify::pin::check_new(&pin).map_err(|why| NodeError::new(ErrorKind::Malformed, why))?;
+    let hash = tokio::task::spawn_blocking(move || verify::pin::hash(&pin))
+        .await
+        .map_err(|e| NodeError::new(ErrorKind::Internal, format!("hashing task failed: {e}")))?
+        .map_err(|why| NodeError::new(ErrorKind::Internal, why))?;
+    let record = LockRecord {
+        pin_hash: hash,
+        set_at_ms: now_ms(),
+        wrong_tries: 0,
+    };
+    let account = me.device.account_id;
+    blocking(shared, move |store| {
+        store.set_registration_lock(account, Some(&record))
+    })
+    .await?;
+    shared.commit.durable().await.map_err(commit_failed)?;
+    tracing::info!(account, "registration lock set");
+    Ok(Response::LockSet {
+        lapse_days: (shared.config.verification.lock_lapse.as_secs() / 86_400) as u32,
+    })
+}
+
+async fn clear_lock(shared: &Arc<Shared>, session: &Session) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    let account = me.device.account_id;
+    blocking(shared, move |store| {
+        store.set_registration_lock(account, None)
+    })
+    .await?;
+    shared.commit.durable().await.map_err(commit_failed)?;
+    tracing::info!(account, "registration lock cleared");
+    Ok(Response::LockCleared)
 }
 
 /// Refuses a write that would grow the store when the disk is nearly full.

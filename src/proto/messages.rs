@@ -53,6 +53,18 @@ pub enum Request {
     /// Contact discovery: which of these PRF values (at most [`MAX_DISCOVERY_BATCH`])
     /// belong to a registered account. Answered by [`Response::Resolved`].
     Resolve { prfs: Vec<[u8; 32]> },
+    /// Set (or replace) this account's registration lock: from now on, registering its
+    /// number on another device also needs `pin`. Answered by [`Response::LockSet`].
+    SetLock { pin: String },
+    /// Remove this account's registration lock. Answered by [`Response::LockCleared`].
+    ClearLock,
+    /// [`Request::VerifyCode`] for a number with a registration lock: the code and
+    /// the PIN. Answered by [`Response::Registered`].
+    VerifyCodeWithPin {
+        number: String,
+        code: String,
+        pin: String,
+    },
 }
 
 /// The most elements one `Evaluate` or `Resolve` may carry.
@@ -282,6 +294,12 @@ pub enum Response {
     Resolved {
         registered: Vec<bool>,
     },
+    /// The lock is set; it lapses after the account's devices stay away this long.
+    LockSet {
+        lapse_days: u32,
+    },
+    /// The lock is gone (or there was none).
+    LockCleared,
 }
 
 /// A code is on its way.
@@ -375,6 +393,14 @@ pub enum ErrorKind {
     /// The node's disk is (nearly) full: it takes no new messages or keys until space
     /// is freed. Deliveries and acknowledgements go on. Try again later.
     StorageFull,
+    /// The number has a registration lock: the code was right, but registering it
+    /// needs the account's PIN too ([`Request::VerifyCodeWithPin`]). `tries_left`
+    /// wrong PINs remain (at 0, none is accepted until the lock lapses); the lock
+    /// lapses in `lapses_in_secs` if the account's devices stay away.
+    RegistrationLocked {
+        tries_left: u32,
+        lapses_in_secs: u64,
+    },
 }
 
 #[cfg(test)]

@@ -81,6 +81,12 @@ struct Trees {
     /// `discovery_index`: PRF(discovery key, E.164) (32 bytes) → account id (u64 BE).
     /// The contact-discovery index: no plain or plain-hashed number in it.
     discovery_index: sled::Tree,
+    /// `registration_lock`: account id (u64 BE) → [`records::LockRecord`]: the
+    /// Argon2id hash of the account's PIN and its wrong tries.
+    registration_lock: sled::Tree,
+    /// `account_seen`: account id (u64 BE) → when one of its devices was last seen
+    /// (ms, u64 BE; written at most hourly). A registration lock lapses on it.
+    account_seen: sled::Tree,
     /// `code_sends`: limit key (ASCII: `global`, `cc:44`, `n:+44…`, `ip:…`) → the send
     /// times (ms) of verification codes counted under it in the last day (bincode
     /// `Vec<u64>`).
@@ -245,6 +251,8 @@ impl Store {
             sent_message: db.open_tree("sent_message")?,
             discovery_index: db.open_tree("discovery_index")?,
             code_sends: db.open_tree("code_sends")?,
+            registration_lock: db.open_tree("registration_lock")?,
+            account_seen: db.open_tree("account_seen")?,
         };
         let discovery = Arc::new(std::sync::RwLock::new(Arc::new(
             load_or_make_discovery_key(&trees.meta)?,
@@ -277,7 +285,8 @@ impl Store {
         // `sent_message`) appear empty; nothing to convert, but a build that knows
         // only schema 1 must not open a database that holds queues it would ignore.
         // Rung 2 → 3: the discovery index is built for the accounts already there.
-        // Rung 3 → 4: `code_sends` appears empty (limits start counting now).
+        // Rung 3 → 4: `code_sends`, `registration_lock` and `account_seen` appear
+        // empty (limits start counting now; accounts count as seen once they are).
         if (1..3).contains(&found) {
             self.rebuild_discovery_index()?;
         }
@@ -509,6 +518,61 @@ impl Store {
             Ok(Ok(()))
         });
         Ok(result?)
+    }
+
+    /// The account of `number` with its registration lock, if it has both, and when
+    /// the account was last seen (ms; 0 when never recorded).
+    pub fn registration_lock(
+        &self,
+        number: &str,
+    ) -> Result<Option<(u64, records::LockRecord, u64)>, StoreError> {
+        let Some(id) = self.trees.number_account.get(keys::number(number))? else {
+            return Ok(None);
+        };
+        let account = keys::parse_account(&id)
+            .ok_or_else(|| StoreError::Corrupt("number_account value".into()))?;
+        let Some(bytes) = self.trees.registration_lock.get(keys::account(account))? else {
+            return Ok(None);
+        };
+        let lock = records::decode::<records::LockRecord>(&bytes, "registration_lock")?;
+        let seen = match self.trees.account_seen.get(keys::account(account))? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("account_seen value".into()))?,
+            ),
+            None => 0,
+        };
+        Ok(Some((account, lock, seen)))
+    }
+
+    /// Sets (`Some`) or clears (`None`) the registration lock of `account`.
+    pub fn set_registration_lock(
+        &self,
+        account: u64,
+        lock: Option<&records::LockRecord>,
+    ) -> Result<(), StoreError> {
+        match lock {
+            Some(l) => {
+                self.trees
+                    .registration_lock
+                    .insert(keys::account(account), records::encode(l)?)?;
+            }
+            None => {
+                self.trees
+                    .registration_lock
+                    .remove(keys::account(account))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that a device of `account` was seen at `now_ms`.
+    pub fn mark_seen(&self, account: u64, now_ms: u64) -> Result<(), StoreError> {
+        self.trees
+            .account_seen
+            .insert(keys::account(account), &now_ms.to_be_bytes())?;
+        Ok(())
     }
 
     /// Takes back a send counted by [`Store::record_code_send`] at `at_ms` (the code

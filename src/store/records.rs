@@ -98,6 +98,16 @@ pub enum QueueItem {
     },
 }
 
+/// A registration lock: re-registering the number needs the PIN.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct LockRecord {
+    /// The PIN's Argon2id hash, as a PHC string (with its salt and parameters).
+    pub pin_hash: String,
+    pub set_at_ms: u64,
+    /// Wrong PINs given since the last right one.
+    pub wrong_tries: u32,
+}
+
 /// Encodes a `queue` value.
 pub fn encode_queued(queued_at_ms: u64, item: &QueueItem) -> Result<Vec<u8>, StoreError> {
     let mut out = queued_at_ms.to_be_bytes().to_vec();

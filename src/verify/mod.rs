@@ -7,6 +7,7 @@
 
 pub mod gateway;
 pub mod limits;
+pub mod pin;
 pub mod provider;
 
 use std::time::Duration;
@@ -35,6 +36,14 @@ pub enum Refusal {
     /// The code is dead after too many wrong guesses; a new one may be asked for
     /// after `retry_after`.
     Exhausted { retry_after: Duration },
+    /// The code is right, but the number's registration lock wants its PIN: none was
+    /// given, or `wrong_pin`. `tries_left` wrong PINs remain; the lock lapses in
+    /// `lapses_in` if the account's devices stay away.
+    Locked {
+        tries_left: u32,
+        lapses_in: Duration,
+        wrong_pin: bool,
+    },
 }
 
 /// Makes and judges codes under one node secret and one configuration.

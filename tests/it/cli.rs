@@ -479,3 +479,78 @@ fn registering_on_a_new_home_signs_the_old_home_out() {
     let out = node.cli(&new, &["whoami"], "");
     assert_eq!(stdout(&out).lines().next(), Some(BOB));
 }
+
+#[test]
+fn a_registration_lock_needs_its_pin_to_take_the_number_over() {
+    let node = ProcessNode::start(&config_text("[verification]\nresend_cooldown_secs = 0\n"));
+    let home = |name: &str| node.dir.path().join(name);
+    node.register_cli(&home("a"), &[], BOB);
+    let out = node.cli(&home("a"), &["lock", "set"], "2468\n2468\n");
+    assert!(out.status.success(), "{}", show(&["lock", "set"], &out));
+    assert!(stdout(&out).contains("lapses if your devices stay away for 7 days"));
+
+    // Without the PIN: refused, and the old home keeps the number.
+    let args = ["register", BOB, "--server", &node.addr, "--code", CODE];
+    let out = node.cli(&home("b"), &args, "");
+    assert!(!out.status.success(), "{}", show(&args, &out));
+    assert!(
+        stderr(&out)
+            .contains("registration lock: registering it needs its PIN as well (5 tries left)"),
+        "{}",
+        show(&args, &out)
+    );
+    // A wrong PIN costs a try.
+    let wrong = [
+        "register", BOB, "--server", &node.addr, "--code", CODE, "--pin", "1357",
+    ];
+    let out = node.cli(&home("b"), &wrong, "");
+    assert!(
+        stderr(&out).contains("wrong registration-lock PIN; 4 tries left"),
+        "{}",
+        show(&wrong, &out)
+    );
+    assert_eq!(
+        stdout(&node.cli(&home("a"), &["whoami"], ""))
+            .lines()
+            .next(),
+        Some(BOB)
+    );
+
+    // With the PIN (asked for on stdin, as a person would type it): taken over.
+    let out = node.cli(&home("b"), &args, "2468\n");
+    assert!(out.status.success(), "{}", show(&args, &out));
+    assert!(stdout(&out).contains("moved to this device"));
+    assert!(!node.cli(&home("a"), &["whoami"], "").status.success());
+
+    // The lock stays with the account until it is cleared.
+    let out = node.cli(&home("c"), &args, "");
+    assert!(
+        stderr(&out).contains("registration lock"),
+        "{}",
+        show(&args, &out)
+    );
+    let out = node.cli(&home("b"), &["lock", "clear"], "");
+    assert!(
+        stdout(&out).contains("registration lock cleared"),
+        "{}",
+        show(&["lock"], &out)
+    );
+    let out = node.cli(&home("c"), &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+}
+
+#[test]
+fn a_registration_lock_lapses_when_the_devices_stay_away() {
+    // Lapse after 0 days: the lock is already lapsed when the next device comes.
+    let node = ProcessNode::start(&config_text(
+        "[verification]\nlock_lapse_days = 0\nresend_cooldown_secs = 0\n",
+    ));
+    node.register_cli(&node.dir.path().join("a"), &[], CAROL);
+    let out = node.cli(&node.dir.path().join("a"), &["lock", "set"], "8642\n8642\n");
+    assert!(out.status.success(), "{}", show(&["lock", "set"], &out));
+    let out = node.register_cli(&node.dir.path().join("b"), &[], CAROL);
+    assert!(stdout(&out).contains("moved to this device"));
+    // A lapsed lock is gone for good.
+    let out = node.register_cli(&node.dir.path().join("c"), &[], CAROL);
+    assert!(stdout(&out).contains("moved to this device"));
+}

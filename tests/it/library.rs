@@ -253,3 +253,45 @@ async fn a_wildcard_ipv6_listener_serves_ipv4_and_ipv6_loopback() {
     }
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn after_too_many_wrong_pins_no_pin_is_accepted() {
+    let node = InProcessNode::start(&config_text(
+        "[verification]\nmax_pin_tries = 2\nresend_cooldown_secs = 0\n",
+    ))
+    .await;
+    let owner = node.registered(ALICE).await;
+    owner.set_lock("4321").await.unwrap();
+    let thief = node.connect().await;
+    let alice = number(ALICE);
+    thief
+        .request_code(&alice, Channel::Sms, "en")
+        .await
+        .unwrap();
+    // The code alone is not enough; the code stays pending for a try with the PIN.
+    assert!(matches!(
+        kind(thief.verify_code(&alice, CODE).await),
+        ErrorKind::RegistrationLocked { tries_left: 2, lapses_in_secs } if lapses_in_secs > 6 * 86_400
+    ));
+    for left in [1, 0] {
+        assert!(matches!(
+            kind(thief.verify_code_with_pin(&alice, CODE, "0000").await),
+            ErrorKind::RegistrationLocked { tries_left, .. } if tries_left == left
+        ));
+    }
+    // Now even the right PIN is refused, until the lock lapses.
+    let refused = thief
+        .verify_code_with_pin(&alice, CODE, "4321")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("too many wrong PINs"),
+        "{refused}"
+    );
+    assert_eq!(owner.whoami().await.unwrap().number, ALICE);
+    // The owner can still clear it, and then the code alone registers.
+    owner.clear_lock().await.unwrap();
+    let reg = thief.verify_code(&alice, CODE).await.unwrap();
+    assert!(reg.took_over);
+    node.shutdown().await;
+}
