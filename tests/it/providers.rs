@@ -356,6 +356,27 @@ async fn address_country_and_global_limits_name_themselves() {
     );
     node.shutdown().await;
 
+    let node = InProcessNode::start("[verification.limits]\nper_country_day = 1\n").await;
+    let client = node.connect().await;
+    client
+        .request_code(&number("+14155550131"), Channel::Sms, "en")
+        .await
+        .unwrap();
+    let us = client
+        .request_code(&number("+14155550132"), Channel::Sms, "en")
+        .await
+        .unwrap_err();
+    assert!(
+        us.to_string()
+            .contains("at most 1 codes a day go to this country"),
+        "{us}"
+    );
+    client
+        .request_code(&number("+442079460958"), Channel::Sms, "en")
+        .await
+        .expect("another country has its own count");
+    node.shutdown().await;
+
     let node = InProcessNode::start("[verification.limits]\nglobal_day = 2\n").await;
     let client = node.connect().await;
     for n in ["+14155550131", "+14155550132"] {
