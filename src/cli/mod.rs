@@ -106,25 +106,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Completes on Ctrl-C or SIGTERM.
-pub async fn interrupted() {
+pub fn interrupted() -> impl std::future::Future<Output = ()> {
+    // The handlers are installed now, before the caller announces itself, so a signal
+    // that comes at once is caught rather than killing the process.
     #[cfg(unix)]
-    {
+    let signals = {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(e) => {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some((term, int)),
+            (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops this");
-                let _ = tokio::signal::ctrl_c().await;
+                None
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
+    };
+    async move {
+        #[cfg(unix)]
+        if let Some((mut term, mut int)) = signals {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return;
+        }
         let _ = tokio::signal::ctrl_c().await;
     }
 }

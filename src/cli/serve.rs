@@ -32,6 +32,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
+    // Signal handlers first: a supervisor may send SIGTERM the moment the node says
+    // it is listening.
+    let shutdown = shutdown_signal(super::interrupted());
     let node = Node::bind(config).await?;
     let addr = node.local_addr().context("reading the bound address")?;
     {
@@ -42,12 +45,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         out.flush()?;
     }
     tracing::info!(%addr, fingerprint = %node.fingerprint(), "node started");
-    node.run(shutdown_signal()).await?;
+    node.run(shutdown).await?;
     Ok(())
 }
 
 /// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    super::interrupted().await;
+async fn shutdown_signal(signal: impl std::future::Future<Output = ()>) {
+    signal.await;
     tracing::info!("shutdown requested");
 }
