@@ -46,7 +46,7 @@ fn import(home: &Home, file: &PathBuf, region: Option<&str>) -> anyhow::Result<(
     };
     let region = match region {
         Some(r) => Some(r.parse::<Region>()?),
-        None => home.load().ok().and_then(|reg| reg.number.region()),
+        None => home.number().ok().and_then(|n| n.region()),
     };
     let mut book = Book::load(home.dir())?;
     let report = book.import(&text, region);

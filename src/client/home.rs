@@ -111,21 +111,35 @@ impl Home {
         }
     }
 
-    /// The registered device, or [`HomeError::NotRegistered`].
-    pub fn load(&self) -> Result<Registration, HomeError> {
+    /// `state.toml`, or [`HomeError::NotRegistered`].
+    fn state(&self) -> Result<State, HomeError> {
         let state_path = self.dir.join("state.toml");
         if !state_path.exists() {
             return Err(HomeError::NotRegistered {
                 path: self.dir.clone(),
             });
         }
-        let read = |p: &Path| std::fs::read_to_string(p).map_err(self.io(p));
-        let damaged = |reason: String| HomeError::Damaged {
-            path: state_path.clone(),
+        let text = std::fs::read_to_string(&state_path).map_err(self.io(&state_path))?;
+        toml::from_str(&text).map_err(|e| self.damaged_state(e.to_string()))
+    }
+
+    fn damaged_state(&self, reason: String) -> HomeError {
+        HomeError::Damaged {
+            path: self.dir.join("state.toml"),
             reason,
-        };
-        let state: State =
-            toml::from_str(&read(&state_path)?).map_err(|e| damaged(e.to_string()))?;
+        }
+    }
+
+    /// The registered number alone: no key is read (or unsealed).
+    pub fn number(&self) -> Result<Number, HomeError> {
+        Number::parse_e164(&self.state()?.number).map_err(|e| self.damaged_state(e.to_string()))
+    }
+
+    /// The registered device, or [`HomeError::NotRegistered`].
+    pub fn load(&self) -> Result<Registration, HomeError> {
+        let state = self.state()?;
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(self.io(p));
+        let damaged = |reason: String| self.damaged_state(reason);
         let key_path = self.dir.join("device.key");
         let key = unseal(
             &key_path,

@@ -161,13 +161,13 @@ fn refusal(r: Refusal) -> NodeError {
 }
 
 /// The abuse limits on sending a code to `number` for a client at `source`; counts
-/// this code when they allow it.
+/// this code when they allow it, and returns the keys it was counted under.
 async fn check_code_limits(
     shared: &Arc<Shared>,
     number: &Number,
     source: std::net::IpAddr,
     now: u64,
-) -> Result<(), NodeError> {
+) -> Result<[String; 4], NodeError> {
     let v = &shared.config.verification;
     if let Err(why) = verify::limits::country_allowed(&v.limits, number) {
         tracing::warn!(%number, %source, "code refused: country not served");
@@ -175,13 +175,14 @@ async fn check_code_limits(
     }
     let keys = verify::limits::keys(number, source);
     let (limits, cooldown) = (v.limits.clone(), v.resend_cooldown);
+    let counted = keys.clone();
     let judged = blocking(shared, move |store| {
-        store.record_code_send(&keys, now, verify::limits::KEEP_MS, |times| {
+        store.record_code_send(&counted, now, verify::limits::KEEP_MS, |times| {
             verify::limits::judge(&limits, cooldown, times, now)
         })
     })
     .await?;
-    judged.map_err(|limited| {
+    judged.map(|()| keys).map_err(|limited| {
         tracing::warn!(%number, %source, limit = %limited.limit, "code refused by a limit");
         let wait = Duration::from_secs(limited.retry_after.as_secs().max(1));
         NodeError::new(
@@ -208,9 +209,12 @@ async fn request_code(
     tracing::info!(%number, channel = channel.name(), source = %session.remote.ip(), "code requested");
     let code = shared.codes.generate(&number);
     let now = now_ms();
-    if !shared.codes.is_test_number(&number) {
-        check_code_limits(shared, &number, session.remote.ip(), now).await?;
-    }
+    // Test numbers are not counted: their codes are never sent.
+    let counted = if shared.codes.is_test_number(&number) {
+        None
+    } else {
+        Some(check_code_limits(shared, &number, session.remote.ip(), now).await?)
+    };
     let record = {
         let (shared2, number2, code2) = (shared.clone(), number.clone(), code.clone());
         blocking(shared, move |store| {
@@ -247,10 +251,12 @@ async fn request_code(
             );
             // Nothing was sent: the code goes, and so does its count against the limits.
             let number2 = number.clone();
-            let keys = verify::limits::keys(&number, session.remote.ip());
             blocking(shared, move |store| {
                 store.remove_code(number2.as_str())?;
-                store.forget_code_send(&keys, now)
+                match &counted {
+                    Some(keys) => store.forget_code_send(keys, now),
+                    None => Ok(()),
+                }
             })
             .await?;
             return Err(NodeError::new(
@@ -268,22 +274,21 @@ async fn request_code(
     }))
 }
 
-/// What the number's registration lock says of this attempt: `None` when there is no
-/// lock in force or the PIN is right.
+/// What a registration lock in force says of this attempt: `None` when the PIN is
+/// right. `lapses_at` is when the lock lapses (ms).
 async fn lock_refusal(
     shared: &Arc<Shared>,
-    lock: Option<&(u64, LockRecord, u64)>,
+    record: &LockRecord,
+    lapses_at: u64,
     pin: Option<&str>,
     now: u64,
 ) -> Option<Refusal> {
-    let v = &shared.config.verification;
-    let (_, record, seen) = lock?;
-    let lapses_at = seen.saturating_add(v.lock_lapse.as_millis() as u64);
-    if now >= lapses_at {
-        return None;
-    }
-    let lapses_in = Duration::from_millis(lapses_at - now);
-    let left = v.max_pin_tries.saturating_sub(record.wrong_tries);
+    let lapses_in = Duration::from_millis(lapses_at.saturating_sub(now));
+    let left = shared
+        .config
+        .verification
+        .max_pin_tries
+        .saturating_sub(record.wrong_tries);
     let Some(pin) = pin.filter(|_| left > 0) else {
         return Some(Refusal::Locked {
             tries_left: left,
@@ -319,7 +324,17 @@ async fn verify_code(
         store.registration_lock(number3.as_str())
     })
     .await?;
-    let locked = lock_refusal(shared, lock.as_ref(), pin, now).await;
+    // A lock lapses once the account's devices have stayed away for the lapse time.
+    let lapse = shared.config.verification.lock_lapse.as_millis() as u64;
+    let in_force = lock
+        .as_ref()
+        .map(|(_, record, seen)| (record, seen.saturating_add(lapse)))
+        .filter(|(_, lapses_at)| now < *lapses_at);
+    let locked = match in_force {
+        Some((record, lapses_at)) => lock_refusal(shared, record, lapses_at, pin, now).await,
+        None => None,
+    };
+    let lock_in_force = in_force.is_some();
     let device = NewDevice {
         key_id: session.key_id,
         public_key: session.public_key.clone(),
@@ -328,10 +343,9 @@ async fn verify_code(
     // Invalidate directory caches before the change and again after it, so that no
     // cache filled in between outlives it.
     shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
-    let locked2 = locked.clone();
     let outcome = blocking(shared, move |store| {
         store.verify_and_register(number2.as_str(), &device, now, |record| {
-            match (shared2.codes.judge(&number2, &code2, record, now), &locked2) {
+            match (shared2.codes.judge(&number2, &code2, record, now), &locked) {
                 // The code is right, but the lock holds: keep the code for a try with
                 // the PIN.
                 (Judgement::Accept, Some(refusal)) => Judgement::Reject {
@@ -380,28 +394,26 @@ async fn verify_code(
             revoked_keys,
         } => {
             // A lock that let this through (right PIN) starts counting afresh; one that
-            // had lapsed goes.
-            if let Some((account, record, seen)) = lock {
-                let lapse = shared.config.verification.lock_lapse.as_millis() as u64;
-                let update = if now >= seen.saturating_add(lapse) {
-                    Some(None)
-                } else {
-                    (record.wrong_tries > 0).then(|| {
-                        Some(LockRecord {
-                            wrong_tries: 0,
-                            ..record.clone()
-                        })
-                    })
-                };
-                if let Some(update) = update {
-                    blocking(shared, move |store| {
-                        store.set_registration_lock(account, update.as_ref())
-                    })
-                    .await?;
-                }
-            }
+            // had lapsed goes. Either way the account was seen now.
+            let lock_update = match lock {
+                Some((account, _, _)) if !lock_in_force => Some((account, None)),
+                Some((account, record, _)) if record.wrong_tries > 0 => Some((
+                    account,
+                    Some(LockRecord {
+                        wrong_tries: 0,
+                        ..record
+                    }),
+                )),
+                _ => None,
+            };
             let account = device.account_id;
-            blocking(shared, move |store| store.mark_seen(account, now)).await?;
+            blocking(shared, move |store| {
+                if let Some((locked_account, update)) = &lock_update {
+                    store.set_registration_lock(*locked_account, update.as_ref())?;
+                }
+                store.mark_seen(account, now)
+            })
+            .await?;
             // What the node held for signed-out devices goes: their queues can never
             // be read again, and their keys must not be handed out.
             for old in signed_out.iter().copied() {

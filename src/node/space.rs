@@ -9,7 +9,7 @@
 //! free space is back above the reserve, sends work again.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a reading of free space is trusted. A statvfs costs a few microseconds;
@@ -20,8 +20,12 @@ const FRESH_FOR: Duration = Duration::from_millis(10);
 pub struct SpaceGuard {
     dir: PathBuf,
     min_free: u64,
-    /// The last reading: when, and whether free space was below the reserve.
-    last: Mutex<Option<(Instant, bool)>>,
+    /// The clock readings are measured from.
+    epoch: Instant,
+    /// When free space was last read (ms since `epoch`, plus one; 0: never).
+    read_at: AtomicU64,
+    /// Whether free space was below the reserve at that reading.
+    full: AtomicBool,
 }
 
 impl SpaceGuard {
@@ -29,24 +33,28 @@ impl SpaceGuard {
         SpaceGuard {
             dir,
             min_free,
-            last: Mutex::new(None),
+            epoch: Instant::now(),
+            read_at: AtomicU64::new(0),
+            full: AtomicBool::new(false),
         }
     }
 
     /// True when the filesystem has less than the reserve free. A filesystem whose
     /// free space cannot be read counts as not full (and is logged once a reading).
+    /// Lock-free: every send asks, and one caller per `FRESH_FOR` reads statvfs.
     pub fn full(&self) -> bool {
         if self.min_free == 0 {
             return false;
         }
-        let now = Instant::now();
-        let Ok(mut last) = self.last.lock() else {
-            return false;
-        };
-        if let Some((at, full)) = *last
-            && now.duration_since(at) < FRESH_FOR
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let last = self.read_at.load(Ordering::Acquire);
+        if (last != 0 && now < last + FRESH_FOR.as_millis() as u64)
+            || self
+                .read_at
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
         {
-            return full;
+            return self.full.load(Ordering::Acquire);
         }
         let full = match fs2::available_space(&self.dir) {
             Ok(free) => free < self.min_free,
@@ -55,16 +63,16 @@ impl SpaceGuard {
                 false
             }
         };
-        if full && !last.is_some_and(|(_, was)| was) {
+        let was = self.full.swap(full, Ordering::AcqRel);
+        if full && !was {
             tracing::warn!(
                 dir = %self.dir.display(),
                 reserve = self.min_free,
                 "storage full: free space is below storage.min_free_bytes; refusing new messages"
             );
-        } else if !full && last.is_some_and(|(_, was)| was) {
+        } else if !full && was {
             tracing::info!(dir = %self.dir.display(), "free space is back above the reserve");
         }
-        *last = Some((now, full));
         full
     }
 }

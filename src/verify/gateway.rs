@@ -48,8 +48,10 @@ fn host(url: &str) -> &str {
 }
 
 /// Delivers codes with an HTTP request.
+/// Cheap to clone: each delivery moves a clone onto the blocking pool.
+#[derive(Clone)]
 pub struct HttpGateway {
-    config: HttpProvider,
+    config: std::sync::Arc<HttpProvider>,
     agent: ureq::Agent,
 }
 
@@ -60,7 +62,10 @@ impl HttpGateway {
             .http_status_as_error(false)
             .build()
             .into();
-        HttpGateway { config, agent }
+        HttpGateway {
+            config: std::sync::Arc::new(config),
+            agent,
+        }
     }
 
     fn send(&self, d: &Delivery) -> Result<(), DeliveryError> {
@@ -146,11 +151,7 @@ impl Provider for HttpGateway {
 
     fn deliver<'a>(&'a self, d: &'a Delivery) -> DeliveryFuture<'a> {
         Box::pin(async move {
-            let gateway = HttpGateway {
-                config: self.config.clone(),
-                agent: self.agent.clone(),
-            };
-            let d = d.clone();
+            let (gateway, d) = (self.clone(), d.clone());
             tokio::task::spawn_blocking(move || gateway.send(&d))
                 .await
                 .map_err(|e| DeliveryError(format!("http delivery task failed: {e}")))?
