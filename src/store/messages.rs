@@ -62,7 +62,7 @@ pub struct SweepStats {
 const SWEEP_CHUNK: usize = 1024;
 
 impl Store {
-    fn queue_writer(&self) -> MutexGuard<'_, QueueLengths> {
+    pub(super) fn queue_writer(&self) -> MutexGuard<'_, QueueLengths> {
         // A panic while holding the lock cannot leave a queue half-written (sled
         // writes are atomic); at worst a length is off, so carry on.
         self.queue_writer
@@ -99,6 +99,7 @@ impl Store {
         now_ms: u64,
         max_queued: u64,
     ) -> Result<AppendOutcome, StoreError> {
+        let _gate = self.writing();
         let sent_key = keys::sent(sender.key(), &id);
         let mut lens = self.queue_writer();
         if let Some(at) = self.trees.sent_message.get(sent_key)? {
@@ -122,7 +123,7 @@ impl Store {
                 id,
                 body,
             };
-            let seq = self.db.generate_id()?;
+            let seq = self.next_id()?;
             rows.push((
                 device.key(),
                 keys::queue(device.key(), seq),
@@ -138,6 +139,7 @@ impl Store {
         // told `Accepted`, sends again, and the recipient drops the copy by id.
         for (device, key, value) in &rows {
             self.trees.queue.insert(&key[..], value.as_slice())?;
+            self.queue_totals.add(value.len());
             *lens.0.entry(*device).or_default() += 1;
         }
         self.trees
@@ -212,6 +214,7 @@ impl Store {
         seqs: &[u64],
         now_ms: u64,
     ) -> Result<Vec<DeviceRef>, StoreError> {
+        let _gate = self.writing();
         let dk = device.key();
         let mut lens = self.queue_writer();
         let mut removed = 0u64;
@@ -243,17 +246,20 @@ impl Store {
                     device_id: device.device_id,
                     id,
                 };
-                let seq = self.db.generate_id()?;
-                self.trees.queue.insert(
-                    &keys::queue(sender.key(), seq)[..],
-                    records::encode_queued(now_ms, &receipt)?,
-                )?;
+                let seq = self.next_id()?;
+                let receipt = records::encode_queued(now_ms, &receipt)?;
+                let receipt_len = receipt.len();
+                self.trees
+                    .queue
+                    .insert(&keys::queue(sender.key(), seq)[..], receipt)?;
+                self.queue_totals.add(receipt_len);
                 if let Some(len) = lens.0.get_mut(&sender.key()) {
                     *len += 1;
                 }
                 receipts.push(sender);
             }
             self.trees.queue.remove(&key[..])?;
+            self.queue_totals.remove(value.len());
             removed += 1;
         }
         if let Some(len) = lens.0.get_mut(&dk) {
@@ -265,11 +271,14 @@ impl Store {
     /// Deletes everything the node holds for `device`: its queue and its keys. For a
     /// device that was signed out.
     pub fn drop_device(&self, device: DeviceRef) -> Result<u64, StoreError> {
+        let _gate = self.writing();
         let dk = device.key();
         let mut lens = self.queue_writer();
         let mut dropped = 0;
-        for key in self.trees.queue.scan_prefix(dk).keys() {
-            self.trees.queue.remove(key?)?;
+        for entry in self.trees.queue.scan_prefix(dk) {
+            let (key, value) = entry?;
+            self.trees.queue.remove(key)?;
+            self.queue_totals.remove(value.len());
             dropped += 1;
         }
         lens.0.remove(&dk);
@@ -289,6 +298,8 @@ impl Store {
         let mut stats = SweepStats::default();
         let mut from: Vec<u8> = Vec::new();
         loop {
+            // Gate per chunk, like the writer lock: a backup waits for one chunk at most.
+            let _gate = self.writing();
             let mut lens = self.queue_writer();
             let mut last = None;
             let mut seen = 0;
@@ -297,6 +308,7 @@ impl Store {
                 seen += 1;
                 if records::queued_at(&value).is_some_and(|at| at < cutoff_ms) {
                     self.trees.queue.remove(&key)?;
+                    self.queue_totals.remove(value.len());
                     stats.items += 1;
                     if let Some((device, _)) = keys::parse_queue(&key)
                         && let Some(len) = lens.0.get_mut(&device)
@@ -337,6 +349,7 @@ impl Store {
         max_one_time_keys: u32,
         now_ms: u64,
     ) -> Result<Result<u32, KeysRefusal>, StoreError> {
+        let _gate = self.writing();
         let dk = device.key();
         let current = match self.trees.device_keys.get(dk)? {
             Some(bytes) => Some(records::decode::<DeviceKeysRecord>(&bytes, "device_keys")?),
@@ -378,7 +391,7 @@ impl Store {
         };
         let mut new_keys = Vec::with_capacity(one_time_keys.len());
         for k in one_time_keys {
-            new_keys.push((keys::one_time_key(dk, self.db.generate_id()?), k.to_bytes()));
+            new_keys.push((keys::one_time_key(dk, self.next_id()?), k.to_bytes()));
         }
         let t = &self.trees;
         (&t.device_keys, &t.one_time_key).transaction(|(dkeys, otks)| -> TxResult<()> {
@@ -416,6 +429,7 @@ impl Store {
         devices: &[u32],
         claim: bool,
     ) -> Result<Vec<Claimed>, StoreError> {
+        let _gate = self.writing();
         let mut out = Vec::new();
         for &device_id in devices {
             let device = DeviceRef {

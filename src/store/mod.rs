@@ -9,10 +9,13 @@
 //! error. Its methods are synchronous and may block on I/O; the node calls them from
 //! blocking threads, never from its async workers.
 
+mod admin;
+pub mod backup;
 pub mod keys;
 mod messages;
 pub mod records;
 
+pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
 pub use messages::{AppendOutcome, Claimed, KeysRefusal, Queued, SweepStats};
 
 use std::collections::HashMap;
@@ -28,7 +31,7 @@ use records::{AccountRecord, CodeRecord, DeviceRecord};
 
 /// The schema this build writes. Raise it with every change of layout and add a rung
 /// to [`Store::migrate`].
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// What can go wrong in storage.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +61,9 @@ impl From<TransactionError<StoreError>> for StoreError {
 #[derive(Clone)]
 struct Trees {
     /// `meta`: name (ASCII) → value. `schema_version` (u32 BE), `code_hash_key` (32 bytes),
-    /// `discovery_key` (the OPRF key, 32 bytes), `discovery_key_version` (u32 BE).
+    /// `discovery_key` (the OPRF key, 32 bytes), `discovery_key_version` (u32 BE),
+    /// `id_base` (u64 BE, absent means 0: added to sled's id generator, which a
+    /// restore cannot set, so that ids drawn after a restore exceed those restored).
     meta: sled::Tree,
     /// `number_account`: E.164 (UTF-8) → account id (u64 BE). One account per number.
     number_account: sled::Tree,
@@ -73,7 +78,7 @@ struct Trees {
     /// `one_time_key`: device address ++ upload seq (u64 BE) → key ++ signature (96 bytes).
     one_time_key: sled::Tree,
     /// `queue`: device address ++ seq (u64 BE) → queue time (u64 BE) ++ [`records::QueueItem`].
-    /// One queue per device, oldest first; seqs come from `generate_id`, so they only grow.
+    /// One queue per device, oldest first; seqs come from `Store::next_id`, so they only grow.
     queue: sled::Tree,
     /// `sent_message`: sender device address ++ client message id (16 bytes) → accept
     /// time (u64 BE). Makes resending an id idempotent; swept with the queue TTL.
@@ -108,6 +113,41 @@ pub struct Store {
     log_file: Option<Arc<std::fs::File>>,
     /// The OPRF key of the discovery index (replaced only by a rotation).
     discovery: Arc<std::sync::RwLock<Arc<DiscoveryKey>>>,
+    /// Every write holds this shared; a backup holds it exclusively while it reads
+    /// the trees, so that it sees the database as it was at one instant (sled has no
+    /// snapshots). Taken only at the top of a public method, never nested: std's
+    /// `RwLock` makes new readers wait behind a waiting writer.
+    gate: Arc<std::sync::RwLock<()>>,
+    /// Items and bytes in all queues, for stats and metrics. Changed only under the
+    /// queue writer lock; read without it.
+    queue_totals: Arc<QueueTotals>,
+    /// Added to every id sled generates (see `meta/id_base`).
+    id_base: u64,
+}
+
+/// Items and stored bytes in all device queues (receipts included).
+#[derive(Debug, Default)]
+pub struct QueueTotals {
+    pub items: std::sync::atomic::AtomicU64,
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
+impl QueueTotals {
+    fn add(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.items.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    fn remove(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self
+            .items
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+        let _ = self
+            .bytes
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(bytes as u64)));
+    }
 }
 
 /// Items per device queue, for quotas. Exact: only code holding the writer lock
@@ -177,6 +217,12 @@ type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 fn abort<T>(e: StoreError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
+}
+
+fn be_u64(bytes: &[u8], what: &str) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| {
+        StoreError::Corrupt(format!("{what} is not 8 bytes"))
+    })?))
 }
 
 fn discovery_error(e: crate::discovery::DiscoveryError) -> StoreError {
@@ -257,12 +303,24 @@ impl Store {
         let discovery = Arc::new(std::sync::RwLock::new(Arc::new(
             load_or_make_discovery_key(&trees.meta)?,
         )));
+        // One pass over the queues for their totals: nobody writes yet.
+        let queue_totals = QueueTotals::default();
+        for value in trees.queue.iter().values() {
+            queue_totals.add(value?.len());
+        }
+        let id_base = match trees.meta.get("id_base")? {
+            Some(v) => be_u64(&v, "meta/id_base")?,
+            None => 0,
+        };
         let store = Store {
+            id_base,
             db,
             trees,
             queue_writer: Arc::default(),
             log_file,
             discovery,
+            gate: Arc::default(),
+            queue_totals: Arc::new(queue_totals),
         };
         store.migrate()?;
         Ok(store)
@@ -287,6 +345,8 @@ impl Store {
         // Rung 2 → 3: the discovery index is built for the accounts already there.
         // Rung 3 → 4: `code_sends`, `registration_lock` and `account_seen` appear
         // empty (limits start counting now; accounts count as seen once they are).
+        // Rung 4 → 5: `meta/id_base` may appear (a restore writes it); nothing to
+        // convert, but an older build would ignore it and reuse restored ids.
         if (1..3).contains(&found) {
             self.rebuild_discovery_index()?;
         }
@@ -297,6 +357,29 @@ impl Store {
             self.db.flush()?;
         }
         Ok(())
+    }
+
+    /// A fresh id (queue seqs, upload seqs, account ids): larger than every id drawn
+    /// before, on this database or on the one it was restored from.
+    fn next_id(&self) -> Result<u64, StoreError> {
+        self.id_base
+            .checked_add(self.db.generate_id()?)
+            .ok_or_else(|| StoreError::Corrupt("the id space is exhausted".into()))
+    }
+
+    /// Holds off a backup while this write runs (see `Store::gate`).
+    fn writing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        // The guarded data is `()`: a poisoned lock protects nothing broken.
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Items and bytes queued for all devices now.
+    pub fn queue_totals(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.queue_totals.items.load(Relaxed),
+            self.queue_totals.bytes.load(Relaxed),
+        )
     }
 
     /// The schema version on disk.
@@ -333,6 +416,7 @@ impl Store {
         number: &str,
         decide: impl Fn(Option<&CodeRecord>) -> Result<CodeRecord, E>,
     ) -> Result<Result<CodeRecord, E>, StoreError> {
+        let _gate = self.writing();
         let key = keys::number(number);
         let result = self.trees.number_code.transaction(|tree| {
             let current = match tree.get(key)? {
@@ -354,6 +438,7 @@ impl Store {
 
     /// Deletes the pending code of `number`, if any.
     pub fn remove_code(&self, number: &str) -> Result<(), StoreError> {
+        let _gate = self.writing();
         self.trees.number_code.remove(keys::number(number))?;
         Ok(())
     }
@@ -369,9 +454,10 @@ impl Store {
         now_ms: u64,
         judge: impl Fn(&CodeRecord) -> Judgement<E>,
     ) -> Result<VerifyOutcome<E>, StoreError> {
+        let _gate = self.writing();
         // Ids are drawn outside the transaction (sled cannot inside); an unused one is
         // simply skipped. They start at 1: 0 reads as "none" too easily.
-        let fresh_account_id = self.db.generate_id()? + 1;
+        let fresh_account_id = self.next_id()? + 1;
         let prf = self.discovery_key().prf(number).map_err(discovery_error)?;
         let t = &self.trees;
         let outcome = (
@@ -498,6 +584,7 @@ impl Store {
         keep_ms: u64,
         judge: impl Fn(&[Vec<u64>]) -> Result<(), E>,
     ) -> Result<Result<(), E>, StoreError> {
+        let _gate = self.writing();
         let result = self.trees.code_sends.transaction(|tree| {
             let mut all = Vec::with_capacity(keys.len());
             for key in keys {
@@ -552,6 +639,7 @@ impl Store {
         account: u64,
         lock: Option<&records::LockRecord>,
     ) -> Result<(), StoreError> {
+        let _gate = self.writing();
         match lock {
             Some(l) => {
                 self.trees
@@ -569,6 +657,7 @@ impl Store {
 
     /// Records that a device of `account` was seen at `now_ms`.
     pub fn mark_seen(&self, account: u64, now_ms: u64) -> Result<(), StoreError> {
+        let _gate = self.writing();
         self.trees
             .account_seen
             .insert(keys::account(account), &now_ms.to_be_bytes())?;
@@ -578,6 +667,7 @@ impl Store {
     /// Takes back a send counted by [`Store::record_code_send`] at `at_ms` (the code
     /// could not be delivered after all).
     pub fn forget_code_send(&self, keys: &[String], at_ms: u64) -> Result<(), StoreError> {
+        let _gate = self.writing();
         self.trees.code_sends.transaction(|tree| {
             for key in keys {
                 if let Some(v) = tree.get(key.as_bytes())? {
@@ -595,6 +685,7 @@ impl Store {
 
     /// Drops limit keys with no send in the last `keep_ms`. Returns how many.
     pub fn sweep_code_sends(&self, now_ms: u64, keep_ms: u64) -> Result<usize, StoreError> {
+        let _gate = self.writing();
         let mut dropped = 0;
         for entry in self.trees.code_sends.iter() {
             let (key, value) = entry?;
@@ -651,6 +742,7 @@ impl Store {
     /// Replaces the discovery key with a fresh one (version + 1) and rebuilds the index
     /// under it. Run it on a data dir no node has open. Returns the new version.
     pub fn rotate_discovery_key(&self) -> Result<u32, StoreError> {
+        let _gate = self.writing();
         let version = self.discovery_key().version() + 1;
         let key = DiscoveryKey::generate(version).map_err(discovery_error)?;
         self.trees.meta.insert("discovery_key", key.to_bytes())?;

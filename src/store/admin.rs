@@ -1,0 +1,303 @@
+//! What an operator asks of the store: counts, accounts, and deleting an account.
+//!
+//! These scan whole trees: they serve a person at a terminal, not the request path.
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::Transactional;
+
+use super::keys;
+use super::records::{self, AccountRecord, QueueItem};
+use super::{DeviceRef, Store, StoreError, TxResult, be_u64};
+
+/// Counts over the whole store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreCounts {
+    pub accounts: u64,
+    pub devices: u64,
+    /// Messages waiting in device queues.
+    pub queued_messages: u64,
+    /// Delivery receipts waiting in device queues.
+    pub queued_receipts: u64,
+    /// Stored bytes of all queued items.
+    pub queued_bytes: u64,
+    /// When the oldest queued item was queued (ms since the Unix epoch).
+    pub oldest_queued_ms: Option<u64>,
+}
+
+/// One device of an account, as an operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSummary {
+    pub device_id: u32,
+    /// The device key id (SHA-256 of its public key), hex.
+    pub key_id: String,
+    pub created_at_ms: u64,
+    pub queued: u64,
+    pub queued_bytes: u64,
+    /// Whether the device has published its end-to-end keys.
+    pub keys_published: bool,
+    pub one_time_keys: u64,
+}
+
+/// One account, as an operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountSummary {
+    pub number: String,
+    pub account_id: u64,
+    pub created_at_ms: u64,
+    /// When one of its devices was last seen (ms; written at most hourly).
+    pub last_seen_ms: Option<u64>,
+    pub registration_lock: bool,
+    pub devices: Vec<DeviceSummary>,
+}
+
+/// What deleting an account removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deleted {
+    pub account_id: u64,
+    pub devices: Vec<DeviceRef>,
+    /// The device key ids, so their live connections can be closed.
+    pub key_ids: Vec<keys::KeyId>,
+    pub queued_items: u64,
+}
+
+impl Store {
+    /// Counts accounts, devices and queued items, reading every account and queue item.
+    pub fn counts(&self) -> Result<StoreCounts, StoreError> {
+        let mut counts = StoreCounts::default();
+        for value in self.trees.account.iter().values() {
+            let account: AccountRecord = records::decode(&value?, "account")?;
+            counts.accounts += 1;
+            counts.devices += account.devices.len() as u64;
+        }
+        for value in self.trees.queue.iter().values() {
+            let value = value?;
+            let (at, item) = records::decode_queued(&value)?;
+            match item {
+                QueueItem::Message { .. } => counts.queued_messages += 1,
+                QueueItem::Delivered { .. } => counts.queued_receipts += 1,
+            }
+            counts.queued_bytes += value.len() as u64;
+            counts.oldest_queued_ms = Some(counts.oldest_queued_ms.map_or(at, |o| o.min(at)));
+        }
+        Ok(counts)
+    }
+
+    /// Every account, in number order.
+    pub fn accounts(&self) -> Result<Vec<AccountSummary>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.trees.number_account.iter() {
+            let (_, id) = entry?;
+            let id = be_u64(&id, "number_account value")?;
+            if let Some(account) = self.account(id)? {
+                out.push(self.summarise(id, account)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The account of `number`, if it has one.
+    pub fn account_summary(&self, number: &str) -> Result<Option<AccountSummary>, StoreError> {
+        match self.account_by_number(number)? {
+            Some((id, account)) => Ok(Some(self.summarise(id, account)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn summarise(&self, id: u64, account: AccountRecord) -> Result<AccountSummary, StoreError> {
+        let last_seen_ms = match self.trees.account_seen.get(keys::account(id))? {
+            Some(v) => Some(be_u64(&v, "account_seen value")?),
+            None => None,
+        };
+        let mut devices = Vec::with_capacity(account.devices.len());
+        for d in &account.devices {
+            let dk = keys::device(id, d.device_id);
+            let (mut queued, mut queued_bytes) = (0, 0);
+            for value in self.trees.queue.scan_prefix(dk).values() {
+                queued += 1;
+                queued_bytes += value?.len() as u64;
+            }
+            devices.push(DeviceSummary {
+                device_id: d.device_id,
+                key_id: hex::encode(d.key_id),
+                created_at_ms: d.created_at_ms,
+                queued,
+                queued_bytes,
+                keys_published: self.trees.device_keys.contains_key(dk)?,
+                one_time_keys: self.trees.one_time_key.scan_prefix(dk).keys().count() as u64,
+            });
+        }
+        Ok(AccountSummary {
+            number: account.number,
+            account_id: id,
+            created_at_ms: account.created_at_ms,
+            last_seen_ms,
+            registration_lock: self
+                .trees
+                .registration_lock
+                .contains_key(keys::account(id))?,
+            devices,
+        })
+    }
+
+    /// Deletes the account of `number` and everything the node holds for it: its
+    /// devices, their keys, queues and sent-id records, its registration lock, its
+    /// pending code and its discovery index entry. Messages it sent that still wait
+    /// in other devices' queues stay: they are the recipients' mail.
+    ///
+    /// The queues go first, under the queue writer lock held to the end, then the
+    /// account in one transaction: a crash in between leaves an account with empty
+    /// queues, and deleting again finishes the work.
+    pub fn delete_account(&self, number: &str) -> Result<Option<Deleted>, StoreError> {
+        let _gate = self.writing();
+        let Some((account_id, account)) = self.account_by_number(number)? else {
+            return Ok(None);
+        };
+        let devices: Vec<DeviceRef> = account
+            .devices
+            .iter()
+            .map(|d| DeviceRef {
+                account_id,
+                device_id: d.device_id,
+            })
+            .collect();
+        let key_ids: Vec<keys::KeyId> = account.devices.iter().map(|d| d.key_id).collect();
+        let mut lens = self.queue_writer();
+        let mut queued_items = 0;
+        for device in &devices {
+            let dk = device.key();
+            for entry in self.trees.queue.scan_prefix(dk) {
+                let (key, value) = entry?;
+                self.trees.queue.remove(key)?;
+                self.queue_totals.remove(value.len());
+                queued_items += 1;
+            }
+            lens.0.remove(&dk);
+            for key in self.trees.one_time_key.scan_prefix(dk).keys() {
+                self.trees.one_time_key.remove(key?)?;
+            }
+            for key in self.trees.sent_message.scan_prefix(dk).keys() {
+                self.trees.sent_message.remove(key?)?;
+            }
+        }
+        let prf = self
+            .discovery_key()
+            .prf(number)
+            .map_err(super::discovery_error)?;
+        let t = &self.trees;
+        (
+            &t.number_account,
+            &t.account,
+            &t.device_key,
+            &t.device_keys,
+            &t.discovery_index,
+            &t.registration_lock,
+            &t.account_seen,
+            &t.number_code,
+        )
+            .transaction(
+                |(number_account, account, device_key, device_keys, index, lock, seen, code)| -> TxResult<()> {
+                    number_account.remove(keys::number(number))?;
+                    account.remove(&keys::account(account_id))?;
+                    for (key_id, device) in key_ids.iter().zip(&devices) {
+                        device_key.remove(&key_id[..])?;
+                        device_keys.remove(&device.key()[..])?;
+                    }
+                    // Only the entry that points at this account: after a rotation
+                    // the index is rebuilt, so the current key's PRF finds it.
+                    if let Some(owner) = index.get(prf)?
+                        && owner.as_ref() == account_id.to_be_bytes()
+                    {
+                        index.remove(&prf[..])?;
+                    }
+                    lock.remove(&keys::account(account_id))?;
+                    seen.remove(&keys::account(account_id))?;
+                    code.remove(keys::number(number))?;
+                    Ok(())
+                },
+            )?;
+        drop(lens);
+        Ok(Some(Deleted {
+            account_id,
+            devices,
+            key_ids,
+            queued_items,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewDevice;
+    use crate::store::records::CodeRecord;
+    use crate::store::{Judgement, VerifyOutcome};
+
+    fn register(store: &Store, number: &str, key: u8) -> DeviceRef {
+        store
+            .replace_code(number, |_| {
+                Ok::<_, ()>(CodeRecord {
+                    hash: [0; 32],
+                    sent_at_ms: 0,
+                    expires_at_ms: u64::MAX,
+                    tries_left: 3,
+                })
+            })
+            .expect("store")
+            .expect("code");
+        let device = NewDevice {
+            key_id: [key; 32],
+            public_key: vec![key],
+        };
+        match store
+            .verify_and_register::<()>(number, &device, 0, |_| Judgement::Accept)
+            .expect("store")
+        {
+            VerifyOutcome::Registered { device, .. } => device,
+            other => panic!("not registered: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn delete_removes_everything_of_the_account_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let alice = register(&store, "+14155550100", 1);
+        let bob = register(&store, "+14155550101", 2);
+        for (i, (from, to)) in [(alice, bob), (bob, alice), (alice, bob)].iter().enumerate() {
+            let number = if *from == alice { "+14155550100" } else { "+14155550101" };
+            store
+                .append(*from, number, [i as u8; 16], vec![(*to, vec![7; 10])], 5 + i as u64, 100)
+                .expect("append");
+        }
+        let before = store.counts().expect("counts");
+        assert_eq!((before.accounts, before.devices, before.queued_messages), (2, 2, 3));
+        assert_eq!(before.oldest_queued_ms, Some(5));
+        assert_eq!(store.queue_totals(), (3, before.queued_bytes));
+        let bob_prf = store.discovery_key().prf("+14155550101").expect("prf");
+        assert_eq!(store.discovery_lookup(&bob_prf).expect("lookup"), Some(bob.account_id));
+
+        let deleted = store
+            .delete_account("+14155550101")
+            .expect("delete")
+            .expect("bob existed");
+        assert_eq!(deleted.devices, vec![bob]);
+        assert_eq!(deleted.queued_items, 2);
+        assert_eq!(deleted.key_ids, vec![[2; 32]]);
+
+        let after = store.counts().expect("counts");
+        assert_eq!((after.accounts, after.devices, after.queued_messages), (1, 1, 1));
+        assert_eq!(store.queue_totals(), (1, after.queued_bytes));
+        assert_eq!(store.account_by_number("+14155550101").expect("read"), None);
+        assert_eq!(store.device_by_key(&[2; 32]).expect("read"), None);
+        assert_eq!(store.discovery_lookup(&bob_prf).expect("lookup"), None);
+        assert_eq!(store.queue_len(bob), 0);
+        // Alice keeps her account, her queue (Bob's message to her) and her index entry.
+        let alice_prf = store.discovery_key().prf("+14155550100").expect("prf");
+        assert_eq!(store.discovery_lookup(&alice_prf).expect("lookup"), Some(alice.account_id));
+        assert_eq!(store.queue_len(alice), 1);
+        assert!(store.delete_account("+14155550101").expect("delete").is_none());
+        let summary = store.accounts().expect("accounts");
+        assert_eq!(summary.len(), 1);
+        assert_eq!(summary[0].devices[0].queued, 1);
+    }
+}
