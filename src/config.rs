@@ -23,6 +23,41 @@ pub struct Config {
     pub messages: Messages,
     pub storage: Storage,
     pub discovery: Discovery,
+    pub metrics: Metrics,
+    pub log: Log,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metrics {
+    /// Off by default: metrics say how busy the node is and when people are online.
+    pub enabled: bool,
+    /// TCP address of the endpoint (`GET /metrics`); keep it local or firewalled.
+    pub listen: SocketAddr,
+}
+
+/// How the node logs (to stderr).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people: one line per event, with the span fields in front.
+    Text,
+    /// One JSON object per line, with the current span and its parents.
+    Json,
+}
+
+impl LogFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// Private contact discovery.
@@ -261,6 +296,13 @@ impl Default for Config {
                 daily_budget: 5_000,
                 filter_refresh: Duration::from_secs(10),
             },
+            metrics: Metrics {
+                enabled: false,
+                listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            },
+            log: Log {
+                format: LogFormat::Text,
+            },
         }
     }
 }
@@ -286,13 +328,246 @@ impl Config {
             let path = e.path().to_string();
             // toml's own message carries the line and a caret under the value.
             let inner = e.into_inner().to_string();
+            let inner = suggest(inner.trim_end());
             if path == "." {
-                inner.trim_end().to_string()
+                inner
             } else {
-                format!("key `{path}`: {}", inner.trim_end())
+                format!("key `{path}`: {inner}")
             }
         })?;
         raw.validate()
+    }
+}
+
+/// The effective settings as a config file (every key, defaults included), so
+/// `check-config` can show what a node would run with.
+mod effective {
+    use super::*;
+    use toml::{Table, Value};
+
+    fn int(n: impl Into<i64>) -> Value {
+        Value::Integer(n.into())
+    }
+
+    fn uint(n: u64) -> Value {
+        Value::Integer(i64::try_from(n).unwrap_or(i64::MAX))
+    }
+
+    fn text(s: impl Into<String>) -> Value {
+        Value::String(s.into())
+    }
+
+    fn map(m: &BTreeMap<String, String>) -> Value {
+        Value::Table(
+            m.iter()
+                .map(|(k, v)| (k.clone(), text(v.clone())))
+                .collect(),
+        )
+    }
+
+    fn codes(v: &[u16]) -> Value {
+        Value::Array(v.iter().map(|c| int(*c)).collect())
+    }
+
+    const MASK: &str = "********";
+
+    fn provider(p: &Provider, mask: bool) -> Table {
+        let mut t = Table::new();
+        match p {
+            Provider::Log => {
+                t.insert("kind".into(), text("log"));
+            }
+            Provider::Http(h) => {
+                t.insert("kind".into(), text("http"));
+                t.insert("url".into(), text(h.url.clone()));
+                t.insert("method".into(), text(h.method.clone()));
+                let headers: BTreeMap<String, String> = h
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), if mask { MASK.into() } else { v.clone() }))
+                    .collect();
+                t.insert("headers".into(), map(&headers));
+                if let Some((user, password)) = &h.basic_auth {
+                    t.insert("username".into(), text(user.clone()));
+                    t.insert(
+                        "password".into(),
+                        text(if mask { MASK } else { password.as_str() }),
+                    );
+                }
+                match &h.body {
+                    HttpBody::None => {}
+                    HttpBody::Form(f) => {
+                        t.insert("form".into(), map(f));
+                    }
+                    HttpBody::Json(j) => {
+                        t.insert("json".into(), text(j.clone()));
+                    }
+                }
+                t.insert("timeout_secs".into(), uint(h.timeout.as_secs()));
+                t.insert("success_status".into(), codes(&h.success_status));
+            }
+            Provider::Command(c) => {
+                t.insert("kind".into(), text("command"));
+                t.insert("program".into(), text(c.program.clone()));
+                t.insert(
+                    "args".into(),
+                    Value::Array(c.args.iter().map(|a| text(a.clone())).collect()),
+                );
+                t.insert("timeout_secs".into(), uint(c.timeout.as_secs()));
+            }
+        }
+        t
+    }
+
+    /// `mask` replaces provider passwords and header values with asterisks.
+    pub fn to_toml(c: &Config, mask: bool) -> String {
+        let path = |p: &Path| text(p.display().to_string());
+        let mut server = Table::new();
+        server.insert("listen".into(), text(c.server.listen.to_string()));
+        server.insert("data_dir".into(), path(&c.server.data_dir));
+        if let Some(tls) = &c.server.tls {
+            server.insert("tls_cert".into(), path(&tls.cert));
+            server.insert("tls_key".into(), path(&tls.key));
+        }
+        let l = &c.limits;
+        let ms = |d: Duration| uint(d.as_millis() as u64);
+        let limits: Table = [
+            ("max_connections", int(l.max_connections)),
+            (
+                "max_connections_per_address",
+                int(l.max_connections_per_address),
+            ),
+            (
+                "max_streams_per_connection",
+                int(l.max_streams_per_connection),
+            ),
+            ("max_frame_bytes", int(l.max_frame_bytes)),
+            ("handshake_timeout_ms", ms(l.handshake_timeout)),
+            ("idle_timeout_ms", ms(l.idle_timeout)),
+            ("request_timeout_ms", ms(l.request_timeout)),
+            ("shutdown_grace_ms", ms(l.shutdown_grace)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let v = &c.verification;
+        let secs = |d: Duration| uint(d.as_secs());
+        let mut verification: Table = [
+            ("provider", text("log")),
+            ("retries", int(v.retries)),
+            ("code_ttl_secs", secs(v.code_ttl)),
+            ("max_attempts", int(v.max_attempts)),
+            ("resend_cooldown_secs", secs(v.resend_cooldown)),
+            ("lock_lapse_days", uint(v.lock_lapse.as_secs() / 86_400)),
+            ("max_pin_tries", int(v.max_pin_tries)),
+            ("messages", map(&v.messages)),
+            (
+                "test_numbers",
+                Value::Table(
+                    v.test_numbers
+                        .iter()
+                        .map(|(n, code)| (n.to_string(), text(code.clone())))
+                        .collect(),
+                ),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let cl = &v.limits;
+        let code_limits: Table = [
+            ("per_number_10min", int(cl.per_number_10min)),
+            ("per_number_hour", int(cl.per_number_hour)),
+            ("per_address_hour", int(cl.per_address_hour)),
+            ("per_country_day", int(cl.per_country_day)),
+            ("global_day", int(cl.global_day)),
+            ("allowed_countries", codes(&cl.allowed_countries)),
+            ("denied_countries", codes(&cl.denied_countries)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        verification.insert("limits".into(), Value::Table(code_limits));
+        verification.insert("sms".into(), Value::Table(provider(&v.sms, mask)));
+        verification.insert("voice".into(), Value::Table(provider(&v.voice, mask)));
+        let m = &c.messages;
+        let messages: Table = [
+            ("max_envelope_bytes", int(m.max_envelope_bytes)),
+            ("max_queued_per_device", int(m.max_queued_per_device)),
+            ("ttl_secs", secs(m.ttl)),
+            ("sweep_interval_secs", secs(m.sweep_interval)),
+            ("delivery_batch", int(m.delivery_batch)),
+            ("max_one_time_keys", int(m.max_one_time_keys)),
+            ("one_time_keys_low", int(m.one_time_keys_low)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let mut storage = Table::new();
+        storage.insert(
+            "power_loss_sync".into(),
+            Value::Boolean(c.storage.power_loss_sync),
+        );
+        storage.insert("min_free_bytes".into(), uint(c.storage.min_free_bytes));
+        let mut discovery = Table::new();
+        discovery.insert("daily_budget".into(), int(c.discovery.daily_budget));
+        discovery.insert(
+            "filter_refresh_secs".into(),
+            secs(c.discovery.filter_refresh),
+        );
+        let mut metrics = Table::new();
+        metrics.insert("enabled".into(), Value::Boolean(c.metrics.enabled));
+        metrics.insert("listen".into(), text(c.metrics.listen.to_string()));
+        let mut log = Table::new();
+        log.insert("format".into(), text(c.log.format.name()));
+        let mut file = Table::new();
+        for (name, table) in [
+            ("server", server),
+            ("limits", limits),
+            ("verification", verification),
+            ("messages", messages),
+            ("storage", storage),
+            ("discovery", discovery),
+            ("metrics", metrics),
+            ("log", log),
+        ] {
+            file.insert(name.into(), Value::Table(table));
+        }
+        toml::to_string(&file).unwrap_or_else(|e| format!("# cannot print the settings: {e}\n"))
+    }
+}
+
+/// The key of `known` nearest to `unknown`, if one is near enough to be a typo.
+fn nearest<'a>(unknown: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    known
+        .into_iter()
+        .map(|k| (strsim::damerau_levenshtein(unknown, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3) && *d < k.len())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" with "; did you mean `a`?"
+/// added when one of the expected keys is near.
+fn suggest(message: &str) -> String {
+    let Some(rest) = message.split("unknown field `").nth(1) else {
+        return message.to_string();
+    };
+    let Some((unknown, rest)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let known: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    match nearest(unknown, known) {
+        Some(k) => format!("{message}; did you mean `{k}`?"),
+        None => message.to_string(),
+    }
+}
+
+impl Config {
+    /// The settings as a complete config file; `mask_secrets` hides provider
+    /// passwords and header values.
+    pub fn to_toml(&self, mask_secrets: bool) -> String {
+        effective::to_toml(self, mask_secrets)
     }
 }
 
@@ -309,6 +584,21 @@ mod raw {
         pub messages: Messages,
         pub storage: Storage,
         pub discovery: Discovery,
+        pub metrics: Metrics,
+        pub log: Log,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Metrics {
+        pub enabled: Option<bool>,
+        pub listen: Option<SocketAddr>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Log {
+        pub format: Option<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -858,6 +1148,22 @@ mod raw {
                     86_400,
                 )?,
             };
+            let metrics = super::Metrics {
+                enabled: self.metrics.enabled.unwrap_or(d.metrics.enabled),
+                listen: self.metrics.listen.unwrap_or(d.metrics.listen),
+            };
+            let log = super::Log {
+                format: match self.log.format.as_deref() {
+                    None => d.log.format,
+                    Some("text") => super::LogFormat::Text,
+                    Some("json") => super::LogFormat::Json,
+                    Some(other) => {
+                        return Err(format!(
+                            "key `log.format`: {other:?} is not \"text\" or \"json\""
+                        ));
+                    }
+                },
+            };
             Ok(super::Config {
                 server,
                 limits,
@@ -865,6 +1171,8 @@ mod raw {
                 messages,
                 storage,
                 discovery,
+                metrics,
+                log,
             })
         }
     }
@@ -873,6 +1181,42 @@ mod raw {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_keys_name_the_nearest_known_key() {
+        let err = Config::parse("[server]\nlisen = \"127.0.0.1:1\"\n").expect_err("unknown key");
+        assert!(err.contains("unknown field `lisen`"), "{err}");
+        assert!(err.ends_with("did you mean `listen`?"), "{err}");
+        let err = Config::parse("[metric]\nenabled = true\n").expect_err("unknown table");
+        assert!(err.ends_with("did you mean `metrics`?"), "{err}");
+        let err = Config::parse("[limits]\nmax_conections = 5\n").expect_err("unknown key");
+        assert!(err.ends_with("did you mean `max_connections`?"), "{err}");
+        // Nothing near: no guess.
+        let err = Config::parse("[server]\nzzzzzzzz = 1\n").expect_err("unknown key");
+        assert!(!err.contains("did you mean"), "{err}");
+    }
+
+    #[test]
+    fn effective_settings_read_back_as_the_same_config() {
+        let shipped = include_str!("../config/switchboard.toml");
+        let c = Config::parse(shipped).expect("shipped");
+        assert_eq!(Config::parse(&c.to_toml(false)).expect("printed"), c);
+        for example in [
+            include_str!("../config/providers/twilio-sms.toml"),
+            include_str!("../config/providers/twilio-voice.toml"),
+            include_str!("../config/providers/android-sms-gateway.toml"),
+            include_str!("../config/providers/gammu-modem.toml"),
+        ] {
+            let c = Config::parse(example).expect("example");
+            assert_eq!(Config::parse(&c.to_toml(false)).expect("printed"), c);
+            let masked = c.to_toml(true);
+            if let Provider::Http(h) = &c.verification.sms
+                && let Some((_, password)) = &h.basic_auth
+            {
+                assert!(!masked.contains(password.as_str()), "{masked}");
+            }
+        }
+    }
 
     #[test]
     fn shipped_file_documents_exactly_the_defaults() {

@@ -11,6 +11,7 @@
 //!
 //! The `switchboard` binary (src/main.rs and src/cli/) is a thin shell over these.
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod discovery;

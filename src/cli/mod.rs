@@ -1,6 +1,7 @@
 //! Command-line interface: clap definitions and one module per command.
 
 mod admin;
+mod check_config;
 mod contacts;
 mod lock;
 mod messaging;
@@ -16,6 +17,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use switchboard::client::Home;
 use switchboard::client::sealed::Passphrase;
+use switchboard::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 /// Switchboard: a self-hosted messaging node and its command-line client.
@@ -50,27 +52,39 @@ enum Command {
     /// Your address book, and which of your contacts are on the node.
     #[command(subcommand)]
     Contacts(contacts::Command),
-    /// Operator commands on a node's data dir.
-    #[command(subcommand)]
-    Admin(admin::Command),
+    /// Operator commands: on the running node over its admin socket, or on the data
+    /// dir of a stopped node.
+    Admin(admin::Args),
+    /// Validate a config file and print the settings a node would run with.
+    CheckConfig(check_config::Args),
     /// The registration lock: a PIN needed to register your number on another device.
     #[command(subcommand)]
     Lock(lock::Command),
 }
 
-/// Logs go to stderr: info for the node, warnings only for client commands, unless
-/// RUST_LOG says otherwise.
+/// Logs go to stderr: warnings only for client commands, unless RUST_LOG says
+/// otherwise. The node sets up its own logging once it has read its config
+/// ([`init_node_logging`]).
 pub fn init_logging(cli: &Cli) {
-    let default = match cli.command {
-        Command::Serve(_) => "info",
-        _ => "warn",
-    };
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_node_logging(LogFormat::Text, "warn");
+    }
+}
+
+/// Logs to stderr in `format`, at `default` level unless RUST_LOG says otherwise.
+pub fn init_node_logging(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 /// The client home, with the passphrase from `--passphrase-file` or
@@ -100,7 +114,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Recv(args) => messaging::recv(home(cli.home, pass)?, args).await,
         Command::Safety(args) => messaging::safety(home(cli.home, pass)?, args).await,
         Command::Contacts(command) => contacts::run(home(cli.home, pass)?, command).await,
-        Command::Admin(command) => admin::run(command),
+        Command::Admin(args) => admin::run(args).await,
+        Command::CheckConfig(args) => check_config::run(args),
         Command::Lock(command) => lock::run(home(cli.home, pass)?, command).await,
     }
 }

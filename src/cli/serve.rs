@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use switchboard::config::Config;
+use switchboard::config::{Config, LogFormat};
 use switchboard::node::Node;
 
 #[derive(Debug, clap::Args)]
@@ -19,6 +19,9 @@ pub struct Args {
     /// UDP address to listen on (overrides `server.listen`).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Log format (overrides `log.format`).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -32,6 +35,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
+    if let Some(format) = args.log_format {
+        config.log.format = format;
+    }
+    super::init_node_logging(config.log.format, "info");
     // Signal handlers first: a supervisor may send SIGTERM the moment the node says
     // it is listening.
     let shutdown = shutdown_signal(super::interrupted());
@@ -42,6 +49,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on {addr}")?;
         writeln!(out, "fingerprint {}", node.fingerprint())?;
+        if let Some(metrics) = node.metrics_addr() {
+            writeln!(out, "metrics on http://{metrics}/metrics")?;
+        }
         out.flush()?;
     }
     tracing::info!(%addr, fingerprint = %node.fingerprint(), "node started");

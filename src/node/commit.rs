@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::metrics::Metrics;
 use crate::store::Store;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
@@ -33,7 +34,7 @@ pub struct CommitStats {
 impl GroupCommit {
     /// Starts the flusher task on the current runtime. It ends on [`GroupCommit::stop`]
     /// or when every handle is dropped.
-    pub fn start(store: Store) -> GroupCommit {
+    pub fn start(store: Store, metrics: Arc<Metrics>) -> GroupCommit {
         let (tx, mut rx) = mpsc::unbounded_channel::<Option<Waiter>>();
         let stats = Arc::new(CommitStats::default());
         let task_stats = stats.clone();
@@ -51,7 +52,12 @@ impl GroupCommit {
                         None => stopping = true,
                     }
                 }
+                let started = std::time::Instant::now();
                 let result = store.flush().await.map_err(|e| e.to_string());
+                metrics
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.commit_batch.observe(batch.len() as f64);
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "group commit: flush failed");
                 }

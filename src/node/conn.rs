@@ -60,18 +60,29 @@ impl Connections {
 
     /// Closes every connection of these device keys: the devices were signed out.
     pub fn sign_out(&self, keys: &[KeyId]) -> usize {
+        self.close(
+            keys,
+            codes::SIGNED_OUT,
+            b"signed out: this number was registered on another device",
+        )
+    }
+
+    /// Closes every connection of these device keys with `code` and `reason`.
+    pub fn close(&self, keys: &[KeyId], code: u32, reason: &[u8]) -> usize {
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         let mut closed = 0;
         for key in keys {
             for (_, conn) in map.remove(key).unwrap_or_default() {
-                conn.close(
-                    codes::SIGNED_OUT.into(),
-                    b"signed out: this number was registered on another device",
-                );
+                conn.close(code.into(), reason);
                 closed += 1;
             }
         }
         closed
+    }
+
+    /// Device keys with at least one live connection.
+    pub fn devices_online(&self) -> usize {
+        self.by_key.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
@@ -138,6 +149,7 @@ pub async fn serve(
             return;
         };
         let registered = shared.connections.add(key_id, &conn);
+        shared.metrics.connections_open.inc();
         let _unregister = Unregister {
             shared: &shared,
             key_id,
@@ -183,6 +195,7 @@ struct Unregister<'a> {
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
         self.shared.connections.remove(&self.key_id, self.id);
+        self.shared.metrics.connections_open.dec();
     }
 }
 
@@ -215,7 +228,12 @@ async fn serve_stream(
             delivery::serve(send, recv, shared.clone(), session, stop).await;
             return;
         }
-        Ok(Ok(Some(request))) => handlers::handle(request, &shared, &session).await,
+        Ok(Ok(Some(request))) => {
+            let kind = request.name();
+            let reply = handlers::handle(request, &shared, &session).await;
+            shared.metrics.request(kind, &reply);
+            reply
+        }
         Ok(Ok(None)) => {
             // An empty stream asks nothing; close it quietly.
             let _ = send.finish();

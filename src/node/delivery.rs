@@ -241,6 +241,10 @@ async fn read_acks(
                 .await
                 {
                     Ok(receipts) => {
+                        shared
+                            .metrics
+                            .messages_delivered
+                            .inc_by(receipts.len() as u64);
                         for sender in receipts {
                             shared.mailboxes.wake(sender);
                         }

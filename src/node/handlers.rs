@@ -26,7 +26,11 @@ pub async fn handle(request: Request, shared: &Arc<Shared>, session: &Session) -
             number,
             channel,
             locale,
-        } => request_code(shared, session, &number, channel, &locale).await,
+        } => {
+            let result = request_code(shared, session, &number, channel, &locale).await;
+            shared.metrics.code_request(&result);
+            result
+        }
         Request::VerifyCode { number, code } => {
             verify_code(shared, session, &number, &code, None).await
         }
@@ -171,6 +175,7 @@ async fn check_code_limits(
     let v = &shared.config.verification;
     if let Err(why) = verify::limits::country_allowed(&v.limits, number) {
         tracing::warn!(%number, %source, "code refused: country not served");
+        shared.metrics.code_limited("country_denied");
         return Err(NodeError::new(ErrorKind::InvalidNumber, why));
     }
     let keys = verify::limits::keys(number, source);
@@ -184,6 +189,7 @@ async fn check_code_limits(
     .await?;
     judged.map(|()| keys).map_err(|limited| {
         tracing::warn!(%number, %source, limit = %limited.limit, "code refused by a limit");
+        shared.metrics.code_limited(limited.name);
         let wait = Duration::from_secs(limited.retry_after.as_secs().max(1));
         NodeError::new(
             ErrorKind::RateLimited {
@@ -223,7 +229,12 @@ async fn request_code(
             })
         })
         .await?
-        .map_err(refusal)?
+        .map_err(|r| {
+            if matches!(r, Refusal::Cooldown { .. }) {
+                shared.metrics.code_limited("cooldown");
+            }
+            refusal(r)
+        })?
     };
     if shared.codes.is_test_number(&number) {
         tracing::info!(%number, "code requested for a test number; its fixed code is not delivered");
@@ -808,6 +819,9 @@ async fn send(
     };
     // Also for a duplicate: the first copy may not be durable yet.
     shared.commit.durable().await.map_err(commit_failed)?;
+    if !duplicate {
+        shared.metrics.messages_accepted.inc();
+    }
     Ok(Response::Accepted(Accepted {
         id,
         accepted_at_ms,
@@ -859,11 +873,17 @@ async fn evaluate(
     .await
     .map_err(|e| NodeError::new(ErrorKind::Internal, format!("evaluation task failed: {e}")))?;
     match evaluated {
-        Ok((key_version, evaluated)) => Ok(Response::Evaluated {
-            key_version,
-            evaluated,
-            budget_left,
-        }),
+        Ok((key_version, evaluated)) => {
+            shared
+                .metrics
+                .discovery_evaluations
+                .inc_by(evaluated.len() as u64);
+            Ok(Response::Evaluated {
+                key_version,
+                evaluated,
+                budget_left,
+            })
+        }
         Err(_) => Err(NodeError::new(
             ErrorKind::Malformed,
             "a blinded element is not a valid ristretto255 point",

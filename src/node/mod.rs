@@ -6,6 +6,7 @@
 //! grace), closes the endpoint and flushes the store. Every task belongs to one
 //! `TaskTracker`, so shutdown knows when the work is done.
 
+mod admin;
 mod commit;
 mod conn;
 mod delivery;
@@ -13,6 +14,7 @@ mod discovery;
 mod handlers;
 mod limits;
 mod mailbox;
+mod metrics;
 mod space;
 mod worker;
 
@@ -95,11 +97,15 @@ pub(crate) struct Shared {
     pub discovery: discovery::Discovery,
     /// Live connections per device key, to close those of signed-out devices.
     pub connections: conn::Connections,
+    pub metrics: Arc<metrics::Metrics>,
+    pub started: std::time::Instant,
 }
 
 /// A bound node, ready to [`run`](Node::run).
 pub struct Node {
     endpoint: quinn::Endpoint,
+    admin: tokio::net::UnixListener,
+    metrics: Option<tokio::net::TcpListener>,
     shared: Arc<Shared>,
     fingerprint: Fingerprint,
 }
@@ -140,6 +146,22 @@ impl Node {
 
         let server_config = conn::server_config(&creds, &config)?;
         let endpoint = bind_endpoint(config.server.listen, server_config)?;
+        let admin = admin::bind(&data_dir).map_err(|source| ServeError::DataDir {
+            path: crate::admin::socket_path(&data_dir),
+            source,
+        })?;
+        let metrics_listener = match config.metrics.enabled {
+            true => Some(
+                metrics::bind(config.metrics.listen)
+                    .await
+                    .map_err(|source| ServeError::Bind {
+                        addr: config.metrics.listen,
+                        source,
+                    })?,
+            ),
+            false => None,
+        };
+        let metrics = Arc::new(metrics::Metrics::new());
         let providers = Providers {
             sms: provider(&config.verification.sms),
             voice: provider(&config.verification.voice),
@@ -151,7 +173,7 @@ impl Node {
                 config.limits.max_connections_per_address,
             ),
             providers,
-            commit: commit::GroupCommit::start(store.clone()),
+            commit: commit::GroupCommit::start(store.clone(), metrics.clone()),
             mailboxes: mailbox::Mailboxes::default(),
             worker: worker::StoreWorker::start(store.clone(), "store").map_err(|source| {
                 ServeError::DataDir {
@@ -170,11 +192,15 @@ impl Node {
             space: space::SpaceGuard::new(data_dir.clone(), config.storage.min_free_bytes),
             discovery: discovery::Discovery::new(config.discovery.daily_budget),
             connections: conn::Connections::default(),
+            metrics,
+            started: std::time::Instant::now(),
             store,
             config,
         });
         Ok(Node {
             endpoint,
+            admin,
+            metrics: metrics_listener,
             shared,
             fingerprint,
         })
@@ -183,6 +209,11 @@ impl Node {
     /// The address the node listens on (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// The address of the metrics endpoint, when `[metrics] enabled`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The fingerprint of the node's certificate, for clients to pin.
@@ -196,6 +227,15 @@ impl Node {
         let stop = CancellationToken::new();
         tracker.spawn(sweeper(self.shared.clone(), stop.clone()));
         tracker.spawn(filter_refresher(self.shared.clone(), stop.clone()));
+        tracker.spawn(admin::serve(
+            self.admin,
+            self.shared.clone(),
+            stop.clone(),
+            tracker.clone(),
+        ));
+        if let Some(listener) = self.metrics {
+            tracker.spawn(metrics::serve(listener, self.shared.clone(), stop.clone()));
+        }
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -204,10 +244,12 @@ impl Node {
                     let Some(incoming) = incoming else { break };
                     let remote = incoming.remote_address();
                     let Some(ticket) = self.shared.admission.admit(remote.ip()) else {
+                        self.shared.metrics.connections_refused.inc();
                         tracing::warn!(%remote, "connection refused: connection limit reached");
                         incoming.refuse();
                         continue;
                     };
+                    self.shared.metrics.connections_accepted.inc();
                     let task = conn::serve(incoming, ticket, self.shared.clone(), stop.clone(), tracker.clone());
                     tracker.spawn(task);
                 }
@@ -285,6 +327,7 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
         let store = shared.store.clone();
         match tokio::task::spawn_blocking(move || store.sweep(cutoff)).await {
             Ok(Ok(stats)) if stats.items + stats.sent_ids > 0 => {
+                shared.metrics.messages_expired.inc_by(stats.items);
                 tracing::info!(
                     items = stats.items,
                     sent_ids = stats.sent_ids,

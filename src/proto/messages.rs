@@ -67,6 +67,27 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's name, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::RequestCode { .. } => "request_code",
+            Request::VerifyCode { .. } => "verify_code",
+            Request::WhoAmI => "whoami",
+            Request::PublishKeys(_) => "publish_keys",
+            Request::FetchBundles { .. } => "fetch_bundles",
+            Request::Send(_) => "send",
+            Request::Subscribe => "subscribe",
+            Request::Evaluate { .. } => "evaluate",
+            Request::FetchFilter { .. } => "fetch_filter",
+            Request::Resolve { .. } => "resolve",
+            Request::SetLock { .. } => "set_lock",
+            Request::ClearLock => "clear_lock",
+            Request::VerifyCodeWithPin { .. } => "verify_code_with_pin",
+        }
+    }
+}
+
 /// The most elements one `Evaluate` or `Resolve` may carry.
 pub const MAX_DISCOVERY_BATCH: usize = 1024;
 /// The most filter bytes one `FilterChunk` carries.
@@ -401,6 +422,34 @@ pub enum ErrorKind {
         tries_left: u32,
         lapses_in_secs: u64,
     },
+}
+
+impl ErrorKind {
+    /// The error's name, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ErrorKind::Malformed => "malformed",
+            ErrorKind::FrameTooLarge { .. } => "frame_too_large",
+            ErrorKind::InvalidNumber => "invalid_number",
+            ErrorKind::InvalidCode => "invalid_code",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::RateLimited { .. } => "rate_limited",
+            ErrorKind::NoCodePending => "no_code_pending",
+            ErrorKind::WrongCode { .. } => "wrong_code",
+            ErrorKind::CodeExpired => "code_expired",
+            ErrorKind::TooManyAttempts { .. } => "too_many_attempts",
+            ErrorKind::DeliveryFailed => "delivery_failed",
+            ErrorKind::Internal => "internal",
+            ErrorKind::UnknownRecipient => "unknown_recipient",
+            ErrorKind::NoKeys => "no_keys",
+            ErrorKind::StaleDevices { .. } => "stale_devices",
+            ErrorKind::EnvelopeTooLarge { .. } => "envelope_too_large",
+            ErrorKind::QueueFull { .. } => "queue_full",
+            ErrorKind::BadKeys => "bad_keys",
+            ErrorKind::StorageFull => "storage_full",
+            ErrorKind::RegistrationLocked { .. } => "registration_locked",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -42,4 +42,6 @@ pub mod codes {
     pub const SIGNED_OUT: u32 = 5;
     /// The node refused the connection (limits).
     pub const REFUSED: u32 = 6;
+    /// The node's operator deleted the device's account.
+    pub const ACCOUNT_DELETED: u32 = 7;
 }

@@ -263,18 +263,38 @@ mod tests {
         let store = Store::open(dir.path()).expect("open");
         let alice = register(&store, "+14155550100", 1);
         let bob = register(&store, "+14155550101", 2);
-        for (i, (from, to)) in [(alice, bob), (bob, alice), (alice, bob)].iter().enumerate() {
-            let number = if *from == alice { "+14155550100" } else { "+14155550101" };
+        for (i, (from, to)) in [(alice, bob), (bob, alice), (alice, bob)]
+            .iter()
+            .enumerate()
+        {
+            let number = if *from == alice {
+                "+14155550100"
+            } else {
+                "+14155550101"
+            };
             store
-                .append(*from, number, [i as u8; 16], vec![(*to, vec![7; 10])], 5 + i as u64, 100)
+                .append(
+                    *from,
+                    number,
+                    [i as u8; 16],
+                    vec![(*to, vec![7; 10])],
+                    5 + i as u64,
+                    100,
+                )
                 .expect("append");
         }
         let before = store.counts().expect("counts");
-        assert_eq!((before.accounts, before.devices, before.queued_messages), (2, 2, 3));
+        assert_eq!(
+            (before.accounts, before.devices, before.queued_messages),
+            (2, 2, 3)
+        );
         assert_eq!(before.oldest_queued_ms, Some(5));
         assert_eq!(store.queue_totals(), (3, before.queued_bytes));
         let bob_prf = store.discovery_key().prf("+14155550101").expect("prf");
-        assert_eq!(store.discovery_lookup(&bob_prf).expect("lookup"), Some(bob.account_id));
+        assert_eq!(
+            store.discovery_lookup(&bob_prf).expect("lookup"),
+            Some(bob.account_id)
+        );
 
         let deleted = store
             .delete_account("+14155550101")
@@ -285,7 +305,10 @@ mod tests {
         assert_eq!(deleted.key_ids, vec![[2; 32]]);
 
         let after = store.counts().expect("counts");
-        assert_eq!((after.accounts, after.devices, after.queued_messages), (1, 1, 1));
+        assert_eq!(
+            (after.accounts, after.devices, after.queued_messages),
+            (1, 1, 1)
+        );
         assert_eq!(store.queue_totals(), (1, after.queued_bytes));
         assert_eq!(store.account_by_number("+14155550101").expect("read"), None);
         assert_eq!(store.device_by_key(&[2; 32]).expect("read"), None);
@@ -293,9 +316,17 @@ mod tests {
         assert_eq!(store.queue_len(bob), 0);
         // Alice keeps her account, her queue (Bob's message to her) and her index entry.
         let alice_prf = store.discovery_key().prf("+14155550100").expect("prf");
-        assert_eq!(store.discovery_lookup(&alice_prf).expect("lookup"), Some(alice.account_id));
+        assert_eq!(
+            store.discovery_lookup(&alice_prf).expect("lookup"),
+            Some(alice.account_id)
+        );
         assert_eq!(store.queue_len(alice), 1);
-        assert!(store.delete_account("+14155550101").expect("delete").is_none());
+        assert!(
+            store
+                .delete_account("+14155550101")
+                .expect("delete")
+                .is_none()
+        );
         let summary = store.accounts().expect("accounts");
         assert_eq!(summary.len(), 1);
         assert_eq!(summary[0].devices[0].queued, 1);

@@ -151,7 +151,7 @@ impl Store {
                 w.put_len32(&key)?;
                 w.put_len32(&value)?;
                 summary.entries += 1;
-                if summary.entries % 4096 == 0 {
+                if summary.entries.is_multiple_of(4096) {
                     progress(summary.entries);
                 }
             }
@@ -296,7 +296,9 @@ pub fn read_backup(
                 let path = String::from_utf8(r.bytes16(MAX_NAME, "a file path")?)
                     .map_err(|_| invalid("a file path that is not UTF-8"))?;
                 if !is_plain_relative(&path) {
-                    return Err(invalid(format!("the file path {path:?} leaves the data dir")));
+                    return Err(invalid(format!(
+                        "the file path {path:?} leaves the data dir"
+                    )));
                 }
                 let bytes = r.bytes32(MAX_FILE, "a file")?;
                 summary.files += 1;
@@ -354,7 +356,10 @@ pub fn restore(
     crate::fsutil::create_private_dir(data_dir)?;
     let staging = data_dir.join("db.restoring");
     let result = (|| {
-        let db = sled::Config::new().path(&staging).open().map_err(StoreError::from)?;
+        let db = sled::Config::new()
+            .path(&staging)
+            .open()
+            .map_err(StoreError::from)?;
         let mut tree: Option<sled::Tree> = None;
         let mut batch = sled::Batch::default();
         let mut pending = 0usize;
@@ -453,10 +458,18 @@ mod tests {
         );
         let restored = Store::open(&target.join("db")).expect("open restored");
         assert_eq!(
-            restored.trees.queue.get(b"some-queue-key").expect("get").as_deref(),
+            restored
+                .trees
+                .queue
+                .get(b"some-queue-key")
+                .expect("get")
+                .as_deref(),
             Some(&b"value"[..])
         );
-        assert_eq!(restored.discovery_key().to_bytes(), store.discovery_key().to_bytes());
+        assert_eq!(
+            restored.discovery_key().to_bytes(),
+            store.discovery_key().to_bytes()
+        );
         assert!(restored.next_id().expect("id") > drawn);
         assert!(matches!(
             restore(&bytes[..], &target, |_| {}),
@@ -469,7 +482,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("db")).expect("open");
         let bytes = backup_of(&store, &[]);
-        for (i, cut) in [1, 9, bytes.len() / 2, bytes.len() - 1].into_iter().enumerate() {
+        for (i, cut) in [1, 9, bytes.len() / 2, bytes.len() - 1]
+            .into_iter()
+            .enumerate()
+        {
             let target = dir.path().join(format!("cut{i}"));
             let err = restore(&bytes[..cut], &target, |_| {}).expect_err("truncated");
             assert!(matches!(err, BackupError::Invalid(_)), "{err}");

@@ -812,6 +812,11 @@ impl Store {
         Ok(self.account(id)?.map(|a| (id, a)))
     }
 
+    /// Bytes of the database on disk, as sled counts them (0 if it cannot tell).
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
     /// The number of accounts.
     pub fn account_count(&self) -> usize {
         self.trees.number_account.len()

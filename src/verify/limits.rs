@@ -20,6 +20,9 @@ pub const KEEP_MS: u64 = 24 * HOUR;
 /// A refused code request: which limit, and when to try again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limited {
+    /// For metrics: `global_day`, `country_day`, `number_10min`, `number_hour`,
+    /// `number_wait`, `address_hour`.
+    pub name: &'static str,
     /// For people: "at most 3 codes per number in 10 minutes".
     pub limit: String,
     pub retry_after: Duration,
@@ -82,11 +85,18 @@ pub fn judge(
     times: &[Vec<u64>],
     now: u64,
 ) -> Result<(), Limited> {
-    let limited = |limit: String, retry_after: Duration| Err(Limited { limit, retry_after });
+    let limited = |name: &'static str, limit: String, retry_after: Duration| {
+        Err(Limited {
+            name,
+            limit,
+            retry_after,
+        })
+    };
     let none = Vec::new();
     let at = |i: usize| times.get(i).unwrap_or(&none);
     if let Some(wait) = window_wait(at(0), now, 24 * HOUR, limits.global_day) {
         return limited(
+            "global_day",
             format!(
                 "the node's budget of {} codes a day is spent",
                 limits.global_day
@@ -96,6 +106,7 @@ pub fn judge(
     }
     if let Some(wait) = window_wait(at(1), now, 24 * HOUR, limits.per_country_day) {
         return limited(
+            "country_day",
             format!(
                 "at most {} codes a day go to this country",
                 limits.per_country_day
@@ -106,6 +117,7 @@ pub fn judge(
     let number = at(2);
     if let Some(wait) = window_wait(number, now, 10 * MINUTE, limits.per_number_10min) {
         return limited(
+            "number_10min",
             format!(
                 "at most {} codes per number in 10 minutes",
                 limits.per_number_10min
@@ -115,6 +127,7 @@ pub fn judge(
     }
     if let Some(wait) = window_wait(number, now, HOUR, limits.per_number_hour) {
         return limited(
+            "number_hour",
             format!(
                 "at most {} codes per number in an hour",
                 limits.per_number_hour
@@ -129,6 +142,7 @@ pub fn judge(
         let wait = (cooldown.as_millis() as u64).saturating_mul(factor);
         if now < last + wait {
             return limited(
+                "number_wait",
                 format!(
                     "codes to one number wait longer each time ({} after the last one)",
                     humantime::format_duration(Duration::from_secs(wait / 1000))
@@ -139,6 +153,7 @@ pub fn judge(
     }
     if let Some(wait) = window_wait(at(3), now, HOUR, limits.per_address_hour) {
         return limited(
+            "address_hour",
             format!(
                 "at most {} code requests per hour from one address",
                 limits.per_address_hour

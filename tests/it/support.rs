@@ -38,6 +38,9 @@ pub struct ProcessNode {
     child: Option<Child>,
     pub addr: String,
     pub fingerprint: Fingerprint,
+    /// The metrics endpoint's URL, when the config turns it on.
+    pub metrics: Option<String>,
+    metrics_enabled: bool,
 }
 
 impl ProcessNode {
@@ -67,6 +70,10 @@ impl ProcessNode {
             child: None,
             addr: String::new(),
             fingerprint: Fingerprint([0; 32]),
+            metrics: None,
+            metrics_enabled: switchboard::config::Config::parse(config)
+                .map(|c| c.metrics.enabled)
+                .unwrap_or(false),
         };
         node.spawn();
         node
@@ -128,6 +135,15 @@ impl ProcessNode {
         };
         self.addr = addr.to_string();
         self.fingerprint = fp.parse().expect("fingerprint line");
+        if self.metrics_enabled {
+            let third = lines.next().and_then(Result::ok).unwrap_or_default();
+            self.metrics = Some(
+                third
+                    .strip_prefix("metrics on ")
+                    .unwrap_or_else(|| panic!("no metrics line: {third:?}"))
+                    .to_string(),
+            );
+        }
         self.child = Some(child);
     }
 

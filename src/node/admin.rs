@@ -1,0 +1,309 @@
+//! The admin socket: `DATA_DIR/admin.sock`, owner-only, one request per connection
+//! (the protocol is in `crate::admin`).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Shared;
+use crate::admin::{self, AdminReply, AdminRequest, NodeStats};
+use crate::proto::codes;
+
+/// Binds the socket in `data_dir`, replacing a stale one (the store's lock already
+/// proves no other node runs on this data dir), readable and writable by the owner
+/// only.
+pub fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
+    let path = admin::socket_path(data_dir);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the socket until `stop`, then removes it.
+pub async fn serve(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let owner = std::fs::metadata(&shared.config.server.data_dir).map(|m| m.uid());
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin socket: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // The socket's mode already keeps other users out; this also refuses a peer
+        // that got a descriptor some other way.
+        let peer = stream.peer_cred().map(|c| c.uid());
+        match (&owner, peer) {
+            (Ok(owner), Ok(peer)) if *owner == peer || peer == 0 => {}
+            (_, peer) => {
+                tracing::warn!(
+                    ?peer,
+                    "admin socket: refused a peer that is not the data dir's owner"
+                );
+                continue;
+            }
+        }
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            if let Err(e) = handle(stream, &shared).await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(admin::socket_path(&shared.config.server.data_dir));
+}
+
+async fn reply(stream: &mut UnixStream, reply: &AdminReply) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line).await
+}
+
+async fn handle(stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    let n = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        (&mut reader)
+            .take(admin::MAX_REQUEST_BYTES as u64)
+            .read_until(b'\n', &mut line),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("no request in time"))??;
+    let mut stream = reader.into_inner();
+    if n == 0 {
+        return Ok(());
+    }
+    let request = match serde_json::from_slice::<AdminRequest>(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let message = if line.last() != Some(&b'\n') {
+                format!("request line over {} bytes", admin::MAX_REQUEST_BYTES)
+            } else {
+                format!("bad request: {e}")
+            };
+            return reply(&mut stream, &AdminReply::Error { message }).await;
+        }
+    };
+    tracing::info!(?request, "admin request");
+    let answer = match request {
+        AdminRequest::Backup => return backup(stream, shared).await,
+        AdminRequest::Stats => stats(shared).await,
+        AdminRequest::Accounts => {
+            let store = shared.store.clone();
+            blocking(move || store.accounts().map(AdminReply::Accounts)).await
+        }
+        AdminRequest::Account { number } => {
+            let store = shared.store.clone();
+            blocking(move || {
+                Ok(match store.account_summary(&number)? {
+                    Some(a) => AdminReply::Account(a),
+                    None => AdminReply::Error {
+                        message: format!("{number} has no account on this node"),
+                    },
+                })
+            })
+            .await
+        }
+        AdminRequest::Delete { number } => delete(shared, number).await,
+        AdminRequest::RotateDiscoveryKey => {
+            let store = shared.store.clone();
+            let answer = blocking(move || {
+                let accounts = store.account_count() as u64;
+                let version = store.rotate_discovery_key()?;
+                Ok(AdminReply::Rotated { version, accounts })
+            })
+            .await;
+            shared.discovery.mark_dirty();
+            if let Err(e) = shared.discovery.refresh(&shared.store).await {
+                tracing::error!(error = %e, "rebuilding the discovery filter after rotation failed");
+            }
+            answer
+        }
+    };
+    reply(&mut stream, &answer).await
+}
+
+/// Runs a store call on the blocking pool; a failure becomes an error reply.
+async fn blocking(
+    f: impl FnOnce() -> Result<AdminReply, crate::store::StoreError> + Send + 'static,
+) -> AdminReply {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => AdminReply::Error {
+            message: e.to_string(),
+        },
+        Err(e) => AdminReply::Error {
+            message: format!("the task failed: {e}"),
+        },
+    }
+}
+
+async fn stats(shared: &Arc<Shared>) -> AdminReply {
+    let store = shared.store.clone();
+    let data_dir = shared.config.server.data_dir.clone();
+    let online = shared.connections.devices_online() as u64;
+    let connections = shared.metrics.connections_open.get().max(0) as u64;
+    let uptime = shared.started.elapsed().as_secs();
+    blocking(move || {
+        Ok(AdminReply::Stats(NodeStats {
+            store: store.counts()?,
+            online_devices: Some(online),
+            connections: Some(connections),
+            data_dir_bytes: admin::dir_size(&data_dir),
+            uptime_secs: Some(uptime),
+            schema_version: store.schema_version(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    })
+    .await
+}
+
+async fn delete(shared: &Arc<Shared>, number: String) -> AdminReply {
+    let parsed = match crate::phone::Number::parse_e164(number.trim()) {
+        Ok(n) => n.to_string(),
+        Err(e) => {
+            return AdminReply::Error {
+                message: format!("{number:?}: {e}"),
+            };
+        }
+    };
+    let store = shared.store.clone();
+    let target = parsed.clone();
+    // As for a registration: caches filled before or during the change die with it.
+    shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
+    let deleted = tokio::task::spawn_blocking(move || store.delete_account(&target)).await;
+    shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
+    let deleted = match deleted {
+        Ok(Ok(Some(d))) => d,
+        Ok(Ok(None)) => {
+            return AdminReply::Error {
+                message: format!("{parsed} has no account on this node"),
+            };
+        }
+        Ok(Err(e)) => {
+            return AdminReply::Error {
+                message: e.to_string(),
+            };
+        }
+        Err(e) => {
+            return AdminReply::Error {
+                message: format!("the task failed: {e}"),
+            };
+        }
+    };
+    if let Err(e) = shared.commit.durable().await {
+        return AdminReply::Error {
+            message: format!("the account was deleted but could not be made durable: {e}"),
+        };
+    }
+    shared.discovery.mark_dirty();
+    let closed = shared.connections.close(
+        &deleted.key_ids,
+        codes::ACCOUNT_DELETED,
+        b"account deleted by the node's operator",
+    );
+    tracing::info!(
+        number = %parsed,
+        devices = deleted.devices.len(),
+        queued_items = deleted.queued_items,
+        connections_closed = closed,
+        "account deleted by the operator"
+    );
+    AdminReply::Deleted {
+        number: parsed,
+        devices: deleted.devices.len() as u64,
+        queued_items: deleted.queued_items,
+        connections_closed: closed as u64,
+    }
+}
+
+/// Streams a backup: the `BackupStarting` line, then the file's bytes. The store
+/// writes it on a blocking thread into a bounded channel; this task copies the chunks
+/// to the socket.
+async fn backup(mut stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result<()> {
+    let store = shared.store.clone();
+    let estimate = tokio::task::spawn_blocking(move || store.entry_estimate())
+        .await
+        .unwrap_or(0);
+    reply(
+        &mut stream,
+        &AdminReply::BackupStarting {
+            entries_estimate: estimate,
+        },
+    )
+    .await?;
+    let files = admin::backup_files(&shared.config.server.data_dir);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let store = shared.store.clone();
+    let started = std::time::Instant::now();
+    let writer = tokio::task::spawn_blocking(move || {
+        store.write_backup(ChannelWriter { tx }, &files, |_| {})
+    });
+    while let Some(chunk) = rx.recv().await {
+        if let Err(e) = stream.write_all(&chunk).await {
+            // The writer sees the closed channel and stops, releasing the gate.
+            drop(rx);
+            let _ = writer.await;
+            return Err(e);
+        }
+    }
+    match writer.await {
+        Ok(Ok(summary)) => {
+            tracing::info!(
+                entries = summary.entries,
+                bytes = summary.bytes,
+                millis = started.elapsed().as_millis() as u64,
+                "backup sent"
+            );
+            stream.shutdown().await
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "backup failed");
+            // Closing without the end record: the client sees a truncated backup.
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "backup task failed");
+            Ok(())
+        }
+    }
+}
+
+/// A `Write` that hands 256 KiB chunks to an async task.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tx.blocking_send(buf.to_vec()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the admin client left")
+        })?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
