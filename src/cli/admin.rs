@@ -444,12 +444,9 @@ fn print_stats(s: &NodeStats) {
     println!("devices           {}", s.store.devices);
     println!("online devices    {}", or_stopped(s.online_devices));
     println!("connections       {}", or_stopped(s.connections));
-    println!(
-        "queued messages   {} ({} with receipts)",
-        s.store.queued_messages,
-        bytes(s.store.queued_bytes)
-    );
+    println!("queued messages   {}", s.store.queued_messages);
     println!("queued receipts   {}", s.store.queued_receipts);
+    println!("queued bytes      {}", bytes(s.store.queued_bytes));
     println!(
         "oldest queued     {}",
         s.store.oldest_queued_ms.map_or("-".to_string(), when)

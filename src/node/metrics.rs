@@ -178,6 +178,29 @@ impl Metrics {
             Unit::Seconds,
             m.uptime.clone(),
         );
+        // Known label values start at zero, so a dashboard shows a flat line rather
+        // than "no data" until the first event.
+        for limit in [
+            "global_day",
+            "country_day",
+            "number_10min",
+            "number_hour",
+            "number_wait",
+            "address_hour",
+            "cooldown",
+            "country_denied",
+        ] {
+            let _ = m.code_limits.get_or_create(&LimitLabels { limit });
+        }
+        for outcome in [
+            "sent",
+            "limited",
+            "delivery_failed",
+            "invalid_number",
+            "refused",
+        ] {
+            let _ = m.code_requests.get_or_create(&OutcomeLabels { outcome });
+        }
         Metrics { registry, ..m }
     }
 
