@@ -148,7 +148,7 @@ impl AdminClient {
 /// The files of the data dir a backup carries: the self-signed certificate and its
 /// key, which clients have pinned.
 pub fn backup_files(data_dir: &Path) -> Vec<(String, Vec<u8>)> {
-    ["tls/cert.pem", "tls/key.pem"]
+    crate::store::backup::FILES
         .into_iter()
         .filter_map(|p| Some((p.to_string(), std::fs::read(data_dir.join(p)).ok()?)))
         .collect()

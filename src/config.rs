@@ -371,6 +371,32 @@ mod effective {
 
     const MASK: &str = "********";
 
+    /// A URL with any user info and query string masked (gateways put keys there).
+    fn masked_url(url: &str) -> String {
+        let (before_query, query) = match url.split_once('?') {
+            Some((b, _)) => (b, format!("?{MASK}")),
+            None => (url, String::new()),
+        };
+        let masked = match before_query.split_once("://") {
+            Some((scheme, rest)) => {
+                let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+                match authority.rfind('@') {
+                    Some(at) => format!("{scheme}://{MASK}@{}", &rest[at + 1..]),
+                    None => before_query.to_string(),
+                }
+            }
+            None => before_query.to_string(),
+        };
+        format!("{masked}{query}")
+    }
+
+    fn masked_map(m: &BTreeMap<String, String>, mask: bool) -> Value {
+        if !mask {
+            return map(m);
+        }
+        Value::Table(m.keys().map(|k| (k.clone(), text(MASK))).collect())
+    }
+
     fn provider(p: &Provider, mask: bool) -> Table {
         let mut t = Table::new();
         match p {
@@ -379,14 +405,16 @@ mod effective {
             }
             Provider::Http(h) => {
                 t.insert("kind".into(), text("http"));
-                t.insert("url".into(), text(h.url.clone()));
+                t.insert(
+                    "url".into(),
+                    text(if mask {
+                        masked_url(&h.url)
+                    } else {
+                        h.url.clone()
+                    }),
+                );
                 t.insert("method".into(), text(h.method.clone()));
-                let headers: BTreeMap<String, String> = h
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), if mask { MASK.into() } else { v.clone() }))
-                    .collect();
-                t.insert("headers".into(), map(&headers));
+                t.insert("headers".into(), masked_map(&h.headers, mask));
                 if let Some((user, password)) = &h.basic_auth {
                     t.insert("username".into(), text(user.clone()));
                     t.insert(
@@ -397,10 +425,10 @@ mod effective {
                 match &h.body {
                     HttpBody::None => {}
                     HttpBody::Form(f) => {
-                        t.insert("form".into(), map(f));
+                        t.insert("form".into(), masked_map(f, mask));
                     }
                     HttpBody::Json(j) => {
-                        t.insert("json".into(), text(j.clone()));
+                        t.insert("json".into(), text(if mask { MASK } else { j.as_str() }));
                     }
                 }
                 t.insert("timeout_secs".into(), uint(h.timeout.as_secs()));
@@ -411,7 +439,12 @@ mod effective {
                 t.insert("program".into(), text(c.program.clone()));
                 t.insert(
                     "args".into(),
-                    Value::Array(c.args.iter().map(|a| text(a.clone())).collect()),
+                    Value::Array(
+                        c.args
+                            .iter()
+                            .map(|a| text(if mask { MASK } else { a.as_str() }))
+                            .collect(),
+                    ),
                 );
                 t.insert("timeout_secs".into(), uint(c.timeout.as_secs()));
             }
@@ -419,7 +452,9 @@ mod effective {
         t
     }
 
-    /// `mask` replaces provider passwords and header values with asterisks.
+    /// `mask` replaces with asterisks whatever may hold a gateway secret (passwords,
+    /// header and form values, JSON bodies, program arguments, URL user info and
+    /// query strings) and the test numbers' fixed codes.
     pub fn to_toml(c: &Config, mask: bool) -> String {
         let path = |p: &Path| text(p.display().to_string());
         let mut server = Table::new();
@@ -466,7 +501,9 @@ mod effective {
                 Value::Table(
                     v.test_numbers
                         .iter()
-                        .map(|(n, code)| (n.to_string(), text(code.clone())))
+                        .map(|(n, code)| {
+                            (n.to_string(), text(if mask { MASK } else { code.as_str() }))
+                        })
                         .collect(),
                 ),
             ),
@@ -564,8 +601,8 @@ fn suggest(message: &str) -> String {
 }
 
 impl Config {
-    /// The settings as a complete config file; `mask_secrets` hides provider
-    /// passwords and header values.
+    /// The settings as a complete config file; `mask_secrets` hides whatever may
+    /// hold a gateway secret and the test numbers' codes.
     pub fn to_toml(&self, mask_secrets: bool) -> String {
         effective::to_toml(self, mask_secrets)
     }
@@ -1194,6 +1231,32 @@ mod tests {
         // Nothing near: no guess.
         let err = Config::parse("[server]\nzzzzzzzz = 1\n").expect_err("unknown key");
         assert!(!err.contains("did you mean"), "{err}");
+    }
+
+    #[test]
+    fn printed_settings_mask_what_may_be_secret() {
+        let c = Config::parse(
+            "[verification.test_numbers]\n\"+14155550100\" = \"654321\"\n\
+             [verification.sms]\nkind = \"http\"\n\
+             url = \"https://user:pw1@gw.example/send/x@y?apikey=pw2\"\n\
+             headers = { Authorization = \"Bearer pw3\" }\nform = { key = \"pw4\" }\n\
+             [verification.voice]\nkind = \"command\"\nprogram = \"/bin/call\"\nargs = [\"--token=pw5\"]\n",
+        )
+        .expect("config");
+        let masked = c.to_toml(true);
+        for secret in ["pw1", "pw2", "pw3", "pw4", "pw5", "654321"] {
+            assert!(!masked.contains(secret), "{secret} shown:\n{masked}");
+        }
+        assert!(
+            masked.contains("https://********@gw.example/send/x@y?********"),
+            "{masked}"
+        );
+        let shown = c.to_toml(false);
+        assert!(
+            ["pw1", "pw2", "pw3", "pw4", "pw5", "654321"]
+                .iter()
+                .all(|s| shown.contains(s))
+        );
     }
 
     #[test]

@@ -280,7 +280,7 @@ async fn backup_to(data: &Path, file: &Path) -> anyhow::Result<()> {
             }
             Err(AdminError::NotRunning(_)) => {
                 let data = data.to_path_buf();
-                tokio::task::spawn_blocking(move || {
+                let summary = tokio::task::spawn_blocking(move || {
                     offline(&data, |store| {
                         let bar = entries_bar(store.entry_estimate(), "backup");
                         let files = switchboard::admin::backup_files(&data);
@@ -292,7 +292,15 @@ async fn backup_to(data: &Path, file: &Path) -> anyhow::Result<()> {
                         Ok(summary)
                     })
                 })
-                .await??
+                .await??;
+                // Read it back, as the online path checks what it receives.
+                let written = std::fs::File::open(&partial)?;
+                let (_, checked) =
+                    backup::read_backup(std::io::BufReader::new(written), |_, _| Ok(()))?;
+                if checked != summary {
+                    bail!("the written backup does not read back as it was written");
+                }
+                summary
             }
             Err(e) => return Err(e.into()),
         };

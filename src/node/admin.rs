@@ -19,6 +19,7 @@ use crate::proto::codes;
 /// proves no other node runs on this data dir), readable and writable by the owner
 /// only.
 pub fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
+    remove_stale_backups(data_dir);
     let path = admin::socket_path(data_dir);
     match std::fs::remove_file(&path) {
         Ok(()) => {}
@@ -238,72 +239,95 @@ async fn delete(shared: &Arc<Shared>, number: String) -> AdminReply {
     }
 }
 
-/// Streams a backup: the `BackupStarting` line, then the file's bytes. The store
-/// writes it on a blocking thread into a bounded channel; this task copies the chunks
-/// to the socket.
+/// Takes a backup: the snapshot is written to a temporary file in the data dir while
+/// the store's write gate is held (writes wait only for that, not for the client),
+/// then the `BackupStarting` line and the file's bytes go to the client, and the
+/// file is removed.
 async fn backup(mut stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result<()> {
+    let data_dir = shared.config.server.data_dir.clone();
+    let tmp = data_dir.join(format!(
+        "{TMP_PREFIX}{}.tmp",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
     let store = shared.store.clone();
-    let estimate = tokio::task::spawn_blocking(move || store.entry_estimate())
-        .await
-        .unwrap_or(0);
-    reply(
-        &mut stream,
-        &AdminReply::BackupStarting {
-            entries_estimate: estimate,
-        },
-    )
-    .await?;
-    let files = admin::backup_files(&shared.config.server.data_dir);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-    let store = shared.store.clone();
+    let files = admin::backup_files(&data_dir);
+    let path = tmp.clone();
     let started = std::time::Instant::now();
-    let writer = tokio::task::spawn_blocking(move || {
-        store.write_backup(ChannelWriter { tx }, &files, |_| {})
-    });
-    while let Some(chunk) = rx.recv().await {
-        if let Err(e) = stream.write_all(&chunk).await {
-            // The writer sees the closed channel and stops, releasing the gate.
-            drop(rx);
-            let _ = writer.await;
-            return Err(e);
-        }
-    }
-    match writer.await {
-        Ok(Ok(summary)) => {
-            tracing::info!(
-                entries = summary.entries,
-                bytes = summary.bytes,
-                millis = started.elapsed().as_millis() as u64,
-                "backup sent"
-            );
-            stream.shutdown().await
-        }
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "backup failed");
-            // Closing without the end record: the client sees a truncated backup.
-            Ok(())
-        }
+    let snapshot = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        let mut out = std::io::BufWriter::new(file);
+        let summary = store
+            .write_backup(&mut out, &files, |_| {})
+            .map_err(std::io::Error::other)?;
+        out.into_inner().map_err(|e| e.into_error())?;
+        Ok::<_, std::io::Error>(summary)
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r);
+    let summary = match snapshot {
+        Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "backup task failed");
-            Ok(())
+            let _ = std::fs::remove_file(&tmp);
+            tracing::error!(error = %e, "backup failed");
+            return reply(
+                &mut stream,
+                &AdminReply::Error {
+                    message: format!("backup failed: {e}"),
+                },
+            )
+            .await;
         }
+    };
+    let snapshot_ms = started.elapsed().as_millis() as u64;
+    let sent = async {
+        reply(
+            &mut stream,
+            &AdminReply::BackupStarting {
+                entries_estimate: summary.entries,
+            },
+        )
+        .await?;
+        let mut file = tokio::fs::File::open(&tmp).await?;
+        tokio::io::copy(&mut file, &mut stream).await?;
+        stream.shutdown().await
     }
+    .await;
+    let _ = std::fs::remove_file(&tmp);
+    match &sent {
+        Ok(()) => tracing::info!(
+            entries = summary.entries,
+            bytes = summary.bytes,
+            snapshot_ms,
+            total_ms = started.elapsed().as_millis() as u64,
+            "backup sent"
+        ),
+        Err(e) => tracing::warn!(error = %e, "the admin client left during the backup"),
+    }
+    sent
 }
 
-/// A `Write` that hands 256 KiB chunks to an async task.
-struct ChannelWriter {
-    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
-}
+/// Temporary backup files in the data dir start with this.
+const TMP_PREFIX: &str = "backup-";
 
-impl std::io::Write for ChannelWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.tx.blocking_send(buf.to_vec()).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the admin client left")
-        })?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+/// Removes temporary backup files a crash left in the data dir.
+fn remove_stale_backups(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TMP_PREFIX) && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }

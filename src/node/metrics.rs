@@ -304,7 +304,11 @@ pub async fn serve(
                                 .header("allow", "GET, HEAD")
                                 .body(Full::new(Bytes::from_static(b"only GET\n")))
                         } else {
-                            let text = shared.metrics.render(&shared);
+                            // The store size is read from the filesystem: off the async workers.
+                            let text =
+                                tokio::task::spawn_blocking(move || shared.metrics.render(&shared))
+                                    .await
+                                    .unwrap_or_default();
                             Response::builder()
                                 .header(
                                     "content-type",

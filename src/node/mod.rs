@@ -104,7 +104,7 @@ pub(crate) struct Shared {
 /// A bound node, ready to [`run`](Node::run).
 pub struct Node {
     endpoint: quinn::Endpoint,
-    admin: tokio::net::UnixListener,
+    admin: Option<tokio::net::UnixListener>,
     metrics: Option<tokio::net::TcpListener>,
     shared: Arc<Shared>,
     fingerprint: Fingerprint,
@@ -146,10 +146,19 @@ impl Node {
 
         let server_config = conn::server_config(&creds, &config)?;
         let endpoint = bind_endpoint(config.server.listen, server_config)?;
-        let admin = admin::bind(&data_dir).map_err(|source| ServeError::DataDir {
-            path: crate::admin::socket_path(&data_dir),
-            source,
-        })?;
+        // Without its admin socket (a data dir path too long for a Unix socket, say)
+        // the node still serves; the admin commands then need it stopped.
+        let admin = match admin::bind(&data_dir) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::warn!(
+                    path = %crate::admin::socket_path(&data_dir).display(),
+                    error = %e,
+                    "no admin socket; admin commands work only while the node is stopped"
+                );
+                None
+            }
+        };
         let metrics_listener = match config.metrics.enabled {
             true => Some(
                 metrics::bind(config.metrics.listen)
@@ -227,12 +236,14 @@ impl Node {
         let stop = CancellationToken::new();
         tracker.spawn(sweeper(self.shared.clone(), stop.clone()));
         tracker.spawn(filter_refresher(self.shared.clone(), stop.clone()));
-        tracker.spawn(admin::serve(
-            self.admin,
-            self.shared.clone(),
-            stop.clone(),
-            tracker.clone(),
-        ));
+        if let Some(listener) = self.admin {
+            tracker.spawn(admin::serve(
+                listener,
+                self.shared.clone(),
+                stop.clone(),
+                tracker.clone(),
+            ));
+        }
         if let Some(listener) = self.metrics {
             tracker.spawn(metrics::serve(listener, self.shared.clone(), stop.clone()));
         }

@@ -60,6 +60,16 @@ pub struct Deleted {
     pub queued_items: u64,
 }
 
+/// One pass of [`Store::delete_account`].
+enum Attempt {
+    NoAccount,
+    /// The account changed under the deletion; this many queued items were dropped.
+    Changed {
+        queued_items: u64,
+    },
+    Done(Deleted),
+}
+
 impl Store {
     /// Counts accounts, devices and queued items, reading every account and queue item.
     pub fn counts(&self) -> Result<StoreCounts, StoreError> {
@@ -146,12 +156,32 @@ impl Store {
     ///
     /// The queues go first, under the queue writer lock held to the end, then the
     /// account in one transaction: a crash in between leaves an account with empty
-    /// queues, and deleting again finishes the work.
+    /// queues, and deleting again finishes the work. A registration that changes the
+    /// account's devices meanwhile makes it start over (the transaction checks that
+    /// the account is still the one whose devices were cleared).
     pub fn delete_account(&self, number: &str) -> Result<Option<Deleted>, StoreError> {
         let _gate = self.writing();
+        let mut total_items = 0;
+        for _ in 0..8 {
+            match self.delete_account_once(number)? {
+                Attempt::NoAccount => return Ok(None),
+                Attempt::Changed { queued_items } => total_items += queued_items,
+                Attempt::Done(mut deleted) => {
+                    deleted.queued_items += total_items;
+                    return Ok(Some(deleted));
+                }
+            }
+        }
+        Err(StoreError::Corrupt(format!(
+            "{number} kept changing while it was being deleted; try again"
+        )))
+    }
+
+    fn delete_account_once(&self, number: &str) -> Result<Attempt, StoreError> {
         let Some((account_id, account)) = self.account_by_number(number)? else {
-            return Ok(None);
+            return Ok(Attempt::NoAccount);
         };
+        let record = records::encode(&account)?;
         let devices: Vec<DeviceRef> = account
             .devices
             .iter()
@@ -184,39 +214,60 @@ impl Store {
             .prf(number)
             .map_err(super::discovery_error)?;
         let t = &self.trees;
-        (
-            &t.number_account,
-            &t.account,
-            &t.device_key,
-            &t.device_keys,
-            &t.discovery_index,
-            &t.registration_lock,
-            &t.account_seen,
-            &t.number_code,
-        )
-            .transaction(
-                |(number_account, account, device_key, device_keys, index, lock, seen, code)| -> TxResult<()> {
-                    number_account.remove(keys::number(number))?;
-                    account.remove(&keys::account(account_id))?;
-                    for (key_id, device) in key_ids.iter().zip(&devices) {
-                        device_key.remove(&key_id[..])?;
-                        device_keys.remove(&device.key()[..])?;
-                    }
-                    // Only the entry that points at this account: after a rotation
-                    // the index is rebuilt, so the current key's PRF finds it.
-                    if let Some(owner) = index.get(prf)?
-                        && owner.as_ref() == account_id.to_be_bytes()
-                    {
-                        index.remove(&prf[..])?;
-                    }
-                    lock.remove(&keys::account(account_id))?;
-                    seen.remove(&keys::account(account_id))?;
-                    code.remove(keys::number(number))?;
-                    Ok(())
-                },
-            )?;
+        let done =
+            (
+                &t.number_account,
+                &t.account,
+                &t.device_key,
+                &t.device_keys,
+                &t.discovery_index,
+                &t.registration_lock,
+                &t.account_seen,
+                &t.number_code,
+            )
+                .transaction(
+                    |(
+                        number_account,
+                        account,
+                        device_key,
+                        device_keys,
+                        index,
+                        lock,
+                        seen,
+                        code,
+                    )|
+                     -> TxResult<bool> {
+                        let now = account.get(keys::account(account_id))?;
+                        if now.as_deref() != Some(record.as_slice())
+                            || number_account.get(keys::number(number))?.as_deref()
+                                != Some(&account_id.to_be_bytes()[..])
+                        {
+                            return Ok(false);
+                        }
+                        number_account.remove(keys::number(number))?;
+                        account.remove(&keys::account(account_id))?;
+                        for (key_id, device) in key_ids.iter().zip(&devices) {
+                            device_key.remove(&key_id[..])?;
+                            device_keys.remove(&device.key()[..])?;
+                        }
+                        // Only the entry that points at this account: after a rotation
+                        // the index is rebuilt, so the current key's PRF finds it.
+                        if let Some(owner) = index.get(prf)?
+                            && owner.as_ref() == account_id.to_be_bytes()
+                        {
+                            index.remove(&prf[..])?;
+                        }
+                        lock.remove(&keys::account(account_id))?;
+                        seen.remove(&keys::account(account_id))?;
+                        code.remove(keys::number(number))?;
+                        Ok(true)
+                    },
+                )?;
         drop(lens);
-        Ok(Some(Deleted {
+        if !done {
+            return Ok(Attempt::Changed { queued_items });
+        }
+        Ok(Attempt::Done(Deleted {
             account_id,
             devices,
             key_ids,
@@ -330,5 +381,33 @@ mod tests {
         let summary = store.accounts().expect("accounts");
         assert_eq!(summary.len(), 1);
         assert_eq!(summary[0].devices[0].queued, 1);
+    }
+
+    #[test]
+    fn a_rotation_cut_short_is_finished_at_the_next_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            register(&store, "+14155550100", 1);
+            // As a crash would leave it: marker set, index half-written (here, empty).
+            store
+                .trees
+                .meta
+                .insert("discovery_rebuild", &[1u8])
+                .expect("marker");
+            store.trees.discovery_index.clear().expect("clear");
+            store.flush_blocking().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let prf = store.discovery_key().prf("+14155550100").expect("prf");
+        assert!(store.discovery_lookup(&prf).expect("lookup").is_some());
+        assert!(
+            store
+                .trees
+                .meta
+                .get("discovery_rebuild")
+                .expect("meta")
+                .is_none()
+        );
     }
 }

@@ -13,7 +13,8 @@
 //! records: tag u8, then by tag:
 //!   1 tree   name length u16, name (UTF-8)         — the entries that follow are its
 //!   2 entry  key length u32, key, value length u32, value
-//!   3 file   path length u16, path (UTF-8, relative to the data dir), length u32, bytes
+//!   3 file   path length u16, path (UTF-8: `tls/cert.pem` or `tls/key.pem`, relative
+//!            to the data dir), length u32, bytes
 //!   0 end    entries u64 (entry records in the file), SHA-256 (32 bytes) of every
 //!            byte before the digest, from the header's first byte to the entry count
 //! ```
@@ -22,7 +23,7 @@
 //! damaged file cannot ask for huge allocations.
 
 use std::io::{BufRead, Read, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -34,6 +35,11 @@ const MAX_NAME: usize = 255;
 const MAX_KEY: usize = 64 * 1024;
 const MAX_VALUE: usize = 64 * 1024 * 1024;
 const MAX_FILE: usize = 1024 * 1024;
+
+/// The only files a backup may carry, relative to the data dir: the self-signed
+/// certificate and its key. A file record for anything else is refused, so a crafted
+/// backup cannot write elsewhere (not even over the restored database).
+pub const FILES: [&str; 2] = ["tls/cert.pem", "tls/key.pem"];
 
 const TAG_END: u8 = 0;
 const TAG_TREE: u8 = 1;
@@ -295,9 +301,9 @@ pub fn read_backup(
             TAG_FILE => {
                 let path = String::from_utf8(r.bytes16(MAX_NAME, "a file path")?)
                     .map_err(|_| invalid("a file path that is not UTF-8"))?;
-                if !is_plain_relative(&path) {
+                if !FILES.contains(&path.as_str()) {
                     return Err(invalid(format!(
-                        "the file path {path:?} leaves the data dir"
+                        "a file record for {path:?}; a backup carries only {FILES:?}"
                     )));
                 }
                 let bytes = r.bytes32(MAX_FILE, "a file")?;
@@ -330,14 +336,6 @@ pub fn read_backup(
     }
 }
 
-/// True for `a/b.pem`: relative, no `..`, no root, no `.`.
-fn is_plain_relative(path: &str) -> bool {
-    !path.is_empty()
-        && Path::new(path)
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
-}
-
 /// Restores a backup into `data_dir`, which must not exist or be empty. The database
 /// is built in `data_dir/db.restoring` and renamed to `data_dir/db` only once the
 /// whole file checked out; the files (the certificate) are written after that.
@@ -363,6 +361,7 @@ pub fn restore(
         let mut tree: Option<sled::Tree> = None;
         let mut batch = sled::Batch::default();
         let mut pending = 0usize;
+        let mut pending_bytes = 0usize;
         let mut entries = 0u64;
         let mut files = Vec::new();
         let (header, summary) = read_backup(input, |_, record| {
@@ -372,19 +371,22 @@ pub fn restore(
                         t.apply_batch(std::mem::take(&mut batch))
                             .map_err(StoreError::from)?;
                         pending = 0;
+                        pending_bytes = 0;
                     }
                     tree = Some(db.open_tree(name).map_err(StoreError::from)?);
                 }
                 Record::Entry(key, value) => {
+                    pending_bytes += key.len() + value.len();
                     batch.insert(key, value);
                     pending += 1;
                     entries += 1;
-                    if pending == 4096 {
+                    if pending == 4096 || pending_bytes >= 16 << 20 {
                         if let Some(t) = &tree {
                             t.apply_batch(std::mem::take(&mut batch))
                                 .map_err(StoreError::from)?;
                         }
                         pending = 0;
+                        pending_bytes = 0;
                         progress(entries);
                     }
                 }
@@ -414,7 +416,7 @@ pub fn restore(
             return Err(e);
         }
     };
-    std::fs::rename(&staging, data_dir.join("db"))?;
+    // The certificate first, then the database: a data dir with a `db` is complete.
     for (path, bytes) in &files {
         let target = data_dir.join(path);
         if let Some(parent) = target.parent() {
@@ -422,6 +424,8 @@ pub fn restore(
         }
         crate::fsutil::write_private(&target, bytes)?;
     }
+    std::fs::rename(&staging, data_dir.join("db"))?;
+    std::fs::File::open(data_dir)?.sync_all()?;
     Ok(summary)
 }
 
@@ -512,12 +516,27 @@ mod tests {
         }
 
         #[test]
-        fn paths_that_leave_the_data_dir_are_refused(path in "[a-z./]{0,12}") {
-            let plain = is_plain_relative(&path);
-            let escapes = path.is_empty()
-                || path.starts_with('/')
-                || path.split('/').any(|c| c == "..");
-            prop_assert!(!(plain && escapes));
+        fn file_records_other_than_the_certificate_are_refused(path in "[a-z./]{0,14}") {
+            let mut input = MAGIC.to_vec();
+            input.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+            input.extend_from_slice(&SCHEMA_VERSION.to_be_bytes());
+            input.extend_from_slice(&1u64.to_be_bytes());
+            input.push(TAG_FILE);
+            input.extend_from_slice(&(path.len() as u16).to_be_bytes());
+            input.extend_from_slice(path.as_bytes());
+            input.extend_from_slice(&1u32.to_be_bytes());
+            input.push(b'x');
+            let mut files = Vec::new();
+            let _ = read_backup(&input[..], |_, r| {
+                if let Record::File(p, _) = r {
+                    files.push(p);
+                }
+                Ok(())
+            });
+            prop_assert!(files.iter().all(|p| FILES.contains(&p.as_str())));
+            if !FILES.contains(&path.as_str()) {
+                prop_assert!(files.is_empty());
+            }
         }
     }
 }

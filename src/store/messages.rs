@@ -330,6 +330,8 @@ impl Store {
         for entry in self.trees.sent_message.iter() {
             let (key, value) = entry?;
             if records::queued_at(&value).is_some_and(|at| at < cutoff_ms) {
+                // Per removal: a backup waits for one at most.
+                let _gate = self.writing();
                 self.trees.sent_message.remove(key)?;
                 stats.sent_ids += 1;
             }

@@ -63,7 +63,8 @@ struct Trees {
     /// `meta`: name (ASCII) → value. `schema_version` (u32 BE), `code_hash_key` (32 bytes),
     /// `discovery_key` (the OPRF key, 32 bytes), `discovery_key_version` (u32 BE),
     /// `id_base` (u64 BE, absent means 0: added to sled's id generator, which a
-    /// restore cannot set, so that ids drawn after a restore exceed those restored).
+    /// restore cannot set, so that ids drawn after a restore exceed those restored),
+    /// `discovery_rebuild` (present while a key rotation rebuilds the index).
     meta: sled::Tree,
     /// `number_account`: E.164 (UTF-8) → account id (u64 BE). One account per number.
     number_account: sled::Tree,
@@ -347,8 +348,10 @@ impl Store {
         // empty (limits start counting now; accounts count as seen once they are).
         // Rung 4 → 5: `meta/id_base` may appear (a restore writes it); nothing to
         // convert, but an older build would ignore it and reuse restored ids.
-        if (1..3).contains(&found) {
+        // A rotation cut short (see `rotate_discovery_key`) left the index partial.
+        if (1..3).contains(&found) || self.trees.meta.get("discovery_rebuild")?.is_some() {
             self.rebuild_discovery_index()?;
+            self.trees.meta.remove("discovery_rebuild")?;
         }
         if found < SCHEMA_VERSION {
             self.trees
@@ -457,7 +460,10 @@ impl Store {
         let _gate = self.writing();
         // Ids are drawn outside the transaction (sled cannot inside); an unused one is
         // simply skipped. They start at 1: 0 reads as "none" too easily.
-        let fresh_account_id = self.next_id()? + 1;
+        let fresh_account_id = self
+            .next_id()?
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Corrupt("the id space is exhausted".into()))?;
         let prf = self.discovery_key().prf(number).map_err(discovery_error)?;
         let t = &self.trees;
         let outcome = (
@@ -740,11 +746,15 @@ impl Store {
     }
 
     /// Replaces the discovery key with a fresh one (version + 1) and rebuilds the index
-    /// under it. Run it on a data dir no node has open. Returns the new version.
+    /// under it. Holds the write gate exclusively, so no registration or deletion
+    /// computes an index entry under the old key meanwhile; a running node may call it.
+    /// A crash midway leaves `meta/discovery_rebuild` set, and the next open rebuilds.
+    /// Returns the new version.
     pub fn rotate_discovery_key(&self) -> Result<u32, StoreError> {
-        let _gate = self.writing();
+        let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
         let version = self.discovery_key().version() + 1;
         let key = DiscoveryKey::generate(version).map_err(discovery_error)?;
+        self.trees.meta.insert("discovery_rebuild", &[1u8])?;
         self.trees.meta.insert("discovery_key", key.to_bytes())?;
         self.trees
             .meta
@@ -754,6 +764,7 @@ impl Store {
             Err(poisoned) => *poisoned.into_inner() = Arc::new(key),
         }
         self.rebuild_discovery_index()?;
+        self.trees.meta.remove("discovery_rebuild")?;
         self.flush_blocking()?;
         Ok(version)
     }
