@@ -1189,25 +1189,6 @@ mod storage {
     const BATCH: usize = 1000;
     const RECIPIENTS: u64 = 1000;
 
-    fn dir_bytes(path: &Path) -> u64 {
-        let mut total = 0;
-        let mut stack = vec![path.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let p = e.path();
-                match e.metadata() {
-                    Ok(m) if m.is_dir() => stack.push(p),
-                    Ok(m) => total += m.len(),
-                    Err(_) => {}
-                }
-            }
-        }
-        total
-    }
-
     pub fn run(envelopes: usize, accounts: usize, size: usize) -> Result<()> {
         println!("storage: {envelopes} envelopes of {size} bytes, {accounts} accounts");
         let tmp = tempfile::tempdir().map_err(err)?;
@@ -1221,7 +1202,7 @@ mod storage {
         let nums = numbers(accounts.max(RECIPIENTS as usize + 1));
         register_accounts(&store, &nums)?;
         let accounts_took = started.elapsed();
-        let after_accounts = dir_bytes(&db_path);
+        let after_accounts = switchboard::admin::dir_size(&db_path);
 
         let sender = DeviceRef {
             account_id: 1,
@@ -1287,16 +1268,16 @@ mod storage {
         };
 
         let (append1, live) = append(1)?;
-        let with_live = dir_bytes(&db_path);
+        let with_live = switchboard::admin::dir_size(&db_path);
         let queued_bytes = with_live.saturating_sub(after_accounts);
         let ack1 = ack_all()?;
-        let after_ack = dir_bytes(&db_path);
+        let after_ack = switchboard::admin::dir_size(&db_path);
         let (append2, _) = append(2)?;
         let ack2 = ack_all()?;
-        let after_second = dir_bytes(&db_path);
+        let after_second = switchboard::admin::dir_size(&db_path);
         // Leave 1M live envelopes for the open test.
         let (_, _) = append(3)?;
-        let with_live_again = dir_bytes(&db_path);
+        let with_live_again = switchboard::admin::dir_size(&db_path);
         drop(store);
 
         // Open time and RSS: the real node starting on that data dir.
@@ -1324,7 +1305,7 @@ mod storage {
             db.flush().map_err(err)?;
         }
         let raw_append = started.elapsed();
-        let raw_bytes = dir_bytes(&raw_dir);
+        let raw_bytes = switchboard::admin::dir_size(&raw_dir);
         drop(tree);
         drop(db);
 

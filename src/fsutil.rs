@@ -14,6 +14,19 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Creates a new file at `path` for writing, readable by the owner only (0600 on
+/// Unix); fails if it exists.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)
+}
+
 /// Writes `bytes` to `path` atomically (a temporary file renamed over it), readable
 /// by the owner only (0600 on Unix), and synced to disk before the rename.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use switchboard::admin::{AdminClient, AdminError, AdminReply, AdminRequest, NodeStats};
 use switchboard::config::Config;
 use switchboard::store::backup::{self, BackupSummary};
@@ -260,11 +260,7 @@ async fn backup_to(data: &Path, file: &Path) -> anyhow::Result<()> {
     }
     let partial = file.with_extension("partial");
     let result = async {
-        let out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode_private()
-            .open(&partial)
+        let out = switchboard::fsutil::create_private(&partial)
             .with_context(|| format!("creating {}", partial.display()))?;
         let summary = match AdminClient::connect(data).await {
             Ok(mut client) => {
@@ -321,7 +317,7 @@ async fn backup_to(data: &Path, file: &Path) -> anyhow::Result<()> {
         summary.entries,
         summary.trees,
         summary.files,
-        bytes(summary.bytes)
+        HumanBytes(summary.bytes)
     );
     Ok(())
 }
@@ -405,33 +401,6 @@ async fn restore_from(data: &Path, file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-trait PrivateMode {
-    fn mode_private(&mut self) -> &mut Self;
-}
-
-impl PrivateMode for std::fs::OpenOptions {
-    /// Owner-only: a backup holds the node's secrets.
-    fn mode_private(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.mode(0o600)
-    }
-}
-
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 fn when(ms: u64) -> String {
     let at = UNIX_EPOCH + Duration::from_millis(ms);
     let ago = SystemTime::now()
@@ -454,12 +423,12 @@ fn print_stats(s: &NodeStats) {
     println!("connections       {}", or_stopped(s.connections));
     println!("queued messages   {}", s.store.queued_messages);
     println!("queued receipts   {}", s.store.queued_receipts);
-    println!("queued bytes      {}", bytes(s.store.queued_bytes));
+    println!("queued bytes      {}", HumanBytes(s.store.queued_bytes));
     println!(
         "oldest queued     {}",
         s.store.oldest_queued_ms.map_or("-".to_string(), when)
     );
-    println!("data dir          {}", bytes(s.data_dir_bytes));
+    println!("data dir          {}", HumanBytes(s.data_dir_bytes));
     println!(
         "uptime            {}",
         s.uptime_secs
@@ -512,7 +481,7 @@ fn print_account(a: &AccountSummary) {
             &d.key_id[..16.min(d.key_id.len())],
             when(d.created_at_ms),
             d.queued,
-            bytes(d.queued_bytes),
+            HumanBytes(d.queued_bytes),
             if d.keys_published {
                 "published"
             } else {

@@ -257,12 +257,7 @@ async fn backup(mut stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result
     let path = tmp.clone();
     let started = std::time::Instant::now();
     let snapshot = tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
+        let file = crate::fsutil::create_private(&path)?;
         let mut out = std::io::BufWriter::new(file);
         let summary = store
             .write_backup(&mut out, &files, |_| {})

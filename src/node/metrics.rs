@@ -5,7 +5,6 @@
 //! atomics. Gauges of state the store already tracks (queue totals, store size,
 //! connections) are read when the endpoint is scraped.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -256,11 +255,6 @@ impl Metrics {
 
 fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// Binds the metrics endpoint (the caller serves it with [`serve`]).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }
 
 /// Serves `GET /metrics` over HTTP/1.1 until `stop`.

@@ -161,7 +161,7 @@ impl Node {
         };
         let metrics_listener = match config.metrics.enabled {
             true => Some(
-                metrics::bind(config.metrics.listen)
+                tokio::net::TcpListener::bind(config.metrics.listen)
                     .await
                     .map_err(|source| ServeError::Bind {
                         addr: config.metrics.listen,
@@ -274,10 +274,11 @@ impl Node {
         self.endpoint.set_server_config(None);
         stop.cancel();
         tracker.close();
-        if tokio::time::timeout(self.shared.config.limits.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
+        let finished =
+            tokio::time::timeout(self.shared.config.limits.shutdown_grace, tracker.wait())
+                .await
+                .is_ok();
+        if !finished {
             tracing::warn!(
                 left = tracker.len(),
                 "shutdown grace elapsed; closing the remaining requests"
@@ -290,6 +291,10 @@ impl Node {
         self.shared.commit.stop().await;
         self.shared.worker.stop().await;
         self.shared.reader.stop().await;
+        // Only when every task ended: a straggler could still change the queues.
+        if finished && let Err(e) = self.shared.store.save_queue_totals() {
+            tracing::warn!(error = %e, "could not save the queue totals; the next start counts them");
+        }
         self.shared.store.flush().await.map_err(ServeError::Flush)?;
         let stats = self.shared.commit.stats();
         tracing::info!(

@@ -97,7 +97,8 @@ impl Store {
         let mut out = Vec::new();
         for entry in self.trees.number_account.iter() {
             let (_, id) = entry?;
-            let id = be_u64(&id, "number_account value")?;
+            let id = keys::parse_account(&id)
+                .ok_or_else(|| StoreError::Corrupt("number_account value".into()))?;
             if let Some(account) = self.account(id)? {
                 out.push(self.summarise(id, account)?);
             }
@@ -409,5 +410,50 @@ mod tests {
                 .expect("meta")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn queue_totals_survive_a_clean_close_and_are_recounted_otherwise() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let expected = {
+            let store = Store::open(dir.path()).expect("open");
+            let alice = register(&store, "+14155550100", 1);
+            let bob = register(&store, "+14155550101", 2);
+            for i in 0..5u8 {
+                store
+                    .append(
+                        alice,
+                        "+14155550100",
+                        [i; 16],
+                        vec![(bob, vec![i; 40])],
+                        1,
+                        100,
+                    )
+                    .expect("append");
+            }
+            store.save_queue_totals().expect("save");
+            store.flush_blocking().expect("flush");
+            store.queue_totals()
+        };
+        assert_eq!(expected.0, 5);
+        {
+            // Opened after a clean close: the saved totals, taken out of meta.
+            let store = Store::open(dir.path()).expect("reopen");
+            assert_eq!(store.queue_totals(), expected);
+            assert!(
+                store
+                    .trees
+                    .meta
+                    .get("queue_totals")
+                    .expect("meta")
+                    .is_none()
+            );
+            // Changed without a clean close afterwards...
+            store.delete_account("+14155550101").expect("delete");
+            store.flush_blocking().expect("flush");
+        }
+        // ...so the next open counts again.
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.queue_totals(), (0, 0));
     }
 }

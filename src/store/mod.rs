@@ -64,7 +64,9 @@ struct Trees {
     /// `discovery_key` (the OPRF key, 32 bytes), `discovery_key_version` (u32 BE),
     /// `id_base` (u64 BE, absent means 0: added to sled's id generator, which a
     /// restore cannot set, so that ids drawn after a restore exceed those restored),
-    /// `discovery_rebuild` (present while a key rotation rebuilds the index).
+    /// `discovery_rebuild` (present while a key rotation rebuilds the index),
+    /// `queue_totals` (items u64 BE ++ bytes u64 BE, saved by a clean shutdown and
+    /// removed at open).
     meta: sled::Tree,
     /// `number_account`: E.164 (UTF-8) → account id (u64 BE). One account per number.
     number_account: sled::Tree,
@@ -247,6 +249,33 @@ fn load_or_make_discovery_key(meta: &sled::Tree) -> Result<DiscoveryKey, StoreEr
     Ok(key)
 }
 
+/// The queue totals a clean shutdown saved ([`Store::save_queue_totals`]), taken out
+/// of `meta` (durably, so that a crash before the next clean shutdown makes the next
+/// open count again); or, after a crash or a run that saved none, one pass over the
+/// queues. Nobody writes yet.
+fn load_queue_totals(db: &sled::Db, trees: &Trees) -> Result<QueueTotals, StoreError> {
+    if let Some(saved) = trees.meta.remove("queue_totals")? {
+        db.flush()?;
+        if let (Some(items), Some(bytes)) = (saved.get(..8), saved.get(8..16)) {
+            let totals = QueueTotals::default();
+            totals.items.store(
+                be_u64(items, "meta/queue_totals")?,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            totals.bytes.store(
+                be_u64(bytes, "meta/queue_totals")?,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            return Ok(totals);
+        }
+    }
+    let totals = QueueTotals::default();
+    for value in trees.queue.iter().values() {
+        totals.add(value?.len());
+    }
+    Ok(totals)
+}
+
 /// Opens sled in `dir`. sled lets go of its file lock only when its background flusher
 /// notices the last handle is gone (up to its 500 ms flush interval), so a database
 /// closed a moment ago in this same process (an in-process restart, a test) may still
@@ -304,11 +333,7 @@ impl Store {
         let discovery = Arc::new(std::sync::RwLock::new(Arc::new(
             load_or_make_discovery_key(&trees.meta)?,
         )));
-        // One pass over the queues for their totals: nobody writes yet.
-        let queue_totals = QueueTotals::default();
-        for value in trees.queue.iter().values() {
-            queue_totals.add(value?.len());
-        }
+        let queue_totals = load_queue_totals(&db, &trees)?;
         let id_base = match trees.meta.get("id_base")? {
             Some(v) => be_u64(&v, "meta/id_base")?,
             None => 0,
@@ -374,6 +399,18 @@ impl Store {
     fn writing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         // The guarded data is `()`: a poisoned lock protects nothing broken.
         self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Saves the queue totals in `meta`, so the next open need not count the queues.
+    /// Call it last, once nothing writes any more (a clean shutdown); the next open
+    /// takes them out again.
+    pub fn save_queue_totals(&self) -> Result<(), StoreError> {
+        let _gate = self.writing();
+        let (items, bytes) = self.queue_totals();
+        let mut value = items.to_be_bytes().to_vec();
+        value.extend_from_slice(&bytes.to_be_bytes());
+        self.trees.meta.insert("queue_totals", value)?;
+        Ok(())
     }
 
     /// Items and bytes queued for all devices now.
@@ -629,11 +666,7 @@ impl Store {
         };
         let lock = records::decode::<records::LockRecord>(&bytes, "registration_lock")?;
         let seen = match self.trees.account_seen.get(keys::account(account))? {
-            Some(v) => u64::from_be_bytes(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("account_seen value".into()))?,
-            ),
+            Some(v) => be_u64(&v, "account_seen value")?,
             None => 0,
         };
         Ok(Some((account, lock, seen)))

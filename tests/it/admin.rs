@@ -8,31 +8,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use switchboard::client::Client;
-use switchboard::proto::{Channel, ErrorKind, Item};
+use switchboard::proto::ErrorKind;
 use switchboard::tls::Credentials;
 
 use crate::support::{
-    ALICE, BIN, BOB, CAROL, CODE, ProcessNode, config_text, kind, numbered, outgoing,
-    send_numbered, show, stdout,
+    ALICE, BIN, BOB, CAROL, CODE, ProcessNode, config_text, kind, next_push, outgoing,
+    push_numbers, send_numbered, show, stdout,
 };
-
-async fn registered_as(node: &ProcessNode, creds: &Credentials, number: &str) -> Client {
-    let client = Client::connect(&node.addr, creds, Some(node.fingerprint))
-        .await
-        .expect("connect");
-    let n = crate::support::number(number);
-    client
-        .request_code(&n, Channel::Sms, "en")
-        .await
-        .expect("code");
-    client.verify_code(&n, CODE).await.expect("verify");
-    client
-}
-
-async fn registered(node: &ProcessNode, number: &str) -> Client {
-    let (creds, _) = Credentials::generate_device().expect("key");
-    registered_as(node, &creds, number).await
-}
 
 /// Runs `switchboard admin ARGS --data DATA`.
 fn admin(data: &Path, args: &[&str], stdin: &str) -> std::process::Output {
@@ -68,8 +50,8 @@ fn json(text: &str) -> serde_json::Value {
 async fn admin_commands_against_a_running_node() {
     let node = ProcessNode::start(&config_text(""));
     let data = node.data_dir();
-    let alice = registered(&node, ALICE).await;
-    let bob = registered(&node, BOB).await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
     for i in 0..3 {
         send_numbered(&alice, BOB, i).await.expect("send");
     }
@@ -168,8 +150,8 @@ async fn admin_commands_against_a_running_node() {
 async fn admin_commands_work_on_a_stopped_data_dir() {
     let mut node = ProcessNode::start(&config_text(""));
     let data = node.data_dir();
-    let alice = registered(&node, ALICE).await;
-    registered(&node, BOB).await;
+    let alice = node.registered(ALICE).await;
+    node.registered(BOB).await;
     send_numbered(&alice, BOB, 7).await.expect("send");
     drop(alice);
     assert!(node.stop());
@@ -205,8 +187,8 @@ async fn backup_under_load_restores_every_acknowledged_message() {
     let node = ProcessNode::start(&config_text(""));
     let data = node.data_dir();
     let (bob_key, _) = Credentials::generate_device().expect("key");
-    registered_as(&node, &bob_key, BOB).await.close().await;
-    let alice = registered(&node, ALICE).await;
+    node.registered_as(&bob_key, BOB).await.close().await;
+    let alice = node.registered(ALICE).await;
 
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
     let backup_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -273,16 +255,8 @@ async fn backup_under_load_restores_every_acknowledged_message() {
     let mut sub = bob.subscribe().await.expect("subscribe");
     let mut got = Vec::new();
     loop {
-        let push = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("a push within 10 s")
-            .expect("delivery stream")
-            .expect("open stream");
-        for d in &push.items {
-            if let Item::Message(m) = &d.item {
-                got.push(numbered(&m.body));
-            }
-        }
+        let push = next_push(&mut sub).await;
+        got.extend(push_numbers(&push));
         if push.backlog_end {
             break;
         }
@@ -408,8 +382,8 @@ async fn metrics_are_valid_openmetrics_and_count_the_sends() {
         "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
     ));
     let url = node.metrics.clone().expect("metrics url");
-    let alice = registered(&node, ALICE).await;
-    let _bob = registered(&node, BOB).await;
+    let alice = node.registered(ALICE).await;
+    let _bob = node.registered(BOB).await;
     const SENDS: u32 = 7;
     let mut ids = Vec::new();
     for i in 0..SENDS {
@@ -510,7 +484,7 @@ fn json_logs_carry_the_connection_span_and_no_codes() {
     let mut node = ProcessNode::start(&config_text("[log]\nformat = \"json\"\n"));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let alice = registered(&node, ALICE).await;
+        let alice = node.registered(ALICE).await;
         alice.whoami().await.expect("whoami");
     });
     assert!(node.stop());

@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use switchboard::client::{Client, Subscription};
-use switchboard::proto::{Channel, ErrorKind, Item};
-use switchboard::tls::Credentials;
+use switchboard::client::Subscription;
+use switchboard::proto::ErrorKind;
 
 use crate::support::*;
 
@@ -54,33 +53,14 @@ fn free_bytes(path: &Path) -> u64 {
     fs2::available_space(path).expect("statvfs")
 }
 
-async fn registered(node: &ProcessNode, number: &str) -> Client {
-    let (creds, _) = Credentials::generate_device().unwrap();
-    let client = Client::connect(&node.addr, &creds, Some(node.fingerprint))
-        .await
-        .unwrap();
-    let n = crate::support::number(number);
-    client.request_code(&n, Channel::Sms, "en").await.unwrap();
-    client.verify_code(&n, CODE).await.unwrap();
-    client
-}
-
 /// Receives and acknowledges everything queued; returns the message numbers in order
 /// and the least free space seen while acknowledging.
 async fn drain(node: &ProcessNode, sub: &mut Subscription) -> (Vec<u32>, u64) {
     let mut got = Vec::new();
     let mut least_free = u64::MAX;
     loop {
-        let push = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("a push within 10 s")
-            .expect("delivery stream")
-            .expect("open stream");
-        for d in &push.items {
-            if let Item::Message(m) = &d.item {
-                got.push(numbered(&m.body));
-            }
-        }
+        let push = next_push(sub).await;
+        got.extend(push_numbers(&push));
         if let Err(e) = sub.ack(push.items.iter().map(|d| d.seq).collect()).await {
             panic!("ack failed: {e}\nlog:\n{}", node.log());
         }
@@ -101,8 +81,8 @@ async fn a_full_disk_refuses_sends_keeps_delivering_and_recovers() {
         &config_text("[storage]\nmin_free_bytes = 25165824\n"),
         Some(fs.path()),
     );
-    let alice = registered(&node, ALICE).await;
-    let bob = registered(&node, BOB).await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
 
     // Fill the disk until the node refuses.
     let mut accepted = 0u32;

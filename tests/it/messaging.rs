@@ -35,11 +35,7 @@ async fn send_raw(client: &Client, to: &str, body: &[u8]) -> Result<Accepted, Cl
 }
 
 async fn next(sub: &mut Subscription) -> Push {
-    tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("a push within 10 s")
-        .expect("delivery stream")
-        .expect("the stream stays open")
+    crate::support::next_push(sub).await
 }
 
 /// Reads the backlog (up to its end marker) without acknowledging it.

@@ -205,6 +205,22 @@ impl ProcessNode {
         out
     }
 
+    /// A library client with the device key `creds`, registered as `number` (a test
+    /// number) on this node.
+    pub async fn registered_as(&self, creds: &Credentials, number: &str) -> Client {
+        let client = Client::connect(&self.addr, creds, Some(self.fingerprint))
+            .await
+            .expect("connect");
+        register(&client, number).await;
+        client
+    }
+
+    /// A library client with a fresh device key, registered as `number`.
+    pub async fn registered(&self, number: &str) -> Client {
+        let (creds, _) = Credentials::generate_device().expect("device key");
+        self.registered_as(&creds, number).await
+    }
+
     /// Runs the CLI with `home` and `args`, feeding `stdin`.
     pub fn cli(&self, home: &Path, args: &[&str], stdin: &str) -> Output {
         cli(home, args, stdin)
@@ -325,12 +341,7 @@ impl InProcessNode {
     /// A client registered as `number` (a test number).
     pub async fn registered(&self, number: &str) -> Client {
         let client = self.connect().await;
-        let number = Number::parse(number, None).expect("number");
-        client
-            .request_code(&number, Channel::Sms, "en")
-            .await
-            .expect("request code");
-        client.verify_code(&number, CODE).await.expect("verify");
+        register(&client, number).await;
         client
     }
 
@@ -370,6 +381,36 @@ pub async fn send_numbered(from: &Client, to: &str, i: u32) -> Result<(), Client
     body[..4].copy_from_slice(&i.to_be_bytes());
     let id = switchboard::client::e2e::new_message_id();
     from.send(outgoing(to, id, body)).await.map(|_| ())
+}
+
+/// Registers `client`'s device as `number`, a test number (its code is [`CODE`]).
+pub async fn register(client: &Client, number: &str) {
+    let number = Number::parse(number, None).expect("number");
+    client
+        .request_code(&number, Channel::Sms, "en")
+        .await
+        .expect("request code");
+    client.verify_code(&number, CODE).await.expect("verify");
+}
+
+/// The next push on a delivery stream, within 10 s.
+pub async fn next_push(sub: &mut switchboard::client::Subscription) -> switchboard::proto::Push {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("a push within 10 s")
+        .expect("delivery stream")
+        .expect("the stream stays open")
+}
+
+/// The numbers of the numbered messages (see [`numbered`]) in `push`, in order.
+pub fn push_numbers(push: &switchboard::proto::Push) -> Vec<u32> {
+    push.items
+        .iter()
+        .filter_map(|d| match &d.item {
+            switchboard::proto::Item::Message(m) => Some(numbered(&m.body)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The `i` of a message from [`send_numbered`].
