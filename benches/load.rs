@@ -303,6 +303,16 @@ impl Drop for Server {
 
 /// The release node with `numbers` as test numbers and limits opened up for load.
 fn start_node(numbers: &[Number], extra: &str) -> Result<(Server, Fingerprint)> {
+    start_node_lines(numbers, extra, 1)
+}
+
+/// [`start_node`] for a config that makes the node print `extra_lines` lines after
+/// `listening on` (1: the fingerprint; 2: also the metrics address).
+fn start_node_lines(
+    numbers: &[Number],
+    extra: &str,
+    extra_lines: usize,
+) -> Result<(Server, Fingerprint)> {
     let dir = tempfile::tempdir().map_err(err)?;
     let mut config = String::from(
         "[limits]\nmax_connections = 1000000\nmax_connections_per_address = 1000000\n\
@@ -328,7 +338,7 @@ fn start_node(numbers: &[Number], extra: &str) -> Result<(Server, Fingerprint)> 
         .arg("--listen")
         .arg("127.0.0.1:0")
         .env("RUST_LOG", "warn");
-    let server = Server::spawn(command, Some(dir), 1)?;
+    let server = Server::spawn(command, Some(dir), extra_lines)?;
     let fp = server.lines[1]
         .strip_prefix("fingerprint ")
         .ok_or("no fingerprint line")?
@@ -522,6 +532,25 @@ mod relay {
         half_rate: f64,
         latencies: Vec<u64>,
         cpu_per_message_us: f64,
+        /// The node's `switchboard_handoff_items_total` by outcome, over the whole run.
+        handoff: Vec<(String, f64)>,
+    }
+
+    /// The hand-off counters from the node's metrics endpoint.
+    fn handoff_counts(url: &str) -> Vec<(String, f64)> {
+        let Ok(mut response) = ureq::get(url).call() else {
+            return Vec::new();
+        };
+        let Ok(text) = response.body_mut().read_to_string() else {
+            return Vec::new();
+        };
+        text.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("switchboard_handoff_items_total{outcome=\"")?;
+                let (outcome, value) = rest.split_once("\"} ")?;
+                Some((outcome.to_string(), value.trim().parse().ok()?))
+            })
+            .collect()
     }
 
     pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -> Result<()> {
@@ -578,17 +607,36 @@ mod relay {
                 limit: Some(bare.cpu_per_message_us),
             },
         ];
-        let notes = vec![
+        let mut notes = vec![
             "limit: bare quinn relay (same streams and frames; no storage, no auth, no acks, no receipts)".to_string(),
-            "switchboard acknowledges every send only once durable (group commit), and every delivery is acknowledged and answered with a receipt".to_string(),
+            "switchboard answers a send once every recipient device acknowledged it or it is durable (group commit), and answers every delivery with a receipt".to_string(),
         ];
+        if !node.handoff.is_empty() {
+            let counts: Vec<String> = node
+                .handoff
+                .iter()
+                .map(|(outcome, n)| format!("{outcome} {n}"))
+                .collect();
+            notes.push(format!(
+                "hand-off (messages and receipts held in memory), whole run: {}",
+                counts.join(", ")
+            ));
+        }
         report(&figures, &notes);
         Ok(())
     }
 
     async fn node_run(pairs: usize, window: usize, duration: Duration, size: usize) -> Result<Run> {
         let nums = numbers(2 * pairs);
-        let (server, fp) = start_node(&nums, "")?;
+        let (server, fp) = start_node_lines(
+            &nums,
+            "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"",
+            2,
+        )?;
+        let metrics_url = server.lines[2]
+            .strip_prefix("metrics on ")
+            .ok_or("no metrics line")?
+            .to_string();
         let eps = endpoints(4)?;
         let (devices, took) = register_all(&server.addr, fp, &nums, &eps, 64).await?;
         println!(
@@ -656,9 +704,10 @@ mod relay {
             }
         };
         let pid = server.pid();
-        let run = measure(&clients, &tally, window, duration, pid, None, send_one).await;
+        let mut run = measure(&clients, &tally, window, duration, pid, None, send_one).await;
         stop.store(true, Ordering::Relaxed);
         while receivers.join_next().await.is_some() {}
+        run.handoff = handoff_counts(&metrics_url);
         Ok(run)
     }
 
@@ -768,6 +817,7 @@ mod relay {
         phase_stop.store(true, Ordering::Relaxed);
         drain(senders).await;
         Run {
+            handoff: Vec::new(),
             saturated,
             half_rate,
             latencies,

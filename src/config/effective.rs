@@ -193,6 +193,8 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         ("delivery_batch", int(m.delivery_batch)),
         ("max_one_time_keys", int(m.max_one_time_keys)),
         ("one_time_keys_low", int(m.one_time_keys_low)),
+        ("handoff_ms", ms(m.handoff_window)),
+        ("handoff_max_bytes", uint(m.handoff_max_bytes)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -98,6 +98,12 @@ pub struct Messages {
     pub max_one_time_keys: u32,
     /// Below this many one-time keys the node tells the device to top up.
     pub one_time_keys_low: u32,
+    /// How long a message for an online device is held in memory before it is
+    /// written; acknowledged within it, it is never written. Zero writes every
+    /// message at once.
+    pub handoff_window: Duration,
+    /// Bytes held in memory for the hand-off, beyond which the oldest are written.
+    pub handoff_max_bytes: u64,
 }
 
 /// Where the node listens and keeps its data.
@@ -287,6 +293,8 @@ impl Default for Config {
                 delivery_batch: 256,
                 max_one_time_keys: 200,
                 one_time_keys_low: 20,
+                handoff_window: Duration::from_millis(500),
+                handoff_max_bytes: 64 * 1024 * 1024,
             },
             storage: Storage {
                 power_loss_sync: true,

@@ -52,6 +52,8 @@ pub struct Messages {
     pub delivery_batch: Option<u32>,
     pub max_one_time_keys: Option<u32>,
     pub one_time_keys_low: Option<u32>,
+    pub handoff_ms: Option<u64>,
+    pub handoff_max_bytes: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -544,6 +546,20 @@ impl File {
                 dm.one_time_keys_low,
                 0,
                 max_one_time_keys,
+            )?,
+            handoff_window: millis(
+                "messages.handoff_ms",
+                m.handoff_ms,
+                dm.handoff_window,
+                0,
+                10_000,
+            )?,
+            handoff_max_bytes: in_range(
+                "messages.handoff_max_bytes",
+                m.handoff_max_bytes,
+                dm.handoff_max_bytes,
+                0,
+                1 << 40,
             )?,
         };
         let storage = super::Storage {

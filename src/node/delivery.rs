@@ -58,7 +58,7 @@ pub async fn serve(
     };
     let device = me.device;
     let mailbox = shared.mailboxes.open(device);
-    let queued = match blocking(&shared, move |store| Ok(store.queue_len(device))).await {
+    let queued = match blocking(&shared, move |store| store.queue_len(device)).await {
         Ok(n) => n,
         Err(e) => {
             let _ = frame::write(&mut send, &Reply::Err(e)).await;
@@ -126,13 +126,22 @@ async fn push(
             // behind its own acks; live pages go through the writer thread, right
             // behind the append that woke us (two threads trading one page each
             // cost more in wake-ups than they save: p99 grew tenfold in the relay).
+            // Items held in memory for the hand-off need neither: when nothing
+            // written lies past the cursor, the page comes straight from memory.
             let op = move |store: &crate::store::Store| {
                 store.queue_page_within(device, after, batch, MAX_PAGE_BYTES)
             };
-            let page = if backlog_sent {
-                blocking(shared, op).await
+            let in_memory = if backlog_sent {
+                shared
+                    .store
+                    .staged_page(device, after, batch, MAX_PAGE_BYTES)
             } else {
-                read(shared, op).await
+                None
+            };
+            let page = match in_memory {
+                Some(page) => Ok(page),
+                None if backlog_sent => blocking(shared, op).await,
+                None => read(shared, op).await,
             };
             let (page, full) = match page {
                 Ok(page) => page,

@@ -14,8 +14,8 @@ use crate::proto::{
 };
 use crate::store::records::{LockRecord, StoredKey};
 use crate::store::{
-    AppendOutcome, DeviceIdentity, DeviceRef, Judgement, KeysRefusal, NewDevice, Store, StoreError,
-    VerifyOutcome,
+    AppendOutcome, AppendPolicy, DeviceIdentity, DeviceRef, HandOff, Judgement, KeysRefusal,
+    NewDevice, Store, StoreError, VerifyOutcome,
 };
 use crate::verify::{self, Delivery, Refusal, gateway, provider};
 
@@ -792,11 +792,22 @@ async fn send(
         .copied()
         .zip(outgoing.envelopes.into_iter().map(|e| e.body))
         .collect();
-    let (id, now, max_queued) = (outgoing.id, now_ms(), limits.max_queued_per_device.into());
+    let (id, now) = (outgoing.id, now_ms());
     let sender = me.device;
     let sender_number = me.number;
-    let outcome = blocking(shared, move |store| {
-        store.append(sender, &sender_number, id, envelopes, now, max_queued)
+    let policy = AppendPolicy {
+        max_queued: limits.max_queued_per_device.into(),
+        handoff: (!limits.handoff_window.is_zero()).then(|| HandOff {
+            online: recipients
+                .iter()
+                .copied()
+                .filter(|d| shared.mailboxes.is_open(*d))
+                .collect(),
+            max_bytes: usize::try_from(limits.handoff_max_bytes).unwrap_or(usize::MAX),
+        }),
+    };
+    let (outcome, ticket) = blocking(shared, move |store| {
+        store.append_with(sender, &sender_number, id, envelopes, now, policy)
     })
     .await?;
     let (accepted_at_ms, duplicate) = match outcome {
@@ -817,8 +828,19 @@ async fn send(
             ));
         }
     };
-    // Also for a duplicate: the first copy may not be durable yet.
-    shared.commit.durable().await.map_err(commit_failed)?;
+    // Also for a duplicate: the first copy may not be durable yet. Items handed over
+    // in memory settle first: acknowledged by their device (then no disk is needed)
+    // or written.
+    let written = match &ticket {
+        Some(ticket) => {
+            ticket.settled().await;
+            ticket.written()
+        }
+        None => true,
+    };
+    if written {
+        shared.commit.durable().await.map_err(commit_failed)?;
+    }
     if !duplicate {
         shared.metrics.messages_accepted.inc();
     }

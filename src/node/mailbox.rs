@@ -53,6 +53,11 @@ impl Mailboxes {
         self.map().get(&device).and_then(Weak::upgrade)
     }
 
+    /// Whether `device` has a delivery stream open now.
+    pub fn is_open(&self, device: DeviceRef) -> bool {
+        self.get(device).is_some()
+    }
+
     /// Wakes the delivery streams of `device`, if it has any.
     pub fn wake(&self, device: DeviceRef) {
         if let Some(mailbox) = self.get(device) {

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub messages_accepted: Counter,
     pub messages_delivered: Counter,
     pub messages_expired: Counter,
+    handoff: Family<OutcomeLabels, Counter>,
     queue_items: Gauge,
     queue_bytes: Gauge,
     pub commit_batch: Histogram,
@@ -73,6 +74,7 @@ impl Metrics {
             messages_accepted: Counter::default(),
             messages_delivered: Counter::default(),
             messages_expired: Counter::default(),
+            handoff: Family::default(),
             queue_items: Gauge::default(),
             queue_bytes: Gauge::default(),
             // 1, 2, 4 ... 4096 waiters per flush.
@@ -127,6 +129,11 @@ impl Metrics {
             "messages_expired",
             "Queued items dropped by the sweep after the message TTL",
             m.messages_expired.clone(),
+        );
+        r.register(
+            "handoff_items",
+            "Queue items held in memory for an online device (staged), and where they went: acknowledged from memory (never written) or written",
+            m.handoff.clone(),
         );
         r.register(
             "queue_items",
@@ -241,6 +248,16 @@ impl Metrics {
         let (items, bytes) = shared.store.queue_totals();
         self.queue_items.set(clamp(items));
         self.queue_bytes.set(clamp(bytes));
+        let handoff = shared.store.handoff_stats();
+        for (outcome, total) in [
+            ("staged", &handoff.staged),
+            ("acknowledged", &handoff.acknowledged),
+            ("written", &handoff.written),
+        ] {
+            let counter = self.handoff.get_or_create(&OutcomeLabels { outcome });
+            let total = total.load(std::sync::atomic::Ordering::Relaxed);
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
         self.store_bytes.set(clamp(shared.store.size_on_disk()));
         self.devices_online
             .set(clamp(shared.connections.devices_online() as u64));

@@ -235,6 +235,10 @@ impl Node {
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         tracker.spawn(sweeper(self.shared.clone(), stop.clone()));
+        // Outside the tracker: requests still finishing at shutdown wait on it.
+        let write_behind_stop = CancellationToken::new();
+        let write_behind =
+            tokio::spawn(write_behind(self.shared.clone(), write_behind_stop.clone()));
         tracker.spawn(filter_refresher(self.shared.clone(), stop.clone()));
         if let Some(listener) = self.admin {
             tracker.spawn(admin::serve(
@@ -288,6 +292,12 @@ impl Node {
             .close(codes::SHUTDOWN.into(), b"node shutting down");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle())
             .await;
+        write_behind_stop.cancel();
+        let _ = write_behind.await;
+        // What is still held in memory for the hand-off is written now.
+        if let Err(e) = self.shared.worker.run(|s| s.write_staged(None)).await {
+            tracing::error!(error = %e, "writing the staged messages at shutdown failed");
+        }
         self.shared.commit.stop().await;
         self.shared.worker.stop().await;
         self.shared.reader.stop().await;
@@ -325,6 +335,38 @@ async fn filter_refresher(shared: Arc<Shared>, stop: CancellationToken) {
                 "discovery filter current"
             ),
             Err(e) => tracing::error!(error = %e, "building the discovery filter failed"),
+        }
+    }
+}
+
+/// Writes the messages held in memory for the hand-off once they are older than
+/// `messages.handoff_ms` (within a quarter of it), until told to stop.
+async fn write_behind(shared: Arc<Shared>, stop: CancellationToken) {
+    let window = shared.config.messages.handoff_window;
+    if window.is_zero() {
+        return;
+    }
+    let mut ticks = tokio::time::interval((window / 4).max(std::time::Duration::from_millis(1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = std::time::Instant::now();
+        let Some(cutoff) = now.checked_sub(window) else {
+            continue;
+        };
+        if shared.store.oldest_staged().is_none_or(|at| at > cutoff) {
+            continue;
+        }
+        match shared
+            .worker
+            .run(move |s| s.write_staged(Some(cutoff)))
+            .await
+        {
+            Ok(done) => tracing::trace!(units = done.units, items = done.items, "write-behind"),
+            Err(e) => tracing::error!(error = %e, "write-behind failed"),
         }
     }
 }

@@ -192,7 +192,7 @@ impl Store {
             })
             .collect();
         let key_ids: Vec<keys::KeyId> = account.devices.iter().map(|d| d.key_id).collect();
-        let mut lens = self.queue_writer();
+        let mut q = self.queue_writer();
         let mut queued_items = 0;
         for device in &devices {
             let dk = device.key();
@@ -202,7 +202,8 @@ impl Store {
                 self.queue_totals.remove(value.len());
                 queued_items += 1;
             }
-            lens.0.remove(&dk);
+            queued_items += self.drop_staged(&mut q, dk);
+            q.lens.remove(&dk);
             for key in self.trees.one_time_key.scan_prefix(dk).keys() {
                 self.trees.one_time_key.remove(key?)?;
             }
@@ -264,7 +265,7 @@ impl Store {
                         Ok(true)
                     },
                 )?;
-        drop(lens);
+        drop(q);
         if !done {
             return Ok(Attempt::Changed { queued_items });
         }
@@ -365,14 +366,14 @@ mod tests {
         assert_eq!(store.account_by_number("+14155550101").expect("read"), None);
         assert_eq!(store.device_by_key(&[2; 32]).expect("read"), None);
         assert_eq!(store.discovery_lookup(&bob_prf).expect("lookup"), None);
-        assert_eq!(store.queue_len(bob), 0);
+        assert_eq!(store.queue_len(bob).unwrap(), 0);
         // Alice keeps her account, her queue (Bob's message to her) and her index entry.
         let alice_prf = store.discovery_key().prf("+14155550100").expect("prf");
         assert_eq!(
             store.discovery_lookup(&alice_prf).expect("lookup"),
             Some(alice.account_id)
         );
-        assert_eq!(store.queue_len(alice), 1);
+        assert_eq!(store.queue_len(alice).unwrap(), 1);
         assert!(
             store
                 .delete_account("+14155550101")

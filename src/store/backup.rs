@@ -133,6 +133,8 @@ impl Store {
         mut progress: impl FnMut(u64),
     ) -> Result<BackupSummary, BackupError> {
         let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        // Items held in memory for the hand-off belong in the backup too.
+        self.write_staged_ungated(None)?;
         let mut w = Hashing {
             inner: std::io::BufWriter::with_capacity(256 * 1024, out),
             hash: Sha256::new(),

@@ -4,13 +4,14 @@
 //! the store's queue writer lock: a seq is drawn and committed under it, so every
 //! device queue grows strictly in seq order as readers see it. Reads take no lock.
 
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
 use sled::transaction::Transactional;
 
 use super::keys::{self, DeviceKey};
 use super::records::{self, DeviceKeysRecord, QueueItem, StoredKey};
-use super::{DeviceRef, QueueLengths, Store, StoreError, TxResult, abort};
+use super::staging::{AppendPolicy, Ticket};
+use super::{DeviceRef, QueueState, Store, StoreError, TxResult, abort};
 
 /// A queued item as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +63,7 @@ pub struct SweepStats {
 const SWEEP_CHUNK: usize = 1024;
 
 impl Store {
-    pub(super) fn queue_writer(&self) -> MutexGuard<'_, QueueLengths> {
+    pub(super) fn queue_writer(&self) -> MutexGuard<'_, QueueState> {
         // A panic while holding the lock cannot leave a queue half-written (sled
         // writes are atomic); at worst a length is off, so carry on.
         self.queue_writer
@@ -71,8 +72,8 @@ impl Store {
     }
 
     /// The length of `device`'s queue, counted on first use. Caller holds the lock.
-    fn len_of(&self, lens: &mut QueueLengths, device: DeviceKey) -> u64 {
-        *lens.0.entry(device).or_insert_with(|| {
+    fn len_of(&self, q: &mut QueueState, device: DeviceKey) -> u64 {
+        *q.lens.entry(device).or_insert_with(|| {
             self.trees
                 .queue
                 .scan_prefix(device)
@@ -82,14 +83,16 @@ impl Store {
         })
     }
 
-    /// Items in `device`'s queue.
-    pub fn queue_len(&self, device: DeviceRef) -> u64 {
-        let mut lens = self.queue_writer();
-        self.len_of(&mut lens, device.key())
+    /// Items in `device`'s queue. Also loads what the hand-off needs to know of it,
+    /// so that its delivery stream can read staged pages without the store thread.
+    pub fn queue_len(&self, device: DeviceRef) -> Result<u64, StoreError> {
+        let mut q = self.queue_writer();
+        self.written_max(&mut q, device.key())?;
+        Ok(self.len_of(&mut q, device.key()))
     }
 
     /// Appends one message from `sender` to each recipient device's queue, and records
-    /// `id` as sent by `sender`, in one transaction. Not durable until a flush.
+    /// `id` as sent by `sender`. Not durable until a flush.
     pub fn append(
         &self,
         sender: DeviceRef,
@@ -99,22 +102,51 @@ impl Store {
         now_ms: u64,
         max_queued: u64,
     ) -> Result<AppendOutcome, StoreError> {
+        self.append_with(
+            sender,
+            sender_number,
+            id,
+            envelopes,
+            now_ms,
+            max_queued.into(),
+        )
+        .map(|(outcome, _)| outcome)
+    }
+
+    /// [`Store::append`] with a hand-off: the items of online devices are staged in
+    /// memory (see [`super::staging`]). The ticket, when there is one, settles once
+    /// every staged item of the send was acknowledged or written; the sender may be
+    /// answered then (after a group commit if [`Ticket::written`]).
+    pub fn append_with(
+        &self,
+        sender: DeviceRef,
+        sender_number: &str,
+        id: [u8; 16],
+        envelopes: Vec<(DeviceRef, Vec<u8>)>,
+        now_ms: u64,
+        policy: AppendPolicy,
+    ) -> Result<(AppendOutcome, Option<Arc<Ticket>>), StoreError> {
         let _gate = self.writing();
         let sent_key = keys::sent(sender.key(), &id);
-        let mut lens = self.queue_writer();
+        let mut q = self.queue_writer();
+        if let Some((at, ticket)) = Store::staged_send(&q, &sent_key) {
+            return Ok((
+                AppendOutcome::Duplicate { accepted_at_ms: at },
+                Some(ticket),
+            ));
+        }
         if let Some(at) = self.trees.sent_message.get(sent_key)? {
-            return Ok(AppendOutcome::Duplicate {
-                accepted_at_ms: records::queued_at(&at).unwrap_or(0),
-            });
+            let accepted_at_ms = records::queued_at(&at).unwrap_or(0);
+            return Ok((AppendOutcome::Duplicate { accepted_at_ms }, None));
         }
         for (device, _) in &envelopes {
-            if self.len_of(&mut lens, device.key()) >= max_queued {
-                return Ok(AppendOutcome::QueueFull {
-                    device_id: device.device_id,
-                });
+            if self.len_of(&mut q, device.key()) >= policy.max_queued {
+                let device_id = device.device_id;
+                return Ok((AppendOutcome::QueueFull { device_id }, None));
             }
         }
-        let mut rows = Vec::with_capacity(envelopes.len());
+        let mut direct = Vec::with_capacity(envelopes.len());
+        let mut staged = Vec::new();
         for (device, body) in envelopes {
             let item = QueueItem::Message {
                 from_account: sender.account_id,
@@ -123,12 +155,21 @@ impl Store {
                 id,
                 body,
             };
-            let seq = self.next_id()?;
-            rows.push((
+            let row = (
                 device.key(),
-                keys::queue(device.key(), seq),
+                self.next_id()?,
                 records::encode_queued(now_ms, &item)?,
-            ));
+            );
+            let stage = Store::has_staged(&q, &row.0)
+                || policy
+                    .handoff
+                    .as_ref()
+                    .is_some_and(|h| h.online.contains(&device));
+            if stage {
+                staged.push(row);
+            } else {
+                direct.push(row);
+            }
         }
         // Plain inserts, not a sled transaction or batch: sled rolls its log buffer
         // twice for every batch (two log writes, each with a sync_file_range), which
@@ -137,17 +178,27 @@ impl Store {
         // a crash the sent-id record (written last) implies its items survived. A
         // crash in between can leave items without the record: the sender, never
         // told `Accepted`, sends again, and the recipient drops the copy by id.
-        for (device, key, value) in &rows {
-            self.trees.queue.insert(&key[..], value.as_slice())?;
+        let any_direct = !direct.is_empty();
+        for (dk, seq, value) in direct {
+            self.write_queue_item(&mut q, dk, seq, &value)?;
             self.queue_totals.add(value.len());
-            *lens.0.entry(*device).or_default() += 1;
+            *q.lens.entry(dk).or_default() += 1;
         }
-        self.trees
-            .sent_message
-            .insert(&sent_key[..], &now_ms.to_be_bytes()[..])?;
-        Ok(AppendOutcome::Queued {
+        let accepted = AppendOutcome::Queued {
             accepted_at_ms: now_ms,
-        })
+        };
+        if staged.is_empty() {
+            self.trees
+                .sent_message
+                .insert(&sent_key[..], &now_ms.to_be_bytes()[..])?;
+            return Ok((accepted, None));
+        }
+        // The sent-id is written with the staged items, after them.
+        let ticket = self.stage_send(&mut q, staged, (sender, id), sent_key, now_ms, any_direct);
+        if let Some(handoff) = &policy.handoff {
+            self.trim_staged(&mut q, handoff.max_bytes)?;
+        }
+        Ok((accepted, Some(ticket)))
     }
 
     /// Up to `max` items of `device`'s queue with a seq above `after`, oldest first.
@@ -172,35 +223,54 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(Vec<Queued>, bool), StoreError> {
         let dk = device.key();
-        let start = match after {
-            Some(seq) => match seq.checked_add(1) {
-                Some(next) => keys::queue(dk, next),
-                None => return Ok((Vec::new(), false)),
-            },
-            None => keys::queue(dk, 0),
-        };
-        let end = keys::queue(dk, u64::MAX);
+        // Under the writer lock, so that no item moves from staging to sled between
+        // the two reads. sled holds the older part of the queue, staging the newer.
+        let mut q = self.queue_writer();
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for entry in self.trees.queue.range(start..=end) {
-            if out.len() == max {
-                return Ok((out, true));
+        let sled_above = match (self.written_max(&mut q, dk)?, after) {
+            (None, _) => false,
+            (Some(written), Some(after)) => written > after,
+            (Some(_), None) => true,
+        };
+        if sled_above {
+            let start = match after {
+                Some(seq) => match seq.checked_add(1) {
+                    Some(next) => keys::queue(dk, next),
+                    None => return Ok((Vec::new(), false)),
+                },
+                None => keys::queue(dk, 0),
+            };
+            let end = keys::queue(dk, u64::MAX);
+            for entry in self.trees.queue.range(start..=end) {
+                if out.len() == max {
+                    return Ok((out, true));
+                }
+                let (key, value) = entry?;
+                bytes = bytes.saturating_add(value.len());
+                if bytes > max_bytes && !out.is_empty() {
+                    return Ok((out, true));
+                }
+                let (_, seq) = keys::parse_queue(&key)
+                    .ok_or_else(|| StoreError::Corrupt("queue key length".into()))?;
+                let (queued_at_ms, item) = records::decode_queued(&value)?;
+                out.push(Queued {
+                    seq,
+                    queued_at_ms,
+                    item,
+                });
             }
-            let (key, value) = entry?;
-            bytes = bytes.saturating_add(value.len());
-            if bytes > max_bytes && !out.is_empty() {
-                return Ok((out, true));
-            }
-            let (_, seq) = keys::parse_queue(&key)
-                .ok_or_else(|| StoreError::Corrupt("queue key length".into()))?;
-            let (queued_at_ms, item) = records::decode_queued(&value)?;
-            out.push(Queued {
-                seq,
-                queued_at_ms,
-                item,
-            });
         }
-        Ok((out, false))
+        let after = out.last().map(|last| last.seq).or(after);
+        let full = Store::staged_page_into(
+            &q,
+            &dk,
+            after,
+            max,
+            max_bytes.saturating_sub(bytes),
+            &mut out,
+        )?;
+        Ok((out, full))
     }
 
     /// Removes the acknowledged items `seqs` from `device`'s queue (seqs it does not
@@ -216,13 +286,30 @@ impl Store {
     ) -> Result<Vec<DeviceRef>, StoreError> {
         let _gate = self.writing();
         let dk = device.key();
-        let mut lens = self.queue_writer();
+        let mut q = self.queue_writer();
         let mut removed = 0u64;
         let mut receipts: Vec<DeviceRef> = Vec::new();
         // Item by item, receipt before removal (no sled batch: see `append`). A crash
         // in between leaves the item and its receipt: the item is delivered again and
-        // the sender may see a second receipt, but a receipt is never lost.
+        // the sender may see a second receipt, but a receipt is never lost. An item
+        // still in memory leaves memory, and its receipt is staged in turn.
         for &seq in seqs {
+            if let Some(from) = self.ack_staged(&mut q, dk, seq) {
+                removed += 1;
+                if let Some((sender, id)) = from {
+                    let receipt = QueueItem::Delivered {
+                        to_number: device_number.to_string(),
+                        device_id: device.device_id,
+                        id,
+                    };
+                    let seq = self.next_id()?;
+                    let value = records::encode_queued(now_ms, &receipt)?;
+                    self.len_of(&mut q, sender.key());
+                    self.stage_receipt(&mut q, sender.key(), seq, value);
+                    receipts.push(sender);
+                }
+                continue;
+            }
             let key = keys::queue(dk, seq);
             let Some(value) = self.trees.queue.get(key)? else {
                 continue;
@@ -248,12 +335,12 @@ impl Store {
                 };
                 let seq = self.next_id()?;
                 let receipt = records::encode_queued(now_ms, &receipt)?;
-                let receipt_len = receipt.len();
-                self.trees
-                    .queue
-                    .insert(&keys::queue(sender.key(), seq)[..], receipt)?;
-                self.queue_totals.add(receipt_len);
-                if let Some(len) = lens.0.get_mut(&sender.key()) {
+                // Straight to sled, before the removal; the sender's staged items
+                // go first, so that its queue stays in seq order on disk.
+                self.write_device_staged(&mut q, sender.key())?;
+                self.write_queue_item(&mut q, sender.key(), seq, &receipt)?;
+                self.queue_totals.add(receipt.len());
+                if let Some(len) = q.lens.get_mut(&sender.key()) {
                     *len += 1;
                 }
                 receipts.push(sender);
@@ -262,7 +349,7 @@ impl Store {
             self.queue_totals.remove(value.len());
             removed += 1;
         }
-        if let Some(len) = lens.0.get_mut(&dk) {
+        if let Some(len) = q.lens.get_mut(&dk) {
             *len = len.saturating_sub(removed);
         }
         Ok(receipts)
@@ -273,7 +360,7 @@ impl Store {
     pub fn drop_device(&self, device: DeviceRef) -> Result<u64, StoreError> {
         let _gate = self.writing();
         let dk = device.key();
-        let mut lens = self.queue_writer();
+        let mut q = self.queue_writer();
         let mut dropped = 0;
         for entry in self.trees.queue.scan_prefix(dk) {
             let (key, value) = entry?;
@@ -281,8 +368,9 @@ impl Store {
             self.queue_totals.remove(value.len());
             dropped += 1;
         }
-        lens.0.remove(&dk);
-        drop(lens);
+        dropped += self.drop_staged(&mut q, dk);
+        q.lens.remove(&dk);
+        drop(q);
         for key in self.trees.one_time_key.scan_prefix(dk).keys() {
             self.trees.one_time_key.remove(key?)?;
         }
@@ -300,7 +388,7 @@ impl Store {
         loop {
             // Gate per chunk, like the writer lock: a backup waits for one chunk at most.
             let _gate = self.writing();
-            let mut lens = self.queue_writer();
+            let mut q = self.queue_writer();
             let mut last = None;
             let mut seen = 0;
             for entry in self.trees.queue.range(from.clone()..).take(SWEEP_CHUNK) {
@@ -311,14 +399,14 @@ impl Store {
                     self.queue_totals.remove(value.len());
                     stats.items += 1;
                     if let Some((device, _)) = keys::parse_queue(&key)
-                        && let Some(len) = lens.0.get_mut(&device)
+                        && let Some(len) = q.lens.get_mut(&device)
                     {
                         *len = len.saturating_sub(1);
                     }
                 }
                 last = Some(key);
             }
-            drop(lens);
+            drop(q);
             match last {
                 Some(key) if seen == SWEEP_CHUNK => {
                     from = key.to_vec();
@@ -475,11 +563,11 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::store) mod tests {
     use super::*;
     use crate::store::{Judgement, NewDevice};
 
-    fn registered(store: &Store, number: &str, key: u8) -> DeviceRef {
+    pub(in crate::store) fn registered(store: &Store, number: &str, key: u8) -> DeviceRef {
         let code = records::CodeRecord {
             hash: [0; 32],
             sent_at_ms: 0,
@@ -513,7 +601,7 @@ mod tests {
     }
 
     /// A fresh store with Alice and Bob registered (keep the dir alive).
-    fn alice_and_bob() -> (tempfile::TempDir, Store, DeviceRef, DeviceRef) {
+    pub(in crate::store) fn alice_and_bob() -> (tempfile::TempDir, Store, DeviceRef, DeviceRef) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let alice = registered(&store, "+14155550100", 1);
@@ -577,7 +665,7 @@ mod tests {
         assert_eq!(again, AppendOutcome::Duplicate { accepted_at_ms: 10 });
         let page = store.queue_page(bob, None, 10).unwrap();
         assert_eq!(bodies(&page), vec![vec![0], vec![1], vec![2]]);
-        assert_eq!(store.queue_len(bob), 3);
+        assert_eq!(store.queue_len(bob).unwrap(), 3);
         // Paging continues after the cursor.
         let rest = store.queue_page(bob, Some(page[0].seq), 10).unwrap();
         assert_eq!(bodies(&rest), vec![vec![1], vec![2]]);
@@ -590,11 +678,11 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        assert_eq!(store.queue_len(bob), 3);
+        assert_eq!(store.queue_len(bob).unwrap(), 3);
 
         let notified = store.ack(bob, "+14155550101", &seqs[..2], 30).unwrap();
         assert_eq!(notified, vec![alice, alice]);
-        assert_eq!(store.queue_len(bob), 1);
+        assert_eq!(store.queue_len(bob).unwrap(), 1);
         let receipts = store.queue_page(alice, None, 10).unwrap();
         assert_eq!(receipts.len(), 2);
         assert!(matches!(&receipts[0].item, QueueItem::Delivered { id, .. } if *id == [1; 16]));
@@ -617,7 +705,7 @@ mod tests {
                 device_id: bob.device_id
             }
         );
-        assert_eq!(store.queue_len(bob), 2);
+        assert_eq!(store.queue_len(bob).unwrap(), 2);
         // A refused id was not recorded: it may be sent again once there is room.
         let seqs: Vec<u64> = store
             .queue_page(bob, None, 10)
@@ -651,7 +739,7 @@ mod tests {
                 sent_ids: 2000
             }
         );
-        assert_eq!(store.queue_len(bob), 1000);
+        assert_eq!(store.queue_len(bob).unwrap(), 1000);
         assert_eq!(store.queue_page(bob, None, 5000).unwrap().len(), 1000);
     }
 

@@ -14,9 +14,11 @@ pub mod backup;
 pub mod keys;
 mod messages;
 pub mod records;
+mod staging;
 
 pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
 pub use messages::{AppendOutcome, Claimed, KeysRefusal, Queued, SweepStats};
+pub use staging::{AppendPolicy, HandOff, HandOffStats, Ticket, WriteBehind};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -109,7 +111,7 @@ pub struct Store {
     /// Serialises every write to `queue`, so that seqs are committed in the order they
     /// are drawn (a reader that has seen seq n never later finds a new item below n),
     /// and holds the queue lengths (loaded per device on first use).
-    queue_writer: Arc<Mutex<QueueLengths>>,
+    queue_writer: Arc<Mutex<QueueState>>,
     /// sled's log file, opened a second time so that [`Store::flush`] can `fdatasync`
     /// it after sled's flush (which syncs only with `sync_file_range`: safe from a
     /// process crash, not from a power cut). `None` when power-loss sync is off.
@@ -126,6 +128,8 @@ pub struct Store {
     queue_totals: Arc<QueueTotals>,
     /// Added to every id sled generates (see `meta/id_base`).
     id_base: u64,
+    /// Where staged items went (see [`staging`]).
+    handoff_stats: Arc<HandOffStats>,
 }
 
 /// Items and stored bytes in all device queues (receipts included).
@@ -153,10 +157,15 @@ impl QueueTotals {
     }
 }
 
-/// Items per device queue, for quotas. Exact: only code holding the writer lock
-/// changes a queue.
+/// What the queue writer lock guards.
 #[derive(Default)]
-struct QueueLengths(HashMap<keys::DeviceKey, u64>);
+struct QueueState {
+    /// Items per device queue (staged ones included), for quotas. Exact: only code
+    /// holding the writer lock changes a queue.
+    lens: HashMap<keys::DeviceKey, u64>,
+    /// Items held in memory before they are written (see [`staging`]).
+    staged: staging::Staging,
+}
 
 /// A device as the rest of the node refers to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -347,6 +356,7 @@ impl Store {
             discovery,
             gate: Arc::default(),
             queue_totals: Arc::new(queue_totals),
+            handoff_stats: Arc::default(),
         };
         store.migrate()?;
         Ok(store)

@@ -3,7 +3,7 @@
 //! endpoint, JSON logs and `check-config`.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,8 +12,8 @@ use switchboard::proto::ErrorKind;
 use switchboard::tls::Credentials;
 
 use crate::support::{
-    ALICE, BIN, BOB, CAROL, CODE, ProcessNode, config_text, kind, next_push, outgoing,
-    push_numbers, send_numbered, show, stdout,
+    ALICE, BIN, BOB, CAROL, CODE, ProcessNode, config_text, http_get, kind, next_push, outgoing,
+    parse_openmetrics, push_numbers, send_numbered, show, stdout,
 };
 
 /// Runs `switchboard admin ARGS --data DATA`.
@@ -279,93 +279,6 @@ async fn backup_under_load_restores_every_acknowledged_message() {
         got.len(),
         all.len()
     );
-}
-
-/// GET over plain HTTP/1.1; returns (status line, content-type, body).
-fn http_get(url: &str) -> (String, String, String) {
-    let rest = url.strip_prefix("http://").expect("http url");
-    let (host, path) = rest.split_once('/').expect("path");
-    let mut stream = std::net::TcpStream::connect(host).expect("connect metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("head and body");
-    let status = head.lines().next().unwrap_or_default().to_string();
-    let content_type = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-type: ")
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
-    (status, content_type, body.to_string())
-}
-
-/// Checks the OpenMetrics text exposition strictly enough to catch a broken one and
-/// returns every sample as (name with labels, value).
-fn parse_openmetrics(text: &str) -> Vec<(String, f64)> {
-    let mut typed = BTreeSet::new();
-    let mut samples = Vec::new();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.last(), Some(&"# EOF"), "OpenMetrics ends with # EOF");
-    for line in &lines[..lines.len() - 1] {
-        if let Some(comment) = line.strip_prefix("# ") {
-            let mut parts = comment.splitn(3, ' ');
-            let (what, name) = (parts.next(), parts.next());
-            assert!(
-                matches!(what, Some("HELP" | "TYPE" | "UNIT")),
-                "bad comment line: {line}"
-            );
-            if what == Some("TYPE") {
-                let t = parts.next().expect("a type");
-                assert!(
-                    ["counter", "gauge", "histogram", "info", "unknown"].contains(&t),
-                    "{line}"
-                );
-                typed.insert(name.expect("name").to_string());
-            }
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').expect("series and value");
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("not a number: {line}"));
-        let name = series.split('{').next().expect("name");
-        assert!(
-            name.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad metric name: {line}"
-        );
-        if let Some(labels) = series.strip_prefix(name)
-            && !labels.is_empty()
-        {
-            assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
-            for pair in labels[1..labels.len() - 1].split(',') {
-                let (k, v) = pair.split_once('=').expect("label=value");
-                assert!(
-                    k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-                    "{line}"
-                );
-                assert!(v.starts_with('"') && v.ends_with('"'), "{line}");
-            }
-        }
-        let family = ["_total", "_bucket", "_count", "_sum", "_created"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .filter(|base| typed.contains(*base))
-            .unwrap_or(name);
-        assert!(typed.contains(family), "sample without a TYPE: {line}");
-        samples.push((series.to_string(), value));
-    }
-    samples
 }
 
 fn sample(samples: &[(String, f64)], series: &str) -> f64 {

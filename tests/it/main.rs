@@ -9,6 +9,7 @@ mod cli_messaging;
 mod crash;
 mod discovery;
 mod disk;
+mod handoff;
 mod hostile;
 mod library;
 mod messaging;
