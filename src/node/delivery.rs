@@ -244,11 +244,22 @@ async fn read_acks(
             Ok(Some(ack)) if ack.seqs.len() <= MAX_ACKS_PER_FRAME => {
                 let (device, number) = (me.device, me.number.clone());
                 let now = now_ms();
-                match blocking(&shared, move |store| {
-                    store.ack(device, &number, &ack.seqs, now)
-                })
-                .await
+                // Items still held in memory are acknowledged right here; anything
+                // written goes through the store thread.
+                let applied = match shared
+                    .store
+                    .ack_from_memory(device, &number, &ack.seqs, now)
                 {
+                    Ok(Some(receipts)) => Ok(receipts),
+                    Ok(None) => {
+                        blocking(&shared, move |store| {
+                            store.ack(device, &number, &ack.seqs, now)
+                        })
+                        .await
+                    }
+                    Err(e) => Err(handlers::internal(e)),
+                };
+                match applied {
                     Ok(receipts) => {
                         shared
                             .metrics

@@ -72,7 +72,7 @@ impl Store {
     }
 
     /// The length of `device`'s queue, counted on first use. Caller holds the lock.
-    fn len_of(&self, q: &mut QueueState, device: DeviceKey) -> u64 {
+    pub(super) fn len_of(&self, q: &mut QueueState, device: DeviceKey) -> u64 {
         *q.lens.entry(device).or_insert_with(|| {
             self.trees
                 .queue
@@ -294,20 +294,8 @@ impl Store {
         // the sender may see a second receipt, but a receipt is never lost. An item
         // still in memory leaves memory, and its receipt is staged in turn.
         for &seq in seqs {
-            if let Some(from) = self.ack_staged(&mut q, dk, seq) {
+            if self.ack_staged(&mut q, device, device_number, seq, now_ms, &mut receipts)? {
                 removed += 1;
-                if let Some((sender, id)) = from {
-                    let receipt = QueueItem::Delivered {
-                        to_number: device_number.to_string(),
-                        device_id: device.device_id,
-                        id,
-                    };
-                    let seq = self.next_id()?;
-                    let value = records::encode_queued(now_ms, &receipt)?;
-                    self.len_of(&mut q, sender.key());
-                    self.stage_receipt(&mut q, sender.key(), seq, value);
-                    receipts.push(sender);
-                }
                 continue;
             }
             let key = keys::queue(dk, seq);

@@ -32,7 +32,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use super::keys::{self, DeviceKey};
-use super::records;
+use super::records::{self, QueueItem};
 use super::{DeviceRef, QueueState, Queued, Store, StoreError};
 
 /// The `sent_message` key of a staged send.
@@ -384,16 +384,22 @@ impl Store {
             .map(|(at, ticket)| (*at, ticket.clone()))
     }
 
-    /// Takes the staged item `seq` of `dk` if it is staged: acknowledged from memory.
-    /// Returns its length and its sender, and settles its ticket. Caller holds the
-    /// writer lock.
+    /// Acknowledges the item `seq` of `device` from memory if it is staged: takes it
+    /// out, settles its ticket and stages a receipt for its sender (pushed to
+    /// `receipts`). False when it is not staged. Caller holds the writer lock; the
+    /// caller's count of `device`'s queue is its to lower.
     pub(super) fn ack_staged(
         &self,
         q: &mut QueueState,
-        dk: DeviceKey,
+        device: DeviceRef,
+        device_number: &str,
         seq: u64,
-    ) -> Option<Option<(DeviceRef, [u8; 16])>> {
-        let staged = q.staged.take(&dk, seq)?;
+        now_ms: u64,
+        receipts: &mut Vec<DeviceRef>,
+    ) -> Result<bool, StoreError> {
+        let Some(staged) = q.staged.take(&device.key(), seq) else {
+            return Ok(false);
+        };
         self.queue_totals.remove(staged.value.len());
         if let Some(ticket) = &staged.ticket {
             ticket.resolve(false);
@@ -401,7 +407,59 @@ impl Store {
         self.handoff_stats
             .acknowledged
             .fetch_add(1, Ordering::Relaxed);
-        Some(staged.from)
+        if let Some((sender, id)) = staged.from {
+            let receipt = QueueItem::Delivered {
+                to_number: device_number.to_string(),
+                device_id: device.device_id,
+                id,
+            };
+            let seq = self.next_id()?;
+            let value = records::encode_queued(now_ms, &receipt)?;
+            self.len_of(q, sender.key());
+            self.stage_receipt(q, sender.key(), seq, value);
+            receipts.push(sender);
+        }
+        Ok(true)
+    }
+
+    /// [`Store::ack`] for acknowledgements of staged items only, without the store
+    /// thread: memory only, so an async task may call it. `None` (and nothing done)
+    /// when one of `seqs` is not staged or a receipt would go to a queue whose length
+    /// is not loaded yet; then [`Store::ack`] must do it.
+    pub fn ack_from_memory(
+        &self,
+        device: DeviceRef,
+        device_number: &str,
+        seqs: &[u64],
+        now_ms: u64,
+    ) -> Result<Option<Vec<DeviceRef>>, StoreError> {
+        let dk = device.key();
+        let mut q = self.queue_writer();
+        let ready = seqs.iter().all(|seq| {
+            q.staged
+                .devices
+                .get(&dk)
+                .and_then(|m| m.get(seq))
+                .is_some_and(|staged| {
+                    staged
+                        .from
+                        .is_none_or(|(sender, _)| q.lens.contains_key(&sender.key()))
+                })
+        });
+        if !ready {
+            return Ok(None);
+        }
+        let mut receipts = Vec::new();
+        let mut removed = 0;
+        for &seq in seqs {
+            if self.ack_staged(&mut q, device, device_number, seq, now_ms, &mut receipts)? {
+                removed += 1;
+            }
+        }
+        if let Some(len) = q.lens.get_mut(&dk) {
+            *len = len.saturating_sub(removed);
+        }
+        Ok(Some(receipts))
     }
 
     /// Stages a receipt for `to` (its queue length already counted).
