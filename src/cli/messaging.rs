@@ -135,6 +135,10 @@ pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
         );
     }
     println!("{}", hex::encode(sent.id));
+    if !sent.delivered.is_empty() {
+        // The receipts of these devices came with the answer; `recv` shows none.
+        eprintln!("delivered to {to} (devices {:?})", sent.delivered);
+    }
     Ok(())
 }
 

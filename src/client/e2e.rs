@@ -349,6 +349,7 @@ impl Vault {
                     return Ok(Sent {
                         id: accepted.id,
                         accepted_at_ms: accepted.accepted_at_ms,
+                        delivered: accepted.delivered,
                         identity_changed,
                     });
                 }
@@ -545,6 +546,9 @@ impl Vault {
 pub struct Sent {
     pub id: MessageId,
     pub accepted_at_ms: u64,
+    /// The recipient's devices that had already received it (no receipt will follow
+    /// for them).
+    pub delivered: Vec<u32>,
     pub identity_changed: bool,
 }
 

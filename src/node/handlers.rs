@@ -15,7 +15,7 @@ use crate::proto::{
 use crate::store::records::{LockRecord, StoredKey};
 use crate::store::{
     AppendOutcome, AppendPolicy, DeviceIdentity, DeviceRef, HandOff, Judgement, KeysRefusal,
-    NewDevice, Store, StoreError, VerifyOutcome,
+    NewDevice, Store, StoreError, TicketWaiter, VerifyOutcome,
 };
 use crate::verify::{self, Delivery, Refusal, gateway, provider};
 
@@ -806,10 +806,11 @@ async fn send(
             max_bytes: usize::try_from(limits.handoff_max_bytes).unwrap_or(usize::MAX),
         }),
     };
-    let (outcome, ticket) = blocking(shared, move |store| {
+    let (outcome, waiter) = blocking(shared, move |store| {
         store.append_with(sender, &sender_number, id, envelopes, now, policy)
     })
     .await?;
+    let mut waiting = Waiting { shared, waiter };
     let (accepted_at_ms, duplicate) = match outcome {
         AppendOutcome::Queued { accepted_at_ms } => {
             // Online recipients get it now; the sender hears back once it is durable.
@@ -831,10 +832,10 @@ async fn send(
     // Also for a duplicate: the first copy may not be durable yet. Items handed over
     // in memory settle first: acknowledged by their device (then no disk is needed)
     // or written.
-    let written = match &ticket {
-        Some(ticket) => {
-            ticket.settled().await;
-            ticket.written()
+    let written = match &waiting.waiter {
+        Some(waiter) => {
+            waiter.settled().await;
+            waiter.written()
         }
         None => true,
     };
@@ -844,11 +845,33 @@ async fn send(
     if !duplicate {
         shared.metrics.messages_accepted.inc();
     }
+    let delivered = waiting
+        .waiter
+        .take()
+        .map(TicketWaiter::answer)
+        .unwrap_or_default();
     Ok(Response::Accepted(Accepted {
         id,
         accepted_at_ms,
         duplicate,
+        delivered,
     }))
+}
+
+/// A send handler's wait on its staged send. Dropped before the answer (the request
+/// was cancelled or failed), it leaves the ticket: receipts it would have carried
+/// are queued for the sender, whose delivery stream is woken.
+struct Waiting<'a> {
+    shared: &'a Shared,
+    waiter: Option<TicketWaiter>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(sender) = self.waiter.take().and_then(TicketWaiter::leave) {
+            self.shared.mailboxes.wake(sender);
+        }
+    }
 }
 
 fn now_secs() -> u64 {

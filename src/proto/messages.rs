@@ -192,6 +192,9 @@ pub struct Accepted {
     pub accepted_at_ms: u64,
     /// True when this id had been accepted before and nothing new was queued.
     pub duplicate: bool,
+    /// Recipient devices that acknowledged the message before this answer. Their
+    /// delivery receipts are these: no `Delivered` item is queued for them.
+    pub delivered: Vec<u32>,
 }
 
 /// A batch of queued items, node to client, on the delivery stream.

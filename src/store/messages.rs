@@ -4,13 +4,13 @@
 //! the store's queue writer lock: a seq is drawn and committed under it, so every
 //! device queue grows strictly in seq order as readers see it. Reads take no lock.
 
-use std::sync::{Arc, MutexGuard};
+use std::sync::MutexGuard;
 
 use sled::transaction::Transactional;
 
 use super::keys::{self, DeviceKey};
 use super::records::{self, DeviceKeysRecord, QueueItem, StoredKey};
-use super::staging::{AppendPolicy, Ticket};
+use super::staging::{AppendPolicy, TicketWaiter};
 use super::{DeviceRef, QueueState, Store, StoreError, TxResult, abort};
 
 /// A queued item as read back.
@@ -116,7 +116,7 @@ impl Store {
     /// [`Store::append`] with a hand-off: the items of online devices are staged in
     /// memory (see [`super::staging`]). The ticket, when there is one, settles once
     /// every staged item of the send was acknowledged or written; the sender may be
-    /// answered then (after a group commit if [`Ticket::written`]).
+    /// answered then (after a group commit if [`super::Ticket::written`]).
     pub fn append_with(
         &self,
         sender: DeviceRef,
@@ -125,11 +125,11 @@ impl Store {
         envelopes: Vec<(DeviceRef, Vec<u8>)>,
         now_ms: u64,
         policy: AppendPolicy,
-    ) -> Result<(AppendOutcome, Option<Arc<Ticket>>), StoreError> {
+    ) -> Result<(AppendOutcome, Option<TicketWaiter>), StoreError> {
         let _gate = self.writing();
         let sent_key = keys::sent(sender.key(), &id);
         let mut q = self.queue_writer();
-        if let Some((at, ticket)) = Store::staged_send(&q, &sent_key) {
+        if let Some((at, ticket)) = self.staged_send(&q, &sent_key) {
             return Ok((
                 AppendOutcome::Duplicate { accepted_at_ms: at },
                 Some(ticket),
@@ -160,12 +160,11 @@ impl Store {
                 self.next_id()?,
                 records::encode_queued(now_ms, &item)?,
             );
-            let stage = Store::has_staged(&q, &row.0)
-                || policy
-                    .handoff
-                    .as_ref()
-                    .is_some_and(|h| h.online.contains(&device));
-            if stage {
+            let online = policy
+                .handoff
+                .as_ref()
+                .is_some_and(|h| h.online.contains(&device));
+            if self.stage_for(&mut q, row.0, online)? {
                 staged.push(row);
             } else {
                 direct.push(row);
@@ -293,9 +292,11 @@ impl Store {
         // in between leaves the item and its receipt: the item is delivered again and
         // the sender may see a second receipt, but a receipt is never lost. An item
         // still in memory leaves memory, and its receipt is staged in turn.
+        let mut newest = None;
         for &seq in seqs {
             if self.ack_staged(&mut q, device, device_number, seq, now_ms, &mut receipts)? {
                 removed += 1;
+                newest = newest.max(Some(seq));
                 continue;
             }
             let key = keys::queue(dk, seq);
@@ -336,9 +337,13 @@ impl Store {
             self.trees.queue.remove(&key[..])?;
             self.queue_totals.remove(value.len());
             removed += 1;
+            newest = newest.max(Some(seq));
         }
         if let Some(len) = q.lens.get_mut(&dk) {
             *len = len.saturating_sub(removed);
+        }
+        if let Some(seq) = newest {
+            Store::caught_up(&mut q, dk, seq);
         }
         Ok(receipts)
     }

@@ -18,7 +18,7 @@ mod staging;
 
 pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
 pub use messages::{AppendOutcome, Claimed, KeysRefusal, Queued, SweepStats};
-pub use staging::{AppendPolicy, HandOff, HandOffStats, Ticket, WriteBehind};
+pub use staging::{AppendPolicy, HandOff, HandOffStats, Ticket, TicketWaiter, WriteBehind};
 
 use std::collections::HashMap;
 use std::path::Path;

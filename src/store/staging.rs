@@ -46,15 +46,56 @@ pub struct Ticket {
     /// Whether any item of the send was written to sled.
     written: AtomicBool,
     settled: Notify,
+    /// The sender device and the message id, for receipts.
+    sender: DeviceRef,
+    id: [u8; 16],
+    carried: std::sync::Mutex<Carried>,
+}
+
+/// Receipts that ride on the sender's answer instead of being queued.
+#[derive(Debug, Default)]
+struct Carried {
+    /// Handlers waiting to answer the send.
+    waiters: u32,
+    /// Answered (or abandoned): later acknowledgements queue receipts.
+    closed: bool,
+    /// The recipient's number and the devices that acknowledged from memory.
+    number: Option<String>,
+    devices: Vec<u32>,
 }
 
 impl Ticket {
-    fn new(pending: usize, written: bool) -> Arc<Ticket> {
+    fn new(pending: usize, written: bool, sender: DeviceRef, id: [u8; 16]) -> Arc<Ticket> {
         Arc::new(Ticket {
             pending: AtomicUsize::new(pending),
             written: AtomicBool::new(written),
             settled: Notify::new(),
+            sender,
+            id,
+            carried: std::sync::Mutex::new(Carried {
+                waiters: 1,
+                ..Carried::default()
+            }),
         })
+    }
+
+    fn carried(&self) -> std::sync::MutexGuard<'_, Carried> {
+        // Plain data, left consistent by every holder: a poisoned lock is usable.
+        self.carried.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the receipt of `device_id`'s acknowledgement onto the answer, if a
+    /// handler is still waiting to give one. Called before the item settles.
+    fn carry(&self, device_id: u32, number: &str) -> bool {
+        let mut carried = self.carried();
+        if carried.waiters == 0 || carried.closed {
+            return false;
+        }
+        carried.devices.push(device_id);
+        if carried.number.is_none() {
+            carried.number = Some(number.to_string());
+        }
+        true
     }
 
     /// Returns once every staged item of the send was acknowledged or written.
@@ -82,6 +123,98 @@ impl Ticket {
         }
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.settled.notify_waiters();
+        }
+    }
+}
+
+/// A handler's place in a staged send's [`Ticket`]: it waits for the send to settle,
+/// then answers it with [`TicketWaiter::answer`], which hands over the receipts of the
+/// devices that acknowledged meanwhile. Dropped without answering (the request was
+/// cancelled), the last waiter queues those receipts instead, so none is lost.
+pub struct TicketWaiter {
+    ticket: Arc<Ticket>,
+    store: Store,
+    done: bool,
+}
+
+impl std::fmt::Debug for TicketWaiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketWaiter")
+            .field("ticket", &self.ticket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for TicketWaiter {
+    type Target = Ticket;
+
+    fn deref(&self) -> &Ticket {
+        &self.ticket
+    }
+}
+
+impl TicketWaiter {
+    fn join(ticket: Arc<Ticket>, store: &Store) -> TicketWaiter {
+        ticket.carried().waiters += 1;
+        TicketWaiter::first(ticket, store)
+    }
+
+    fn first(ticket: Arc<Ticket>, store: &Store) -> TicketWaiter {
+        TicketWaiter {
+            ticket,
+            store: store.clone(),
+            done: false,
+        }
+    }
+
+    /// Closes the send for carried receipts and returns the recipient devices that
+    /// acknowledged it from memory: their receipts go with this answer, and none is
+    /// queued for them.
+    pub fn answer(mut self) -> Vec<u32> {
+        self.done = true;
+        let mut carried = self.ticket.carried();
+        carried.waiters = carried.waiters.saturating_sub(1);
+        carried.closed = true;
+        carried.devices.clone()
+    }
+
+    /// Leaves without answering. If nobody else will answer, the carried receipts
+    /// are queued for the sender, which is returned so its delivery stream can be
+    /// woken.
+    pub fn leave(mut self) -> Option<DeviceRef> {
+        self.done = true;
+        self.leave_inner()
+    }
+
+    fn leave_inner(&self) -> Option<DeviceRef> {
+        let (number, devices) = {
+            let mut carried = self.ticket.carried();
+            carried.waiters = carried.waiters.saturating_sub(1);
+            if carried.waiters > 0 || carried.closed {
+                return None;
+            }
+            carried.closed = true;
+            (carried.number.take(), std::mem::take(&mut carried.devices))
+        };
+        let number = number?;
+        let sender = self.ticket.sender;
+        match self
+            .store
+            .stage_receipts(sender, &number, self.ticket.id, &devices)
+        {
+            Ok(()) => Some(sender),
+            Err(e) => {
+                tracing::error!(error = %e, "queueing carried receipts failed");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for TicketWaiter {
+    fn drop(&mut self) {
+        if !self.done {
+            self.leave_inner();
         }
     }
 }
@@ -163,6 +296,11 @@ pub(super) struct Staging {
     /// Per device, the highest seq ever written to sled (`None`: nothing), loaded on
     /// first use. Only grows, so it may name an item since removed.
     written_max: HashMap<DeviceKey, Option<u64>>,
+    /// Devices that let an item's window run out, with the newest such seq: online
+    /// but not keeping up (stalled, or reading a backlog). Their appends are written
+    /// at once, so that a sender waits for a group commit, not a window, until the
+    /// device acknowledges that seq.
+    slow: HashMap<DeviceKey, u64>,
 }
 
 impl Staging {
@@ -291,8 +429,13 @@ impl Store {
         Ok(())
     }
 
-    /// Writes what is left of the oldest unit. Caller holds the writer lock.
-    fn write_oldest_unit(&self, q: &mut QueueState) -> Result<Option<usize>, StoreError> {
+    /// Writes what is left of the oldest unit; `expired` when its window ran out
+    /// (its unacknowledged devices are then slow). Caller holds the writer lock.
+    fn write_oldest_unit(
+        &self,
+        q: &mut QueueState,
+        expired: bool,
+    ) -> Result<Option<usize>, StoreError> {
         let Some(unit) = q.staged.units.pop_front() else {
             return Ok(None);
         };
@@ -301,6 +444,10 @@ impl Store {
             if let Some(staged) = q.staged.take(&dk, seq) {
                 self.write_staged_item(q, dk, seq, staged)?;
                 items += 1;
+                if expired {
+                    let slow = q.staged.slow.entry(dk).or_default();
+                    *slow = (*slow).max(seq);
+                }
             }
         }
         // After its items: a sent-id on disk means the items are there (or were
@@ -328,8 +475,8 @@ impl Store {
         sent: SentKey,
         accepted_at_ms: u64,
         written: bool,
-    ) -> Arc<Ticket> {
-        let ticket = Ticket::new(rows.len(), written);
+    ) -> TicketWaiter {
+        let ticket = Ticket::new(rows.len(), written, from.0, from.1);
         let mut items = Vec::with_capacity(rows.len());
         for (dk, seq, value) in rows {
             self.queue_totals.add(value.len());
@@ -354,7 +501,7 @@ impl Store {
             items,
             sent: Some(sent),
         });
-        ticket
+        TicketWaiter::first(ticket, self)
     }
 
     /// Writes the oldest staged sends until at most `max_bytes` stay in memory.
@@ -364,24 +511,46 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(), StoreError> {
         while q.staged.bytes > max_bytes {
-            if self.write_oldest_unit(q)?.is_none() {
+            if self.write_oldest_unit(q, false)?.is_none() {
                 break;
             }
         }
         Ok(())
     }
 
-    /// Whether `dk` has staged items (then appends for it are staged too).
-    pub(super) fn has_staged(q: &QueueState, dk: &DeviceKey) -> bool {
-        q.staged.has(dk)
+    /// Whether an append for `dk` is staged: when it has staged items already (so
+    /// they stay the newest) or it is online, unless it is slow. A slow device's
+    /// staged items are written first, so that the append can follow them to sled.
+    pub(super) fn stage_for(
+        &self,
+        q: &mut QueueState,
+        dk: DeviceKey,
+        online: bool,
+    ) -> Result<bool, StoreError> {
+        if q.staged.slow.contains_key(&dk) {
+            self.write_device_staged(q, dk)?;
+            return Ok(false);
+        }
+        Ok(online || q.staged.has(&dk))
     }
 
-    /// A staged send with this sent-id, if there is one.
-    pub(super) fn staged_send(q: &QueueState, sent: &SentKey) -> Option<(u64, Arc<Ticket>)> {
+    /// `dk` acknowledged up to `seq`: past the item that made it slow, it is not.
+    pub(super) fn caught_up(q: &mut QueueState, dk: DeviceKey, seq: u64) {
+        if q.staged.slow.get(&dk).is_some_and(|&slow| seq >= slow) {
+            q.staged.slow.remove(&dk);
+        }
+    }
+
+    /// A staged send with this sent-id, if there is one, with a place to wait on it.
+    pub(super) fn staged_send(
+        &self,
+        q: &QueueState,
+        sent: &SentKey,
+    ) -> Option<(u64, TicketWaiter)> {
         q.staged
             .sent
             .get(sent)
-            .map(|(at, ticket)| (*at, ticket.clone()))
+            .map(|(at, ticket)| (*at, TicketWaiter::join(ticket.clone(), self)))
     }
 
     /// Acknowledges the item `seq` of `device` from memory if it is staged: takes it
@@ -401,13 +570,21 @@ impl Store {
             return Ok(false);
         };
         self.queue_totals.remove(staged.value.len());
+        // The receipt rides on the sender's answer if a handler still waits to give
+        // one (decided before the item settles and wakes it).
+        let carried = staged
+            .ticket
+            .as_ref()
+            .is_some_and(|t| t.carry(device.device_id, device_number));
         if let Some(ticket) = &staged.ticket {
             ticket.resolve(false);
         }
         self.handoff_stats
             .acknowledged
             .fetch_add(1, Ordering::Relaxed);
-        if let Some((sender, id)) = staged.from {
+        if let Some((sender, id)) = staged.from
+            && !carried
+        {
             let receipt = QueueItem::Delivered {
                 to_number: device_number.to_string(),
                 device_id: device.device_id,
@@ -451,15 +628,47 @@ impl Store {
         }
         let mut receipts = Vec::new();
         let mut removed = 0;
+        let mut newest = None;
         for &seq in seqs {
             if self.ack_staged(&mut q, device, device_number, seq, now_ms, &mut receipts)? {
                 removed += 1;
+                newest = newest.max(Some(seq));
             }
         }
         if let Some(len) = q.lens.get_mut(&dk) {
             *len = len.saturating_sub(removed);
         }
+        if let Some(seq) = newest {
+            Store::caught_up(&mut q, dk, seq);
+        }
         Ok(Some(receipts))
+    }
+
+    /// Queues receipts for `sender`'s message `id` from `devices` of `number`: those
+    /// a waiter carried and then could not hand over.
+    pub(super) fn stage_receipts(
+        &self,
+        sender: DeviceRef,
+        number: &str,
+        id: [u8; 16],
+        devices: &[u32],
+    ) -> Result<(), StoreError> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut q = self.queue_writer();
+        self.len_of(&mut q, sender.key());
+        for &device_id in devices {
+            let receipt = QueueItem::Delivered {
+                to_number: number.to_string(),
+                device_id,
+                id,
+            };
+            let seq = self.next_id()?;
+            let value = records::encode_queued(now_ms, &receipt)?;
+            self.stage_receipt(&mut q, sender.key(), seq, value);
+        }
+        Ok(())
     }
 
     /// Stages a receipt for `to` (its queue length already counted).
@@ -508,6 +717,7 @@ impl Store {
         }
         q.staged.sent.retain(|key, _| !key.starts_with(&dk));
         q.staged.written_max.remove(&dk);
+        q.staged.slow.remove(&dk);
         dropped
     }
 
@@ -573,7 +783,7 @@ impl Store {
                 if !due {
                     return Ok(done);
                 }
-                if let Some(items) = self.write_oldest_unit(&mut q)? {
+                if let Some(items) = self.write_oldest_unit(&mut q, cutoff.is_some())? {
                     done.units += 1;
                     done.items += items;
                 }
@@ -620,7 +830,7 @@ mod tests {
         to: DeviceRef,
         id: u8,
         policy: AppendPolicy,
-    ) -> (AppendOutcome, Option<Arc<Ticket>>) {
+    ) -> (AppendOutcome, Option<TicketWaiter>) {
         store
             .append_with(from, ALICE, [id; 16], vec![(to, vec![id])], 1, policy)
             .expect("append")
@@ -678,33 +888,72 @@ mod tests {
         assert_eq!(store.queue_page(bob, None, 10).expect("page"), page);
         assert!(!settled(&ticket));
 
+        // The sender's handler still waits: the receipt rides on its answer.
         let receipts = store.ack(bob, BOB, &[page[0].seq], 2).expect("ack");
-        assert_eq!(receipts, [alice]);
+        assert!(receipts.is_empty(), "no receipt queued: {receipts:?}");
         assert!(settled(&ticket));
         assert!(!ticket.written(), "acknowledged, not written");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
         runtime.block_on(ticket.settled());
-
-        let (receipt, _) = store
-            .staged_page(alice, None, 10, usize::MAX)
-            .expect("the receipt is in memory too");
-        assert_eq!(ids(&receipt), [101]);
-        store.ack(alice, ALICE, &[receipt[0].seq], 3).expect("ack");
+        assert_eq!(ticket.answer(), [bob.device_id]);
+        assert!(
+            store
+                .staged_page(alice, None, 10, usize::MAX)
+                .is_some_and(|(p, _)| p.is_empty())
+        );
 
         assert_eq!(
             store.write_staged(None).expect("write"),
-            WriteBehind { units: 2, items: 0 }
+            WriteBehind { units: 1, items: 0 }
         );
         assert_eq!(store.trees.queue.len(), 0, "nothing was written");
         assert_eq!(store.trees.sent_message.len(), 0, "no sent-id either");
         assert_eq!(store.queue_totals(), (0, 0));
         assert_eq!(store.queue_len(bob).expect("len"), 0);
         let stats = store.handoff_stats();
-        assert_eq!(stats.staged.load(Ordering::Relaxed), 2);
-        assert_eq!(stats.acknowledged.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.staged.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.acknowledged.load(Ordering::Relaxed), 1);
         assert_eq!(stats.written.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_receipt_nobody_can_carry_is_queued_and_acknowledged_from_memory() {
+        let (_dir, store, alice, bob) = alice_and_bob();
+        store.queue_len(alice).expect("len");
+        // Nobody waits (the handler is gone before the ack): the receipt is queued.
+        let (_, gone) = send(&store, alice, bob, 1, online(&[bob], usize::MAX));
+        drop(gone);
+        // A handler that leaves after the ack, without answering: queued as well.
+        let (_, leaving) = send(&store, alice, bob, 2, online(&[bob], usize::MAX));
+        let page = store.queue_page(bob, None, 10).expect("page");
+        assert_eq!(ids(&page), [1, 2]);
+        let seqs: Vec<u64> = page.iter().map(|q| q.seq).collect();
+        let receipts = store
+            .ack_from_memory(bob, BOB, &seqs, 2)
+            .expect("ack")
+            .expect("all in memory");
+        assert_eq!(receipts, [alice], "the first receipt, queued at once");
+        assert_eq!(leaving.expect("waiter").leave(), Some(alice));
+
+        let (receipts, _) = store
+            .staged_page(alice, None, 10, usize::MAX)
+            .expect("receipts in memory");
+        assert_eq!(ids(&receipts), [101, 102]);
+        let seqs: Vec<u64> = receipts.iter().map(|q| q.seq).collect();
+        assert_eq!(
+            store.ack_from_memory(alice, ALICE, &seqs, 3).expect("ack"),
+            Some(Vec::new())
+        );
+        assert_eq!(
+            store.ack_from_memory(alice, ALICE, &seqs, 3).expect("ack"),
+            None,
+            "gone from memory: the store thread must look in sled"
+        );
+        store.write_staged(None).expect("write");
+        assert_eq!(store.trees.queue.len(), 0);
+        assert_eq!(store.queue_totals(), (0, 0));
     }
 
     #[test]
@@ -719,7 +968,7 @@ mod tests {
         let t2 = send(&store, alice, bob, 2, online(&[bob], usize::MAX)).1;
         let t3 = send(&store, alice, bob, 3, online(&[bob], usize::MAX)).1;
         let t4 = send(&store, alice, bob, 4, 1000.into()).1;
-        let tickets: Vec<Arc<Ticket>> = [t2, t3, t4].into_iter().flatten().collect();
+        let tickets: Vec<TicketWaiter> = [t2, t3, t4].into_iter().flatten().collect();
         assert_eq!(tickets.len(), 3);
         assert_eq!(sled_seqs(&store, bob).len(), 2);
         assert_eq!(staged_seqs(&store, bob).len(), 3);
@@ -770,7 +1019,7 @@ mod tests {
         let (outcome, again) = send(&store, alice, bob, 7, online(&[bob], usize::MAX));
         assert_eq!(outcome, AppendOutcome::Duplicate { accepted_at_ms: 1 });
         let (first, again) = (first.expect("ticket"), again.expect("ticket"));
-        assert!(Arc::ptr_eq(&first, &again));
+        assert!(Arc::ptr_eq(&first.ticket, &again.ticket));
         assert_eq!(store.queue_len(bob).expect("len"), 1);
 
         store.write_staged(None).expect("write");
@@ -800,9 +1049,44 @@ mod tests {
     }
 
     #[test]
+    fn a_device_that_lets_a_window_run_out_is_written_to_until_it_catches_up() {
+        let (_dir, store, alice, bob) = alice_and_bob();
+        let first = send(&store, alice, bob, 1, online(&[bob], usize::MAX)).1;
+        let second = send(&store, alice, bob, 2, online(&[bob], usize::MAX)).1;
+        assert!(first.is_some() && second.is_some());
+        // The write-behind finds both unacknowledged when their window ran out.
+        let later = Instant::now();
+        store.write_staged(Some(later)).expect("write");
+        // Bob is slow now: a send to him is written at once, although he is online.
+        let third = send(&store, alice, bob, 3, online(&[bob], usize::MAX)).1;
+        assert!(third.is_none(), "written, no window to wait for");
+        assert!(staged_seqs(&store, bob).is_empty());
+        // He acknowledges the first only: still behind.
+        let page = store.queue_page(bob, None, 10).expect("page");
+        assert_eq!(ids(&page), [1, 2, 3]);
+        store.ack(bob, BOB, &[page[0].seq], 2).expect("ack");
+        assert!(
+            send(&store, alice, bob, 4, online(&[bob], usize::MAX))
+                .1
+                .is_none()
+        );
+        // Past the item that made him slow: staged again.
+        store.ack(bob, BOB, &[page[1].seq], 2).expect("ack");
+        assert!(
+            send(&store, alice, bob, 5, online(&[bob], usize::MAX))
+                .1
+                .is_some()
+        );
+        assert_eq!(
+            ids(&store.queue_page(bob, None, 10).expect("page")),
+            [3, 4, 5]
+        );
+    }
+
+    #[test]
     fn beyond_the_byte_limit_the_oldest_sends_are_written() {
         let (_dir, store, alice, bob) = alice_and_bob();
-        let tickets: Vec<Arc<Ticket>> = (0..3)
+        let tickets: Vec<TicketWaiter> = (0..3)
             .filter_map(|id| send(&store, alice, bob, id, online(&[bob], 1)).1)
             .collect();
         assert_eq!(tickets.len(), 3);
@@ -843,8 +1127,10 @@ mod tests {
         Send { from: usize, online: bool },
         /// Device `who` acknowledges the item at `index` (modulo its queue) of its queue.
         Ack { who: usize, index: usize },
-        /// The write-behind, with everything due.
+        /// The write-behind at shutdown or for a backup: everything.
         WriteAll,
+        /// The write-behind with every window run out (devices become slow).
+        Expire,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -852,6 +1138,7 @@ mod tests {
             4 => (0..2usize, any::<bool>()).prop_map(|(from, online)| Op::Send { from, online }),
             3 => (0..2usize, 0..8usize).prop_map(|(who, index)| Op::Ack { who, index }),
             1 => Just(Op::WriteAll),
+            1 => Just(Op::Expire),
         ]
     }
 
@@ -899,6 +1186,9 @@ mod tests {
                     }
                     Op::WriteAll => {
                         store.write_staged(None).expect("write");
+                    }
+                    Op::Expire => {
+                        store.write_staged(Some(Instant::now())).expect("write");
                     }
                 }
                 for (d, device) in devices.iter().enumerate() {
