@@ -14,8 +14,8 @@ use crate::proto::{
 };
 use crate::store::records::{LockRecord, StoredKey};
 use crate::store::{
-    AppendOutcome, AppendPolicy, DeviceIdentity, DeviceRef, HandOff, Judgement, KeysRefusal,
-    NewDevice, Store, StoreError, TicketWaiter, VerifyOutcome,
+    AppendOutcome, AppendPolicy, DeviceIdentity, DeviceRef, HandOff, InMemory, Judgement,
+    KeysRefusal, NewDevice, Store, StoreError, TicketWaiter, VerifyOutcome,
 };
 use crate::verify::{self, Delivery, Refusal, gateway, provider};
 
@@ -806,10 +806,21 @@ async fn send(
             max_bytes: usize::try_from(limits.handoff_max_bytes).unwrap_or(usize::MAX),
         }),
     };
-    let (outcome, waiter) = blocking(shared, move |store| {
-        store.append_with(sender, &sender_number, id, envelopes, now, policy)
-    })
-    .await?;
+    // To online devices that keep up, the send is staged right here; anything that
+    // needs a write goes through the store thread.
+    let (outcome, waiter) = match shared
+        .store
+        .append_in_memory(sender, &sender_number, id, envelopes, now, &policy)
+        .map_err(internal)?
+    {
+        InMemory::Done(outcome, waiter) => (outcome, waiter),
+        InMemory::NeedsStore(envelopes) => {
+            blocking(shared, move |store| {
+                store.append_with(sender, &sender_number, id, envelopes, now, policy)
+            })
+            .await?
+        }
+    };
     let mut waiting = Waiting { shared, waiter };
     let (accepted_at_ms, duplicate) = match outcome {
         AppendOutcome::Queued { accepted_at_ms } => {

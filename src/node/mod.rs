@@ -237,8 +237,11 @@ impl Node {
         tracker.spawn(sweeper(self.shared.clone(), stop.clone()));
         // Outside the tracker: requests still finishing at shutdown wait on it.
         let write_behind_stop = CancellationToken::new();
-        let write_behind =
-            tokio::spawn(write_behind(self.shared.clone(), write_behind_stop.clone()));
+        let write_behind = tokio::spawn(write_behind(
+            self.shared.clone(),
+            stop.clone(),
+            write_behind_stop.clone(),
+        ));
         tracker.spawn(filter_refresher(self.shared.clone(), stop.clone()));
         if let Some(listener) = self.admin {
             tracker.spawn(admin::serve(
@@ -340,8 +343,10 @@ async fn filter_refresher(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// Writes the messages held in memory for the hand-off once they are older than
-/// `messages.handoff_ms` (within a quarter of it), until told to stop.
-async fn write_behind(shared: Arc<Shared>, stop: CancellationToken) {
+/// `messages.handoff_ms` (within a quarter of it). Once the node is `stopping`, no
+/// acknowledgement will come any more: it writes everything at once, and keeps doing
+/// so for sends that finish meanwhile, until `done`.
+async fn write_behind(shared: Arc<Shared>, stopping: CancellationToken, done: CancellationToken) {
     let window = shared.config.messages.handoff_window;
     if window.is_zero() {
         return;
@@ -349,22 +354,28 @@ async fn write_behind(shared: Arc<Shared>, stop: CancellationToken) {
     let mut ticks = tokio::time::interval((window / 4).max(std::time::Duration::from_millis(1)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let stopped = stopping.is_cancelled();
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = done.cancelled() => return,
+            () = stopping.cancelled(), if !stopped => {}
             _ = ticks.tick() => {}
         }
-        let now = std::time::Instant::now();
-        let Some(cutoff) = now.checked_sub(window) else {
-            continue;
+        let cutoff = if stopping.is_cancelled() {
+            None
+        } else {
+            match std::time::Instant::now().checked_sub(window) {
+                Some(cutoff) => Some(cutoff),
+                None => continue,
+            }
         };
-        if shared.store.oldest_staged().is_none_or(|at| at > cutoff) {
+        let due = shared
+            .store
+            .oldest_staged()
+            .is_some_and(|at| cutoff.is_none_or(|cutoff| at <= cutoff));
+        if !due {
             continue;
         }
-        match shared
-            .worker
-            .run(move |s| s.write_staged(Some(cutoff)))
-            .await
-        {
+        match shared.worker.run(move |s| s.write_staged(cutoff)).await {
             Ok(done) => tracing::trace!(units = done.units, items = done.items, "write-behind"),
             Err(e) => tracing::error!(error = %e, "write-behind failed"),
         }

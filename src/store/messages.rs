@@ -37,6 +37,17 @@ pub enum AppendOutcome {
     },
 }
 
+/// What [`Store::append_in_memory`] did.
+#[derive(Debug)]
+// Returned once per send and matched at once: boxing would allocate per send.
+#[allow(clippy::large_enum_variant)]
+pub enum InMemory {
+    /// Staged, or found a duplicate.
+    Done(AppendOutcome, Option<TicketWaiter>),
+    /// It needs the store thread ([`Store::append_with`]); nothing was done.
+    NeedsStore(Vec<(DeviceRef, Vec<u8>)>),
+}
+
 /// Why a key upload was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeysRefusal {
@@ -111,6 +122,67 @@ impl Store {
             max_queued.into(),
         )
         .map(|(outcome, _)| outcome)
+    }
+
+    /// [`Store::append_with`] when it needs no write: every recipient device online,
+    /// keeping up and with its queue length loaded, within the staging limit. Then
+    /// it stages the send (or finds it a duplicate) touching sled only to read the
+    /// sent-id, so an async task may call it, and the store thread is spared a trip.
+    /// Otherwise it does nothing and hands the envelopes back.
+    pub fn append_in_memory(
+        &self,
+        sender: DeviceRef,
+        sender_number: &str,
+        id: [u8; 16],
+        envelopes: Vec<(DeviceRef, Vec<u8>)>,
+        now_ms: u64,
+        policy: &AppendPolicy,
+    ) -> Result<InMemory, StoreError> {
+        let Some(handoff) = &policy.handoff else {
+            return Ok(InMemory::NeedsStore(envelopes));
+        };
+        let sent_key = keys::sent(sender.key(), &id);
+        let mut q = self.queue_writer();
+        let fits = envelopes.iter().all(|(device, _)| {
+            let dk = device.key();
+            handoff.online.contains(device)
+                && !q.staged.is_slow(&dk)
+                && q.lens.get(&dk).is_some_and(|&len| len < policy.max_queued)
+        }) && q.staged.bytes_held()
+            + envelopes.iter().map(|(_, b)| b.len() + 64).sum::<usize>()
+            <= handoff.max_bytes;
+        if !fits {
+            return Ok(InMemory::NeedsStore(envelopes));
+        }
+        if let Some((at, ticket)) = self.staged_send(&q, &sent_key) {
+            let outcome = AppendOutcome::Duplicate { accepted_at_ms: at };
+            return Ok(InMemory::Done(outcome, Some(ticket)));
+        }
+        if let Some(at) = self.trees.sent_message.get(sent_key)? {
+            let accepted_at_ms = records::queued_at(&at).unwrap_or(0);
+            let outcome = AppendOutcome::Duplicate { accepted_at_ms };
+            return Ok(InMemory::Done(outcome, None));
+        }
+        let mut rows = Vec::with_capacity(envelopes.len());
+        for (device, body) in envelopes {
+            let item = QueueItem::Message {
+                from_account: sender.account_id,
+                from_device: sender.device_id,
+                from_number: sender_number.to_string(),
+                id,
+                body,
+            };
+            rows.push((
+                device.key(),
+                self.next_id()?,
+                records::encode_queued(now_ms, &item)?,
+            ));
+        }
+        let ticket = self.stage_send(&mut q, rows, (sender, id), sent_key, now_ms, false);
+        let outcome = AppendOutcome::Queued {
+            accepted_at_ms: now_ms,
+        };
+        Ok(InMemory::Done(outcome, Some(ticket)))
     }
 
     /// [`Store::append`] with a hand-off: the items of online devices are staged in

@@ -17,7 +17,7 @@ pub mod records;
 mod staging;
 
 pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
-pub use messages::{AppendOutcome, Claimed, KeysRefusal, Queued, SweepStats};
+pub use messages::{AppendOutcome, Claimed, InMemory, KeysRefusal, Queued, SweepStats};
 pub use staging::{AppendPolicy, HandOff, HandOffStats, Ticket, TicketWaiter, WriteBehind};
 
 use std::collections::HashMap;

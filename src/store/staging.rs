@@ -304,6 +304,14 @@ pub(super) struct Staging {
 }
 
 impl Staging {
+    pub(super) fn is_slow(&self, dk: &DeviceKey) -> bool {
+        self.slow.contains_key(dk)
+    }
+
+    pub(super) fn bytes_held(&self) -> usize {
+        self.bytes
+    }
+
     fn has(&self, dk: &DeviceKey) -> bool {
         self.devices.get(dk).is_some_and(|m| !m.is_empty())
     }
@@ -1084,6 +1092,63 @@ mod tests {
     }
 
     #[test]
+    fn an_append_runs_in_memory_only_when_it_needs_no_write() {
+        use crate::store::InMemory;
+        let (_dir, store, alice, bob) = alice_and_bob();
+        let try_send = |id: u8, policy: &AppendPolicy| {
+            store
+                .append_in_memory(alice, ALICE, [id; 16], vec![(bob, vec![id])], 1, policy)
+                .expect("append in memory")
+        };
+        // Bob's queue length is not loaded yet (he never subscribed): the store thread.
+        assert!(matches!(
+            try_send(1, &online(&[bob], usize::MAX)),
+            InMemory::NeedsStore(e) if e == [(bob, vec![1])]
+        ));
+        store.queue_len(bob).expect("len");
+        // Offline, or beyond the byte limit: the store thread.
+        assert!(matches!(try_send(1, &1000.into()), InMemory::NeedsStore(_)));
+        assert!(matches!(
+            try_send(1, &online(&[bob], 16)),
+            InMemory::NeedsStore(_)
+        ));
+        // Online and keeping up: staged right here, and a resend finds it.
+        let InMemory::Done(outcome, Some(ticket)) = try_send(1, &online(&[bob], usize::MAX)) else {
+            panic!("staged in memory");
+        };
+        assert_eq!(outcome, AppendOutcome::Queued { accepted_at_ms: 1 });
+        assert_eq!(staged_seqs(&store, bob).len(), 1);
+        let InMemory::Done(again, Some(same)) = try_send(1, &online(&[bob], usize::MAX)) else {
+            panic!("a duplicate of the staged send");
+        };
+        assert_eq!(again, AppendOutcome::Duplicate { accepted_at_ms: 1 });
+        assert!(Arc::ptr_eq(&ticket.ticket, &same.ticket));
+        // Its window runs out: written, and Bob is slow, so the next needs the thread.
+        store.write_staged(Some(Instant::now())).expect("write");
+        assert!(matches!(
+            try_send(2, &online(&[bob], usize::MAX)),
+            InMemory::NeedsStore(_)
+        ));
+        // A resend of the written one is a duplicate found in sled, without a ticket.
+        store
+            .ack(bob, BOB, &staged_or_sled(&store, bob), 2)
+            .expect("ack");
+        let InMemory::Done(outcome, None) = try_send(1, &online(&[bob], usize::MAX)) else {
+            panic!("a duplicate from sled");
+        };
+        assert_eq!(outcome, AppendOutcome::Duplicate { accepted_at_ms: 1 });
+    }
+
+    fn staged_or_sled(store: &Store, device: DeviceRef) -> Vec<u64> {
+        store
+            .queue_page(device, None, 100)
+            .expect("page")
+            .iter()
+            .map(|q| q.seq)
+            .collect()
+    }
+
+    #[test]
     fn beyond_the_byte_limit_the_oldest_sends_are_written() {
         let (_dir, store, alice, bob) = alice_and_bob();
         let tickets: Vec<TicketWaiter> = (0..3)
@@ -1166,9 +1231,19 @@ mod tests {
                         } else {
                             1000.into()
                         };
-                        store
-                            .append_with(devices[from], numbers[from], [id; 16], vec![(devices[to], vec![id])], 1, policy)
-                            .expect("append");
+                        // As the node does: in memory if it can, else the full append.
+                        let envelopes = vec![(devices[to], vec![id])];
+                        match store
+                            .append_in_memory(devices[from], numbers[from], [id; 16], envelopes, 1, &policy)
+                            .expect("append in memory")
+                        {
+                            crate::store::InMemory::Done(..) => {}
+                            crate::store::InMemory::NeedsStore(envelopes) => {
+                                store
+                                    .append_with(devices[from], numbers[from], [id; 16], envelopes, 1, policy)
+                                    .expect("append");
+                            }
+                        }
                         model[to].push(id);
                     }
                     Op::Ack { who, index } => {
