@@ -132,7 +132,7 @@ impl Metrics {
         );
         r.register(
             "handoff_items",
-            "Queue items held in memory for an online device (staged), and where they went: acknowledged from memory (never written) or written",
+            "Queue items held in memory for an online device (staged), and where they went: acknowledged from memory (never written) or written; bypassed: items for an online but slow device, written at once",
             m.handoff.clone(),
         );
         r.register(
@@ -253,6 +253,7 @@ impl Metrics {
             ("staged", &handoff.staged),
             ("acknowledged", &handoff.acknowledged),
             ("written", &handoff.written),
+            ("bypassed", &handoff.bypassed),
         ] {
             let counter = self.handoff.get_or_create(&OutcomeLabels { outcome });
             let total = total.load(std::sync::atomic::Ordering::Relaxed);

@@ -239,6 +239,11 @@ impl Store {
             if self.stage_for(&mut q, row.0, online)? {
                 staged.push(row);
             } else {
+                if online {
+                    self.handoff_stats
+                        .bypassed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 direct.push(row);
             }
         }
@@ -294,43 +299,38 @@ impl Store {
         max_bytes: usize,
     ) -> Result<(Vec<Queued>, bool), StoreError> {
         let dk = device.key();
-        // Under the writer lock, so that no item moves from staging to sled between
-        // the two reads. sled holds the older part of the queue, staging the newer.
-        let mut q = self.queue_writer();
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        let sled_above = match (self.written_max(&mut q, dk)?, after) {
-            (None, _) => false,
-            (Some(written), Some(after)) => written > after,
-            (Some(_), None) => true,
+        // sled holds the older part of the queue, staging the newer. Every item up to
+        // the highest seq written is in sled for good (nothing older is ever staged
+        // again), so that part is read without the writer lock: a long backlog read
+        // never holds up appends and acks.
+        let written = {
+            let mut q = self.queue_writer();
+            self.written_max(&mut q, dk)?
         };
-        if sled_above {
-            let start = match after {
-                Some(seq) => match seq.checked_add(1) {
-                    Some(next) => keys::queue(dk, next),
-                    None => return Ok((Vec::new(), false)),
-                },
-                None => keys::queue(dk, 0),
-            };
-            let end = keys::queue(dk, u64::MAX);
-            for entry in self.trees.queue.range(start..=end) {
-                if out.len() == max {
-                    return Ok((out, true));
-                }
-                let (key, value) = entry?;
-                bytes = bytes.saturating_add(value.len());
-                if bytes > max_bytes && !out.is_empty() {
-                    return Ok((out, true));
-                }
-                let (_, seq) = keys::parse_queue(&key)
-                    .ok_or_else(|| StoreError::Corrupt("queue key length".into()))?;
-                let (queued_at_ms, item) = records::decode_queued(&value)?;
-                out.push(Queued {
-                    seq,
-                    queued_at_ms,
-                    item,
-                });
-            }
+        if let Some(upto) = written
+            && self.sled_range(dk, after, upto, max, max_bytes, &mut out, &mut bytes)?
+        {
+            return Ok((out, true));
+        }
+        // Then, under the lock (no item moves meanwhile): what was written since, and
+        // the staged part.
+        let mut q = self.queue_writer();
+        let now_written = self.written_max(&mut q, dk)?;
+        if let Some(upto) = now_written
+            && now_written > written
+            && self.sled_range(
+                dk,
+                after.max(written),
+                upto,
+                max,
+                max_bytes,
+                &mut out,
+                &mut bytes,
+            )?
+        {
+            return Ok((out, true));
         }
         let after = out.last().map(|last| last.seq).or(after);
         let full = Store::staged_page_into(
@@ -342,6 +342,47 @@ impl Store {
             &mut out,
         )?;
         Ok((out, full))
+    }
+
+    /// Appends to `out` the items of `dk`'s queue in sled with a seq above `after` and
+    /// at most `upto`, until `out` holds `max` items or `bytes` would pass `max_bytes`
+    /// (true then: the page is full).
+    #[allow(clippy::too_many_arguments)]
+    fn sled_range(
+        &self,
+        dk: DeviceKey,
+        after: Option<u64>,
+        upto: u64,
+        max: usize,
+        max_bytes: usize,
+        out: &mut Vec<Queued>,
+        bytes: &mut usize,
+    ) -> Result<bool, StoreError> {
+        let start = match after {
+            Some(seq) if seq >= upto => return Ok(false),
+            Some(seq) => seq + 1,
+            None => 0,
+        };
+        let range = keys::queue(dk, start)..=keys::queue(dk, upto);
+        for entry in self.trees.queue.range(range) {
+            if out.len() >= max {
+                return Ok(true);
+            }
+            let (key, value) = entry?;
+            if bytes.saturating_add(value.len()) > max_bytes && !out.is_empty() {
+                return Ok(true);
+            }
+            *bytes = bytes.saturating_add(value.len());
+            let (_, seq) = keys::parse_queue(&key)
+                .ok_or_else(|| StoreError::Corrupt("queue key length".into()))?;
+            let (queued_at_ms, item) = records::decode_queued(&value)?;
+            out.push(Queued {
+                seq,
+                queued_at_ms,
+                item,
+            });
+        }
+        Ok(false)
     }
 
     /// Removes the acknowledged items `seqs` from `device`'s queue (seqs it does not

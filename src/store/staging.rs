@@ -264,6 +264,8 @@ pub struct HandOffStats {
     pub acknowledged: AtomicU64,
     /// Staged items written to sled.
     pub written: AtomicU64,
+    /// Items for online devices written at once, not staged: the device was slow.
+    pub bypassed: AtomicU64,
 }
 
 #[derive(Debug)]
