@@ -218,6 +218,8 @@ async fn serve_stream(
 ) {
     let limits = &shared.config.limits;
     let max = limits.max_frame_bytes as usize;
+    // Receipts an `Accepted` carries: confirmed once the client has the reply.
+    let mut carried = None;
     let read = tokio::time::timeout(
         limits.request_timeout,
         frame::read::<Request, _>(&mut recv, max),
@@ -230,7 +232,7 @@ async fn serve_stream(
         }
         Ok(Ok(Some(request))) => {
             let kind = request.name();
-            let reply = handlers::handle(request, &shared, &session).await;
+            let reply = handlers::handle(request, &shared, &session, &mut carried).await;
             shared.metrics.request(kind, &reply);
             reply
         }
@@ -277,5 +279,8 @@ async fn serve_stream(
     let _ = send.finish();
     // Wait until the peer has the whole reply, so a graceful shutdown does not cut it
     // off; bounded, so a peer that never acknowledges cannot hold the task.
-    let _ = tokio::time::timeout(limits.request_timeout, send.stopped()).await;
+    let received = tokio::time::timeout(limits.request_timeout, send.stopped()).await;
+    if let (Ok(Ok(None)), Some(carried)) = (received, carried) {
+        carried.answered();
+    }
 }

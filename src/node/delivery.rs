@@ -261,10 +261,7 @@ async fn read_acks(
                 };
                 match applied {
                     Ok(receipts) => {
-                        shared
-                            .metrics
-                            .messages_delivered
-                            .inc_by(receipts.len() as u64);
+                        // (`messages_delivered_total` is counted by the store.)
                         for sender in receipts {
                             shared.mailboxes.wake(sender);
                         }

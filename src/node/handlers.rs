@@ -20,7 +20,14 @@ use crate::store::{
 use crate::verify::{self, Delivery, Refusal, gateway, provider};
 
 /// Answers one request.
-pub async fn handle(request: Request, shared: &Arc<Shared>, session: &Session) -> Reply {
+/// `carried`: set by a `Send` whose answer carries delivery receipts; the caller
+/// confirms it once the reply reached the client, or drops it to queue them instead.
+pub async fn handle(
+    request: Request,
+    shared: &Arc<Shared>,
+    session: &Session,
+    carried: &mut Option<Waiting>,
+) -> Reply {
     let result = match request {
         Request::RequestCode {
             number,
@@ -44,7 +51,7 @@ pub async fn handle(request: Request, shared: &Arc<Shared>, session: &Session) -
         Request::FetchBundles { number, claim } => {
             fetch_bundles(shared, session, &number, claim).await
         }
-        Request::Send(outgoing) => send(shared, session, outgoing).await,
+        Request::Send(outgoing) => send(shared, session, outgoing, carried).await,
         // The connection layer turns a Subscribe stream into a delivery stream before
         // it gets here; a Subscribe that arrives here is a bug, answered as one.
         Request::Subscribe => Err(NodeError::new(
@@ -751,6 +758,7 @@ async fn send(
     shared: &Arc<Shared>,
     session: &Session,
     outgoing: Outgoing,
+    carried: &mut Option<Waiting>,
 ) -> Result<Response, NodeError> {
     let me = authenticated(shared, session).await?;
     let to = outgoing.to.as_str();
@@ -821,7 +829,10 @@ async fn send(
             .await?
         }
     };
-    let mut waiting = Waiting { shared, waiter };
+    let waiting = Waiting {
+        shared: shared.clone(),
+        waiter,
+    };
     let (accepted_at_ms, duplicate) = match outcome {
         AppendOutcome::Queued { accepted_at_ms } => {
             // Online recipients get it now; the sender hears back once it is durable.
@@ -858,9 +869,12 @@ async fn send(
     }
     let delivered = waiting
         .waiter
-        .take()
-        .map(TicketWaiter::answer)
+        .as_ref()
+        .map(TicketWaiter::delivered)
         .unwrap_or_default();
+    if !delivered.is_empty() {
+        *carried = Some(waiting);
+    }
     Ok(Response::Accepted(Accepted {
         id,
         accepted_at_ms,
@@ -869,15 +883,25 @@ async fn send(
     }))
 }
 
-/// A send handler's wait on its staged send. Dropped before the answer (the request
-/// was cancelled or failed), it leaves the ticket: receipts it would have carried
-/// are queued for the sender, whose delivery stream is woken.
-struct Waiting<'a> {
-    shared: &'a Shared,
+/// A send handler's wait on its staged send, kept until its answer reached the
+/// sender ([`Waiting::answered`]). Dropped before that (the request was cancelled or
+/// failed, or the reply was lost), it leaves the ticket: the receipts the answer
+/// carried are queued for the sender instead, whose delivery stream is woken.
+pub struct Waiting {
+    shared: Arc<Shared>,
     waiter: Option<TicketWaiter>,
 }
 
-impl Drop for Waiting<'_> {
+impl Waiting {
+    /// The reply carrying the receipts reached the sender.
+    pub fn answered(mut self) {
+        if let Some(waiter) = self.waiter.take() {
+            waiter.answered();
+        }
+    }
+}
+
+impl Drop for Waiting {
     fn drop(&mut self) {
         if let Some(sender) = self.waiter.take().and_then(TicketWaiter::leave) {
             self.shared.mailboxes.wake(sender);

@@ -42,7 +42,7 @@ pub struct Metrics {
     pub connections_refused: Counter,
     pub requests: Family<RequestLabels, Counter>,
     pub messages_accepted: Counter,
-    pub messages_delivered: Counter,
+    messages_delivered: Counter,
     pub messages_expired: Counter,
     handoff: Family<OutcomeLabels, Counter>,
     queue_items: Gauge,
@@ -249,6 +249,9 @@ impl Metrics {
         self.queue_items.set(clamp(items));
         self.queue_bytes.set(clamp(bytes));
         let handoff = shared.store.handoff_stats();
+        let delivered = handoff.delivered.load(std::sync::atomic::Ordering::Relaxed);
+        self.messages_delivered
+            .inc_by(delivered.saturating_sub(self.messages_delivered.get()));
         for (outcome, total) in [
             ("staged", &handoff.staged),
             ("acknowledged", &handoff.acknowledged),

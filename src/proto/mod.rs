@@ -18,13 +18,13 @@ pub use messages::{
 /// Seqs one `Ack` frame may carry; a frame with more is a protocol error.
 pub const MAX_ACKS_PER_FRAME: usize = 4096;
 
-/// The protocol version. It is carried in the TLS ALPN (`switchboard/1`), so a client
+/// The protocol version. It is carried in the TLS ALPN (`switchboard/2`), so a client
 /// and a node that do not share a version fail the handshake instead of misreading
 /// each other's frames.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The ALPN protocol id of [`VERSION`].
-pub const ALPN: &[u8] = b"switchboard/1";
+pub const ALPN: &[u8] = b"switchboard/2";
 
 /// QUIC application error codes used when the node closes a stream or a connection.
 pub mod codes {

@@ -2,7 +2,8 @@
 //!
 //! Queue writes (appends, acknowledgements with their receipts, drops, the sweep) hold
 //! the store's queue writer lock: a seq is drawn and committed under it, so every
-//! device queue grows strictly in seq order as readers see it. Reads take no lock.
+//! device queue grows strictly in seq order as readers see it. Reading a page takes
+//! the lock only for the part that may still be in memory (see [`super::staging`]).
 
 use std::sync::MutexGuard;
 
@@ -141,6 +142,12 @@ impl Store {
         let Some(handoff) = &policy.handoff else {
             return Ok(InMemory::NeedsStore(envelopes));
         };
+        if !envelopes
+            .iter()
+            .all(|(device, _)| handoff.online.contains(device))
+        {
+            return Ok(InMemory::NeedsStore(envelopes));
+        }
         let sent_key = keys::sent(sender.key(), &id);
         let mut q = self.queue_writer();
         let fits = envelopes.iter().all(|(device, _)| {
@@ -236,7 +243,7 @@ impl Store {
                 .handoff
                 .as_ref()
                 .is_some_and(|h| h.online.contains(&device));
-            if self.stage_for(&mut q, row.0, online)? {
+            if self.stage_for(&mut q, row.0, online, policy.handoff.is_some())? {
                 staged.push(row);
             } else {
                 if online {
@@ -446,6 +453,9 @@ impl Store {
                     *len += 1;
                 }
                 receipts.push(sender);
+                self.handoff_stats
+                    .delivered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             self.trees.queue.remove(&key[..])?;
             self.queue_totals.remove(value.len());

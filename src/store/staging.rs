@@ -167,15 +167,19 @@ impl TicketWaiter {
         }
     }
 
-    /// Closes the send for carried receipts and returns the recipient devices that
-    /// acknowledged it from memory: their receipts go with this answer, and none is
-    /// queued for them.
-    pub fn answer(mut self) -> Vec<u32> {
+    /// The recipient devices that acknowledged the send from memory so far: their
+    /// receipts go with the answer. Once the send settled, no more are added.
+    pub fn delivered(&self) -> Vec<u32> {
+        self.ticket.carried().devices.clone()
+    }
+
+    /// The answer reached the sender: the carried receipts are delivered, and none
+    /// will be queued for them.
+    pub fn answered(mut self) {
         self.done = true;
         let mut carried = self.ticket.carried();
         carried.waiters = carried.waiters.saturating_sub(1);
         carried.closed = true;
-        carried.devices.clone()
     }
 
     /// Leaves without answering. If nobody else will answer, the carried receipts
@@ -266,6 +270,8 @@ pub struct HandOffStats {
     pub written: AtomicU64,
     /// Items for online devices written at once, not staged: the device was slow.
     pub bypassed: AtomicU64,
+    /// Messages (not receipts) acknowledged by their device, from memory or sled.
+    pub delivered: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -405,21 +411,32 @@ impl Store {
         Ok(())
     }
 
-    /// Writes a staged item and settles its share of its send's ticket.
+    /// Writes the staged item `seq` of `dk`, if it is still staged, and only then
+    /// takes it out of memory and settles its share of its ticket: a failed write
+    /// leaves it staged, to be written again. Returns whether it was staged.
     fn write_staged_item(
         &self,
         q: &mut QueueState,
         dk: DeviceKey,
         seq: u64,
-        staged: Staged,
-    ) -> Result<(), StoreError> {
-        let written = self.write_queue_item(q, dk, seq, &staged.value);
-        // Settled either way: on an error the waiter's group commit fails too.
-        if let Some(ticket) = &staged.ticket {
+    ) -> Result<bool, StoreError> {
+        let Some(value) = q
+            .staged
+            .devices
+            .get(&dk)
+            .and_then(|m| m.get(&seq))
+            .map(|s| s.value.clone())
+        else {
+            return Ok(false);
+        };
+        self.write_queue_item(q, dk, seq, &value)?;
+        if let Some(staged) = q.staged.take(&dk, seq)
+            && let Some(ticket) = &staged.ticket
+        {
             ticket.resolve(true);
         }
         self.handoff_stats.written.fetch_add(1, Ordering::Relaxed);
-        written
+        Ok(true)
     }
 
     /// Writes every staged item of `dk`, oldest first, so that a write straight to
@@ -429,31 +446,33 @@ impl Store {
         q: &mut QueueState,
         dk: DeviceKey,
     ) -> Result<(), StoreError> {
-        let Some(map) = q.staged.devices.remove(&dk) else {
-            return Ok(());
+        let seqs: Vec<u64> = match q.staged.devices.get(&dk) {
+            Some(map) => map.keys().copied().collect(),
+            None => return Ok(()),
         };
-        for (seq, staged) in map {
-            q.staged.bytes = q.staged.bytes.saturating_sub(staged.value.len());
-            self.write_staged_item(q, dk, seq, staged)?;
+        for seq in seqs {
+            self.write_staged_item(q, dk, seq)?;
         }
         Ok(())
     }
 
     /// Writes what is left of the oldest unit; `expired` when its window ran out
-    /// (its unacknowledged devices are then slow). Caller holds the writer lock.
+    /// (its unacknowledged devices are then slow). The unit leaves the queue of
+    /// units only once all of it is written: after an error it is tried again.
+    /// Caller holds the writer lock.
     fn write_oldest_unit(
         &self,
         q: &mut QueueState,
         expired: bool,
     ) -> Result<Option<usize>, StoreError> {
-        let Some(unit) = q.staged.units.pop_front() else {
+        let Some(unit) = q.staged.units.front() else {
             return Ok(None);
         };
-        let mut items = 0;
-        for (dk, seq) in unit.items {
-            if let Some(staged) = q.staged.take(&dk, seq) {
-                self.write_staged_item(q, dk, seq, staged)?;
-                items += 1;
+        let (items, sent) = (unit.items.clone(), unit.sent);
+        let mut written = 0;
+        for (dk, seq) in items {
+            if self.write_staged_item(q, dk, seq)? {
+                written += 1;
                 if expired {
                     let slow = q.staged.slow.entry(dk).or_default();
                     *slow = (*slow).max(seq);
@@ -464,15 +483,19 @@ impl Store {
         // acknowledged). A send that every device acknowledged from memory leaves
         // no record: the sender was answered, and a resend after a lost answer is
         // delivered again and dropped by id, like one after a crash.
-        if let Some(sent) = unit.sent
-            && let Some((at, ticket)) = q.staged.sent.remove(&sent)
+        if let Some(sent) = sent
+            && let Some((at, ticket)) = q.staged.sent.get(&sent)
             && ticket.written()
         {
             self.trees
                 .sent_message
                 .insert(&sent[..], &at.to_be_bytes()[..])?;
         }
-        Ok(Some(items))
+        if let Some(sent) = sent {
+            q.staged.sent.remove(&sent);
+        }
+        q.staged.units.pop_front();
+        Ok(Some(written))
     }
 
     /// Stages the items of a send. `rows` are (device, seq, value); the caller holds
@@ -529,15 +552,17 @@ impl Store {
     }
 
     /// Whether an append for `dk` is staged: when it has staged items already (so
-    /// they stay the newest) or it is online, unless it is slow. A slow device's
-    /// staged items are written first, so that the append can follow them to sled.
+    /// they stay the newest) or it is online, unless it is slow or the append has no
+    /// hand-off at all. Otherwise the device's staged items are written first, so
+    /// that the append can follow them to sled.
     pub(super) fn stage_for(
         &self,
         q: &mut QueueState,
         dk: DeviceKey,
         online: bool,
+        handoff: bool,
     ) -> Result<bool, StoreError> {
-        if q.staged.slow.contains_key(&dk) {
+        if !handoff || q.staged.slow.contains_key(&dk) {
             self.write_device_staged(q, dk)?;
             return Ok(false);
         }
@@ -576,10 +601,34 @@ impl Store {
         now_ms: u64,
         receipts: &mut Vec<DeviceRef>,
     ) -> Result<bool, StoreError> {
+        let Some(from) = q
+            .staged
+            .devices
+            .get(&device.key())
+            .and_then(|m| m.get(&seq))
+            .map(|s| s.from)
+        else {
+            return Ok(false);
+        };
+        // Everything that can fail comes before anything changes.
+        let receipt = match from {
+            Some((_, id)) => {
+                let receipt = QueueItem::Delivered {
+                    to_number: device_number.to_string(),
+                    device_id: device.device_id,
+                    id,
+                };
+                Some((self.next_id()?, records::encode_queued(now_ms, &receipt)?))
+            }
+            None => None,
+        };
         let Some(staged) = q.staged.take(&device.key(), seq) else {
             return Ok(false);
         };
         self.queue_totals.remove(staged.value.len());
+        if from.is_some() {
+            self.handoff_stats.delivered.fetch_add(1, Ordering::Relaxed);
+        }
         // The receipt rides on the sender's answer if a handler still waits to give
         // one (decided before the item settles and wakes it).
         let carried = staged
@@ -592,16 +641,9 @@ impl Store {
         self.handoff_stats
             .acknowledged
             .fetch_add(1, Ordering::Relaxed);
-        if let Some((sender, id)) = staged.from
+        if let (Some((sender, _)), Some((seq, value))) = (staged.from, receipt)
             && !carried
         {
-            let receipt = QueueItem::Delivered {
-                to_number: device_number.to_string(),
-                device_id: device.device_id,
-                id,
-            };
-            let seq = self.next_id()?;
-            let value = records::encode_queued(now_ms, &receipt)?;
             self.len_of(q, sender.key());
             self.stage_receipt(q, sender.key(), seq, value);
             receipts.push(sender);
@@ -711,8 +753,10 @@ impl Store {
     }
 
     /// Forgets the staged items of a device that is being removed, and the staged
-    /// sent-ids it sent. Their tickets settle (as acknowledged: the items are gone,
-    /// as a dropped queue's are). Returns how many items. Caller holds the lock.
+    /// sent-ids it sent. Their tickets settle as written: the removal is a write, so
+    /// their senders are answered only after a group commit covers it (a crash
+    /// before it would bring the device, and its queue, back). Returns how many
+    /// items. Caller holds the lock.
     pub(super) fn drop_staged(&self, q: &mut QueueState, dk: DeviceKey) -> u64 {
         let mut dropped = 0;
         if let Some(map) = q.staged.devices.remove(&dk) {
@@ -720,7 +764,7 @@ impl Store {
                 q.staged.bytes = q.staged.bytes.saturating_sub(staged.value.len());
                 self.queue_totals.remove(staged.value.len());
                 if let Some(ticket) = &staged.ticket {
-                    ticket.resolve(false);
+                    ticket.resolve(true);
                 }
                 dropped += 1;
             }
@@ -907,7 +951,8 @@ mod tests {
             .build()
             .expect("runtime");
         runtime.block_on(ticket.settled());
-        assert_eq!(ticket.answer(), [bob.device_id]);
+        assert_eq!(ticket.delivered(), [bob.device_id]);
+        ticket.answered();
         assert!(
             store
                 .staged_page(alice, None, 10, usize::MAX)
@@ -977,7 +1022,7 @@ mod tests {
         // Online: staged. Offline again but with items in memory: staged too.
         let t2 = send(&store, alice, bob, 2, online(&[bob], usize::MAX)).1;
         let t3 = send(&store, alice, bob, 3, online(&[bob], usize::MAX)).1;
-        let t4 = send(&store, alice, bob, 4, 1000.into()).1;
+        let t4 = send(&store, alice, bob, 4, online(&[], usize::MAX)).1;
         let tickets: Vec<TicketWaiter> = [t2, t3, t4].into_iter().flatten().collect();
         assert_eq!(tickets.len(), 3);
         assert_eq!(sled_seqs(&store, bob).len(), 2);
@@ -1151,6 +1196,23 @@ mod tests {
     }
 
     #[test]
+    fn an_append_without_a_hand_off_writes_the_staged_items_first() {
+        let (_dir, store, alice, bob) = alice_and_bob();
+        let staged = send(&store, alice, bob, 1, online(&[bob], usize::MAX)).1;
+        store
+            .append(alice, ALICE, [2; 16], vec![(bob, vec![2])], 1, 1000)
+            .expect("append");
+        assert!(staged.is_some_and(|t| settled(&t) && t.written()));
+        assert!(staged_seqs(&store, bob).is_empty());
+        let page = store.queue_page(bob, None, 10).expect("page");
+        assert_eq!(ids(&page), [1, 2]);
+        assert_eq!(
+            sled_seqs(&store, bob),
+            page.iter().map(|q| q.seq).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
     fn beyond_the_byte_limit_the_oldest_sends_are_written() {
         let (_dir, store, alice, bob) = alice_and_bob();
         let tickets: Vec<TicketWaiter> = (0..3)
@@ -1182,7 +1244,10 @@ mod tests {
         send(&store, alice, bob, 3, online(&[bob], usize::MAX));
         let dropped = store.drop_device(bob).expect("drop");
         assert_eq!(dropped, 2, "one written by the backup, one in memory");
-        assert!(ticket.is_some_and(|t| settled(&t)));
+        assert!(
+            ticket.is_some_and(|t| settled(&t) && t.written()),
+            "settled as a write: the sender waits for the commit that covers the drop"
+        );
         assert!(staged_seqs(&store, bob).is_empty());
         assert_eq!(store.queue_len(bob).expect("len"), 0);
         assert_eq!(store.queue_totals().0, 1, "Alice's message from Bob");
