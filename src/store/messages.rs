@@ -83,6 +83,23 @@ impl Store {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The queue writer lock for a caller on an async worker: spins briefly, and
+    /// gives up (`None`) rather than park while the store thread holds the lock
+    /// across a sled write, so that a stall of sled never stalls the async workers.
+    /// The caller then takes the store-thread path.
+    pub(super) fn queue_writer_now(&self) -> Option<MutexGuard<'_, QueueState>> {
+        for _ in 0..200 {
+            match self.queue_writer.try_lock() {
+                Ok(guard) => return Some(guard),
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                    return Some(poisoned.into_inner());
+                }
+                Err(std::sync::TryLockError::WouldBlock) => std::hint::spin_loop(),
+            }
+        }
+        None
+    }
+
     /// The length of `device`'s queue, counted on first use. Caller holds the lock.
     pub(super) fn len_of(&self, q: &mut QueueState, device: DeviceKey) -> u64 {
         *q.lens.entry(device).or_insert_with(|| {
@@ -149,7 +166,9 @@ impl Store {
             return Ok(InMemory::NeedsStore(envelopes));
         }
         let sent_key = keys::sent(sender.key(), &id);
-        let mut q = self.queue_writer();
+        let Some(mut q) = self.queue_writer_now() else {
+            return Ok(InMemory::NeedsStore(envelopes));
+        };
         let fits = envelopes.iter().all(|(device, _)| {
             let dk = device.key();
             handoff.online.contains(device)

@@ -663,7 +663,9 @@ impl Store {
         now_ms: u64,
     ) -> Result<Option<Vec<DeviceRef>>, StoreError> {
         let dk = device.key();
-        let mut q = self.queue_writer();
+        let Some(mut q) = self.queue_writer_now() else {
+            return Ok(None);
+        };
         let ready = seqs.iter().all(|seq| {
             q.staged
                 .devices
@@ -800,7 +802,7 @@ impl Store {
         max_bytes: usize,
     ) -> Option<(Vec<Queued>, bool)> {
         let dk = device.key();
-        let q = self.queue_writer();
+        let q = self.queue_writer_now()?;
         match (q.staged.written_max.get(&dk)?, after) {
             (None, _) => {}
             (Some(written), Some(after)) if after >= *written => {}
