@@ -1,8 +1,9 @@
 //! The delivery stream: a device's queue, pushed to it as it fills.
 //!
 //! After `Subscribe` the node answers `Subscribed`, then a pusher writes `Push` frames
-//! (pages of up to `delivery_batch` items read from sled after a cursor) while an acker
-//! reads the client's `Ack` frames and removes those items. The two run apart, so a
+//! (pages of up to `delivery_batch` items after a cursor, from memory for items the
+//! hand-off holds, else from sled) while an acker reads the client's `Ack` frames and
+//! removes those items. The two run apart, so a
 //! push blocked on QUIC flow control never stops acknowledgements (which would
 //! deadlock a client waiting to write its acks). Items leave the queue only when
 //! acknowledged; a device that reconnects gets everything unacknowledged again, so

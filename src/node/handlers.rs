@@ -835,7 +835,8 @@ async fn send(
     };
     let (accepted_at_ms, duplicate) = match outcome {
         AppendOutcome::Queued { accepted_at_ms } => {
-            // Online recipients get it now; the sender hears back once it is durable.
+            // Online recipients get it now; the sender hears back once it is durable
+            // or acknowledged by every recipient device.
             for device in &recipients {
                 shared.mailboxes.wake(*device);
             }

@@ -1,4 +1,5 @@
-//! The store thread: one OS thread that runs every store operation of the request path.
+//! The store thread: one OS thread that runs the store operations of the request path
+//! that write to sled (the hand-off's in-memory operations run on the async workers).
 //!
 //! Handlers must not block async workers on sled, and `spawn_blocking` per operation
 //! proved costly under load (a thread handoff per call, new threads spawned whenever

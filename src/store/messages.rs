@@ -3,7 +3,7 @@
 //! Queue writes (appends, acknowledgements with their receipts, drops, the sweep) hold
 //! the store's queue writer lock: a seq is drawn and committed under it, so every
 //! device queue grows strictly in seq order as readers see it. Reading a page takes
-//! the lock only for the part that may still be in memory (see [`super::staging`]).
+//! the lock only for the part that may still be in memory (see `staging`).
 
 use std::sync::MutexGuard;
 
@@ -212,7 +212,7 @@ impl Store {
     }
 
     /// [`Store::append`] with a hand-off: the items of online devices are staged in
-    /// memory (see [`super::staging`]). The ticket, when there is one, settles once
+    /// memory (see the `staging` module). The ticket, when there is one, settles once
     /// every staged item of the send was acknowledged or written; the sender may be
     /// answered then (after a group commit if [`super::Ticket::written`]).
     pub fn append_with(

@@ -128,9 +128,10 @@ impl Ticket {
 }
 
 /// A handler's place in a staged send's [`Ticket`]: it waits for the send to settle,
-/// then answers it with [`TicketWaiter::answer`], which hands over the receipts of the
-/// devices that acknowledged meanwhile. Dropped without answering (the request was
-/// cancelled), the last waiter queues those receipts instead, so none is lost.
+/// puts [`TicketWaiter::delivered`] (the devices that acknowledged meanwhile) in its
+/// answer, and calls [`TicketWaiter::answered`] once the answer reached the sender.
+/// Dropped before that (the request was cancelled, the reply lost), the last waiter
+/// queues those receipts instead, so none is lost.
 pub struct TicketWaiter {
     ticket: Arc<Ticket>,
     store: Store,
