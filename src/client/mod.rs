@@ -138,7 +138,12 @@ impl Client {
 
     /// Sends one request on its own stream and waits for its reply.
     pub async fn call(&self, request: &Request) -> Result<Response, ClientError> {
-        let (_, _, response) = self.exchange(request, true).await?;
+        let (_, mut recv, response) = self.exchange(request, true).await?;
+        // Read on to the end of the stream (the node finishes it right after the
+        // reply, usually in the same packet), so the node sees the reply received
+        // rather than stopped: receipts carried in an `Accepted` count as delivered
+        // only then. Bounded, and its outcome does not change the answer.
+        let _ = tokio::time::timeout(Duration::from_secs(1), recv.read_to_end(64)).await;
         Ok(response)
     }
 

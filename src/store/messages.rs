@@ -142,6 +142,44 @@ impl Store {
         .map(|(outcome, _)| outcome)
     }
 
+    /// The earlier acceptance of `sent_key`, staged or in sled, if there is one.
+    fn earlier_send(
+        &self,
+        q: &QueueState,
+        sent_key: &[u8; 28],
+    ) -> Result<Option<(AppendOutcome, Option<TicketWaiter>)>, StoreError> {
+        if let Some((at, ticket)) = self.staged_send(q, sent_key) {
+            let outcome = AppendOutcome::Duplicate { accepted_at_ms: at };
+            return Ok(Some((outcome, Some(ticket))));
+        }
+        Ok(self.trees.sent_message.get(sent_key)?.map(|at| {
+            let accepted_at_ms = records::queued_at(&at).unwrap_or(0);
+            (AppendOutcome::Duplicate { accepted_at_ms }, None)
+        }))
+    }
+
+    /// One queue row of a message: (device, seq, stored value).
+    fn message_row(
+        &self,
+        (sender, sender_number, id): (DeviceRef, &str, [u8; 16]),
+        device: DeviceRef,
+        body: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<(DeviceKey, u64, Vec<u8>), StoreError> {
+        let item = QueueItem::Message {
+            from_account: sender.account_id,
+            from_device: sender.device_id,
+            from_number: sender_number.to_string(),
+            id,
+            body,
+        };
+        Ok((
+            device.key(),
+            self.next_id()?,
+            records::encode_queued(now_ms, &item)?,
+        ))
+    }
+
     /// [`Store::append_with`] when it needs no write: every recipient device online,
     /// keeping up and with its queue length loaded, within the staging limit. Then
     /// it stages the send (or finds it a duplicate) touching sled only to read the
@@ -171,38 +209,19 @@ impl Store {
         };
         let fits = envelopes.iter().all(|(device, _)| {
             let dk = device.key();
-            handoff.online.contains(device)
-                && !q.staged.is_slow(&dk)
-                && q.lens.get(&dk).is_some_and(|&len| len < policy.max_queued)
+            !q.staged.is_slow(&dk) && q.lens.get(&dk).is_some_and(|&len| len < policy.max_queued)
         }) && q.staged.bytes_held()
             + envelopes.iter().map(|(_, b)| b.len() + 64).sum::<usize>()
             <= handoff.max_bytes;
         if !fits {
             return Ok(InMemory::NeedsStore(envelopes));
         }
-        if let Some((at, ticket)) = self.staged_send(&q, &sent_key) {
-            let outcome = AppendOutcome::Duplicate { accepted_at_ms: at };
-            return Ok(InMemory::Done(outcome, Some(ticket)));
-        }
-        if let Some(at) = self.trees.sent_message.get(sent_key)? {
-            let accepted_at_ms = records::queued_at(&at).unwrap_or(0);
-            let outcome = AppendOutcome::Duplicate { accepted_at_ms };
-            return Ok(InMemory::Done(outcome, None));
+        if let Some((outcome, ticket)) = self.earlier_send(&q, &sent_key)? {
+            return Ok(InMemory::Done(outcome, ticket));
         }
         let mut rows = Vec::with_capacity(envelopes.len());
         for (device, body) in envelopes {
-            let item = QueueItem::Message {
-                from_account: sender.account_id,
-                from_device: sender.device_id,
-                from_number: sender_number.to_string(),
-                id,
-                body,
-            };
-            rows.push((
-                device.key(),
-                self.next_id()?,
-                records::encode_queued(now_ms, &item)?,
-            ));
+            rows.push(self.message_row((sender, sender_number, id), device, body, now_ms)?);
         }
         let ticket = self.stage_send(&mut q, rows, (sender, id), sent_key, now_ms, false);
         let outcome = AppendOutcome::Queued {
@@ -227,15 +246,8 @@ impl Store {
         let _gate = self.writing();
         let sent_key = keys::sent(sender.key(), &id);
         let mut q = self.queue_writer();
-        if let Some((at, ticket)) = self.staged_send(&q, &sent_key) {
-            return Ok((
-                AppendOutcome::Duplicate { accepted_at_ms: at },
-                Some(ticket),
-            ));
-        }
-        if let Some(at) = self.trees.sent_message.get(sent_key)? {
-            let accepted_at_ms = records::queued_at(&at).unwrap_or(0);
-            return Ok((AppendOutcome::Duplicate { accepted_at_ms }, None));
+        if let Some(earlier) = self.earlier_send(&q, &sent_key)? {
+            return Ok(earlier);
         }
         for (device, _) in &envelopes {
             if self.len_of(&mut q, device.key()) >= policy.max_queued {
@@ -246,18 +258,7 @@ impl Store {
         let mut direct = Vec::with_capacity(envelopes.len());
         let mut staged = Vec::new();
         for (device, body) in envelopes {
-            let item = QueueItem::Message {
-                from_account: sender.account_id,
-                from_device: sender.device_id,
-                from_number: sender_number.to_string(),
-                id,
-                body,
-            };
-            let row = (
-                device.key(),
-                self.next_id()?,
-                records::encode_queued(now_ms, &item)?,
-            );
+            let row = self.message_row((sender, sender_number, id), device, body, now_ms)?;
             let online = policy
                 .handoff
                 .as_ref()
