@@ -195,21 +195,7 @@ impl Store {
         let mut q = self.queue_writer();
         let mut queued_items = 0;
         for device in &devices {
-            let dk = device.key();
-            for entry in self.trees.queue.scan_prefix(dk) {
-                let (key, value) = entry?;
-                self.trees.queue.remove(key)?;
-                self.queue_totals.remove(value.len());
-                queued_items += 1;
-            }
-            queued_items += self.drop_staged(&mut q, dk);
-            q.lens.remove(&dk);
-            for key in self.trees.one_time_key.scan_prefix(dk).keys() {
-                self.trees.one_time_key.remove(key?)?;
-            }
-            for key in self.trees.sent_message.scan_prefix(dk).keys() {
-                self.trees.sent_message.remove(key?)?;
-            }
+            queued_items += self.forget_device(&mut q, device.key())?;
         }
         let prf = self
             .discovery_key()

@@ -11,7 +11,8 @@ use sled::transaction::Transactional;
 
 use super::keys::{self, DeviceKey};
 use super::records::{self, DeviceKeysRecord, QueueItem, StoredKey};
-use super::staging::{AppendPolicy, TicketWaiter};
+use super::staging::AppendPolicy;
+use super::ticket::TicketWaiter;
 use super::{DeviceRef, QueueState, Store, StoreError, TxResult, abort};
 
 /// A queued item as read back.
@@ -178,6 +179,23 @@ impl Store {
             self.next_id()?,
             records::encode_queued(now_ms, &item)?,
         ))
+    }
+
+    /// A delivery receipt for `id`, acknowledged by `device_id` of `to_number`, as a
+    /// queue row: (seq, stored value).
+    pub(super) fn receipt_row(
+        &self,
+        to_number: &str,
+        device_id: u32,
+        id: [u8; 16],
+        now_ms: u64,
+    ) -> Result<(u64, Vec<u8>), StoreError> {
+        let receipt = QueueItem::Delivered {
+            to_number: to_number.to_string(),
+            device_id,
+            id,
+        };
+        Ok((self.next_id()?, records::encode_queued(now_ms, &receipt)?))
     }
 
     /// [`Store::append_with`] when it needs no write: every recipient device online,
@@ -457,13 +475,8 @@ impl Store {
                     account_id: from_account,
                     device_id: from_device,
                 };
-                let receipt = QueueItem::Delivered {
-                    to_number: device_number.to_string(),
-                    device_id: device.device_id,
-                    id,
-                };
-                let seq = self.next_id()?;
-                let receipt = records::encode_queued(now_ms, &receipt)?;
+                let (seq, receipt) =
+                    self.receipt_row(device_number, device.device_id, id, now_ms)?;
                 // Straight to sled, before the removal; the sender's staged items
                 // go first, so that its queue stays in seq order on disk.
                 self.write_device_staged(&mut q, sender.key())?;
@@ -482,21 +495,18 @@ impl Store {
             removed += 1;
             newest = newest.max(Some(seq));
         }
-        if let Some(len) = q.lens.get_mut(&dk) {
-            *len = len.saturating_sub(removed);
-        }
-        if let Some(seq) = newest {
-            Store::caught_up(&mut q, dk, seq);
-        }
+        Store::acked(&mut q, dk, removed, newest);
         Ok(receipts)
     }
 
-    /// Deletes everything the node holds for `device`: its queue and its keys. For a
-    /// device that was signed out.
-    pub fn drop_device(&self, device: DeviceRef) -> Result<u64, StoreError> {
-        let _gate = self.writing();
-        let dk = device.key();
-        let mut q = self.queue_writer();
+    /// Removes `dk`'s queue (in sled and in memory), its one-time keys and the ids it
+    /// sent; returns how many queue items. Caller holds the writer lock; the device's
+    /// identity keys are the caller's to remove.
+    pub(super) fn forget_device(
+        &self,
+        q: &mut QueueState,
+        dk: DeviceKey,
+    ) -> Result<u64, StoreError> {
         let mut dropped = 0;
         for entry in self.trees.queue.scan_prefix(dk) {
             let (key, value) = entry?;
@@ -504,15 +514,23 @@ impl Store {
             self.queue_totals.remove(value.len());
             dropped += 1;
         }
-        dropped += self.drop_staged(&mut q, dk);
+        dropped += self.drop_staged(q, dk);
         q.lens.remove(&dk);
-        drop(q);
         for key in self.trees.one_time_key.scan_prefix(dk).keys() {
             self.trees.one_time_key.remove(key?)?;
         }
         for key in self.trees.sent_message.scan_prefix(dk).keys() {
             self.trees.sent_message.remove(key?)?;
         }
+        Ok(dropped)
+    }
+
+    /// Deletes everything the node holds for `device`: its queue and its keys. For a
+    /// device that was signed out.
+    pub fn drop_device(&self, device: DeviceRef) -> Result<u64, StoreError> {
+        let _gate = self.writing();
+        let dk = device.key();
+        let dropped = self.forget_device(&mut self.queue_writer(), dk)?;
         self.trees.device_keys.remove(dk)?;
         Ok(dropped)
     }

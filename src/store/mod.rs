@@ -15,10 +15,12 @@ pub mod keys;
 mod messages;
 pub mod records;
 mod staging;
+mod ticket;
 
 pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
 pub use messages::{AppendOutcome, Claimed, InMemory, KeysRefusal, Queued, SweepStats};
-pub use staging::{AppendPolicy, HandOff, HandOffStats, Ticket, TicketWaiter, WriteBehind};
+pub use staging::{AppendPolicy, HandOff, HandOffStats, WriteBehind};
+pub use ticket::{Ticket, TicketWaiter};
 
 use std::collections::HashMap;
 use std::path::Path;
