@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use switchboard::client::{Client, ClientError, client_endpoint};
+use switchboard::client::{Client, ClientError};
 use switchboard::phone::Number;
 use switchboard::proto::{Channel, DeviceEnvelope, Item, Outgoing};
 use switchboard::tls::{Credentials, Fingerprint};
@@ -445,10 +445,28 @@ async fn register_all(
     Ok((devices, started.elapsed()))
 }
 
+/// The load generator's client endpoints. Their sockets get the node's default UDP
+/// buffers, like the node and the bare relay, so that no side drops for want of them.
 fn endpoints(n: usize) -> Result<Vec<quinn::Endpoint>> {
     (0..n.max(1))
-        .map(|_| client_endpoint(false).map_err(err))
+        .map(|_| udp_endpoint("0.0.0.0:0", None))
         .collect()
+}
+
+/// A quinn endpoint on a socket with the node's default UDP buffer size.
+fn udp_endpoint(addr: &str, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint> {
+    let buffer = switchboard::config::Config::default()
+        .server
+        .udp_buffer_bytes as usize;
+    let bound = switchboard::quic::bind(addr.parse().map_err(err)?, buffer).map_err(err)?;
+    let runtime = quinn::default_runtime().ok_or("no async runtime")?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        bound.socket,
+        runtime,
+    )
+    .map_err(err)
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -480,7 +498,16 @@ fn latency_of(base: Instant, body: &[u8]) -> Option<u64> {
 struct Tally {
     measuring: AtomicBool,
     delivered: AtomicU64,
-    latencies: Mutex<Vec<u64>>,
+    /// When the measured phase started.
+    started: Mutex<Option<Instant>>,
+    /// (second of the phase it arrived in, latency in ns)
+    latencies: Mutex<Vec<(u32, u64)>>,
+}
+
+/// A phase's latencies: all of them sorted, and the p99 of each second.
+struct Latencies {
+    sorted: Vec<u64>,
+    p99_per_second: Vec<f64>,
 }
 
 impl Tally {
@@ -489,28 +516,88 @@ impl Tally {
             return;
         }
         self.delivered.fetch_add(1, Ordering::Relaxed);
+        let second = self
+            .started
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .map_or(0, |s| s.elapsed().as_secs() as u32);
         if let Some(l) = latency
             && let Ok(mut v) = self.latencies.lock()
         {
-            v.push(l);
+            v.push((second, l));
         }
     }
 
-    /// Runs a measured phase of `duration`: returns (delivered/s, sorted latencies).
-    async fn phase(&self, duration: Duration) -> (f64, Vec<u64>) {
+    /// Runs a measured phase of `duration`: returns delivered/s and the latencies.
+    async fn phase(&self, duration: Duration) -> (f64, Latencies) {
         self.delivered.store(0, Ordering::Relaxed);
         if let Ok(mut v) = self.latencies.lock() {
             v.clear();
         }
         let started = Instant::now();
+        if let Ok(mut s) = self.started.lock() {
+            *s = Some(started);
+        }
         self.measuring.store(true, Ordering::Relaxed);
         tokio::time::sleep(duration).await;
         self.measuring.store(false, Ordering::Relaxed);
         let elapsed = started.elapsed().as_secs_f64();
         let rate = self.delivered.load(Ordering::Relaxed) as f64 / elapsed;
-        let mut lat = self.latencies.lock().map(|v| v.clone()).unwrap_or_default();
-        lat.sort_unstable();
-        (rate, lat)
+        let all = self.latencies.lock().map(|v| v.clone()).unwrap_or_default();
+        let seconds = all.iter().map(|&(s, _)| s as usize + 1).max().unwrap_or(0);
+        let mut buckets = vec![Vec::new(); seconds];
+        for &(s, l) in &all {
+            buckets[s as usize].push(l);
+        }
+        let p99_per_second = buckets
+            .iter_mut()
+            .map(|b| {
+                b.sort_unstable();
+                percentile(b, 0.99)
+            })
+            .collect();
+        let mut sorted: Vec<u64> = all.into_iter().map(|(_, l)| l).collect();
+        sorted.sort_unstable();
+        (
+            rate,
+            Latencies {
+                sorted,
+                p99_per_second,
+            },
+        )
+    }
+}
+
+/// How long sends took to be answered, and how many failed.
+#[derive(Default)]
+struct Sends {
+    failed: AtomicU64,
+    micros: Mutex<Vec<u64>>,
+}
+
+impl Sends {
+    fn record(&self, took: Duration, ok: bool) {
+        if !ok {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Ok(mut v) = self.micros.lock() {
+            v.push(took.as_micros() as u64);
+        }
+    }
+
+    /// "n sends, f failed, answered in p50 / p99 / max ms".
+    fn summary(&self) -> String {
+        let mut v = self.micros.lock().map(|v| v.clone()).unwrap_or_default();
+        v.sort_unstable();
+        format!(
+            "{} sends, {} failed, answered in p50 {:.1} / p99 {:.1} / max {:.1} ms",
+            v.len(),
+            self.failed.load(Ordering::Relaxed),
+            percentile(&v, 0.5) / 1e3,
+            percentile(&v, 0.99) / 1e3,
+            v.last().copied().unwrap_or(0) as f64 / 1e3
+        )
     }
 }
 
@@ -530,8 +617,13 @@ mod relay {
     struct Run {
         saturated: f64,
         half_rate: f64,
-        latencies: Vec<u64>,
+        latencies: Latencies,
         cpu_per_message_us: f64,
+        /// Cores used while saturated and at half load: (server, load generator).
+        saturated_cores: (f64, f64),
+        half_load_cores: (f64, f64),
+        /// The saturated phase's sends (with warm-up and drain).
+        sends: String,
         /// The node's `switchboard_handoff_items_total` by outcome, over the whole run.
         handoff: Vec<(String, f64)>,
     }
@@ -582,22 +674,22 @@ mod relay {
                 scenario: "relay",
                 metric: "latency p50 at the node's half load".into(),
                 unit: "µs",
-                node: p(&node.latencies, 0.50),
-                limit: Some(p(&bare.latencies, 0.50)),
+                node: p(&node.latencies.sorted, 0.50),
+                limit: Some(p(&bare.latencies.sorted, 0.50)),
             },
             Figure {
                 scenario: "relay",
                 metric: "latency p99 at the node's half load".into(),
                 unit: "µs",
-                node: p(&node.latencies, 0.99),
-                limit: Some(p(&bare.latencies, 0.99)),
+                node: p(&node.latencies.sorted, 0.99),
+                limit: Some(p(&bare.latencies.sorted, 0.99)),
             },
             Figure {
                 scenario: "relay",
                 metric: "latency p99.9 at the node's half load".into(),
                 unit: "µs",
-                node: p(&node.latencies, 0.999),
-                limit: Some(p(&bare.latencies, 0.999)),
+                node: p(&node.latencies.sorted, 0.999),
+                limit: Some(p(&bare.latencies.sorted, 0.999)),
             },
             Figure {
                 scenario: "relay",
@@ -608,9 +700,27 @@ mod relay {
             },
         ];
         let mut notes = vec![
-            "limit: bare quinn relay (same streams and frames; no storage, no auth, no acks, no receipts)".to_string(),
+            "limit: bare quinn relay (same streams and frames, same UDP buffers and ACK frequency; no storage, no auth, no acks, no receipts)".to_string(),
             "switchboard answers a send once every recipient device acknowledged it or it is durable (group commit), and answers every delivery with a receipt".to_string(),
         ];
+        for (name, r) in [("switchboard", &node), ("bare quinn", &bare)] {
+            notes.push(format!(
+                "{name} saturated: cores used: server {:.2}, load generator {:.2}; {}",
+                r.saturated_cores.0, r.saturated_cores.1, r.sends
+            ));
+            let per_second: Vec<String> = r
+                .latencies
+                .p99_per_second
+                .iter()
+                .map(|ns| format!("{:.1}", ns / 1e6))
+                .collect();
+            notes.push(format!(
+                "{name} at half load: p99 of each second (ms) [{}]; cores used: server {:.2}, load generator {:.2}",
+                per_second.join(", "),
+                r.half_load_cores.0,
+                r.half_load_cores.1
+            ));
+        }
         if !node.handoff.is_empty() {
             let counts: Vec<String> = node
                 .handoff
@@ -783,16 +893,21 @@ mod relay {
     {
         // Saturation.
         let phase_stop = Arc::new(AtomicBool::new(false));
+        let sends = Arc::new(Sends::default());
         let senders = spawn_senders(
             clients,
             &phase_stop,
             Pace::Saturate { window },
+            &sends,
             send_one.clone(),
         );
         tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
-        let cpu0 = cpu_seconds(pid);
+        let me = std::process::id();
+        let (cpu0, generator0, wall0) = (cpu_seconds(pid), cpu_seconds(me), Instant::now());
         let (saturated, _) = tally.phase(duration).await;
         let cpu = cpu_seconds(pid) - cpu0;
+        let wall = wall0.elapsed().as_secs_f64();
+        let saturated_cores = (cpu / wall, (cpu_seconds(me) - generator0) / wall);
         let delivered = saturated * duration.as_secs_f64();
         phase_stop.store(true, Ordering::Relaxed);
         drain(senders).await;
@@ -810,17 +925,27 @@ mod relay {
                 interval,
                 window: window * 4,
             },
+            &Arc::new(Sends::default()),
             send_one,
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
+        let (server0, generator0, wall0) = (cpu_seconds(pid), cpu_seconds(me), Instant::now());
         let (_, latencies) = tally.phase(duration).await;
+        let wall = wall0.elapsed().as_secs_f64();
+        let half_load_cores = (
+            (cpu_seconds(pid) - server0) / wall,
+            (cpu_seconds(me) - generator0) / wall,
+        );
         phase_stop.store(true, Ordering::Relaxed);
         drain(senders).await;
         Run {
+            sends: sends.summary(),
             handoff: Vec::new(),
             saturated,
             half_rate,
             latencies,
+            half_load_cores,
+            saturated_cores,
             cpu_per_message_us: if delivered > 0.0 {
                 cpu / delivered * 1e6
             } else {
@@ -844,6 +969,7 @@ mod relay {
         clients: &[Arc<C>],
         stop: &Arc<AtomicBool>,
         pace: Pace,
+        sends: &Arc<Sends>,
         send_one: F,
     ) -> tokio::task::JoinSet<()>
     where
@@ -856,15 +982,21 @@ mod relay {
             match pace {
                 Pace::Saturate { window } => {
                     for _ in 0..window {
-                        let (client, stop, send_one) =
-                            (client.clone(), stop.clone(), send_one.clone());
+                        let (client, stop, send_one, sends) = (
+                            client.clone(),
+                            stop.clone(),
+                            send_one.clone(),
+                            sends.clone(),
+                        );
                         set.spawn(async move {
                             while !stop.load(Ordering::Relaxed) {
+                                let started = Instant::now();
                                 let sent = tokio::time::timeout(
                                     Duration::from_secs(10),
                                     send_one(client.clone(), me),
                                 )
                                 .await;
+                                sends.record(started.elapsed(), matches!(sent, Ok(true)));
                                 if !matches!(sent, Ok(true)) {
                                     tokio::time::sleep(Duration::from_millis(10)).await;
                                 }
@@ -1621,9 +1753,11 @@ mod bare {
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.max_idle_timeout(Some(Duration::from_secs(120).try_into().map_err(err)?));
+        // The node's transport tuning (ACK frequency, socket buffers), so the limit
+        // is quinn configured as the node is.
+        transport.ack_frequency_config(Some(switchboard::quic::ack_frequency()));
         config.transport_config(Arc::new(transport));
-        let endpoint =
-            quinn::Endpoint::server(config, "127.0.0.1:0".parse().map_err(err)?).map_err(err)?;
+        let endpoint = udp_endpoint("127.0.0.1:0", Some(config))?;
         println!("listening on {}", endpoint.local_addr().map_err(err)?);
         println!("cert {}", hex::encode(&cert_der));
         let inboxes: Inboxes = Arc::default();
@@ -1686,6 +1820,9 @@ mod bare {
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_secs(15)));
+        // The node's transport tuning (ACK frequency, socket buffers), so the limit
+        // is quinn configured as the node is.
+        transport.ack_frequency_config(Some(switchboard::quic::ack_frequency()));
         config.transport_config(Arc::new(transport));
         let addr: std::net::SocketAddr = addr.parse().map_err(err)?;
         endpoint

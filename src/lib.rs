@@ -19,6 +19,7 @@ pub mod fsutil;
 pub mod node;
 pub mod phone;
 pub mod proto;
+pub mod quic;
 pub mod store;
 pub mod tls;
 pub mod verify;

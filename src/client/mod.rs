@@ -96,6 +96,7 @@ impl Client {
         let mut config = quinn::ClientConfig::new(crypto);
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_secs(15)));
+        transport.ack_frequency_config(Some(crate::quic::ack_frequency()));
         config.transport_config(Arc::new(transport));
         let connect_err = |reason: String| ClientError::Connect {
             server: server.to_string(),

@@ -123,6 +123,7 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         server.insert("tls_cert".into(), path(&tls.cert));
         server.insert("tls_key".into(), path(&tls.key));
     }
+    server.insert("udp_buffer_bytes".into(), uint(c.server.udp_buffer_bytes));
     let l = &c.limits;
     let ms = |d: Duration| uint(d.as_millis() as u64);
     let limits: Table = [

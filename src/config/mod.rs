@@ -116,6 +116,9 @@ pub struct Server {
     /// An operator's own certificate and key (PEM); `None` means a self-signed one
     /// generated on first start and kept in the data dir.
     pub tls: Option<TlsFiles>,
+    /// Receive and send buffer asked for the UDP socket (0: the system default). The
+    /// kernel caps it at `net.core.rmem_max` / `wmem_max`.
+    pub udp_buffer_bytes: u64,
 }
 
 /// PEM files of a certificate chain and its private key.
@@ -253,6 +256,7 @@ impl Default for Config {
                 listen: SocketAddr::from(([0u16; 8], 4433)),
                 data_dir: PathBuf::from("switchboard-data"),
                 tls: None,
+                udp_buffer_bytes: 4 * 1024 * 1024,
             },
             limits: Limits {
                 max_connections: 10_000,
@@ -485,6 +489,10 @@ mod tests {
             "limits.max_frame_bytes",
         );
         check_err("[server]\nlisten = \"nowhere\"\n", "server.listen");
+        check_err(
+            "[server]\nudp_buffer_bytes = 2147483648\n",
+            "server.udp_buffer_bytes",
+        );
         check_err("[server]\ntls_cert = \"a.pem\"\n", "server.tls_key");
         check_err(
             "[verification]\nprovider = \"pigeon\"\n",

@@ -63,6 +63,7 @@ pub struct Server {
     pub data_dir: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub udp_buffer_bytes: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -292,6 +293,13 @@ impl File {
             listen: self.server.listen.unwrap_or(d.server.listen),
             data_dir: self.server.data_dir.unwrap_or(d.server.data_dir),
             tls,
+            udp_buffer_bytes: in_range(
+                "server.udp_buffer_bytes",
+                self.server.udp_buffer_bytes,
+                d.server.udp_buffer_bytes,
+                0,
+                1 << 30,
+            )?,
         };
         let l = self.limits;
         let dl = d.limits;

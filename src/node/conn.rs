@@ -109,6 +109,7 @@ pub fn server_config(
         .receive_window((limits.max_frame_bytes * 4).into())
         .send_window(u64::from(limits.max_frame_bytes) * 4)
         .datagram_receive_buffer_size(None);
+    transport.ack_frequency_config(Some(crate::quic::ack_frequency()));
     server.transport_config(Arc::new(transport));
     Ok(server)
 }

@@ -145,7 +145,11 @@ impl Node {
             })?;
 
         let server_config = conn::server_config(&creds, &config)?;
-        let endpoint = bind_endpoint(config.server.listen, server_config)?;
+        let endpoint = bind_endpoint(
+            config.server.listen,
+            config.server.udp_buffer_bytes as usize,
+            server_config,
+        )?;
         // Without its admin socket (a data dir path too long for a Unix socket, say)
         // the node still serves; the admin commands then need it stopped.
         let admin = match admin::bind(&data_dir) {
@@ -441,26 +445,28 @@ fn load_or_make_self_signed(data_dir: &Path) -> Result<Credentials, ServeError> 
     Ok(creds)
 }
 
-/// Binds the UDP socket. An IPv6 wildcard also accepts IPv4 (dual stack), whatever the
-/// system default for `IPV6_V6ONLY` is.
+/// Binds the UDP socket, with the configured buffer sizes.
 fn bind_endpoint(
     addr: SocketAddr,
+    buffer_bytes: usize,
     server_config: quinn::ServerConfig,
 ) -> Result<quinn::Endpoint, ServeError> {
-    use socket2::{Domain, Protocol, Socket, Type};
     let bind_err = |source| ServeError::Bind { addr, source };
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
-        .map_err(bind_err)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(false).map_err(bind_err)?;
+    let bound = crate::quic::bind(addr, buffer_bytes).map_err(bind_err)?;
+    if buffer_bytes > 0 && bound.recv_buffer.min(bound.send_buffer) < buffer_bytes {
+        tracing::warn!(
+            asked = buffer_bytes,
+            granted_recv = bound.recv_buffer,
+            granted_send = bound.send_buffer,
+            "the kernel capped the UDP receive buffer (raise net.core.rmem_max and net.core.wmem_max)"
+        );
     }
-    socket.bind(&addr.into()).map_err(bind_err)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| bind_err(std::io::Error::other("no async runtime")))?;
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server_config),
-        socket.into(),
+        bound.socket,
         runtime,
     )
     .map_err(bind_err)

@@ -452,3 +452,25 @@ async fn key_uploads_with_bad_signatures_are_refused() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_capped_udp_buffer_is_logged_and_the_node_still_serves() {
+    // 1 GiB is beyond any default net.core.rmem_max: the kernel caps it, the node says
+    // so and serves on the buffer it got.
+    let node = ProcessNode::start(&config_text("[server]\nudp_buffer_bytes = 1073741824\n"));
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    let mut sub = bob.subscribe().await.unwrap();
+    assert!(backlog(&mut sub).await.is_empty());
+    send_raw(&alice, BOB, b"through a capped buffer")
+        .await
+        .unwrap();
+    let push = next(&mut sub).await;
+    assert_eq!(bodies(&push.items), ["through a capped buffer"]);
+    let log = node.log();
+    assert!(
+        log.contains("the kernel capped the UDP receive buffer")
+            && log.contains("asked=1073741824"),
+        "{log}"
+    );
+}

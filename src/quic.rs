@@ -1,0 +1,106 @@
+//! QUIC transport tuning shared by the node, the client and the benchmarks.
+//!
+//! **Socket buffers.** A busy endpoint receives datagrams in bursts faster than one task drains them; what
+//! does not fit in the socket's receive buffer is dropped by the kernel, and QUIC
+//! reads a drop as congestion: it retransmits after a timeout and halves its window.
+//! On loopback under the relay benchmark the kernel's default buffer (208 KiB) dropped
+//! about one datagram in ten at the node (BENCHMARKS.md). So the node asks for bigger
+//! buffers; the kernel caps what it grants at `net.core.rmem_max` / `wmem_max`.
+//!
+//! **Acknowledgement frequency.** By default a QUIC receiver acknowledges every
+//! second packet at once. Most of our packets carry one small frame (a request, a
+//! push, an ack), so half of them drew an ACK-only packet back: in the relay
+//! benchmark the node sent 3.5 datagrams per message where the bare relay sent 1.9.
+//! Both ends therefore ask the peer (the ACK frequency extension, which quinn speaks
+//! on both sides) to acknowledge only every [`ACK_ELICITING_THRESHOLD`] + 1
+//! packets, or after its `max_ack_delay` (25 ms), so ACKs mostly ride on the next
+//! reply or push. Loss detection is unaffected: a reordered packet still draws an
+//! ACK at once.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Ack-eliciting packets a peer may receive before it must acknowledge at once.
+pub const ACK_ELICITING_THRESHOLD: u32 = 8;
+
+/// The ACK frequency both ends request of their peer.
+pub fn ack_frequency() -> quinn::AckFrequencyConfig {
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
+    acks
+}
+
+/// A bound UDP socket, with what the kernel granted of the buffers asked for.
+pub struct Bound {
+    pub socket: UdpSocket,
+    /// Receive and send buffer the kernel granted, in usable bytes.
+    pub recv_buffer: usize,
+    pub send_buffer: usize,
+}
+
+/// Binds a UDP socket on `addr` with receive and send buffers of `buffer_bytes` each
+/// (0 keeps the system default). An IPv6 wildcard also accepts IPv4 (dual stack),
+/// whatever the system default for `IPV6_V6ONLY` is.
+pub fn bind(addr: SocketAddr, buffer_bytes: usize) -> io::Result<Bound> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    if buffer_bytes > 0 {
+        // Best effort: the kernel silently caps the size; we report what it granted.
+        socket.set_recv_buffer_size(buffer_bytes)?;
+        socket.set_send_buffer_size(buffer_bytes)?;
+    }
+    socket.bind(&addr.into())?;
+    // Linux doubles the size asked for (for its bookkeeping) and reports the double.
+    let usable = |reported: usize| {
+        if cfg!(target_os = "linux") {
+            reported / 2
+        } else {
+            reported
+        }
+    };
+    let recv_buffer = usable(socket.recv_buffer_size()?);
+    let send_buffer = usable(socket.send_buffer_size()?);
+    Ok(Bound {
+        socket: socket.into(),
+        recv_buffer,
+        send_buffer,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_with_the_buffers_asked_for() {
+        // 64 KiB is below any kernel's default cap.
+        let bound = bind("127.0.0.1:0".parse().unwrap(), 64 * 1024).unwrap();
+        assert!(bound.recv_buffer >= 64 * 1024, "{}", bound.recv_buffer);
+        assert!(bound.send_buffer >= 64 * 1024, "{}", bound.send_buffer);
+        let addr = bound.socket.local_addr().unwrap();
+        assert!(addr.ip().is_loopback() && addr.port() != 0);
+    }
+
+    #[test]
+    fn zero_keeps_the_system_default_and_ipv6_takes_ipv4_too() {
+        let Ok(bound) = bind("[::1]:0".parse().unwrap(), 0) else {
+            return; // no IPv6 on this machine
+        };
+        assert!(bound.recv_buffer > 0);
+        let wildcard = bind("[::]:0".parse().unwrap(), 0).unwrap();
+        let port = wildcard.socket.local_addr().unwrap().port();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender.send_to(b"v4", ("127.0.0.1", port)).unwrap();
+        let mut buf = [0u8; 8];
+        wildcard
+            .socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let (n, _) = wildcard.socket.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"v4");
+    }
+}
