@@ -764,24 +764,29 @@ mod relay {
                 .map_err(err)?;
             clients.push(Arc::new(client));
         }
-        // Receivers: every device subscribes and acknowledges everything it gets.
+        // Receivers: every device subscribes and acknowledges everything it gets, in
+        // one `Ack` for all the pushes that are already there (no added wait).
         let mut receivers = tokio::task::JoinSet::new();
         for client in &clients {
             let mut sub = client.subscribe().await.map_err(err)?;
             let (tally, stop) = (tally.clone(), stop.clone());
             receivers.spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok(Ok(Some(push))) =
+                    let Ok(Ok(Some(first))) =
                         tokio::time::timeout(Duration::from_millis(500), sub.next()).await
                     else {
                         continue;
                     };
-                    let mut seqs = Vec::with_capacity(push.items.len());
-                    for d in &push.items {
-                        seqs.push(d.seq);
-                        if let Item::Message(m) = &d.item {
-                            tally.record(latency_of(base, &m.body));
+                    let mut seqs = Vec::with_capacity(first.items.len());
+                    let mut push = Some(first);
+                    while let Some(p) = push {
+                        for d in &p.items {
+                            seqs.push(d.seq);
+                            if let Item::Message(m) = &d.item {
+                                tally.record(latency_of(base, &m.body));
+                            }
                         }
+                        push = sub.ready().ok().flatten();
                     }
                     if !seqs.is_empty() && sub.ack(seqs).await.is_err() {
                         break;

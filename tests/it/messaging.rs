@@ -474,3 +474,83 @@ async fn a_capped_udp_buffer_is_logged_and_the_node_still_serves() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn pushes_that_are_already_here_are_taken_without_waiting() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = std::sync::Arc::new(node.registered(ALICE).await);
+    let bob = node.registered(BOB).await;
+    let mut sub = bob.subscribe().await.unwrap();
+    assert!(backlog(&mut sub).await.is_empty());
+    assert!(sub.ready().unwrap().is_none(), "nothing is here yet");
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..3 {
+        let alice = alice.clone();
+        sends.spawn(async move { send_raw(&alice, BOB, format!("r{i}").as_bytes()).await });
+    }
+    // All three are pushed (unacknowledged, they wait out the hand-off window).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut items = next(&mut sub).await.items;
+    while let Some(push) = sub.ready().unwrap() {
+        items.extend(push.items);
+    }
+    let mut got = bodies(&items);
+    got.sort();
+    assert_eq!(got, ["r0", "r1", "r2"]);
+    assert!(items.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(sub.ready().unwrap().is_none());
+    sub.ack(items.iter().map(|d| d.seq).collect())
+        .await
+        .unwrap();
+    while let Some(sent) = sends.join_next().await {
+        sent.unwrap().unwrap();
+    }
+    sub.finish().await.unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_subscription_read_cancelled_midway_loses_nothing() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    let mut sub = bob.subscribe().await.unwrap();
+    assert!(backlog(&mut sub).await.is_empty());
+    // 60 KB (the largest envelope is 64 KiB) spans many packets, so reads raced
+    // against a tiny timeout are cut off in the middle of the frame again and again.
+    let body: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
+    let expected = body.clone();
+    let send = tokio::spawn(async move {
+        let accepted = send_raw(&alice, BOB, &body).await;
+        (alice, accepted)
+    });
+    // Poll a fresh read once, drop it, let the connection run, again: every chunk
+    // that arrives is read by a future that is then dropped.
+    let mut cancelled = 0;
+    let push = loop {
+        let polled = {
+            let read = std::pin::pin!(sub.next());
+            let waker = std::task::Waker::noop();
+            read.poll(&mut std::task::Context::from_waker(waker))
+        };
+        match polled {
+            std::task::Poll::Ready(read) => break read.unwrap().expect("a push"),
+            std::task::Poll::Pending => cancelled += 1,
+        }
+        assert!(cancelled < 1_000_000, "no push arrived");
+        tokio::task::yield_now().await;
+    };
+    assert!(cancelled > 0);
+    let [item] = &push.items[..] else {
+        panic!("one item expected: {push:?}");
+    };
+    let Item::Message(m) = &item.item else {
+        panic!("a message expected");
+    };
+    assert!(m.body == expected, "the body arrived intact");
+    sub.ack(vec![item.seq]).await.unwrap();
+    let (_alice, accepted) = send.await.unwrap();
+    assert_eq!(accepted.unwrap().delivered, [1]);
+    sub.finish().await.unwrap();
+    node.shutdown().await;
+}
