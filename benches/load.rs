@@ -458,15 +458,9 @@ fn udp_endpoint(addr: &str, server: Option<quinn::ServerConfig>) -> Result<quinn
     let buffer = switchboard::config::Config::default()
         .server
         .udp_buffer_bytes as usize;
-    let bound = switchboard::quic::bind(addr.parse().map_err(err)?, buffer).map_err(err)?;
-    let runtime = quinn::default_runtime().ok_or("no async runtime")?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        bound.socket,
-        runtime,
-    )
-    .map_err(err)
+    let (endpoint, _) =
+        switchboard::quic::endpoint(addr.parse().map_err(err)?, buffer, server).map_err(err)?;
+    Ok(endpoint)
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -476,6 +470,9 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)] as f64
 }
+
+/// The clock that phase seconds are counted on.
+static BENCH_CLOCK: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
 /// Nanoseconds since the run started, for latency stamps inside payloads.
 fn stamp(base: Instant) -> u64 {
@@ -498,8 +495,9 @@ fn latency_of(base: Instant, body: &[u8]) -> Option<u64> {
 struct Tally {
     measuring: AtomicBool,
     delivered: AtomicU64,
-    /// When the measured phase started.
-    started: Mutex<Option<Instant>>,
+    /// When the measured phase started, as a [`stamp`] of the bench's clock (read on
+    /// every delivery, so an atomic rather than a lock).
+    started_ns: AtomicU64,
     /// (second of the phase it arrived in, latency in ns)
     latencies: Mutex<Vec<(u32, u64)>>,
 }
@@ -516,12 +514,8 @@ impl Tally {
             return;
         }
         self.delivered.fetch_add(1, Ordering::Relaxed);
-        let second = self
-            .started
-            .lock()
-            .ok()
-            .and_then(|s| *s)
-            .map_or(0, |s| s.elapsed().as_secs() as u32);
+        let since = stamp(*BENCH_CLOCK).saturating_sub(self.started_ns.load(Ordering::Relaxed));
+        let second = (since / 1_000_000_000) as u32;
         if let Some(l) = latency
             && let Ok(mut v) = self.latencies.lock()
         {
@@ -536,9 +530,8 @@ impl Tally {
             v.clear();
         }
         let started = Instant::now();
-        if let Ok(mut s) = self.started.lock() {
-            *s = Some(started);
-        }
+        self.started_ns
+            .store(stamp(*BENCH_CLOCK), Ordering::Relaxed);
         self.measuring.store(true, Ordering::Relaxed);
         tokio::time::sleep(duration).await;
         self.measuring.store(false, Ordering::Relaxed);

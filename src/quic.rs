@@ -32,18 +32,29 @@ pub fn ack_frequency() -> quinn::AckFrequencyConfig {
     acks
 }
 
-/// A bound UDP socket, with what the kernel granted of the buffers asked for.
-pub struct Bound {
-    pub socket: UdpSocket,
-    /// Receive and send buffer the kernel granted, in usable bytes.
+/// What the kernel granted of the buffers asked for, in usable bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Granted {
     pub recv_buffer: usize,
     pub send_buffer: usize,
+}
+
+/// A quinn endpoint (a server when `server` is given) on a socket bound by [`bind`].
+pub fn endpoint(
+    addr: SocketAddr,
+    buffer_bytes: usize,
+    server: Option<quinn::ServerConfig>,
+) -> io::Result<(quinn::Endpoint, Granted)> {
+    let (socket, granted) = bind(addr, buffer_bytes)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime"))?;
+    let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)?;
+    Ok((endpoint, granted))
 }
 
 /// Binds a UDP socket on `addr` with receive and send buffers of `buffer_bytes` each
 /// (0 keeps the system default). An IPv6 wildcard also accepts IPv4 (dual stack),
 /// whatever the system default for `IPV6_V6ONLY` is.
-pub fn bind(addr: SocketAddr, buffer_bytes: usize) -> io::Result<Bound> {
+pub fn bind(addr: SocketAddr, buffer_bytes: usize) -> io::Result<(UdpSocket, Granted)> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
@@ -62,13 +73,11 @@ pub fn bind(addr: SocketAddr, buffer_bytes: usize) -> io::Result<Bound> {
             reported
         }
     };
-    let recv_buffer = usable(socket.recv_buffer_size()?);
-    let send_buffer = usable(socket.send_buffer_size()?);
-    Ok(Bound {
-        socket: socket.into(),
-        recv_buffer,
-        send_buffer,
-    })
+    let granted = Granted {
+        recv_buffer: usable(socket.recv_buffer_size()?),
+        send_buffer: usable(socket.send_buffer_size()?),
+    };
+    Ok((socket.into(), granted))
 }
 
 #[cfg(test)]
@@ -78,29 +87,28 @@ mod tests {
     #[test]
     fn binds_with_the_buffers_asked_for() {
         // 64 KiB is below any kernel's default cap.
-        let bound = bind("127.0.0.1:0".parse().unwrap(), 64 * 1024).unwrap();
-        assert!(bound.recv_buffer >= 64 * 1024, "{}", bound.recv_buffer);
-        assert!(bound.send_buffer >= 64 * 1024, "{}", bound.send_buffer);
-        let addr = bound.socket.local_addr().unwrap();
+        let (socket, granted) = bind("127.0.0.1:0".parse().unwrap(), 64 * 1024).unwrap();
+        assert!(granted.recv_buffer >= 64 * 1024, "{granted:?}");
+        assert!(granted.send_buffer >= 64 * 1024, "{granted:?}");
+        let addr = socket.local_addr().unwrap();
         assert!(addr.ip().is_loopback() && addr.port() != 0);
     }
 
     #[test]
     fn zero_keeps_the_system_default_and_ipv6_takes_ipv4_too() {
-        let Ok(bound) = bind("[::1]:0".parse().unwrap(), 0) else {
+        let Ok((_, granted)) = bind("[::1]:0".parse().unwrap(), 0) else {
             return; // no IPv6 on this machine
         };
-        assert!(bound.recv_buffer > 0);
-        let wildcard = bind("[::]:0".parse().unwrap(), 0).unwrap();
-        let port = wildcard.socket.local_addr().unwrap().port();
+        assert!(granted.recv_buffer > 0);
+        let (wildcard, _) = bind("[::]:0".parse().unwrap(), 0).unwrap();
+        let port = wildcard.local_addr().unwrap().port();
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         sender.send_to(b"v4", ("127.0.0.1", port)).unwrap();
         let mut buf = [0u8; 8];
         wildcard
-            .socket
             .set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
-        let (n, _) = wildcard.socket.recv_from(&mut buf).unwrap();
+        let (n, _) = wildcard.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"v4");
     }
 }

@@ -451,23 +451,15 @@ fn bind_endpoint(
     buffer_bytes: usize,
     server_config: quinn::ServerConfig,
 ) -> Result<quinn::Endpoint, ServeError> {
-    let bind_err = |source| ServeError::Bind { addr, source };
-    let bound = crate::quic::bind(addr, buffer_bytes).map_err(bind_err)?;
-    if buffer_bytes > 0 && bound.recv_buffer.min(bound.send_buffer) < buffer_bytes {
+    let (endpoint, granted) = crate::quic::endpoint(addr, buffer_bytes, Some(server_config))
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    if buffer_bytes > 0 && granted.recv_buffer.min(granted.send_buffer) < buffer_bytes {
         tracing::warn!(
             asked = buffer_bytes,
-            granted_recv = bound.recv_buffer,
-            granted_send = bound.send_buffer,
+            granted_recv = granted.recv_buffer,
+            granted_send = granted.send_buffer,
             "the kernel capped the UDP receive buffer (raise net.core.rmem_max and net.core.wmem_max)"
         );
     }
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| bind_err(std::io::Error::other("no async runtime")))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server_config),
-        bound.socket,
-        runtime,
-    )
-    .map_err(bind_err)
+    Ok(endpoint)
 }
