@@ -619,6 +619,81 @@ mod relay {
         sends: String,
         /// The node's `switchboard_handoff_items_total` by outcome, over the whole run.
         handoff: Vec<(String, f64)>,
+        /// What went over the wire per delivered message while saturated.
+        wire: String,
+    }
+
+    /// A load generator's connection to the system under test.
+    trait Wire {
+        fn quic(&self) -> &quinn::Connection;
+    }
+
+    impl Wire for Client {
+        fn quic(&self) -> &quinn::Connection {
+            self.connection()
+        }
+    }
+
+    impl Wire for quinn::Connection {
+        fn quic(&self) -> &quinn::Connection {
+            self
+        }
+    }
+
+    /// The generator's connections' statistics, summed: what the server sent is what
+    /// they received.
+    #[derive(Default, Clone, Copy)]
+    struct WireCount {
+        server_datagrams: u64,
+        client_datagrams: u64,
+        server_acks: u64,
+        server_stream_frames: u64,
+        server_flow_frames: u64,
+        client_acks: u64,
+        /// STOP_SENDING, RESET_STREAM, PING, blocked and other control frames.
+        other: u64,
+    }
+
+    impl WireCount {
+        fn of<C: Wire>(clients: &[Arc<C>]) -> Self {
+            let mut c = Self::default();
+            for client in clients {
+                let s = client.quic().stats();
+                c.server_datagrams += s.udp_rx.datagrams;
+                c.client_datagrams += s.udp_tx.datagrams;
+                c.server_acks += s.frame_rx.acks;
+                c.server_stream_frames += s.frame_rx.stream;
+                c.server_flow_frames +=
+                    s.frame_rx.max_data + s.frame_rx.max_stream_data + s.frame_rx.max_streams_bidi;
+                c.client_acks += s.frame_tx.acks;
+                let f = s.frame_rx;
+                c.other += f.ping
+                    + f.immediate_ack
+                    + f.ack_frequency
+                    + f.stream_data_blocked
+                    + f.data_blocked
+                    + f.streams_blocked_bidi
+                    + f.new_connection_id
+                    + f.reset_stream
+                    + f.stop_sending;
+            }
+            c
+        }
+
+        /// Per message delivered between `self` (earlier) and `later`.
+        fn per_message(&self, later: &Self, messages: f64) -> String {
+            let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / messages.max(1.0);
+            format!(
+                "per message: server sent {:.2} datagrams ({:.2} ACK, {:.2} STREAM, {:.2} flow-control frames, {:.2} other frames), received {:.2} ({:.2} ACK frames)",
+                per(self.server_datagrams, later.server_datagrams),
+                per(self.server_acks, later.server_acks),
+                per(self.server_stream_frames, later.server_stream_frames),
+                per(self.server_flow_frames, later.server_flow_frames),
+                per(self.other, later.other),
+                per(self.client_datagrams, later.client_datagrams),
+                per(self.client_acks, later.client_acks),
+            )
+        }
     }
 
     /// The hand-off counters from the node's metrics endpoint.
@@ -701,6 +776,7 @@ mod relay {
                 "{name} saturated: cores used: server {:.2}, load generator {:.2}; {}",
                 r.saturated_cores.0, r.saturated_cores.1, r.sends
             ));
+            notes.push(format!("{name} saturated, {}", r.wire));
             let per_second: Vec<String> = r
                 .latencies
                 .p99_per_second
@@ -883,7 +959,7 @@ mod relay {
         send_one: F,
     ) -> Run
     where
-        C: Send + Sync + 'static,
+        C: Wire + Send + Sync + 'static,
         F: Fn(Arc<C>, usize) -> Fut + Clone + Send + Sync + 'static,
         Fut: std::future::Future<Output = bool> + Send + 'static,
     {
@@ -900,7 +976,12 @@ mod relay {
         tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
         let me = std::process::id();
         let (cpu0, generator0, wall0) = (cpu_seconds(pid), cpu_seconds(me), Instant::now());
+        let wire0 = WireCount::of(clients);
         let (saturated, _) = tally.phase(duration).await;
+        let wire = wire0.per_message(
+            &WireCount::of(clients),
+            saturated * wall0.elapsed().as_secs_f64(),
+        );
         let cpu = cpu_seconds(pid) - cpu0;
         let wall = wall0.elapsed().as_secs_f64();
         let saturated_cores = (cpu / wall, (cpu_seconds(me) - generator0) / wall);
@@ -935,6 +1016,7 @@ mod relay {
         phase_stop.store(true, Ordering::Relaxed);
         drain(senders).await;
         Run {
+            wire,
             sends: sends.summary(),
             handoff: Vec::new(),
             saturated,
@@ -1795,6 +1877,8 @@ mod bare {
             }
             let _ = frame::write(&mut send, &vec![1u8]).await;
             let _ = send.finish();
+            // As the node does: take the FIN, so dropping `recv` sends no STOP_SENDING.
+            switchboard::quic::read_end(&mut recv);
         }
     }
 

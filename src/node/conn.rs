@@ -15,6 +15,7 @@ use super::limits::Ticket;
 use super::{delivery, handlers};
 use crate::config::Config;
 use crate::proto::{ErrorKind, FrameError, NodeError, Reply, Request, codes, frame};
+use crate::quic;
 use crate::store::keys::KeyId;
 use crate::tls::{self, Credentials, TlsError};
 
@@ -284,4 +285,7 @@ async fn serve_stream(
     if let (Ok(Ok(None)), Some(carried)) = (received, carried) {
         carried.answered();
     }
+    // The client finished its side with the request, so its FIN is here: read it, or
+    // dropping `recv` would send a STOP_SENDING, in a packet of its own (src/quic.rs).
+    quic::read_end(&mut recv);
 }

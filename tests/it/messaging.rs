@@ -554,3 +554,26 @@ async fn a_subscription_read_cancelled_midway_loses_nothing() {
     sub.finish().await.unwrap();
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn requests_are_answered_without_a_stop_sending() {
+    // A request stream ends with the client's FIN; the node reads it, so closing the
+    // stream costs no STOP_SENDING (one packet per request otherwise, src/quic.rs).
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    let mut sub = bob.subscribe().await.unwrap();
+    assert!(backlog(&mut sub).await.is_empty());
+    for i in 0..10 {
+        alice.whoami().await.unwrap();
+        send_raw(&alice, BOB, format!("m{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    // The node reads the end once the client has acknowledged its reply: up to the
+    // client's ACK delay (25 ms) after the answer.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = alice.connection().stats();
+    assert_eq!(stats.frame_rx.stop_sending, 0, "{:?}", stats.frame_rx);
+    assert!(stats.frame_rx.stream >= 20, "{:?}", stats.frame_rx);
+}
