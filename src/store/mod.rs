@@ -291,6 +291,10 @@ fn load_queue_totals(db: &sled::Db, trees: &Trees) -> Result<QueueTotals, StoreE
 /// notices the last handle is gone (up to its 500 ms flush interval), so a database
 /// closed a moment ago in this same process (an in-process restart, a test) may still
 /// be locked: retry for a bounded time. Another process holding it still fails.
+///
+/// sled's default segment size (512 KiB) is kept on purpose: larger segments halve the
+/// disk space, but a node whose disk filled up stays full after everything is
+/// acknowledged (ARCHITECTURE.md, "Storage layout").
 fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     loop {
