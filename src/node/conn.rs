@@ -220,8 +220,9 @@ async fn serve_stream(
 ) {
     let limits = &shared.config.limits;
     let max = limits.max_frame_bytes as usize;
-    // Receipts an `Accepted` carries: confirmed once the client has the reply.
-    let mut carried = None;
+    // What a send leaves for its answer (receipts it carries, its sent-id record):
+    // confirmed once the client has the reply.
+    let mut answer = None;
     let read = tokio::time::timeout(
         limits.request_timeout,
         frame::read::<Request, _>(&mut recv, max),
@@ -234,7 +235,7 @@ async fn serve_stream(
         }
         Ok(Ok(Some(request))) => {
             let kind = request.name();
-            let reply = handlers::handle(request, &shared, &session, &mut carried).await;
+            let reply = handlers::handle(request, &shared, &session, &mut answer).await;
             shared.metrics.request(kind, &reply);
             reply
         }
@@ -282,8 +283,8 @@ async fn serve_stream(
     // Wait until the peer has the whole reply, so a graceful shutdown does not cut it
     // off; bounded, so a peer that never acknowledges cannot hold the task.
     let received = tokio::time::timeout(limits.request_timeout, send.stopped()).await;
-    if let (Ok(Ok(None)), Some(carried)) = (received, carried) {
-        carried.answered();
+    if let (Ok(Ok(None)), Some(answer)) = (received, answer) {
+        answer.answered();
     }
     // The client finished its side with the request, so its FIN is here: read it, or
     // dropping `recv` would send a STOP_SENDING, in a packet of its own (src/quic.rs).

@@ -20,13 +20,15 @@ use crate::store::{
 use crate::verify::{self, Delivery, Refusal, gateway, provider};
 
 /// Answers one request.
-/// `carried`: set by a `Send` whose answer carries delivery receipts; the caller
-/// confirms it once the reply reached the client, or drops it to queue them instead.
+/// `answer`: set by a `Send` whose answer carries delivery receipts or leaves a
+/// sent-id record; the caller confirms it once the reply reached the client
+/// ([`Waiting::answered`]), or drops it to queue the receipts instead and keep the
+/// record.
 pub async fn handle(
     request: Request,
     shared: &Arc<Shared>,
     session: &Session,
-    carried: &mut Option<Waiting>,
+    answer: &mut Option<Waiting>,
 ) -> Reply {
     let result = match request {
         Request::RequestCode {
@@ -51,7 +53,7 @@ pub async fn handle(
         Request::FetchBundles { number, claim } => {
             fetch_bundles(shared, session, &number, claim).await
         }
-        Request::Send(outgoing) => send(shared, session, outgoing, carried).await,
+        Request::Send(outgoing) => send(shared, session, outgoing, answer).await,
         // The connection layer turns a Subscribe stream into a delivery stream before
         // it gets here; a Subscribe that arrives here is a bug, answered as one.
         Request::Subscribe => Err(NodeError::new(
@@ -758,7 +760,7 @@ async fn send(
     shared: &Arc<Shared>,
     session: &Session,
     outgoing: Outgoing,
-    carried: &mut Option<Waiting>,
+    answer: &mut Option<Waiting>,
 ) -> Result<Response, NodeError> {
     let me = authenticated(shared, session).await?;
     let to = outgoing.to.as_str();
@@ -829,9 +831,10 @@ async fn send(
             .await?
         }
     };
-    let waiting = Waiting {
+    let mut waiting = Waiting {
         shared: shared.clone(),
         waiter,
+        sent: None,
     };
     let (accepted_at_ms, duplicate) = match outcome {
         AppendOutcome::Queued { accepted_at_ms } => {
@@ -873,8 +876,13 @@ async fn send(
         .as_ref()
         .map(TicketWaiter::delivered)
         .unwrap_or_default();
-    if !delivered.is_empty() {
-        *carried = Some(waiting);
+    // A written send left a sent-id record (a send acknowledged from memory left
+    // none), which can go once the client has this answer.
+    if written {
+        waiting.sent = Some((sender, id));
+    }
+    if !delivered.is_empty() || written {
+        *answer = Some(waiting);
     }
     Ok(Response::Accepted(Accepted {
         id,
@@ -884,20 +892,32 @@ async fn send(
     }))
 }
 
-/// A send handler's wait on its staged send, kept until its answer reached the
-/// sender ([`Waiting::answered`]). Dropped before that (the request was cancelled or
-/// failed, or the reply was lost), it leaves the ticket: the receipts the answer
-/// carried are queued for the sender instead, whose delivery stream is woken.
+/// What a send leaves waiting on its answer: its place in a staged send's ticket
+/// (the receipts the answer carries) and its sent-id record. Kept until the answer
+/// reached the sender ([`Waiting::answered`]). Dropped before that (the request was
+/// cancelled or failed, or the reply was lost), it leaves the ticket: the receipts
+/// are queued for the sender instead, whose delivery stream is woken; and the
+/// record stays, so that the sender's resend queues nothing.
 pub struct Waiting {
     shared: Arc<Shared>,
     waiter: Option<TicketWaiter>,
+    /// The sender and id of a send whose sent-id record was written.
+    sent: Option<(DeviceRef, [u8; 16])>,
 }
 
 impl Waiting {
-    /// The reply carrying the receipts reached the sender.
+    /// The reply reached the sender: its receipts are delivered, and its sent-id
+    /// record is removed (on the store thread; nobody waits for it).
     pub fn answered(mut self) {
         if let Some(waiter) = self.waiter.take() {
             waiter.answered();
+        }
+        if let Some((sender, id)) = self.sent.take() {
+            self.shared
+                .worker
+                .detach("removing an answered sent-id", move |store| {
+                    store.forget_sent(sender, id)
+                });
         }
     }
 }

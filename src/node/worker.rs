@@ -55,6 +55,23 @@ impl StoreWorker {
         }
     }
 
+    /// Queues `op` on the store thread without waiting for it; a failure is logged
+    /// as `what`. For work nobody waits on.
+    pub fn detach(
+        &self,
+        what: &'static str,
+        op: impl FnOnce(&Store) -> Result<(), StoreError> + Send + 'static,
+    ) {
+        let job: Job = Box::new(move |store| {
+            if let Err(e) = op(store) {
+                tracing::warn!(error = %e, "{what} failed");
+            }
+        });
+        if self.jobs.send(Some(job)).is_err() {
+            tracing::debug!("{what} dropped: the store thread has stopped");
+        }
+    }
+
     /// Runs `op` on the store thread and waits for it without blocking.
     pub async fn run<T: Send + 'static>(
         &self,

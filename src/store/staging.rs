@@ -134,6 +134,12 @@ impl Staging {
         self.bytes
     }
 
+    /// Drops the staged sent-id `sent`, so its unit is written without it; false
+    /// when it is not staged.
+    pub(super) fn forget_sent(&mut self, sent: &SentKey) -> bool {
+        self.sent.remove(sent).is_some()
+    }
+
     fn has(&self, dk: &DeviceKey) -> bool {
         self.devices.get(dk).is_some_and(|m| !m.is_empty())
     }

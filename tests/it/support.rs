@@ -517,3 +517,60 @@ pub fn parse_openmetrics(text: &str) -> Vec<(String, f64)> {
     }
     samples
 }
+
+/// A UDP relay on 127.0.0.1 between one client and a node that can lose the node's
+/// datagrams on their way back: with [`LossyRelay::lose_replies`] on, the node's
+/// answers never reach the client (nor do its acknowledgements, so the client's
+/// QUIC resends its own packets, which still get through).
+pub struct LossyRelay {
+    pub addr: String,
+    lose: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LossyRelay {
+    pub async fn start(node: &str) -> LossyRelay {
+        let outer = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("relay socket");
+        let inner = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("relay socket");
+        inner.connect(node).await.expect("relay to node");
+        let addr = outer.local_addr().expect("relay addr").to_string();
+        let lose = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let losing = lose.clone();
+        let task = tokio::spawn(async move {
+            let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    got = outer.recv_from(&mut up) => {
+                        let Ok((n, from)) = got else { return };
+                        client = Some(from);
+                        let _ = inner.send(&up[..n]).await;
+                    }
+                    got = inner.recv(&mut down) => {
+                        let Ok(n) = got else { return };
+                        let lost = losing.load(std::sync::atomic::Ordering::SeqCst);
+                        if let (Some(to), false) = (client, lost) {
+                            let _ = outer.send_to(&down[..n], to).await;
+                        }
+                    }
+                }
+            }
+        });
+        LossyRelay { addr, lose, task }
+    }
+
+    /// From now on, lose every datagram from the node (or pass them again).
+    pub fn lose_replies(&self, lose: bool) {
+        self.lose.store(lose, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for LossyRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

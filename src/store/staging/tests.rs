@@ -226,6 +226,45 @@ fn a_resend_while_staged_is_a_duplicate_with_the_same_ticket() {
 }
 
 #[test]
+fn an_answered_send_leaves_no_sent_id_and_its_resend_is_queued_again() {
+    let (_dir, store, alice, bob) = alice_and_bob();
+    // Written at once (bob offline): the record is in sled until the answer.
+    assert!(send(&store, alice, bob, 1, 1000.into()).1.is_none());
+    assert_eq!(store.trees.sent_message.len(), 1);
+    store.forget_sent(alice, [1; 16]).expect("forget");
+    assert_eq!(store.trees.sent_message.len(), 0);
+    let (outcome, _) = send(&store, alice, bob, 1, 1000.into());
+    assert!(
+        matches!(outcome, AppendOutcome::Queued { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(store.queue_len(bob).expect("len"), 2);
+
+    // Staged, and its items written by a write that is not its unit's (bob went
+    // slow): answered before the write-behind reaches the unit, whose record then
+    // is never written.
+    let (_, ticket) = send(&store, alice, bob, 2, online(&[bob], usize::MAX));
+    let ticket = ticket.expect("staged");
+    store
+        .write_device_staged(&mut store.queue_writer(), bob.key())
+        .expect("write");
+    assert!(settled(&ticket) && ticket.written());
+    store.forget_sent(alice, [2; 16]).expect("forget");
+    assert_eq!(store.write_staged(None).expect("write").units, 1);
+    assert_eq!(
+        store.trees.sent_message.len(),
+        1,
+        "only the resend's record"
+    );
+    assert_eq!(staged_seqs(&store, bob), Vec::<u64>::new());
+    assert_eq!(store.queue_len(bob).expect("len"), 3);
+
+    // Forgetting a record that is not there changes nothing.
+    store.forget_sent(bob, [9; 16]).expect("forget");
+    assert_eq!(store.trees.sent_message.len(), 1);
+}
+
+#[test]
 fn a_receipt_written_straight_to_sled_follows_the_senders_staged_items() {
     let (_dir, store, alice, bob) = alice_and_bob();
     // Alice to an offline Bob: in sled. Bob to an online Alice: in memory.
