@@ -879,7 +879,7 @@ async fn send(
     // A written send left a sent-id record (a send acknowledged from memory left
     // none), which can go once the client has this answer.
     if written {
-        waiting.sent = Some((sender, id));
+        waiting.sent = Some((sender, id, accepted_at_ms));
     }
     if !delivered.is_empty() || written {
         *answer = Some(waiting);
@@ -901,8 +901,8 @@ async fn send(
 pub struct Waiting {
     shared: Arc<Shared>,
     waiter: Option<TicketWaiter>,
-    /// The sender and id of a send whose sent-id record was written.
-    sent: Option<(DeviceRef, [u8; 16])>,
+    /// The sender, id and accept time of a send whose sent-id record was written.
+    sent: Option<(DeviceRef, [u8; 16], u64)>,
 }
 
 impl Waiting {
@@ -912,11 +912,11 @@ impl Waiting {
         if let Some(waiter) = self.waiter.take() {
             waiter.answered();
         }
-        if let Some((sender, id)) = self.sent.take() {
+        if let Some((sender, id, at)) = self.sent.take() {
             self.shared
                 .worker
                 .detach("removing an answered sent-id", move |store| {
-                    store.forget_sent(sender, id)
+                    store.forget_sent(sender, id, at)
                 });
         }
     }

@@ -525,23 +525,35 @@ impl Store {
         Ok(dropped)
     }
 
-    /// `sender` holds the answer to its send `id` (QUIC confirmed the reply): the
-    /// sent-id record, kept so that a resend after a lost answer queues nothing, has
-    /// done its job, and goes. Kept until the TTL, one record per send grew the data
-    /// dir under steady churn (BENCHMARKS.md). A client that resends anyway (it
-    /// crashed before saving the answer) queues a second copy, which the recipient
-    /// drops by id. Not flushed: a removal lost in a crash leaves the record to the
-    /// sweep. Caller: the store thread.
-    pub fn forget_sent(&self, sender: DeviceRef, id: [u8; 16]) -> Result<(), StoreError> {
+    /// `sender` holds the answer to its send `id`, accepted at `accepted_at_ms` (QUIC
+    /// confirmed the reply): the sent-id record, kept so that a resend after a lost
+    /// answer queues nothing, has done its job, and goes. Kept until the TTL, one
+    /// record per send grew the data dir under steady churn (BENCHMARKS.md). A client
+    /// that resends anyway (it crashed before saving the answer) queues a second
+    /// copy, which the recipient drops by id. Only the record of that acceptance goes,
+    /// never a later send's of the same id. Not flushed: a removal lost in a crash
+    /// leaves the record to the sweep. Caller: the store thread.
+    pub fn forget_sent(
+        &self,
+        sender: DeviceRef,
+        id: [u8; 16],
+        accepted_at_ms: u64,
+    ) -> Result<(), StoreError> {
         let _gate = self.writing();
         let sent_key = keys::sent(sender.key(), &id);
         // Under the writer lock, so a write-behind that is writing the send's unit
         // finishes first; a record still staged is dropped and never written.
         let mut q = self.queue_writer();
-        if q.staged.forget_sent(&sent_key) {
+        if q.staged.forget_sent(&sent_key, accepted_at_ms) {
             return Ok(());
         }
-        self.trees.sent_message.remove(&sent_key[..])?;
+        let at = accepted_at_ms.to_be_bytes();
+        // Fails (harmlessly) when the record is gone or is another acceptance's.
+        let _ = self.trees.sent_message.compare_and_swap(
+            &sent_key[..],
+            Some(&at[..]),
+            None::<&[u8]>,
+        )?;
         Ok(())
     }
 

@@ -103,7 +103,9 @@ struct Staged {
 struct Unit {
     at: Instant,
     items: Vec<(DeviceKey, u64)>,
-    sent: Option<SentKey>,
+    /// A send's sent-id and ticket: the unit writes the staged entry for this key
+    /// only while it is still its own (once answered, the key may be a resend's).
+    sent: Option<(SentKey, Arc<Ticket>)>,
 }
 
 /// The staged items, under the queue writer lock.
@@ -134,10 +136,18 @@ impl Staging {
         self.bytes
     }
 
-    /// Drops the staged sent-id `sent`, so its unit is written without it; false
-    /// when it is not staged.
-    pub(super) fn forget_sent(&mut self, sent: &SentKey) -> bool {
-        self.sent.remove(sent).is_some()
+    /// Drops the staged sent-id `sent` accepted at `accepted_at_ms`, so its unit is
+    /// written without it; false when it is not staged.
+    pub(super) fn forget_sent(&mut self, sent: &SentKey, accepted_at_ms: u64) -> bool {
+        if self
+            .sent
+            .get(sent)
+            .is_some_and(|(at, _)| *at == accepted_at_ms)
+        {
+            self.sent.remove(sent);
+            return true;
+        }
+        false
     }
 
     fn has(&self, dk: &DeviceKey) -> bool {
@@ -285,7 +295,7 @@ impl Store {
         let Some(unit) = q.staged.units.front() else {
             return Ok(None);
         };
-        let (items, sent) = (unit.items.clone(), unit.sent);
+        let (items, sent) = (unit.items.clone(), unit.sent.clone());
         let mut written = 0;
         for (dk, seq) in items {
             if self.write_staged_item(q, dk, seq)? {
@@ -300,16 +310,18 @@ impl Store {
         // acknowledged). A send that every device acknowledged from memory leaves
         // no record: the sender was answered, and a resend after a lost answer is
         // delivered again and dropped by id, like one after a crash.
-        if let Some(sent) = sent
-            && let Some((at, ticket)) = q.staged.sent.get(&sent)
-            && ticket.written()
+        // An entry that is not this unit's (its sender was answered, the record
+        // forgotten, and the id sent again) belongs to the resend's unit.
+        if let Some((sent, ours)) = &sent
+            && let Some((at, ticket)) = q.staged.sent.get(sent)
+            && Arc::ptr_eq(ticket, ours)
         {
-            self.trees
-                .sent_message
-                .insert(&sent[..], &at.to_be_bytes()[..])?;
-        }
-        if let Some(sent) = sent {
-            q.staged.sent.remove(&sent);
+            if ticket.written() {
+                self.trees
+                    .sent_message
+                    .insert(&sent[..], &at.to_be_bytes()[..])?;
+            }
+            q.staged.sent.remove(sent);
         }
         q.staged.units.pop_front();
         Ok(Some(written))
@@ -349,7 +361,7 @@ impl Store {
         q.staged.units.push_back(Unit {
             at: Instant::now(),
             items,
-            sent: Some(sent),
+            sent: Some((sent, ticket.clone())),
         });
         TicketWaiter::first(ticket, self)
     }

@@ -13,7 +13,7 @@ use switchboard::tls::Credentials;
 
 use crate::support::{
     ALICE, BIN, BOB, CAROL, CODE, ProcessNode, config_text, http_get, kind, next_push, outgoing,
-    parse_openmetrics, push_numbers, send_numbered, show, stdout,
+    parse_openmetrics, push_numbers, sample, send_numbered, show, stdout,
 };
 
 /// Runs `switchboard admin ARGS --data DATA`.
@@ -279,14 +279,6 @@ async fn backup_under_load_restores_every_acknowledged_message() {
         got.len(),
         all.len()
     );
-}
-
-fn sample(samples: &[(String, f64)], series: &str) -> f64 {
-    samples
-        .iter()
-        .find(|(s, _)| s == series)
-        .map(|(_, v)| *v)
-        .unwrap_or_else(|| panic!("no sample {series}"))
 }
 
 #[tokio::test]

@@ -176,7 +176,10 @@ async fn order_holds_per_sender_with_several_senders() {
 #[tokio::test]
 async fn a_resend_after_a_lost_answer_queues_nothing_new() {
     // The node waits this long for QUIC to confirm that an answer arrived.
-    let node = InProcessNode::start(&config_text("[limits]\nrequest_timeout_ms = 1000\n")).await;
+    let node = InProcessNode::start(&config_text(
+        "[limits]\nrequest_timeout_ms = 500\n[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
+    ))
+    .await;
     let creds = switchboard::tls::Credentials::generate_device().unwrap().0;
     let alice = node.connect_as(&creds).await;
     register(&alice, ALICE).await;
@@ -201,9 +204,9 @@ async fn a_resend_after_a_lost_answer_queues_nothing_new() {
         "the node queued the first try"
     );
     // Give the node time to write the send (its window is 500 ms), answer, and give
-    // up waiting for the lost answer's acknowledgement. (Should it still be waiting,
-    // the resend below joins the first try and passes without testing this.)
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // up waiting for the lost answer's acknowledgement (500 ms). (Should it still be
+    // waiting, the resend below joins the first try and passes without testing this.)
+    tokio::time::sleep(Duration::from_millis(3000)).await;
 
     // So Alice sends again, over a connection that works: same message, same time.
     let again = send_with_id(&alice, BOB, id, b"once").await.unwrap();
@@ -212,6 +215,14 @@ async fn a_resend_after_a_lost_answer_queues_nothing_new() {
     lost.abort();
     sub.finish().await.expect("finish");
     assert_eq!(bodies(&drain(&bob).await), ["once"], "one copy queued");
+    // Answered, but not counted as a new message.
+    let url = node.metrics.clone().expect("metrics url");
+    let (_, _, text) = tokio::task::spawn_blocking(move || http_get(&url))
+        .await
+        .expect("metrics");
+    let samples = parse_openmetrics(&text);
+    let accepted = sample(&samples, "switchboard_messages_accepted_total");
+    assert_eq!(accepted, 1.0, "{text}");
 
     // The same id from another sender is another message.
     let carol = node.registered(CAROL).await;

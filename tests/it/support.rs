@@ -287,6 +287,8 @@ pub struct InProcessNode {
     pub dir: tempfile::TempDir,
     pub addr: String,
     pub fingerprint: Fingerprint,
+    /// The metrics endpoint's URL, when the config turns it on.
+    pub metrics: Option<String>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -310,6 +312,7 @@ impl InProcessNode {
         let node = Node::bind(config).await.expect("bind node");
         let addr = node.local_addr().expect("local addr").to_string();
         let fingerprint = node.fingerprint();
+        let metrics = node.metrics_addr().map(|a| format!("http://{a}/metrics"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             node.run(async {
@@ -322,6 +325,7 @@ impl InProcessNode {
             dir,
             addr,
             fingerprint,
+            metrics,
             stop: Some(stop),
             task: Some(task),
         }
@@ -461,6 +465,15 @@ pub fn http_get(url: &str) -> (String, String, String) {
 
 /// Checks the OpenMetrics text exposition strictly enough to catch a broken one and
 /// returns every sample as (name with labels, value).
+/// The value of `series` in parsed metrics; panics when it is missing.
+pub fn sample(samples: &[(String, f64)], series: &str) -> f64 {
+    samples
+        .iter()
+        .find(|(s, _)| s == series)
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("no sample {series}"))
+}
+
 pub fn parse_openmetrics(text: &str) -> Vec<(String, f64)> {
     let mut typed = BTreeSet::new();
     let mut samples = Vec::new();

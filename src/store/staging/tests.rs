@@ -231,7 +231,7 @@ fn an_answered_send_leaves_no_sent_id_and_its_resend_is_queued_again() {
     // Written at once (bob offline): the record is in sled until the answer.
     assert!(send(&store, alice, bob, 1, 1000.into()).1.is_none());
     assert_eq!(store.trees.sent_message.len(), 1);
-    store.forget_sent(alice, [1; 16]).expect("forget");
+    store.forget_sent(alice, [1; 16], 1).expect("forget");
     assert_eq!(store.trees.sent_message.len(), 0);
     let (outcome, _) = send(&store, alice, bob, 1, 1000.into());
     assert!(
@@ -249,7 +249,7 @@ fn an_answered_send_leaves_no_sent_id_and_its_resend_is_queued_again() {
         .write_device_staged(&mut store.queue_writer(), bob.key())
         .expect("write");
     assert!(settled(&ticket) && ticket.written());
-    store.forget_sent(alice, [2; 16]).expect("forget");
+    store.forget_sent(alice, [2; 16], 1).expect("forget");
     assert_eq!(store.write_staged(None).expect("write").units, 1);
     assert_eq!(
         store.trees.sent_message.len(),
@@ -259,9 +259,62 @@ fn an_answered_send_leaves_no_sent_id_and_its_resend_is_queued_again() {
     assert_eq!(staged_seqs(&store, bob), Vec::<u64>::new());
     assert_eq!(store.queue_len(bob).expect("len"), 3);
 
-    // Forgetting a record that is not there changes nothing.
-    store.forget_sent(bob, [9; 16]).expect("forget");
+    // Forgetting a record that is not there, or another acceptance's, changes nothing.
+    store.forget_sent(bob, [9; 16], 1).expect("forget");
+    store.forget_sent(alice, [1; 16], 2).expect("forget");
     assert_eq!(store.trees.sent_message.len(), 1);
+}
+
+#[test]
+fn a_resend_after_a_forgotten_staged_record_keeps_its_own_record() {
+    let (_dir, store, alice, bob) = alice_and_bob();
+    store.queue_len(bob).expect("len");
+    // To bob (online: staged) and to alice's own device (offline: written at once),
+    // so the ticket counts as written and its unit would write the record.
+    let both = |id: u8, at: u64| {
+        store
+            .append_with(
+                alice,
+                ALICE,
+                [id; 16],
+                vec![(bob, vec![id]), (alice, vec![id])],
+                at,
+                online(&[bob], usize::MAX),
+            )
+            .expect("append")
+    };
+    let (_, first) = both(5, 1);
+    assert!(first.expect("staged").written());
+    // Answered (bob acknowledged in time, say), and the record forgotten while the
+    // first unit waits for its window; then the client sends the same id again.
+    store.forget_sent(alice, [5; 16], 1).expect("forget");
+    let (outcome, again) = both(5, 2);
+    assert_eq!(outcome, AppendOutcome::Queued { accepted_at_ms: 2 });
+    let again = again.expect("staged");
+    // The first unit is written: the staged record is the resend's, not its own.
+    assert_eq!(
+        store
+            .write_oldest_unit(&mut store.queue_writer(), false)
+            .expect("write"),
+        Some(1)
+    );
+    assert_eq!(
+        store.trees.sent_message.len(),
+        0,
+        "no record before its items"
+    );
+    assert_eq!(staged_seqs(&store, bob).len(), 1);
+    // A late forget of the first acceptance leaves the resend's record alone.
+    store.forget_sent(alice, [5; 16], 1).expect("forget");
+    assert_eq!(store.write_staged(None).expect("write").units, 1);
+    assert!(settled(&again));
+    let record = store
+        .trees
+        .sent_message
+        .get(keys::sent(alice.key(), &[5; 16]))
+        .expect("read")
+        .expect("the resend's record");
+    assert_eq!(records::queued_at(&record), Some(2));
 }
 
 #[test]
