@@ -81,6 +81,9 @@ enum Scenario {
         accounts: usize,
         #[arg(long, default_value_t = 256)]
         size: usize,
+        /// How many times the volume goes through the queues (at least 2).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(2..=20))]
+        volumes: u64,
     },
     /// A 1,000-contact discovery sync against indexes of 100,000 and 1,000,000 accounts.
     Discovery {
@@ -129,7 +132,8 @@ fn main() {
                 envelopes,
                 accounts,
                 size,
-            } => storage::run(envelopes, accounts, size),
+                volumes,
+            } => storage::run(envelopes, accounts, size, volumes),
             Scenario::Backup {
                 envelopes,
                 accounts,
@@ -1499,8 +1503,10 @@ mod storage {
     const BATCH: usize = 1000;
     const RECIPIENTS: u64 = 1000;
 
-    pub fn run(envelopes: usize, accounts: usize, size: usize) -> Result<()> {
-        println!("storage: {envelopes} envelopes of {size} bytes, {accounts} accounts");
+    pub fn run(envelopes: usize, accounts: usize, size: usize, volumes: u64) -> Result<()> {
+        println!(
+            "storage: {envelopes} envelopes of {size} bytes, {accounts} accounts, {volumes} volumes"
+        );
         let tmp = tempfile::tempdir().map_err(err)?;
         let data = tmp.path().join("data");
         std::fs::create_dir_all(&data).map_err(err)?;
@@ -1546,7 +1552,7 @@ mod storage {
                 // (not flushed; the next group commit carries the removals).
                 for i in chunk * BATCH..((chunk + 1) * BATCH).min(envelopes) {
                     store
-                        .forget_sent(sender, message_id(round, i))
+                        .forget_sent(sender, message_id(round, i), 1)
                         .map_err(err)?;
                 }
             }
@@ -1585,15 +1591,19 @@ mod storage {
         let with_live = switchboard::admin::dir_size(&db_path);
         let queued_bytes = with_live.saturating_sub(after_accounts);
         let ack1 = ack_all()?;
-        let after_ack = switchboard::admin::dir_size(&db_path);
-        let (append2, _) = append(2)?;
-        let ack2 = ack_all()?;
-        let after_second = switchboard::admin::dir_size(&db_path);
-        append(3)?;
-        ack_all()?;
-        let after_third = switchboard::admin::dir_size(&db_path);
+        // The queue part (the data dir less its size with the accounts alone) after
+        // each volume went through and was acknowledged.
+        let mut emptied =
+            vec![switchboard::admin::dir_size(&db_path).saturating_sub(after_accounts)];
+        let mut later = (Duration::ZERO, Duration::ZERO);
+        for round in 2..=volumes {
+            let (append_took, _) = append(round)?;
+            let ack_took = ack_all()?;
+            later = (append_took, ack_took);
+            emptied.push(switchboard::admin::dir_size(&db_path).saturating_sub(after_accounts));
+        }
         // Leave 1M live envelopes for the open test.
-        let (_, _) = append(4)?;
+        let (_, _) = append(volumes + 1)?;
         let with_live_again = switchboard::admin::dir_size(&db_path);
         // A clean shutdown's last write, as the node's.
         store.save_queue_totals().map_err(err)?;
@@ -1635,14 +1645,13 @@ mod storage {
 
         // Raw sled with the same keys, value sizes and group commit.
         let value_len = (live / envelopes.max(1) as u64) as usize - 20;
-        let raw = raw_churn(&tmp.path().join("raw"), envelopes, value_len)?;
+        let raw = raw_churn(&tmp.path().join("raw"), envelopes, value_len, volumes)?;
 
-        // The queue part: the data dir less its size with the accounts alone.
-        let queue_after_ack = after_ack.saturating_sub(after_accounts);
-        let queue_after_second = after_second.saturating_sub(after_accounts);
-        let queue_after_third = after_third.saturating_sub(after_accounts);
-        let queue_growth = queue_after_second as f64 / queue_after_ack.max(1) as f64;
-        let queue_growth_third = queue_after_third as f64 / queue_after_second.max(1) as f64;
+        let growth = |sizes: &[u64]| match sizes {
+            [.., before, last] => *last as f64 / (*before).max(1) as f64,
+            _ => 1.0,
+        };
+        let last = |sizes: &[u64]| sizes.last().copied().unwrap_or(0);
         let per_sec = |d: Duration| envelopes as f64 / d.as_secs_f64();
         let mib = |b: u64| b as f64 / 1048576.0;
         report(
@@ -1679,36 +1688,22 @@ mod storage {
                     scenario: "storage",
                     metric: "queue part after all acknowledged".into(),
                     unit: "MiB",
-                    node: mib(queue_after_ack),
-                    limit: Some(mib(raw.after_remove)),
+                    node: mib(emptied[0]),
+                    limit: Some(mib(raw.emptied[0])),
                 },
                 Figure {
                     scenario: "storage",
-                    metric: "queue part after a second volume, acknowledged".into(),
+                    metric: format!("queue part after volume {volumes}, acknowledged"),
                     unit: "MiB",
-                    node: mib(queue_after_second),
-                    limit: Some(mib(raw.after_second)),
+                    node: mib(last(&emptied)),
+                    limit: Some(mib(last(&raw.emptied))),
                 },
                 Figure {
                     scenario: "storage",
-                    metric: "growth from the second volume".into(),
+                    metric: format!("growth from volume {volumes}"),
                     unit: "x",
-                    node: queue_growth,
-                    limit: Some(raw.after_second as f64 / raw.after_remove.max(1) as f64),
-                },
-                Figure {
-                    scenario: "storage",
-                    metric: "queue part after a third volume, acknowledged".into(),
-                    unit: "MiB",
-                    node: mib(queue_after_third),
-                    limit: Some(mib(raw.after_third)),
-                },
-                Figure {
-                    scenario: "storage",
-                    metric: "growth from the third volume".into(),
-                    unit: "x",
-                    node: queue_growth_third,
-                    limit: Some(raw.after_third as f64 / raw.after_second.max(1) as f64),
+                    node: growth(&emptied),
+                    limit: Some(growth(&raw.emptied)),
                 },
                 Figure {
                     scenario: "storage",
@@ -1741,13 +1736,18 @@ mod storage {
                     mib(after_accounts)
                 ),
                 format!(
-                    "data dir with accounts and {envelopes} live envelopes: {:.0} MiB; second round append {:.1}s, ack {:.1}s; fourth fill {:.0} MiB",
+                    "data dir with accounts and {envelopes} live envelopes: {:.0} MiB; last volume append {:.1}s, ack {:.1}s; then filled again: {:.0} MiB",
                     mib(with_live),
-                    append2.as_secs_f64(),
-                    ack2.as_secs_f64(),
+                    later.0.as_secs_f64(),
+                    later.1.as_secs_f64(),
                     mib(with_live_again)
                 ),
-                "live bytes: key + value of each queue entry; queue part: the data dir less its size with the accounts alone (so it holds the sent-id records too, each removed once its sender has the answer); limit: raw sled, same key and value sizes and flush cadence, the same churn (filled and emptied three times)".into(),
+                format!(
+                    "queue part after each volume (MiB): node {}; raw sled {}",
+                    sizes(&emptied),
+                    sizes(&raw.emptied)
+                ),
+                "live bytes: key + value of each queue entry; queue part: the data dir less its size with the accounts alone (so it holds the sent-id records too, each removed once its sender has the answer); limit: raw sled, same key and value sizes and flush cadence, the same churn (filled and emptied as often)".into(),
                 "open: the first start after the fill and a clean shutdown (sled replays the whole log: it snapshots only at open), then a restart after the node was killed; limits: sled::open alone on a copy made before the first start, then on the data dir after the restarts".into(),
             ],
         );
@@ -1762,23 +1762,28 @@ mod storage {
         id
     }
 
+    /// Sizes in MiB, comma-separated.
+    fn sizes(bytes: &[u64]) -> String {
+        let mib: Vec<String> = bytes
+            .iter()
+            .map(|b| format!("{:.0}", *b as f64 / 1048576.0))
+            .collect();
+        mib.join(", ")
+    }
+
     /// Data dir sizes of raw sled through the same churn as the node's queues.
     struct RawChurn {
         append_took: Duration,
         /// With every envelope live.
         filled: u64,
-        /// After all were removed.
-        after_remove: u64,
-        /// After the same volume again, all removed.
-        after_second: u64,
-        /// After a third volume, all removed.
-        after_third: u64,
+        /// After each volume, all removed.
+        emptied: Vec<u64>,
     }
 
     /// Raw sled in `dir`: `envelopes` queue entries (the node's key layout, values of
     /// `value_len` bytes) inserted with a flush every BATCH, all removed (flushing every
-    /// BATCH, like the acknowledgements), and twice more the same.
-    fn raw_churn(dir: &Path, envelopes: usize, value_len: usize) -> Result<RawChurn> {
+    /// BATCH, like the acknowledgements), `volumes` times.
+    fn raw_churn(dir: &Path, envelopes: usize, value_len: usize, volumes: u64) -> Result<RawChurn> {
         let db = sled::open(dir).map_err(err)?;
         let tree = db.open_tree("queue").map_err(err)?;
         let value = vec![0x3Cu8; value_len];
@@ -1811,19 +1816,16 @@ mod storage {
         let append_took = started.elapsed();
         let filled = switchboard::admin::dir_size(dir);
         remove_all()?;
-        let after_remove = switchboard::admin::dir_size(dir);
-        fill()?;
-        remove_all()?;
-        let after_second = switchboard::admin::dir_size(dir);
-        fill()?;
-        remove_all()?;
-        let after_third = switchboard::admin::dir_size(dir);
+        let mut emptied = vec![switchboard::admin::dir_size(dir)];
+        for _ in 2..=volumes {
+            fill()?;
+            remove_all()?;
+            emptied.push(switchboard::admin::dir_size(dir));
+        }
         Ok(RawChurn {
             append_took,
             filled,
-            after_remove,
-            after_second,
-            after_third,
+            emptied,
         })
     }
 }
