@@ -493,6 +493,10 @@ enum Op {
     Send { from: usize, online: bool },
     /// Device `who` acknowledges the item at `index` (modulo its queue) of its queue.
     Ack { who: usize, index: usize },
+    /// The send at `index` (modulo the sends so far) is sent again, with its id.
+    Resend { index: usize, online: bool },
+    /// The sender of the send at `index` got its answer: its sent-id record goes.
+    Forget { index: usize },
     /// The write-behind at shutdown or for a backup: everything.
     WriteAll,
     /// The write-behind with every window run out (devices become slow).
@@ -503,6 +507,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..2usize, any::<bool>()).prop_map(|(from, online)| Op::Send { from, online }),
         3 => (0..2usize, 0..8usize).prop_map(|(who, index)| Op::Ack { who, index }),
+        1 => (0..40usize, any::<bool>()).prop_map(|(index, online)| Op::Resend { index, online }),
+        1 => (0..40usize).prop_map(|index| Op::Forget { index }),
         1 => Just(Op::WriteAll),
         1 => Just(Op::Expire),
     ]
@@ -512,8 +518,9 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     /// Whatever mix of staged and written items, acknowledgements from memory
-    /// and from sled, and write-behind runs: every queue reads back as the model
-    /// says, in seq order, with sled holding only items older than any staged.
+    /// and from sled, resends, answered sends and write-behind runs: every queue
+    /// reads back as the model says, in seq order, with sled holding only items
+    /// older than any staged, and no sent-id record in sled before its items.
     #[test]
     fn queues_read_back_as_the_model_says(ops in proptest::collection::vec(op(), 1..40)) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -522,11 +529,21 @@ proptest! {
         let numbers = [ALICE, BOB];
         // Per device: what its queue holds, as `ids` renders it.
         let mut model: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+        // Every send so far: (sender, id).
+        let mut sends: Vec<(usize, u8)> = Vec::new();
         for (n, op) in ops.into_iter().enumerate() {
+            let send = match op {
+                Op::Send { from, online } => Some((from, n as u8, online)),
+                Op::Resend { index, online } if !sends.is_empty() => {
+                    let (from, id) = sends[index % sends.len()];
+                    Some((from, id, online))
+                }
+                _ => None,
+            };
             match op {
-                Op::Send { from, online: is_online } => {
+                Op::Send { .. } | Op::Resend { .. } => {
+                    let Some((from, id, is_online)) = send else { continue };
                     let to = 1 - from;
-                    let id = n as u8;
                     let policy = if is_online {
                         online(&[devices[to]], 4096)
                     } else {
@@ -534,18 +551,35 @@ proptest! {
                     };
                     // As the node does: in memory if it can, else the full append.
                     let envelopes = vec![(devices[to], vec![id])];
-                    match store
+                    let outcome = match store
                         .append_in_memory(devices[from], numbers[from], [id; 16], envelopes, 1, &policy)
                         .expect("append in memory")
                     {
-                        crate::store::InMemory::Done(..) => {}
+                        crate::store::InMemory::Done(outcome, _) => outcome,
                         crate::store::InMemory::NeedsStore(envelopes) => {
                             store
                                 .append_with(devices[from], numbers[from], [id; 16], envelopes, 1, policy)
-                                .expect("append");
+                                .expect("append")
+                                .0
                         }
+                    };
+                    match outcome {
+                        AppendOutcome::Queued { .. } => model[to].push(id),
+                        AppendOutcome::Duplicate { .. } => {
+                            prop_assert!(matches!(op, Op::Resend { .. }), "a new id is no duplicate");
+                        }
+                        AppendOutcome::QueueFull { .. } => prop_assert!(false, "no queue is full"),
                     }
-                    model[to].push(id);
+                    if matches!(op, Op::Send { .. }) {
+                        sends.push((from, id));
+                    }
+                }
+                Op::Forget { index } => {
+                    if sends.is_empty() {
+                        continue;
+                    }
+                    let (from, id) = sends[index % sends.len()];
+                    store.forget_sent(devices[from], [id; 16], 1).expect("forget");
                 }
                 Op::Ack { who, index } => {
                     let page = store.queue_page(devices[who], None, 100).expect("page");
@@ -581,6 +615,19 @@ proptest! {
                 store.queue_totals().0,
                 (model[0].len() + model[1].len()) as u64
             );
+            // A sent-id record in sled means its items are in sled (or acknowledged):
+            // none of them is still staged.
+            let q = store.queue_writer();
+            for key in store.trees.sent_message.iter().keys() {
+                let key = key.expect("sent key");
+                let staged = q.staged.devices.values().flat_map(|m| m.values());
+                for item in staged {
+                    if let Some((sender, id)) = item.from {
+                        let mine = keys::sent(sender.key(), &id);
+                        prop_assert!(mine[..] != key[..], "a record in sled before its items");
+                    }
+                }
+            }
         }
     }
 }
