@@ -1533,7 +1533,8 @@ mod storage {
             let started = Instant::now();
             let mut live = 0u64;
             for chunk in 0..envelopes.div_ceil(BATCH) {
-                for i in chunk * BATCH..((chunk + 1) * BATCH).min(envelopes) {
+                let batch = chunk * BATCH..((chunk + 1) * BATCH).min(envelopes);
+                for i in batch.clone() {
                     store
                         .append(
                             sender,
@@ -1550,7 +1551,7 @@ mod storage {
                 store.flush_blocking().map_err(err)?; // the group commit
                 // The sender has its answers: the node drops their sent-id records
                 // (not flushed; the next group commit carries the removals).
-                for i in chunk * BATCH..((chunk + 1) * BATCH).min(envelopes) {
+                for i in batch {
                     store
                         .forget_sent(sender, message_id(round, i), 1)
                         .map_err(err)?;

@@ -878,10 +878,8 @@ async fn send(
         .unwrap_or_default();
     // A written send left a sent-id record (a send acknowledged from memory left
     // none), which can go once the client has this answer.
-    if written {
-        waiting.sent = Some((sender, id, accepted_at_ms));
-    }
-    if !delivered.is_empty() || written {
+    waiting.sent = written.then_some((sender, id, accepted_at_ms));
+    if !delivered.is_empty() || waiting.sent.is_some() {
         *answer = Some(waiting);
     }
     Ok(Response::Accepted(Accepted {

@@ -139,15 +139,10 @@ impl Staging {
     /// Drops the staged sent-id `sent` accepted at `accepted_at_ms`, so its unit is
     /// written without it; false when it is not staged.
     pub(super) fn forget_sent(&mut self, sent: &SentKey, accepted_at_ms: u64) -> bool {
-        if self
-            .sent
-            .get(sent)
-            .is_some_and(|(at, _)| *at == accepted_at_ms)
-        {
-            self.sent.remove(sent);
-            return true;
+        match self.sent.get(sent) {
+            Some((at, _)) if *at == accepted_at_ms => self.sent.remove(sent).is_some(),
+            _ => false,
         }
-        false
     }
 
     fn has(&self, dk: &DeviceKey) -> bool {

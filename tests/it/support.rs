@@ -463,8 +463,6 @@ pub fn http_get(url: &str) -> (String, String, String) {
     (status, content_type, body.to_string())
 }
 
-/// Checks the OpenMetrics text exposition strictly enough to catch a broken one and
-/// returns every sample as (name with labels, value).
 /// The value of `series` in parsed metrics; panics when it is missing.
 pub fn sample(samples: &[(String, f64)], series: &str) -> f64 {
     samples
@@ -474,6 +472,8 @@ pub fn sample(samples: &[(String, f64)], series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {series}"))
 }
 
+/// Checks the OpenMetrics text exposition strictly enough to catch a broken one and
+/// returns every sample as (name with labels, value).
 pub fn parse_openmetrics(text: &str) -> Vec<(String, f64)> {
     let mut typed = BTreeSet::new();
     let mut samples = Vec::new();
