@@ -1896,13 +1896,13 @@ mod discovery {
                 };
                 csv.push_str(&format!("Contact {i},{number}\n"));
             }
-            let home = tmp.path().join("home");
-            let mut book = Book::default();
-            book.import(&csv, None);
+            let home = switchboard::client::db::HomeDb::open(&tmp.path().join("home"), None)
+                .map_err(err)?;
+            Book::import_into(&home, &csv, None).map_err(err)?;
             let stats_before = client.connection().stats();
             let cpu_before = cpu_seconds(node.pid());
             let started = Instant::now();
-            let report = book.sync(&client, &home, |_, _| {}).await.map_err(err)?;
+            let report = Book::sync(&home, &client, |_, _| {}).await.map_err(err)?;
             let took = started.elapsed();
             let cpu = cpu_seconds(node.pid()) - cpu_before;
             let stats = client.connection().stats();

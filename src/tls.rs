@@ -208,6 +208,12 @@ pub fn server_crypto(
         .with_client_cert_verifier(verifier)
         .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // Stateless session tickets (encrypted under a key that rotates, kept in memory
+    // only), so a reconnecting device resumes its TLS session: no certificate, no
+    // signature on either side, and nothing stored per device on the node. A
+    // resumed session carries the client certificate of the handshake that made the
+    // ticket, so the node knows the device as before. Tickets die with the process.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(Arc::new(quic))
@@ -217,9 +223,16 @@ pub fn server_crypto(
 #[derive(Debug, Default)]
 pub struct PinObservation {
     seen: Mutex<Option<Fingerprint>>,
+    /// Certificates checked: full handshakes (a resumed one shows none).
+    verified: std::sync::atomic::AtomicU64,
 }
 
 impl PinObservation {
+    /// How many times the node's certificate was checked.
+    pub fn verified(&self) -> u64 {
+        self.verified.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The fingerprint the node presented, once the handshake got that far.
     pub fn seen(&self) -> Option<Fingerprint> {
         self.seen.lock().map(|s| *s).unwrap_or(None)
@@ -323,6 +336,9 @@ impl ServerCertVerifier for PinnedNode {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let seen = Fingerprint::of(end_entity);
+        self.observation
+            .verified
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut slot) = self.observation.seen.lock() {
             *slot = Some(seen);
         }

@@ -48,9 +48,7 @@ fn import(home: &Home, file: &PathBuf, region: Option<&str>) -> anyhow::Result<(
         Some(r) => Some(r.parse::<Region>()?),
         None => home.number().ok().and_then(|n| n.region()),
     };
-    let mut book = Book::load(home.dir())?;
-    let report = book.import(&text, region);
-    book.save(home.dir())?;
+    let report = Book::import_into(&home.db()?, &text, region)?;
     println!(
         "read {} numbers from {}: {} added, {} already in your contacts, {} skipped",
         report.read,
@@ -73,20 +71,20 @@ fn import(home: &Home, file: &PathBuf, region: Option<&str>) -> anyhow::Result<(
 
 async fn sync(home: &Home) -> anyhow::Result<()> {
     let reg = home.load()?;
-    let mut book = Book::load(home.dir())?;
+    let db = home.db()?;
+    let book = Book::load(&db)?;
     if book.contacts.is_empty() {
         println!("no contacts yet: add some with `switchboard contacts import FILE`");
         return Ok(());
     }
     let client = Client::connect(&reg.server, &reg.credentials, Some(reg.fingerprint)).await?;
     let bar = std::io::stderr().is_terminal() && book.contacts.len() >= 100;
-    let result = book
-        .sync(&client, home.dir(), |done, total| {
-            if bar && total > 0 {
-                progress_bar(done, total);
-            }
-        })
-        .await;
+    let result = Book::sync(&db, &client, |done, total| {
+        if bar && total > 0 {
+            progress_bar(done, total);
+        }
+    })
+    .await;
     client.close().await;
     if bar {
         eprintln!();
@@ -124,7 +122,7 @@ fn progress_bar(done: usize, total: usize) {
 }
 
 fn list(home: &Home, json: bool) -> anyhow::Result<()> {
-    let book = Book::load(home.dir())?;
+    let book = Book::load(&home.db()?)?;
     let mut out = std::io::stdout().lock();
     for c in &book.contacts {
         if json {

@@ -1,14 +1,16 @@
-//! `switchboard send`, `recv` and `safety`: end-to-end encrypted messaging.
+//! `switchboard send`, `recv`, `history` and `safety`: end-to-end encrypted messaging.
 
 use std::io::{Read, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use switchboard::client::contacts::Book;
-use switchboard::client::e2e::{self, Content, ONE_TIME_KEY_TARGET, Opened, Vault};
-use switchboard::client::{Client, Home, Registration};
+use switchboard::client::content::Content;
+use switchboard::client::db::HomeDb;
+use switchboard::client::e2e::{self, Olm};
+use switchboard::client::history::{Entry, State};
+use switchboard::client::{Client, Event, Home, Messenger, Registration};
 use switchboard::phone::{Number, Region};
-use switchboard::proto::{Item, Push};
 
 #[derive(Debug, clap::Args)]
 pub struct SendArgs {
@@ -24,13 +26,29 @@ pub struct SendArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct RecvArgs {
-    /// Stay connected and print messages as they arrive (until Ctrl-C).
+    /// Stay connected and print messages as they arrive (until Ctrl-C), reconnecting
+    /// by itself when the connection goes.
     #[arg(long)]
     follow: bool,
     /// One JSON object a line: `id`, `from`, `sent_at`, `text`; receipts as
-    /// `{"delivered": {...}}`.
+    /// `{"delivered": {...}}`, undecryptable messages as `{"undecryptable": {...}}`.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {
+    /// The contact: a number or a contact's name.
+    number: String,
+    /// The last N messages.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// One JSON object a line.
+    #[arg(long)]
+    json: bool,
+    /// Region for a number in national form.
+    #[arg(long)]
+    region: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,7 +62,7 @@ pub struct SafetyArgs {
 
 /// The number meant by `who`: a phone number, or else a contact's name.
 fn contact(
-    home: &Home,
+    db: &HomeDb,
     reg: &Registration,
     who: &str,
     region: Option<&str>,
@@ -57,7 +75,7 @@ fn contact(
         Ok(n) => return Ok(n),
         Err(e) => e,
     };
-    let book = Book::load(home.dir())?;
+    let book = Book::load(db)?;
     let matches = book.by_name(who);
     match matches.as_slice() {
         [] => Err(anyhow::anyhow!(
@@ -75,29 +93,20 @@ fn contact(
     }
 }
 
-async fn connect(reg: &Registration) -> anyhow::Result<Client> {
-    Ok(Client::connect(&reg.server, &reg.credentials, Some(reg.fingerprint)).await?)
-}
-
-/// Publishes this device's keys if this vault has not done so for this registration.
-async fn ensure_published(
-    vault: &mut Vault,
-    client: &Client,
-    reg: &Registration,
-) -> anyhow::Result<()> {
-    let device = (reg.account_id, reg.device_id);
-    if !vault.published_for(device) {
-        vault
-            .publish(client, device, 0)
-            .await
-            .context("publishing this device's encryption keys")?;
+/// Prints the warnings of background work (an earlier message sent at last, a retry
+/// that failed) on stderr.
+fn warn_events(messenger: &Messenger) {
+    for event in messenger.take_events() {
+        if let Event::Warning(w) = event {
+            eprintln!("warning: {w}");
+        }
     }
-    Ok(())
 }
 
 pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
     let reg = home.load()?;
-    let to = contact(&home, &reg, &args.number, args.region.as_deref())?;
+    let messenger = Messenger::open(&home)?;
+    let to = contact(messenger.db(), &reg, &args.number, args.region.as_deref())?;
     if to == reg.number {
         bail!("{to} is this device's own number; send to someone else");
     }
@@ -119,14 +128,9 @@ pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
     if text.is_empty() {
         bail!("the message is empty");
     }
-    let mut vault = Vault::open_with(home.dir(), home.passphrase())?;
-    let client = connect(&reg).await?;
-    let result = async {
-        ensure_published(&mut vault, &client, &reg).await?;
-        Ok::<_, anyhow::Error>(vault.send(&client, &to, &Content::Text(text)).await?)
-    }
-    .await;
-    client.close().await;
+    let result = messenger.send_text(&to, &text).await;
+    warn_events(&messenger);
+    messenger.close().await;
     let sent = result.with_context(|| format!("sending to {to}"))?;
     if sent.identity_changed {
         eprintln!(
@@ -160,136 +164,203 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-/// Prints one push; returns the seqs to acknowledge.
-fn show(
-    push: &Push,
-    vault: &mut Vault,
-    json: bool,
-    out: &mut impl Write,
-) -> anyhow::Result<Vec<u64>> {
-    let mut seqs = Vec::with_capacity(push.items.len());
-    for delivery in &push.items {
-        seqs.push(delivery.seq);
-        let at = time(delivery.queued_at_ms);
-        match &delivery.item {
-            Item::Message(incoming) => match vault.open_envelope(incoming) {
-                Opened::Message(m) => {
-                    if m.identity_changed {
-                        eprintln!(
-                            "warning: {}'s identity key has changed (new phone, or someone in \
-                             between); compare `switchboard safety {}` with them in person",
-                            m.from, m.from
-                        );
-                    }
-                    let Content::Text(text) = &m.content;
-                    if json {
-                        let line = serde_json::json!({
-                            "id": hex::encode(m.id),
-                            "from": m.from,
-                            "sent_at": at,
-                            "text": text,
-                        });
-                        writeln!(out, "{line}")?;
-                    } else {
-                        writeln!(out, "{at} {} {}", m.from, printable(text))?;
-                    }
-                }
-                Opened::Duplicate => {}
-                Opened::Unreadable(reason) => eprintln!(
-                    "warning: a message from {} ({}) could not be decrypted: {reason}",
-                    incoming.from,
-                    hex::encode(incoming.id)
-                ),
-            },
-            Item::Delivered(receipt) => {
-                if json {
-                    let line = serde_json::json!({
-                        "delivered": {
-                            "id": hex::encode(receipt.id),
-                            "to": receipt.to,
-                            "device": receipt.device_id,
-                            "at": at,
-                        }
-                    });
-                    writeln!(out, "{line}")?;
-                } else {
-                    // Second field "delivered", never a number: tells receipts from
-                    // messages at a glance and to scripts.
-                    writeln!(
-                        out,
-                        "{at} delivered to {} (id {})",
-                        receipt.to,
-                        hex::encode(receipt.id)
-                    )?;
-                }
-            }
+/// The text shown for `content`.
+fn shown(content: &Content) -> String {
+    match content {
+        Content::Text(text) => text.clone(),
+        Content::Unsupported { kind } => {
+            format!("[unsupported message (kind {kind}): it needs a newer switchboard]")
         }
     }
-    out.flush()?;
-    Ok(seqs)
+}
+
+/// Prints one event of `recv`: messages and receipts on stdout, the rest on stderr.
+fn print_event(event: Event, json: bool, out: &mut impl Write) -> std::io::Result<()> {
+    match event {
+        Event::Message(m) => {
+            let at = time(m.at_ms);
+            let text = m.content.as_ref().map(shown).unwrap_or_default();
+            if json {
+                let line = serde_json::json!({
+                    "id": hex::encode(m.id),
+                    "from": m.peer,
+                    "sent_at": at,
+                    "text": text,
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(out, "{at} {} {}", m.peer, printable(&text))?;
+            }
+        }
+        Event::Delivered {
+            to,
+            device,
+            id,
+            at_ms,
+        } => {
+            let at = time(at_ms);
+            if json {
+                let line = serde_json::json!({
+                    "delivered": {
+                        "id": hex::encode(id),
+                        "to": to,
+                        "device": device,
+                        "at": at,
+                    }
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                // Second field "delivered", never a number: tells receipts from
+                // messages at a glance and to scripts.
+                writeln!(out, "{at} delivered to {to} (id {})", hex::encode(id))?;
+            }
+        }
+        Event::Undecryptable(m) => {
+            let problem = m.problem.unwrap_or_default();
+            if json {
+                let line = serde_json::json!({
+                    "undecryptable": {
+                        "id": hex::encode(m.id),
+                        "from": m.peer,
+                        "sent_at": time(m.at_ms),
+                        "reason": problem,
+                    }
+                });
+                writeln!(out, "{line}")?;
+            }
+            eprintln!(
+                "warning: a message from {} (id {}, {}) could not be decrypted: {problem}",
+                m.peer,
+                hex::encode(m.id),
+                time(m.at_ms)
+            );
+        }
+        Event::IdentityChanged { number } => eprintln!(
+            "warning: {number}'s identity key has changed (new phone, or someone in \
+             between); compare `switchboard safety {number}` with them in person"
+        ),
+        Event::Reconnecting { reason, retry_in } => eprintln!(
+            "reconnecting… ({reason}; next try in {:.1} s)",
+            retry_in.as_secs_f64()
+        ),
+        Event::Connected => eprintln!("connected"),
+        Event::Warning(w) => eprintln!("warning: {w}"),
+    }
+    out.flush()
 }
 
 pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
-    let reg = home.load()?;
-    let mut vault = Vault::open_with(home.dir(), home.passphrase())?;
-    let client = connect(&reg).await?;
-    let result = receive(&client, &mut vault, &reg, &args).await;
-    client.close().await;
-    result
+    let messenger = Messenger::open(&home)?;
+    let stdout = std::io::stdout();
+    let mut broken = None;
+    let result = messenger
+        .receive(args.follow, super::interrupted(), |event| {
+            if broken.is_none()
+                && let Err(e) = print_event(event, args.json, &mut stdout.lock())
+            {
+                // Everything is in the history already; `history` shows it.
+                broken = Some(e);
+            }
+        })
+        .await;
+    messenger.close().await;
+    result?;
+    if let Some(e) = broken {
+        return Err(anyhow::Error::new(e).context("writing to stdout"));
+    }
+    Ok(())
 }
 
-async fn receive(
-    client: &Client,
-    vault: &mut Vault,
-    reg: &Registration,
-    args: &RecvArgs,
-) -> anyhow::Result<()> {
-    ensure_published(vault, client, reg).await?;
-    let mut sub = client.subscribe().await?;
-    let stdout = std::io::stdout();
-    let stop = super::interrupted();
-    tokio::pin!(stop);
-    loop {
-        let push = tokio::select! {
-            push = sub.next() => push?,
-            () = &mut stop => break,
+/// How a history entry's state is shown after its text.
+fn mark(entry: &Entry) -> String {
+    match entry.state {
+        State::Sending => "  (not sent yet)".into(),
+        State::Sent => "  (sent)".into(),
+        State::Delivered => "  (delivered)".into(),
+        State::Failed => format!(
+            "  (not sent: {})",
+            entry.problem.as_deref().unwrap_or("refused")
+        ),
+        State::Received | State::Undecryptable => String::new(),
+    }
+}
+
+pub async fn history(home: Home, args: HistoryArgs) -> anyhow::Result<()> {
+    let reg = home.load()?;
+    let db = home.db()?;
+    let peer = contact(&db, &reg, &args.number, args.region.as_deref())?;
+    let me = reg.number.to_string();
+    let entries = {
+        let peer = peer.to_string();
+        db.read(|tx| switchboard::client::history::page(tx, &peer, None, args.limit))?
+    };
+    let mut out = std::io::stdout().lock();
+    for e in &entries {
+        let (from, to) = if e.outgoing {
+            (me.as_str(), e.peer.as_str())
+        } else {
+            (e.peer.as_str(), me.as_str())
         };
-        let Some(push) = push else {
-            bail!("the node ended the delivery stream (is it shutting down?)");
+        let text = match &e.content {
+            Some(c) => shown(c),
+            None => format!(
+                "[could not be decrypted: {}]",
+                e.problem.as_deref().unwrap_or("unknown reason")
+            ),
         };
-        let seqs = show(&push, vault, args.json, &mut stdout.lock())?;
-        // What was shown is remembered before the node may forget it: a crash between
-        // the two redelivers, and the remembered id drops the copy.
-        vault.save()?;
-        if !seqs.is_empty() {
-            sub.ack(seqs).await?;
-        }
-        if let Some(left) = push.one_time_keys_left {
-            let device = (reg.account_id, reg.device_id);
-            let top_up = ONE_TIME_KEY_TARGET.saturating_sub(left);
-            if let Err(e) = vault.publish(client, device, top_up).await {
-                eprintln!("warning: could not top up one-time keys: {e}");
-            }
-        }
-        if push.backlog_end && !args.follow {
-            break;
+        if args.json {
+            let delivered: Vec<_> = e
+                .delivered
+                .iter()
+                .map(|(device, at)| serde_json::json!({"device": device, "at": time(*at)}))
+                .collect();
+            let line = serde_json::json!({
+                "seq": e.seq,
+                "id": hex::encode(e.id),
+                "direction": if e.outgoing { "sent" } else { "received" },
+                "from": from,
+                "to": to,
+                "at": time(e.at_ms),
+                "text": text,
+                "state": e.state.name(),
+                "delivered_to": delivered,
+                "problem": e.problem,
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(
+                out,
+                "{} {from} {}{}",
+                time(e.at_ms),
+                printable(&text),
+                mark(e)
+            )?;
         }
     }
-    sub.finish().await?;
+    if entries.is_empty() && !args.json {
+        writeln!(out, "no messages with {peer} yet")?;
+    }
     Ok(())
 }
 
 pub async fn safety(home: Home, args: SafetyArgs) -> anyhow::Result<()> {
     let reg = home.load()?;
-    let them = contact(&home, &reg, &args.number, args.region.as_deref())?;
-    let mut vault = Vault::open_with(home.dir(), home.passphrase())?;
-    let client = connect(&reg).await?;
+    let db = home.db()?;
+    let them = contact(&db, &reg, &args.number, args.region.as_deref())?;
+    let mine = e2e::identity(&db)?;
+    let client = Client::connect(&reg.server, &reg.credentials, Some(reg.fingerprint)).await?;
     let bundles = client.fetch_bundles(&them, false).await;
     client.close().await;
     let bundles = bundles.with_context(|| format!("fetching {them}'s keys"))?;
     for bundle in &bundles.devices {
-        let digits = vault.safety_number(&reg.number, &them, &bundle.identity);
-        if vault.note_identity(&them, &bundle.identity) {
+        let digits = e2e::safety_number(&reg.number, &mine, &them, &bundle.identity);
+        let changed = db.write(|tx| {
+            let mut olm = Olm::new(tx);
+            let changed = olm.note_identity(them.as_str(), &bundle.identity)?;
+            olm.flush()?;
+            Ok::<_, e2e::E2eError>(changed)
+        })?;
+        if changed {
             eprintln!("warning: {them}'s identity key has changed since this device last saw it");
         }
         if bundles.devices.len() > 1 {
@@ -297,6 +368,5 @@ pub async fn safety(home: Home, args: SafetyArgs) -> anyhow::Result<()> {
         }
         println!("{}", e2e::format_safety_number(&digits));
     }
-    vault.save()?;
     Ok(())
 }

@@ -47,6 +47,8 @@ enum Command {
     Send(messaging::SendArgs),
     /// Print the messages waiting for this device, oldest first.
     Recv(messaging::RecvArgs),
+    /// Print a conversation from the local history, oldest first.
+    History(messaging::HistoryArgs),
     /// Show the safety number with a contact, to compare in person.
     Safety(messaging::SafetyArgs),
     /// Your address book, and which of your contacts are on the node.
@@ -112,6 +114,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Whoami => whoami::run(home(cli.home, pass)?).await,
         Command::Send(args) => messaging::send(home(cli.home, pass)?, args).await,
         Command::Recv(args) => messaging::recv(home(cli.home, pass)?, args).await,
+        Command::History(args) => messaging::history(home(cli.home, pass)?, args).await,
         Command::Safety(args) => messaging::safety(home(cli.home, pass)?, args).await,
         Command::Contacts(command) => contacts::run(home(cli.home, pass)?, command).await,
         Command::Admin(args) => admin::run(args).await,

@@ -3,7 +3,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{Context, bail};
-use switchboard::client::e2e::Vault;
+use switchboard::client::e2e;
 use switchboard::client::{Client, ClientError, Home, Registration};
 use switchboard::phone::{Number, Region};
 use switchboard::proto::{Channel, ErrorKind};
@@ -81,10 +81,9 @@ pub async fn run(home: Home, args: Args) -> anyhow::Result<()> {
     // Publish the end-to-end keys at once, so others can write before this device is
     // next online. The home keeps its Olm identity across registrations.
     let published = async {
-        let mut vault = Vault::open_with(home.dir(), home.passphrase())?;
-        vault
-            .publish(&client, (reg.account_id, reg.device_id), 0)
-            .await
+        let db = home.db()?;
+        e2e::publish(&db, &client, (reg.account_id, reg.device_id), 0).await?;
+        Ok::<_, anyhow::Error>(())
     }
     .await;
     client.close().await;

@@ -1,10 +1,12 @@
 //! The client's address book and private contact discovery against its node.
 //!
-//! The book lives in the home as `contacts.json` (owner-only): each contact's name,
+//! The book lives in the home database (`kv/book`, sealed): each contact's name,
 //! E.164 number and whether the node last said it is registered, plus the PRF value of
 //! each number under the node's current discovery key, so that a re-sync evaluates
-//! only new numbers. The node's membership filter is kept beside it in
-//! `discovery.filter` and downloaded again only when its version changed.
+//! only new numbers. The node's membership filter is kept beside it (`kv/filter`) and
+//! downloaded again only when its version changed. A sync talks to the node between
+//! transactions, so each of its writes reloads the book and merges what it learned:
+//! contacts imported meanwhile by another process are kept.
 //!
 //! A sync blinds the numbers that have no PRF value yet, has the node evaluate them in
 //! batches (each counts against the account's daily budget), unblinds them, checks
@@ -13,28 +15,29 @@
 //! registered contacts (and the filter's rare false positives, which resolve to
 //! "not registered").
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Client, ClientError, HomeError};
+use super::db::{DbError, HomeDb, Table, Tx};
+use super::{Client, ClientError};
 use crate::discovery::{self, MembershipFilter, Prf};
-use crate::fsutil;
 use crate::phone::{Number, Region};
 use crate::proto::messages::MAX_DISCOVERY_BATCH;
 
-const BOOK_FILE: &str = "contacts.json";
-const FILTER_FILE: &str = "discovery.filter";
+const BOOK_KEY: &[u8] = b"book";
+const FILTER_KEY: &[u8] = b"filter";
 /// Blinded elements per `Evaluate` request.
 const EVALUATE_BATCH: usize = 256;
 
 /// What can go wrong with the address book or a sync.
 #[derive(Debug, thiserror::Error)]
 pub enum ContactsError {
-    /// Reading or writing the files in the home.
+    /// Reading or writing the home database.
     #[error(transparent)]
-    File(#[from] HomeError),
+    Db(#[from] DbError),
+    #[error("the address book in the home database is damaged: {0}")]
+    Damaged(String),
     #[error(transparent)]
     Client(#[from] ClientError),
     #[error("the node's discovery answer is unusable: {0}")]
@@ -92,38 +95,40 @@ pub struct SyncReport {
     pub budget_left: Option<u32>,
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> ContactsError {
-    let path = path.to_path_buf();
-    move |source| {
-        ContactsError::File(HomeError::Io {
-            path: path.clone(),
-            source,
-        })
-    }
-}
-
-fn damaged(path: PathBuf, reason: String) -> ContactsError {
-    ContactsError::File(HomeError::Damaged { path, reason })
-}
-
 impl Book {
-    /// The book in the home `dir` (empty when there is none yet).
-    pub fn load(dir: &Path) -> Result<Book, ContactsError> {
-        let path = dir.join(BOOK_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| damaged(path, e.to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Book::default()),
-            Err(e) => Err(io(&path)(e)),
+    /// The book (empty when there is none yet).
+    pub fn load(db: &HomeDb) -> Result<Book, ContactsError> {
+        db.read(Book::load_in)
+    }
+
+    /// The book as `tx` sees it.
+    pub fn load_in(tx: &Tx<'_>) -> Result<Book, ContactsError> {
+        match tx.get(Table::Kv, BOOK_KEY)? {
+            Some(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| ContactsError::Damaged(e.to_string()))
+            }
+            None => Ok(Book::default()),
         }
     }
 
-    /// Writes the book atomically, owner-only.
-    pub fn save(&self, dir: &Path) -> Result<(), ContactsError> {
-        fsutil::create_private_dir(dir).map_err(io(dir))?;
-        let path = dir.join(BOOK_FILE);
-        let bytes =
-            serde_json::to_vec_pretty(self).map_err(|e| damaged(path.clone(), e.to_string()))?;
-        fsutil::write_private(&path, &bytes).map_err(io(&path))
+    /// Writes the book in `tx`.
+    pub fn store(&self, tx: &Tx<'_>) -> Result<(), ContactsError> {
+        let bytes = serde_json::to_vec(self).map_err(|e| ContactsError::Damaged(e.to_string()))?;
+        Ok(tx.put(Table::Kv, BOOK_KEY, &bytes)?)
+    }
+
+    /// Imports an address-book file into the stored book, in one transaction.
+    pub fn import_into(
+        db: &HomeDb,
+        text: &str,
+        region: Option<Region>,
+    ) -> Result<ImportReport, ContactsError> {
+        db.write(|tx| {
+            let mut book = Book::load_in(tx)?;
+            let report = book.import(text, region);
+            book.store(tx)?;
+            Ok(report)
+        })
     }
 
     /// Adds the entries of an address-book file, normalising each number to E.164
@@ -177,47 +182,51 @@ impl Book {
             .collect()
     }
 
-    /// Runs discovery for every contact against the node behind `client`, and saves
-    /// the book and the filter in `dir`. `progress(done, total)` is called as numbers
+    /// Runs discovery for every contact against the node behind `client`, saving
+    /// what it learns in `db` as it goes. `progress(done, total)` is called as numbers
     /// are evaluated.
     pub async fn sync(
-        &mut self,
+        db: &HomeDb,
         client: &Client,
-        dir: &Path,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<SyncReport, ContactsError> {
-        let mut report = SyncReport {
-            contacts: self.contacts.len(),
-            ..SyncReport::default()
-        };
-        fsutil::create_private_dir(dir).map_err(io(dir))?;
+        let snapshot = Book::load(db)?;
+        let mut report = SyncReport::default();
         // The filter, unless ours is current.
-        let filter_path = dir.join(FILTER_FILE);
-        let have = self.filter_version.filter(|_| filter_path.exists());
+        let stored_filter = db.read(|tx| tx.get(Table::Kv, FILTER_KEY))?;
+        let have = snapshot.filter_version.filter(|_| stored_filter.is_some());
         let filter_bytes = match client.fetch_filter(have).await? {
             Some((version, key_version, bytes)) => {
-                fsutil::write_private(&filter_path, &bytes).map_err(io(&filter_path))?;
-                self.filter_version = Some(version);
-                if self.key_version != Some(key_version) {
-                    // The node rotated its key: every cached PRF value is stale.
-                    self.prf.clear();
-                    self.key_version = Some(key_version);
-                }
+                db.write(|tx| {
+                    store_filter(tx, &bytes)?;
+                    let mut book = Book::load_in(tx)?;
+                    book.filter_version = Some(version);
+                    if book.key_version != Some(key_version) {
+                        // The node rotated its key: every cached PRF value is stale.
+                        book.prf.clear();
+                        book.key_version = Some(key_version);
+                    }
+                    book.store(tx)
+                })?;
                 report.filter_downloaded = true;
                 bytes
             }
-            None => std::fs::read(&filter_path).map_err(io(&filter_path))?,
+            None => stored_filter
+                .map(|b| b.to_vec())
+                .ok_or_else(|| ContactsError::Damaged("the filter is gone".into()))?,
         };
         report.filter_bytes = filter_bytes.len();
         let filter = MembershipFilter::decode(&filter_bytes)
             .map_err(|e| ContactsError::Discovery(e.to_string()))?;
 
         // PRF values for the numbers that have none yet.
-        let mut todo: Vec<String> = self
+        let book = Book::load(db)?;
+        let key_version = book.key_version;
+        let mut todo: Vec<String> = book
             .contacts
             .iter()
             .map(|c| c.number.clone())
-            .filter(|n| !self.prf.contains_key(n))
+            .filter(|n| !book.prf.contains_key(n))
             .collect();
         todo.sort();
         todo.dedup();
@@ -232,37 +241,50 @@ impl Book {
                 .map(|n| discovery::blind(n))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| ContactsError::Discovery(e.to_string()))?;
-            let (key_version, evaluated, left) = client
+            let (evaluated_version, evaluated, left) = client
                 .evaluate(blinded.iter().map(|b| b.element).collect())
                 .await?;
-            if Some(key_version) != self.key_version {
+            if Some(evaluated_version) != key_version {
                 return Err(ContactsError::Discovery(
                     "the node's discovery key changed during the sync; run it again".into(),
                 ));
             }
+            let mut prfs = Vec::with_capacity(batch.len());
             for ((number, b), e) in batch.iter().zip(&blinded).zip(&evaluated) {
                 let prf = b
                     .finalize(number, e)
                     .map_err(|e| ContactsError::Discovery(e.to_string()))?;
-                self.prf.insert(number.clone(), hex::encode(prf));
+                prfs.push((number.clone(), hex::encode(prf)));
             }
             report.evaluated += batch.len();
             report.budget_left = Some(left);
             progress((i * EVALUATE_BATCH + batch.len()).min(total), total);
             // Keep what was paid for, even if a later batch fails.
-            self.save(dir)?;
+            db.write(|tx| {
+                let mut book = Book::load_in(tx)?;
+                if book.key_version == key_version {
+                    book.prf.extend(prfs);
+                    book.store(tx)?;
+                }
+                Ok::<_, ContactsError>(())
+            })?;
         }
 
         // Check every contact locally; ask the node about the hits only. (The book
         // holds each number once: `import` skips numbers it has.)
+        let book = Book::load(db)?;
         let mut hits: Vec<(String, Prf)> = Vec::new();
-        for c in &self.contacts {
-            let prf = self.cached_prf(&c.number)?;
+        let mut checked = HashSet::new();
+        for c in &book.contacts {
+            let Some(prf) = book.cached_prf(&c.number)? else {
+                continue;
+            };
+            checked.insert(c.number.clone());
             if filter.contains(&prf) {
                 hits.push((c.number.clone(), prf));
             }
         }
-        let mut registered = std::collections::HashSet::new();
+        let mut registered = HashSet::new();
         for batch in hits.chunks(MAX_DISCOVERY_BATCH) {
             let answers = client
                 .resolve(batch.iter().map(|(_, p)| *p).collect())
@@ -274,26 +296,36 @@ impl Book {
             }
         }
         report.resolved = hits.len();
-        for c in &mut self.contacts {
-            let yes = registered.contains(&c.number);
-            c.registered = Some(yes);
-            report.registered += usize::from(yes);
-        }
-        self.save(dir)?;
+        db.write(|tx| {
+            let mut book = Book::load_in(tx)?;
+            for c in &mut book.contacts {
+                if checked.contains(&c.number) {
+                    let yes = registered.contains(&c.number);
+                    c.registered = Some(yes);
+                    report.registered += usize::from(yes);
+                }
+            }
+            report.contacts = book.contacts.len();
+            book.store(tx)
+        })?;
         Ok(report)
     }
 
-    fn cached_prf(&self, number: &str) -> Result<Prf, ContactsError> {
-        let missing = || {
-            damaged(
-                PathBuf::from(BOOK_FILE),
-                format!("no valid PRF value for {number}"),
-            )
+    /// The cached PRF value of `number` (`None` for a contact added after the
+    /// evaluation, by another process).
+    fn cached_prf(&self, number: &str) -> Result<Option<Prf>, ContactsError> {
+        let Some(hex) = self.prf.get(number) else {
+            return Ok(None);
         };
-        let hex = self.prf.get(number).ok_or_else(missing)?;
         hex::decode(hex)
             .ok()
             .and_then(|b| Prf::try_from(b.as_slice()).ok())
-            .ok_or_else(missing)
+            .map(Some)
+            .ok_or_else(|| ContactsError::Damaged(format!("no valid PRF value for {number}")))
     }
+}
+
+/// Stores the node's membership filter in `tx`.
+pub fn store_filter(tx: &Tx<'_>, bytes: &[u8]) -> Result<(), DbError> {
+    tx.put(Table::Kv, FILTER_KEY, bytes)
 }

@@ -1,416 +1,358 @@
-//! End-to-end encryption in the client: the Olm account, sessions with contacts, and
-//! what a device remembers of them, kept in the home encrypted at rest.
+//! End-to-end encryption in the client: the Olm account, the sessions with contacts'
+//! devices, and what a device knows of each contact's identity. All crypto is
+//! vodozemac's; the node only ever sees ciphertext.
 //!
-//! The node only ever sees ciphertext. A [`Vault`] holds this device's Olm account
-//! (identity keys, one-time keys, fallback key), one or more Olm sessions per contact
-//! device, each contact's identity key (to warn when it changes) and the ids of
-//! recently received messages (to drop redeliveries). All crypto is vodozemac's.
+//! Everything lives in the home database ([`super::db`]), and all of it is read and
+//! written inside one transaction: an [`Olm`] is the working set of one transaction,
+//! loading the account and the sessions it needs once, keeping them as live objects
+//! while it encrypts or decrypts a batch, and writing back what changed in
+//! [`Olm::flush`]. Because the transaction holds the home's write lock, two processes
+//! never advance one ratchet from the same state (which made messages undecryptable
+//! when every process kept its own copy of the state in memory).
 //!
 //! Envelope body (client to client, opaque to the node): one byte of Olm message type
-//! (0 pre-key, 1 normal) then the Olm message. The Olm plaintext is a bincode
-//! [`Content`].
+//! (0 pre-key, 1 normal) then the Olm message. The Olm plaintext is a
+//! [`super::content::Plaintext`].
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
-use bincode::{Decode, Encode};
-use chacha20poly1305::aead::Aead;
-use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
-use rand::TryRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha512};
 use vodozemac::Curve25519PublicKey;
 use vodozemac::olm::{Account, AccountPickle, OlmMessage, Session, SessionConfig, SessionPickle};
 
-use super::sealed::Passphrase;
+use super::db::{DbError, HomeDb, Table, Tx};
 use super::{Client, ClientError};
-use crate::fsutil;
 use crate::phone::Number;
 use crate::proto::{
-    Bundle, DeviceEnvelope, ErrorKind, IdentityKeys, Incoming, KeyUpload, MessageId, Outgoing,
-    SignedKey,
+    Bundle, Bundles, DeviceEnvelope, IdentityKeys, KeyUpload, MessageId, SignedKey,
 };
 
 /// One-time keys a device keeps published; it tops up when the node says it is low.
 pub const ONE_TIME_KEY_TARGET: u32 = 50;
-/// Message ids remembered for de-duplication.
-const SEEN_MAX: usize = 10_000;
-/// Sessions kept per contact device (newest first).
+/// Sessions kept per contact device (newest first): messages under older ones may
+/// still be on their way.
 const SESSIONS_MAX: usize = 4;
-const STATE_FILE: &str = "e2e.state";
-const KEY_FILE: &str = "e2e.key";
-const STATE_VERSION: u8 = 1;
-
-/// What a message carries inside its encryption.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
-pub enum Content {
-    Text(String),
-}
+const ACCOUNT_KEY: &[u8] = b"account";
 
 /// What can go wrong with end-to-end encryption.
 #[derive(Debug, thiserror::Error)]
 pub enum E2eError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} cannot be decrypted or is damaged: {reason}")]
-    Damaged { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Db(#[from] DbError),
     #[error("{0}")]
     Keys(String),
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error(transparent)]
-    Home(#[from] super::HomeError),
-}
-
-/// What this device knows of one contact.
-#[derive(Serialize, Deserialize, Default)]
-struct Contact {
-    /// The contact's identity keys as last seen.
-    identity: Option<KnownIdentity>,
-    /// Olm sessions per device id, newest first.
-    sessions: BTreeMap<u32, Vec<SessionPickle>>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq)]
-struct KnownIdentity {
-    curve25519: [u8; 32],
-    /// Known once a bundle was fetched (pre-key messages carry only the Curve25519 key).
-    ed25519: Option<[u8; 32]>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct State {
+struct AccountRecord {
     account: AccountPickle,
     /// The (account, device) the keys were last published for.
     published_for: Option<(u64, u32)>,
-    contacts: BTreeMap<String, Contact>,
-    seen: VecDeque<String>,
 }
 
-/// [`State`] as written: the same fields, borrowed from the vault, so a save copies no
-/// session (vodozemac's pickles are not `Clone`).
-#[derive(Serialize)]
-struct StateRef<'a> {
-    account: AccountPickle,
+/// What this device knows of one contact.
+#[derive(Serialize, Deserialize, Default, Clone)]
+struct PeerRecord {
+    number: String,
+    /// The contact's identity keys as last seen.
+    identity: Option<KnownIdentity>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct KnownIdentity {
+    pub(crate) curve25519: [u8; 32],
+    /// Known once a bundle was fetched (pre-key messages carry only the Curve25519 key).
+    pub(crate) ed25519: Option<[u8; 32]>,
+}
+
+struct AccountSlot {
+    account: Account,
     published_for: Option<(u64, u32)>,
-    contacts: &'a BTreeMap<String, Contact>,
-    seen: &'a VecDeque<String>,
+    dirty: bool,
 }
 
-/// A received message, decrypted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Received {
-    pub from: String,
-    pub id: MessageId,
-    pub content: Content,
-    /// Set when the sender's identity key differs from the one this device knew.
+#[derive(Default)]
+struct SessionSlot {
+    /// Newest first.
+    list: Vec<Session>,
+    dirty: bool,
+}
+
+struct PeerSlot {
+    record: PeerRecord,
+    dirty: bool,
+}
+
+/// A contact of a home of the old format: number, identity, sessions per device.
+pub(crate) type LegacyContact = (
+    String,
+    Option<KnownIdentity>,
+    Vec<(u32, Vec<SessionPickle>)>,
+);
+
+/// A decrypted envelope.
+#[derive(Debug)]
+pub struct Decrypted {
+    pub plaintext: Vec<u8>,
+    /// The sender's identity key differs from the one this device knew.
     pub identity_changed: bool,
 }
 
-/// The outcome of decrypting one incoming envelope.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Opened {
-    Message(Received),
-    /// Seen before (a redelivery): drop it.
-    Duplicate,
-    /// Could not be decrypted; the reason is for people.
-    Unreadable(String),
+/// The Olm state one transaction works on.
+pub struct Olm<'t> {
+    tx: &'t Tx<'t>,
+    account: Option<AccountSlot>,
+    sessions: HashMap<(String, u32), SessionSlot>,
+    peers: HashMap<String, PeerSlot>,
 }
 
-/// This device's end-to-end state, loaded from and saved to its home.
-pub struct Vault {
-    path: PathBuf,
-    key: [u8; 32],
-    account: Account,
-    published_for: Option<(u64, u32)>,
-    contacts: BTreeMap<String, Contact>,
-    seen: VecDeque<String>,
-    seen_set: HashSet<String>,
+fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, E2eError> {
+    serde_json::to_vec(value).map_err(|e| E2eError::Keys(format!("encoding the Olm state: {e}")))
 }
 
-fn random<const N: usize>() -> [u8; N] {
-    let mut out = [0u8; N];
-    // The OS generator failing is not something a messenger can work around.
-    if let Err(e) = rand::rngs::SysRng.try_fill_bytes(&mut out) {
-        panic!("the system random generator failed: {e}");
-    }
-    out
+fn unjson<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, E2eError> {
+    serde_json::from_slice(bytes).map_err(|e| E2eError::Keys(format!("{what} is damaged: {e}")))
 }
 
-/// A fresh random message id.
-pub fn new_message_id() -> MessageId {
-    random()
+/// The row key of `number`'s device `device` in `session`.
+fn session_key(tx: &Tx<'_>, number: &str, device: u32) -> Vec<u8> {
+    let mut key = tx.hash(b"peer", &[number.as_bytes()]).to_vec();
+    key.extend_from_slice(&device.to_be_bytes());
+    key
 }
 
-impl Vault {
-    /// Loads the vault of the home `dir`, creating a new Olm account if it has none.
-    /// Its key (`e2e.key`) is kept plain (owner-only); see [`Vault::open_with`].
-    pub fn open(dir: &Path) -> Result<Vault, E2eError> {
-        Vault::open_with(dir, None)
-    }
-
-    /// Like [`Vault::open`], with the vault key sealed under `passphrase` at rest (a
-    /// plain key found on disk is sealed now).
-    pub fn open_with(dir: &Path, passphrase: Option<&Passphrase>) -> Result<Vault, E2eError> {
-        let path = dir.join(STATE_FILE);
-        let key_path = dir.join(KEY_FILE);
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source| E2eError::Io { path: p, source }
-        };
-        fsutil::create_private_dir(dir).map_err(io(dir))?;
-        let key: [u8; 32] = match std::fs::read(&key_path) {
-            Ok(bytes) => super::home::unseal(&key_path, bytes, passphrase)?
-                .as_slice()
-                .try_into()
-                .map_err(|_| E2eError::Damaged {
-                    path: key_path.clone(),
-                    reason: "not 32 bytes".into(),
-                })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if path.exists() {
-                    return Err(E2eError::Damaged {
-                        path: key_path,
-                        reason: "missing, so the encrypted state beside it cannot be read".into(),
-                    });
-                }
-                let key = random::<32>();
-                let stored = match passphrase {
-                    Some(p) => super::sealed::seal(p.as_str(), &key).map_err(|source| {
-                        super::HomeError::Seal {
-                            path: key_path.clone(),
-                            source,
-                        }
-                    })?,
-                    None => key.to_vec(),
-                };
-                fsutil::write_private(&key_path, &stored).map_err(io(&key_path))?;
-                key
-            }
-            Err(e) => return Err(io(&key_path)(e)),
-        };
-        let state = match std::fs::read(&path) {
-            Ok(bytes) => Some(
-                decrypt_state(&key, &bytes).map_err(|reason| E2eError::Damaged {
-                    path: path.clone(),
-                    reason,
-                })?,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io(&path)(e)),
-        };
-        let vault = match state {
-            Some(s) => {
-                let seen_set = s.seen.iter().cloned().collect();
-                Vault {
-                    path,
-                    key,
-                    account: Account::from_pickle(s.account),
-                    published_for: s.published_for,
-                    contacts: s.contacts,
-                    seen: s.seen,
-                    seen_set,
-                }
-            }
-            None => {
-                let vault = Vault {
-                    path,
-                    key,
-                    account: Account::new(),
-                    published_for: None,
-                    contacts: BTreeMap::new(),
-                    seen: VecDeque::new(),
-                    seen_set: HashSet::new(),
-                };
-                vault.save()?;
-                vault
-            }
-        };
-        Ok(vault)
-    }
-
-    /// Writes the vault, encrypted, atomically.
-    pub fn save(&self) -> Result<(), E2eError> {
-        let state = StateRef {
-            account: self.account.pickle(),
-            published_for: self.published_for,
-            contacts: &self.contacts,
-            seen: &self.seen,
-        };
-        let json = serde_json::to_vec(&state).map_err(|e| E2eError::Damaged {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        })?;
-        let sealed = encrypt_state(&self.key, &json);
-        fsutil::write_private(&self.path, &sealed).map_err(|source| E2eError::Io {
-            path: self.path.clone(),
-            source,
-        })
-    }
-
-    /// This device's identity keys.
-    pub fn identity(&self) -> IdentityKeys {
-        let keys = self.account.identity_keys();
-        IdentityKeys {
-            curve25519: keys.curve25519.to_bytes(),
-            ed25519: *keys.ed25519.as_bytes(),
+impl<'t> Olm<'t> {
+    pub fn new(tx: &'t Tx<'t>) -> Olm<'t> {
+        Olm {
+            tx,
+            account: None,
+            sessions: HashMap::new(),
+            peers: HashMap::new(),
         }
     }
 
-    fn sign(&self, label: &[u8], key: Curve25519PublicKey) -> SignedKey {
+    /// The transaction this works in.
+    pub fn tx(&self) -> &'t Tx<'t> {
+        self.tx
+    }
+
+    fn account(&mut self) -> Result<&mut AccountSlot, E2eError> {
+        if self.account.is_none() {
+            let slot = match self.tx.get(Table::Kv, ACCOUNT_KEY)? {
+                Some(bytes) => {
+                    let record: AccountRecord = unjson(&bytes, "the Olm account")?;
+                    AccountSlot {
+                        account: Account::from_pickle(record.account),
+                        published_for: record.published_for,
+                        dirty: false,
+                    }
+                }
+                // A new home: its Olm account is made in the transaction that first
+                // needs it, so racing processes agree on one.
+                None => AccountSlot {
+                    account: Account::new(),
+                    published_for: None,
+                    dirty: true,
+                },
+            };
+            self.account = Some(slot);
+        }
+        match self.account.as_mut() {
+            Some(slot) => Ok(slot),
+            None => unreachable!("loaded just above"),
+        }
+    }
+
+    /// This device's identity keys.
+    pub fn identity(&mut self) -> Result<IdentityKeys, E2eError> {
+        let keys = self.account()?.account.identity_keys();
+        Ok(IdentityKeys {
+            curve25519: keys.curve25519.to_bytes(),
+            ed25519: *keys.ed25519.as_bytes(),
+        })
+    }
+
+    /// Whether keys were published for `device`.
+    pub fn published_for(&mut self, device: (u64, u32)) -> Result<bool, E2eError> {
+        Ok(self.account()?.published_for == Some(device))
+    }
+
+    fn sign(account: &Account, label: &[u8], key: Curve25519PublicKey) -> SignedKey {
         let key = key.to_bytes();
         SignedKey {
             key,
-            signature: self
-                .account
+            signature: account
                 .sign(SignedKey::signed_bytes(label, &key))
                 .to_bytes(),
         }
     }
 
-    /// Publishes keys for the device `(account_id, device_id)`: everything not yet
-    /// published, plus a fresh fallback key and a full stock of one-time keys when the
-    /// device is new to this vault, or `top_up` more one-time keys.
-    pub async fn publish(
+    /// The keys to upload for `device`: a fresh fallback key and a full stock of
+    /// one-time keys when the device is new to this account, else `top_up` more
+    /// one-time keys; and whatever is not yet published. The private halves are
+    /// saved (by [`Olm::flush`]) before anyone can see the public ones.
+    pub fn prepare_upload(
         &mut self,
-        client: &Client,
         device: (u64, u32),
         top_up: u32,
-    ) -> Result<u32, E2eError> {
-        let fresh = self.published_for != Some(device);
-        if fresh {
-            self.account.generate_fallback_key();
-            self.account
+    ) -> Result<KeyUpload, E2eError> {
+        let identity = self.identity()?;
+        let slot = self.account()?;
+        if slot.published_for != Some(device) {
+            slot.account.generate_fallback_key();
+            slot.account
                 .generate_one_time_keys(ONE_TIME_KEY_TARGET as usize);
         } else if top_up > 0 {
-            self.account.generate_one_time_keys(top_up as usize);
+            slot.account.generate_one_time_keys(top_up as usize);
         }
-        // The private halves must be on disk before the node can hand the public
-        // halves out.
-        self.save()?;
-        let fallback = self
-            .account
+        slot.dirty = true;
+        let account = &slot.account;
+        let fallback = account
             .fallback_key()
             .values()
             .next()
-            .map(|k| self.sign(SignedKey::FALLBACK, *k));
-        let one_time_keys = self
-            .account
+            .map(|k| Self::sign(account, SignedKey::FALLBACK, *k));
+        let one_time_keys = account
             .one_time_keys()
             .values()
-            .map(|k| self.sign(SignedKey::ONE_TIME, *k))
+            .map(|k| Self::sign(account, SignedKey::ONE_TIME, *k))
             .collect();
-        let upload = KeyUpload {
-            identity: self.identity(),
+        Ok(KeyUpload {
+            identity,
             fallback,
             one_time_keys,
-        };
-        let stored = client.publish_keys(upload).await?;
-        self.account.mark_keys_as_published();
-        self.published_for = Some(device);
-        self.save()?;
-        Ok(stored)
+        })
     }
 
-    /// Whether keys were published for `device`.
-    pub fn published_for(&self, device: (u64, u32)) -> bool {
-        self.published_for == Some(device)
+    /// Records that the node stored the keys for `device`.
+    pub fn mark_published(&mut self, device: (u64, u32)) -> Result<(), E2eError> {
+        let slot = self.account()?;
+        slot.account.mark_keys_as_published();
+        slot.published_for = Some(device);
+        slot.dirty = true;
+        Ok(())
     }
 
-    /// Encrypts `content` for every device of `to` and sends it, fetching keys and
-    /// starting sessions where needed. Returns the accepted id and whether `to`'s
-    /// identity key changed since this device last knew it.
-    pub async fn send(
-        &mut self,
-        client: &Client,
-        to: &Number,
-        content: &Content,
-    ) -> Result<Sent, E2eError> {
-        let plaintext = bincode::encode_to_vec(content, bincode::config::standard())
-            .map_err(|e| E2eError::Keys(e.to_string()))?;
-        let id = new_message_id();
-        let mut identity_changed = false;
-        if self.devices_of(to).is_empty() {
-            identity_changed |= self.start_sessions(client, to).await?;
-        }
-        for attempt in 0..2 {
-            let envelopes = self.encrypt_for(to, &plaintext)?;
-            self.save()?;
-            let outgoing = Outgoing {
-                id,
-                to: to.to_string(),
-                envelopes,
-            };
-            match client.send(outgoing).await {
-                Ok(accepted) => {
-                    return Ok(Sent {
-                        id: accepted.id,
-                        accepted_at_ms: accepted.accepted_at_ms,
-                        delivered: accepted.delivered,
-                        identity_changed,
-                    });
-                }
-                Err(ClientError::Node(e)) if attempt == 0 => match e.kind {
-                    ErrorKind::StaleDevices { .. } => {
-                        identity_changed |= self.start_sessions(client, to).await?;
-                    }
-                    _ => return Err(ClientError::Node(e).into()),
-                },
-                Err(e) => return Err(e.into()),
+    fn slot(&mut self, number: &str, device: u32) -> Result<&mut SessionSlot, E2eError> {
+        match self.sessions.entry((number.to_string(), device)) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(e) => {
+                let key = session_key(self.tx, number, device);
+                let list = match self.tx.get(Table::Session, &key)? {
+                    Some(bytes) => unjson::<Vec<SessionPickle>>(&bytes, "an Olm session")?
+                        .into_iter()
+                        .map(Session::from_pickle)
+                        .collect(),
+                    None => Vec::new(),
+                };
+                Ok(e.insert(SessionSlot { list, dirty: false }))
             }
         }
-        Err(E2eError::Keys(format!(
-            "{to}'s devices kept changing while sending; try again"
-        )))
     }
 
-    fn devices_of(&self, to: &Number) -> Vec<u32> {
-        self.contacts
-            .get(to.as_str())
-            .map(|c| c.sessions.keys().copied().collect())
-            .unwrap_or_default()
-    }
-
-    fn encrypt_for(
-        &mut self,
-        to: &Number,
-        plaintext: &[u8],
-    ) -> Result<Vec<DeviceEnvelope>, E2eError> {
-        let contact = self
-            .contacts
-            .get_mut(to.as_str())
-            .ok_or_else(|| E2eError::Keys(format!("no session with {to}")))?;
-        let mut out = Vec::new();
-        for (device_id, sessions) in contact.sessions.iter_mut() {
-            let Some(newest) = sessions.first_mut() else {
-                continue;
-            };
-            let mut session = Session::from_pickle(clone_pickle(newest));
-            let message = session
-                .encrypt(plaintext)
-                .map_err(|e| E2eError::Keys(format!("encrypting: {e}")))?;
-            *newest = session.pickle();
-            out.push(DeviceEnvelope {
-                device_id: *device_id,
-                body: envelope_body(&message),
-            });
+    fn peer(&mut self, number: &str) -> Result<&mut PeerSlot, E2eError> {
+        match self.peers.entry(number.to_string()) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(e) => {
+                let key = self.tx.hash(b"peer", &[number.as_bytes()]);
+                let record = match self.tx.get(Table::Peer, &key)? {
+                    Some(bytes) => unjson(&bytes, "a contact's identity")?,
+                    None => PeerRecord {
+                        number: number.to_string(),
+                        identity: None,
+                    },
+                };
+                Ok(e.insert(PeerSlot {
+                    record,
+                    dirty: false,
+                }))
+            }
         }
-        Ok(out)
     }
 
-    /// Fetches `to`'s bundles (claiming one-time keys) and starts a session with each
-    /// device, replacing the device list. Returns whether the identity changed.
-    async fn start_sessions(&mut self, client: &Client, to: &Number) -> Result<bool, E2eError> {
-        let bundles = client.fetch_bundles(to, true).await?;
-        let contact = self.contacts.entry(to.to_string()).or_default();
+    /// The devices of `number` this device has a session with.
+    pub fn devices(&mut self, number: &str) -> Result<Vec<u32>, E2eError> {
+        let prefix = self.tx.hash(b"peer", &[number.as_bytes()]);
+        let mut devices: Vec<u32> = self
+            .tx
+            .scan(Table::Session, &prefix)?
+            .into_iter()
+            .filter_map(|(key, _)| key.get(16..20).and_then(|d| d.try_into().ok()))
+            .map(u32::from_be_bytes)
+            .collect();
+        // What this transaction changed and has not written yet.
+        for ((n, device), slot) in &self.sessions {
+            if n == number {
+                devices.retain(|d| d != device);
+                if !slot.list.is_empty() {
+                    devices.push(*device);
+                }
+            }
+        }
+        devices.sort_unstable();
+        Ok(devices)
+    }
+
+    /// Encrypts `plaintext` for every device of `to` this device has a session with.
+    pub fn encrypt(&mut self, to: &str, plaintext: &[u8]) -> Result<Vec<DeviceEnvelope>, E2eError> {
+        let devices = self.devices(to)?;
+        if devices.is_empty() {
+            return Err(E2eError::Keys(format!("no session with {to}")));
+        }
+        devices
+            .into_iter()
+            .map(|device| {
+                Ok(DeviceEnvelope {
+                    device_id: device,
+                    body: self.encrypt_for(to, device, plaintext)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Encrypts `plaintext` for one device, with the newest session.
+    pub fn encrypt_for(
+        &mut self,
+        to: &str,
+        device: u32,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, E2eError> {
+        let slot = self.slot(to, device)?;
+        let session = slot
+            .list
+            .first_mut()
+            .ok_or_else(|| E2eError::Keys(format!("no session with {to}'s device {device}")))?;
+        let message = session
+            .encrypt(plaintext)
+            .map_err(|e| E2eError::Keys(format!("encrypting: {e}")))?;
+        slot.dirty = true;
+        Ok(envelope_body(&message))
+    }
+
+    /// Starts a new session with each device in `bundles` (newest first; older
+    /// sessions with the device are kept, since messages under them may still come).
+    /// With `only`, just with that device; otherwise the sessions with devices not in
+    /// `bundles` go (the account no longer has them). Returns whether the identity
+    /// key changed.
+    pub fn start_sessions(
+        &mut self,
+        bundles: &Bundles,
+        only: Option<u32>,
+    ) -> Result<bool, E2eError> {
+        let to = bundles.number.as_str();
         let mut changed = false;
-        let mut sessions = BTreeMap::new();
+        let mut started = Vec::new();
         for bundle in &bundles.devices {
+            if only.is_some_and(|d| d != bundle.device_id) {
+                continue;
+            }
             let key = checked_session_key(bundle)?;
             let session = self
+                .account()?
                 .account
                 .create_outbound_session(
                     SessionConfig::version_1(),
@@ -418,144 +360,232 @@ impl Vault {
                     key,
                 )
                 .map_err(|e| E2eError::Keys(format!("starting a session with {to}: {e}")))?;
-            let seen = KnownIdentity {
-                curve25519: bundle.identity.curve25519,
-                ed25519: Some(bundle.identity.ed25519),
-            };
-            changed |= contact
-                .identity
-                .is_some_and(|known| known.curve25519 != seen.curve25519);
-            contact.identity = Some(seen);
-            let mut list = vec![session.pickle()];
-            // Keep older sessions with the same device: messages under them may still
-            // be in flight towards us.
-            if let Some(old) = contact.sessions.remove(&bundle.device_id) {
-                list.extend(old.into_iter().take(SESSIONS_MAX - 1));
-            }
-            sessions.insert(bundle.device_id, list);
+            changed |= self.note_identity(to, &bundle.identity)?;
+            let slot = self.slot(to, bundle.device_id)?;
+            slot.list.insert(0, session);
+            slot.list.truncate(SESSIONS_MAX);
+            slot.dirty = true;
+            started.push(bundle.device_id);
         }
-        contact.sessions = sessions;
-        self.save()?;
+        if only.is_none() {
+            for device in self.devices(to)? {
+                if !started.contains(&device) {
+                    let slot = self.slot(to, device)?;
+                    slot.list.clear();
+                    slot.dirty = true;
+                }
+            }
+        }
         Ok(changed)
     }
 
-    /// Decrypts one incoming envelope. The caller saves the vault before it
-    /// acknowledges the envelope, so a crash in between redelivers it and the
-    /// de-duplication by id drops it.
-    pub fn open_envelope(&mut self, incoming: &Incoming) -> Opened {
-        let seen_key = format!("{}/{}", incoming.from, hex::encode(incoming.id));
-        if self.seen_set.contains(&seen_key) {
-            return Opened::Duplicate;
-        }
-        let result = self.decrypt(incoming);
-        self.remember(seen_key);
-        match result {
-            Ok((plaintext, identity_changed)) => {
-                match bincode::decode_from_slice::<Content, _>(
-                    &plaintext,
-                    bincode::config::standard().with_limit::<{ 1 << 20 }>(),
-                ) {
-                    Ok((content, _)) => Opened::Message(Received {
-                        from: incoming.from.clone(),
-                        id: incoming.id,
-                        content,
-                        identity_changed,
-                    }),
-                    Err(e) => Opened::Unreadable(format!("unknown content: {e}")),
-                }
-            }
-            Err(reason) => Opened::Unreadable(reason),
-        }
-    }
-
-    fn remember(&mut self, key: String) {
-        if self.seen_set.insert(key.clone()) {
-            self.seen.push_back(key);
-        }
-        while self.seen.len() > SEEN_MAX {
-            if let Some(old) = self.seen.pop_front() {
-                self.seen_set.remove(&old);
-            }
-        }
-    }
-
-    fn decrypt(&mut self, incoming: &Incoming) -> Result<(Vec<u8>, bool), String> {
-        let (&kind, body) = incoming
-            .body
-            .split_first()
-            .ok_or_else(|| "empty envelope".to_string())?;
-        let message = OlmMessage::from_parts(kind as usize, body)
-            .map_err(|e| format!("not an Olm message: {e}"))?;
-        let contact = self.contacts.entry(incoming.from.clone()).or_default();
-        let sessions = contact.sessions.entry(incoming.from_device).or_default();
-        for pickle in sessions.iter_mut() {
-            let mut session = Session::from_pickle(clone_pickle(pickle));
+    /// Decrypts an envelope from `from`'s device `device`: with a session this device
+    /// has, else (a pre-key message) with a new inbound session. `Ok(Err(reason))`
+    /// when it cannot be decrypted; the reason is for people.
+    pub fn decrypt(
+        &mut self,
+        from: &str,
+        device: u32,
+        body: &[u8],
+    ) -> Result<Result<Decrypted, String>, E2eError> {
+        let message = match body.split_first() {
+            None => return Ok(Err("an empty envelope".into())),
+            Some((&kind, rest)) => match OlmMessage::from_parts(kind as usize, rest) {
+                Ok(m) => m,
+                Err(e) => return Ok(Err(format!("not an Olm message: {e}"))),
+            },
+        };
+        let slot = self.slot(from, device)?;
+        for (i, session) in slot.list.iter_mut().enumerate() {
             if let Ok(plaintext) = session.decrypt(&message) {
-                *pickle = session.pickle();
-                return Ok((plaintext, false));
+                slot.dirty = true;
+                // A session that works moves to the front: the sender uses it now.
+                if i > 0 {
+                    let s = slot.list.remove(i);
+                    slot.list.insert(0, s);
+                }
+                return Ok(Ok(Decrypted {
+                    plaintext,
+                    identity_changed: false,
+                }));
             }
         }
         let OlmMessage::PreKey(pre_key) = &message else {
-            return Err(
-                "no session can decrypt it (sent before this device's keys changed?)".into(),
-            );
+            return Ok(Err(
+                "no session can decrypt it (a session this device lost, or one it never had)"
+                    .into(),
+            ));
         };
         let their_identity = pre_key.identity_key();
-        let created = self
-            .account
-            .create_inbound_session(SessionConfig::version_1(), their_identity, pre_key)
-            .map_err(|e| format!("cannot start a session from it: {e}"))?;
+        let created = match self.account()?.account.create_inbound_session(
+            SessionConfig::version_1(),
+            their_identity,
+            pre_key,
+        ) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(format!("cannot start a session from it: {e}"))),
+        };
+        if let Some(slot) = self.account.as_mut() {
+            slot.dirty = true;
+        }
         let identity = their_identity.to_bytes();
-        let changed = contact
+        let peer = self.peer(from)?;
+        let changed = peer
+            .record
             .identity
             .is_some_and(|known| known.curve25519 != identity);
-        if contact.identity.is_none_or(|k| k.curve25519 != identity) {
-            contact.identity = Some(KnownIdentity {
+        if peer
+            .record
+            .identity
+            .is_none_or(|k| k.curve25519 != identity)
+        {
+            peer.record.identity = Some(KnownIdentity {
                 curve25519: identity,
                 ed25519: None,
             });
+            peer.dirty = true;
         }
-        sessions.insert(0, created.session.pickle());
-        sessions.truncate(SESSIONS_MAX);
-        Ok((created.plaintext, changed))
+        let slot = self.slot(from, device)?;
+        slot.list.insert(0, created.session);
+        slot.list.truncate(SESSIONS_MAX);
+        slot.dirty = true;
+        Ok(Ok(Decrypted {
+            plaintext: created.plaintext,
+            identity_changed: changed,
+        }))
     }
 
-    /// The safety number of this device and `them` (their number and identity keys):
-    /// 60 digits, the same on both sides.
-    pub fn safety_number(&self, me: &Number, them: &Number, their: &IdentityKeys) -> String {
-        safety_number(me, &self.identity(), them, their)
-    }
-
-    /// Records `their` identity keys as known for `them` (after a safety check);
-    /// returns whether they differ from what was known.
-    pub fn note_identity(&mut self, them: &Number, their: &IdentityKeys) -> bool {
-        let contact = self.contacts.entry(them.to_string()).or_default();
-        let changed = contact
+    /// Records `their` identity keys as known for `them`; returns whether they
+    /// differ from what was known.
+    pub fn note_identity(&mut self, them: &str, their: &IdentityKeys) -> Result<bool, E2eError> {
+        let peer = self.peer(them)?;
+        let changed = peer
+            .record
             .identity
             .is_some_and(|known| known.curve25519 != their.curve25519);
-        contact.identity = Some(KnownIdentity {
+        let seen = Some(KnownIdentity {
             curve25519: their.curve25519,
             ed25519: Some(their.ed25519),
         });
-        changed
+        if peer.record.identity != seen {
+            peer.record.identity = seen;
+            peer.dirty = true;
+        }
+        Ok(changed)
+    }
+
+    /// Writes back everything this transaction changed.
+    pub fn flush(self) -> Result<(), E2eError> {
+        let tx = self.tx;
+        if let Some(slot) = self.account
+            && slot.dirty
+        {
+            let record = AccountRecord {
+                account: slot.account.pickle(),
+                published_for: slot.published_for,
+            };
+            tx.put(Table::Kv, ACCOUNT_KEY, &json(&record)?)?;
+        }
+        for ((number, device), slot) in self.sessions {
+            if !slot.dirty {
+                continue;
+            }
+            let key = session_key(tx, &number, device);
+            if slot.list.is_empty() {
+                tx.delete(Table::Session, &key)?;
+            } else {
+                let pickles: Vec<SessionPickle> = slot.list.iter().map(Session::pickle).collect();
+                tx.put(Table::Session, &key, &json(&pickles)?)?;
+            }
+        }
+        for (number, slot) in self.peers {
+            if slot.dirty {
+                let key = tx.hash(b"peer", &[number.as_bytes()]);
+                tx.put(Table::Peer, &key, &json(&slot.record)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores sessions and identities read from a home of the old format.
+    pub(crate) fn import_legacy(
+        &mut self,
+        account: AccountPickle,
+        published_for: Option<(u64, u32)>,
+        contacts: Vec<LegacyContact>,
+    ) -> Result<(), E2eError> {
+        self.account = Some(AccountSlot {
+            account: Account::from_pickle(account),
+            published_for,
+            dirty: true,
+        });
+        for (number, identity, devices) in contacts {
+            self.peers.insert(
+                number.clone(),
+                PeerSlot {
+                    record: PeerRecord {
+                        number: number.clone(),
+                        identity,
+                    },
+                    dirty: true,
+                },
+            );
+            for (device, pickles) in devices {
+                let list = pickles.into_iter().map(Session::from_pickle).collect();
+                self.sessions
+                    .insert((number.clone(), device), SessionSlot { list, dirty: true });
+            }
+        }
+        Ok(())
     }
 }
 
-/// A message the node accepted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sent {
-    pub id: MessageId,
-    pub accepted_at_ms: u64,
-    /// The recipient's devices that had already received it (no receipt will follow
-    /// for them).
-    pub delivered: Vec<u32>,
-    pub identity_changed: bool,
+/// This device's identity keys (the Olm account is made if the home has none).
+pub fn identity(db: &HomeDb) -> Result<IdentityKeys, E2eError> {
+    db.write(|tx| {
+        let mut olm = Olm::new(tx);
+        let keys = olm.identity()?;
+        olm.flush()?;
+        Ok(keys)
+    })
 }
 
-fn clone_pickle(p: &SessionPickle) -> SessionPickle {
-    // SessionPickle is not Clone; a serde round trip is an exact copy.
-    serde_json::from_value(serde_json::to_value(p).unwrap_or_default())
-        .unwrap_or_else(|_| unreachable!("a session pickle round-trips through JSON"))
+/// Publishes keys for the device `(account_id, device_id)`: everything not yet
+/// published, plus a fresh fallback key and a full stock of one-time keys when the
+/// device is new to this home's account, or `top_up` more one-time keys. Returns how
+/// many one-time keys the node holds.
+pub async fn publish(
+    db: &HomeDb,
+    client: &Client,
+    device: (u64, u32),
+    top_up: u32,
+) -> Result<u32, E2eError> {
+    let upload = db
+        .write_async(move |tx| {
+            let mut olm = Olm::new(tx);
+            let upload = olm.prepare_upload(device, top_up)?;
+            olm.flush()?;
+            Ok::<_, E2eError>(upload)
+        })
+        .await?;
+    let stored = client.publish_keys(upload).await?;
+    db.write_async(move |tx| {
+        let mut olm = Olm::new(tx);
+        olm.mark_published(device)?;
+        olm.flush()
+    })
+    .await?;
+    Ok(stored)
+}
+
+/// Whether this home published keys for `device`.
+pub fn published_for(db: &HomeDb, device: (u64, u32)) -> Result<bool, E2eError> {
+    db.write(|tx| {
+        let mut olm = Olm::new(tx);
+        let published = olm.published_for(device)?;
+        olm.flush()?;
+        Ok(published)
+    })
 }
 
 fn envelope_body(message: &OlmMessage) -> Vec<u8> {
@@ -582,6 +612,12 @@ fn checked_session_key(bundle: &Bundle) -> Result<Curve25519PublicKey, E2eError>
             bundle.device_id
         ))),
     }
+}
+
+/// A fresh random message id.
+pub fn new_message_id() -> MessageId {
+    use rand::RngExt;
+    rand::rng().random()
 }
 
 /// Signal-style numeric fingerprint: for each side, SHA-512 iterated 5200 times over
@@ -630,36 +666,6 @@ pub fn format_safety_number(digits: &str) -> String {
         .join(" ")
 }
 
-fn encrypt_state(key: &[u8; 32], plaintext: &[u8]) -> Vec<u8> {
-    let cipher = XChaCha20Poly1305::new(&(*key).into());
-    let nonce_bytes = random::<24>();
-    let nonce = XNonce::from(nonce_bytes);
-    // Encryption of an in-memory buffer cannot fail for sizes below 256 GiB.
-    let sealed = cipher
-        .encrypt(&nonce, plaintext)
-        .unwrap_or_else(|_| unreachable!("XChaCha20-Poly1305 encrypts any buffer this size"));
-    let mut out = Vec::with_capacity(1 + 24 + sealed.len());
-    out.push(STATE_VERSION);
-    out.extend_from_slice(&nonce_bytes);
-    out.extend_from_slice(&sealed);
-    out
-}
-
-fn decrypt_state(key: &[u8; 32], bytes: &[u8]) -> Result<State, String> {
-    let (&version, rest) = bytes.split_first().ok_or("empty file")?;
-    if version != STATE_VERSION {
-        return Err(format!("unknown format version {version}"));
-    }
-    let (nonce, sealed) = rest
-        .split_first_chunk::<24>()
-        .ok_or("shorter than its nonce")?;
-    let cipher = XChaCha20Poly1305::new(&(*key).into());
-    let plain = cipher
-        .decrypt(&XNonce::from(*nonce), sealed)
-        .map_err(|_| "wrong key or damaged file (authentication failed)".to_string())?;
-    serde_json::from_slice(&plain).map_err(|e| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -669,35 +675,70 @@ mod tests {
     }
 
     #[test]
-    fn state_survives_a_round_trip_and_detects_tampering() {
+    fn the_account_is_made_once_and_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let identity = {
-            let vault = Vault::open(dir.path()).unwrap();
-            vault.identity()
-        };
-        assert_eq!(Vault::open(dir.path()).unwrap().identity(), identity);
-        let path = dir.path().join(STATE_FILE);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 1;
-        std::fs::write(&path, bytes).unwrap();
-        assert!(matches!(
-            Vault::open(dir.path()),
-            Err(E2eError::Damaged { .. })
-        ));
+        let db = HomeDb::open(dir.path(), None).unwrap();
+        let keys = identity(&db).unwrap();
+        drop(db);
+        let db = HomeDb::open(dir.path(), None).unwrap();
+        assert_eq!(identity(&db).unwrap(), keys);
     }
 
     #[test]
-    fn the_state_file_holds_no_plaintext_key_material() {
-        let dir = tempfile::tempdir().unwrap();
-        let vault = Vault::open(dir.path()).unwrap();
-        let pickle = serde_json::to_string(&vault.account.pickle()).unwrap();
-        let bytes = std::fs::read(dir.path().join(STATE_FILE)).unwrap();
-        assert!(
-            !bytes
-                .windows(16)
-                .any(|w| pickle.as_bytes().windows(16).any(|p| p == w))
+    fn two_homes_talk_and_a_replayed_envelope_does_not_decrypt_twice() {
+        let (da, db_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (alice, bob) = (
+            HomeDb::open(da.path(), None).unwrap(),
+            HomeDb::open(db_dir.path(), None).unwrap(),
         );
+        // Bob's keys, as the node would hand them out.
+        let upload = bob
+            .write(|tx| {
+                let mut olm = Olm::new(tx);
+                let u = olm.prepare_upload((2, 1), 0)?;
+                olm.mark_published((2, 1))?;
+                olm.flush()?;
+                Ok::<_, E2eError>(u)
+            })
+            .unwrap();
+        let bundles = Bundles {
+            number: "+14155550101".into(),
+            devices: vec![Bundle {
+                device_id: 1,
+                identity: upload.identity,
+                one_time_key: upload.one_time_keys.first().copied(),
+                fallback: upload.fallback,
+            }],
+        };
+        let bodies: Vec<Vec<u8>> = alice
+            .write(|tx| {
+                let mut olm = Olm::new(tx);
+                olm.start_sessions(&bundles, None)?;
+                let out = (0..3)
+                    .map(|i| olm.encrypt_for("+14155550101", 1, format!("m{i}").as_bytes()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                olm.flush()?;
+                Ok::<_, E2eError>(out)
+            })
+            .unwrap();
+        for (i, body) in bodies.iter().enumerate().rev() {
+            let got = bob
+                .write(|tx| {
+                    let mut olm = Olm::new(tx);
+                    let d = olm.decrypt("+14155550100", 1, body)?;
+                    olm.flush()?;
+                    Ok::<_, E2eError>(d)
+                })
+                .unwrap()
+                .unwrap();
+            assert_eq!(got.plaintext, format!("m{i}").into_bytes());
+        }
+        // The ratchet moved on: the same envelope again does not decrypt.
+        let again = bob
+            .write(|tx| Olm::new(tx).decrypt("+14155550100", 1, &bodies[2]))
+            .unwrap();
+        assert!(again.is_err());
+        let _ = number("+14155550100");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! Layout (every file owner-only, the directory 0700):
 //! - `device.key`, `device.crt`: the device's private key and self-signed certificate
 //!   (PEM). With a passphrase, `device.key` is sealed (`client::sealed`);
-//! - `state.toml`: server address, pinned node fingerprint, number and ids.
+//! - `state.toml`: server address, pinned node fingerprint, number and ids;
+//! - `e2e.key` and `home.db`: the home key and the database it seals
+//!   (`client::db`: Olm state, contacts, history);
+//! - `settings.toml` (optional): the home's settings (`client::settings`).
 //!
 //! Files are written atomically, so an interrupted write never leaves half a home.
 
@@ -101,6 +104,11 @@ impl Home {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The home database (keys, sessions, contacts, history), made if there is none.
+    pub fn db(&self) -> Result<super::db::HomeDb, super::db::DbError> {
+        super::db::HomeDb::open(&self.dir, self.passphrase.as_ref())
     }
 
     fn io(&self, path: &Path) -> impl Fn(std::io::Error) -> HomeError {

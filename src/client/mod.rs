@@ -1,15 +1,27 @@
 //! The client library: what any app needs to talk to a node.
 //!
-//! A [`Client`] is one QUIC connection authenticated by the device's own key (its TLS
-//! client certificate). Each request runs on its own stream, so many can be in flight
-//! at once. The node's certificate is pinned by fingerprint: pass the pin when it is
-//! known, or `None` to trust on first use and store [`Client::fingerprint`].
+//! Two levels:
+//! - [`Messenger`] (`messenger`): what an app calls. It owns the home database
+//!   (`db`: keys, sessions, contacts, the history), stays connected, and sends,
+//!   receives and keeps messages so that none is lost on this side either.
+//! - [`Client`]: one QUIC connection authenticated by the device's own key (its TLS
+//!   client certificate), with one method per request. Each request runs on its own
+//!   stream, so many can be in flight at once. The node's certificate is pinned by
+//!   fingerprint: pass the pin when it is known, or `None` to trust on first use and
+//!   store [`Client::fingerprint`]. A [`Connector`] makes the connections of one
+//!   device, resuming its TLS session so a reconnect skips the certificate work.
 
 pub mod contacts;
+pub mod content;
+pub mod db;
 pub mod e2e;
+pub mod history;
 pub mod home;
 pub mod import;
+mod legacy;
+pub mod messenger;
 pub mod sealed;
+pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +35,15 @@ use crate::proto::{
 use crate::tls::{self, Credentials, Fingerprint, PinObservation, TlsError};
 
 pub use home::{Home, HomeError, Registration};
+pub use messenger::{Event, Messenger, MessengerError};
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// What can go wrong talking to a node.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +72,166 @@ pub enum ClientError {
     Tls(#[from] TlsError),
 }
 
-/// A connection to a node.
+impl ClientError {
+    /// Whether this is the connection failing (the node unreachable, the connection
+    /// lost), as opposed to an answer: worth trying again on a new connection.
+    pub fn is_connection(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Connection(_)
+        )
+    }
+}
+
+/// Makes the connections of one device to one node: the TLS configuration is built
+/// once, so the session tickets the node hands out are offered on the next connect
+/// (TLS 1.3 resumption: no certificates, no signatures), and they all go out of
+/// one UDP socket, which [`Connector::rebind`] can move.
+pub struct Connector {
+    server: String,
+    pin: Option<Fingerprint>,
+    config: quinn::ClientConfig,
+    observation: Arc<PinObservation>,
+    endpoint: std::sync::Mutex<Option<quinn::Endpoint>>,
+}
+
+impl Connector {
+    /// A connector for the device `creds` to `server` (`HOST:PORT`), checking the
+    /// node's certificate against `pin` when given.
+    pub fn new(
+        server: &str,
+        creds: &Credentials,
+        pin: Option<Fingerprint>,
+    ) -> Result<Connector, ClientError> {
+        let (crypto, observation) = tls::client_crypto(creds, pin)?;
+        let mut config = quinn::ClientConfig::new(crypto);
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(15)));
+        transport.ack_frequency_config(Some(crate::quic::ack_frequency()));
+        config.transport_config(Arc::new(transport));
+        Ok(Connector {
+            server: server.to_string(),
+            pin,
+            config,
+            observation,
+            endpoint: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The server address as given.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Connects over this connector's own endpoint (made on first use).
+    pub async fn connect(&self) -> Result<Client, ClientError> {
+        let (_, addr) = resolve(&self.server).await?;
+        let endpoint = {
+            let mut slot = self
+                .endpoint
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match slot.as_ref() {
+                Some(e) => e.clone(),
+                None => {
+                    let e = client_endpoint(addr.is_ipv6()).map_err(|e| ClientError::Connect {
+                        server: self.server.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    *slot = Some(e.clone());
+                    e
+                }
+            }
+        };
+        self.connect_via(&endpoint).await
+    }
+
+    /// Connects over `endpoint` (from [`client_endpoint`]), so that many devices can
+    /// share a few sockets (load generators, multi-account apps).
+    pub async fn connect_via(&self, endpoint: &quinn::Endpoint) -> Result<Client, ClientError> {
+        let server = self.server.as_str();
+        let (host, addr) = resolve(server).await?;
+        let connect_err = |reason: String| ClientError::Connect {
+            server: server.to_string(),
+            reason,
+        };
+        let connecting = endpoint
+            .connect_with(self.config.clone(), addr, &host)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(handshake_error(server, self.pin, &self.observation, e)),
+            Err(_) => {
+                return Err(connect_err(
+                    "no answer within 10 seconds (is the node running and the UDP port open?)"
+                        .into(),
+                ));
+            }
+        };
+        let fingerprint = self
+            .observation
+            .seen()
+            .ok_or_else(|| connect_err("the node presented no certificate".into()))?;
+        Ok(Client {
+            endpoint: endpoint.clone(),
+            owns_endpoint: false,
+            conn,
+            server: server.to_string(),
+            fingerprint,
+        })
+    }
+
+    /// Moves this connector's endpoint to a new UDP socket (a new local port): the
+    /// connections on it migrate (QUIC path migration), as when a phone changes
+    /// network.
+    pub fn rebind(&self) -> std::io::Result<()> {
+        let slot = self
+            .endpoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(endpoint) = slot.as_ref() else {
+            return Ok(());
+        };
+        let ipv6 = endpoint.local_addr()?.is_ipv6();
+        let bind: SocketAddr = if ipv6 {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        endpoint.rebind(std::net::UdpSocket::bind(bind)?)
+    }
+
+    /// The local address of this connector's socket, once it has one.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        let slot = self
+            .endpoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        slot.as_ref().and_then(|e| e.local_addr().ok())
+    }
+
+    /// How many handshakes checked the node's certificate: connects that did not
+    /// resume a TLS session.
+    pub fn full_handshakes(&self) -> u64 {
+        self.observation.verified()
+    }
+
+    /// Waits (up to a second) until the node has been told of every closed
+    /// connection of this connector.
+    pub async fn close(&self) {
+        let endpoint = self
+            .endpoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(e) = endpoint {
+            let _ = tokio::time::timeout(Duration::from_secs(1), e.wait_idle()).await;
+        }
+    }
+}
+
+/// A connection to a node (cheap to clone: clones share the connection).
+#[derive(Clone)]
 pub struct Client {
     endpoint: quinn::Endpoint,
     /// Whether the endpoint is this client's alone (then `close` waits for it).
@@ -67,64 +247,32 @@ const MAX_REPLY_BYTES: usize = proto::HARD_MAX_FRAME_BYTES;
 impl Client {
     /// Connects to `server` (`HOST:PORT`) as the device `creds`, checking the node's
     /// certificate against `pin` when given. The connection gets its own UDP socket.
+    /// (A [`Connector`] reconnects cheaper.)
     pub async fn connect(
         server: &str,
         creds: &Credentials,
         pin: Option<Fingerprint>,
     ) -> Result<Client, ClientError> {
-        let (_, addr) = resolve(server).await?;
-        let endpoint = client_endpoint(addr.is_ipv6()).map_err(|e| ClientError::Connect {
-            server: server.to_string(),
-            reason: e.to_string(),
-        })?;
-        let mut client = Self::connect_via(&endpoint, server, creds, pin).await?;
+        let mut client = Connector::new(server, creds, pin)?.connect().await?;
         client.owns_endpoint = true;
         Ok(client)
     }
 
-    /// Like [`Client::connect`], over an existing endpoint (from [`client_endpoint`]),
-    /// so that many devices can share a few sockets (load generators, multi-account
-    /// apps).
+    /// Like [`Client::connect`], over an existing endpoint (from [`client_endpoint`]).
     pub async fn connect_via(
         endpoint: &quinn::Endpoint,
         server: &str,
         creds: &Credentials,
         pin: Option<Fingerprint>,
     ) -> Result<Client, ClientError> {
-        let (host, addr) = resolve(server).await?;
-        let (crypto, observation) = tls::client_crypto(creds, pin)?;
-        let mut config = quinn::ClientConfig::new(crypto);
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(15)));
-        transport.ack_frequency_config(Some(crate::quic::ack_frequency()));
-        config.transport_config(Arc::new(transport));
-        let connect_err = |reason: String| ClientError::Connect {
-            server: server.to_string(),
-            reason,
-        };
-        let connecting = endpoint
-            .connect_with(config, addr, &host)
-            .map_err(|e| connect_err(e.to_string()))?;
-        let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(handshake_error(server, pin, &observation, e)),
-            Err(_) => {
-                return Err(connect_err(
-                    "no answer within 10 seconds (is the node running and the UDP port open?)"
-                        .into(),
-                ));
-            }
-        };
-        let fingerprint = observation
-            .seen()
-            .ok_or_else(|| connect_err("the node presented no certificate".into()))?;
-        Ok(Client {
-            endpoint: endpoint.clone(),
-            owns_endpoint: false,
-            conn,
-            server: server.to_string(),
-            fingerprint,
-        })
+        Connector::new(server, creds, pin)?
+            .connect_via(endpoint)
+            .await
+    }
+
+    /// Whether the connection is still up (as far as this side knows).
+    pub fn is_alive(&self) -> bool {
+        self.conn.close_reason().is_none()
     }
 
     /// The fingerprint of the node's certificate.

@@ -53,9 +53,14 @@ fn home_files_are_owner_only() {
         "device.crt",
         "state.toml",
         "e2e.key",
-        "e2e.state",
+        "home.db",
     ] {
         assert_eq!(mode(&home.join(name)), 0o600, "{name}");
+    }
+    // And everything else in it (the database's write-ahead log and shared memory).
+    for entry in std::fs::read_dir(&home).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
     }
     assert_eq!(mode(&node.data_dir()), 0o700);
     assert_eq!(mode(&node.data_dir().join("tls/key.pem")), 0o600);

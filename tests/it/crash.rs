@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::RngExt;
-use switchboard::client::e2e::Vault;
 use switchboard::client::{Client, Subscription};
 use switchboard::phone::Number;
 use switchboard::proto::{Channel, DeviceEnvelope, Item, MessageId, Outgoing};
@@ -302,7 +301,7 @@ async fn receive(world: &World, sub: &mut Subscription, me: usize, generation: u
 /// Uploads fresh keys for `me` over and over, while `claimer` claims them.
 async fn keys(world: Arc<World>, creds: Credentials, ids: (u64, u32), claimer: Credentials) {
     let home = tempfile::tempdir().unwrap();
-    let mut vault = Vault::open(home.path()).unwrap();
+    let db = switchboard::client::db::HomeDb::open(home.path(), None).unwrap();
     let owner = Number::parse(DEVICES[0], None).unwrap();
     let mut upload: Option<(Client, u64)> = None;
     let mut claim: Option<(Client, u64)> = None;
@@ -314,7 +313,12 @@ async fn keys(world: Arc<World>, creds: Credentials, ids: (u64, u32), claimer: C
         let Some(cl) = reuse_or_connect(&world, claim.take(), &claimer, generation).await else {
             return;
         };
-        if let Outcome::Done(Ok(_)) = watched(&world, generation, vault.publish(&up, ids, 0)).await
+        if let Outcome::Done(Ok(_)) = watched(
+            &world,
+            generation,
+            switchboard::client::e2e::publish(&db, &up, ids, 0),
+        )
+        .await
         {
             world.oracle.lock().unwrap().key_uploads += 1;
             upload = Some((up, generation));

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use switchboard::client::e2e::{Content, Opened, Vault, new_message_id};
-use switchboard::client::{Client, ClientError, Subscription};
+use switchboard::client::e2e::new_message_id;
+use switchboard::client::{Client, ClientError, Messenger, Subscription};
 use switchboard::proto::{
     Accepted, Delivery, DeviceEnvelope, ErrorKind, Item, MessageId, Outgoing, Push,
 };
@@ -409,44 +409,10 @@ async fn a_graceful_restart_keeps_queued_messages() {
     node.shutdown().await;
 }
 
-/// A registered client with its vault (Olm account) published, as the CLI would.
-async fn with_vault(node: &InProcessNode, number: &str) -> (Client, Vault, tempfile::TempDir) {
-    let client = node.connect().await;
-    let n = crate::support::number(number);
-    client
-        .request_code(&n, switchboard::proto::Channel::Sms, "en")
-        .await
-        .unwrap();
-    let reg = client.verify_code(&n, CODE).await.unwrap();
-    let home = tempfile::tempdir().unwrap();
-    let mut vault = Vault::open(home.path()).unwrap();
-    vault
-        .publish(&client, (reg.account_id, reg.device_id), 0)
-        .await
-        .unwrap();
-    (client, vault, home)
-}
-
-fn open_all(vault: &mut Vault, items: &[Delivery]) -> Vec<String> {
-    items
-        .iter()
-        .filter_map(|d| match &d.item {
-            Item::Message(m) => match vault.open_envelope(m) {
-                Opened::Message(r) => {
-                    let Content::Text(t) = r.content;
-                    Some(t)
-                }
-                other => panic!("could not open: {other:?}"),
-            },
-            Item::Delivered(_) => None,
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn one_time_keys_run_out_then_the_fallback_key_works_and_the_device_tops_up() {
     let node = InProcessNode::start(&config_text("[messages]\none_time_keys_low = 10\n")).await;
-    let (bob, mut bob_vault, _bob_home) = with_vault(&node, BOB).await;
+    let (_bob_dir, bob_home) = registered_home(&node.addr, node.fingerprint, BOB).await;
     let carol = node.registered(CAROL).await;
     let b = number(BOB);
     // Carol claims every one-time key Bob published; two claims never share one.
@@ -464,44 +430,22 @@ async fn one_time_keys_run_out_then_the_fallback_key_works_and_the_device_tops_u
     assert!(exhausted.devices[0].fallback.is_some());
 
     // Alice starts a session on the fallback key; Bob reads it.
-    let (alice, mut alice_vault, _alice_home) = with_vault(&node, ALICE).await;
-    alice_vault
-        .send(&alice, &b, &Content::Text("via fallback".into()))
-        .await
-        .unwrap();
-    let mut sub = bob.subscribe().await.unwrap();
-    let mut low = None;
-    let mut items = Vec::new();
-    loop {
-        let push = next(&mut sub).await;
-        low = low.or(push.one_time_keys_left);
-        items.extend(push.items);
-        if push.backlog_end {
-            break;
-        }
-    }
-    assert_eq!(open_all(&mut bob_vault, &items), ["via fallback"]);
-    sub.ack(items.iter().map(|d| d.seq).collect())
-        .await
-        .unwrap();
-    sub.finish().await.unwrap();
-    assert_eq!(low, Some(0), "the node did not tell Bob his keys ran out");
+    let (_alice_dir, alice_home) = registered_home(&node.addr, node.fingerprint, ALICE).await;
+    let alice = Messenger::open(&alice_home).unwrap();
+    alice.send_text(&b, "via fallback").await.unwrap();
+    alice.close().await;
+    let bob = Messenger::open(&bob_home).unwrap();
+    let events = receive_backlog(&bob).await;
+    assert_eq!(texts(&events), ["via fallback"], "{events:?}");
+    bob.close().await;
 
-    // Bob tops up; fetchers get one-time keys again.
-    let me = bob.whoami().await.unwrap();
-    let n = bob_vault
-        .publish(
-            &bob,
-            (me.account_id, me.device_id),
-            switchboard::client::e2e::ONE_TIME_KEY_TARGET,
-        )
-        .await
-        .unwrap();
-    assert!(n >= switchboard::client::e2e::ONE_TIME_KEY_TARGET);
+    // The node told Bob his keys ran out, and Bob topped up: fetchers get one-time
+    // keys again.
     assert!(
         carol.fetch_bundles(&b, true).await.unwrap().devices[0]
             .one_time_key
-            .is_some()
+            .is_some(),
+        "Bob did not top up"
     );
     node.shutdown().await;
 }

@@ -388,6 +388,82 @@ pub async fn send_numbered(from: &Client, to: &str, i: u32) -> Result<(), Client
     from.send(outgoing(to, id, body)).await.map(|_| ())
 }
 
+/// A client home registered as `number` (a test number) on the node at `addr`, with
+/// its keys published, as `switchboard register` leaves it.
+pub async fn registered_home(
+    addr: &str,
+    fingerprint: Fingerprint,
+    number: &str,
+) -> (tempfile::TempDir, switchboard::client::Home) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = registered_home_in(dir.path(), addr, fingerprint, number).await;
+    (dir, home)
+}
+
+/// [`registered_home`] in the directory `dir`.
+pub async fn registered_home_in(
+    dir: &Path,
+    addr: &str,
+    fingerprint: Fingerprint,
+    number: &str,
+) -> switchboard::client::Home {
+    let (creds, pem) = Credentials::generate_device().expect("device key");
+    let client = Client::connect(addr, &creds, Some(fingerprint))
+        .await
+        .expect("connect");
+    let n = Number::parse(number, None).expect("number");
+    client
+        .request_code(&n, Channel::Sms, "en")
+        .await
+        .expect("request code");
+    let registered = client.verify_code(&n, CODE).await.expect("verify");
+    let home = switchboard::client::Home::new(Some(dir.to_path_buf())).expect("home");
+    let reg = switchboard::client::Registration {
+        server: addr.to_string(),
+        fingerprint,
+        number: n,
+        account_id: registered.account_id,
+        device_id: registered.device_id,
+        credentials: creds,
+    };
+    home.save(&reg, &pem).expect("save home");
+    let db = home.db().expect("home db");
+    switchboard::client::e2e::publish(&db, &client, (reg.account_id, reg.device_id), 0)
+        .await
+        .expect("publish keys");
+    client.close().await;
+    home
+}
+
+/// The texts of the messages among `events`, in order.
+pub fn texts(events: &[switchboard::client::Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            switchboard::client::Event::Message(m) => match &m.content {
+                Some(switchboard::client::content::Content::Text(t)) => Some(t.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// Receives this messenger's backlog; returns every event.
+pub async fn receive_backlog(
+    messenger: &switchboard::client::Messenger,
+) -> Vec<switchboard::client::Event> {
+    let mut events = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        messenger.receive(false, std::future::pending(), |e| events.push(e)),
+    )
+    .await
+    .expect("the backlog within 30 s")
+    .expect("receive");
+    events
+}
+
 /// Registers `client`'s device as `number`, a test number (its code is [`CODE`]).
 pub async fn register(client: &Client, number: &str) {
     let number = Number::parse(number, None).expect("number");

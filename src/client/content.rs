@@ -1,0 +1,278 @@
+//! What travels inside the end-to-end encryption: a versioned, extensible format.
+//!
+//! Olm plaintext (client to client; the node never sees it):
+//! - `0x01` (the format) · bincode [`Wire`]: the message's own id (which stays the
+//!   same when the message is sent again, under a new node id), when the author
+//!   wrote it, the node id of the envelope it answers a retry request for, and the
+//!   content as a kind number and that kind's bincode body.
+//! - `0x00` · bincode of a text (the format of clients before it): read as
+//!   [`Content::Text`] with the envelope's node id as its id.
+//!
+//! A kind this build does not know becomes [`Content::Unsupported`]: shown as
+//! "unsupported message", never an error and never dropped. Kinds are never
+//! renumbered; a body may grow fields at its end only in a new kind.
+
+use bincode::{Decode, Encode};
+
+use crate::proto::MessageId;
+
+const FORMAT: u8 = 1;
+const LEGACY_FORMAT: u8 = 0;
+/// The largest plaintext decoded (an envelope is at most half a frame anyway).
+const MAX_PLAINTEXT: usize = 1 << 20;
+
+/// Kind numbers, as on the wire.
+mod kind {
+    pub const TEXT: u16 = 1;
+    pub const RETRY_REQUEST: u16 = 2;
+    pub const RETRY_UNAVAILABLE: u16 = 3;
+}
+
+/// What a person sent: the part of a message an app shows.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Content {
+    Text(String),
+    /// A kind of content from a newer client that this build cannot show.
+    Unsupported {
+        kind: u16,
+    },
+}
+
+/// Everything a plaintext can carry: content for people, or a message between
+/// clients that nobody sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    Content(Content),
+    /// "I could not decrypt your envelope `id` (sent by your device `device`);
+    /// please send it again." Carries no plaintext of the message.
+    RetryRequest {
+        device: u32,
+        id: MessageId,
+    },
+    /// "I cannot send `id` again" (not kept, too old, or asked too often).
+    RetryUnavailable {
+        id: MessageId,
+    },
+}
+
+/// One decoded plaintext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plaintext {
+    /// The message's own id: the node id it was first sent under.
+    pub id: MessageId,
+    /// When the author wrote it (ms since the Unix epoch, the author's clock).
+    pub written_at_ms: u64,
+    /// Set on a message sent again in answer to a retry request: the node id of the
+    /// envelope that could not be decrypted.
+    pub retry_of: Option<MessageId>,
+    pub body: Body,
+}
+
+#[derive(Encode, Decode)]
+struct Wire {
+    id: MessageId,
+    written_at_ms: u64,
+    retry_of: Option<MessageId>,
+    kind: u16,
+    body: Vec<u8>,
+}
+
+#[derive(Encode, Decode)]
+struct RetryRequestBody {
+    device: u32,
+    id: MessageId,
+}
+
+/// The old format: bincode of `enum { Text(String) }`.
+#[derive(Encode, Decode)]
+enum LegacyContent {
+    Text(String),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_PLAINTEXT>()
+}
+
+fn to_vec<T: Encode>(value: &T) -> Vec<u8> {
+    bincode::encode_to_vec(value, config())
+        .unwrap_or_else(|e| unreachable!("encoding to a Vec cannot fail: {e}"))
+}
+
+impl Plaintext {
+    /// A new message's plaintext.
+    pub fn new(id: MessageId, written_at_ms: u64, body: Body) -> Plaintext {
+        Plaintext {
+            id,
+            written_at_ms,
+            retry_of: None,
+            body,
+        }
+    }
+
+    /// The bytes to encrypt.
+    pub fn encode(&self) -> Vec<u8> {
+        let (kind, body) = match &self.body {
+            Body::Content(Content::Text(text)) => (kind::TEXT, to_vec(text)),
+            Body::Content(Content::Unsupported { kind }) => (*kind, Vec::new()),
+            Body::RetryRequest { device, id } => (
+                kind::RETRY_REQUEST,
+                to_vec(&RetryRequestBody {
+                    device: *device,
+                    id: *id,
+                }),
+            ),
+            Body::RetryUnavailable { id } => (kind::RETRY_UNAVAILABLE, to_vec(id)),
+        };
+        let mut out = vec![FORMAT];
+        out.extend(to_vec(&Wire {
+            id: self.id,
+            written_at_ms: self.written_at_ms,
+            retry_of: self.retry_of,
+            kind,
+            body,
+        }));
+        out
+    }
+
+    /// Decodes a decrypted plaintext. `node_id` and `queued_at_ms` stand in for the id
+    /// and time that the old format did not carry.
+    pub fn decode(
+        bytes: &[u8],
+        node_id: MessageId,
+        queued_at_ms: u64,
+    ) -> Result<Plaintext, String> {
+        let (&format, rest) = bytes.split_first().ok_or("an empty plaintext")?;
+        match format {
+            FORMAT => {
+                let (wire, used): (Wire, usize) = bincode::decode_from_slice(rest, config())
+                    .map_err(|e| format!("an unreadable plaintext: {e}"))?;
+                if used != rest.len() {
+                    return Err("trailing bytes after the plaintext".into());
+                }
+                let body = decode_body(wire.kind, &wire.body)?;
+                Ok(Plaintext {
+                    id: wire.id,
+                    written_at_ms: wire.written_at_ms,
+                    retry_of: wire.retry_of,
+                    body,
+                })
+            }
+            LEGACY_FORMAT => {
+                let (LegacyContent::Text(text), _) = bincode::decode_from_slice(bytes, config())
+                    .map_err(|e| format!("an unreadable plaintext: {e}"))?;
+                Ok(Plaintext::new(
+                    node_id,
+                    queued_at_ms,
+                    Body::Content(Content::Text(text)),
+                ))
+            }
+            // A later format: nothing of it can be read but that it is a message.
+            _ => Ok(Plaintext::new(
+                node_id,
+                queued_at_ms,
+                Body::Content(Content::Unsupported { kind: 0 }),
+            )),
+        }
+    }
+}
+
+fn decode_body(kind: u16, body: &[u8]) -> Result<Body, String> {
+    fn whole<T: Decode<()>>(body: &[u8]) -> Result<T, String> {
+        let (value, used) = bincode::decode_from_slice(body, config())
+            .map_err(|e| format!("an unreadable message body: {e}"))?;
+        if used != body.len() {
+            return Err("trailing bytes after the message body".into());
+        }
+        Ok(value)
+    }
+    Ok(match kind {
+        kind::TEXT => Body::Content(Content::Text(whole(body)?)),
+        kind::RETRY_REQUEST => {
+            let r: RetryRequestBody = whole(body)?;
+            Body::RetryRequest {
+                device: r.device,
+                id: r.id,
+            }
+        }
+        kind::RETRY_UNAVAILABLE => Body::RetryUnavailable { id: whole(body)? },
+        other => Body::Content(Content::Unsupported { kind: other }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn check(p: Plaintext) {
+        assert_eq!(Plaintext::decode(&p.encode(), [0; 16], 0), Ok(p));
+    }
+
+    #[test]
+    fn every_body_round_trips() {
+        let mut p = Plaintext::new(
+            [7; 16],
+            1_700_000_000_000,
+            Body::Content(Content::Text("hi".into())),
+        );
+        check(p.clone());
+        p.retry_of = Some([9; 16]);
+        check(p.clone());
+        p.body = Body::RetryRequest {
+            device: 3,
+            id: [1; 16],
+        };
+        check(p.clone());
+        p.body = Body::RetryUnavailable { id: [2; 16] };
+        check(p);
+    }
+
+    #[test]
+    fn an_unknown_kind_is_unsupported_not_an_error() {
+        let wire = Wire {
+            id: [5; 16],
+            written_at_ms: 1,
+            retry_of: None,
+            kind: 4242,
+            body: vec![1, 2, 3],
+        };
+        let mut bytes = vec![FORMAT];
+        bytes.extend(to_vec(&wire));
+        let p = Plaintext::decode(&bytes, [0; 16], 0).unwrap();
+        assert_eq!(p.id, [5; 16]);
+        assert_eq!(p.body, Body::Content(Content::Unsupported { kind: 4242 }));
+        // A whole later format too.
+        let p = Plaintext::decode(&[7, 1, 2], [3; 16], 9).unwrap();
+        assert_eq!(p.body, Body::Content(Content::Unsupported { kind: 0 }));
+        assert_eq!((p.id, p.written_at_ms), ([3; 16], 9));
+    }
+
+    #[test]
+    fn the_old_format_reads_as_text() {
+        let old = to_vec(&LegacyContent::Text("from an old client".into()));
+        assert_eq!(old[0], LEGACY_FORMAT);
+        let p = Plaintext::decode(&old, [4; 16], 77).unwrap();
+        assert_eq!(
+            p.body,
+            Body::Content(Content::Text("from an old client".into()))
+        );
+        assert_eq!((p.id, p.written_at_ms), ([4; 16], 77));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Whatever a (malicious) peer encrypts, decoding it errs or succeeds; it never
+        /// panics nor allocates without bound.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Plaintext::decode(&bytes, [0; 16], 0);
+        }
+
+        #[test]
+        fn texts_round_trip(text in ".{0,200}", id in any::<[u8; 16]>(), at in any::<u64>()) {
+            let p = Plaintext::new(id, at, Body::Content(Content::Text(text)));
+            prop_assert_eq!(Plaintext::decode(&p.encode(), [0; 16], 0), Ok(p));
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! The local history: every message sent and received, with its delivery state.
+//!
+//! One row per message in the home database's `message` table, in the order this
+//! device learned of them (its local `seq`), indexed by conversation, so a page of a
+//! conversation is one index range. The row's value is a [`Record`] (a format byte,
+//! then bincode), sealed like every value of the home; its plain `state` column is a
+//! [`State`] number. A record is never decoded without a bound.
+//!
+//! A sent message is recorded as `Sending` before it leaves, `Sent` once the node
+//! holds it, `Delivered` once a recipient device has it; a received one as
+//! `Received`, or as `Undecryptable` once every retry failed.
+
+use bincode::{Decode, Encode};
+
+use super::content::Content;
+use super::db::{DbError, Hashed, MessageRow, Tx};
+use crate::proto::MessageId;
+
+/// The first byte of a stored record.
+const RECORD_FORMAT: u8 = 1;
+const MAX_RECORD: usize = 2 << 20;
+
+/// Where a message stands, as the `state` column holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Written here, not yet accepted by the node (kept in the outbox).
+    Sending,
+    /// The node holds it.
+    Sent,
+    /// At least one recipient device has it.
+    Delivered,
+    /// The node refused it; it will not be sent.
+    Failed,
+    /// Received and decrypted.
+    Received,
+    /// Received, and could not be decrypted even after asking the sender again.
+    Undecryptable,
+}
+
+impl State {
+    fn number(self) -> i64 {
+        match self {
+            State::Sending => 0,
+            State::Sent => 1,
+            State::Delivered => 2,
+            State::Failed => 3,
+            State::Received => 10,
+            State::Undecryptable => 11,
+        }
+    }
+
+    fn from_number(n: i64) -> Option<State> {
+        Some(match n {
+            0 => State::Sending,
+            1 => State::Sent,
+            2 => State::Delivered,
+            3 => State::Failed,
+            10 => State::Received,
+            11 => State::Undecryptable,
+            _ => return None,
+        })
+    }
+
+    /// The state's name, for `--json` and people.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Sending => "sending",
+            State::Sent => "sent",
+            State::Delivered => "delivered",
+            State::Failed => "failed",
+            State::Received => "received",
+            State::Undecryptable => "undecryptable",
+        }
+    }
+}
+
+/// One message of the history, as apps see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Local order: higher is later. Page backwards with it.
+    pub seq: i64,
+    /// The other side of the conversation (E.164).
+    pub peer: String,
+    /// Whether this device's account wrote it.
+    pub outgoing: bool,
+    /// The author's device.
+    pub device: u32,
+    /// The message's own id.
+    pub id: MessageId,
+    /// When the node accepted it (sent) or queued it (received), ms since the epoch;
+    /// for a message not yet accepted, when it was written.
+    pub at_ms: u64,
+    /// `None` for a message that could not be decrypted.
+    pub content: Option<Content>,
+    pub state: State,
+    /// Recipient devices that have it, with when the receipt came (ms).
+    pub delivered: Vec<(u32, u64)>,
+    /// Why it failed (sending) or could not be decrypted (receiving).
+    pub problem: Option<String>,
+}
+
+#[derive(Encode, Decode)]
+struct Record {
+    peer: String,
+    outgoing: bool,
+    device: u32,
+    id: MessageId,
+    at_ms: u64,
+    content: Option<Content>,
+    delivered: Vec<(u32, u64)>,
+    problem: Option<String>,
+    /// Resends made for retry requests, per recipient device (sender side).
+    resends: Vec<(u32, u32)>,
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_RECORD>()
+}
+
+fn encode(record: &Record) -> Vec<u8> {
+    let mut out = vec![RECORD_FORMAT];
+    out.extend(
+        bincode::encode_to_vec(record, config())
+            .unwrap_or_else(|e| unreachable!("encoding to a Vec cannot fail: {e}")),
+    );
+    out
+}
+
+/// Decodes a stored record (bounded; a damaged one is an error, never a panic).
+fn decode(bytes: &[u8]) -> Result<Record, String> {
+    match bytes.split_first() {
+        Some((&RECORD_FORMAT, rest)) => bincode::decode_from_slice(rest, config())
+            .map(|(r, _)| r)
+            .map_err(|e| e.to_string()),
+        Some((format, _)) => Err(format!("unknown record format {format}")),
+        None => Err("an empty record".into()),
+    }
+}
+
+/// Checks that `bytes` decode as a stored record (for the fuzz target).
+pub fn decode_stored(bytes: &[u8]) -> Result<(), String> {
+    decode(bytes).map(|_| ())
+}
+
+/// The conversation key of `peer`.
+pub fn conv(tx: &Tx<'_>, peer: &str) -> Hashed {
+    tx.hash(b"conv", &[peer.as_bytes()])
+}
+
+/// The row key of a message: who wrote it, in which conversation, and its id.
+fn message_key(tx: &Tx<'_>, peer: &str, outgoing: bool, id: &MessageId) -> Hashed {
+    let direction: &[u8] = if outgoing { b"out" } else { b"in" };
+    tx.hash(b"msg", &[direction, peer.as_bytes(), id])
+}
+
+fn entry(tx: &Tx<'_>, row: &MessageRow) -> Result<Entry, DbError> {
+    let record =
+        decode(&row.value).map_err(|r| tx.damaged(format!("history row {}: {r}", row.seq)))?;
+    let state = State::from_number(row.state)
+        .ok_or_else(|| tx.damaged(format!("history row {}: state {}", row.seq, row.state)))?;
+    Ok(Entry {
+        seq: row.seq,
+        peer: record.peer,
+        outgoing: record.outgoing,
+        device: record.device,
+        id: record.id,
+        at_ms: record.at_ms,
+        content: record.content,
+        state,
+        delivered: record.delivered,
+        problem: record.problem,
+    })
+}
+
+/// Records a message this device is about to send; its seq.
+pub fn add_sent(
+    tx: &Tx<'_>,
+    peer: &str,
+    device: u32,
+    id: &MessageId,
+    written_at_ms: u64,
+    content: &Content,
+) -> Result<i64, DbError> {
+    let record = Record {
+        peer: peer.to_string(),
+        outgoing: true,
+        device,
+        id: *id,
+        at_ms: written_at_ms,
+        content: Some(content.clone()),
+        delivered: Vec::new(),
+        problem: None,
+        resends: Vec::new(),
+    };
+    let key = message_key(tx, peer, true, id);
+    tx.insert_message(
+        &conv(tx, peer),
+        &key,
+        State::Sending.number(),
+        &encode(&record),
+    )?
+    .ok_or_else(|| tx.damaged("a message id was used twice"))
+}
+
+/// Records a received message; `None` when it is in the history already (a copy
+/// sent again). A message shown as undecryptable that arrives after all (its sender
+/// answered late) takes the place of that row.
+pub fn add_received(
+    tx: &Tx<'_>,
+    from: &str,
+    device: u32,
+    id: &MessageId,
+    at_ms: u64,
+    content: Option<Content>,
+    problem: Option<String>,
+) -> Result<Option<Entry>, DbError> {
+    let state = if content.is_some() {
+        State::Received
+    } else {
+        State::Undecryptable
+    };
+    let record = Record {
+        peer: from.to_string(),
+        outgoing: false,
+        device,
+        id: *id,
+        at_ms,
+        content,
+        delivered: Vec::new(),
+        problem,
+        resends: Vec::new(),
+    };
+    let key = message_key(tx, from, false, id);
+    let value = encode(&record);
+    match tx.insert_message(&conv(tx, from), &key, state.number(), &value)? {
+        Some(seq) => Ok(Some(entry(
+            tx,
+            &MessageRow {
+                seq,
+                key,
+                state: state.number(),
+                value: value.into(),
+            },
+        )?)),
+        None => {
+            let Some(row) = tx.message_by_key(&key)? else {
+                return Ok(None);
+            };
+            if row.state != State::Undecryptable.number() || record.content.is_none() {
+                return Ok(None);
+            }
+            tx.update_message(&row, state.number(), &value)?;
+            Ok(Some(entry(
+                tx,
+                &MessageRow {
+                    seq: row.seq,
+                    key,
+                    state: state.number(),
+                    value: value.into(),
+                },
+            )?))
+        }
+    }
+}
+
+/// Whether a received message from `from` with id `id` is in the history.
+pub fn has_received(tx: &Tx<'_>, from: &str, id: &MessageId) -> Result<bool, DbError> {
+    Ok(tx
+        .message_by_key(&message_key(tx, from, false, id))?
+        .is_some())
+}
+
+/// The message `seq`.
+pub fn get(tx: &Tx<'_>, seq: i64) -> Result<Option<Entry>, DbError> {
+    tx.message(seq)?.as_ref().map(|r| entry(tx, r)).transpose()
+}
+
+/// Applies `f` to the record and state of message `seq`, writing the result when
+/// `f` says it changed something.
+fn change(
+    tx: &Tx<'_>,
+    seq: i64,
+    f: impl FnOnce(&mut Record, &mut State) -> bool,
+) -> Result<Option<Entry>, DbError> {
+    let Some(row) = tx.message(seq)? else {
+        return Ok(None);
+    };
+    let mut record =
+        decode(&row.value).map_err(|r| tx.damaged(format!("history row {seq}: {r}")))?;
+    let mut state = State::from_number(row.state)
+        .ok_or_else(|| tx.damaged(format!("history row {seq}: state {}", row.state)))?;
+    if !f(&mut record, &mut state) {
+        return Ok(None);
+    }
+    let value = encode(&record);
+    tx.update_message(&row, state.number(), &value)?;
+    Ok(Some(entry(
+        tx,
+        &MessageRow {
+            seq,
+            key: row.key,
+            state: state.number(),
+            value: value.into(),
+        },
+    )?))
+}
+
+/// The node accepted message `seq` at `at_ms`; `delivered` devices already have it.
+pub fn mark_sent(tx: &Tx<'_>, seq: i64, at_ms: u64, delivered: &[u32]) -> Result<(), DbError> {
+    change(tx, seq, |r, state| {
+        if *state == State::Sending || *state == State::Failed {
+            r.at_ms = at_ms;
+            *state = State::Sent;
+        }
+        for d in delivered {
+            if !r.delivered.iter().any(|(x, _)| x == d) {
+                r.delivered.push((*d, at_ms));
+            }
+        }
+        if !r.delivered.is_empty() {
+            *state = State::Delivered;
+        }
+        true
+    })?;
+    Ok(())
+}
+
+/// The node refused message `seq` for good.
+pub fn mark_failed(tx: &Tx<'_>, seq: i64, why: &str) -> Result<(), DbError> {
+    change(tx, seq, |r, state| {
+        r.problem = Some(why.to_string());
+        *state = State::Failed;
+        true
+    })?;
+    Ok(())
+}
+
+/// A recipient device has message `seq`; the entry, unless it is gone or that
+/// device's receipt was recorded already (a message sent again draws another).
+pub fn mark_delivered(
+    tx: &Tx<'_>,
+    seq: i64,
+    device: u32,
+    at_ms: u64,
+) -> Result<Option<Entry>, DbError> {
+    change(tx, seq, |r, state| {
+        if r.delivered.iter().any(|(d, _)| *d == device) {
+            return false;
+        }
+        r.delivered.push((device, at_ms));
+        *state = State::Delivered;
+        true
+    })
+}
+
+/// Counts a resend of message `seq` to `device`; the count so far, this one included.
+pub fn count_resend(tx: &Tx<'_>, seq: i64, device: u32) -> Result<u32, DbError> {
+    let mut count = 0;
+    change(tx, seq, |r, _| {
+        match r.resends.iter_mut().find(|(d, _)| *d == device) {
+            Some((_, n)) => {
+                *n += 1;
+                count = *n;
+            }
+            None => {
+                r.resends.push((device, 1));
+                count = 1;
+            }
+        }
+        true
+    })?;
+    Ok(count)
+}
+
+/// The last `limit` messages of the conversation with `peer` before `before` (all
+/// when `None`), oldest first.
+pub fn page(
+    tx: &Tx<'_>,
+    peer: &str,
+    before: Option<i64>,
+    limit: usize,
+) -> Result<Vec<Entry>, DbError> {
+    let mut rows = tx.messages(&conv(tx, peer), before, limit)?;
+    rows.reverse();
+    rows.iter().map(|r| entry(tx, r)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::client::db::HomeDb;
+
+    #[test]
+    fn a_conversation_pages_oldest_first_in_both_directions() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = HomeDb::open(dir.path(), None).unwrap();
+        let bob = "+14155550101";
+        db.write(|tx| {
+            for i in 0..10u8 {
+                if i % 2 == 0 {
+                    let seq = add_sent(
+                        tx,
+                        bob,
+                        1,
+                        &[i; 16],
+                        u64::from(i),
+                        &Content::Text(format!("to {i}")),
+                    )?;
+                    mark_sent(tx, seq, 100 + u64::from(i), &[])?;
+                } else {
+                    add_received(
+                        tx,
+                        bob,
+                        1,
+                        &[i; 16],
+                        u64::from(i),
+                        Some(Content::Text(format!("from {i}"))),
+                        None,
+                    )?;
+                }
+                // Another conversation in between is not part of it.
+                add_received(
+                    tx,
+                    "+14155550102",
+                    1,
+                    &[i; 16],
+                    0,
+                    Some(Content::Text("carol".into())),
+                    None,
+                )?;
+            }
+            Ok::<_, DbError>(())
+        })
+        .unwrap();
+        let last = db.read(|tx| page(tx, bob, None, 4)).unwrap();
+        let texts: Vec<_> = last
+            .iter()
+            .map(|e| match &e.content {
+                Some(Content::Text(t)) => t.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(texts, ["to 6", "from 7", "to 8", "from 9"]);
+        assert_eq!(last[0].state, State::Sent);
+        assert!(last[1].state == State::Received && !last[1].outgoing);
+        let before = db.read(|tx| page(tx, bob, Some(last[0].seq), 100)).unwrap();
+        assert_eq!(before.len(), 6);
+        // A copy of a received message is not added twice.
+        let again = db
+            .write(|tx| {
+                add_received(
+                    tx,
+                    bob,
+                    1,
+                    &[1; 16],
+                    0,
+                    Some(Content::Text("x".into())),
+                    None,
+                )
+            })
+            .unwrap();
+        assert!(again.is_none());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// A damaged record is an error, never a panic.
+        #[test]
+        fn decoding_damaged_records_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,1186 @@
+//! The messenger: what an app (the CLI, a chat app, a phone app) calls to send and
+//! receive, built so that the client loses nothing either.
+//!
+//! - **Receiving.** Pushes are taken in batches; each batch is decrypted and written
+//!   to the history in one transaction of the home database, and only once that
+//!   transaction is committed are the items acknowledged to the node. An envelope
+//!   that cannot be decrypted is kept (`pending`), acknowledged, and its sender's
+//!   device is asked to send it again over a fresh session (a *retry request*); only
+//!   when that fails is it shown as undecryptable.
+//! - **Sending.** A message is encrypted, written to the history as `Sending` and put
+//!   in the outbox in one transaction, then sent; the outbox entry goes when the node
+//!   accepted it. What a crash or a lost connection leaves in the outbox is sent
+//!   again (same id, so the node and the recipient drop any copy) by the next
+//!   command that connects.
+//! - **Work that needs the network** (retry requests, resends, "cannot resend"
+//!   answers) is a `job` row written in the transaction that decided it, leased to one
+//!   process at a time, and removed when done.
+//! - **Staying connected.** [`Messenger::receive`] with `follow` reconnects by itself
+//!   with back-off and jitter and says so through [`Event`]s; the node redelivers
+//!   whatever was not acknowledged, and the seen ids drop what was.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bincode::{Decode, Encode};
+use rand::RngExt;
+
+use super::content::{Body, Content, Plaintext};
+use super::db::{DbError, Hashed, HomeDb, Table, Tx};
+use super::e2e::{self, E2eError, Olm};
+use super::history::{self, Entry};
+use super::settings::{Settings, SettingsError};
+use super::{Client, ClientError, Connector, Home, HomeError, now_ms};
+use crate::phone::Number;
+use crate::proto::{Delivery, ErrorKind, Item, MessageId, Outgoing, Receipt};
+
+/// Items decrypted and stored per transaction (and acknowledged per `Ack`).
+const MAX_BATCH: usize = 1024;
+/// Resends of one message to one device, at most.
+const MAX_RESENDS: u32 = 3;
+/// Retry requests for one envelope, at most.
+const MAX_RETRY_REQUESTS: u32 = 3;
+/// How long a process holds a job it took before another may take it.
+const JOB_LEASE_MS: u64 = 60_000;
+/// Back-off of a job that failed for want of the network.
+const JOB_RETRY_MS: u64 = 30_000;
+/// Seen ids are kept this long: well past the node's queue TTL, after which nothing
+/// can be redelivered.
+const SEEN_KEEP_MS: u64 = 90 * 24 * 3600 * 1000;
+/// Reconnect back-off: first wait, and the longest.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What can go wrong in the messenger.
+#[derive(Debug, thiserror::Error)]
+pub enum MessengerError {
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    E2e(#[from] E2eError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error("{0} is this device's own number; send to someone else")]
+    OwnNumber(String),
+    #[error(
+        "not sent yet ({reason}); it is kept, and sent by the next command that connects to the node"
+    )]
+    NotSentYet { id: MessageId, reason: String },
+    #[error("the node ended the delivery stream (is it shutting down?)")]
+    StreamEnded,
+    #[error("the history is damaged: {0}")]
+    History(String),
+}
+
+impl MessengerError {
+    /// Whether trying again on a new connection may help.
+    pub fn is_connection(&self) -> bool {
+        match self {
+            MessengerError::Client(e) => e.is_connection(),
+            MessengerError::E2e(E2eError::Client(e)) => e.is_connection(),
+            MessengerError::StreamEnded => true,
+            _ => false,
+        }
+    }
+}
+
+/// What happened, for an app to show. Events come after what they report is
+/// committed to the home database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A message arrived (and is in the history).
+    Message(Entry),
+    /// A device of `to` has message `id`.
+    Delivered {
+        to: String,
+        device: u32,
+        id: MessageId,
+        at_ms: u64,
+    },
+    /// A message could not be decrypted, even after asking its sender again.
+    Undecryptable(Entry),
+    /// `number`'s identity key changed (a new phone, or someone in between).
+    IdentityChanged { number: String },
+    /// The connection is gone; the next try comes after `retry_in`.
+    Reconnecting { reason: String, retry_in: Duration },
+    /// Connected (again).
+    Connected,
+    /// Background work failed; the reason is for people. Nothing is lost: it is
+    /// tried again later.
+    Warning(String),
+}
+
+/// A message the node accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub id: MessageId,
+    pub accepted_at_ms: u64,
+    /// The recipient's devices that had already received it (no receipt follows).
+    pub delivered: Vec<u32>,
+    pub identity_changed: bool,
+}
+
+/// Who this device is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Me {
+    pub number: Number,
+    pub account_id: u64,
+    pub device_id: u32,
+}
+
+/// An envelope that could not be decrypted yet.
+#[derive(Encode, Decode)]
+struct PendingRecord {
+    from: String,
+    device: u32,
+    id: MessageId,
+    queued_at_ms: u64,
+    first_failed_ms: u64,
+    reason: String,
+    /// Retry requests sent for it.
+    asked: u32,
+}
+
+/// Work that needs the network, as a `job` row holds it.
+#[derive(Debug, Encode, Decode)]
+enum Job {
+    /// Ask `to`'s device `device` to send envelope `id` again; the request goes out
+    /// as `node_id`.
+    RetryRequest {
+        to: String,
+        device: u32,
+        id: MessageId,
+        node_id: MessageId,
+    },
+    /// Send history message `seq` to `to` again, for their device `device` that
+    /// could not decrypt envelope `retry_of`.
+    Resend {
+        seq: i64,
+        to: String,
+        device: u32,
+        retry_of: MessageId,
+        node_id: MessageId,
+    },
+    /// Tell `to` that envelope `id` cannot be sent again.
+    Unavailable {
+        to: String,
+        id: MessageId,
+        node_id: MessageId,
+    },
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ 4 << 20 }>()
+}
+
+fn encode<T: Encode>(value: &T) -> Vec<u8> {
+    bincode::encode_to_vec(value, bincode_config())
+        .unwrap_or_else(|e| unreachable!("encoding to a Vec cannot fail: {e}"))
+}
+
+fn decode<T: Decode<()>>(bytes: &[u8], what: &str) -> Result<T, MessengerError> {
+    bincode::decode_from_slice(bytes, bincode_config())
+        .map(|(v, _)| v)
+        .map_err(|e| MessengerError::History(format!("{what}: {e}")))
+}
+
+/// The `seen` (and `pending`) key of envelope `id` from `from`.
+pub fn seen_key(tx: &Tx<'_>, from: &str, id: &[u8]) -> Hashed {
+    tx.hash(b"seen", &[from.as_bytes(), id])
+}
+
+fn sent_key(tx: &Tx<'_>, node_id: &MessageId) -> Hashed {
+    tx.hash(b"sent", &[node_id])
+}
+
+/// The `sent_id` value of a message nobody sees (a retry request, an answer to one).
+const CONTROL: i64 = -1;
+
+fn put_sent_id(tx: &Tx<'_>, node_id: &MessageId, seq: i64) -> Result<(), DbError> {
+    tx.put(Table::SentId, &sent_key(tx, node_id), &seq.to_be_bytes())
+}
+
+fn sent_id(tx: &Tx<'_>, node_id: &MessageId) -> Result<Option<i64>, DbError> {
+    Ok(tx
+        .get(Table::SentId, &sent_key(tx, node_id))?
+        .and_then(|v| v.get(..8).and_then(|b| b.try_into().ok()))
+        .map(i64::from_be_bytes))
+}
+
+fn outbox_key(seq: i64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+struct Inner {
+    db: HomeDb,
+    me: Me,
+    settings: Settings,
+    connector: Connector,
+    /// The current connection, shared by everything this messenger does.
+    link: tokio::sync::Mutex<Option<Client>>,
+    /// Events of background work, until [`Messenger::take_events`] or
+    /// [`Messenger::receive`] hands them on.
+    stashed: std::sync::Mutex<Vec<Event>>,
+}
+
+/// A device's messenger: its home database, its connection and what it does with
+/// them. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Messenger {
+    inner: Arc<Inner>,
+}
+
+/// What one batch of pushes produced.
+#[derive(Default)]
+struct Outcome {
+    events: Vec<Event>,
+    /// Jobs were added: run them.
+    jobs: bool,
+}
+
+/// How a delivery stream ended.
+enum StreamEnd {
+    /// What was asked for is done (the backlog, or a stop).
+    Done,
+    /// The node ended it, or the connection went.
+    Lost(String),
+}
+
+impl Messenger {
+    /// The messenger of the registered device in `home`.
+    pub fn open(home: &Home) -> Result<Messenger, MessengerError> {
+        let reg = home.load()?;
+        let db = HomeDb::open(home.dir(), home.passphrase())?;
+        let settings = Settings::load(home.dir())?;
+        let connector = Connector::new(&reg.server, &reg.credentials, Some(reg.fingerprint))?;
+        let me = Me {
+            number: reg.number,
+            account_id: reg.account_id,
+            device_id: reg.device_id,
+        };
+        Ok(Messenger::with_parts(db, me, settings, connector))
+    }
+
+    /// A messenger from its parts (tests, tools, apps that keep their own home).
+    pub fn with_parts(db: HomeDb, me: Me, settings: Settings, connector: Connector) -> Messenger {
+        Messenger {
+            inner: Arc::new(Inner {
+                db,
+                me,
+                settings,
+                connector,
+                link: tokio::sync::Mutex::new(None),
+                stashed: std::sync::Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The home database.
+    pub fn db(&self) -> &HomeDb {
+        &self.inner.db
+    }
+
+    /// Who this device is.
+    pub fn me(&self) -> &Me {
+        &self.inner.me
+    }
+
+    /// The connector (for its counters, and to move its socket).
+    pub fn connector(&self) -> &Connector {
+        &self.inner.connector
+    }
+
+    /// The current connection, or a new one. A new connection first publishes this
+    /// device's keys if they never were, sends what the outbox holds and runs the
+    /// jobs that are due; what fails of that is reported as warnings (it is tried
+    /// again on the next connection).
+    pub async fn client(&self) -> Result<Client, MessengerError> {
+        let (client, fresh) = {
+            let mut link = self.inner.link.lock().await;
+            match link.as_ref() {
+                Some(c) if c.is_alive() => (c.clone(), false),
+                _ => {
+                    let c = self.inner.connector.connect().await?;
+                    *link = Some(c.clone());
+                    (c, true)
+                }
+            }
+        };
+        if fresh {
+            self.ensure_published(&client).await?;
+            let events = self.catch_up(&client).await;
+            self.inner
+                .stashed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(events);
+        }
+        Ok(client)
+    }
+
+    /// Forgets `client` as the current connection (it failed).
+    async fn drop_client(&self, client: &Client) {
+        let mut link = self.inner.link.lock().await;
+        if link
+            .as_ref()
+            .is_some_and(|c| c.connection().stable_id() == client.connection().stable_id())
+        {
+            *link = None;
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(&self) {
+        if let Some(c) = self.inner.link.lock().await.take() {
+            c.close().await;
+        }
+        self.inner.connector.close().await;
+    }
+
+    async fn ensure_published(&self, client: &Client) -> Result<(), MessengerError> {
+        let device = (self.inner.me.account_id, self.inner.me.device_id);
+        let db = self.inner.db.clone();
+        if !blocking(move || e2e::published_for(&db, device)).await? {
+            e2e::publish(&self.inner.db, client, device, 0).await?;
+        }
+        Ok(())
+    }
+
+    /// Events of background work done outside [`Messenger::receive`] (the catch-up
+    /// of a new connection), for an app to show.
+    pub fn take_events(&self) -> Vec<Event> {
+        std::mem::take(
+            &mut *self
+                .inner
+                .stashed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Sends what the outbox holds and runs the jobs that are due; returns what
+    /// they produced (warnings, undecryptable messages given up on).
+    pub async fn catch_up(&self, client: &Client) -> Vec<Event> {
+        let mut events = Vec::new();
+        let db = self.inner.db.clone();
+        let waiting = db
+            .read_async(|tx| tx.scan(Table::Outbox, &[]))
+            .await
+            .unwrap_or_else(|e| {
+                events.push(Event::Warning(format!("reading the outbox: {e}")));
+                Vec::new()
+            });
+        for (key, _) in waiting {
+            let Some(seq) = key
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(i64::from_be_bytes)
+            else {
+                continue;
+            };
+            match self.push_outbox(client, seq).await {
+                Ok(_) => {}
+                Err(MessengerError::NotSentYet { reason, .. }) => {
+                    events.push(Event::Warning(format!(
+                        "a message is still not sent: {reason}"
+                    )));
+                    break;
+                }
+                Err(e) => events.push(Event::Warning(format!("a message was not sent: {e}"))),
+            }
+        }
+        events.extend(self.give_up_on_old_pending().await);
+        events.extend(self.run_jobs(client).await);
+        events
+    }
+
+    /// Sends a text message to `to`; returns once the node holds it.
+    pub async fn send_text(&self, to: &Number, text: &str) -> Result<Sent, MessengerError> {
+        self.send_content(to, Content::Text(text.to_string())).await
+    }
+
+    /// Sends `content` to `to`; returns once the node holds it.
+    pub async fn send_content(
+        &self,
+        to: &Number,
+        content: Content,
+    ) -> Result<Sent, MessengerError> {
+        if *to == self.inner.me.number {
+            return Err(MessengerError::OwnNumber(to.to_string()));
+        }
+        let client = self.client().await?;
+        let mut identity_changed = false;
+        if self.devices_of(to).await?.is_empty() {
+            identity_changed |= self.start_sessions(&client, to, None).await?;
+        }
+        let id = e2e::new_message_id();
+        let written = now_ms();
+        let plaintext = Plaintext::new(id, written, Body::Content(content.clone())).encode();
+        let (peer, device) = (to.to_string(), self.inner.me.device_id);
+        let seq = self
+            .inner
+            .db
+            .write_async(move |tx| {
+                let seq = history::add_sent(tx, &peer, device, &id, written, &content)?;
+                put_sent_id(tx, &id, seq)?;
+                let mut olm = Olm::new(tx);
+                let envelopes = olm.encrypt(&peer, &plaintext)?;
+                olm.flush()?;
+                let outgoing = Outgoing {
+                    id,
+                    to: peer,
+                    envelopes,
+                };
+                tx.put(Table::Outbox, &outbox_key(seq), &encode(&outgoing))?;
+                Ok::<_, MessengerError>(seq)
+            })
+            .await?;
+        let (sent, changed) = self.push_outbox(&client, seq).await?;
+        Ok(Sent {
+            identity_changed: identity_changed | changed,
+            ..sent
+        })
+    }
+
+    /// Sends outbox entry `seq` until the node accepts or refuses it. Returns what
+    /// the node said and whether the recipient's identity changed meanwhile.
+    async fn push_outbox(&self, client: &Client, seq: i64) -> Result<(Sent, bool), MessengerError> {
+        let mut identity_changed = false;
+        for attempt in 0..3 {
+            let db = self.inner.db.clone();
+            let Some(outgoing) = db
+                .read_async(move |tx| tx.get(Table::Outbox, &outbox_key(seq)))
+                .await?
+            else {
+                // Another process sent it meanwhile.
+                let db = self.inner.db.clone();
+                let entry = db.read_async(move |tx| history::get(tx, seq)).await?;
+                return match entry {
+                    Some(e) => Ok((
+                        Sent {
+                            id: e.id,
+                            accepted_at_ms: e.at_ms,
+                            delivered: e.delivered.iter().map(|(d, _)| *d).collect(),
+                            identity_changed: false,
+                        },
+                        false,
+                    )),
+                    None => Err(MessengerError::History(format!("message {seq} is gone"))),
+                };
+            };
+            let outgoing: Outgoing = decode(&outgoing, "an outbox entry")?;
+            let (id, to) = (outgoing.id, outgoing.to.clone());
+            match client.send(outgoing).await {
+                Ok(accepted) => {
+                    let delivered = accepted.delivered.clone();
+                    let at = accepted.accepted_at_ms;
+                    self.inner
+                        .db
+                        .write_async(move |tx| {
+                            history::mark_sent(tx, seq, at, &delivered)?;
+                            tx.delete(Table::Outbox, &outbox_key(seq))?;
+                            Ok::<_, DbError>(())
+                        })
+                        .await?;
+                    return Ok((
+                        Sent {
+                            id: accepted.id,
+                            accepted_at_ms: accepted.accepted_at_ms,
+                            delivered: accepted.delivered,
+                            identity_changed: false,
+                        },
+                        identity_changed,
+                    ));
+                }
+                Err(ClientError::Node(e))
+                    if matches!(e.kind, ErrorKind::StaleDevices { .. }) && attempt < 2 =>
+                {
+                    let number = Number::parse_e164(&to)
+                        .map_err(|e| MessengerError::History(e.to_string()))?;
+                    identity_changed |= self.start_sessions(client, &number, None).await?;
+                    self.reencrypt_outbox(seq).await?;
+                }
+                Err(e) if e.is_connection() => {
+                    self.drop_client(client).await;
+                    return Err(MessengerError::NotSentYet {
+                        id,
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    self.inner
+                        .db
+                        .write_async(move |tx| {
+                            history::mark_failed(tx, seq, &why)?;
+                            tx.delete(Table::Outbox, &outbox_key(seq))?;
+                            Ok::<_, DbError>(())
+                        })
+                        .await?;
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(MessengerError::NotSentYet {
+            id: [0; 16],
+            reason: "the recipient's devices kept changing while sending".into(),
+        })
+    }
+
+    /// Encrypts outbox entry `seq` again, from its history record, for the devices
+    /// this device now has sessions with (same id).
+    async fn reencrypt_outbox(&self, seq: i64) -> Result<(), MessengerError> {
+        self.inner
+            .db
+            .write_async(move |tx| {
+                let entry = history::get(tx, seq)?
+                    .ok_or_else(|| MessengerError::History(format!("message {seq} is gone")))?;
+                let content = entry.content.clone().ok_or_else(|| {
+                    MessengerError::History(format!("message {seq} has no content"))
+                })?;
+                let plaintext =
+                    Plaintext::new(entry.id, entry.at_ms, Body::Content(content)).encode();
+                let mut olm = Olm::new(tx);
+                let envelopes = olm.encrypt(&entry.peer, &plaintext)?;
+                olm.flush()?;
+                let outgoing = Outgoing {
+                    id: entry.id,
+                    to: entry.peer,
+                    envelopes,
+                };
+                tx.put(Table::Outbox, &outbox_key(seq), &encode(&outgoing))?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn devices_of(&self, to: &Number) -> Result<Vec<u32>, MessengerError> {
+        let peer = to.to_string();
+        self.inner
+            .db
+            .read_async(move |tx| Ok::<_, MessengerError>(Olm::new(tx).devices(&peer)?))
+            .await
+    }
+
+    /// Fetches `to`'s bundles (claiming one-time keys) and starts sessions with their
+    /// devices (with `only`, just that one). Returns whether the identity changed.
+    async fn start_sessions(
+        &self,
+        client: &Client,
+        to: &Number,
+        only: Option<u32>,
+    ) -> Result<bool, MessengerError> {
+        let bundles = client.fetch_bundles(to, true).await?;
+        self.inner
+            .db
+            .write_async(move |tx| {
+                let mut olm = Olm::new(tx);
+                let changed = olm.start_sessions(&bundles, only)?;
+                olm.flush()?;
+                Ok::<_, MessengerError>(changed)
+            })
+            .await
+    }
+
+    /// Encrypts `plaintext` for every device of `to` and sends it as `node_id`,
+    /// starting sessions where there are none and following the node's device list.
+    async fn transmit(
+        &self,
+        client: &Client,
+        to: &Number,
+        node_id: MessageId,
+        plaintext: Vec<u8>,
+        seq: i64,
+    ) -> Result<(), MessengerError> {
+        if self.devices_of(to).await?.is_empty() {
+            self.start_sessions(client, to, None).await?;
+        }
+        for attempt in 0..3 {
+            let peer = to.to_string();
+            let plain = plaintext.clone();
+            let envelopes = self
+                .inner
+                .db
+                .write_async(move |tx| {
+                    put_sent_id(tx, &node_id, seq)?;
+                    let mut olm = Olm::new(tx);
+                    let envelopes = olm.encrypt(&peer, &plain)?;
+                    olm.flush()?;
+                    Ok::<_, MessengerError>(envelopes)
+                })
+                .await?;
+            let outgoing = Outgoing {
+                id: node_id,
+                to: to.to_string(),
+                envelopes,
+            };
+            match client.send(outgoing).await {
+                Ok(_) => return Ok(()),
+                Err(ClientError::Node(e))
+                    if matches!(e.kind, ErrorKind::StaleDevices { .. }) && attempt < 2 =>
+                {
+                    self.start_sessions(client, to, None).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(MessengerError::NotSentYet {
+            id: node_id,
+            reason: "the recipient's devices kept changing while sending".into(),
+        })
+    }
+
+    /// Receives: the backlog, then (with `follow`) whatever arrives, until `stop`
+    /// completes. Calls `on_event` for everything an app shows. With `follow` a lost
+    /// connection is retried with back-off (and reported); without, it is an error.
+    pub async fn receive(
+        &self,
+        follow: bool,
+        stop: impl Future<Output = ()>,
+        mut on_event: impl FnMut(Event),
+    ) -> Result<(), MessengerError> {
+        tokio::pin!(stop);
+        let mut backoff = BACKOFF_FIRST;
+        let mut down = false;
+        loop {
+            let connected = tokio::select! {
+                c = self.client() => c,
+                () = &mut stop => return Ok(()),
+            };
+            let reason = match connected {
+                Ok(client) => {
+                    if down {
+                        on_event(Event::Connected);
+                    }
+                    for event in self.take_events() {
+                        on_event(event);
+                    }
+                    match self.stream(&client, follow, &mut stop, &mut on_event).await {
+                        Ok(StreamEnd::Done) => return Ok(()),
+                        Ok(StreamEnd::Lost(reason)) => {
+                            backoff = BACKOFF_FIRST;
+                            self.drop_client(&client).await;
+                            if !follow {
+                                return Err(MessengerError::StreamEnded);
+                            }
+                            reason
+                        }
+                        Err(e) if follow && e.is_connection() => {
+                            self.drop_client(&client).await;
+                            e.to_string()
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) if follow && e.is_connection() => e.to_string(),
+                Err(e) => return Err(e),
+            };
+            // Full jitter over the upper half: reconnecting devices spread out.
+            let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+            on_event(Event::Reconnecting {
+                reason,
+                retry_in: wait,
+            });
+            down = true;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = &mut stop => return Ok(()),
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One delivery stream on `client`.
+    async fn stream(
+        &self,
+        client: &Client,
+        follow: bool,
+        stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+        on_event: &mut impl FnMut(Event),
+    ) -> Result<StreamEnd, MessengerError> {
+        let mut sub = match client.subscribe().await {
+            Ok(s) => s,
+            Err(e) if e.is_connection() => return Ok(StreamEnd::Lost(e.to_string())),
+            Err(e) => return Err(e.into()),
+        };
+        loop {
+            let push = tokio::select! {
+                push = sub.next() => push,
+                () = stop.as_mut() => {
+                    sub.finish().await?;
+                    return Ok(StreamEnd::Done);
+                }
+            };
+            let push = match push {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    return Ok(StreamEnd::Lost("the node ended the delivery stream".into()));
+                }
+                Err(e) if e.is_connection() => return Ok(StreamEnd::Lost(e.to_string())),
+                Err(e) => return Err(e.into()),
+            };
+            let mut items = push.items;
+            let mut backlog_end = push.backlog_end;
+            let mut keys_left = push.one_time_keys_left;
+            while items.len() < MAX_BATCH {
+                match sub.ready() {
+                    Ok(Some(p)) => {
+                        items.extend(p.items);
+                        backlog_end |= p.backlog_end;
+                        keys_left = p.one_time_keys_left.or(keys_left);
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Ok(StreamEnd::Lost(e.to_string())),
+                }
+            }
+            let seqs: Vec<u64> = items.iter().map(|d| d.seq).collect();
+            let outcome = self.store_batch(items).await?;
+            for event in outcome.events {
+                on_event(event);
+            }
+            // Acknowledged only now that every item is committed to the history (or
+            // kept as pending): a crash before this redelivers, and the seen ids
+            // drop the copies.
+            if !seqs.is_empty()
+                && let Err(e) = sub.ack(seqs).await
+            {
+                return Ok(StreamEnd::Lost(e.to_string()));
+            }
+            if outcome.jobs {
+                for event in self.run_jobs(client).await {
+                    on_event(event);
+                }
+            }
+            if let Some(left) = keys_left {
+                let device = (self.inner.me.account_id, self.inner.me.device_id);
+                let top_up = e2e::ONE_TIME_KEY_TARGET.saturating_sub(left);
+                if let Err(e) = e2e::publish(&self.inner.db, client, device, top_up).await {
+                    on_event(Event::Warning(format!(
+                        "could not top up one-time keys: {e}"
+                    )));
+                }
+            }
+            if backlog_end && !follow {
+                sub.finish().await?;
+                return Ok(StreamEnd::Done);
+            }
+        }
+    }
+
+    /// Decrypts and stores a batch of deliveries in one transaction.
+    async fn store_batch(&self, items: Vec<Delivery>) -> Result<Outcome, MessengerError> {
+        let me = self.inner.me.clone();
+        let window_ms = u64::from(self.inner.settings.resend_window_days) * 24 * 3600 * 1000;
+        self.inner
+            .db
+            .write_async(move |tx| store_batch(tx, &me, window_ms, &items))
+            .await
+    }
+
+    /// Shows as undecryptable what waited too long for its sender.
+    async fn give_up_on_old_pending(&self) -> Vec<Event> {
+        let after_ms = u64::from(self.inner.settings.undecryptable_after_days) * 24 * 3600 * 1000;
+        let result = self
+            .inner
+            .db
+            .write_async(move |tx| {
+                let now = now_ms();
+                let mut events = Vec::new();
+                for (key, value) in tx.scan(Table::Pending, &[])? {
+                    let p: PendingRecord = decode(&value, "a pending envelope")?;
+                    if now.saturating_sub(p.first_failed_ms) >= after_ms {
+                        events.extend(give_up(
+                            tx,
+                            &key,
+                            p,
+                            "its sender did not send it again in time",
+                        )?);
+                    }
+                }
+                tx.forget_seen(now.saturating_sub(SEEN_KEEP_MS))?;
+                Ok::<_, MessengerError>(events)
+            })
+            .await;
+        result.unwrap_or_else(|e| vec![Event::Warning(format!("checking pending messages: {e}"))])
+    }
+
+    /// Runs the jobs that are due (each leased to this process while it runs).
+    async fn run_jobs(&self, client: &Client) -> Vec<Event> {
+        let mut events = Vec::new();
+        // Bounded: each round takes up to 16 jobs, and a job never adds one.
+        for _ in 0..64 {
+            let now = now_ms();
+            let taken = self
+                .inner
+                .db
+                .write_async(move |tx| tx.take_jobs(now, now + JOB_LEASE_MS, 16))
+                .await;
+            let jobs = match taken {
+                Ok(j) if j.is_empty() => break,
+                Ok(j) => j,
+                Err(e) => {
+                    events.push(Event::Warning(format!("reading jobs: {e}")));
+                    break;
+                }
+            };
+            for (id, value) in jobs {
+                let outcome = match decode::<Job>(&value, "a job") {
+                    Ok(job) => self.run_job(client, job).await,
+                    Err(e) => Err(e),
+                };
+                let db = self.inner.db.clone();
+                let done = match outcome {
+                    Ok(more) => {
+                        events.extend(more);
+                        db.write_async(move |tx| tx.finish_job(id)).await
+                    }
+                    Err(e) if e.is_connection() => {
+                        events.push(Event::Warning(format!("will try again: {e}")));
+                        let due = now_ms() + JOB_RETRY_MS;
+                        return {
+                            let _ = db.write_async(move |tx| tx.reschedule_job(id, due)).await;
+                            events
+                        };
+                    }
+                    Err(e) => {
+                        events.push(Event::Warning(e.to_string()));
+                        db.write_async(move |tx| tx.finish_job(id)).await
+                    }
+                };
+                if let Err(e) = done {
+                    events.push(Event::Warning(format!("updating a job: {e}")));
+                }
+            }
+        }
+        events
+    }
+
+    async fn run_job(&self, client: &Client, job: Job) -> Result<Vec<Event>, MessengerError> {
+        let number =
+            |n: &str| Number::parse_e164(n).map_err(|e| MessengerError::History(e.to_string()));
+        match job {
+            Job::RetryRequest {
+                to,
+                device,
+                id,
+                node_id,
+            } => {
+                let peer = number(&to)?;
+                // Still wanted? (The message may have arrived meanwhile.)
+                let key_from = to.clone();
+                let db = self.inner.db.clone();
+                let pending = db
+                    .read_async(move |tx| {
+                        let key = seen_key(tx, &key_from, &id);
+                        Ok::<_, MessengerError>(tx.get(Table::Pending, &key)?.map(|v| (key, v)))
+                    })
+                    .await?;
+                let Some((key, value)) = pending else {
+                    return Ok(Vec::new());
+                };
+                let record: PendingRecord = decode(&value, "a pending envelope")?;
+                if record.asked >= MAX_RETRY_REQUESTS {
+                    let db = self.inner.db.clone();
+                    return db
+                        .write_async(move |tx| {
+                            give_up(tx, &key, record, "asking its sender again did not help")
+                        })
+                        .await;
+                }
+                // A fresh session with that device: the old one is what failed.
+                self.start_sessions(client, &peer, Some(device)).await?;
+                let body = Body::RetryRequest { device, id };
+                let plaintext = Plaintext::new(node_id, now_ms(), body).encode();
+                self.transmit(client, &peer, node_id, plaintext, CONTROL)
+                    .await?;
+                let db = self.inner.db.clone();
+                db.write_async(move |tx| {
+                    if let Some(v) = tx.get(Table::Pending, &key)? {
+                        let mut p: PendingRecord = decode(&v, "a pending envelope")?;
+                        p.asked += 1;
+                        tx.put(Table::Pending, &key, &encode(&p))?;
+                    }
+                    Ok::<_, MessengerError>(())
+                })
+                .await?;
+                Ok(Vec::new())
+            }
+            Job::Resend {
+                seq,
+                to,
+                device: _,
+                retry_of,
+                node_id,
+            } => {
+                let peer = number(&to)?;
+                let db = self.inner.db.clone();
+                let entry = db.read_async(move |tx| history::get(tx, seq)).await?;
+                let Some(entry) = entry else {
+                    return Ok(Vec::new());
+                };
+                let Some(content) = entry.content else {
+                    return Ok(Vec::new());
+                };
+                let mut plain = Plaintext::new(entry.id, entry.at_ms, Body::Content(content));
+                plain.retry_of = Some(retry_of);
+                self.transmit(client, &peer, node_id, plain.encode(), seq)
+                    .await?;
+                Ok(Vec::new())
+            }
+            Job::Unavailable { to, id, node_id } => {
+                let peer = number(&to)?;
+                let plaintext =
+                    Plaintext::new(node_id, now_ms(), Body::RetryUnavailable { id }).encode();
+                self.transmit(client, &peer, node_id, plaintext, CONTROL)
+                    .await?;
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// The last `limit` messages with `peer` before `before` (all when `None`),
+    /// oldest first.
+    pub async fn history(
+        &self,
+        peer: &Number,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, MessengerError> {
+        let peer = peer.to_string();
+        self.inner
+            .db
+            .read_async(move |tx| Ok::<_, MessengerError>(history::page(tx, &peer, before, limit)?))
+            .await
+    }
+
+    /// Moves this device's socket to a new local port (QUIC connection migration).
+    pub fn rebind(&self) -> std::io::Result<()> {
+        self.inner.connector.rebind()
+    }
+}
+
+async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Shows pending envelope `key` as undecryptable: a history row and an event.
+fn give_up(
+    tx: &Tx<'_>,
+    key: &[u8],
+    p: PendingRecord,
+    why: &str,
+) -> Result<Vec<Event>, MessengerError> {
+    tx.delete(Table::Pending, key)?;
+    let problem = format!("{} ({why})", p.reason);
+    Ok(history::add_received(
+        tx,
+        &p.from,
+        p.device,
+        &p.id,
+        p.queued_at_ms,
+        None,
+        Some(problem),
+    )?
+    .map(Event::Undecryptable)
+    .into_iter()
+    .collect())
+}
+
+/// Decrypts and stores `items` in `tx`: the body of [`Messenger::store_batch`].
+fn store_batch(
+    tx: &Tx<'_>,
+    me: &Me,
+    window_ms: u64,
+    items: &[Delivery],
+) -> Result<Outcome, MessengerError> {
+    let mut olm = Olm::new(tx);
+    let now = now_ms();
+    let mut out = Outcome::default();
+    for delivery in items {
+        match &delivery.item {
+            Item::Message(m) => {
+                let key = seen_key(tx, &m.from, &m.id);
+                if !tx.see(&key, now)? {
+                    continue; // a redelivery
+                }
+                let decrypted = olm.decrypt(&m.from, m.from_device, &m.body)?;
+                let decrypted = match decrypted {
+                    Ok(d) => d,
+                    Err(reason) => {
+                        // Kept, acknowledged, and asked for again.
+                        let record = PendingRecord {
+                            from: m.from.clone(),
+                            device: m.from_device,
+                            id: m.id,
+                            queued_at_ms: delivery.queued_at_ms,
+                            first_failed_ms: now,
+                            reason,
+                            asked: 0,
+                        };
+                        tx.put(Table::Pending, &key, &encode(&record))?;
+                        let job = Job::RetryRequest {
+                            to: m.from.clone(),
+                            device: m.from_device,
+                            id: m.id,
+                            node_id: e2e::new_message_id(),
+                        };
+                        tx.add_job(now, &encode(&job))?;
+                        out.jobs = true;
+                        continue;
+                    }
+                };
+                if decrypted.identity_changed {
+                    out.events.push(Event::IdentityChanged {
+                        number: m.from.clone(),
+                    });
+                }
+                let plain =
+                    match Plaintext::decode(&decrypted.plaintext, m.id, delivery.queued_at_ms) {
+                        Ok(p) => p,
+                        Err(reason) => {
+                            // Decrypted, but not a plaintext any client writes: asking
+                            // again would give the same bytes.
+                            let problem = Some(format!("decrypted, but {reason}"));
+                            if let Some(e) = history::add_received(
+                                tx,
+                                &m.from,
+                                m.from_device,
+                                &m.id,
+                                delivery.queued_at_ms,
+                                None,
+                                problem,
+                            )? {
+                                out.events.push(Event::Undecryptable(e));
+                            }
+                            continue;
+                        }
+                    };
+                // The answer to a retry request of ours: what it replaces is done.
+                let mut at_ms = delivery.queued_at_ms;
+                if let Some(failed) = plain.retry_of {
+                    let pending_key = seen_key(tx, &m.from, &failed);
+                    if let Some(v) = tx.get(Table::Pending, &pending_key)? {
+                        let p: PendingRecord = decode(&v, "a pending envelope")?;
+                        at_ms = p.queued_at_ms;
+                        tx.delete(Table::Pending, &pending_key)?;
+                    }
+                }
+                match plain.body {
+                    Body::Content(content) => {
+                        if let Some(e) = history::add_received(
+                            tx,
+                            &m.from,
+                            m.from_device,
+                            &plain.id,
+                            at_ms,
+                            Some(content),
+                            None,
+                        )? {
+                            out.events.push(Event::Message(e));
+                        }
+                    }
+                    Body::RetryRequest { device, id } => {
+                        if device == me.device_id {
+                            retry_requested(tx, &m.from, m.from_device, id, now, window_ms)?;
+                            out.jobs = true;
+                        }
+                    }
+                    Body::RetryUnavailable { id } => {
+                        let pending_key = seen_key(tx, &m.from, &id);
+                        if let Some(v) = tx.get(Table::Pending, &pending_key)? {
+                            let p: PendingRecord = decode(&v, "a pending envelope")?;
+                            out.events.extend(give_up(
+                                tx,
+                                &pending_key,
+                                p,
+                                "its sender cannot send it again",
+                            )?);
+                        }
+                    }
+                }
+            }
+            Item::Delivered(receipt) => {
+                out.events
+                    .extend(receipt_event(tx, receipt, delivery.queued_at_ms)?);
+            }
+        }
+    }
+    olm.flush()?;
+    Ok(out)
+}
+
+/// `from`'s device `device` could not decrypt our envelope `id`: resend the message
+/// it carried if it was a message to them, sent recently, and not resent too often;
+/// else say it cannot be sent again.
+fn retry_requested(
+    tx: &Tx<'_>,
+    from: &str,
+    device: u32,
+    id: MessageId,
+    now: u64,
+    window_ms: u64,
+) -> Result<(), MessengerError> {
+    let entry = match sent_id(tx, &id)? {
+        Some(seq) if seq != CONTROL => history::get(tx, seq)?,
+        _ => None,
+    };
+    let job = match entry {
+        Some(e)
+            if e.outgoing
+                && e.peer == from
+                && e.content.is_some()
+                && now.saturating_sub(e.at_ms) <= window_ms
+                && history::count_resend(tx, e.seq, device)? <= MAX_RESENDS =>
+        {
+            Job::Resend {
+                seq: e.seq,
+                to: from.to_string(),
+                device,
+                retry_of: id,
+                node_id: e2e::new_message_id(),
+            }
+        }
+        _ => Job::Unavailable {
+            to: from.to_string(),
+            id,
+            node_id: e2e::new_message_id(),
+        },
+    };
+    tx.add_job(now, &encode(&job))?;
+    Ok(())
+}
+
+/// The event for a delivery receipt, after recording it in the history.
+fn receipt_event(
+    tx: &Tx<'_>,
+    receipt: &Receipt,
+    at_ms: u64,
+) -> Result<Option<Event>, MessengerError> {
+    match sent_id(tx, &receipt.id)? {
+        // A receipt for a message nobody sees.
+        Some(CONTROL) => Ok(None),
+        Some(seq) => Ok(
+            history::mark_delivered(tx, seq, receipt.device_id, at_ms)?.map(|e| Event::Delivered {
+                to: receipt.to.clone(),
+                device: receipt.device_id,
+                id: e.id,
+                at_ms,
+            }),
+        ),
+        // Sent before this home kept a history (or by another home of the account).
+        None => Ok(Some(Event::Delivered {
+            to: receipt.to.clone(),
+            device: receipt.device_id,
+            id: receipt.id,
+            at_ms,
+        })),
+    }
+}
