@@ -235,6 +235,11 @@ fn print_event(event: Event, json: bool, out: &mut impl Write) -> std::io::Resul
                 time(m.at_ms)
             );
         }
+        Event::Waiting { from, id, reason } => eprintln!(
+            "waiting for a message from {from} (id {}): {reason}; asked their device to \
+             send it again",
+            hex::encode(id)
+        ),
         Event::IdentityChanged { number } => eprintln!(
             "warning: {number}'s identity key has changed (new phone, or someone in \
              between); compare `switchboard safety {number}` with them in person"
@@ -249,19 +254,58 @@ fn print_event(event: Event, json: bool, out: &mut impl Write) -> std::io::Resul
     out.flush()
 }
 
+/// Waits until stdout can take a line without blocking (on a pipe: room for
+/// PIPE_BUF bytes, which a write of up to that size takes whole and at once), so
+/// that marking a message shown and printing it are never separated by a wait: a
+/// kill in between would cost that line on the screen.
+fn wait_until_stdout_takes_a_line() {
+    #[cfg(unix)]
+    {
+        use rustix::event::{PollFd, PollFlags, poll};
+        let stdout = std::io::stdout();
+        let mut fds = [PollFd::new(&stdout, PollFlags::OUT)];
+        // An error (stdout closed) shows itself when the line is written.
+        let _ = poll(&mut fds, None);
+    }
+}
+
 pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
     let messenger = Messenger::open(&home)?;
     let stdout = std::io::stdout();
     let mut broken = None;
-    let result = messenger
-        .receive(args.follow, super::interrupted(), |event| {
-            if broken.is_none()
-                && let Err(e) = print_event(event, args.json, &mut stdout.lock())
-            {
-                // Everything is in the history already; `history` shows it.
-                broken = Some(e);
+    // Each message is printed by exactly one `recv`: the one that marks it shown
+    // first. So messages that a `recv` killed earlier had stored but not printed are
+    // printed now, and two `recv`s at once print each message once.
+    let mut show = |event: Event| {
+        let seq = match &event {
+            Event::Message(m) | Event::Undecryptable(m) => Some(m.seq),
+            _ => None,
+        };
+        if let Some(seq) = seq {
+            wait_until_stdout_takes_a_line();
+            match messenger.claim_shown(seq) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => eprintln!("warning: {e}"),
             }
-        })
+        }
+        if broken.is_none()
+            && let Err(e) = print_event(event, args.json, &mut stdout.lock())
+        {
+            // Everything is in the history already; `history` shows it.
+            broken = Some(e);
+        }
+    };
+    for entry in messenger.unshown(100_000).await? {
+        let event = if entry.content.is_some() {
+            Event::Message(entry)
+        } else {
+            Event::Undecryptable(entry)
+        };
+        show(event);
+    }
+    let result = messenger
+        .receive(args.follow, super::interrupted(), &mut show)
         .await;
     messenger.close().await;
     result?;

@@ -21,7 +21,7 @@
 //! | `peer` | H(`peer`, number) | what is known of a contact's identity |
 //! | `session` | H(`peer`, number) ++ device (u32 BE) | the Olm sessions with that device, newest first |
 //! | `seen` | H(`seen`, sender, node id) | (plain: when) envelopes already handled, to drop redeliveries |
-//! | `message` | seq (local order); `conv` H(`conv`, number); `key` H(direction, number, id) | the history record; plain `state` |
+//! | `message` | seq (local order); `conv` H(`conv`, number); `key` H(direction, number, id) | the history record; plain `state`, and `shown` (an app showed it) |
 //! | `sent_id` | H(`sent`, node id) | the `message` seq a node id of ours belongs to |
 //! | `outbox` | message seq | the encrypted `Outgoing` not yet accepted by the node |
 //! | `pending` | H(`seen`, sender, node id) | an envelope that could not be decrypted yet |
@@ -63,9 +63,11 @@ CREATE TABLE message (
     conv BLOB NOT NULL,
     key BLOB NOT NULL UNIQUE,
     state INTEGER NOT NULL,
+    shown INTEGER NOT NULL,
     value BLOB NOT NULL
 );
 CREATE INDEX message_conv ON message (conv, seq);
+CREATE INDEX message_unshown ON message (seq) WHERE shown = 0;
 CREATE TABLE sent_id (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE outbox (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE pending (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -278,6 +280,24 @@ impl HomeDb {
         f: impl FnOnce(&Tx<'_>) -> Result<R, E>,
     ) -> Result<R, E> {
         self.transaction(TransactionBehavior::Immediate, f)
+    }
+
+    /// [`HomeDb::write`] without waiting for the disk: the commit survives the
+    /// process being killed (it is in the WAL file), not a power cut. For marks that
+    /// cost little if lost (what was shown), made often.
+    pub fn write_light<R, E: From<DbError>>(
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let set = |level: &str| {
+            self.lock()
+                .pragma_update(None, "synchronous", level)
+                .map_err(sqlite(&self.inner.path))
+        };
+        set("NORMAL")?;
+        let out = self.transaction(TransactionBehavior::Immediate, f);
+        set("FULL")?;
+        out
     }
 
     /// Runs `f` on one consistent snapshot, without taking the write lock.
@@ -495,17 +515,46 @@ impl Tx<'_> {
         conv: &Hashed,
         key: &Hashed,
         state: i64,
+        shown: bool,
         value: &[u8],
     ) -> Result<Option<i64>, DbError> {
         let sealed = seal_value(&self.keys.seal, "message", key, value);
         let n = self
             .conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO message (conv, key, state, value) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR IGNORE INTO message (conv, key, state, shown, value) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )
-            .and_then(|mut s| s.execute(params![&conv[..], &key[..], state, sealed]))
+            .and_then(|mut s| s.execute(params![&conv[..], &key[..], state, shown, sealed]))
             .map_err(self.err())?;
         Ok((n > 0).then(|| self.conn.last_insert_rowid()))
+    }
+
+    /// Marks history row `seq` as shown; true when this call did (it was not yet).
+    pub fn claim_shown(&self, seq: i64) -> Result<bool, DbError> {
+        let n = self
+            .conn
+            .prepare_cached("UPDATE message SET shown = 1 WHERE seq = ?1 AND shown = 0")
+            .and_then(|mut s| s.execute([seq]))
+            .map_err(self.err())?;
+        Ok(n > 0)
+    }
+
+    /// Marks history row `seq` as not shown (its content changed for the user).
+    pub fn unshow(&self, seq: i64) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached("UPDATE message SET shown = 0 WHERE seq = ?1")
+            .and_then(|mut s| s.execute([seq]))
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Up to `limit` history rows not yet shown, oldest first.
+    pub fn unshown(&self, limit: usize) -> Result<Vec<MessageRow>, DbError> {
+        self.message_rows(
+            "SELECT seq, key, state, value FROM message WHERE shown = 0 ORDER BY seq LIMIT ?1",
+            params![limit.min(i64::MAX as usize) as i64],
+        )
     }
 
     /// Replaces the state and value of the history row `seq`.
@@ -581,43 +630,25 @@ impl Tx<'_> {
         before: Option<i64>,
         limit: usize,
     ) -> Result<Vec<MessageRow>, DbError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT seq, key, state, value FROM message WHERE conv = ?1 AND seq < ?2 \
-                 ORDER BY seq DESC LIMIT ?3",
-            )
-            .map_err(self.err())?;
-        let rows = stmt
-            .query_map(
-                params![
-                    &conv[..],
-                    before.unwrap_or(i64::MAX),
-                    limit.min(i64::MAX as usize) as i64
-                ],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .map_err(self.err())?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (seq, key, state, sealed) = row.map_err(self.err())?;
-            out.push(self.message_row(seq, key, state, sealed)?);
-        }
-        Ok(out)
+        self.message_rows(
+            "SELECT seq, key, state, value FROM message WHERE conv = ?1 AND seq < ?2 \
+             ORDER BY seq DESC LIMIT ?3",
+            params![
+                &conv[..],
+                before.unwrap_or(i64::MAX),
+                limit.min(i64::MAX as usize) as i64
+            ],
+        )
     }
 
-    /// Every history row (oldest first) from `after` on, for tools and migrations.
-    pub fn all_messages(&self, after: i64, limit: usize) -> Result<Vec<MessageRow>, DbError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT seq, key, state, value FROM message WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )
-            .map_err(self.err())?;
+    fn message_rows(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<MessageRow>, DbError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.err())?;
         let rows = stmt
-            .query_map(params![after, limit.min(i64::MAX as usize) as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
+            .query_map(params, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .map_err(self.err())?;
         let mut out = Vec::new();
         for row in rows {

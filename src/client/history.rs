@@ -197,6 +197,7 @@ pub fn add_sent(
         &conv(tx, peer),
         &key,
         State::Sending.number(),
+        true,
         &encode(&record),
     )?
     .ok_or_else(|| tx.damaged("a message id was used twice"))
@@ -232,7 +233,7 @@ pub fn add_received(
     };
     let key = message_key(tx, from, false, id);
     let value = encode(&record);
-    match tx.insert_message(&conv(tx, from), &key, state.number(), &value)? {
+    match tx.insert_message(&conv(tx, from), &key, state.number(), false, &value)? {
         Some(seq) => Ok(Some(entry(
             tx,
             &MessageRow {
@@ -250,6 +251,7 @@ pub fn add_received(
                 return Ok(None);
             }
             tx.update_message(&row, state.number(), &value)?;
+            tx.unshow(row.seq)?;
             Ok(Some(entry(
                 tx,
                 &MessageRow {
@@ -370,6 +372,17 @@ pub fn count_resend(tx: &Tx<'_>, seq: i64, device: u32) -> Result<u32, DbError> 
         true
     })?;
     Ok(count)
+}
+
+/// Marks message `seq` as shown to the user; true when this call did it (so that of
+/// two processes showing new messages, one shows each).
+pub fn claim_shown(tx: &Tx<'_>, seq: i64) -> Result<bool, DbError> {
+    tx.claim_shown(seq)
+}
+
+/// Up to `limit` received messages not yet shown to the user, oldest first.
+pub fn unshown(tx: &Tx<'_>, limit: usize) -> Result<Vec<Entry>, DbError> {
+    tx.unshown(limit)?.iter().map(|r| entry(tx, r)).collect()
 }
 
 /// The last `limit` messages of the conversation with `peer` before `before` (all

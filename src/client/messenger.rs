@@ -102,6 +102,13 @@ pub enum Event {
         id: MessageId,
         at_ms: u64,
     },
+    /// A message from `from` could not be decrypted yet: its sender's device was asked
+    /// to send it again (WhatsApp's "waiting for this message").
+    Waiting {
+        from: String,
+        id: MessageId,
+        reason: String,
+    },
     /// A message could not be decrypted, even after asking its sender again.
     Undecryptable(Entry),
     /// `number`'s identity key changed (a new phone, or someone in between).
@@ -958,6 +965,30 @@ impl Messenger {
             .await
     }
 
+    /// Marks message `seq` as shown to the user. True when this call did: of several
+    /// processes (or windows) showing new messages, exactly one shows each. Show the
+    /// message only after this returned true: a crash in between costs the screen
+    /// that one message (the history keeps it), never a second showing.
+    ///
+    /// A short write that does not wait for the disk (a lost mark costs a second
+    /// showing after a power cut, nothing else); it may be called from an event
+    /// callback.
+    pub fn claim_shown(&self, seq: i64) -> Result<bool, MessengerError> {
+        Ok(self
+            .inner
+            .db
+            .write_light(|tx| history::claim_shown(tx, seq))?)
+    }
+
+    /// Received messages not yet shown (up to `limit`, oldest first): what an app
+    /// that was not running, or was killed, has yet to show.
+    pub async fn unshown(&self, limit: usize) -> Result<Vec<Entry>, MessengerError> {
+        self.inner
+            .db
+            .read_async(move |tx| Ok::<_, MessengerError>(history::unshown(tx, limit)?))
+            .await
+    }
+
     /// Moves this device's socket to a new local port (QUIC connection migration).
     pub fn rebind(&self) -> std::io::Result<()> {
         self.inner.connector.rebind()
@@ -1016,6 +1047,11 @@ fn store_batch(
                     Ok(d) => d,
                     Err(reason) => {
                         // Kept, acknowledged, and asked for again.
+                        out.events.push(Event::Waiting {
+                            from: m.from.clone(),
+                            id: m.id,
+                            reason: reason.clone(),
+                        });
                         let record = PendingRecord {
                             from: m.from.clone(),
                             device: m.from_device,

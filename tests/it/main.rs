@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod cli;
 mod cli_messaging;
+mod client_home;
 mod crash;
 mod discovery;
 mod disk;

@@ -607,14 +607,24 @@ pub fn parse_openmetrics(text: &str) -> Vec<(String, f64)> {
     samples
 }
 
-/// A UDP relay on 127.0.0.1 between one client and a node that can lose the node's
-/// datagrams on their way back: with [`LossyRelay::lose_replies`] on, the node's
-/// answers never reach the client (nor do its acknowledgements, so the client's
-/// QUIC resends its own packets, which still get through).
+/// A UDP relay on 127.0.0.1 between one client and a node, for faults the network
+/// makes: with [`LossyRelay::lose_replies`] on, the node's answers never reach the
+/// client (nor do its acknowledgements, so the client's QUIC resends its own packets,
+/// which still get through); with [`LossyRelay::blackhole`] nothing passes either
+/// way. [`LossyRelay::rebind`] is a NAT rebinding: what the client sends reaches the
+/// node from a new port, so the node sees the client's address change; the old port
+/// still passes the node's datagrams back until [`LossyRelay::forget_old_port`].
 pub struct LossyRelay {
     pub addr: String,
     lose: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    drop_all: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    commands: tokio::sync::mpsc::UnboundedSender<RelayCommand>,
     task: tokio::task::JoinHandle<()>,
+}
+
+enum RelayCommand {
+    Rebind,
+    ForgetOld,
 }
 
 impl LossyRelay {
@@ -622,39 +632,91 @@ impl LossyRelay {
         let outer = tokio::net::UdpSocket::bind("127.0.0.1:0")
             .await
             .expect("relay socket");
-        let inner = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("relay socket");
-        inner.connect(node).await.expect("relay to node");
+        async fn towards(node: &str) -> tokio::net::UdpSocket {
+            let inner = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("relay socket");
+            inner.connect(node).await.expect("relay to node");
+            inner
+        }
+        let mut inner = towards(node).await;
         let addr = outer.local_addr().expect("relay addr").to_string();
         let lose = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let losing = lose.clone();
+        let drop_all = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (commands, mut command) = tokio::sync::mpsc::unbounded_channel();
+        let (losing, dropping) = (lose.clone(), drop_all.clone());
+        let node = node.to_string();
         let task = tokio::spawn(async move {
-            let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+            use std::sync::atomic::Ordering::SeqCst;
+            let (mut up, mut down, mut old_down) =
+                (vec![0u8; 65536], vec![0u8; 65536], vec![0u8; 65536]);
             let mut client = None;
+            let mut old: Option<tokio::net::UdpSocket> = None;
             loop {
+                let from_old = async {
+                    match &old {
+                        Some(o) => o.recv(&mut old_down).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
+                    cmd = command.recv() => match cmd {
+                        None => return,
+                        Some(RelayCommand::Rebind) => {
+                            old = Some(std::mem::replace(&mut inner, towards(&node).await));
+                        }
+                        Some(RelayCommand::ForgetOld) => old = None,
+                    },
                     got = outer.recv_from(&mut up) => {
                         let Ok((n, from)) = got else { return };
                         client = Some(from);
-                        let _ = inner.send(&up[..n]).await;
+                        if !dropping.load(SeqCst) {
+                            let _ = inner.send(&up[..n]).await;
+                        }
                     }
                     got = inner.recv(&mut down) => {
                         let Ok(n) = got else { return };
-                        let lost = losing.load(std::sync::atomic::Ordering::SeqCst);
+                        let lost = losing.load(SeqCst) || dropping.load(SeqCst);
                         if let (Some(to), false) = (client, lost) {
                             let _ = outer.send_to(&down[..n], to).await;
+                        }
+                    }
+                    got = from_old => {
+                        let Ok(n) = got else { return };
+                        if let Some(to) = client {
+                            let _ = outer.send_to(&old_down[..n], to).await;
                         }
                     }
                 }
             }
         });
-        LossyRelay { addr, lose, task }
+        LossyRelay {
+            addr,
+            lose,
+            drop_all,
+            commands,
+            task,
+        }
     }
 
     /// From now on, lose every datagram from the node (or pass them again).
     pub fn lose_replies(&self, lose: bool) {
         self.lose.store(lose, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// From now on, lose every datagram both ways (or pass them again).
+    pub fn blackhole(&self, on: bool) {
+        self.drop_all.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sends on towards the node from a new local port.
+    pub fn rebind(&self) {
+        let _ = self.commands.send(RelayCommand::Rebind);
+    }
+
+    /// Closes the port used before the last [`LossyRelay::rebind`].
+    pub fn forget_old_port(&self) {
+        let _ = self.commands.send(RelayCommand::ForgetOld);
     }
 }
 
