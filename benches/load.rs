@@ -103,6 +103,29 @@ enum Scenario {
         #[arg(long, default_value_t = 256)]
         size: usize,
     },
+    /// A backlog drained through the client library (decrypted, written to the
+    /// history, acknowledged), beside a bare vodozemac decrypt loop over the same
+    /// envelopes.
+    Drain {
+        #[arg(long, default_value_t = 10_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 10)]
+        senders: usize,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+    },
+    /// Authenticated reconnects per second (connect, WhoAmI, close): resumed TLS
+    /// sessions, full handshakes, and bare quinn handshakes.
+    Reconnect {
+        #[arg(long, default_value_t = 64)]
+        devices: usize,
+        /// Reconnect loops running at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Seconds per measured phase.
+        #[arg(long, default_value_t = 5)]
+        duration: u64,
+    },
     /// Internal: the bare quinn relay, run as its own process.
     #[command(hide = true)]
     BareServer,
@@ -139,6 +162,16 @@ fn main() {
                 accounts,
                 size,
             } => backup::run(envelopes, accounts, size),
+            Scenario::Drain {
+                messages,
+                senders,
+                size,
+            } => drain::run(messages, senders, size).await,
+            Scenario::Reconnect {
+                devices,
+                concurrency,
+                duration,
+            } => reconnect::run(devices, concurrency, Duration::from_secs(duration)).await,
             Scenario::BareServer => bare::serve().await,
         }
     });
@@ -149,6 +182,11 @@ fn main() {
 }
 
 type Result<T> = std::result::Result<T, String>;
+
+#[path = "load/drain.rs"]
+mod drain;
+#[path = "load/reconnect.rs"]
+mod reconnect;
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
@@ -2008,6 +2046,8 @@ mod bare {
             .with_single_cert(vec![cert_der.clone().into()], key)
             .map_err(err)?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
+        // Session tickets as the node issues them, for the reconnect scenario.
+        tls.ticketer = rustls::crypto::ring::Ticketer::new().map_err(err)?;
         let crypto = QuicServerConfig::try_from(tls).map_err(err)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
@@ -2068,6 +2108,26 @@ mod bare {
         addr: &str,
         cert: &[u8],
     ) -> Result<quinn::Connection> {
+        let config = client_config(cert)?;
+        connect_with(endpoint, addr, config).await
+    }
+
+    /// Connects with `config` (reused, it resumes the TLS sessions it holds tickets for).
+    pub async fn connect_with(
+        endpoint: &quinn::Endpoint,
+        addr: &str,
+        config: quinn::ClientConfig,
+    ) -> Result<quinn::Connection> {
+        let addr: std::net::SocketAddr = addr.parse().map_err(err)?;
+        endpoint
+            .connect_with(config, addr, "localhost")
+            .map_err(err)?
+            .await
+            .map_err(err)
+    }
+
+    /// The bare client's configuration: the bare server's certificate as its root.
+    pub fn client_config(cert: &[u8]) -> Result<quinn::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.to_vec().into()).map_err(err)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -2085,12 +2145,7 @@ mod bare {
         // is quinn configured as the node is.
         transport.ack_frequency_config(Some(switchboard::quic::ack_frequency()));
         config.transport_config(Arc::new(transport));
-        let addr: std::net::SocketAddr = addr.parse().map_err(err)?;
-        endpoint
-            .connect_with(config, addr, "localhost")
-            .map_err(err)?
-            .await
-            .map_err(err)
+        Ok(config)
     }
 
     /// Opens the inbox of `id`; read frames of `Vec<u8>` from it.

@@ -67,7 +67,6 @@ CREATE TABLE message (
     value BLOB NOT NULL
 );
 CREATE INDEX message_conv ON message (conv, seq);
-CREATE INDEX message_unshown ON message (seq) WHERE shown = 0;
 CREATE TABLE sent_id (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE outbox (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE pending (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -109,8 +108,9 @@ struct Keys {
     home: Zeroizing<[u8; 32]>,
     /// Seals values.
     seal: Zeroizing<[u8; 32]>,
-    /// Keys the hashes that stand for numbers and ids in row keys.
-    index: Zeroizing<[u8; 32]>,
+    /// Keys the hashes that stand for numbers and ids in row keys (keyed once;
+    /// each hash starts from a copy).
+    index: hmac::Hmac<sha2::Sha256>,
 }
 
 struct Inner {
@@ -183,7 +183,10 @@ impl HomeDb {
         let keys = Keys {
             home: home_key.clone(),
             seal: derive(&home_key, b"switchboard home values"),
-            index: derive(&home_key, b"switchboard home index"),
+            index: <hmac::Hmac<sha2::Sha256>>::new_from_slice(
+                &derive(&home_key, b"switchboard home index")[..],
+            )
+            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length")),
         };
         // The file is made owner-only before SQLite opens it; SQLite gives its WAL and
         // shared-memory files the database file's permissions.
@@ -384,8 +387,7 @@ impl Tx<'_> {
 
     /// The keyed hash of `parts` under `label`, for a row key.
     pub fn hash(&self, label: &[u8], parts: &[&[u8]]) -> Hashed {
-        let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(&self.keys.index[..])
-            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+        let mut mac = self.keys.index.clone();
         mac.update(&(label.len() as u32).to_be_bytes());
         mac.update(label);
         for part in parts {
@@ -549,12 +551,28 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Up to `limit` history rows not yet shown, oldest first.
-    pub fn unshown(&self, limit: usize) -> Result<Vec<MessageRow>, DbError> {
+    /// Up to `limit` history rows from `from` on not yet shown, oldest first.
+    pub fn unshown(&self, from: i64, limit: usize) -> Result<Vec<MessageRow>, DbError> {
         self.message_rows(
-            "SELECT seq, key, state, value FROM message WHERE shown = 0 ORDER BY seq LIMIT ?1",
-            params![limit.min(i64::MAX as usize) as i64],
+            "SELECT seq, key, state, value FROM message WHERE seq >= ?1 AND shown = 0 \
+             ORDER BY seq LIMIT ?2",
+            params![from, limit.min(i64::MAX as usize) as i64],
         )
+    }
+
+    /// The newest history row's seq.
+    pub fn last_message_seq(&self) -> Result<Option<i64>, DbError> {
+        self.conn
+            .query_row("SELECT max(seq) FROM message", [], |r| r.get(0))
+            .map_err(self.err())
+    }
+
+    /// Whether a history row has `key`.
+    pub fn has_message_key(&self, key: &Hashed) -> Result<bool, DbError> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM message WHERE key = ?1")
+            .and_then(|mut s| s.exists([&key[..]]))
+            .map_err(self.err())
     }
 
     /// Replaces the state and value of the history row `seq`.

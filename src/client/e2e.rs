@@ -106,7 +106,8 @@ pub struct Decrypted {
 pub struct Olm<'t> {
     tx: &'t Tx<'t>,
     account: Option<AccountSlot>,
-    sessions: HashMap<(String, u32), SessionSlot>,
+    /// By number, then device (looked up by `&str`, so a hit allocates nothing).
+    sessions: HashMap<String, HashMap<u32, SessionSlot>>,
     peers: HashMap<String, PeerSlot>,
 }
 
@@ -238,7 +239,13 @@ impl<'t> Olm<'t> {
     }
 
     fn slot(&mut self, number: &str, device: u32) -> Result<&mut SessionSlot, E2eError> {
-        match self.sessions.entry((number.to_string(), device)) {
+        if !self.sessions.contains_key(number) {
+            self.sessions.insert(number.to_string(), HashMap::new());
+        }
+        let Some(devices) = self.sessions.get_mut(number) else {
+            unreachable!("inserted just above");
+        };
+        match devices.entry(device) {
             Entry::Occupied(e) => Ok(e.into_mut()),
             Entry::Vacant(e) => {
                 let key = session_key(self.tx, number, device);
@@ -285,12 +292,10 @@ impl<'t> Olm<'t> {
             .map(u32::from_be_bytes)
             .collect();
         // What this transaction changed and has not written yet.
-        for ((n, device), slot) in &self.sessions {
-            if n == number {
-                devices.retain(|d| d != device);
-                if !slot.list.is_empty() {
-                    devices.push(*device);
-                }
+        for (device, slot) in self.sessions.get(number).into_iter().flatten() {
+            devices.retain(|d| d != device);
+            if !slot.list.is_empty() {
+                devices.push(*device);
             }
         }
         devices.sort_unstable();
@@ -486,7 +491,12 @@ impl<'t> Olm<'t> {
             };
             tx.put(Table::Kv, ACCOUNT_KEY, &json(&record)?)?;
         }
-        for ((number, device), slot) in self.sessions {
+        let sessions = self.sessions.into_iter().flat_map(|(number, devices)| {
+            devices
+                .into_iter()
+                .map(move |(d, s)| (number.clone(), d, s))
+        });
+        for (number, device, slot) in sessions {
             if !slot.dirty {
                 continue;
             }
@@ -533,7 +543,9 @@ impl<'t> Olm<'t> {
             for (device, pickles) in devices {
                 let list = pickles.into_iter().map(Session::from_pickle).collect();
                 self.sessions
-                    .insert((number.clone(), device), SessionSlot { list, dirty: true });
+                    .entry(number.clone())
+                    .or_default()
+                    .insert(device, SessionSlot { list, dirty: true });
             }
         }
         Ok(())
@@ -576,6 +588,15 @@ pub async fn publish(
     })
     .await?;
     Ok(stored)
+}
+
+/// A copy of this home's Olm account, for tools and benchmarks that run vodozemac
+/// on it directly (the bare decrypt loop of `cargo bench --bench load -- drain`).
+pub fn account_pickle(db: &HomeDb) -> Result<AccountPickle, E2eError> {
+    db.read(|tx| match tx.get(Table::Kv, ACCOUNT_KEY)? {
+        Some(bytes) => Ok(unjson::<AccountRecord>(&bytes, "the Olm account")?.account),
+        None => Err(E2eError::Keys("this home has no Olm account yet".into())),
+    })
 }
 
 /// Whether this home published keys for `device`.

@@ -158,8 +158,12 @@ fn entry(tx: &Tx<'_>, row: &MessageRow) -> Result<Entry, DbError> {
         decode(&row.value).map_err(|r| tx.damaged(format!("history row {}: {r}", row.seq)))?;
     let state = State::from_number(row.state)
         .ok_or_else(|| tx.damaged(format!("history row {}: state {}", row.seq, row.state)))?;
-    Ok(Entry {
-        seq: row.seq,
+    Ok(from_record(row.seq, state, record))
+}
+
+fn from_record(seq: i64, state: State, record: Record) -> Entry {
+    Entry {
+        seq,
         peer: record.peer,
         outgoing: record.outgoing,
         device: record.device,
@@ -169,7 +173,7 @@ fn entry(tx: &Tx<'_>, row: &MessageRow) -> Result<Entry, DbError> {
         state,
         delivered: record.delivered,
         problem: record.problem,
-    })
+    }
 }
 
 /// Records a message this device is about to send; its seq.
@@ -234,15 +238,7 @@ pub fn add_received(
     let key = message_key(tx, from, false, id);
     let value = encode(&record);
     match tx.insert_message(&conv(tx, from), &key, state.number(), false, &value)? {
-        Some(seq) => Ok(Some(entry(
-            tx,
-            &MessageRow {
-                seq,
-                key,
-                state: state.number(),
-                value: value.into(),
-            },
-        )?)),
+        Some(seq) => Ok(Some(from_record(seq, state, record))),
         None => {
             let Some(row) = tx.message_by_key(&key)? else {
                 return Ok(None);
@@ -252,24 +248,14 @@ pub fn add_received(
             }
             tx.update_message(&row, state.number(), &value)?;
             tx.unshow(row.seq)?;
-            Ok(Some(entry(
-                tx,
-                &MessageRow {
-                    seq: row.seq,
-                    key,
-                    state: state.number(),
-                    value: value.into(),
-                },
-            )?))
+            Ok(Some(from_record(row.seq, state, record)))
         }
     }
 }
 
 /// Whether a received message from `from` with id `id` is in the history.
 pub fn has_received(tx: &Tx<'_>, from: &str, id: &MessageId) -> Result<bool, DbError> {
-    Ok(tx
-        .message_by_key(&message_key(tx, from, false, id))?
-        .is_some())
+    tx.has_message_key(&message_key(tx, from, false, id))
 }
 
 /// The message `seq`.
@@ -380,10 +366,27 @@ pub fn claim_shown(tx: &Tx<'_>, seq: i64) -> Result<bool, DbError> {
     tx.claim_shown(seq)
 }
 
-/// Up to `limit` received messages not yet shown to the user, oldest first.
+/// Up to `limit` received messages not yet shown to the user, oldest first. Every
+/// message before the first one left unshown is shown, and the next call starts
+/// there (`kv/shown_from`): so this reads what arrived since, not the history.
 pub fn unshown(tx: &Tx<'_>, limit: usize) -> Result<Vec<Entry>, DbError> {
-    tx.unshown(limit)?.iter().map(|r| entry(tx, r)).collect()
+    let from = tx
+        .get(super::db::Table::Kv, SHOWN_FROM)?
+        .and_then(|v| v.get(..8).and_then(|b| b.try_into().ok()))
+        .map_or(0, i64::from_be_bytes);
+    let rows = tx.unshown(from, limit)?;
+    let next = match rows.first() {
+        Some(r) => r.seq,
+        None => tx.last_message_seq()?.map_or(from, |s| s + 1),
+    };
+    if next != from {
+        tx.put(super::db::Table::Kv, SHOWN_FROM, &next.to_be_bytes())?;
+    }
+    rows.iter().map(|r| entry(tx, r)).collect()
 }
+
+/// Where [`unshown`] starts looking.
+const SHOWN_FROM: &[u8] = b"shown_from";
 
 /// The last `limit` messages of the conversation with `peer` before `before` (all
 /// when `None`), oldest first.

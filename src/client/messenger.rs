@@ -983,10 +983,10 @@ impl Messenger {
     /// Received messages not yet shown (up to `limit`, oldest first): what an app
     /// that was not running, or was killed, has yet to show.
     pub async fn unshown(&self, limit: usize) -> Result<Vec<Entry>, MessengerError> {
-        self.inner
-            .db
-            .read_async(move |tx| Ok::<_, MessengerError>(history::unshown(tx, limit)?))
+        let db = self.inner.db.clone();
+        blocking(move || db.write_light(|tx| history::unshown(tx, limit)))
             .await
+            .map_err(Into::into)
     }
 
     /// Moves this device's socket to a new local port (QUIC connection migration).
@@ -1038,15 +1038,20 @@ fn store_batch(
     for delivery in items {
         match &delivery.item {
             Item::Message(m) => {
+                // A redelivery: what went to the history is found there, everything
+                // else (answers to retries, envelopes kept for a retry, copies sent
+                // again) in `seen`. Checked before decrypting: the ratchet has moved
+                // on, and a second decryption would fail.
                 let key = seen_key(tx, &m.from, &m.id);
-                if !tx.see(&key, now)? {
-                    continue; // a redelivery
+                if history::has_received(tx, &m.from, &m.id)? || tx.seen(&key)? {
+                    continue;
                 }
                 let decrypted = olm.decrypt(&m.from, m.from_device, &m.body)?;
                 let decrypted = match decrypted {
                     Ok(d) => d,
                     Err(reason) => {
                         // Kept, acknowledged, and asked for again.
+                        tx.see(&key, now)?;
                         out.events.push(Event::Waiting {
                             from: m.from.clone(),
                             id: m.id,
@@ -1109,9 +1114,16 @@ fn store_batch(
                         tx.delete(Table::Pending, &pending_key)?;
                     }
                 }
+                // Only a message stored under the envelope's own id is found in the
+                // history by that id; everything else is remembered here.
+                let stored_under_its_id =
+                    matches!(plain.body, Body::Content(_)) && plain.id == m.id;
+                if !stored_under_its_id {
+                    tx.see(&key, now)?;
+                }
                 match plain.body {
                     Body::Content(content) => {
-                        if let Some(e) = history::add_received(
+                        match history::add_received(
                             tx,
                             &m.from,
                             m.from_device,
@@ -1120,7 +1132,13 @@ fn store_batch(
                             Some(content),
                             None,
                         )? {
-                            out.events.push(Event::Message(e));
+                            Some(e) => out.events.push(Event::Message(e)),
+                            // A copy of a message we have (under its id): remembered
+                            // by its own, so a redelivery is dropped unread.
+                            None if stored_under_its_id => {
+                                tx.see(&key, now)?;
+                            }
+                            None => {}
                         }
                     }
                     Body::RetryRequest { device, id } => {
