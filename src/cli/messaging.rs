@@ -283,7 +283,7 @@ pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
         };
         if let Some(seq) = seq {
             wait_until_stdout_takes_a_line();
-            match messenger.claim_shown(seq) {
+            match tokio::task::block_in_place(|| messenger.claim_shown(seq)) {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => eprintln!("warning: {e}"),

@@ -43,11 +43,11 @@ pub enum Content {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
     Content(Content),
-    /// "I could not decrypt your envelope `id` (sent by your device `device`);
-    /// please send it again." Carries no plaintext of the message.
+    /// "I could not decrypt your envelopes `ids` (sent by your device `device`);
+    /// please send them again." Carries no plaintext of the messages.
     RetryRequest {
         device: u32,
-        id: MessageId,
+        ids: Vec<MessageId>,
     },
     /// "I cannot send `id` again" (not kept, too old, or asked too often).
     RetryUnavailable {
@@ -80,8 +80,11 @@ struct Wire {
 #[derive(Encode, Decode)]
 struct RetryRequestBody {
     device: u32,
-    id: MessageId,
+    ids: Vec<MessageId>,
 }
+
+/// The most envelope ids one retry request carries.
+pub const MAX_RETRY_IDS: usize = 256;
 
 /// The old format: bincode of `enum { Text(String) }`.
 #[derive(Encode, Decode)]
@@ -114,11 +117,11 @@ impl Plaintext {
         let (kind, body) = match &self.body {
             Body::Content(Content::Text(text)) => (kind::TEXT, to_vec(text)),
             Body::Content(Content::Unsupported { kind }) => (*kind, Vec::new()),
-            Body::RetryRequest { device, id } => (
+            Body::RetryRequest { device, ids } => (
                 kind::RETRY_REQUEST,
                 to_vec(&RetryRequestBody {
                     device: *device,
-                    id: *id,
+                    ids: ids.clone(),
                 }),
             ),
             Body::RetryUnavailable { id } => (kind::RETRY_UNAVAILABLE, to_vec(id)),
@@ -189,9 +192,12 @@ fn decode_body(kind: u16, body: &[u8]) -> Result<Body, String> {
         kind::TEXT => Body::Content(Content::Text(whole(body)?)),
         kind::RETRY_REQUEST => {
             let r: RetryRequestBody = whole(body)?;
+            if r.ids.len() > MAX_RETRY_IDS {
+                return Err(format!("a retry request for {} envelopes", r.ids.len()));
+            }
             Body::RetryRequest {
                 device: r.device,
-                id: r.id,
+                ids: r.ids,
             }
         }
         kind::RETRY_UNAVAILABLE => Body::RetryUnavailable { id: whole(body)? },
@@ -221,7 +227,7 @@ mod tests {
         check(p.clone());
         p.body = Body::RetryRequest {
             device: 3,
-            id: [1; 16],
+            ids: vec![[1; 16], [2; 16]],
         };
         check(p.clone());
         p.body = Body::RetryUnavailable { id: [2; 16] };

@@ -292,15 +292,19 @@ impl HomeDb {
         &self,
         f: impl FnOnce(&Tx<'_>) -> Result<R, E>,
     ) -> Result<R, E> {
-        let set = |level: &str| {
-            self.lock()
-                .pragma_update(None, "synchronous", level)
-                .map_err(sqlite(&self.inner.path))
-        };
-        set("NORMAL")?;
-        let out = self.transaction(TransactionBehavior::Immediate, f);
-        set("FULL")?;
-        out
+        let mut conn = self.lock();
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sqlite(&self.inner.path))?;
+        // Back to FULL whatever happens (an error, a panic in `f`), under the same
+        // lock, so no other transaction of this process ever commits under NORMAL.
+        struct Full<'c>(&'c mut Connection);
+        impl Drop for Full<'_> {
+            fn drop(&mut self) {
+                let _ = self.0.pragma_update(None, "synchronous", "FULL");
+            }
+        }
+        let full = Full(&mut conn);
+        Self::run(full.0, &self.inner, TransactionBehavior::Immediate, f)
     }
 
     /// Runs `f` on one consistent snapshot, without taking the write lock.
@@ -317,12 +321,21 @@ impl HomeDb {
         f: impl FnOnce(&Tx<'_>) -> Result<R, E>,
     ) -> Result<R, E> {
         let mut conn = self.lock();
-        let err = sqlite(&self.inner.path);
+        Self::run(&mut conn, &self.inner, behavior, f)
+    }
+
+    fn run<R, E: From<DbError>>(
+        conn: &mut Connection,
+        inner: &Inner,
+        behavior: TransactionBehavior,
+        f: impl FnOnce(&Tx<'_>) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let err = sqlite(&inner.path);
         let tx = conn.transaction_with_behavior(behavior).map_err(&err)?;
         let out = f(&Tx {
             conn: &tx,
-            keys: &self.inner.keys,
-            path: &self.inner.path,
+            keys: &inner.keys,
+            path: &inner.path,
         })?;
         tx.commit().map_err(&err)?;
         Ok(out)

@@ -102,6 +102,30 @@ pub struct Decrypted {
     pub identity_changed: bool,
 }
 
+/// Why an envelope could not be decrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecryptFailure {
+    /// Not an Olm message at all: no session would ever decrypt it.
+    Malformed(String),
+    /// An Olm message no session of this device decrypts (a lost or stale session,
+    /// an unknown one-time key): its sender can send it again over a new one.
+    NoSession(String),
+}
+
+impl DecryptFailure {
+    /// Why, for people.
+    pub fn reason(&self) -> &str {
+        match self {
+            DecryptFailure::Malformed(r) | DecryptFailure::NoSession(r) => r,
+        }
+    }
+
+    /// Whether asking the sender to send it again may help.
+    pub fn worth_asking(&self) -> bool {
+        matches!(self, DecryptFailure::NoSession(_))
+    }
+}
+
 /// The Olm state one transaction works on.
 pub struct Olm<'t> {
     tx: &'t Tx<'t>,
@@ -203,12 +227,20 @@ impl<'t> Olm<'t> {
     ) -> Result<KeyUpload, E2eError> {
         let identity = self.identity()?;
         let slot = self.account()?;
+        // Keys another process made and has not published yet are published again
+        // rather than joined by new ones: of racing publishers, the one whose upload
+        // lands last must not replace the node's fallback key with one the account
+        // already dropped (vodozemac keeps the current and the previous only).
+        let unpublished = slot.account.one_time_keys().len() as u32;
         if slot.published_for != Some(device) {
-            slot.account.generate_fallback_key();
+            if slot.account.fallback_key().is_empty() {
+                slot.account.generate_fallback_key();
+            }
+            let want = ONE_TIME_KEY_TARGET.saturating_sub(unpublished);
+            slot.account.generate_one_time_keys(want as usize);
+        } else if top_up > unpublished {
             slot.account
-                .generate_one_time_keys(ONE_TIME_KEY_TARGET as usize);
-        } else if top_up > 0 {
-            slot.account.generate_one_time_keys(top_up as usize);
+                .generate_one_time_keys((top_up - unpublished) as usize);
         }
         slot.dirty = true;
         let account = &slot.account;
@@ -385,19 +417,23 @@ impl<'t> Olm<'t> {
     }
 
     /// Decrypts an envelope from `from`'s device `device`: with a session this device
-    /// has, else (a pre-key message) with a new inbound session. `Ok(Err(reason))`
-    /// when it cannot be decrypted; the reason is for people.
+    /// has, else (a pre-key message) with a new inbound session. `Ok(Err(_))` when
+    /// it cannot be decrypted.
     pub fn decrypt(
         &mut self,
         from: &str,
         device: u32,
         body: &[u8],
-    ) -> Result<Result<Decrypted, String>, E2eError> {
+    ) -> Result<Result<Decrypted, DecryptFailure>, E2eError> {
         let message = match body.split_first() {
-            None => return Ok(Err("an empty envelope".into())),
+            None => return Ok(Err(DecryptFailure::Malformed("an empty envelope".into()))),
             Some((&kind, rest)) => match OlmMessage::from_parts(kind as usize, rest) {
                 Ok(m) => m,
-                Err(e) => return Ok(Err(format!("not an Olm message: {e}"))),
+                Err(e) => {
+                    return Ok(Err(DecryptFailure::Malformed(format!(
+                        "not an Olm message: {e}"
+                    ))));
+                }
             },
         };
         let slot = self.slot(from, device)?;
@@ -416,10 +452,10 @@ impl<'t> Olm<'t> {
             }
         }
         let OlmMessage::PreKey(pre_key) = &message else {
-            return Ok(Err(
+            return Ok(Err(DecryptFailure::NoSession(
                 "no session can decrypt it (a session this device lost, or one it never had)"
                     .into(),
-            ));
+            )));
         };
         let their_identity = pre_key.identity_key();
         let created = match self.account()?.account.create_inbound_session(
@@ -428,7 +464,11 @@ impl<'t> Olm<'t> {
             pre_key,
         ) {
             Ok(c) => c,
-            Err(e) => return Ok(Err(format!("cannot start a session from it: {e}"))),
+            Err(e) => {
+                return Ok(Err(DecryptFailure::NoSession(format!(
+                    "cannot start a session from it: {e}"
+                ))));
+            }
         };
         if let Some(slot) = self.account.as_mut() {
             slot.dirty = true;
@@ -458,6 +498,11 @@ impl<'t> Olm<'t> {
             plaintext: created.plaintext,
             identity_changed: changed,
         }))
+    }
+
+    /// The Curve25519 identity key this device knows for `number`.
+    pub fn known_identity(&mut self, number: &str) -> Result<Option<[u8; 32]>, E2eError> {
+        Ok(self.peer(number)?.record.identity.map(|k| k.curve25519))
     }
 
     /// Records `their` identity keys as known for `them`; returns whether they

@@ -97,6 +97,8 @@ pub struct Entry {
     pub delivered: Vec<(u32, u64)>,
     /// Why it failed (sending) or could not be decrypted (receiving).
     pub problem: Option<String>,
+    /// Sent: the recipient's identity key when it was encrypted.
+    pub to_identity: Option<[u8; 32]>,
 }
 
 #[derive(Encode, Decode)]
@@ -111,6 +113,9 @@ struct Record {
     problem: Option<String>,
     /// Resends made for retry requests, per recipient device (sender side).
     resends: Vec<(u32, u32)>,
+    /// Sent: the recipient's identity key (Curve25519) when it was encrypted. A retry
+    /// request is answered only over a session with that same identity.
+    to_identity: Option<[u8; 32]>,
 }
 
 fn config() -> impl bincode::config::Config {
@@ -173,10 +178,12 @@ fn from_record(seq: i64, state: State, record: Record) -> Entry {
         state,
         delivered: record.delivered,
         problem: record.problem,
+        to_identity: record.to_identity,
     }
 }
 
-/// Records a message this device is about to send; its seq.
+/// Records a message this device is about to send to `peer` (whose identity key is
+/// `to_identity` as this device knows it); its seq.
 pub fn add_sent(
     tx: &Tx<'_>,
     peer: &str,
@@ -184,6 +191,7 @@ pub fn add_sent(
     id: &MessageId,
     written_at_ms: u64,
     content: &Content,
+    to_identity: Option<[u8; 32]>,
 ) -> Result<i64, DbError> {
     let record = Record {
         peer: peer.to_string(),
@@ -195,6 +203,7 @@ pub fn add_sent(
         delivered: Vec::new(),
         problem: None,
         resends: Vec::new(),
+        to_identity,
     };
     let key = message_key(tx, peer, true, id);
     tx.insert_message(
@@ -234,6 +243,7 @@ pub fn add_received(
         delivered: Vec::new(),
         problem,
         resends: Vec::new(),
+        to_identity: None,
     };
     let key = message_key(tx, from, false, id);
     let value = encode(&record);
@@ -248,6 +258,10 @@ pub fn add_received(
             }
             tx.update_message(&row, state.number(), &value)?;
             tx.unshow(row.seq)?;
+            // Shown again from here on, even if later messages were shown already.
+            if shown_from(tx)? > row.seq {
+                tx.put(super::db::Table::Kv, SHOWN_FROM, &row.seq.to_be_bytes())?;
+            }
             Ok(Some(from_record(row.seq, state, record)))
         }
     }
@@ -370,10 +384,7 @@ pub fn claim_shown(tx: &Tx<'_>, seq: i64) -> Result<bool, DbError> {
 /// message before the first one left unshown is shown, and the next call starts
 /// there (`kv/shown_from`): so this reads what arrived since, not the history.
 pub fn unshown(tx: &Tx<'_>, limit: usize) -> Result<Vec<Entry>, DbError> {
-    let from = tx
-        .get(super::db::Table::Kv, SHOWN_FROM)?
-        .and_then(|v| v.get(..8).and_then(|b| b.try_into().ok()))
-        .map_or(0, i64::from_be_bytes);
+    let from = shown_from(tx)?;
     let rows = tx.unshown(from, limit)?;
     let next = match rows.first() {
         Some(r) => r.seq,
@@ -387,6 +398,13 @@ pub fn unshown(tx: &Tx<'_>, limit: usize) -> Result<Vec<Entry>, DbError> {
 
 /// Where [`unshown`] starts looking.
 const SHOWN_FROM: &[u8] = b"shown_from";
+
+fn shown_from(tx: &Tx<'_>) -> Result<i64, DbError> {
+    Ok(tx
+        .get(super::db::Table::Kv, SHOWN_FROM)?
+        .and_then(|v| v.get(..8).and_then(|b| b.try_into().ok()))
+        .map_or(0, i64::from_be_bytes))
+}
 
 /// The last `limit` messages of the conversation with `peer` before `before` (all
 /// when `None`), oldest first.
@@ -423,6 +441,7 @@ mod tests {
                         &[i; 16],
                         u64::from(i),
                         &Content::Text(format!("to {i}")),
+                        None,
                     )?;
                     mark_sent(tx, seq, 100 + u64::from(i), &[])?;
                 } else {

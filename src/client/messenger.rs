@@ -19,6 +19,7 @@
 //!   with back-off and jitter and says so through [`Event`]s; the node redelivers
 //!   whatever was not acknowledged, and the seen ids drop what was.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,10 +27,10 @@ use std::time::Duration;
 use bincode::{Decode, Encode};
 use rand::RngExt;
 
-use super::content::{Body, Content, Plaintext};
+use super::content::{Body, Content, MAX_RETRY_IDS, Plaintext};
 use super::db::{DbError, Hashed, HomeDb, Table, Tx};
 use super::e2e::{self, E2eError, Olm};
-use super::history::{self, Entry};
+use super::history::{self, Entry, State};
 use super::settings::{Settings, SettingsError};
 use super::{Client, ClientError, Connector, Home, HomeError, now_ms};
 use crate::phone::Number;
@@ -39,8 +40,12 @@ use crate::proto::{Delivery, ErrorKind, Item, MessageId, Outgoing, Receipt};
 const MAX_BATCH: usize = 1024;
 /// Resends of one message to one device, at most.
 const MAX_RESENDS: u32 = 3;
-/// Retry requests for one envelope, at most.
-const MAX_RETRY_REQUESTS: u32 = 3;
+/// The longest text a message may carry (WhatsApp's limit is 65,536 characters);
+/// files go as attachments.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+/// How often a following `receive` looks for jobs that came due (a retry after a
+/// failure, a job a killed process had leased) and for envelopes waiting too long.
+const TICK: Duration = Duration::from_secs(30);
 /// How long a process holds a job it took before another may take it.
 const JOB_LEASE_MS: u64 = 60_000;
 /// Back-off of a job that failed for want of the network.
@@ -73,6 +78,10 @@ pub enum MessengerError {
     NotSentYet { id: MessageId, reason: String },
     #[error("the node ended the delivery stream (is it shutting down?)")]
     StreamEnded,
+    #[error("the message is {len} bytes; at most {max} go in one message")]
+    TooLarge { len: usize, max: usize },
+    #[error("the node refused the message: {0}")]
+    Refused(String),
     #[error("the history is damaged: {0}")]
     History(String),
 }
@@ -87,6 +96,44 @@ impl MessengerError {
             _ => false,
         }
     }
+
+    /// Whether trying again later may help: the connection, or a refusal the node
+    /// gives for now (a limit, a full disk, a full queue).
+    fn is_transient(&self) -> bool {
+        match self {
+            MessengerError::Client(e) | MessengerError::E2e(E2eError::Client(e)) => transient(e),
+            MessengerError::StreamEnded | MessengerError::NotSentYet { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Whether the node may take later what it refused now.
+fn transient(e: &ClientError) -> bool {
+    match e {
+        ClientError::Node(n) => matches!(
+            n.kind,
+            ErrorKind::RateLimited { .. }
+                | ErrorKind::QueueFull { .. }
+                | ErrorKind::StorageFull
+                | ErrorKind::Internal
+                | ErrorKind::StaleDevices { .. }
+        ),
+        ClientError::TooLarge { .. } | ClientError::BadServer { .. } => false,
+        ClientError::FingerprintMismatch { .. } | ClientError::Tls(_) => false,
+        // Connect, Connection, Protocol (a stream closed without a reply).
+        _ => true,
+    }
+}
+
+/// When to try a job again after `e`.
+fn retry_after(e: &MessengerError) -> Duration {
+    if let MessengerError::Client(ClientError::Node(n)) = e
+        && let ErrorKind::RateLimited { retry_after_secs } = n.kind
+    {
+        return Duration::from_secs(u64::from(retry_after_secs).max(1));
+    }
+    Duration::from_millis(JOB_RETRY_MS)
 }
 
 /// What happened, for an app to show. Events come after what they report is
@@ -149,19 +196,17 @@ struct PendingRecord {
     queued_at_ms: u64,
     first_failed_ms: u64,
     reason: String,
-    /// Retry requests sent for it.
-    asked: u32,
 }
 
 /// Work that needs the network, as a `job` row holds it.
 #[derive(Debug, Encode, Decode)]
 enum Job {
-    /// Ask `to`'s device `device` to send envelope `id` again; the request goes out
-    /// as `node_id`.
+    /// Ask `to`'s device `device` to send envelopes `ids` again; the request goes
+    /// out as `node_id`.
     RetryRequest {
         to: String,
         device: u32,
-        id: MessageId,
+        ids: Vec<MessageId>,
         node_id: MessageId,
     },
     /// Send history message `seq` to `to` again, for their device `device` that
@@ -311,31 +356,29 @@ impl Messenger {
     }
 
     /// The current connection, or a new one. A new connection first publishes this
-    /// device's keys if they never were, sends what the outbox holds and runs the
-    /// jobs that are due; what fails of that is reported as warnings (it is tried
-    /// again on the next connection).
+    /// device's keys if they never were, then sends what the outbox holds and runs the
+    /// jobs that are due, before anyone else gets it; what fails of the catch-up is
+    /// reported as warnings ([`Messenger::take_events`]) and tried again later.
     pub async fn client(&self) -> Result<Client, MessengerError> {
-        let (client, fresh) = {
-            let mut link = self.inner.link.lock().await;
-            match link.as_ref() {
-                Some(c) if c.is_alive() => (c.clone(), false),
-                _ => {
-                    let c = self.inner.connector.connect().await?;
-                    *link = Some(c.clone());
-                    (c, true)
-                }
-            }
-        };
-        if fresh {
-            self.ensure_published(&client).await?;
-            let events = self.catch_up(&client).await;
-            self.inner
-                .stashed
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .extend(events);
+        let mut link = self.inner.link.lock().await;
+        if let Some(c) = link.as_ref().filter(|c| c.is_alive()) {
+            return Ok(c.clone());
         }
+        *link = None;
+        let client = self.inner.connector.connect().await?;
+        self.ensure_published(&client).await?;
+        let events = self.catch_up(&client).await;
+        self.stash(events);
+        *link = Some(client.clone());
         Ok(client)
+    }
+
+    fn stash(&self, events: Vec<Event>) {
+        self.inner
+            .stashed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(events);
     }
 
     /// Forgets `client` as the current connection (it failed).
@@ -378,9 +421,9 @@ impl Messenger {
         )
     }
 
-    /// Sends what the outbox holds and runs the jobs that are due; returns what
-    /// they produced (warnings, undecryptable messages given up on).
-    pub async fn catch_up(&self, client: &Client) -> Vec<Event> {
+    /// Sends what the outbox holds, runs the jobs that are due, and shows as
+    /// undecryptable what waited too long; returns what that produced.
+    async fn catch_up(&self, client: &Client) -> Vec<Event> {
         let mut events = Vec::new();
         let db = self.inner.db.clone();
         let waiting = db
@@ -400,10 +443,8 @@ impl Messenger {
             };
             match self.push_outbox(client, seq).await {
                 Ok(_) => {}
-                Err(MessengerError::NotSentYet { reason, .. }) => {
-                    events.push(Event::Warning(format!(
-                        "a message is still not sent: {reason}"
-                    )));
+                Err(e) if e.is_connection() => {
+                    events.push(Event::Warning(format!("a message is still not sent: {e}")));
                     break;
                 }
                 Err(e) => events.push(Event::Warning(format!("a message was not sent: {e}"))),
@@ -419,7 +460,10 @@ impl Messenger {
         self.send_content(to, Content::Text(text.to_string())).await
     }
 
-    /// Sends `content` to `to`; returns once the node holds it.
+    /// Sends `content` to `to`; returns once the node holds it. A message the node
+    /// could not be reached for, or refused for now (a limit, a full queue or disk),
+    /// is kept in the outbox ([`MessengerError::NotSentYet`]) and sent by the next
+    /// connection; one it refused for good is marked failed in the history.
     pub async fn send_content(
         &self,
         to: &Number,
@@ -427,6 +471,14 @@ impl Messenger {
     ) -> Result<Sent, MessengerError> {
         if *to == self.inner.me.number {
             return Err(MessengerError::OwnNumber(to.to_string()));
+        }
+        if let Content::Text(text) = &content
+            && text.len() > MAX_TEXT_BYTES
+        {
+            return Err(MessengerError::TooLarge {
+                len: text.len(),
+                max: MAX_TEXT_BYTES,
+            });
         }
         let client = self.client().await?;
         let mut identity_changed = false;
@@ -441,11 +493,12 @@ impl Messenger {
             .inner
             .db
             .write_async(move |tx| {
-                let seq = history::add_sent(tx, &peer, device, &id, written, &content)?;
-                put_sent_id(tx, &id, seq)?;
                 let mut olm = Olm::new(tx);
+                let identity = olm.known_identity(&peer)?;
                 let envelopes = olm.encrypt(&peer, &plaintext)?;
                 olm.flush()?;
+                let seq = history::add_sent(tx, &peer, device, &id, written, &content, identity)?;
+                put_sent_id(tx, &id, seq)?;
                 let outgoing = Outgoing {
                     id,
                     to: peer,
@@ -455,7 +508,11 @@ impl Messenger {
                 Ok::<_, MessengerError>(seq)
             })
             .await?;
-        let (sent, changed) = self.push_outbox(&client, seq).await?;
+        let pushed = self.push_outbox(&client, seq).await;
+        if matches!(&pushed, Err(e) if e.is_connection()) {
+            self.drop_client(&client).await;
+        }
+        let (sent, changed) = pushed?;
         Ok(Sent {
             identity_changed: identity_changed | changed,
             ..sent
@@ -466,30 +523,18 @@ impl Messenger {
     /// the node said and whether the recipient's identity changed meanwhile.
     async fn push_outbox(&self, client: &Client, seq: i64) -> Result<(Sent, bool), MessengerError> {
         let mut identity_changed = false;
+        let mut id = [0u8; 16];
         for attempt in 0..3 {
             let db = self.inner.db.clone();
             let Some(outgoing) = db
                 .read_async(move |tx| tx.get(Table::Outbox, &outbox_key(seq)))
                 .await?
             else {
-                // Another process sent it meanwhile.
-                let db = self.inner.db.clone();
-                let entry = db.read_async(move |tx| history::get(tx, seq)).await?;
-                return match entry {
-                    Some(e) => Ok((
-                        Sent {
-                            id: e.id,
-                            accepted_at_ms: e.at_ms,
-                            delivered: e.delivered.iter().map(|(d, _)| *d).collect(),
-                            identity_changed: false,
-                        },
-                        false,
-                    )),
-                    None => Err(MessengerError::History(format!("message {seq} is gone"))),
-                };
+                return self.settled_elsewhere(seq).await;
             };
             let outgoing: Outgoing = decode(&outgoing, "an outbox entry")?;
-            let (id, to) = (outgoing.id, outgoing.to.clone());
+            let to = outgoing.to.clone();
+            id = outgoing.id;
             match client.send(outgoing).await {
                 Ok(accepted) => {
                     let delivered = accepted.delivered.clone();
@@ -520,8 +565,7 @@ impl Messenger {
                     identity_changed |= self.start_sessions(client, &number, None).await?;
                     self.reencrypt_outbox(seq).await?;
                 }
-                Err(e) if e.is_connection() => {
-                    self.drop_client(client).await;
+                Err(e) if transient(&e) => {
                     return Err(MessengerError::NotSentYet {
                         id,
                         reason: e.to_string(),
@@ -542,17 +586,44 @@ impl Messenger {
             }
         }
         Err(MessengerError::NotSentYet {
-            id: [0; 16],
+            id,
             reason: "the recipient's devices kept changing while sending".into(),
         })
     }
 
+    /// What became of outbox entry `seq`, which another process settled.
+    async fn settled_elsewhere(&self, seq: i64) -> Result<(Sent, bool), MessengerError> {
+        let db = self.inner.db.clone();
+        let entry = db
+            .read_async(move |tx| history::get(tx, seq))
+            .await?
+            .ok_or_else(|| MessengerError::History(format!("message {seq} is gone")))?;
+        if entry.state == State::Failed {
+            return Err(MessengerError::Refused(
+                entry.problem.unwrap_or_else(|| "refused".into()),
+            ));
+        }
+        Ok((
+            Sent {
+                id: entry.id,
+                accepted_at_ms: entry.at_ms,
+                delivered: entry.delivered.iter().map(|(d, _)| *d).collect(),
+                identity_changed: false,
+            },
+            false,
+        ))
+    }
+
     /// Encrypts outbox entry `seq` again, from its history record, for the devices
-    /// this device now has sessions with (same id).
+    /// this device now has sessions with (same id). Nothing, if the entry is gone
+    /// (another process sent it meanwhile).
     async fn reencrypt_outbox(&self, seq: i64) -> Result<(), MessengerError> {
         self.inner
             .db
             .write_async(move |tx| {
+                if tx.get(Table::Outbox, &outbox_key(seq))?.is_none() {
+                    return Ok(());
+                }
                 let entry = history::get(tx, seq)?
                     .ok_or_else(|| MessengerError::History(format!("message {seq} is gone")))?;
                 let content = entry.content.clone().ok_or_else(|| {
@@ -695,7 +766,7 @@ impl Messenger {
                 Err(e) if follow && e.is_connection() => e.to_string(),
                 Err(e) => return Err(e),
             };
-            // Full jitter over the upper half: reconnecting devices spread out.
+            // Jitter over the upper half: reconnecting devices spread out.
             let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
             on_event(Event::Reconnecting {
                 reason,
@@ -710,7 +781,8 @@ impl Messenger {
         }
     }
 
-    /// One delivery stream on `client`.
+    /// One delivery stream on `client`. When `stop` completes it ends the stream and
+    /// returns `Done`, whatever ending it does (the caller must not poll `stop` again).
     async fn stream(
         &self,
         client: &Client,
@@ -723,12 +795,26 @@ impl Messenger {
             Err(e) if e.is_connection() => return Ok(StreamEnd::Lost(e.to_string())),
             Err(e) => return Err(e.into()),
         };
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
         loop {
             let push = tokio::select! {
                 push = sub.next() => push,
                 () = stop.as_mut() => {
-                    sub.finish().await?;
+                    // Acknowledgements already sent are applied by the node either
+                    // way; a failed ending loses nothing.
+                    let _ = sub.finish().await;
                     return Ok(StreamEnd::Done);
+                }
+                _ = tick.tick() => {
+                    for event in self.give_up_on_old_pending().await {
+                        on_event(event);
+                    }
+                    for event in self.run_jobs(client).await {
+                        on_event(event);
+                    }
+                    continue;
                 }
             };
             let push = match push {
@@ -843,24 +929,27 @@ impl Messenger {
                     break;
                 }
             };
+            let mut stalled = false;
             for (id, value) in jobs {
+                let db = self.inner.db.clone();
+                if stalled {
+                    // The connection failed: the rest waits (their lease runs out).
+                    continue;
+                }
                 let outcome = match decode::<Job>(&value, "a job") {
                     Ok(job) => self.run_job(client, job).await,
                     Err(e) => Err(e),
                 };
-                let db = self.inner.db.clone();
                 let done = match outcome {
                     Ok(more) => {
                         events.extend(more);
                         db.write_async(move |tx| tx.finish_job(id)).await
                     }
-                    Err(e) if e.is_connection() => {
+                    Err(e) if e.is_transient() => {
+                        let due = now_ms() + retry_after(&e).as_millis() as u64;
                         events.push(Event::Warning(format!("will try again: {e}")));
-                        let due = now_ms() + JOB_RETRY_MS;
-                        return {
-                            let _ = db.write_async(move |tx| tx.reschedule_job(id, due)).await;
-                            events
-                        };
+                        stalled = e.is_connection();
+                        db.write_async(move |tx| tx.reschedule_job(id, due)).await
                     }
                     Err(e) => {
                         events.push(Event::Warning(e.to_string()));
@@ -870,6 +959,9 @@ impl Messenger {
                 if let Err(e) = done {
                     events.push(Event::Warning(format!("updating a job: {e}")));
                 }
+            }
+            if stalled {
+                break;
             }
         }
         events
@@ -882,47 +974,33 @@ impl Messenger {
             Job::RetryRequest {
                 to,
                 device,
-                id,
+                ids,
                 node_id,
             } => {
                 let peer = number(&to)?;
-                // Still wanted? (The message may have arrived meanwhile.)
-                let key_from = to.clone();
+                // Still wanted? (Messages may have arrived meanwhile.)
                 let db = self.inner.db.clone();
-                let pending = db
+                let from = to.clone();
+                let ids: Vec<MessageId> = db
                     .read_async(move |tx| {
-                        let key = seen_key(tx, &key_from, &id);
-                        Ok::<_, MessengerError>(tx.get(Table::Pending, &key)?.map(|v| (key, v)))
+                        let mut wanted = Vec::new();
+                        for id in ids {
+                            if tx.get(Table::Pending, &seen_key(tx, &from, &id))?.is_some() {
+                                wanted.push(id);
+                            }
+                        }
+                        Ok::<_, MessengerError>(wanted)
                     })
                     .await?;
-                let Some((key, value)) = pending else {
+                if ids.is_empty() {
                     return Ok(Vec::new());
-                };
-                let record: PendingRecord = decode(&value, "a pending envelope")?;
-                if record.asked >= MAX_RETRY_REQUESTS {
-                    let db = self.inner.db.clone();
-                    return db
-                        .write_async(move |tx| {
-                            give_up(tx, &key, record, "asking its sender again did not help")
-                        })
-                        .await;
                 }
                 // A fresh session with that device: the old one is what failed.
                 self.start_sessions(client, &peer, Some(device)).await?;
-                let body = Body::RetryRequest { device, id };
+                let body = Body::RetryRequest { device, ids };
                 let plaintext = Plaintext::new(node_id, now_ms(), body).encode();
                 self.transmit(client, &peer, node_id, plaintext, CONTROL)
                     .await?;
-                let db = self.inner.db.clone();
-                db.write_async(move |tx| {
-                    if let Some(v) = tx.get(Table::Pending, &key)? {
-                        let mut p: PendingRecord = decode(&v, "a pending envelope")?;
-                        p.asked += 1;
-                        tx.put(Table::Pending, &key, &encode(&p))?;
-                    }
-                    Ok::<_, MessengerError>(())
-                })
-                .await?;
                 Ok(Vec::new())
             }
             Job::Resend {
@@ -979,8 +1057,8 @@ impl Messenger {
     /// that one message (the history keeps it), never a second showing.
     ///
     /// A short write that does not wait for the disk (a lost mark costs a second
-    /// showing after a power cut, nothing else); it may be called from an event
-    /// callback.
+    /// showing after a power cut, nothing else). It blocks: from async code, call it
+    /// where blocking is allowed (`block_in_place`, the blocking pool).
     pub fn claim_shown(&self, seq: i64) -> Result<bool, MessengerError> {
         Ok(self
             .inner
@@ -1043,6 +1121,9 @@ fn store_batch(
     let mut olm = Olm::new(tx);
     let now = now_ms();
     let mut out = Outcome::default();
+    // Envelopes to ask for again, per sending device: one retry request (and one
+    // fresh session) each, however many failed.
+    let mut retries: BTreeMap<(String, u32), Vec<MessageId>> = BTreeMap::new();
     for delivery in items {
         match &delivery.item {
             Item::Message(m) => {
@@ -1054,35 +1135,40 @@ fn store_batch(
                 if history::has_received(tx, &m.from, &m.id)? || tx.seen(&key)? {
                     continue;
                 }
-                let decrypted = olm.decrypt(&m.from, m.from_device, &m.body)?;
-                let decrypted = match decrypted {
+                let decrypted = match olm.decrypt(&m.from, m.from_device, &m.body)? {
                     Ok(d) => d,
-                    Err(reason) => {
-                        // Kept, acknowledged, and asked for again.
+                    Err(failure) => {
                         tx.see(&key, now)?;
-                        out.events.push(Event::Waiting {
-                            from: m.from.clone(),
-                            id: m.id,
-                            reason: reason.clone(),
-                        });
                         let record = PendingRecord {
                             from: m.from.clone(),
                             device: m.from_device,
                             id: m.id,
                             queued_at_ms: delivery.queued_at_ms,
                             first_failed_ms: now,
-                            reason,
-                            asked: 0,
+                            reason: failure.reason().to_string(),
                         };
-                        tx.put(Table::Pending, &key, &encode(&record))?;
-                        let job = Job::RetryRequest {
-                            to: m.from.clone(),
-                            device: m.from_device,
+                        if !failure.worth_asking() {
+                            // Not an Olm message at all: asking again gives the
+                            // same bytes.
+                            out.events.extend(give_up(
+                                tx,
+                                &key,
+                                record,
+                                "it is not an Olm message",
+                            )?);
+                            continue;
+                        }
+                        // Kept, acknowledged, and asked for again.
+                        out.events.push(Event::Waiting {
+                            from: m.from.clone(),
                             id: m.id,
-                            node_id: e2e::new_message_id(),
-                        };
-                        tx.add_job(now, &encode(&job))?;
-                        out.jobs = true;
+                            reason: failure.reason().to_string(),
+                        });
+                        tx.put(Table::Pending, &key, &encode(&record))?;
+                        retries
+                            .entry((m.from.clone(), m.from_device))
+                            .or_default()
+                            .push(m.id);
                         continue;
                     }
                 };
@@ -1097,6 +1183,7 @@ fn store_batch(
                         Err(reason) => {
                             // Decrypted, but not a plaintext any client writes: asking
                             // again would give the same bytes.
+                            tx.see(&key, now)?;
                             let problem = Some(format!("decrypted, but {reason}"));
                             if let Some(e) = history::add_received(
                                 tx,
@@ -1123,10 +1210,9 @@ fn store_batch(
                     }
                 }
                 // Only a message stored under the envelope's own id is found in the
-                // history by that id; everything else is remembered here.
-                let stored_under_its_id =
-                    matches!(plain.body, Body::Content(_)) && plain.id == m.id;
-                if !stored_under_its_id {
+                // history by that id; everything else is remembered in `seen`.
+                let under_its_id = matches!(plain.body, Body::Content(_)) && plain.id == m.id;
+                if !under_its_id {
                     tx.see(&key, now)?;
                 }
                 match plain.body {
@@ -1143,15 +1229,27 @@ fn store_batch(
                             Some(e) => out.events.push(Event::Message(e)),
                             // A copy of a message we have (under its id): remembered
                             // by its own, so a redelivery is dropped unread.
-                            None if stored_under_its_id => {
+                            None if under_its_id => {
                                 tx.see(&key, now)?;
                             }
                             None => {}
                         }
                     }
-                    Body::RetryRequest { device, id } => {
+                    Body::RetryRequest { device, ids } => {
                         if device == me.device_id {
-                            retry_requested(tx, &m.from, m.from_device, id, now, window_ms)?;
+                            let current = olm.known_identity(&m.from)?;
+                            let trusted = !decrypted.identity_changed;
+                            for id in ids.into_iter().take(MAX_RETRY_IDS) {
+                                retry_requested(
+                                    tx,
+                                    &m.from,
+                                    m.from_device,
+                                    id,
+                                    (trusted, current),
+                                    now,
+                                    window_ms,
+                                )?;
+                            }
                             out.jobs = true;
                         }
                     }
@@ -1175,18 +1273,35 @@ fn store_batch(
             }
         }
     }
+    for ((to, device), ids) in retries {
+        for chunk in ids.chunks(MAX_RETRY_IDS) {
+            let job = Job::RetryRequest {
+                to: to.clone(),
+                device,
+                ids: chunk.to_vec(),
+                node_id: e2e::new_message_id(),
+            };
+            tx.add_job(now, &encode(&job))?;
+            out.jobs = true;
+        }
+    }
     olm.flush()?;
     Ok(out)
 }
 
 /// `from`'s device `device` could not decrypt our envelope `id`: resend the message
-/// it carried if it was a message to them, sent recently, and not resent too often;
-/// else say it cannot be sent again.
+/// it carried if it was a message to `from`, sent recently, not resent too often,
+/// and the request came over a session with the identity it was encrypted to; else
+/// say it cannot be sent again. `identity` is whether the request's session kept
+/// the identity this device knew, and the identity key it knows now: a request from
+/// a new identity (someone else holding the number, or a node lying about the
+/// sender) gets nothing.
 fn retry_requested(
     tx: &Tx<'_>,
     from: &str,
     device: u32,
     id: MessageId,
+    identity: (bool, Option<[u8; 32]>),
     now: u64,
     window_ms: u64,
 ) -> Result<(), MessengerError> {
@@ -1194,11 +1309,15 @@ fn retry_requested(
         Some(seq) if seq != CONTROL => history::get(tx, seq)?,
         _ => None,
     };
+    let (trusted, current) = identity;
     let job = match entry {
         Some(e)
             if e.outgoing
                 && e.peer == from
                 && e.content.is_some()
+                && trusted
+                && e.to_identity.is_some()
+                && e.to_identity == current
                 && now.saturating_sub(e.at_ms) <= window_ms
                 && history::count_resend(tx, e.seq, device)? <= MAX_RESENDS =>
         {
@@ -1244,5 +1363,87 @@ fn receipt_event(
             id: receipt.id,
             at_ms,
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The jobs `retry_requested` leaves for each request, as (resend?, to).
+    fn decide(
+        db: &HomeDb,
+        from: &str,
+        id: MessageId,
+        identity: (bool, Option<[u8; 32]>),
+        now: u64,
+    ) -> Vec<(bool, String)> {
+        db.write(|tx| {
+            retry_requested(tx, from, 1, id, identity, now, 3 * 24 * 3600 * 1000)?;
+            let jobs = tx.take_jobs(u64::MAX / 2, u64::MAX / 2, 100)?;
+            let mut out = Vec::new();
+            for (jid, v) in jobs {
+                tx.finish_job(jid)?;
+                out.push(match decode::<Job>(&v, "a job")? {
+                    Job::Resend { to, .. } => (true, to),
+                    Job::Unavailable { to, .. } => (false, to),
+                    Job::RetryRequest { to, .. } => panic!("a retry request for {to}"),
+                });
+            }
+            Ok::<_, MessengerError>(out)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn only_the_identity_a_message_went_to_gets_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = HomeDb::open(dir.path(), None).unwrap();
+        let (bob, bob_key, other_key) = ("+14155550101", [1u8; 32], [2u8; 32]);
+        let id = [9u8; 16];
+        let sent_at = 1_000_000;
+        db.write(|tx| {
+            let content = Content::Text("for Bob only".into());
+            let seq = history::add_sent(tx, bob, 1, &id, sent_at, &content, Some(bob_key))?;
+            history::mark_sent(tx, seq, sent_at, &[])?;
+            put_sent_id(tx, &id, seq)
+        })
+        .unwrap();
+        let now = sent_at + 1000;
+        let resend = vec![(true, bob.to_string())];
+        let refuse = |to: &str| vec![(false, to.to_string())];
+        assert_eq!(decide(&db, bob, id, (true, Some(bob_key)), now), resend);
+        // Someone else asking, by any name but the recipient's.
+        assert_eq!(
+            decide(&db, "+14155550102", id, (true, Some(bob_key)), now),
+            refuse("+14155550102")
+        );
+        // The recipient's number with another identity (a new phone, a node lying
+        // about the sender), or a request whose session changed the identity.
+        assert_eq!(
+            decide(&db, bob, id, (true, Some(other_key)), now),
+            refuse(bob)
+        );
+        assert_eq!(
+            decide(&db, bob, id, (false, Some(bob_key)), now),
+            refuse(bob)
+        );
+        // An id never sent, and a message older than the window.
+        assert_eq!(
+            decide(&db, bob, [8; 16], (true, Some(bob_key)), now),
+            refuse(bob)
+        );
+        let late = sent_at + 4 * 24 * 3600 * 1000;
+        assert_eq!(
+            decide(&db, bob, id, (true, Some(bob_key)), late),
+            refuse(bob)
+        );
+        // At most three resends to one device (one was made above).
+        assert_eq!(decide(&db, bob, id, (true, Some(bob_key)), now), resend);
+        assert_eq!(decide(&db, bob, id, (true, Some(bob_key)), now), resend);
+        assert_eq!(
+            decide(&db, bob, id, (true, Some(bob_key)), now),
+            refuse(bob)
+        );
     }
 }

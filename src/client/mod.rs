@@ -68,6 +68,8 @@ pub enum ClientError {
     Protocol(String),
     #[error("connection to the node failed: {0}")]
     Connection(String),
+    #[error("the request is {len} bytes, over the protocol's limit of {max}")]
+    TooLarge { len: usize, max: usize },
     #[error(transparent)]
     Tls(#[from] TlsError),
 }
@@ -311,7 +313,10 @@ impl Client {
             .map_err(|e| conn_err(e.to_string()))?;
         frame::write(&mut send, request)
             .await
-            .map_err(|e| conn_err(e.to_string()))?;
+            .map_err(|e| match e {
+                frame::FrameError::TooLarge { len, max } => ClientError::TooLarge { len, max },
+                e => conn_err(e.to_string()),
+            })?;
         if finish {
             send.finish().map_err(|e| conn_err(e.to_string()))?;
         }

@@ -625,18 +625,20 @@ async fn reconnects_resume_the_tls_session_and_stay_authenticated() {
         1,
         "later connects did not resume"
     );
+    let addr = node.addr.clone();
     let dir = node.stop().await;
-    let node = InProcessNode::start_in(dir, &config_text("")).await;
-    // The restarted node listens on a new port: a new connector, the same device.
-    let connector = Connector::new(&node.addr, &reg.credentials, Some(reg.fingerprint)).unwrap();
+    // Back on the same port: the connector offers its ticket, the new process cannot
+    // open it, and the handshake is a full one that still authenticates the device.
+    let node = InProcessNode::start_on(dir, &addr, &config_text("")).await;
     let client = connector.connect().await.unwrap();
     assert_eq!(client.whoami().await.unwrap().number, ALICE);
+    assert_eq!(connector.full_handshakes(), 2);
     client.close().await;
     node.shutdown().await;
 }
 
-/// A send cut off after it was written (the node never answered, the process went
-/// away) is sent by the next connection, once.
+/// A send cut off after it was written (the node took it, its answer never came,
+/// the process went away) is sent again by the next connection, and arrives once.
 #[tokio::test]
 async fn a_send_cut_off_after_it_was_written_goes_out_with_the_next_connection() {
     let node = InProcessNode::start(&config_text("")).await;
@@ -646,7 +648,7 @@ async fn a_send_cut_off_after_it_was_written_goes_out_with_the_next_connection()
     let (a, b) = (number(ALICE), number(BOB));
     let alice = Messenger::open(&alice_home).unwrap();
     alice.send_text(&b, "through").await.unwrap();
-    relay.blackhole(true);
+    relay.lose_replies(true);
     let cut = tokio::time::timeout(Duration::from_secs(2), alice.send_text(&b, "cut off")).await;
     assert!(cut.is_err(), "the send got through: {cut:?}");
     drop(alice);
@@ -680,6 +682,45 @@ async fn a_send_cut_off_after_it_was_written_goes_out_with_the_next_connection()
     let bob = Messenger::open(&bob_home).unwrap();
     assert_eq!(texts(&receive_backlog(&bob).await), ["through", "cut off"]);
     alice.close().await;
+    bob.close().await;
+    node.shutdown().await;
+}
+
+/// An envelope that is not an Olm message at all is shown as undecryptable at once:
+/// asking its sender again would bring the same bytes.
+#[tokio::test]
+async fn garbage_is_shown_as_undecryptable_without_asking_again() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let (_b, bob_home) = registered_home(&node.addr, node.fingerprint, BOB).await;
+    let mallory = node.registered(CAROL).await;
+    let id = switchboard::client::e2e::new_message_id();
+    mallory.send(outgoing(BOB, id, Vec::new())).await.unwrap();
+    mallory
+        .send(outgoing(
+            BOB,
+            switchboard::client::e2e::new_message_id(),
+            vec![7; 40],
+        ))
+        .await
+        .unwrap();
+    let bob = Messenger::open(&bob_home).unwrap();
+    let events = receive_backlog(&bob).await;
+    let shown: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(e, Event::Undecryptable(m) if m.peer == CAROL))
+        .collect();
+    assert_eq!(shown.len(), 2, "{events:?}");
+    assert!(!events.iter().any(|e| matches!(e, Event::Waiting { .. })));
+    // Nothing was asked of Carol: her queue holds the two receipts, no message.
+    let mut sub = mallory.subscribe().await.unwrap();
+    let push = next_push(&mut sub).await;
+    assert!(
+        push.items
+            .iter()
+            .all(|d| matches!(d.item, switchboard::proto::Item::Delivered(_))),
+        "{push:?}"
+    );
+    sub.finish().await.unwrap();
     bob.close().await;
     node.shutdown().await;
 }

@@ -610,14 +610,12 @@ pub fn parse_openmetrics(text: &str) -> Vec<(String, f64)> {
 /// A UDP relay on 127.0.0.1 between one client and a node, for faults the network
 /// makes: with [`LossyRelay::lose_replies`] on, the node's answers never reach the
 /// client (nor do its acknowledgements, so the client's QUIC resends its own packets,
-/// which still get through); with [`LossyRelay::blackhole`] nothing passes either
-/// way. [`LossyRelay::rebind`] is a NAT rebinding: what the client sends reaches the
+/// which still get through). [`LossyRelay::rebind`] is a NAT rebinding: what the client sends reaches the
 /// node from a new port, so the node sees the client's address change; the old port
 /// still passes the node's datagrams back until [`LossyRelay::forget_old_port`].
 pub struct LossyRelay {
     pub addr: String,
     lose: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    drop_all: std::sync::Arc<std::sync::atomic::AtomicBool>,
     commands: tokio::sync::mpsc::UnboundedSender<RelayCommand>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -642,9 +640,8 @@ impl LossyRelay {
         let mut inner = towards(node).await;
         let addr = outer.local_addr().expect("relay addr").to_string();
         let lose = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let drop_all = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (commands, mut command) = tokio::sync::mpsc::unbounded_channel();
-        let (losing, dropping) = (lose.clone(), drop_all.clone());
+        let losing = lose.clone();
         let node = node.to_string();
         let task = tokio::spawn(async move {
             use std::sync::atomic::Ordering::SeqCst;
@@ -670,13 +667,11 @@ impl LossyRelay {
                     got = outer.recv_from(&mut up) => {
                         let Ok((n, from)) = got else { return };
                         client = Some(from);
-                        if !dropping.load(SeqCst) {
-                            let _ = inner.send(&up[..n]).await;
-                        }
+                        let _ = inner.send(&up[..n]).await;
                     }
                     got = inner.recv(&mut down) => {
                         let Ok(n) = got else { return };
-                        let lost = losing.load(SeqCst) || dropping.load(SeqCst);
+                        let lost = losing.load(SeqCst);
                         if let (Some(to), false) = (client, lost) {
                             let _ = outer.send_to(&down[..n], to).await;
                         }
@@ -693,7 +688,6 @@ impl LossyRelay {
         LossyRelay {
             addr,
             lose,
-            drop_all,
             commands,
             task,
         }
@@ -702,11 +696,6 @@ impl LossyRelay {
     /// From now on, lose every datagram from the node (or pass them again).
     pub fn lose_replies(&self, lose: bool) {
         self.lose.store(lose, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// From now on, lose every datagram both ways (or pass them again).
-    pub fn blackhole(&self, on: bool) {
-        self.drop_all.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Sends on towards the node from a new local port.
