@@ -3,7 +3,6 @@
 //! This is the only part of the node that sees quinn types; handlers get a
 //! [`Session`] and a decoded request and return a reply.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -12,26 +11,13 @@ use tracing::Instrument;
 
 use super::Shared;
 use super::limits::Ticket;
+use super::session::Session;
 use super::{delivery, handlers};
 use crate::config::Config;
 use crate::proto::{ErrorKind, FrameError, NodeError, Reply, Request, codes, frame};
 use crate::quic;
 use crate::store::keys::KeyId;
 use crate::tls::{self, Credentials, TlsError};
-
-/// What a handler knows of the connection a request came on.
-pub struct Session {
-    /// SHA-256 of the device's public key, from its TLS client certificate.
-    pub key_id: KeyId,
-    /// The device's SubjectPublicKeyInfo, stored when the device registers.
-    pub public_key: Vec<u8>,
-    pub remote: SocketAddr,
-    /// The registered device behind the key, as last looked up, with the directory
-    /// epoch it was read in (see `Shared::directory_epoch`).
-    pub identity: std::sync::Mutex<Option<(u64, crate::store::DeviceIdentity)>>,
-    /// When this connection last recorded its account as seen (ms; 0: not yet).
-    pub seen_marked: std::sync::atomic::AtomicU64,
-}
 
 /// The live connections of each device key, so that signing a device out can close
 /// them at once.

@@ -19,8 +19,9 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::conn::Session;
-use super::handlers::{self, blocking, now_ms, read};
+use super::clock::now_ms;
+use super::session::{self, Session};
+use super::worker::{self, blocking, read};
 use crate::proto::{
     Ack, Delivery, FrameError, Incoming, Item, MAX_ACKS_PER_FRAME, Push, Receipt, Reply, Response,
     codes, frame,
@@ -49,7 +50,7 @@ pub async fn serve(
     session: Arc<Session>,
     stop: CancellationToken,
 ) {
-    let me = match handlers::authenticated(&shared, &session).await {
+    let me = match session::authenticated(&shared, &session).await {
         Ok(me) => me,
         Err(e) => {
             let _ = frame::write(&mut send, &Reply::Err(e)).await;
@@ -258,7 +259,7 @@ async fn read_acks(
                         })
                         .await
                     }
-                    Err(e) => Err(handlers::internal(e)),
+                    Err(e) => Err(worker::internal(e)),
                 };
                 match applied {
                     Ok(receipts) => {

@@ -7,6 +7,7 @@
 //! `TaskTracker`, so shutdown knows when the work is done.
 
 mod admin;
+mod clock;
 mod commit;
 mod conn;
 mod delivery;
@@ -15,6 +16,7 @@ mod handlers;
 mod limits;
 mod mailbox;
 mod metrics;
+mod session;
 mod space;
 mod worker;
 
@@ -396,7 +398,7 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
             _ = ticks.tick() => {}
         }
         let ttl_ms = messages.ttl.as_millis() as u64;
-        let cutoff = handlers::now_ms().saturating_sub(ttl_ms);
+        let cutoff = clock::now_ms().saturating_sub(ttl_ms);
         let store = shared.store.clone();
         match tokio::task::spawn_blocking(move || store.sweep(cutoff)).await {
             Ok(Ok(stats)) if stats.items + stats.sent_ids > 0 => {
@@ -412,7 +414,7 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
             Err(e) => tracing::error!(error = %e, "sweep task failed"),
         }
         let store = shared.store.clone();
-        let now = handlers::now_ms();
+        let now = clock::now_ms();
         let keep = crate::verify::limits::KEEP_MS;
         match tokio::task::spawn_blocking(move || store.sweep_code_sends(now, keep)).await {
             Ok(Ok(0)) => {}

@@ -14,6 +14,7 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
+use crate::proto::{ErrorKind, NodeError};
 use crate::store::{Store, StoreError};
 
 type Job = Box<dyn FnOnce(&Store) + Send>;
@@ -86,4 +87,29 @@ impl StoreWorker {
         rx.await
             .map_err(|_| StoreError::Corrupt("a store operation failed inside".into()))?
     }
+}
+
+/// A storage failure, as the client hears of it (the details go to the log).
+pub(crate) fn internal(e: StoreError) -> NodeError {
+    tracing::error!(error = %e, "storage failure");
+    NodeError::new(
+        ErrorKind::Internal,
+        "the node's storage failed; nothing was changed",
+    )
+}
+
+/// Runs a store operation on the store thread, so sled never blocks an async worker.
+pub(crate) async fn blocking<T: Send + 'static>(
+    shared: &std::sync::Arc<super::Shared>,
+    op: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, NodeError> {
+    shared.worker.run(op).await.map_err(internal)
+}
+
+/// Runs a read-only store operation on the reader thread, beside the writes.
+pub(crate) async fn read<T: Send + 'static>(
+    shared: &std::sync::Arc<super::Shared>,
+    op: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, NodeError> {
+    shared.reader.run(op).await.map_err(internal)
 }

@@ -1,0 +1,110 @@
+//! Contact discovery requests: OPRF evaluation, the filter, resolving hits.
+
+use std::sync::Arc;
+
+use super::too_many;
+use crate::node::Shared;
+use crate::node::clock::now_secs;
+use crate::node::session::{Session, authenticated};
+use crate::node::worker::{internal, read};
+use crate::proto::messages::{FILTER_CHUNK_BYTES, MAX_DISCOVERY_BATCH};
+use crate::proto::{ErrorKind, NodeError, Response};
+
+pub(super) async fn evaluate(
+    shared: &Arc<Shared>,
+    session: &Session,
+    blinded: Vec<[u8; 32]>,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    if blinded.len() > MAX_DISCOVERY_BATCH {
+        return Err(too_many("blinded elements", blinded.len()));
+    }
+    let budget_left =
+        shared
+            .discovery
+            .charge(me.device.account_id, blinded.len() as u32, now_secs())?;
+    let key = shared.store.discovery_key();
+    // About 50 µs of scalar multiplication per element: off the async workers.
+    let evaluated = tokio::task::spawn_blocking(move || {
+        blinded
+            .iter()
+            .map(|b| key.evaluate(b))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|e| (key.version(), e))
+    })
+    .await
+    .map_err(|e| NodeError::new(ErrorKind::Internal, format!("evaluation task failed: {e}")))?;
+    match evaluated {
+        Ok((key_version, evaluated)) => {
+            shared
+                .metrics
+                .discovery_evaluations
+                .inc_by(evaluated.len() as u64);
+            Ok(Response::Evaluated {
+                key_version,
+                evaluated,
+                budget_left,
+            })
+        }
+        Err(_) => Err(NodeError::new(
+            ErrorKind::Malformed,
+            "a blinded element is not a valid ristretto255 point",
+        )),
+    }
+}
+
+pub(super) async fn fetch_filter(
+    shared: &Arc<Shared>,
+    session: &Session,
+    have: Option<u64>,
+    offset: u32,
+) -> Result<Response, NodeError> {
+    authenticated(shared, session).await?;
+    let filter = shared
+        .discovery
+        .filter(&shared.store)
+        .await
+        .map_err(internal)?;
+    if have == Some(filter.version) {
+        return Ok(Response::FilterUnchanged {
+            version: filter.version,
+            key_version: filter.key_version,
+        });
+    }
+    let start = offset as usize;
+    if start > filter.bytes.len() {
+        return Err(NodeError::new(
+            ErrorKind::Malformed,
+            format!(
+                "offset {offset} is past the end of the filter ({} bytes)",
+                filter.bytes.len()
+            ),
+        ));
+    }
+    let end = (start + FILTER_CHUNK_BYTES).min(filter.bytes.len());
+    Ok(Response::FilterChunk {
+        version: filter.version,
+        key_version: filter.key_version,
+        total_len: filter.bytes.len() as u32,
+        offset,
+        chunk: filter.bytes[start..end].to_vec(),
+    })
+}
+
+pub(super) async fn resolve(
+    shared: &Arc<Shared>,
+    session: &Session,
+    prfs: Vec<[u8; 32]>,
+) -> Result<Response, NodeError> {
+    authenticated(shared, session).await?;
+    if prfs.len() > MAX_DISCOVERY_BATCH {
+        return Err(too_many("PRF values", prfs.len()));
+    }
+    let registered = read(shared, move |store| {
+        prfs.iter()
+            .map(|p| store.discovery_lookup(p).map(|a| a.is_some()))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
+    Ok(Response::Resolved { registered })
+}

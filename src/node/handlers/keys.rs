@@ -1,0 +1,132 @@
+//! The key directory: publishing keys and fetching bundles.
+
+use std::sync::Arc;
+
+use super::send::{recipient, unknown_recipient};
+use super::{charge_lookup, check_space, commit_failed};
+use crate::node::Shared;
+use crate::node::clock::now_ms;
+use crate::node::session::{Session, authenticated};
+use crate::node::worker::blocking;
+use crate::proto::{
+    Bundle, Bundles, ErrorKind, IdentityKeys, KeyUpload, NodeError, Response, SignedKey,
+};
+use crate::store::records::StoredKey;
+use crate::store::{DeviceRef, KeysRefusal};
+
+fn bad_keys(message: impl Into<String>) -> NodeError {
+    NodeError::new(ErrorKind::BadKeys, message)
+}
+
+pub(super) async fn publish_keys(
+    shared: &Arc<Shared>,
+    session: &Session,
+    upload: KeyUpload,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    check_space(shared)?;
+    let max = shared.config.messages.max_one_time_keys;
+    if upload.one_time_keys.len() > max as usize {
+        return Err(bad_keys(format!(
+            "{} one-time keys in one upload; the node keeps at most {max} per device",
+            upload.one_time_keys.len()
+        )));
+    }
+    // The node cannot tell good keys from bad, but it can refuse keys whose signature
+    // does not verify: they would only make every fetcher fail later.
+    if let Some(fallback) = &upload.fallback
+        && !fallback.verify(&upload.identity, SignedKey::FALLBACK)
+    {
+        return Err(bad_keys("the fallback key's signature does not verify"));
+    }
+    if let Some(i) = upload
+        .one_time_keys
+        .iter()
+        .position(|k| !k.verify(&upload.identity, SignedKey::ONE_TIME))
+    {
+        return Err(bad_keys(format!(
+            "one-time key {i}'s signature does not verify"
+        )));
+    }
+    let stored = |k: &SignedKey| StoredKey {
+        key: k.key,
+        signature: k.signature,
+    };
+    let fallback = upload.fallback.as_ref().map(stored);
+    let otks: Vec<StoredKey> = upload.one_time_keys.iter().map(stored).collect();
+    let identity = upload.identity;
+    let now = now_ms();
+    let device = me.device;
+    let result = blocking(shared, move |store| {
+        store.publish_keys(
+            device,
+            (identity.curve25519, identity.ed25519),
+            fallback,
+            &otks,
+            max,
+            now,
+        )
+    })
+    .await?;
+    match result {
+        Ok(count) => {
+            shared.commit.durable().await.map_err(commit_failed)?;
+            Ok(Response::KeysStored {
+                one_time_keys: count,
+            })
+        }
+        Err(KeysRefusal::TooMany { stored, max }) => Err(bad_keys(format!(
+            "the node already holds {stored} one-time keys for this device and keeps at most {max}"
+        ))),
+    }
+}
+
+pub(super) async fn fetch_bundles(
+    shared: &Arc<Shared>,
+    session: &Session,
+    number: &str,
+    claim: bool,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    charge_lookup(shared, &me, number)?;
+    let Some((account_id, devices)) = recipient(shared, number).await? else {
+        return Err(unknown_recipient(number));
+    };
+    let claimed = blocking(shared, move |store| {
+        store.fetch_bundles(account_id, &devices, claim)
+    })
+    .await?;
+    if claimed.is_empty() {
+        return Err(NodeError::new(
+            ErrorKind::NoKeys,
+            format!("{number} has not published its keys yet; it must connect once first"),
+        ));
+    }
+    if claim {
+        for c in &claimed {
+            shared.mailboxes.keys_claimed(DeviceRef {
+                account_id,
+                device_id: c.device_id,
+            });
+        }
+    }
+    let signed = |k: StoredKey| SignedKey {
+        key: k.key,
+        signature: k.signature,
+    };
+    Ok(Response::Bundles(Bundles {
+        number: number.to_string(),
+        devices: claimed
+            .into_iter()
+            .map(|c| Bundle {
+                device_id: c.device_id,
+                identity: IdentityKeys {
+                    curve25519: c.keys.curve25519,
+                    ed25519: c.keys.ed25519,
+                },
+                one_time_key: c.one_time_key.map(signed),
+                fallback: c.keys.fallback.map(signed),
+            })
+            .collect(),
+    }))
+}

@@ -1,0 +1,138 @@
+//! Request handlers, one file per family of requests (as mini-redis keeps one file
+//! per command), with the dispatch here. Handlers see a [`Session`], never a quinn
+//! type.
+//!
+//! - `registration.rs`: `RequestCode`, `VerifyCode`, `VerifyCodeWithPin`, `SetLock`,
+//!   `ClearLock`;
+//! - `keys.rs`: `PublishKeys`, `FetchBundles`;
+//! - `send.rs`: `Send` and what its answer waits on ([`Waiting`]);
+//! - `discovery.rs`: `Evaluate`, `FetchFilter`, `Resolve`.
+
+mod discovery;
+mod keys;
+mod registration;
+mod send;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::node::Shared;
+use crate::node::clock::now_secs;
+use crate::node::session::{Session, authenticated};
+use crate::phone::Number;
+use crate::proto::messages::MAX_DISCOVERY_BATCH;
+use crate::proto::{ErrorKind, Identity, NodeError, Reply, Request, Response};
+use crate::store::DeviceIdentity;
+
+pub use send::Waiting;
+
+/// Answers one request.
+/// `answer`: set by a `Send` whose answer carries delivery receipts or leaves a
+/// sent-id record; the caller confirms it once the reply reached the client
+/// ([`Waiting::answered`]), or drops it to queue the receipts instead and keep the
+/// record.
+pub async fn handle(
+    request: Request,
+    shared: &Arc<Shared>,
+    session: &Session,
+    answer: &mut Option<Waiting>,
+) -> Reply {
+    let result = match request {
+        Request::RequestCode {
+            number,
+            channel,
+            locale,
+        } => {
+            let result =
+                registration::request_code(shared, session, &number, channel, &locale).await;
+            shared.metrics.code_request(&result);
+            result
+        }
+        Request::VerifyCode { number, code } => {
+            registration::verify_code(shared, session, &number, &code, None).await
+        }
+        Request::VerifyCodeWithPin { number, code, pin } => {
+            registration::verify_code(shared, session, &number, &code, Some(&pin)).await
+        }
+        Request::SetLock { pin } => registration::set_lock(shared, session, pin).await,
+        Request::ClearLock => registration::clear_lock(shared, session).await,
+        Request::WhoAmI => whoami(shared, session).await,
+        Request::PublishKeys(upload) => keys::publish_keys(shared, session, upload).await,
+        Request::FetchBundles { number, claim } => {
+            keys::fetch_bundles(shared, session, &number, claim).await
+        }
+        Request::Send(outgoing) => send::send(shared, session, outgoing, answer).await,
+        // The connection layer turns a Subscribe stream into a delivery stream before
+        // it gets here; a Subscribe that arrives here is a bug, answered as one.
+        Request::Subscribe => Err(NodeError::new(
+            ErrorKind::Internal,
+            "subscribe is not a plain request",
+        )),
+        Request::Evaluate { blinded } => discovery::evaluate(shared, session, blinded).await,
+        Request::FetchFilter { have, offset } => {
+            discovery::fetch_filter(shared, session, have, offset).await
+        }
+        Request::Resolve { prfs } => discovery::resolve(shared, session, prfs).await,
+    };
+    match result {
+        Ok(response) => Reply::Ok(response),
+        Err(error) => Reply::Err(error),
+    }
+}
+
+pub(super) fn secs(d: Duration) -> u32 {
+    // Round up: "retry after 0 seconds" while still refusing would be a lie.
+    u32::try_from(d.as_millis().div_ceil(1000)).unwrap_or(u32::MAX)
+}
+
+pub(super) fn parse_number(number: &str) -> Result<Number, NodeError> {
+    Number::parse_e164(number).map_err(|e| NodeError::new(ErrorKind::InvalidNumber, e.to_string()))
+}
+
+async fn whoami(shared: &Arc<Shared>, session: &Session) -> Result<Response, NodeError> {
+    let identity = authenticated(shared, session).await?;
+    Ok(Response::Identity(Identity {
+        number: identity.number,
+        account_id: identity.device.account_id,
+        device_id: identity.device.device_id,
+    }))
+}
+
+/// Refuses a write that would grow the store when the disk is nearly full.
+pub(super) fn check_space(shared: &Shared) -> Result<(), NodeError> {
+    if shared.space.full() {
+        return Err(NodeError::new(
+            ErrorKind::StorageFull,
+            "storage full: the node's disk is nearly full and it takes no new messages or keys \
+             until space is freed; try again later",
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn commit_failed(e: String) -> NodeError {
+    tracing::error!(error = %e, "group commit failed");
+    NodeError::new(
+        ErrorKind::Internal,
+        "the node could not make the write durable; send again",
+    )
+}
+
+/// Turning a number into an account counts against the discovery budget, so sending
+/// and key fetches cannot be used to enumerate around the OPRF.
+pub(super) fn charge_lookup(
+    shared: &Shared,
+    me: &DeviceIdentity,
+    number: &str,
+) -> Result<(), NodeError> {
+    shared
+        .discovery
+        .charge_lookup(me.device.account_id, number, now_secs())
+}
+
+pub(super) fn too_many(what: &str, n: usize) -> NodeError {
+    NodeError::new(
+        ErrorKind::Malformed,
+        format!("{n} {what} in one request; at most {MAX_DISCOVERY_BATCH} are allowed"),
+    )
+}

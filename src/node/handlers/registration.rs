@@ -1,0 +1,426 @@
+//! Registration: codes, their verification, registration locks.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::{commit_failed, parse_number, secs};
+use crate::node::Shared;
+use crate::node::clock::now_ms;
+use crate::node::session::{Session, authenticated};
+use crate::node::worker::blocking;
+use crate::phone::Number;
+use crate::proto::{Channel, CodeSent, ErrorKind, NodeError, Registered, Response};
+use crate::store::records::LockRecord;
+use crate::store::{Judgement, NewDevice, VerifyOutcome};
+use crate::verify::{self, Delivery, Refusal, gateway, provider};
+
+fn refusal(r: Refusal) -> NodeError {
+    match r {
+        Refusal::Cooldown { retry_after } => NodeError::new(
+            ErrorKind::RateLimited {
+                retry_after_secs: secs(retry_after),
+            },
+            format!(
+                "a code was sent to this number moments ago; wait {} seconds before asking for another",
+                secs(retry_after)
+            ),
+        ),
+        Refusal::Locked {
+            tries_left,
+            lapses_in,
+            wrong_pin,
+        } => {
+            let lapse = humantime::format_duration(Duration::from_secs(lapses_in.as_secs()));
+            let message = match (tries_left, wrong_pin) {
+                (0, _) => format!(
+                    "this number has a registration lock and too many wrong PINs were given: \
+                     no PIN is accepted until the lock lapses, in {lapse} if its devices stay away"
+                ),
+                (n, true) => format!("wrong registration-lock PIN; {n} tries left"),
+                (n, false) => format!(
+                    "this number has a registration lock: registering it needs its PIN as well \
+                     ({n} tries left); the lock lapses in {lapse} if its devices stay away"
+                ),
+            };
+            NodeError::new(
+                ErrorKind::RegistrationLocked {
+                    tries_left,
+                    lapses_in_secs: lapses_in.as_secs(),
+                },
+                message,
+            )
+        }
+        Refusal::Wrong { tries_left } => NodeError::new(
+            ErrorKind::WrongCode { tries_left },
+            match tries_left {
+                0 => "wrong code; no tries left: this code is dead, request a new one".to_string(),
+                1 => "wrong code; 1 try left".to_string(),
+                n => format!("wrong code; {n} tries left"),
+            },
+        ),
+        Refusal::Expired => NodeError::new(
+            ErrorKind::CodeExpired,
+            "the code has expired; request a new one",
+        ),
+        Refusal::Exhausted { retry_after } => NodeError::new(
+            ErrorKind::TooManyAttempts {
+                retry_after_secs: secs(retry_after),
+            },
+            format!(
+                "too many wrong codes: this code is dead even if it is right; request a new one{}",
+                match secs(retry_after) {
+                    0 => String::new(),
+                    s => format!(" in {s} seconds"),
+                }
+            ),
+        ),
+    }
+}
+
+/// The abuse limits on sending a code to `number` for a client at `source`; counts
+/// this code when they allow it, and returns the keys it was counted under.
+async fn check_code_limits(
+    shared: &Arc<Shared>,
+    number: &Number,
+    source: std::net::IpAddr,
+    now: u64,
+) -> Result<[String; 4], NodeError> {
+    let v = &shared.config.verification;
+    if let Err(why) = verify::limits::country_allowed(&v.limits, number) {
+        tracing::warn!(%number, %source, "code refused: country not served");
+        shared.metrics.code_limited("country_denied");
+        return Err(NodeError::new(ErrorKind::InvalidNumber, why));
+    }
+    let keys = verify::limits::keys(number, source);
+    let (limits, cooldown) = (v.limits.clone(), v.resend_cooldown);
+    let counted = keys.clone();
+    let judged = blocking(shared, move |store| {
+        store.record_code_send(&counted, now, verify::limits::KEEP_MS, |times| {
+            verify::limits::judge(&limits, cooldown, times, now)
+        })
+    })
+    .await?;
+    judged.map(|()| keys).map_err(|limited| {
+        tracing::warn!(%number, %source, limit = %limited.limit, "code refused by a limit");
+        shared.metrics.code_limited(limited.name);
+        let wait = Duration::from_secs(limited.retry_after.as_secs().max(1));
+        NodeError::new(
+            ErrorKind::RateLimited {
+                retry_after_secs: secs(wait),
+            },
+            format!(
+                "no code sent: {}; try again in {}",
+                limited.limit,
+                humantime::format_duration(wait)
+            ),
+        )
+    })
+}
+
+pub(super) async fn request_code(
+    shared: &Arc<Shared>,
+    session: &Session,
+    number: &str,
+    channel: Channel,
+    locale: &str,
+) -> Result<Response, NodeError> {
+    let number = parse_number(number)?;
+    tracing::info!(%number, channel = channel.name(), source = %session.remote.ip(), "code requested");
+    let code = shared.codes.generate(&number);
+    let now = now_ms();
+    // Test numbers are not counted: their codes are never sent.
+    let counted = if shared.codes.is_test_number(&number) {
+        None
+    } else {
+        Some(check_code_limits(shared, &number, session.remote.ip(), now).await?)
+    };
+    let record = {
+        let (shared2, number2, code2) = (shared.clone(), number.clone(), code.clone());
+        blocking(shared, move |store| {
+            store.replace_code(number2.as_str(), |current| {
+                shared2.codes.issue(&number2, &code2, current, now)
+            })
+        })
+        .await?
+        .map_err(|r| {
+            if matches!(r, Refusal::Cooldown { .. }) {
+                shared.metrics.code_limited("cooldown");
+            }
+            refusal(r)
+        })?
+    };
+    if shared.codes.is_test_number(&number) {
+        tracing::info!(%number, "code requested for a test number; its fixed code is not delivered");
+    } else {
+        let ttl_minutes = shared.codes.ttl().as_secs().div_ceil(60);
+        let template = provider::template(&shared.config.verification.messages, locale);
+        let delivery = Delivery {
+            message: provider::message(template, &code, ttl_minutes),
+            number: number.clone(),
+            channel,
+            code,
+        };
+        let provider = match channel {
+            Channel::Sms => shared.providers.sms.as_ref(),
+            Channel::Voice => shared.providers.voice.as_ref(),
+        };
+        let retries = shared.config.verification.retries;
+        if let Err(e) = gateway::deliver_with_retries(provider, &delivery, retries).await {
+            tracing::error!(
+                provider = provider.name(),
+                %number,
+                tries = retries + 1,
+                error = %e,
+                "code delivery failed; the client was told to try later"
+            );
+            // Nothing was sent: the code goes, and so does its count against the limits.
+            let number2 = number.clone();
+            blocking(shared, move |store| {
+                store.remove_code(number2.as_str())?;
+                match &counted {
+                    Some(keys) => store.forget_code_send(keys, now),
+                    None => Ok(()),
+                }
+            })
+            .await?;
+            return Err(NodeError::new(
+                ErrorKind::DeliveryFailed,
+                "could not send the code; try again later",
+            ));
+        }
+    }
+    Ok(Response::CodeSent(CodeSent {
+        expires_in_secs: secs(Duration::from_millis(
+            record.expires_at_ms.saturating_sub(now),
+        )),
+        resend_after_secs: secs(shared.codes.cooldown()),
+        tries: record.tries_left,
+    }))
+}
+
+/// What a registration lock in force says of this attempt: `None` when the PIN is
+/// right. `lapses_at` is when the lock lapses (ms).
+async fn lock_refusal(
+    shared: &Arc<Shared>,
+    record: &LockRecord,
+    lapses_at: u64,
+    pin: Option<&str>,
+    now: u64,
+) -> Option<Refusal> {
+    let lapses_in = Duration::from_millis(lapses_at.saturating_sub(now));
+    let left = shared
+        .config
+        .verification
+        .max_pin_tries
+        .saturating_sub(record.wrong_tries);
+    let Some(pin) = pin.filter(|_| left > 0) else {
+        return Some(Refusal::Locked {
+            tries_left: left,
+            lapses_in,
+            wrong_pin: false,
+        });
+    };
+    let (pin, hash) = (pin.to_string(), record.pin_hash.clone());
+    let right = tokio::task::spawn_blocking(move || verify::pin::verify(&pin, &hash))
+        .await
+        .unwrap_or(false);
+    (!right).then_some(Refusal::Locked {
+        tries_left: left - 1,
+        lapses_in,
+        wrong_pin: true,
+    })
+}
+
+pub(super) async fn verify_code(
+    shared: &Arc<Shared>,
+    session: &Session,
+    number: &str,
+    code: &str,
+    pin: Option<&str>,
+) -> Result<Response, NodeError> {
+    let number = parse_number(number)?;
+    if !verify::well_formed(code) {
+        return Err(NodeError::new(ErrorKind::InvalidCode, "a code is 6 digits"));
+    }
+    let now = now_ms();
+    let number3 = number.clone();
+    let lock = blocking(shared, move |store| {
+        store.registration_lock(number3.as_str())
+    })
+    .await?;
+    // A lock lapses once the account's devices have stayed away for the lapse time.
+    let lapse = shared.config.verification.lock_lapse.as_millis() as u64;
+    let in_force = lock
+        .as_ref()
+        .map(|(_, record, seen)| (record, seen.saturating_add(lapse)))
+        .filter(|(_, lapses_at)| now < *lapses_at);
+    let locked = match in_force {
+        Some((record, lapses_at)) => lock_refusal(shared, record, lapses_at, pin, now).await,
+        None => None,
+    };
+    let lock_in_force = in_force.is_some();
+    let device = NewDevice {
+        key_id: session.key_id,
+        public_key: session.public_key.clone(),
+    };
+    let (shared2, number2, code2) = (shared.clone(), number.clone(), code.to_string());
+    // Invalidate directory caches before the change and again after it, so that no
+    // cache filled in between outlives it.
+    shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
+    let outcome = blocking(shared, move |store| {
+        store.verify_and_register(number2.as_str(), &device, now, |record| {
+            match (shared2.codes.judge(&number2, &code2, record, now), &locked) {
+                // The code is right, but the lock holds: keep the code for a try with
+                // the PIN.
+                (Judgement::Accept, Some(refusal)) => Judgement::Reject {
+                    update: Some(record.clone()),
+                    error: refusal.clone(),
+                },
+                (judgement, _) => judgement,
+            }
+        })
+    })
+    .await;
+    shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
+    let outcome = outcome?;
+    match outcome {
+        VerifyOutcome::NoCode => Err(NodeError::new(
+            ErrorKind::NoCodePending,
+            "no code is pending for this number; request one first",
+        )),
+        VerifyOutcome::Rejected(r) => {
+            if let (
+                Refusal::Locked {
+                    wrong_pin: true, ..
+                },
+                Some((account, record, _)),
+            ) = (&r, &lock)
+            {
+                let (account, mut record) = (*account, record.clone());
+                record.wrong_tries += 1;
+                tracing::warn!(
+                    account,
+                    wrong_tries = record.wrong_tries,
+                    "wrong registration-lock PIN"
+                );
+                blocking(shared, move |store| {
+                    store.set_registration_lock(account, Some(&record))
+                })
+                .await?;
+                shared.commit.durable().await.map_err(commit_failed)?;
+            }
+            Err(refusal(r))
+        }
+        VerifyOutcome::Registered {
+            device,
+            took_over,
+            signed_out,
+            revoked_keys,
+        } => {
+            // A lock that let this through (right PIN) starts counting afresh; one that
+            // had lapsed goes. Either way the account was seen now.
+            let lock_update = match lock {
+                Some((account, _, _)) if !lock_in_force => Some((account, None)),
+                Some((account, record, _)) if record.wrong_tries > 0 => Some((
+                    account,
+                    Some(LockRecord {
+                        wrong_tries: 0,
+                        ..record
+                    }),
+                )),
+                _ => None,
+            };
+            let account = device.account_id;
+            blocking(shared, move |store| {
+                if let Some((locked_account, update)) = &lock_update {
+                    store.set_registration_lock(*locked_account, update.as_ref())?;
+                }
+                store.mark_seen(account, now)
+            })
+            .await?;
+            // What the node held for signed-out devices goes: their queues can never
+            // be read again, and their keys must not be handed out.
+            for old in signed_out.iter().copied() {
+                let dropped = blocking(shared, move |store| store.drop_device(old)).await?;
+                tracing::info!(
+                    account = old.account_id,
+                    device = old.device_id,
+                    dropped,
+                    "device signed out"
+                );
+            }
+            if !took_over {
+                shared.discovery.mark_dirty();
+            }
+            // The device must not be told it is registered before that is durable.
+            shared.commit.durable().await.map_err(commit_failed)?;
+            // Signed-out devices lose their live connections at once, not at their
+            // next request.
+            let closed = shared.connections.sign_out(&revoked_keys);
+            if closed > 0 {
+                tracing::info!(
+                    connections = closed,
+                    "closed the connections of signed-out devices"
+                );
+            }
+            tracing::info!(
+                %number,
+                account = device.account_id,
+                device = device.device_id,
+                took_over,
+                signed_out = signed_out.len(),
+                "device registered"
+            );
+            Ok(Response::Registered(Registered {
+                number: number.to_string(),
+                account_id: device.account_id,
+                device_id: device.device_id,
+                took_over,
+            }))
+        }
+    }
+}
+
+pub(super) async fn set_lock(
+    shared: &Arc<Shared>,
+    session: &Session,
+    pin: String,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    verify::pin::check_new(&pin).map_err(|why| NodeError::new(ErrorKind::Malformed, why))?;
+    let hash = tokio::task::spawn_blocking(move || verify::pin::hash(&pin))
+        .await
+        .map_err(|e| NodeError::new(ErrorKind::Internal, format!("hashing task failed: {e}")))?
+        .map_err(|why| NodeError::new(ErrorKind::Internal, why))?;
+    let record = LockRecord {
+        pin_hash: hash,
+        set_at_ms: now_ms(),
+        wrong_tries: 0,
+    };
+    let account = me.device.account_id;
+    blocking(shared, move |store| {
+        store.set_registration_lock(account, Some(&record))
+    })
+    .await?;
+    shared.commit.durable().await.map_err(commit_failed)?;
+    tracing::info!(account, "registration lock set");
+    Ok(Response::LockSet {
+        lapse_days: (shared.config.verification.lock_lapse.as_secs() / 86_400) as u32,
+    })
+}
+
+pub(super) async fn clear_lock(
+    shared: &Arc<Shared>,
+    session: &Session,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    let account = me.device.account_id;
+    blocking(shared, move |store| {
+        store.set_registration_lock(account, None)
+    })
+    .await?;
+    shared.commit.durable().await.map_err(commit_failed)?;
+    tracing::info!(account, "registration lock cleared");
+    Ok(Response::LockCleared)
+}

@@ -1,0 +1,82 @@
+//! The session: what a handler knows of the connection a request came on, and the
+//! authentication of its device (cached per directory epoch).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::Shared;
+use super::clock::now_ms;
+use super::worker::blocking;
+use crate::proto::{ErrorKind, NodeError};
+use crate::store::DeviceIdentity;
+use crate::store::keys::KeyId;
+
+/// What a handler knows of the connection a request came on.
+pub struct Session {
+    /// SHA-256 of the device's public key, from its TLS client certificate.
+    pub key_id: KeyId,
+    /// The device's SubjectPublicKeyInfo, stored when the device registers.
+    pub public_key: Vec<u8>,
+    pub remote: SocketAddr,
+    /// The registered device behind the key, as last looked up, with the directory
+    /// epoch it was read in (see `Shared::directory_epoch`).
+    pub identity: std::sync::Mutex<Option<(u64, crate::store::DeviceIdentity)>>,
+    /// When this connection last recorded its account as seen (ms; 0: not yet).
+    pub seen_marked: std::sync::atomic::AtomicU64,
+}
+
+/// The registered device behind this connection's key, or `Unauthenticated`.
+pub(crate) async fn authenticated(
+    shared: &Arc<Shared>,
+    session: &Session,
+) -> Result<DeviceIdentity, NodeError> {
+    let epoch = shared.directory_epoch.load(Ordering::Acquire);
+    let cached = match session.identity.lock() {
+        Ok(cached) => cached
+            .as_ref()
+            .filter(|(at, _)| *at == epoch)
+            .map(|(_, identity)| identity.clone()),
+        Err(_) => None,
+    };
+    let identity = match cached {
+        Some(identity) => identity,
+        None => {
+            let key_id = session.key_id;
+            let found = blocking(shared, move |store| store.device_by_key(&key_id)).await?;
+            let identity = found.ok_or_else(|| {
+                NodeError::new(
+                    ErrorKind::Unauthenticated,
+                    "this device is not registered on this node: it was signed out because its number was registered on another device, or it never registered",
+                )
+            })?;
+            if let Ok(mut cached) = session.identity.lock() {
+                *cached = Some((epoch, identity.clone()));
+            }
+            identity
+        }
+    };
+    note_seen(shared, session, identity.device.account_id).await?;
+    Ok(identity)
+}
+
+/// Records the account as seen (a registration lock lapses when it is not), at most
+/// hourly per connection.
+pub(crate) async fn note_seen(
+    shared: &Arc<Shared>,
+    session: &Session,
+    account: u64,
+) -> Result<(), NodeError> {
+    const HOUR_MS: u64 = 3_600_000;
+    let now = now_ms();
+    let last = session.seen_marked.load(Ordering::Relaxed);
+    if now < last.saturating_add(HOUR_MS)
+        || session
+            .seen_marked
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+    {
+        return Ok(());
+    }
+    blocking(shared, move |store| store.mark_seen(account, now)).await
+}
