@@ -1534,7 +1534,7 @@ fn register_accounts(store: &switchboard::store::Store, nums: &[Number]) -> Resu
 }
 
 mod storage {
-    use switchboard::store::{DeviceRef, Store, keys};
+    use switchboard::store::{DeviceRef, Store, layout};
 
     use super::*;
 
@@ -1829,9 +1829,9 @@ mod storage {
         let fill = || -> Result<()> {
             for chunk in 0..envelopes.div_ceil(BATCH) {
                 for i in chunk * BATCH..((chunk + 1) * BATCH).min(envelopes) {
-                    let recipient = keys::device(2 + (i as u64 % RECIPIENTS), 1);
+                    let recipient = layout::device(2 + (i as u64 % RECIPIENTS), 1);
                     let seq = db.generate_id().map_err(err)?;
-                    tree.insert(keys::queue(recipient, seq), value.as_slice())
+                    tree.insert(layout::queue(recipient, seq), value.as_slice())
                         .map_err(err)?;
                 }
                 db.flush().map_err(err)?;

@@ -16,7 +16,7 @@ use super::{delivery, handlers};
 use crate::config::Config;
 use crate::proto::{ErrorKind, FrameError, NodeError, Reply, Request, codes, frame};
 use crate::quic;
-use crate::store::keys::KeyId;
+use crate::store::layout::KeyId;
 use crate::tls::{self, Credentials, TlsError};
 
 /// The live connections of each device key, so that signing a device out can close

@@ -10,7 +10,7 @@ use super::clock::now_ms;
 use super::worker::blocking;
 use crate::proto::{ErrorKind, NodeError};
 use crate::store::DeviceIdentity;
-use crate::store::keys::KeyId;
+use crate::store::layout::KeyId;
 
 /// What a handler knows of the connection a request came on.
 pub struct Session {

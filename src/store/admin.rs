@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use sled::transaction::Transactional;
 
-use super::keys;
+use super::layout;
 use super::records::{self, AccountRecord, QueueItem};
 use super::{DeviceRef, Store, StoreError, TxResult, be_u64};
 
@@ -56,7 +56,7 @@ pub struct Deleted {
     pub account_id: u64,
     pub devices: Vec<DeviceRef>,
     /// The device key ids, so their live connections can be closed.
-    pub key_ids: Vec<keys::KeyId>,
+    pub key_ids: Vec<layout::KeyId>,
     pub queued_items: u64,
 }
 
@@ -97,7 +97,7 @@ impl Store {
         let mut out = Vec::new();
         for entry in self.trees.number_account.iter() {
             let (_, id) = entry?;
-            let id = keys::parse_account(&id)
+            let id = layout::parse_account(&id)
                 .ok_or_else(|| StoreError::Corrupt("number_account value".into()))?;
             if let Some(account) = self.account(id)? {
                 out.push(self.summarise(id, account)?);
@@ -115,13 +115,13 @@ impl Store {
     }
 
     fn summarise(&self, id: u64, account: AccountRecord) -> Result<AccountSummary, StoreError> {
-        let last_seen_ms = match self.trees.account_seen.get(keys::account(id))? {
+        let last_seen_ms = match self.trees.account_seen.get(layout::account(id))? {
             Some(v) => Some(be_u64(&v, "account_seen value")?),
             None => None,
         };
         let mut devices = Vec::with_capacity(account.devices.len());
         for d in &account.devices {
-            let dk = keys::device(id, d.device_id);
+            let dk = layout::device(id, d.device_id);
             let (mut queued, mut queued_bytes) = (0, 0);
             for value in self.trees.queue.scan_prefix(dk).values() {
                 queued += 1;
@@ -145,7 +145,7 @@ impl Store {
             registration_lock: self
                 .trees
                 .registration_lock
-                .contains_key(keys::account(id))?,
+                .contains_key(layout::account(id))?,
             devices,
         })
     }
@@ -191,7 +191,7 @@ impl Store {
                 device_id: d.device_id,
             })
             .collect();
-        let key_ids: Vec<keys::KeyId> = account.devices.iter().map(|d| d.key_id).collect();
+        let key_ids: Vec<layout::KeyId> = account.devices.iter().map(|d| d.key_id).collect();
         let mut q = self.queue_writer();
         let mut queued_items = 0;
         for device in &devices {
@@ -225,15 +225,15 @@ impl Store {
                         code,
                     )|
                      -> TxResult<bool> {
-                        let now = account.get(keys::account(account_id))?;
+                        let now = account.get(layout::account(account_id))?;
                         if now.as_deref() != Some(record.as_slice())
-                            || number_account.get(keys::number(number))?.as_deref()
+                            || number_account.get(layout::number(number))?.as_deref()
                                 != Some(&account_id.to_be_bytes()[..])
                         {
                             return Ok(false);
                         }
-                        number_account.remove(keys::number(number))?;
-                        account.remove(&keys::account(account_id))?;
+                        number_account.remove(layout::number(number))?;
+                        account.remove(&layout::account(account_id))?;
                         for (key_id, device) in key_ids.iter().zip(&devices) {
                             device_key.remove(&key_id[..])?;
                             device_keys.remove(&device.key()[..])?;
@@ -245,9 +245,9 @@ impl Store {
                         {
                             index.remove(&prf[..])?;
                         }
-                        lock.remove(&keys::account(account_id))?;
-                        seen.remove(&keys::account(account_id))?;
-                        code.remove(keys::number(number))?;
+                        lock.remove(&layout::account(account_id))?;
+                        seen.remove(&layout::account(account_id))?;
+                        code.remove(layout::number(number))?;
                         Ok(true)
                     },
                 )?;

@@ -1,7 +1,7 @@
 //! Storage: the only code that touches sled.
 //!
 //! Every tree is declared in [`Trees`], named after what it maps, with its key layout
-//! beside it; key encodings live in [`keys`], value types in [`records`]. Few trees
+//! beside it; key encodings live in [`layout`], value types in [`records`]. Few trees
 //! with prefixed keys, never a tree per user (sled bloats with many trees). Updates
 //! that touch more than one tree run in one sled transaction.
 //!
@@ -11,15 +11,17 @@
 
 mod admin;
 pub mod backup;
-pub mod keys;
-mod messages;
+pub mod layout;
+mod prekeys;
+mod queues;
 pub mod records;
 mod registration;
 mod staging;
 mod ticket;
 
 pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
-pub use messages::{AppendOutcome, Claimed, InMemory, KeysRefusal, Queued, SweepStats};
+pub use prekeys::{Claimed, KeysRefusal};
+pub use queues::{AppendOutcome, InMemory, Queued, SweepStats};
 pub use staging::{AppendPolicy, HandOff, HandOffStats, WriteBehind};
 pub use ticket::{Ticket, TicketWaiter};
 
@@ -31,7 +33,7 @@ use rand::TryRng;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::discovery::{DiscoveryKey, Prf};
-use keys::KeyId;
+use layout::KeyId;
 use records::{AccountRecord, CodeRecord, DeviceRecord};
 
 /// The schema this build writes. Raise it with every change of layout and add a rung
@@ -165,7 +167,7 @@ impl QueueTotals {
 struct QueueState {
     /// Items per device queue (staged ones included), for quotas. Exact: only code
     /// holding the writer lock changes a queue.
-    lens: HashMap<keys::DeviceKey, u64>,
+    lens: HashMap<layout::DeviceKey, u64>,
     /// Items held in memory before they are written (see [`staging`]).
     staged: staging::Staging,
 }
@@ -179,8 +181,8 @@ pub struct DeviceRef {
 
 impl DeviceRef {
     /// The device's address, the prefix of its keys in per-device trees.
-    pub fn key(self) -> keys::DeviceKey {
-        keys::device(self.account_id, self.device_id)
+    pub fn key(self) -> layout::DeviceKey {
+        layout::device(self.account_id, self.device_id)
     }
 }
 
@@ -479,7 +481,7 @@ impl Store {
         match self.trees.discovery_index.get(prf)? {
             None => Ok(None),
             Some(v) => {
-                Ok(Some(keys::parse_account(&v).ok_or_else(|| {
+                Ok(Some(layout::parse_account(&v).ok_or_else(|| {
                     StoreError::Corrupt("discovery_index value".into())
                 })?))
             }
@@ -543,7 +545,7 @@ impl Store {
         let Some(bytes) = self.trees.device_key.get(key_id)? else {
             return Ok(None);
         };
-        let (account_id, device_id) = keys::parse_device(&bytes)
+        let (account_id, device_id) = layout::parse_device(&bytes)
             .ok_or_else(|| StoreError::Corrupt("device_key value".into()))?;
         let Some(account) = self.account(account_id)? else {
             return Ok(None);
@@ -559,7 +561,7 @@ impl Store {
 
     /// The account `id`.
     pub fn account(&self, id: u64) -> Result<Option<AccountRecord>, StoreError> {
-        match self.trees.account.get(keys::account(id))? {
+        match self.trees.account.get(layout::account(id))? {
             Some(bytes) => Ok(Some(records::decode(&bytes, "account")?)),
             None => Ok(None),
         }
@@ -570,10 +572,10 @@ impl Store {
         &self,
         number: &str,
     ) -> Result<Option<(u64, AccountRecord)>, StoreError> {
-        let Some(id) = self.trees.number_account.get(keys::number(number))? else {
+        let Some(id) = self.trees.number_account.get(layout::number(number))? else {
             return Ok(None);
         };
-        let id = keys::parse_account(&id)
+        let id = layout::parse_account(&id)
             .ok_or_else(|| StoreError::Corrupt("number_account value".into()))?;
         Ok(self.account(id)?.map(|a| (id, a)))
     }

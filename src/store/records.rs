@@ -4,7 +4,7 @@
 use bincode::{Decode, Encode};
 
 use super::StoreError;
-use super::keys::KeyId;
+use super::layout::KeyId;
 
 /// `account` tree value.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]

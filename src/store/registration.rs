@@ -14,7 +14,7 @@ impl Store {
         decide: impl Fn(Option<&CodeRecord>) -> Result<CodeRecord, E>,
     ) -> Result<Result<CodeRecord, E>, StoreError> {
         let _gate = self.writing();
-        let key = keys::number(number);
+        let key = layout::number(number);
         let result = self.trees.number_code.transaction(|tree| {
             let current = match tree.get(key)? {
                 Some(bytes) => {
@@ -36,7 +36,7 @@ impl Store {
     /// Deletes the pending code of `number`, if any.
     pub fn remove_code(&self, number: &str) -> Result<(), StoreError> {
         let _gate = self.writing();
-        self.trees.number_code.remove(keys::number(number))?;
+        self.trees.number_code.remove(layout::number(number))?;
         Ok(())
     }
 
@@ -68,7 +68,7 @@ impl Store {
             &t.discovery_index,
         )
             .transaction(|(codes, numbers, accounts, device_keys, index)| {
-                let number_key = keys::number(number);
+                let number_key = layout::number(number);
                 let Some(bytes) = codes.get(number_key)? else {
                     return Ok(VerifyOutcome::NoCode);
                 };
@@ -93,10 +93,10 @@ impl Store {
                 // out too: its queue and keys go with it.
                 let mut signed_out = Vec::new();
                 if let Some(bytes) = device_keys.get(new_device.key_id)? {
-                    let (acct, dev) = keys::parse_device(&bytes)
+                    let (acct, dev) = layout::parse_device(&bytes)
                         .ok_or_else(|| StoreError::Corrupt("device_key value".into()))
                         .or_else(abort)?;
-                    if let Some(abytes) = accounts.get(keys::account(acct))? {
+                    if let Some(abytes) = accounts.get(layout::account(acct))? {
                         let mut a =
                             records::decode::<AccountRecord>(&abytes, "account").or_else(abort)?;
                         a.devices.retain(|d| d.device_id != dev);
@@ -105,17 +105,17 @@ impl Store {
                             device_id: dev,
                         });
                         accounts
-                            .insert(&keys::account(acct), records::encode(&a).or_else(abort)?)?;
+                            .insert(&layout::account(acct), records::encode(&a).or_else(abort)?)?;
                     }
                 }
 
                 let (account_id, mut account, took_over) = match numbers.get(number_key)? {
                     Some(id) => {
-                        let id = keys::parse_account(&id)
+                        let id = layout::parse_account(&id)
                             .ok_or_else(|| StoreError::Corrupt("number_account value".into()))
                             .or_else(abort)?;
                         let bytes = accounts
-                            .get(keys::account(id))?
+                            .get(layout::account(id))?
                             .ok_or_else(|| StoreError::Corrupt(format!("account {id} missing")))
                             .or_else(abort)?;
                         (
@@ -131,7 +131,7 @@ impl Store {
                             next_device_id: 1,
                             devices: Vec::new(),
                         };
-                        numbers.insert(number_key, &keys::account(fresh_account_id))?;
+                        numbers.insert(number_key, &layout::account(fresh_account_id))?;
                         (fresh_account_id, account, false)
                     }
                 };
@@ -156,11 +156,11 @@ impl Store {
                     created_at_ms: now_ms,
                 });
                 accounts.insert(
-                    &keys::account(account_id),
+                    &layout::account(account_id),
                     records::encode(&account).or_else(abort)?,
                 )?;
-                device_keys.insert(&new_device.key_id, &keys::device(account_id, device_id))?;
-                index.insert(&prf, &keys::account(account_id))?;
+                device_keys.insert(&new_device.key_id, &layout::device(account_id, device_id))?;
+                index.insert(&prf, &layout::account(account_id))?;
                 Ok(VerifyOutcome::Registered {
                     device: DeviceRef {
                         account_id,
@@ -213,16 +213,16 @@ impl Store {
         &self,
         number: &str,
     ) -> Result<Option<(u64, records::LockRecord, u64)>, StoreError> {
-        let Some(id) = self.trees.number_account.get(keys::number(number))? else {
+        let Some(id) = self.trees.number_account.get(layout::number(number))? else {
             return Ok(None);
         };
-        let account = keys::parse_account(&id)
+        let account = layout::parse_account(&id)
             .ok_or_else(|| StoreError::Corrupt("number_account value".into()))?;
-        let Some(bytes) = self.trees.registration_lock.get(keys::account(account))? else {
+        let Some(bytes) = self.trees.registration_lock.get(layout::account(account))? else {
             return Ok(None);
         };
         let lock = records::decode::<records::LockRecord>(&bytes, "registration_lock")?;
-        let seen = match self.trees.account_seen.get(keys::account(account))? {
+        let seen = match self.trees.account_seen.get(layout::account(account))? {
             Some(v) => be_u64(&v, "account_seen value")?,
             None => 0,
         };
@@ -240,12 +240,12 @@ impl Store {
             Some(l) => {
                 self.trees
                     .registration_lock
-                    .insert(keys::account(account), records::encode(l)?)?;
+                    .insert(layout::account(account), records::encode(l)?)?;
             }
             None => {
                 self.trees
                     .registration_lock
-                    .remove(keys::account(account))?;
+                    .remove(layout::account(account))?;
             }
         }
         Ok(())
@@ -256,7 +256,7 @@ impl Store {
         let _gate = self.writing();
         self.trees
             .account_seen
-            .insert(keys::account(account), &now_ms.to_be_bytes())?;
+            .insert(layout::account(account), &now_ms.to_be_bytes())?;
         Ok(())
     }
 

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use super::keys::{self, DeviceKey};
+use super::layout::{self, DeviceKey};
 use super::records;
 use super::ticket::{Ticket, TicketWaiter};
 use super::{DeviceRef, QueueState, Queued, Store, StoreError};
@@ -215,7 +215,7 @@ impl Store {
             return Ok(*known);
         }
         let last = match self.trees.queue.scan_prefix(dk).keys().next_back() {
-            Some(key) => keys::parse_queue(&key?).map(|(_, seq)| seq),
+            Some(key) => layout::parse_queue(&key?).map(|(_, seq)| seq),
             None => None,
         };
         q.staged.written_max.insert(dk, last);
@@ -231,7 +231,9 @@ impl Store {
         seq: u64,
         value: &[u8],
     ) -> Result<(), StoreError> {
-        self.trees.queue.insert(&keys::queue(dk, seq)[..], value)?;
+        self.trees
+            .queue
+            .insert(&layout::queue(dk, seq)[..], value)?;
         q.staged.written_max.insert(dk, Some(seq));
         Ok(())
     }
@@ -250,7 +252,7 @@ impl Store {
         };
         self.trees
             .queue
-            .insert(&keys::queue(dk, seq)[..], staged.value.as_slice())?;
+            .insert(&layout::queue(dk, seq)[..], staged.value.as_slice())?;
         q.staged.written_max.insert(dk, Some(seq));
         if let Some(staged) = q.staged.take(&dk, seq)
             && let Some(ticket) = &staged.ticket

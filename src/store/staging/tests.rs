@@ -4,7 +4,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::store::AppendOutcome;
-use crate::store::messages::tests::{alice_and_bob, registered};
+use crate::store::queues::tests::{alice_and_bob, registered};
 use crate::store::records::QueueItem;
 
 const ALICE: &str = "+14155550100";
@@ -38,7 +38,7 @@ fn sled_seqs(store: &Store, device: DeviceRef) -> Vec<u64> {
         .queue
         .scan_prefix(device.key())
         .keys()
-        .map(|k| keys::parse_queue(&k.expect("key")).expect("queue key").1)
+        .map(|k| layout::parse_queue(&k.expect("key")).expect("queue key").1)
         .collect()
 }
 
@@ -311,7 +311,7 @@ fn a_resend_after_a_forgotten_staged_record_keeps_its_own_record() {
     let record = store
         .trees
         .sent_message
-        .get(keys::sent(alice.key(), &[5; 16]))
+        .get(layout::sent(alice.key(), &[5; 16]))
         .expect("read")
         .expect("the resend's record");
     assert_eq!(records::queued_at(&record), Some(2));
@@ -623,7 +623,7 @@ proptest! {
                 let staged = q.staged.devices.values().flat_map(|m| m.values());
                 for item in staged {
                     if let Some((sender, id)) = item.from {
-                        let mine = keys::sent(sender.key(), &id);
+                        let mine = layout::sent(sender.key(), &id);
                         prop_assert!(mine[..] != key[..], "a record in sled before its items");
                     }
                 }

@@ -1,4 +1,4 @@
-//! Key directory and device queues.
+//! Device queues: append, page, acknowledge, drop, sweep.
 //!
 //! Queue writes (appends, acknowledgements with their receipts, drops, the sweep) hold
 //! the store's queue writer lock: a seq is drawn and committed under it, so every
@@ -7,13 +7,11 @@
 
 use std::sync::MutexGuard;
 
-use sled::transaction::Transactional;
-
-use super::keys::{self, DeviceKey};
-use super::records::{self, DeviceKeysRecord, QueueItem, StoredKey};
+use super::layout::{self, DeviceKey};
+use super::records::{self, QueueItem};
 use super::staging::AppendPolicy;
 use super::ticket::TicketWaiter;
-use super::{DeviceRef, QueueState, Store, StoreError, TxResult, abort};
+use super::{DeviceRef, QueueState, Store, StoreError};
 
 /// A queued item as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,21 +46,6 @@ pub enum InMemory {
     Done(AppendOutcome, Option<TicketWaiter>),
     /// It needs the store thread ([`Store::append_with`]); nothing was done.
     NeedsStore(Vec<(DeviceRef, Vec<u8>)>),
-}
-
-/// Why a key upload was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeysRefusal {
-    /// Storing them would leave more than `max` one-time keys for the device.
-    TooMany { stored: u32, max: u32 },
-}
-
-/// One device's keys as handed to a fetcher.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claimed {
-    pub device_id: u32,
-    pub keys: DeviceKeysRecord,
-    pub one_time_key: Option<StoredKey>,
 }
 
 /// What a sweep removed.
@@ -221,7 +204,7 @@ impl Store {
         {
             return Ok(InMemory::NeedsStore(envelopes));
         }
-        let sent_key = keys::sent(sender.key(), &id);
+        let sent_key = layout::sent(sender.key(), &id);
         let Some(mut q) = self.queue_writer_now() else {
             return Ok(InMemory::NeedsStore(envelopes));
         };
@@ -262,7 +245,7 @@ impl Store {
         policy: AppendPolicy,
     ) -> Result<(AppendOutcome, Option<TicketWaiter>), StoreError> {
         let _gate = self.writing();
-        let sent_key = keys::sent(sender.key(), &id);
+        let sent_key = layout::sent(sender.key(), &id);
         let mut q = self.queue_writer();
         if let Some(earlier) = self.earlier_send(&q, &sent_key)? {
             return Ok(earlier);
@@ -408,7 +391,7 @@ impl Store {
             Some(seq) => seq + 1,
             None => 0,
         };
-        let range = keys::queue(dk, start)..=keys::queue(dk, upto);
+        let range = layout::queue(dk, start)..=layout::queue(dk, upto);
         for entry in self.trees.queue.range(range) {
             if out.len() >= max {
                 return Ok(true);
@@ -418,7 +401,7 @@ impl Store {
                 return Ok(true);
             }
             *bytes = bytes.saturating_add(value.len());
-            let (_, seq) = keys::parse_queue(&key)
+            let (_, seq) = layout::parse_queue(&key)
                 .ok_or_else(|| StoreError::Corrupt("queue key length".into()))?;
             let (queued_at_ms, item) = records::decode_queued(&value)?;
             out.push(Queued {
@@ -457,7 +440,7 @@ impl Store {
                 newest = newest.max(Some(seq));
                 continue;
             }
-            let key = keys::queue(dk, seq);
+            let key = layout::queue(dk, seq);
             let Some(value) = self.trees.queue.get(key)? else {
                 continue;
             };
@@ -540,7 +523,7 @@ impl Store {
         accepted_at_ms: u64,
     ) -> Result<(), StoreError> {
         let _gate = self.writing();
-        let sent_key = keys::sent(sender.key(), &id);
+        let sent_key = layout::sent(sender.key(), &id);
         // Under the writer lock, so a write-behind that is writing the send's unit
         // finishes first; a record still staged is dropped and never written.
         let mut q = self.queue_writer();
@@ -584,7 +567,7 @@ impl Store {
                     self.trees.queue.remove(&key)?;
                     self.queue_totals.remove(value.len());
                     stats.items += 1;
-                    if let Some((device, _)) = keys::parse_queue(&key)
+                    if let Some((device, _)) = layout::parse_queue(&key)
                         && let Some(len) = q.lens.get_mut(&device)
                     {
                         *len = len.saturating_sub(1);
@@ -611,140 +594,6 @@ impl Store {
             }
         }
         Ok(stats)
-    }
-
-    /// Stores a device's keys. A changed identity replaces the stored keys and drops
-    /// the old one-time keys (they belong to an account that no longer exists).
-    /// Returns the number of one-time keys stored afterwards.
-    pub fn publish_keys(
-        &self,
-        device: DeviceRef,
-        (curve25519, ed25519): ([u8; 32], [u8; 32]),
-        fallback: Option<StoredKey>,
-        one_time_keys: &[StoredKey],
-        max_one_time_keys: u32,
-        now_ms: u64,
-    ) -> Result<Result<u32, KeysRefusal>, StoreError> {
-        let _gate = self.writing();
-        let dk = device.key();
-        let current = match self.trees.device_keys.get(dk)? {
-            Some(bytes) => Some(records::decode::<DeviceKeysRecord>(&bytes, "device_keys")?),
-            None => None,
-        };
-        let same_identity = current
-            .as_ref()
-            .is_some_and(|c| c.curve25519 == curve25519 && c.ed25519 == ed25519);
-        let stale: Vec<sled::IVec> = if same_identity {
-            Vec::new()
-        } else {
-            self.trees
-                .one_time_key
-                .scan_prefix(dk)
-                .keys()
-                .collect::<Result<_, _>>()?
-        };
-        let stored = if same_identity {
-            self.count_one_time_keys(device, u32::MAX)?
-        } else {
-            0
-        };
-        let total = stored.saturating_add(one_time_keys.len() as u32);
-        if total > max_one_time_keys {
-            return Ok(Err(KeysRefusal::TooMany {
-                stored,
-                max: max_one_time_keys,
-            }));
-        }
-        let record = DeviceKeysRecord {
-            curve25519,
-            ed25519,
-            fallback: fallback.or(if same_identity {
-                current.and_then(|c| c.fallback)
-            } else {
-                None
-            }),
-            updated_at_ms: now_ms,
-        };
-        let mut new_keys = Vec::with_capacity(one_time_keys.len());
-        for k in one_time_keys {
-            new_keys.push((keys::one_time_key(dk, self.next_id()?), k.to_bytes()));
-        }
-        let t = &self.trees;
-        (&t.device_keys, &t.one_time_key).transaction(|(dkeys, otks)| -> TxResult<()> {
-            for key in &stale {
-                otks.remove(key)?;
-            }
-            dkeys.insert(&dk[..], records::encode(&record).or_else(abort)?)?;
-            for (key, value) in &new_keys {
-                otks.insert(&key[..], &value[..])?;
-            }
-            Ok(())
-        })?;
-        Ok(Ok(total))
-    }
-
-    /// One-time keys stored for `device`, counting no further than `limit`.
-    pub fn count_one_time_keys(&self, device: DeviceRef, limit: u32) -> Result<u32, StoreError> {
-        let mut n = 0;
-        for key in self.trees.one_time_key.scan_prefix(device.key()).keys() {
-            key?;
-            n += 1;
-            if n >= limit {
-                break;
-            }
-        }
-        Ok(n)
-    }
-
-    /// The published keys of each of `devices` of `account_id` (devices without keys
-    /// are left out). With `claim`, each device's oldest one-time key is removed and
-    /// returned: two fetchers never get the same key (compare-and-swap on removal).
-    pub fn fetch_bundles(
-        &self,
-        account_id: u64,
-        devices: &[u32],
-        claim: bool,
-    ) -> Result<Vec<Claimed>, StoreError> {
-        let _gate = self.writing();
-        let mut out = Vec::new();
-        for &device_id in devices {
-            let device = DeviceRef {
-                account_id,
-                device_id,
-            };
-            let dk = device.key();
-            let Some(bytes) = self.trees.device_keys.get(dk)? else {
-                continue;
-            };
-            let keys = records::decode::<DeviceKeysRecord>(&bytes, "device_keys")?;
-            let one_time_key = if claim { self.claim_one(dk)? } else { None };
-            out.push(Claimed {
-                device_id,
-                keys,
-                one_time_key,
-            });
-        }
-        Ok(out)
-    }
-
-    fn claim_one(&self, dk: DeviceKey) -> Result<Option<StoredKey>, StoreError> {
-        loop {
-            let Some(entry) = self.trees.one_time_key.scan_prefix(dk).next() else {
-                return Ok(None);
-            };
-            let (key, value) = entry?;
-            // Only the fetcher whose swap removes the key gets it; a loser tries the next.
-            if self
-                .trees
-                .one_time_key
-                .compare_and_swap(&key, Some(&value), None as Option<&[u8]>)?
-                .is_ok()
-            {
-                return StoredKey::from_bytes(&value)
-                    .map(Some)
-                    .ok_or_else(|| StoreError::Corrupt("one_time_key value length".into()));
-            }
-        }
     }
 }
 
@@ -927,83 +776,5 @@ pub(in crate::store) mod tests {
         );
         assert_eq!(store.queue_len(bob).unwrap(), 1000);
         assert_eq!(store.queue_page(bob, None, 5000).unwrap().len(), 1000);
-    }
-
-    #[test]
-    fn one_time_keys_are_claimed_once_then_fallback_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let bob = registered(&store, "+14155550101", 2);
-        let k = |n: u8| StoredKey {
-            key: [n; 32],
-            signature: [n; 64],
-        };
-        let n = store
-            .publish_keys(bob, ([1; 32], [2; 32]), Some(k(9)), &[k(1), k(2)], 3, 0)
-            .unwrap();
-        assert_eq!(n, Ok(2));
-        let too_many = store
-            .publish_keys(bob, ([1; 32], [2; 32]), None, &[k(3), k(4)], 3, 0)
-            .unwrap();
-        assert_eq!(too_many, Err(KeysRefusal::TooMany { stored: 2, max: 3 }));
-        let first = store
-            .fetch_bundles(bob.account_id, &[bob.device_id], true)
-            .unwrap();
-        let second = store
-            .fetch_bundles(bob.account_id, &[bob.device_id], true)
-            .unwrap();
-        let third = store
-            .fetch_bundles(bob.account_id, &[bob.device_id], true)
-            .unwrap();
-        assert_eq!(first[0].one_time_key, Some(k(1)));
-        assert_eq!(second[0].one_time_key, Some(k(2)));
-        assert_eq!(third[0].one_time_key, None);
-        assert_eq!(third[0].keys.fallback, Some(k(9)));
-        // A new identity drops what was left and starts again.
-        store
-            .publish_keys(bob, ([5; 32], [6; 32]), Some(k(8)), &[k(7)], 3, 0)
-            .unwrap()
-            .unwrap();
-        assert_eq!(store.count_one_time_keys(bob, 10).unwrap(), 1);
-    }
-
-    #[test]
-    fn concurrent_claims_never_share_a_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let bob = registered(&store, "+14155550101", 2);
-        let keys: Vec<StoredKey> = (0..200u8)
-            .map(|n| StoredKey {
-                key: [n; 32],
-                signature: [0; 64],
-            })
-            .collect();
-        store
-            .publish_keys(bob, ([1; 32], [2; 32]), None, &keys, 200, 0)
-            .unwrap()
-            .unwrap();
-        let claimed: Vec<Vec<[u8; 32]>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..4)
-                .map(|_| {
-                    s.spawn(|| {
-                        (0..60)
-                            .filter_map(|_| {
-                                store
-                                    .fetch_bundles(bob.account_id, &[bob.device_id], true)
-                                    .unwrap()[0]
-                                    .one_time_key
-                                    .map(|k| k.key)
-                            })
-                            .collect()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        let mut all: Vec<[u8; 32]> = claimed.into_iter().flatten().collect();
-        assert_eq!(all.len(), 200);
-        all.sort();
-        all.dedup();
-        assert_eq!(all.len(), 200, "a key was handed out twice");
     }
 }

@@ -1,4 +1,5 @@
-//! Key encodings of every tree, in one place.
+//! The layout of sled keys (not crypto keys): how every tree's keys are encoded, in
+//! one place.
 //!
 //! Integers are big-endian so that byte order is numeric order and range scans walk
 //! keys in sequence. Bincode is for values only: its varints do not sort.
