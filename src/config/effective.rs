@@ -132,6 +132,7 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
             "max_connections_per_address",
             int(l.max_connections_per_address),
         ),
+        ("ipv6_prefix_len", int(l.ipv6_prefix_len)),
         (
             "max_streams_per_connection",
             int(l.max_streams_per_connection),

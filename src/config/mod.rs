@@ -133,6 +133,9 @@ pub struct TlsFiles {
 pub struct Limits {
     pub max_connections: u32,
     pub max_connections_per_address: u32,
+    /// IPv6 clients count per network of this prefix length (one subscriber usually
+    /// holds a whole /64, so counting full addresses would let one take every slot).
+    pub ipv6_prefix_len: u8,
     pub max_streams_per_connection: u32,
     pub max_frame_bytes: u32,
     pub handshake_timeout: Duration,
@@ -261,6 +264,7 @@ impl Default for Config {
             limits: Limits {
                 max_connections: 10_000,
                 max_connections_per_address: 256,
+                ipv6_prefix_len: 64,
                 max_streams_per_connection: 32,
                 max_frame_bytes: 256 * 1024,
                 handshake_timeout: Duration::from_secs(10),

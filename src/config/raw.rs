@@ -71,6 +71,7 @@ pub struct Server {
 pub struct Limits {
     pub max_connections: Option<u32>,
     pub max_connections_per_address: Option<u32>,
+    pub ipv6_prefix_len: Option<u8>,
     pub max_streams_per_connection: Option<u32>,
     pub max_frame_bytes: Option<u32>,
     pub handshake_timeout_ms: Option<u64>,
@@ -317,6 +318,13 @@ impl File {
                 dl.max_connections_per_address,
                 1,
                 10_000_000,
+            )?,
+            ipv6_prefix_len: in_range(
+                "limits.ipv6_prefix_len",
+                l.ipv6_prefix_len,
+                dl.ipv6_prefix_len,
+                32,
+                128,
             )?,
             max_streams_per_connection: in_range(
                 "limits.max_streams_per_connection",

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub code_requests: Family<OutcomeLabels, Counter>,
     pub code_limits: Family<LimitLabels, Counter>,
     pub discovery_evaluations: Counter,
+    /// Registration-lock PINs judged (Argon2id verifications).
+    pin_checks: Counter,
     store_bytes: Gauge,
     devices_online: Gauge,
     uptime: Gauge,
@@ -84,6 +86,7 @@ impl Metrics {
             code_requests: Family::default(),
             code_limits: Family::default(),
             discovery_evaluations: Counter::default(),
+            pin_checks: Counter::default(),
             store_bytes: Gauge::default(),
             devices_online: Gauge::default(),
             uptime: Gauge::default(),
@@ -172,6 +175,11 @@ impl Metrics {
             "Blinded contact points evaluated (OPRF) for discovery",
             m.discovery_evaluations.clone(),
         );
+        r.register(
+            "registration_lock_pin_checks",
+            "Registration-lock PINs judged (Argon2id verifications)",
+            m.pin_checks.clone(),
+        );
         r.register_with_unit(
             "store",
             "Bytes of the database on disk",
@@ -236,6 +244,11 @@ impl Metrics {
         self.code_requests
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+
+    /// A registration-lock PIN judged.
+    pub fn pin_checked(&self) {
+        self.pin_checks.inc();
     }
 
     /// A code request refused by the abuse limit `limit`.

@@ -74,6 +74,9 @@ fn provider(kind: &ProviderKind) -> Box<dyn Provider> {
     }
 }
 
+/// Registration-lock PIN hashes that may run at once.
+const PIN_CHECKS: usize = 2;
+
 /// What every connection and request shares.
 pub(crate) struct Shared {
     pub config: Config,
@@ -88,8 +91,9 @@ pub(crate) struct Shared {
     /// A second store thread for reads (delivery pages, lookups), so that a drain of
     /// a large backlog does not queue behind its own acknowledgements.
     pub reader: worker::StoreWorker,
-    /// Bumped before and after every registration: caches of who is registered (a
-    /// session's identity, the recipient directory) are valid only within one epoch.
+    /// Bumped after every change of registrations (a device registered, an account
+    /// deleted): caches of who is registered (a session's identity, the recipient
+    /// directory) are valid only within one epoch, read before the store was.
     pub directory_epoch: std::sync::atomic::AtomicU64,
     /// Recipient number → (account id, device ids), for the current epoch.
     pub directory: std::sync::Mutex<(u64, Directory)>,
@@ -100,6 +104,9 @@ pub(crate) struct Shared {
     /// Live connections per device key, to close those of signed-out devices.
     pub connections: conn::Connections,
     pub metrics: Arc<metrics::Metrics>,
+    /// Argon2id hashes of registration-lock PINs in progress: each costs 19 MiB and
+    /// tens of milliseconds of a core, so only a few run at once.
+    pub pin_checks: tokio::sync::Semaphore,
     pub started: std::time::Instant,
 }
 
@@ -186,6 +193,7 @@ impl Node {
             admission: limits::Admission::new(
                 config.limits.max_connections,
                 config.limits.max_connections_per_address,
+                config.limits.ipv6_prefix_len,
             ),
             providers,
             commit: commit::GroupCommit::start(store.clone(), metrics.clone()),
@@ -208,6 +216,7 @@ impl Node {
             discovery: discovery::Discovery::new(config.discovery.daily_budget),
             connections: conn::Connections::default(),
             metrics,
+            pin_checks: tokio::sync::Semaphore::new(PIN_CHECKS),
             started: std::time::Instant::now(),
             store,
             config,

@@ -108,16 +108,24 @@ where
         got += n;
     }
     let len = check_len(prefix, max)?;
-    let mut payload = vec![0u8; len];
-    reader.read_exact(&mut payload).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Truncated
-        } else {
-            FrameError::Io(e)
+    // The buffer grows as bytes arrive, never from the prefix alone: a peer that
+    // announces 8 MiB and sends 128 bytes holds 128 bytes (and a chunk) of memory.
+    let mut payload = Vec::with_capacity(len.min(READ_CHUNK));
+    while payload.len() < len {
+        let want = (len - payload.len()).min(READ_CHUNK);
+        let start = payload.len();
+        payload.resize(start + want, 0);
+        let n = reader.read(&mut payload[start..]).await?;
+        payload.truncate(start + n);
+        if n == 0 {
+            return Err(FrameError::Truncated);
         }
-    })?;
+    }
     decode_payload(&payload).map(Some)
 }
+
+/// Bytes read into a frame's buffer at a time.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// Writes one frame to `writer`.
 pub async fn write<T, W>(writer: &mut W, value: &T) -> Result<(), FrameError>
@@ -136,6 +144,54 @@ mod tests {
 
     use super::*;
     use crate::proto::messages::{Channel, Request};
+
+    /// A peer that sends `data` and then nothing (the stream stays open), recording
+    /// the most buffer space a read ever offered it.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        largest_offer: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            self.largest_offer = self.largest_offer.max(buf.remaining());
+            if self.pos == self.data.len() {
+                return std::task::Poll::Pending;
+            }
+            let n = buf.remaining().min(self.data.len() - self.pos);
+            let (from, to) = (self.pos, self.pos + n);
+            buf.put_slice(&self.data[from..to]);
+            self.pos = to;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_length_prefix_alone_reserves_no_memory() {
+        // The largest frame announced, then 128 bytes of it, then silence.
+        let mut data = (HARD_MAX_FRAME_BYTES as u32).to_be_bytes().to_vec();
+        data.extend([0x55; 128]);
+        let mut peer = Trickle {
+            data,
+            pos: 0,
+            largest_offer: 0,
+        };
+        {
+            let read = std::pin::pin!(read::<Request, _>(&mut peer, HARD_MAX_FRAME_BYTES));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(read.poll(&mut cx).is_pending());
+        }
+        assert!(
+            peer.largest_offer <= READ_CHUNK,
+            "a buffer of {} bytes was made for 128 bytes received",
+            peer.largest_offer
+        );
+    }
 
     fn sample_requests() -> impl Strategy<Value = Request> {
         prop_oneof![

@@ -52,13 +52,27 @@ impl Store {
         judge: impl Fn(&CodeRecord) -> Judgement<E>,
     ) -> Result<VerifyOutcome<E>, StoreError> {
         let _gate = self.writing();
+        // No code pending: nothing to judge, and no id or PRF worth the work.
+        if !self
+            .trees
+            .number_code
+            .contains_key(layout::number(number))?
+        {
+            return Ok(VerifyOutcome::NoCode);
+        }
         // Ids are drawn outside the transaction (sled cannot inside); an unused one is
         // simply skipped. They start at 1: 0 reads as "none" too easily.
         let fresh_account_id = self
             .next_id()?
             .checked_add(1)
             .ok_or_else(|| StoreError::Corrupt("the id space is exhausted".into()))?;
-        let prf = self.discovery_key().prf(number).map_err(discovery_error)?;
+        // The PRF (an OPRF evaluation) only once a code was found right.
+        let prf_cell: std::cell::OnceCell<Result<Prf, String>> = std::cell::OnceCell::new();
+        let prf_of = || {
+            prf_cell
+                .get_or_init(|| self.discovery_key().prf(number).map_err(|e| e.to_string()))
+                .clone()
+        };
         let t = &self.trees;
         let outcome = (
             &t.number_code,
@@ -160,6 +174,7 @@ impl Store {
                     records::encode(&account).or_else(abort)?,
                 )?;
                 device_keys.insert(&new_device.key_id, &layout::device(account_id, device_id))?;
+                let prf = prf_of().map_err(StoreError::Corrupt).or_else(abort)?;
                 index.insert(&prf, &layout::account(account_id))?;
                 Ok(VerifyOutcome::Registered {
                     device: DeviceRef {
@@ -227,6 +242,72 @@ impl Store {
             None => 0,
         };
         Ok(Some((account, lock, seen)))
+    }
+
+    /// Judges the code pending for `number` without registering anything: `judge`
+    /// says what the record becomes (`None` deletes it) and what to answer. `None`
+    /// when no code is pending.
+    pub fn judge_code<E>(
+        &self,
+        number: &str,
+        judge: impl Fn(&CodeRecord) -> (Option<CodeRecord>, E),
+    ) -> Result<Option<E>, StoreError> {
+        let _gate = self.writing();
+        let key = layout::number(number);
+        let codes = &self.trees.number_code;
+        // Compare-and-swap, so a guess judged here and one judged by a registration
+        // at the same time never both count against the same tries.
+        for _ in 0..64 {
+            let Some(bytes) = codes.get(key)? else {
+                return Ok(None);
+            };
+            let record = records::decode::<CodeRecord>(&bytes, "number_code")?;
+            let (update, answer) = judge(&record);
+            let new = update.map(|r| records::encode(&r)).transpose()?;
+            if codes
+                .compare_and_swap(key, Some(&bytes), new.as_deref())?
+                .is_ok()
+            {
+                return Ok(Some(answer));
+            }
+        }
+        Err(StoreError::Corrupt(
+            "the code record kept changing while it was judged".into(),
+        ))
+    }
+
+    /// Takes one wrong-PIN try of `account`'s registration lock, before the PIN is
+    /// judged, atomically: concurrent guesses each take a try of their own.
+    /// `Some((tries left after this one, the lock as now stored))` when one was left;
+    /// `None` when none is (or there is no lock any more).
+    pub fn take_pin_try(
+        &self,
+        account: u64,
+        max: u32,
+    ) -> Result<Option<(u32, records::LockRecord)>, StoreError> {
+        let _gate = self.writing();
+        let key = layout::account(account);
+        let locks = &self.trees.registration_lock;
+        for _ in 0..64 {
+            let Some(bytes) = locks.get(key)? else {
+                return Ok(None);
+            };
+            let mut lock = records::decode::<records::LockRecord>(&bytes, "registration_lock")?;
+            if lock.wrong_tries >= max {
+                return Ok(None);
+            }
+            lock.wrong_tries += 1;
+            let new = records::encode(&lock)?;
+            if locks
+                .compare_and_swap(key, Some(&bytes), Some(new))?
+                .is_ok()
+            {
+                return Ok(Some((max - lock.wrong_tries, lock)));
+            }
+        }
+        Err(StoreError::Corrupt(
+            "the registration lock kept changing while a try was taken".into(),
+        ))
     }
 
     /// Sets (`Some`) or clears (`None`) the registration lock of `account`.

@@ -295,3 +295,56 @@ async fn after_too_many_wrong_pins_no_pin_is_accepted() {
     assert!(reg.took_over);
     node.shutdown().await;
 }
+
+/// 64 wrong PINs sent at once over 8 connections by someone holding the code: each
+/// takes a try before it is judged, so no more than the lock's tries are ever
+/// judged, and then not even the right PIN gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_pin_guesses_are_judged_no_more_than_the_tries_allow() {
+    let node = InProcessNode::start(&config_text(
+        "[verification]\nmax_pin_tries = 5\n\
+         [metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
+    ))
+    .await;
+    let owner = node.registered(ALICE).await;
+    owner.set_lock("4321").await.unwrap();
+    let alice = number(ALICE);
+    let mut thieves = Vec::new();
+    for _ in 0..8 {
+        thieves.push(std::sync::Arc::new(node.connect().await));
+    }
+    thieves[0]
+        .request_code(&alice, Channel::Sms, "en")
+        .await
+        .unwrap();
+    let mut guesses = tokio::task::JoinSet::new();
+    for i in 0..64u32 {
+        let (thief, alice) = (thieves[i as usize % 8].clone(), alice.clone());
+        guesses.spawn(async move {
+            let pin = format!("{:04}", 1000 + i);
+            thief.verify_code_with_pin(&alice, CODE, &pin).await
+        });
+    }
+    let mut judged_wrong = 0;
+    while let Some(result) = guesses.join_next().await {
+        match kind(result.unwrap()) {
+            ErrorKind::RegistrationLocked { .. } => judged_wrong += 1,
+            other => panic!("a guess got {other:?}"),
+        }
+    }
+    assert_eq!(judged_wrong, 64);
+    // The right PIN now gets nothing: every try was taken.
+    assert!(matches!(
+        kind(thieves[0].verify_code_with_pin(&alice, CODE, "4321").await),
+        ErrorKind::RegistrationLocked { tries_left: 0, .. }
+    ));
+    let (_, _, body) = http_get(node.metrics.as_deref().unwrap());
+    let samples = parse_openmetrics(&body);
+    let checks = sample(&samples, "switchboard_registration_lock_pin_checks_total");
+    assert!(
+        checks <= 5.0,
+        "{checks} PINs were judged, the lock allows 5"
+    );
+    assert_eq!(owner.whoami().await.unwrap().number, ALICE);
+    node.shutdown().await;
+}

@@ -199,37 +199,29 @@ pub(super) async fn request_code(
     }))
 }
 
-/// What a registration lock in force says of this attempt: `None` when the PIN is
-/// right. `lapses_at` is when the lock lapses (ms).
-async fn lock_refusal(
-    shared: &Arc<Shared>,
-    record: &LockRecord,
-    lapses_at: u64,
-    pin: Option<&str>,
-    now: u64,
-) -> Option<Refusal> {
-    let lapses_in = Duration::from_millis(lapses_at.saturating_sub(now));
-    let left = shared
-        .config
-        .verification
-        .max_pin_tries
-        .saturating_sub(record.wrong_tries);
-    let Some(pin) = pin.filter(|_| left > 0) else {
-        return Some(Refusal::Locked {
-            tries_left: left,
-            lapses_in,
-            wrong_pin: false,
-        });
-    };
-    let (pin, hash) = (pin.to_string(), record.pin_hash.clone());
-    let right = tokio::task::spawn_blocking(move || verify::pin::verify(&pin, &hash))
+/// Judges a registration-lock PIN against its Argon2id hash, on the blocking pool, at
+/// most `PIN_CHECKS` at a time: each costs 19 MiB and tens of milliseconds, and only
+/// someone who holds the right code gets here.
+async fn pin_is_right(shared: &Arc<Shared>, pin: &str, hash: &str) -> Result<bool, NodeError> {
+    let _permit = shared
+        .pin_checks
+        .acquire()
         .await
-        .unwrap_or(false);
-    (!right).then_some(Refusal::Locked {
-        tries_left: left - 1,
-        lapses_in,
-        wrong_pin: true,
-    })
+        .map_err(|_| NodeError::new(ErrorKind::Internal, "the node is stopping"))?;
+    shared.metrics.pin_checked();
+    let (pin, hash) = (pin.to_string(), hash.to_string());
+    tokio::task::spawn_blocking(move || verify::pin::verify(&pin, &hash))
+        .await
+        .map_err(|e| NodeError::new(ErrorKind::Internal, format!("hashing task failed: {e}")))
+}
+
+/// What judging the code alone found, for a number with a registration lock.
+#[derive(Debug, Clone)]
+enum CodeCheck {
+    /// The code is right; it stays pending for the registration that follows a
+    /// right PIN.
+    Right,
+    Refused(Refusal),
 }
 
 pub(super) async fn verify_code(
@@ -253,84 +245,118 @@ pub(super) async fn verify_code(
     let lapse = shared.config.verification.lock_lapse.as_millis() as u64;
     let in_force = lock
         .as_ref()
-        .map(|(_, record, seen)| (record, seen.saturating_add(lapse)))
-        .filter(|(_, lapses_at)| now < *lapses_at);
-    let locked = match in_force {
-        Some((record, lapses_at)) => lock_refusal(shared, record, lapses_at, pin, now).await,
-        None => None,
+        .map(|(account, record, seen)| (*account, record.clone(), seen.saturating_add(lapse)))
+        .filter(|(_, _, lapses_at)| now < *lapses_at);
+    let Some((account, record, lapses_at)) = in_force else {
+        // No lock, or one that lapsed (it goes with the registration).
+        let lapsed = lock.map(|(account, _, _)| (account, None));
+        return register(shared, session, &number, code, now, lapsed).await;
     };
-    let lock_in_force = in_force.is_some();
+    let lapses_in = Duration::from_millis(lapses_at.saturating_sub(now));
+    let locked = |tries_left, wrong_pin| {
+        refusal(Refusal::Locked {
+            tries_left,
+            lapses_in,
+            wrong_pin,
+        })
+    };
+
+    // The code first. A wrong one counts against the code, as for any number, and
+    // never reaches the lock: so junk codes cost no Argon2 and tell nothing of the
+    // lock, and the PIN is judged only for someone who holds the right code. A right
+    // one stays pending for the registration below.
+    let (number2, code2, shared2) = (number.clone(), code.to_string(), shared.clone());
+    let checked = blocking(shared, move |store| {
+        store.judge_code(number2.as_str(), |r| {
+            match shared2.codes.judge(&number2, &code2, r, now) {
+                Judgement::Accept => (Some(r.clone()), CodeCheck::Right),
+                Judgement::Reject { update, error } => (update, CodeCheck::Refused(error)),
+            }
+        })
+    })
+    .await?;
+    match checked {
+        None => return Err(no_code()),
+        Some(CodeCheck::Refused(r)) => return Err(refusal(r)),
+        Some(CodeCheck::Right) => {}
+    }
+    let max = shared.config.verification.max_pin_tries;
+    let Some(pin) = pin else {
+        return Err(locked(max.saturating_sub(record.wrong_tries), false));
+    };
+    // A try is taken, durably, before the PIN is judged: concurrent guesses each take
+    // one, so no more than `max_pin_tries` PINs are ever judged.
+    let Some((left, taken)) =
+        blocking(shared, move |store| store.take_pin_try(account, max)).await?
+    else {
+        return Err(locked(0, false));
+    };
+    shared.commit.durable().await.map_err(commit_failed)?;
+    if !pin_is_right(shared, pin, &taken.pin_hash).await? {
+        tracing::warn!(
+            account,
+            wrong_tries = taken.wrong_tries,
+            "wrong registration-lock PIN"
+        );
+        return Err(locked(left, true));
+    }
+    // The PIN is right: register (the code is judged again, and is still right), and
+    // the lock counts afresh.
+    let reset = LockRecord {
+        wrong_tries: 0,
+        ..taken
+    };
+    register(
+        shared,
+        session,
+        &number,
+        code,
+        now,
+        Some((account, Some(reset))),
+    )
+    .await
+}
+
+fn no_code() -> NodeError {
+    NodeError::new(
+        ErrorKind::NoCodePending,
+        "no code is pending for this number; request one first",
+    )
+}
+
+/// Consumes the right code and registers this device as `number`; then applies
+/// `lock_update` (a lapsed lock removed, or a lock's tries reset).
+async fn register(
+    shared: &Arc<Shared>,
+    session: &Session,
+    number: &Number,
+    code: &str,
+    now: u64,
+    lock_update: Option<(u64, Option<LockRecord>)>,
+) -> Result<Response, NodeError> {
     let device = NewDevice {
         key_id: session.key_id,
         public_key: session.public_key.clone(),
     };
     let (shared2, number2, code2) = (shared.clone(), number.clone(), code.to_string());
-    // Invalidate directory caches before the change and again after it, so that no
-    // cache filled in between outlives it.
-    shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
     let outcome = blocking(shared, move |store| {
         store.verify_and_register(number2.as_str(), &device, now, |record| {
-            match (shared2.codes.judge(&number2, &code2, record, now), &locked) {
-                // The code is right, but the lock holds: keep the code for a try with
-                // the PIN.
-                (Judgement::Accept, Some(refusal)) => Judgement::Reject {
-                    update: Some(record.clone()),
-                    error: refusal.clone(),
-                },
-                (judgement, _) => judgement,
-            }
+            shared2.codes.judge(&number2, &code2, record, now)
         })
     })
-    .await;
-    shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
-    let outcome = outcome?;
+    .await?;
     match outcome {
-        VerifyOutcome::NoCode => Err(NodeError::new(
-            ErrorKind::NoCodePending,
-            "no code is pending for this number; request one first",
-        )),
-        VerifyOutcome::Rejected(r) => {
-            if let (
-                Refusal::Locked {
-                    wrong_pin: true, ..
-                },
-                Some((account, record, _)),
-            ) = (&r, &lock)
-            {
-                let (account, mut record) = (*account, record.clone());
-                record.wrong_tries += 1;
-                tracing::warn!(
-                    account,
-                    wrong_tries = record.wrong_tries,
-                    "wrong registration-lock PIN"
-                );
-                blocking(shared, move |store| {
-                    store.set_registration_lock(account, Some(&record))
-                })
-                .await?;
-                shared.commit.durable().await.map_err(commit_failed)?;
-            }
-            Err(refusal(r))
-        }
+        VerifyOutcome::NoCode => Err(no_code()),
+        VerifyOutcome::Rejected(r) => Err(refusal(r)),
         VerifyOutcome::Registered {
             device,
             took_over,
             signed_out,
             revoked_keys,
         } => {
-            // A lock that let this through (right PIN) starts counting afresh; one that
-            // had lapsed goes. Either way the account was seen now.
-            let lock_update = match lock {
-                Some((account, _, _)) if !lock_in_force => Some((account, None)),
-                Some((account, record, _)) if record.wrong_tries > 0 => Some((
-                    account,
-                    Some(LockRecord {
-                        wrong_tries: 0,
-                        ..record
-                    }),
-                )),
-                _ => None,
-            };
+            // Caches of who is registered are stale from now on (and only now: a
+            // refused attempt changes no account).
+            shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
             let account = device.account_id;
             blocking(shared, move |store| {
                 if let Some((locked_account, update)) = &lock_update {
@@ -389,10 +415,17 @@ pub(super) async fn set_lock(
 ) -> Result<Response, NodeError> {
     let me = authenticated(shared, session).await?;
     verify::pin::check_new(&pin).map_err(|why| NodeError::new(ErrorKind::Malformed, why))?;
-    let hash = tokio::task::spawn_blocking(move || verify::pin::hash(&pin))
-        .await
-        .map_err(|e| NodeError::new(ErrorKind::Internal, format!("hashing task failed: {e}")))?
-        .map_err(|why| NodeError::new(ErrorKind::Internal, why))?;
+    let hash = {
+        let _permit = shared
+            .pin_checks
+            .acquire()
+            .await
+            .map_err(|_| NodeError::new(ErrorKind::Internal, "the node is stopping"))?;
+        tokio::task::spawn_blocking(move || verify::pin::hash(&pin))
+            .await
+            .map_err(|e| NodeError::new(ErrorKind::Internal, format!("hashing task failed: {e}")))?
+            .map_err(|why| NodeError::new(ErrorKind::Internal, why))?
+    };
     let record = LockRecord {
         pin_hash: hash,
         set_at_ms: now_ms(),
