@@ -56,6 +56,7 @@ pub struct Metrics {
     pin_checks: Counter,
     store_bytes: Gauge,
     devices_online: Gauge,
+    directory_changes: Gauge,
     uptime: Gauge,
 }
 
@@ -89,6 +90,7 @@ impl Metrics {
             pin_checks: Counter::default(),
             store_bytes: Gauge::default(),
             devices_online: Gauge::default(),
+            directory_changes: Gauge::default(),
             uptime: Gauge::default(),
             registry: Registry::default(),
         };
@@ -112,6 +114,11 @@ impl Metrics {
             "devices_online",
             "Device keys with at least one open connection",
             m.devices_online.clone(),
+        );
+        r.register(
+            "directory_changes",
+            "Changes of who is registered since the node started (each one empties the caches of registrations)",
+            m.directory_changes.clone(),
         );
         r.register(
             "requests",
@@ -278,6 +285,11 @@ impl Metrics {
         self.store_bytes.set(clamp(shared.store.size_on_disk()));
         self.devices_online
             .set(clamp(shared.connections.devices_online() as u64));
+        self.directory_changes.set(clamp(
+            shared
+                .directory_epoch
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ));
         self.uptime.set(clamp(shared.started.elapsed().as_secs()));
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

@@ -23,7 +23,7 @@ pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
 pub use prekeys::{Claimed, KeysRefusal};
 pub use queues::{AppendOutcome, InMemory, Queued, SweepStats};
 pub use staging::{AppendPolicy, HandOff, HandOffStats, WriteBehind};
-pub use ticket::{Ticket, TicketWaiter};
+pub use ticket::{CarriedReceipts, Ticket, TicketWaiter};
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use super::layout::{self, DeviceKey};
 use super::records;
-use super::ticket::{Ticket, TicketWaiter};
+use super::ticket::{CarriedReceipts, Ticket, TicketWaiter};
 use super::{DeviceRef, QueueState, Queued, Store, StoreError};
 
 /// The `sent_message` key of a staged send.
@@ -520,21 +520,36 @@ impl Store {
 
     /// Queues receipts for `sender`'s message `id` from `devices` of `number`: those
     /// a waiter carried and then could not hand over.
-    pub(super) fn stage_receipts(
-        &self,
-        sender: DeviceRef,
-        number: &str,
-        id: [u8; 16],
-        devices: &[u32],
-    ) -> Result<(), StoreError> {
+    /// Queues (stages) the receipts an unanswered send carried. It may wait for the
+    /// queue writer lock and count the sender's queue: the store thread's work.
+    pub fn stage_carried(&self, c: &CarriedReceipts) -> Result<(), StoreError> {
+        let mut q = self.queue_writer();
+        self.len_of(&mut q, c.sender.key());
+        self.stage_carried_in(&mut q, c)
+    }
+
+    /// [`Store::stage_carried`] for a caller on an async worker: done only if the
+    /// queue writer lock comes within a short spin and the sender's queue length is
+    /// known (no sled scan); `false` otherwise, and the caller hands it to the store
+    /// thread.
+    pub fn try_stage_carried(&self, c: &CarriedReceipts) -> Result<bool, StoreError> {
+        let Some(mut q) = self.queue_writer_now() else {
+            return Ok(false);
+        };
+        if !q.lens.contains_key(&c.sender.key()) {
+            return Ok(false);
+        }
+        self.stage_carried_in(&mut q, c)?;
+        Ok(true)
+    }
+
+    fn stage_carried_in(&self, q: &mut QueueState, c: &CarriedReceipts) -> Result<(), StoreError> {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let mut q = self.queue_writer();
-        self.len_of(&mut q, sender.key());
-        for &device_id in devices {
-            let (seq, value) = self.receipt_row(number, device_id, id, now_ms)?;
-            self.stage_receipt(&mut q, sender.key(), seq, value);
+        for &device_id in &c.devices {
+            let (seq, value) = self.receipt_row(&c.number, device_id, c.id, now_ms)?;
+            self.stage_receipt(q, c.sender.key(), seq, value);
         }
         Ok(())
     }

@@ -159,15 +159,16 @@ impl TicketWaiter {
         carried.closed = true;
     }
 
-    /// Leaves without answering. If nobody else will answer, the carried receipts
-    /// are queued for the sender, which is returned so its delivery stream can be
-    /// woken.
-    pub fn leave(mut self) -> Option<DeviceRef> {
+    /// Leaves without answering. If nobody else will answer, returns the receipts the
+    /// answer would have carried, for the caller to queue for the sender
+    /// ([`Store::try_stage_carried`], else [`Store::stage_carried`] on the store
+    /// thread): they must not be dropped.
+    pub fn leave(mut self) -> Option<CarriedReceipts> {
         self.done = true;
-        self.leave_inner()
+        self.take_carried()
     }
 
-    fn leave_inner(&self) -> Option<DeviceRef> {
+    fn take_carried(&self) -> Option<CarriedReceipts> {
         let (number, devices) = {
             let mut carried = self.ticket.carried();
             carried.waiters = carried.waiters.saturating_sub(1);
@@ -177,25 +178,36 @@ impl TicketWaiter {
             carried.closed = true;
             (carried.number.take(), std::mem::take(&mut carried.devices))
         };
-        let number = number?;
-        let sender = self.ticket.sender;
-        match self
-            .store
-            .stage_receipts(sender, &number, self.ticket.id, &devices)
-        {
-            Ok(()) => Some(sender),
-            Err(e) => {
-                tracing::error!(error = %e, "queueing carried receipts failed");
-                None
-            }
-        }
+        Some(CarriedReceipts {
+            sender: self.ticket.sender,
+            number: number?,
+            id: self.ticket.id,
+            devices,
+        })
     }
 }
 
+/// Receipts a send's answer carried, left to queue for its sender when the answer
+/// never reached it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CarriedReceipts {
+    pub sender: DeviceRef,
+    /// The recipient's number.
+    pub number: String,
+    pub id: [u8; 16],
+    /// The recipient devices that acknowledged.
+    pub devices: Vec<u32>,
+}
+
 impl Drop for TicketWaiter {
+    /// A waiter dropped without [`TicketWaiter::leave`] or [`TicketWaiter::answered`]
+    /// (only the store's own tests do) queues the receipts here and now.
     fn drop(&mut self) {
-        if !self.done {
-            self.leave_inner();
+        if !self.done
+            && let Some(c) = self.take_carried()
+            && let Err(e) = self.store.stage_carried(&c)
+        {
+            tracing::error!(error = %e, "queueing carried receipts failed");
         }
     }
 }

@@ -348,3 +348,41 @@ async fn parallel_pin_guesses_are_judged_no_more_than_the_tries_allow() {
     assert_eq!(owner.whoami().await.unwrap().number, ALICE);
     node.shutdown().await;
 }
+
+/// Verification attempts that change no account (no code pending, a wrong code)
+/// leave every cache of registrations alone; a registration does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_verifications_leave_the_registration_caches_alone() {
+    let node = InProcessNode::start(&config_text(
+        "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
+    ))
+    .await;
+    let url = node.metrics.clone().unwrap();
+    let changes = || {
+        let (_, _, body) = http_get(&url);
+        sample(&parse_openmetrics(&body), "switchboard_directory_changes")
+    };
+    let stranger = node.connect().await;
+    let (alice, bob) = (number(ALICE), number(BOB));
+    let before = changes();
+    for _ in 0..20 {
+        assert_eq!(
+            kind(stranger.verify_code(&alice, "000000").await),
+            ErrorKind::NoCodePending
+        );
+    }
+    stranger
+        .request_code(&bob, Channel::Sms, "en")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            kind(stranger.verify_code(&bob, "000000").await),
+            ErrorKind::WrongCode { .. }
+        ));
+    }
+    assert_eq!(changes(), before, "failed attempts emptied the caches");
+    stranger.verify_code(&bob, CODE).await.unwrap();
+    assert_eq!(changes(), before + 1.0);
+    node.shutdown().await;
+}

@@ -218,9 +218,26 @@ impl Waiting {
 }
 
 impl Drop for Waiting {
+    /// Queues the receipts the answer carried, right here if that costs no wait,
+    /// else on the store thread: a drop runs on an async worker, which must not park
+    /// on the queue writer lock nor scan a queue.
     fn drop(&mut self) {
-        if let Some(sender) = self.waiter.take().and_then(TicketWaiter::leave) {
-            self.shared.mailboxes.wake(sender);
+        let Some(carried) = self.waiter.take().and_then(TicketWaiter::leave) else {
+            return;
+        };
+        match self.shared.store.try_stage_carried(&carried) {
+            Ok(true) => self.shared.mailboxes.wake(carried.sender),
+            Ok(false) => {
+                let shared = self.shared.clone();
+                self.shared
+                    .worker
+                    .detach("queueing carried receipts", move |store| {
+                        store.stage_carried(&carried)?;
+                        shared.mailboxes.wake(carried.sender);
+                        Ok(())
+                    });
+            }
+            Err(e) => tracing::error!(error = %e, "queueing carried receipts failed"),
         }
     }
 }

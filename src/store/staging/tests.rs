@@ -132,7 +132,10 @@ fn a_receipt_nobody_can_carry_is_queued_and_acknowledged_from_memory() {
         .expect("ack")
         .expect("all in memory");
     assert_eq!(receipts, [alice], "the first receipt, queued at once");
-    assert_eq!(leaving.expect("waiter").leave(), Some(alice));
+    let carried = leaving.expect("waiter").leave().expect("receipts to queue");
+    assert_eq!(carried.sender, alice);
+    // The queue length of Alice is known (loaded above): no wait, no scan.
+    assert!(store.try_stage_carried(&carried).expect("stage"));
 
     let (receipts, _) = store
         .staged_page(alice, None, 10, usize::MAX)
@@ -151,6 +154,32 @@ fn a_receipt_nobody_can_carry_is_queued_and_acknowledged_from_memory() {
     store.write_staged(None).expect("write");
     assert_eq!(store.trees.queue.len(), 0);
     assert_eq!(store.queue_totals(), (0, 0));
+}
+
+/// A handler on an async worker that leaves its answer's receipts never waits for the
+/// queue writer lock nor counts a queue: it hands them to the store thread instead.
+#[test]
+fn receipts_left_by_an_unanswered_send_never_wait_on_an_async_worker() {
+    let (_dir, store, alice, bob) = alice_and_bob();
+    let carried = crate::store::CarriedReceipts {
+        sender: alice,
+        number: BOB.to_string(),
+        id: [7; 16],
+        devices: vec![bob.device_id],
+    };
+    // The sender's queue length is not known yet: that would be a sled scan.
+    assert!(!store.try_stage_carried(&carried).expect("try"));
+    store.queue_len(alice).expect("len");
+    // The lock is held (by the store thread, say): no wait either.
+    {
+        let _held = store.queue_writer();
+        assert!(!store.try_stage_carried(&carried).expect("try"));
+    }
+    assert!(store.try_stage_carried(&carried).expect("try"));
+    store
+        .stage_carried(&carried)
+        .expect("the store thread's way");
+    assert_eq!(store.queue_len(alice).expect("len"), 2);
 }
 
 #[test]
