@@ -184,12 +184,34 @@ impl Book {
 
     /// Runs discovery for every contact against the node behind `client`, saving
     /// what it learns in `db` as it goes. `progress(done, total)` is called as numbers
-    /// are evaluated.
+    /// are evaluated. A key rotation or a filter rebuilt in the middle starts it over
+    /// (a bounded number of times).
     pub async fn sync(
         db: &HomeDb,
         client: &Client,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<SyncReport, ContactsError> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Book::sync_once(db, client, &mut progress).await {
+                Ok(Some(report)) => return Ok(report),
+                Ok(None) => last = Some("the node's discovery key or filter kept changing"),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ContactsError::Discovery(format!(
+            "{}; run the sync again",
+            last.unwrap_or("the sync did not finish")
+        )))
+    }
+
+    /// One pass of [`Book::sync`]; `None` when the node's key or filter changed under
+    /// it and it must start over.
+    async fn sync_once(
+        db: &HomeDb,
+        client: &Client,
+        progress: &mut impl FnMut(usize, usize),
+    ) -> Result<Option<SyncReport>, ContactsError> {
         let snapshot = Book::load(db)?;
         let mut report = SyncReport::default();
         // The filter, unless ours is current.
@@ -218,10 +240,25 @@ impl Book {
         report.filter_bytes = filter_bytes.len();
         let filter = MembershipFilter::decode(&filter_bytes)
             .map_err(|e| ContactsError::Discovery(e.to_string()))?;
+        let book = Book::load(db)?;
+        let Some(key_version) = book.key_version else {
+            return Err(ContactsError::Damaged("no discovery key version".into()));
+        };
+        let filter_version = book.filter_version.unwrap_or_default();
+        // Who registered since the filter was built (a node from before the delta
+        // answers `Malformed`: then there is none to check).
+        let delta: HashSet<u64> = match client.fetch_filter_delta(filter_version).await {
+            Ok((v, kv, keys)) if v == filter_version && kv == key_version => {
+                keys.into_iter().collect()
+            }
+            Ok(_) => return Ok(None),
+            Err(ClientError::Node(e)) if e.kind == crate::proto::ErrorKind::Malformed => {
+                HashSet::new()
+            }
+            Err(e) => return Err(e.into()),
+        };
 
         // PRF values for the numbers that have none yet.
-        let book = Book::load(db)?;
-        let key_version = book.key_version;
         let mut todo: Vec<String> = book
             .contacts
             .iter()
@@ -244,10 +281,8 @@ impl Book {
             let (evaluated_version, evaluated, left) = client
                 .evaluate(blinded.iter().map(|b| b.element).collect())
                 .await?;
-            if Some(evaluated_version) != key_version {
-                return Err(ContactsError::Discovery(
-                    "the node's discovery key changed during the sync; run it again".into(),
-                ));
+            if evaluated_version != key_version {
+                return Ok(None);
             }
             let mut prfs = Vec::with_capacity(batch.len());
             for ((number, b), e) in batch.iter().zip(&blinded).zip(&evaluated) {
@@ -262,7 +297,7 @@ impl Book {
             // Keep what was paid for, even if a later batch fails.
             db.write(|tx| {
                 let mut book = Book::load_in(tx)?;
-                if book.key_version == key_version {
+                if book.key_version == Some(key_version) {
                     book.prf.extend(prfs);
                     book.store(tx)?;
                 }
@@ -270,8 +305,9 @@ impl Book {
             })?;
         }
 
-        // Check every contact locally; ask the node about the hits only. (The book
-        // holds each number once: `import` skips numbers it has.)
+        // Check every contact locally, against the filter and the delta; ask the node
+        // about the hits only. (The book holds each number once: `import` skips
+        // numbers it has.)
         let book = Book::load(db)?;
         let mut hits: Vec<(String, Prf)> = Vec::new();
         let mut checked = HashSet::new();
@@ -280,15 +316,31 @@ impl Book {
                 continue;
             };
             checked.insert(c.number.clone());
-            if filter.contains(&prf) {
+            if filter.contains(&prf) || delta.contains(&discovery::filter_key(&prf)) {
                 hits.push((c.number.clone(), prf));
             }
         }
         let mut registered = HashSet::new();
         for batch in hits.chunks(MAX_DISCOVERY_BATCH) {
-            let answers = client
-                .resolve(batch.iter().map(|(_, p)| *p).collect())
-                .await?;
+            let answers = match client
+                .resolve_under(key_version, batch.iter().map(|(_, p)| *p).collect())
+                .await
+            {
+                Ok(a) => a,
+                Err(ClientError::Node(e))
+                    if matches!(e.kind, crate::proto::ErrorKind::DiscoveryKeyChanged { .. }) =>
+                {
+                    // Rotated in the middle: every PRF value is stale.
+                    db.write(|tx| {
+                        let mut book = Book::load_in(tx)?;
+                        book.prf.clear();
+                        book.filter_version = None;
+                        book.store(tx)
+                    })?;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.into()),
+            };
             for ((number, _), yes) in batch.iter().zip(answers) {
                 if yes {
                     registered.insert(number.clone());
@@ -308,7 +360,7 @@ impl Book {
             report.contacts = book.contacts.len();
             book.store(tx)
         })?;
-        Ok(report)
+        Ok(Some(report))
     }
 
     /// The cached PRF value of `number` (`None` for a contact added after the

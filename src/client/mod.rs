@@ -524,6 +524,40 @@ impl Client {
         }
     }
 
+    /// Contact discovery: which of these PRF values, computed under discovery key
+    /// `key_version`, belong to registered accounts. A rotated key is the error
+    /// `DiscoveryKeyChanged`, never a wrong "not registered".
+    pub async fn resolve_under(
+        &self,
+        key_version: u32,
+        prfs: Vec<[u8; 32]>,
+    ) -> Result<Vec<bool>, ClientError> {
+        let n = prfs.len();
+        match self
+            .call(&Request::ResolveUnder { key_version, prfs })
+            .await?
+        {
+            Response::Resolved { registered } if registered.len() == n => Ok(registered),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Contact discovery: the registrations since the current filter was built, as
+    /// filter keys, with that filter's version and key version.
+    pub async fn fetch_filter_delta(
+        &self,
+        version: u64,
+    ) -> Result<(u64, u32, Vec<u64>), ClientError> {
+        match self.call(&Request::FetchFilterDelta { version }).await? {
+            Response::FilterDelta {
+                version,
+                key_version,
+                keys,
+            } => Ok((version, key_version, keys)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Opens this device's delivery stream.
     pub async fn subscribe(&self) -> Result<Subscription, ClientError> {
         match self.exchange(&Request::Subscribe, false).await? {

@@ -9,7 +9,9 @@
 //!
 //! The filter is rebuilt from the index on a timer when registrations changed it,
 //! never per request. Its version is a hash of its bytes, so it is the same across
-//! restarts for the same index.
+//! restarts for the same index. What registered since the last build is served beside
+//! it as a short list of filter keys (the *delta*), so a contact who registered a
+//! moment ago is found by the next sync, not after the next rebuild.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
@@ -18,7 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use sha2::{Digest, Sha256};
 
-use crate::discovery::MembershipFilter;
+use crate::discovery::{MembershipFilter, Prf};
 use crate::proto::{ErrorKind, NodeError};
 use crate::store::{Store, StoreError};
 
@@ -40,6 +42,18 @@ pub struct FilterSnapshot {
     pub entries: usize,
 }
 
+/// The most registrations the delta holds; past it, a rebuild is due at once.
+pub const MAX_DELTA: usize = 32_768;
+
+/// Registrations since the filter was built.
+#[derive(Default)]
+struct Delta {
+    /// The discovery key version the keys are under.
+    key_version: u32,
+    /// Filter keys of the PRF values indexed since the build began.
+    keys: Vec<u64>,
+}
+
 pub struct Discovery {
     per_day: u32,
     budgets: Mutex<HashMap<u64, Budget>>,
@@ -49,6 +63,10 @@ pub struct Discovery {
     dirty: AtomicBool,
     /// Serialises builds.
     building: tokio::sync::Mutex<()>,
+    delta: Mutex<Delta>,
+    /// Woken when the delta is full, so the refresher rebuilds without waiting for
+    /// its next tick.
+    pub rebuild_now: tokio::sync::Notify,
 }
 
 impl Discovery {
@@ -60,6 +78,35 @@ impl Discovery {
             filter: RwLock::new(None),
             dirty: AtomicBool::new(true),
             building: tokio::sync::Mutex::new(()),
+            delta: Mutex::new(Delta::default()),
+            rebuild_now: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A new account was indexed under `prf` (key version `key_version`): it joins the
+    /// delta at once, and the filter is rebuilt at the next refresh.
+    pub fn registered(&self, key_version: u32, prf: &Prf) {
+        self.mark_dirty();
+        let mut delta = self.delta.lock().unwrap_or_else(|p| p.into_inner());
+        if delta.key_version != key_version {
+            delta.keys.clear();
+            delta.key_version = key_version;
+        }
+        if delta.keys.len() < MAX_DELTA {
+            delta.keys.push(crate::discovery::filter_key(prf));
+        }
+        if delta.keys.len() >= MAX_DELTA / 2 {
+            self.rebuild_now.notify_one();
+        }
+    }
+
+    /// The registrations since `filter` was built, as filter keys.
+    pub fn delta_since(&self, filter: &FilterSnapshot) -> Vec<u64> {
+        let delta = self.delta.lock().unwrap_or_else(|p| p.into_inner());
+        if delta.key_version == filter.key_version {
+            delta.keys.clone()
+        } else {
+            Vec::new()
         }
     }
 
@@ -164,6 +211,12 @@ impl Discovery {
             return Ok(f);
         }
         self.dirty.store(false, Ordering::Release);
+        // What the delta holds now is in the index the build reads; what comes after,
+        // the delta keeps for the new filter.
+        let (delta_version, delta_len) = {
+            let delta = self.delta.lock().unwrap_or_else(|p| p.into_inner());
+            (delta.key_version, delta.keys.len())
+        };
         let store = store.clone();
         let built = tokio::task::spawn_blocking(move || build(&store))
             .await
@@ -176,14 +229,21 @@ impl Discovery {
             }
         };
         *self.filter.write().unwrap_or_else(|p| p.into_inner()) = Some(snapshot.clone());
+        let mut delta = self.delta.lock().unwrap_or_else(|p| p.into_inner());
+        if delta.key_version == delta_version && delta.key_version == snapshot.key_version {
+            let done = delta_len.min(delta.keys.len());
+            delta.keys.drain(..done);
+        } else if delta.key_version != snapshot.key_version {
+            delta.keys.clear();
+            delta.key_version = snapshot.key_version;
+        }
         Ok(snapshot)
     }
 }
 
 /// Builds the filter from the index (blocking: it reads the whole index).
 pub fn build(store: &Store) -> Result<FilterSnapshot, StoreError> {
-    let key_version = store.discovery_key().version();
-    let keys = store.discovery_filter_keys()?;
+    let (key_version, keys) = store.discovery_filter_keys()?;
     let entries = keys.len();
     let filter = MembershipFilter::build(keys)
         .map_err(|e| StoreError::Corrupt(format!("building the discovery filter: {e}")))?;

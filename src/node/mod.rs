@@ -336,7 +336,8 @@ impl Node {
 
 /// Drops queued items older than the TTL, every `sweep_interval`, until the node stops.
 /// Rebuilds the discovery filter when registrations changed the index: at start, then
-/// every `discovery.filter_refresh_secs`.
+/// every `discovery.filter_refresh_secs`, or at once when the delta of registrations
+/// since the last build grows large.
 async fn filter_refresher(shared: Arc<Shared>, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(shared.config.discovery.filter_refresh);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -344,6 +345,7 @@ async fn filter_refresher(shared: Arc<Shared>, stop: CancellationToken) {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
+            () = shared.discovery.rebuild_now.notified() => {}
         }
         match shared.discovery.refresh(&shared.store).await {
             Ok(f) => tracing::debug!(

@@ -65,6 +65,18 @@ pub enum Request {
         code: String,
         pin: String,
     },
+    /// Contact discovery: [`Request::Resolve`] for PRF values computed under discovery
+    /// key `key_version`. When the node's key is another (it was rotated), the answer
+    /// is [`ErrorKind::DiscoveryKeyChanged`] rather than "not registered". Answered by
+    /// [`Response::Resolved`].
+    ResolveUnder {
+        key_version: u32,
+        prfs: Vec<[u8; 32]>,
+    },
+    /// Contact discovery: the registrations since the filter `version` was built, as
+    /// filter keys (`discovery::filter_key` of each PRF value), so that a sync finds a
+    /// contact who registered a moment ago. Answered by [`Response::FilterDelta`].
+    FetchFilterDelta { version: u64 },
 }
 
 impl Request {
@@ -84,6 +96,8 @@ impl Request {
             Request::SetLock { .. } => "set_lock",
             Request::ClearLock => "clear_lock",
             Request::VerifyCodeWithPin { .. } => "verify_code_with_pin",
+            Request::ResolveUnder { .. } => "resolve",
+            Request::FetchFilterDelta { .. } => "fetch_filter_delta",
         }
     }
 }
@@ -324,6 +338,14 @@ pub enum Response {
     },
     /// The lock is gone (or there was none).
     LockCleared,
+    /// The filter keys of the accounts indexed since the current filter was built.
+    /// `version` is the current filter's: when it is not the one asked about, the
+    /// client's filter is old and `keys` belong to the new one.
+    FilterDelta {
+        version: u64,
+        key_version: u32,
+        keys: Vec<u64>,
+    },
 }
 
 /// A code is on its way.
@@ -425,6 +447,9 @@ pub enum ErrorKind {
         tries_left: u32,
         lapses_in_secs: u64,
     },
+    /// The PRF values were computed under a discovery key the node no longer uses
+    /// (it was rotated to `key_version`): evaluate the numbers again.
+    DiscoveryKeyChanged { key_version: u32 },
 }
 
 impl ErrorKind {
@@ -451,6 +476,7 @@ impl ErrorKind {
             ErrorKind::BadKeys => "bad_keys",
             ErrorKind::StorageFull => "storage_full",
             ErrorKind::RegistrationLocked { .. } => "registration_locked",
+            ErrorKind::DiscoveryKeyChanged { .. } => "discovery_key_changed",
         }
     }
 }

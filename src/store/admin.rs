@@ -371,6 +371,48 @@ mod tests {
         assert_eq!(summary[0].devices[0].queued, 1);
     }
 
+    /// Lookups racing key rotations never answer "not registered" for a registered
+    /// number: they are under the current key and found, or under an old one and told
+    /// so.
+    #[test]
+    fn a_lookup_during_a_rotation_is_never_a_wrong_no() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        for i in 0..200u8 {
+            register(&store, &format!("+1415555{:04}", 1000 + u32::from(i)), i);
+        }
+        let number = "+14155551100";
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (mut found, mut told) = (0, 0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..10 {
+                    store.rotate_discovery_key().expect("rotate");
+                }
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let key = store.discovery_key();
+                let prf = key.prf(number).expect("prf");
+                match store
+                    .discovery_resolve(key.version(), &[prf])
+                    .expect("resolve")
+                {
+                    Ok(answer) => {
+                        assert_eq!(answer, [true], "a registered number read as unknown");
+                        found += 1;
+                    }
+                    Err(current) => {
+                        assert!(current > key.version());
+                        told += 1;
+                    }
+                }
+            }
+        });
+        assert!(found > 0, "no lookup ran ({told} told of a new key)");
+        assert_eq!(store.discovery_key().version(), 11);
+    }
+
     #[test]
     fn a_rotation_cut_short_is_finished_at_the_next_open() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -218,6 +218,8 @@ pub enum VerifyOutcome<E> {
         /// The device keys of those devices, other than the registering key itself, so
         /// their live connections can be closed.
         revoked_keys: Vec<KeyId>,
+        /// The discovery index entry written: the key version and the PRF value.
+        indexed: (u32, Prf),
     },
     Rejected(E),
     NoCode,
@@ -394,7 +396,7 @@ impl Store {
         // convert, but an older build would ignore it and reuse restored ids.
         // A rotation cut short (see `rotate_discovery_key`) left the index partial.
         if (1..3).contains(&found) || self.trees.meta.get("discovery_rebuild")?.is_some() {
-            self.rebuild_discovery_index()?;
+            self.rebuild_discovery_index(&self.discovery_key())?;
             self.trees.meta.remove("discovery_rebuild")?;
         }
         if found < SCHEMA_VERSION {
@@ -476,7 +478,28 @@ impl Store {
         }
     }
 
-    /// The account indexed under `prf`, if any.
+    /// Which of `prfs` are indexed, when they are PRF values under discovery key
+    /// version `key_version`; `Err(current version)` when the key is another one (it
+    /// was rotated: the client must evaluate its numbers again). Holds the key's lock
+    /// across the lookups, so a rotation, which holds it while it rebuilds the index,
+    /// is never seen half done.
+    pub fn discovery_resolve(
+        &self,
+        key_version: u32,
+        prfs: &[Prf],
+    ) -> Result<Result<Vec<bool>, u32>, StoreError> {
+        let key = self.discovery.read().unwrap_or_else(|p| p.into_inner());
+        if key.version() != key_version {
+            return Ok(Err(key.version()));
+        }
+        prfs.iter()
+            .map(|p| self.discovery_lookup(p).map(|a| a.is_some()))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Ok)
+    }
+
+    /// The account indexed under `prf`, if any (whatever key it is under: see
+    /// [`Store::discovery_resolve`]).
     pub fn discovery_lookup(&self, prf: &Prf) -> Result<Option<u64>, StoreError> {
         match self.trees.discovery_index.get(prf)? {
             None => Ok(None),
@@ -488,8 +511,10 @@ impl Store {
         }
     }
 
-    /// The filter key of every index entry, in index order.
-    pub fn discovery_filter_keys(&self) -> Result<Vec<u64>, StoreError> {
+    /// The discovery key version and the filter key of every index entry under it, in
+    /// index order (read under the key's lock: never half a rotation).
+    pub fn discovery_filter_keys(&self) -> Result<(u32, Vec<u64>), StoreError> {
+        let key = self.discovery.read().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::with_capacity(self.trees.discovery_index.len());
         for entry in self.trees.discovery_index.iter().keys() {
             let key = entry?;
@@ -499,7 +524,7 @@ impl Store {
                 .map_err(|_| StoreError::Corrupt("discovery_index key length".into()))?;
             out.push(crate::discovery::filter_key(&prf));
         }
-        Ok(out)
+        Ok((key.version(), out))
     }
 
     /// Replaces the discovery key with a fresh one (version + 1) and rebuilds the index
@@ -509,26 +534,24 @@ impl Store {
     /// Returns the new version.
     pub fn rotate_discovery_key(&self) -> Result<u32, StoreError> {
         let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let version = self.discovery_key().version() + 1;
-        let key = DiscoveryKey::generate(version).map_err(discovery_error)?;
+        // Held until the index is rebuilt: lookups wait, then see the new version.
+        let mut current = self.discovery.write().unwrap_or_else(|p| p.into_inner());
+        let version = current.version() + 1;
+        let key = Arc::new(DiscoveryKey::generate(version).map_err(discovery_error)?);
         self.trees.meta.insert("discovery_rebuild", &[1u8])?;
         self.trees.meta.insert("discovery_key", key.to_bytes())?;
         self.trees
             .meta
             .insert("discovery_key_version", &version.to_be_bytes())?;
-        match self.discovery.write() {
-            Ok(mut k) => *k = Arc::new(key),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(key),
-        }
-        self.rebuild_discovery_index()?;
+        *current = key.clone();
+        self.rebuild_discovery_index(&key)?;
         self.trees.meta.remove("discovery_rebuild")?;
         self.flush_blocking()?;
         Ok(version)
     }
 
-    /// Writes the index afresh from `number_account`, under the current key.
-    fn rebuild_discovery_index(&self) -> Result<(), StoreError> {
-        let key = self.discovery_key();
+    /// Writes the index afresh from `number_account`, under `key`.
+    fn rebuild_discovery_index(&self, key: &DiscoveryKey) -> Result<(), StoreError> {
         self.trees.discovery_index.clear()?;
         for entry in self.trees.number_account.iter() {
             let (number, account) = entry?;

@@ -66,7 +66,9 @@ impl Store {
             .next_id()?
             .checked_add(1)
             .ok_or_else(|| StoreError::Corrupt("the id space is exhausted".into()))?;
-        // The PRF (an OPRF evaluation) only once a code was found right.
+        // The PRF (an OPRF evaluation) only once a code was found right. The gate is
+        // held, so no rotation changes the key meanwhile.
+        let key_version = self.discovery_key().version();
         let prf_cell: std::cell::OnceCell<Result<Prf, String>> = std::cell::OnceCell::new();
         let prf_of = || {
             prf_cell
@@ -184,6 +186,7 @@ impl Store {
                     took_over,
                     signed_out,
                     revoked_keys,
+                    indexed: (key_version, prf),
                 })
             })?;
         Ok(outcome)
@@ -433,6 +436,7 @@ pub(in crate::store) mod tests {
             took_over: true,
             signed_out,
             revoked_keys,
+            ..
         } = second
         else {
             panic!("{second:?}")

@@ -91,20 +91,50 @@ pub(super) async fn fetch_filter(
     })
 }
 
+/// Which PRF values are registered. With `key_version` (`ResolveUnder`), a rotated key
+/// is an error, never a wrong "not registered"; without it (`Resolve`, older clients)
+/// the values are taken to be under the current key.
 pub(super) async fn resolve(
     shared: &Arc<Shared>,
     session: &Session,
+    key_version: Option<u32>,
     prfs: Vec<[u8; 32]>,
 ) -> Result<Response, NodeError> {
     authenticated(shared, session).await?;
     if prfs.len() > MAX_DISCOVERY_BATCH {
         return Err(too_many("PRF values", prfs.len()));
     }
-    let registered = read(shared, move |store| {
-        prfs.iter()
-            .map(|p| store.discovery_lookup(p).map(|a| a.is_some()))
-            .collect::<Result<Vec<_>, _>>()
+    let answer = read(shared, move |store| {
+        let version = key_version.unwrap_or_else(|| store.discovery_key().version());
+        store.discovery_resolve(version, &prfs)
     })
     .await?;
-    Ok(Response::Resolved { registered })
+    match answer {
+        Ok(registered) => Ok(Response::Resolved { registered }),
+        Err(current) => Err(NodeError::new(
+            ErrorKind::DiscoveryKeyChanged {
+                key_version: current,
+            },
+            "the node's discovery key changed: evaluate the numbers again",
+        )),
+    }
+}
+
+pub(super) async fn fetch_filter_delta(
+    shared: &Arc<Shared>,
+    session: &Session,
+    _version: u64,
+) -> Result<Response, NodeError> {
+    authenticated(shared, session).await?;
+    let filter = shared
+        .discovery
+        .filter(&shared.store)
+        .await
+        .map_err(internal)?;
+    let keys = shared.discovery.delta_since(&filter);
+    Ok(Response::FilterDelta {
+        version: filter.version,
+        key_version: filter.key_version,
+        keys,
+    })
 }

@@ -72,7 +72,13 @@ pub async fn handle(
         Request::FetchFilter { have, offset } => {
             discovery::fetch_filter(shared, session, have, offset).await
         }
-        Request::Resolve { prfs } => discovery::resolve(shared, session, prfs).await,
+        Request::Resolve { prfs } => discovery::resolve(shared, session, None, prfs).await,
+        Request::ResolveUnder { key_version, prfs } => {
+            discovery::resolve(shared, session, Some(key_version), prfs).await
+        }
+        Request::FetchFilterDelta { version } => {
+            discovery::fetch_filter_delta(shared, session, version).await
+        }
     };
     match result {
         Ok(response) => Reply::Ok(response),

@@ -353,6 +353,7 @@ async fn register(
             took_over,
             signed_out,
             revoked_keys,
+            indexed: (key_version, prf),
         } => {
             // Caches of who is registered are stale from now on (and only now: a
             // refused attempt changes no account).
@@ -376,11 +377,11 @@ async fn register(
                     "device signed out"
                 );
             }
-            if !took_over {
-                shared.discovery.mark_dirty();
-            }
             // The device must not be told it is registered before that is durable.
             shared.commit.durable().await.map_err(commit_failed)?;
+            if !took_over {
+                shared.discovery.registered(key_version, &prf);
+            }
             // Signed-out devices lose their live connections at once, not at their
             // next request.
             let closed = shared.connections.sign_out(&revoked_keys);
