@@ -195,6 +195,14 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         ("delivery_batch", int(m.delivery_batch)),
         ("max_one_time_keys", int(m.max_one_time_keys)),
         ("one_time_keys_low", int(m.one_time_keys_low)),
+        (
+            "key_claims_per_pair_per_hour",
+            int(m.key_claims_per_pair_per_hour),
+        ),
+        (
+            "key_claims_per_account_per_hour",
+            int(m.key_claims_per_account_per_hour),
+        ),
         ("handoff_ms", ms(m.handoff_window)),
         ("handoff_max_bytes", uint(m.handoff_max_bytes)),
     ]

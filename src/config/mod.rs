@@ -98,6 +98,11 @@ pub struct Messages {
     pub max_one_time_keys: u32,
     /// Below this many one-time keys the node tells the device to top up.
     pub one_time_keys_low: u32,
+    /// One-time keys one account may claim of another's in an hour; past it, bundles
+    /// come with the fallback key only (so one client cannot drain a victim's keys).
+    pub key_claims_per_pair_per_hour: u32,
+    /// One-time keys all accounts together may claim of one account in an hour.
+    pub key_claims_per_account_per_hour: u32,
     /// How long a message for an online device is held in memory before it is
     /// written; acknowledged within it, it is never written. Zero writes every
     /// message at once.
@@ -301,6 +306,8 @@ impl Default for Config {
                 delivery_batch: 256,
                 max_one_time_keys: 200,
                 one_time_keys_low: 20,
+                key_claims_per_pair_per_hour: 10,
+                key_claims_per_account_per_hour: 200,
                 handoff_window: Duration::from_millis(500),
                 handoff_max_bytes: 64 * 1024 * 1024,
             },

@@ -52,6 +52,8 @@ pub struct Messages {
     pub delivery_batch: Option<u32>,
     pub max_one_time_keys: Option<u32>,
     pub one_time_keys_low: Option<u32>,
+    pub key_claims_per_pair_per_hour: Option<u32>,
+    pub key_claims_per_account_per_hour: Option<u32>,
     pub handoff_ms: Option<u64>,
     pub handoff_max_bytes: Option<u64>,
 }
@@ -562,6 +564,20 @@ impl File {
                 dm.one_time_keys_low,
                 0,
                 max_one_time_keys,
+            )?,
+            key_claims_per_pair_per_hour: in_range(
+                "messages.key_claims_per_pair_per_hour",
+                m.key_claims_per_pair_per_hour,
+                dm.key_claims_per_pair_per_hour,
+                1,
+                1_000_000,
+            )?,
+            key_claims_per_account_per_hour: in_range(
+                "messages.key_claims_per_account_per_hour",
+                m.key_claims_per_account_per_hour,
+                dm.key_claims_per_account_per_hour,
+                1,
+                1_000_000,
             )?,
             handoff_window: millis(
                 "messages.handoff_ms",

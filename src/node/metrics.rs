@@ -54,6 +54,8 @@ pub struct Metrics {
     pub discovery_evaluations: Counter,
     /// Registration-lock PINs judged (Argon2id verifications).
     pin_checks: Counter,
+    /// Bundle fetches served without a one-time key because of the claim limits.
+    key_claims_limited: Counter,
     store_bytes: Gauge,
     devices_online: Gauge,
     directory_changes: Gauge,
@@ -88,6 +90,7 @@ impl Metrics {
             code_limits: Family::default(),
             discovery_evaluations: Counter::default(),
             pin_checks: Counter::default(),
+            key_claims_limited: Counter::default(),
             store_bytes: Gauge::default(),
             devices_online: Gauge::default(),
             directory_changes: Gauge::default(),
@@ -183,6 +186,11 @@ impl Metrics {
             m.discovery_evaluations.clone(),
         );
         r.register(
+            "key_claims_limited",
+            "Bundle fetches served with the fallback key only, past a one-time key claim limit",
+            m.key_claims_limited.clone(),
+        );
+        r.register(
             "registration_lock_pin_checks",
             "Registration-lock PINs judged (Argon2id verifications)",
             m.pin_checks.clone(),
@@ -251,6 +259,11 @@ impl Metrics {
         self.code_requests
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+
+    /// A bundle fetch served without one-time keys, past a claim limit.
+    pub fn key_claim_limited(&self) {
+        self.key_claims_limited.inc();
     }
 
     /// A registration-lock PIN judged.

@@ -7,6 +7,7 @@
 //! `TaskTracker`, so shutdown knows when the work is done.
 
 mod admin;
+mod claims;
 mod clock;
 mod commit;
 mod conn;
@@ -104,6 +105,8 @@ pub(crate) struct Shared {
     /// Live connections per device key, to close those of signed-out devices.
     pub connections: conn::Connections,
     pub metrics: Arc<metrics::Metrics>,
+    /// How many one-time keys each account may claim of others.
+    pub claims: claims::ClaimLimits,
     /// Argon2id hashes of registration-lock PINs in progress: each costs 19 MiB and
     /// tens of milliseconds of a core, so only a few run at once.
     pub pin_checks: tokio::sync::Semaphore,
@@ -217,6 +220,10 @@ impl Node {
             connections: conn::Connections::default(),
             metrics,
             pin_checks: tokio::sync::Semaphore::new(PIN_CHECKS),
+            claims: claims::ClaimLimits::new(
+                config.messages.key_claims_per_pair_per_hour,
+                config.messages.key_claims_per_account_per_hour,
+            ),
             started: std::time::Instant::now(),
             store,
             config,
@@ -408,6 +415,7 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
+        shared.claims.forget_idle();
         let ttl_ms = messages.ttl.as_millis() as u64;
         let cutoff = clock::now_ms().saturating_sub(ttl_ms);
         let store = shared.store.clone();

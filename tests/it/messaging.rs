@@ -411,7 +411,10 @@ async fn a_graceful_restart_keeps_queued_messages() {
 
 #[tokio::test]
 async fn one_time_keys_run_out_then_the_fallback_key_works_and_the_device_tops_up() {
-    let node = InProcessNode::start(&config_text("[messages]\none_time_keys_low = 10\n")).await;
+    let node = InProcessNode::start(&config_text(
+        "[messages]\none_time_keys_low = 10\nkey_claims_per_pair_per_hour = 1000\n",
+    ))
+    .await;
     let (_bob_dir, bob_home) = registered_home(&node.addr, node.fingerprint, BOB).await;
     let carol = node.registered(CAROL).await;
     let b = number(BOB);
@@ -446,6 +449,41 @@ async fn one_time_keys_run_out_then_the_fallback_key_works_and_the_device_tops_u
             .one_time_key
             .is_some(),
         "Bob did not top up"
+    );
+    node.shutdown().await;
+}
+
+/// Fetching someone's bundles again and again does not drain their one-time keys:
+/// past the claim limits the bundles come with the fallback key only.
+#[tokio::test]
+async fn one_client_cannot_drain_someones_one_time_keys() {
+    let node = InProcessNode::start(&config_text(
+        "[messages]\nkey_claims_per_pair_per_hour = 5\nkey_claims_per_account_per_hour = 8\n",
+    ))
+    .await;
+    let (_bob_dir, _bob_home) = registered_home(&node.addr, node.fingerprint, BOB).await;
+    let (mallory, alice) = (node.registered(CAROL).await, node.registered(ALICE).await);
+    let b = number(BOB);
+    let mut claimed = 0;
+    for _ in 0..30 {
+        let bundles = mallory.fetch_bundles(&b, true).await.unwrap();
+        let bundle = &bundles.devices[0];
+        assert!(bundle.fallback.is_some(), "sessions can always start");
+        claimed += usize::from(bundle.one_time_key.is_some());
+    }
+    assert_eq!(claimed, 5, "one requester's quota");
+    // Someone else still gets one-time keys, until Bob's own quota is spent.
+    for _ in 0..3 {
+        assert!(
+            alice.fetch_bundles(&b, true).await.unwrap().devices[0]
+                .one_time_key
+                .is_some()
+        );
+    }
+    assert!(
+        alice.fetch_bundles(&b, true).await.unwrap().devices[0]
+            .one_time_key
+            .is_none()
     );
     node.shutdown().await;
 }

@@ -92,6 +92,14 @@ pub(super) async fn fetch_bundles(
     let Some((account_id, devices)) = recipient(shared, number).await? else {
         return Err(unknown_recipient(number));
     };
+    // Past the claim limits, the bundles carry the fallback key only.
+    let claim = claim && {
+        let allowed = shared.claims.allow(me.device.account_id, account_id);
+        if !allowed {
+            shared.metrics.key_claim_limited();
+        }
+        allowed
+    };
     let claimed = blocking(shared, move |store| {
         store.fetch_bundles(account_id, &devices, claim)
     })
