@@ -122,16 +122,13 @@ async fn register(
     mut lock_pin: Option<String>,
 ) -> anyhow::Result<switchboard::proto::Registered> {
     let pin_given = lock_pin.is_some();
-    let sent = client.request_code(number, channel, &locale()).await?;
-    eprintln!(
-        "a code is on its way to {} by {}; it is valid for {} minutes",
-        number.display_international(),
-        match channel {
-            Channel::Sms => "SMS",
-            Channel::Voice => "voice call",
-        },
-        sent.expires_in_secs.div_ceil(60)
-    );
+    // With a code in hand, it is tried first: a code is asked for only when none is
+    // pending (an interrupted `register`, a wrong PIN, must not cost a new code and
+    // its growing wait).
+    let mut requested = code.is_none();
+    if requested {
+        ask_for_code(client, number, channel).await?;
+    }
     let mut codes = CodeSource::new(code);
     // The node is the judge: the client keeps offering codes while the node answers
     // "wrong code", so a dead code is refused by the node with its reason.
@@ -164,6 +161,17 @@ async fn register(
         };
         match verified {
             Ok(registered) => return Ok(registered),
+            Err(ClientError::Node(e)) if e.kind == ErrorKind::NoCodePending && !requested => {
+                eprintln!(
+                    "no code is pending for {} (used, or expired)",
+                    number.display_international()
+                );
+                ask_for_code(client, number, channel).await?;
+                requested = true;
+                // The code given is tried once more (a test number's code is fixed),
+                // then the new one is asked for.
+                codes.again_then_ask();
+            }
             Err(ClientError::Node(e)) => match e.kind {
                 ErrorKind::WrongCode { tries_left } if codes.can_ask_again(tries_left) => {
                     eprintln!("{e}");
@@ -178,6 +186,21 @@ async fn register(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Asks the node for a code and says where it went.
+async fn ask_for_code(client: &Client, number: &Number, channel: Channel) -> anyhow::Result<()> {
+    let sent = client.request_code(number, channel, &locale()).await?;
+    eprintln!(
+        "a code is on its way to {} by {}; it is valid for {} minutes",
+        number.display_international(),
+        match channel {
+            Channel::Sms => "SMS",
+            Channel::Voice => "voice call",
+        },
+        sent.expires_in_secs.div_ceil(60)
+    );
+    Ok(())
 }
 
 /// One trimmed line from stdin (after `prompt` on a terminal); `None` at its end.
@@ -197,6 +220,9 @@ pub fn read_line(prompt: &str) -> anyhow::Result<Option<String>> {
 struct CodeSource {
     given: Option<String>,
     used_given: bool,
+    /// Once the given code is used, read more (it was given for a code that was no
+    /// longer pending).
+    ask_after_given: bool,
     terminal: bool,
 }
 
@@ -205,6 +231,7 @@ impl CodeSource {
         CodeSource {
             given,
             used_given: false,
+            ask_after_given: false,
             terminal: std::io::stdin().is_terminal(),
         }
     }
@@ -212,11 +239,23 @@ impl CodeSource {
     /// Whether to read another code after a refusal. A person at a terminal is not
     /// asked again once the code is dead; piped input is read to its end.
     fn can_ask_again(&self, tries_left: u32) -> bool {
-        self.given.is_none() && (tries_left > 0 || !self.terminal)
+        (self.given.is_none() || self.ask_after_given) && (tries_left > 0 || !self.terminal)
+    }
+
+    /// Offers the given code once more, then reads codes as if none was given.
+    fn again_then_ask(&mut self) {
+        if self.given.is_some() && self.used_given {
+            self.used_given = false;
+            self.ask_after_given = true;
+        }
     }
 
     fn next(&mut self) -> anyhow::Result<Option<String>> {
         if let Some(code) = &self.given {
+            if self.used_given && self.ask_after_given {
+                self.given = None;
+                return self.next();
+            }
             if self.used_given {
                 return Ok(None);
             }

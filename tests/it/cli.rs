@@ -167,6 +167,60 @@ fn real_code_from_the_log_provider_verifies() {
     assert_eq!(stdout(&who).lines().next(), Some(number));
 }
 
+/// An interrupted `register` leaves its code pending: `register --code` with it
+/// registers, without asking for (and waiting for) another.
+#[test]
+fn register_with_the_code_in_hand_uses_the_pending_one() {
+    let node = ProcessNode::start(&config_text(""));
+    let number = "+14155550177";
+    let home = node.dir.path().join("dave");
+    // Asked for a code, then stopped before typing it (stdin closed).
+    let args = ["register", number, "--server", &node.addr];
+    let out = node.cli(&home, &args, "");
+    assert!(!out.status.success(), "{}", show(&args, &out));
+    let code = wait_for_logged_code(&node, number);
+    let args = ["register", number, "--server", &node.addr, "--code", &code];
+    let out = node.cli(&home, &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+    assert!(
+        !stderr(&out).contains("a code is on its way"),
+        "a second code was asked for: {}",
+        show(&args, &out)
+    );
+    assert_eq!(
+        node.log().matches("verification code").count(),
+        1,
+        "{}",
+        node.log()
+    );
+}
+
+/// After a wrong registration-lock PIN the right code is still pending: trying again
+/// with it and the right PIN registers at once, with no new code and no wait.
+#[test]
+fn after_a_wrong_pin_the_same_code_registers_with_the_right_one() {
+    let node = ProcessNode::start(&config_text(""));
+    let home = |name: &str| node.dir.path().join(name);
+    node.register_cli(&home("a"), &[], BOB);
+    let out = node.cli(&home("a"), &["lock", "set"], "2468\n2468\n");
+    assert!(out.status.success(), "{}", show(&["lock", "set"], &out));
+    let try_pin = |pin: &str| {
+        let args = [
+            "register", BOB, "--server", &node.addr, "--code", CODE, "--pin", pin,
+        ];
+        (node.cli(&home("b"), &args, ""), args.join(" "))
+    };
+    let (out, args) = try_pin("1357");
+    assert!(
+        stderr(&out).contains("wrong registration-lock PIN"),
+        "{args}\n{}",
+        stderr(&out)
+    );
+    let (out, args) = try_pin("2468");
+    assert!(out.status.success(), "{args}\n{}", stderr(&out));
+    assert!(stdout(&out).contains("moved to this device"));
+}
+
 /// Waits (bounded) until the node logs a code for `number` and returns it.
 fn wait_for_logged_code(node: &ProcessNode, number: &str) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
