@@ -161,9 +161,17 @@ async fn register(
         };
         match verified {
             Ok(registered) => return Ok(registered),
-            Err(ClientError::Node(e)) if e.kind == ErrorKind::NoCodePending && !requested => {
+            Err(ClientError::Node(e))
+                if !requested
+                    && matches!(
+                        e.kind,
+                        ErrorKind::NoCodePending
+                            | ErrorKind::CodeExpired
+                            | ErrorKind::TooManyAttempts { .. }
+                    ) =>
+            {
                 eprintln!(
-                    "no code is pending for {} (used, or expired)",
+                    "no usable code is pending for {} ({e})",
                     number.display_international()
                 );
                 ask_for_code(client, number, channel).await?;
