@@ -269,10 +269,20 @@ async fn serve_stream(
     // Wait until the peer has the whole reply, so a graceful shutdown does not cut it
     // off; bounded, so a peer that never acknowledges cannot hold the task.
     let received = tokio::time::timeout(limits.request_timeout, send.stopped()).await;
-    if let (Ok(Ok(None)), Some(answer)) = (received, answer) {
-        answer.answered();
+    match (received, answer) {
+        (Ok(Ok(None)), Some(answer)) => answer.answered(),
+        // Not confirmed: dropping it queues the carried receipts and keeps the
+        // sent-id record, so a resend is answered as a duplicate.
+        (_, Some(answer)) => {
+            drop(answer);
+            shared.metrics.answer_unconfirmed();
+        }
+        (_, None) => {}
     }
     // The client finished its side with the request, so its FIN is here: read it, or
     // dropping `recv` would send a STOP_SENDING, in a packet of its own (src/quic.rs).
     quic::read_end(&mut recv);
+    drop(recv);
+    drop(send);
+    shared.metrics.stream_closed();
 }

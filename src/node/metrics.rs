@@ -56,6 +56,10 @@ pub struct Metrics {
     pin_checks: Counter,
     /// Bundle fetches served without a one-time key because of the claim limits.
     key_claims_limited: Counter,
+    /// Send answers whose arrival QUIC never confirmed.
+    answers_unconfirmed: Counter,
+    /// Request streams answered, confirmed and closed.
+    streams_closed: Counter,
     store_bytes: Gauge,
     devices_online: Gauge,
     directory_changes: Gauge,
@@ -91,6 +95,8 @@ impl Metrics {
             discovery_evaluations: Counter::default(),
             pin_checks: Counter::default(),
             key_claims_limited: Counter::default(),
+            answers_unconfirmed: Counter::default(),
+            streams_closed: Counter::default(),
             store_bytes: Gauge::default(),
             devices_online: Gauge::default(),
             directory_changes: Gauge::default(),
@@ -186,6 +192,16 @@ impl Metrics {
             m.discovery_evaluations.clone(),
         );
         r.register(
+            "request_streams_closed",
+            "Request streams answered and closed (after the reply was confirmed, or given up on)",
+            m.streams_closed.clone(),
+        );
+        r.register(
+            "send_answers_unconfirmed",
+            "Send answers QUIC never confirmed the sender received (their sent-id records stay, so resends are duplicates)",
+            m.answers_unconfirmed.clone(),
+        );
+        r.register(
             "key_claims_limited",
             "Bundle fetches served with the fallback key only, past a one-time key claim limit",
             m.key_claims_limited.clone(),
@@ -259,6 +275,17 @@ impl Metrics {
         self.code_requests
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+
+    /// A request stream answered and closed (the reply confirmed, or given up on).
+    pub fn stream_closed(&self) {
+        self.streams_closed.inc();
+    }
+
+    /// A send's answer whose arrival was never confirmed (lost, or the connection
+    /// went): its sent-id record stays for a resend.
+    pub fn answer_unconfirmed(&self) {
+        self.answers_unconfirmed.inc();
     }
 
     /// A bundle fetch served without one-time keys, past a claim limit.

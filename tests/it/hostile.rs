@@ -241,7 +241,17 @@ async fn a_flood_of_streams_on_one_connection_waits_its_turn() {
 async fn an_idle_connection_is_closed() {
     let node = InProcessNode::start(&config_text("[limits]\nidle_timeout_ms = 1000\n")).await;
     let idle = node.registered(ALICE).await;
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    // Bounded: the node closes it after a second without traffic.
+    let why = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        idle.connection().closed(),
+    )
+    .await
+    .expect("an idle connection was kept");
+    assert!(
+        matches!(why, quinn::ConnectionError::TimedOut) || why.to_string().contains("closed"),
+        "{why}"
+    );
     let closed = idle
         .whoami()
         .await

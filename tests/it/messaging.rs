@@ -203,10 +203,26 @@ async fn a_resend_after_a_lost_answer_queues_nothing_new() {
         ["once"],
         "the node queued the first try"
     );
-    // Give the node time to write the send (its window is 500 ms), answer, and give
-    // up waiting for the lost answer's acknowledgement (500 ms). (Should it still be
-    // waiting, the resend below joins the first try and passes without testing this.)
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // Wait until the node wrote the send (its window is 500 ms), answered, and gave
+    // up waiting for the lost answer's acknowledgement (500 ms): the case under test.
+    let url = node.metrics.clone().expect("metrics url");
+    let unconfirmed = |url: String| async move {
+        let (_, _, text) = tokio::task::spawn_blocking(move || http_get(&url))
+            .await
+            .expect("metrics");
+        sample(
+            &parse_openmetrics(&text),
+            "switchboard_send_answers_unconfirmed_total",
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while unconfirmed(url.clone()).await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node never gave up on the lost answer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // So Alice sends again, over a connection that works: same message, same time.
     let again = send_with_id(&alice, BOB, id, b"once").await.unwrap();
@@ -216,7 +232,6 @@ async fn a_resend_after_a_lost_answer_queues_nothing_new() {
     sub.finish().await.expect("finish");
     assert_eq!(bodies(&drain(&bob).await), ["once"], "one copy queued");
     // Answered, but not counted as a new message.
-    let url = node.metrics.clone().expect("metrics url");
     let (_, _, text) = tokio::task::spawn_blocking(move || http_get(&url))
         .await
         .expect("metrics");
@@ -338,7 +353,13 @@ async fn expired_items_are_swept() {
     let alice = node.registered(ALICE).await;
     let bob = node.registered(BOB).await;
     send_raw(&alice, BOB, b"stale").await.unwrap();
-    // Bounded wait: the sweep runs every second and drops items over a second old.
+    // It is queued (looked at without acknowledging, well within its second)...
+    let mut sub = bob.subscribe().await.unwrap();
+    assert_eq!(sub.queued, 1, "the message was never queued");
+    assert_eq!(bodies(&backlog(&mut sub).await), ["stale"]);
+    sub.finish().await.unwrap();
+    // ...and then swept. Bounded wait: the sweep runs every second and drops items
+    // over a second old.
     let mut left = 1;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -547,8 +568,12 @@ async fn pushes_that_are_already_here_are_taken_without_waiting() {
         let alice = alice.clone();
         sends.spawn(async move { send_raw(&alice, BOB, format!("r{i}").as_bytes()).await });
     }
-    // All three are pushed (unacknowledged, they wait out the hand-off window).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Unacknowledged, the three wait out the hand-off window and are written: their
+    // senders are answered only then, long after the node pushed them to Bob.
+    while let Some(sent) = sends.join_next().await {
+        sent.unwrap().unwrap();
+    }
+    // So all three are here: one `next`, then `ready` takes the rest without waiting.
     let mut items = next(&mut sub).await.items;
     while let Some(push) = sub.ready().unwrap() {
         items.extend(push.items);
@@ -561,9 +586,6 @@ async fn pushes_that_are_already_here_are_taken_without_waiting() {
     sub.ack(items.iter().map(|d| d.seq).collect())
         .await
         .unwrap();
-    while let Some(sent) = sends.join_next().await {
-        sent.unwrap().unwrap();
-    }
     sub.finish().await.unwrap();
     node.shutdown().await;
 }
@@ -618,20 +640,40 @@ async fn a_subscription_read_cancelled_midway_loses_nothing() {
 async fn requests_are_answered_without_a_stop_sending() {
     // A request stream ends with the client's FIN; the node reads it, so closing the
     // stream costs no STOP_SENDING (one packet per request otherwise, src/quic.rs).
-    let node = InProcessNode::start(&config_text("")).await;
+    let node = InProcessNode::start(&config_text(
+        "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
+    ))
+    .await;
+    let url = node.metrics.clone().expect("metrics url");
+    let closed = |url: String| async move {
+        let (_, _, text) = tokio::task::spawn_blocking(move || http_get(&url))
+            .await
+            .expect("metrics");
+        sample(
+            &parse_openmetrics(&text),
+            "switchboard_request_streams_closed_total",
+        )
+    };
     let alice = node.registered(ALICE).await;
     let bob = node.registered(BOB).await;
     let mut sub = bob.subscribe().await.unwrap();
     assert!(backlog(&mut sub).await.is_empty());
+    let before = closed(url.clone()).await;
     for i in 0..10 {
         alice.whoami().await.unwrap();
         send_raw(&alice, BOB, format!("m{i}").as_bytes())
             .await
             .unwrap();
     }
-    // The node reads the end once the client has acknowledged its reply: up to the
-    // client's ACK delay (25 ms) after the answer.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The node closes each stream once the client acknowledged its reply (up to its
+    // ACK delay later): wait until all 20 are closed. A STOP_SENDING would have been
+    // queued then; one more round trip brings anything queued before its reply.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while closed(url.clone()).await < before + 20.0 {
+        assert!(std::time::Instant::now() < deadline, "streams never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    alice.whoami().await.unwrap();
     let stats = alice.connection().stats();
     assert_eq!(stats.frame_rx.stop_sending, 0, "{:?}", stats.frame_rx);
     assert!(stats.frame_rx.stream >= 20, "{:?}", stats.frame_rx);
