@@ -45,6 +45,23 @@ fn cycles() -> usize {
 enum Stop {
     Kill,
     Term,
+    /// SIGKILL, then the power goes: the data dir is on a [`PowerFs`] that throws
+    /// away whatever was not synced.
+    PowerCut,
+    /// [`Stop::PowerCut`] with `storage.power_loss_sync = false`: measures what that
+    /// setting risks (losses are counted, not refused).
+    PowerCutUnsynced,
+}
+
+impl Stop {
+    /// Whether the node dies without a word (clients see it only by its silence).
+    fn killed(self) -> bool {
+        self != Stop::Term
+    }
+
+    fn power(self) -> bool {
+        matches!(self, Stop::PowerCut | Stop::PowerCutUnsynced)
+    }
 }
 
 /// What the clients saw, and what it means.
@@ -162,7 +179,7 @@ enum Outcome<T> {
 /// killed) the node is restarted.
 async fn watched<T>(world: &World, generation: u64, op: impl Future<Output = T>) -> Outcome<T> {
     let restarted = async {
-        while world.stop == Stop::Term || world.generation.load(Ordering::Relaxed) == generation {
+        while !world.stop.killed() || world.generation.load(Ordering::Relaxed) == generation {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
@@ -247,7 +264,7 @@ async fn sender(world: Arc<World>, creds: Credentials, me: usize) {
             Outcome::Done(Err(_)) => world.oracle.lock().unwrap().send_errors += 1,
             // A killed node never answers: the client notices by its timeout (here,
             // by the restart). A node stopped by SIGTERM must answer or close.
-            Outcome::Restarted if world.stop == Stop::Kill => {}
+            Outcome::Restarted if world.stop.killed() => {}
             Outcome::Restarted | Outcome::TimedOut => world.oracle.lock().unwrap().hung_sends += 1,
         }
     }
@@ -270,7 +287,7 @@ async fn receiver(world: Arc<World>, creds: Credentials, me: usize) {
 
 async fn receive(world: &World, sub: &mut Subscription, me: usize, generation: u64) {
     while !world.done.load(Ordering::Relaxed)
-        && (world.stop == Stop::Term || world.generation.load(Ordering::Relaxed) == generation)
+        && (!world.stop.killed() || world.generation.load(Ordering::Relaxed) == generation)
     {
         let push = match tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
             Ok(Ok(Some(push))) => push,
@@ -334,9 +351,29 @@ async fn keys(world: Arc<World>, creds: Credentials, ids: (u64, u32), claimer: C
 }
 
 async fn run(stop: Stop, cycles: usize) {
-    let mut node = ProcessNode::start(&config_text(
-        "[messages]\nsweep_interval_secs = 1\n[limits]\nshutdown_grace_ms = 2000\n",
-    ));
+    let mut fs = if stop.power() {
+        match crate::powerfs::PowerFs::mount() {
+            Ok(fs) => Some(fs),
+            Err(why) => {
+                eprintln!("skipped: the power-cut harness needs FUSE ({why})");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let unsynced = if stop == Stop::PowerCutUnsynced {
+        "[storage]\npower_loss_sync = false\n"
+    } else {
+        ""
+    };
+    let mut node = ProcessNode::start_with_data(
+        &config_text(&format!(
+            "[messages]\nsweep_interval_secs = 1\n[limits]\nshutdown_grace_ms = 2000\n{unsynced}"
+        )),
+        fs.as_ref().map(|f| f.path().join("data")),
+    );
+    let mut lost_to_power = (0usize, 0u64);
     // Register every device before the chaos starts.
     let mut creds = Vec::new();
     let mut ids = Vec::new();
@@ -379,15 +416,27 @@ async fn run(stop: Stop, cycles: usize) {
         let pause = rand::rng().random_range(150..700);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         world.generation.fetch_add(1, Ordering::Relaxed);
-        node = tokio::task::spawn_blocking(move || {
+        let restarted = tokio::task::spawn_blocking(move || {
+            let mut cut = crate::powerfs::Cut::default();
             match stop {
                 Stop::Kill => node.crash_and_restart(),
                 Stop::Term => node.restart(),
+                Stop::PowerCut | Stop::PowerCutUnsynced => {
+                    node.kill9();
+                    if let Some(fs) = &fs {
+                        cut = fs.power_cut();
+                    }
+                    node.spawn();
+                }
             }
-            node
+            (node, cut, fs)
         })
         .await
         .unwrap();
+        let cut;
+        (node, cut, fs) = restarted;
+        lost_to_power.0 += cut.files;
+        lost_to_power.1 += cut.bytes;
         world.generation.fetch_add(1, Ordering::Relaxed);
     }
     // Let the load settle on the last incarnation, then stop sending and wait for
@@ -426,6 +475,35 @@ async fn run(stop: Stop, cycles: usize) {
         oracle.out_of_order.len(),
     );
     println!("crash harness: {report}");
+    if stop.power() {
+        println!(
+            "power cuts threw away {} bytes not yet synced, of {} files\n\
+             | harness | cycles | sent | acknowledged | lost | phantom | out of order |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n\
+             | {stop:?} | {cycles} | {attempted} | {} | {} | {} | {} |",
+            lost_to_power.1,
+            lost_to_power.0,
+            oracle.acked_count(),
+            missing.len(),
+            oracle.phantoms.len(),
+            oracle.out_of_order.len(),
+        );
+    }
+    if stop == Stop::PowerCutUnsynced {
+        // What `power_loss_sync = false` risks is measured, not refused; what it must
+        // never do is invent a message or reorder one.
+        assert!(
+            oracle.phantoms.is_empty(),
+            "{:?}: {report}",
+            oracle.phantoms
+        );
+        assert!(
+            oracle.out_of_order.is_empty(),
+            "{:?}: {report}",
+            oracle.out_of_order
+        );
+        return;
+    }
     // Every cycle must cut into real traffic: dozens of acknowledged messages per
     // cycle (a run measures hundreds), most sends acknowledged.
     assert!(
@@ -492,6 +570,29 @@ async fn run(stop: Stop, cycles: usize) {
             );
         }
     }
+}
+
+/// The power goes under load (SIGKILL, then every write not synced is thrown away):
+/// nothing acknowledged is lost, nothing invented, nothing reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_cut_under_load_loses_nothing_acknowledged() {
+    let cycles = if std::env::var_os("SWITCHBOARD_SLOW_TESTS").is_some() {
+        20
+    } else {
+        3
+    };
+    run(Stop::PowerCut, cycles).await;
+}
+
+/// What `storage.power_loss_sync = false` risks, measured by the same harness (slow
+/// mode only: `SWITCHBOARD_SLOW_TESTS=1 cargo test --locked power -- --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_cut_without_power_loss_sync_is_measured() {
+    if std::env::var_os("SWITCHBOARD_SLOW_TESTS").is_none() {
+        eprintln!("skipped: a measurement, run with SWITCHBOARD_SLOW_TESTS=1");
+        return;
+    }
+    run(Stop::PowerCutUnsynced, 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

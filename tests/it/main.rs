@@ -14,4 +14,5 @@ mod handoff;
 mod hostile;
 mod library;
 mod messaging;
+mod powerfs;
 mod providers;
