@@ -34,7 +34,11 @@ pub struct CommitStats {
 impl GroupCommit {
     /// Starts the flusher task on the current runtime. It ends on [`GroupCommit::stop`]
     /// or when every handle is dropped.
-    pub fn start(store: Store, metrics: Arc<Metrics>) -> GroupCommit {
+    pub fn start(
+        store: Store,
+        metrics: Arc<Metrics>,
+        fatal: Arc<super::worker::Fatal>,
+    ) -> GroupCommit {
         let (tx, mut rx) = mpsc::unbounded_channel::<Option<Waiter>>();
         let stats = Arc::new(CommitStats::default());
         let task_stats = stats.clone();
@@ -53,7 +57,10 @@ impl GroupCommit {
                     }
                 }
                 let started = std::time::Instant::now();
-                let result = store.flush().await.map_err(|e| e.to_string());
+                let result = store.flush().await.map_err(|e| {
+                    fatal.check(&e);
+                    e.to_string()
+                });
                 metrics
                     .commit_seconds
                     .observe(started.elapsed().as_secs_f64());

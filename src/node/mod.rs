@@ -49,6 +49,11 @@ pub enum ServeError {
     Store { path: PathBuf, source: StoreError },
     #[error("flushing the database on shutdown: {0}")]
     Flush(StoreError),
+    #[error(
+        "the database failed ({0}); the node stopped so that a new start recovers it \
+         from what is on disk (free space or fix the disk, and start it again)"
+    )]
+    StorageFailed(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr}: {source}")]
@@ -105,6 +110,8 @@ pub(crate) struct Shared {
     /// Live connections per device key, to close those of signed-out devices.
     pub connections: conn::Connections,
     pub metrics: Arc<metrics::Metrics>,
+    /// Raised when the store failed for good: the node stops.
+    pub fatal: Arc<worker::Fatal>,
     /// How many one-time keys each account may claim of others.
     pub claims: claims::ClaimLimits,
     /// Argon2id hashes of registration-lock PINs in progress: each costs 19 MiB and
@@ -191,6 +198,7 @@ impl Node {
             sms: provider(&config.verification.sms),
             voice: provider(&config.verification.voice),
         };
+        let fatal = Arc::new(worker::Fatal::default());
         let shared = Arc::new(Shared {
             codes: Codes::new(code_key, config.verification.clone()),
             admission: limits::Admission::new(
@@ -199,20 +207,19 @@ impl Node {
                 config.limits.ipv6_prefix_len,
             ),
             providers,
-            commit: commit::GroupCommit::start(store.clone(), metrics.clone()),
+            commit: commit::GroupCommit::start(store.clone(), metrics.clone(), fatal.clone()),
             mailboxes: mailbox::Mailboxes::default(),
-            worker: worker::StoreWorker::start(store.clone(), "store").map_err(|source| {
-                ServeError::DataDir {
+            worker: worker::StoreWorker::start(store.clone(), "store", fatal.clone()).map_err(
+                |source| ServeError::DataDir {
                     path: data_dir.join("db"),
                     source,
-                }
-            })?,
-            reader: worker::StoreWorker::start(store.clone(), "store-read").map_err(|source| {
-                ServeError::DataDir {
+                },
+            )?,
+            reader: worker::StoreWorker::start(store.clone(), "store-read", fatal.clone())
+                .map_err(|source| ServeError::DataDir {
                     path: data_dir.join("db"),
                     source,
-                }
-            })?,
+                })?,
             directory_epoch: std::sync::atomic::AtomicU64::new(0),
             directory: std::sync::Mutex::new((0, std::collections::HashMap::new())),
             space: space::SpaceGuard::new(data_dir.clone(), config.storage.min_free_bytes),
@@ -220,6 +227,7 @@ impl Node {
             connections: conn::Connections::default(),
             metrics,
             pin_checks: tokio::sync::Semaphore::new(PIN_CHECKS),
+            fatal,
             claims: claims::ClaimLimits::new(
                 config.messages.key_claims_per_pair_per_hour,
                 config.messages.key_claims_per_account_per_hour,
@@ -277,9 +285,12 @@ impl Node {
             tracker.spawn(metrics::serve(listener, self.shared.clone(), stop.clone()));
         }
         tokio::pin!(shutdown);
+        let fatal = self.shared.fatal.clone();
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                // The store failed: take no more work, and exit with an error.
+                () = fatal.raised() => break,
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let remote = incoming.remote_address();
@@ -296,6 +307,19 @@ impl Node {
             }
         }
 
+        if let Some(why) = self.shared.fatal.why() {
+            // The database fails every operation now, and sled may never finish one
+            // (a flush waits for a log write that cannot happen): stop at once, as a
+            // crash would, leaving recovery to the next process. What was acknowledged
+            // is on disk; what was only in memory was not acknowledged.
+            stop.cancel();
+            self.endpoint
+                .close(codes::SHUTDOWN.into(), b"node storage failed");
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle())
+                    .await;
+            return Err(ServeError::StorageFailed(why));
+        }
         tracing::info!(
             in_flight = tracker.len(),
             "shutting down: finishing in-flight requests"
@@ -329,6 +353,9 @@ impl Node {
         // Only when every task ended: a straggler could still change the queues.
         if finished && let Err(e) = self.shared.store.save_queue_totals() {
             tracing::warn!(error = %e, "could not save the queue totals; the next start counts them");
+        }
+        if let Some(why) = self.shared.fatal.why() {
+            return Err(ServeError::StorageFailed(why));
         }
         self.shared.store.flush().await.map_err(ServeError::Flush)?;
         let stats = self.shared.commit.stats();

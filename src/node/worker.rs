@@ -19,14 +19,58 @@ use crate::store::{Store, StoreError};
 
 type Job = Box<dyn FnOnce(&Store) + Send>;
 
+/// Set when the store failed for good (see [`StoreError::is_fatal`]): the node stops
+/// taking work and exits with an error, so that its supervisor (systemd's
+/// `Restart=on-failure`) starts a new process, which recovers from what is on disk.
+#[derive(Default)]
+pub struct Fatal {
+    token: tokio_util::sync::CancellationToken,
+    why: std::sync::Mutex<Option<String>>,
+}
+
+impl Fatal {
+    /// Notes `e` if it is fatal.
+    pub fn check(&self, e: &StoreError) {
+        if e.is_fatal() {
+            let mut why = self
+                .why
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if why.is_none() {
+                tracing::error!(error = %e, "the database failed: the node stops so that a restart recovers it");
+                *why = Some(e.to_string());
+            }
+            self.token.cancel();
+        }
+    }
+
+    /// Completes once the store failed.
+    pub async fn raised(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// Why the store failed, if it did.
+    pub fn why(&self) -> Option<String> {
+        self.why
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
 /// A handle to the store thread.
 pub struct StoreWorker {
     jobs: mpsc::Sender<Option<Job>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    fatal: std::sync::Arc<Fatal>,
 }
 
 impl StoreWorker {
-    pub fn start(store: Store, name: &str) -> std::io::Result<StoreWorker> {
+    pub fn start(
+        store: Store,
+        name: &str,
+        fatal: std::sync::Arc<Fatal>,
+    ) -> std::io::Result<StoreWorker> {
         let (jobs, queue) = mpsc::channel::<Option<Job>>();
         let thread = std::thread::Builder::new()
             .name(name.into())
@@ -43,6 +87,7 @@ impl StoreWorker {
         Ok(StoreWorker {
             jobs,
             thread: std::sync::Mutex::new(Some(thread)),
+            fatal,
         })
     }
 
@@ -63,9 +108,11 @@ impl StoreWorker {
         what: &'static str,
         op: impl FnOnce(&Store) -> Result<(), StoreError> + Send + 'static,
     ) {
+        let fatal = self.fatal.clone();
         let job: Job = Box::new(move |store| {
             if let Err(e) = op(store) {
                 tracing::warn!(error = %e, "{what} failed");
+                fatal.check(&e);
             }
         });
         if self.jobs.send(Some(job)).is_err() {
@@ -79,9 +126,14 @@ impl StoreWorker {
         op: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
+        let fatal = self.fatal.clone();
         self.jobs
             .send(Some(Box::new(move |store| {
-                let _ = tx.send(op(store));
+                let result = op(store);
+                if let Err(e) = &result {
+                    fatal.check(e);
+                }
+                let _ = tx.send(result);
             })))
             .map_err(|_| StoreError::Corrupt("the store thread has stopped".into()))?;
         rx.await

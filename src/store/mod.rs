@@ -55,6 +55,21 @@ pub enum StoreError {
     TooNew { found: u32 },
 }
 
+impl StoreError {
+    /// Whether the database can no longer be trusted to take writes: an I/O error
+    /// (a full disk, a failing device, a failed sync). sled treats one as fatal (every
+    /// later operation of the process fails the same way), and a failed sync may have
+    /// lost what it was to make durable; only a new process, which recovers the log
+    /// from what is on disk, goes on safely.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Io(_)
+                | StoreError::Sled(sled::Error::Io(_) | sled::Error::ReportableBug(_))
+        )
+    }
+}
+
 impl From<TransactionError<StoreError>> for StoreError {
     fn from(e: TransactionError<StoreError>) -> Self {
         match e {

@@ -159,3 +159,85 @@ async fn a_full_disk_refuses_sends_keeps_delivering_and_recovers() {
     assert!(node.stop(), "node failed\nlog:\n{}", node.log());
     assert!(node.log().contains("storage full"));
 }
+
+/// With no reserve, the disk fills under the database itself: sled cannot write its
+/// log, and from then on it fails every operation. The node notices, stops, and
+/// exits with an error; its supervisor (systemd's `Restart=on-failure`; here, the
+/// test) starts it again, and once space is back it serves, with every message it
+/// acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_database_stops_the_node_and_a_restart_loses_nothing() {
+    let Some(fs) = Tmpfs::mount("64m") else {
+        println!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let mut node = ProcessNode::start_with_data(
+        &config_text("[storage]\nmin_free_bytes = 0\n"),
+        Some(fs.path()),
+    );
+    let alice = node.registered(ALICE).await;
+    let (bob_key, _) = switchboard::tls::Credentials::generate_device().expect("device key");
+    node.registered_as(&bob_key, BOB).await.close().await;
+    // Ballast takes all but 12 MiB, so the database meets the end of the disk soon.
+    let ballast = fs.dir.path().join("ballast");
+    let keep = 12 * 1024 * 1024;
+    let size = free_bytes(&fs.path()).saturating_sub(keep);
+    std::fs::write(&ballast, vec![0u8; size as usize]).expect("ballast");
+
+    // Bob is offline: every accepted message was written, and durable, first.
+    let mut accepted = Vec::new();
+    for i in 0..4000u32 {
+        match send_numbered(&alice, BOB, i).await {
+            Ok(()) => accepted.push(i),
+            Err(_) => break,
+        }
+    }
+    assert!(accepted.len() > 50, "only {} sends fit", accepted.len());
+    assert!(accepted.len() < 4000, "the disk never filled");
+
+    // The node stops by itself, with an error.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = node.exited() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node kept running on a failed database\nlog:\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "the node exited as if all was well");
+    assert!(node.log().contains("the database failed"), "{}", node.log());
+
+    // Space comes back; the supervisor's restarts (every 200 ms, bounded) bring the
+    // node up.
+    std::fs::remove_file(&ballast).expect("remove the ballast");
+    let mut restarts = 0;
+    while let Err(e) = node.try_spawn() {
+        restarts += 1;
+        assert!(restarts < 50, "the node never came back: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bob = switchboard::client::Client::connect(&node.addr, &bob_key, Some(node.fingerprint))
+        .await
+        .expect("connect");
+    let mut sub = bob.subscribe().await.expect("subscribe");
+    let (got, _) = drain(&node, &mut sub).await;
+    sub.finish().await.expect("finish");
+    assert_eq!(got, accepted, "acknowledged messages lost or reordered");
+    // And it takes messages again (Alice registers again: her old connection died
+    // with the old process).
+    let alice = node.registered(ALICE).await;
+    send_numbered(&alice, BOB, 9999)
+        .await
+        .expect("a send after the restart");
+    println!(
+        "sled met the end of the disk after {} sends of 32 KiB; back after {restarts} \
+         failed restarts, all {} delivered",
+        accepted.len(),
+        got.len()
+    );
+    assert!(node.stop(), "node failed\nlog:\n{}", node.log());
+}

@@ -97,6 +97,13 @@ impl ProcessNode {
 
     /// Starts the node process (again) on the same data dir, config and port.
     pub fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// [`ProcessNode::spawn`], saying why when the node does not start.
+    pub fn try_spawn(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -129,10 +136,11 @@ impl ProcessNode {
         let fp = second.strip_prefix("fingerprint ");
         let (Some(addr), Some(fp)) = (addr, fp) else {
             let _ = child.kill();
-            panic!(
+            let _ = child.wait();
+            return Err(format!(
                 "node did not start: stdout {first:?} / {second:?}\nlog:\n{}",
                 self.log()
-            );
+            ));
         };
         self.addr = addr.to_string();
         self.fingerprint = fp.parse().expect("fingerprint line");
@@ -146,6 +154,14 @@ impl ProcessNode {
             );
         }
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// How the node process ended, if it has (it is then no longer held).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
     }
 
     /// Stops the node with SIGTERM and waits; returns whether it exited successfully.
