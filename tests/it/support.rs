@@ -730,3 +730,107 @@ impl Drop for LossyRelay {
         self.task.abort();
     }
 }
+
+/// A UDP relay on 127.0.0.1 between one client and a node that behaves like a bad
+/// network, from a seed (the same seed, the same fate for the same datagrams): each
+/// datagram, either way, is lost with probability `loss`, sent twice with probability
+/// `duplicate`, and held back for a random delay of up to `max_delay` (so datagrams
+/// overtake each other). The delays are bounded, and so is everything it holds.
+pub struct ChaosRelay {
+    pub addr: String,
+    /// Datagrams lost and sent twice so far.
+    lost: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    doubled: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ChaosRelay {
+    pub async fn start(
+        node: &str,
+        seed: u64,
+        loss: f64,
+        duplicate: f64,
+        max_delay: Duration,
+    ) -> ChaosRelay {
+        use rand::{RngExt, SeedableRng};
+        let outer = std::sync::Arc::new(
+            tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("relay socket"),
+        );
+        let inner = std::sync::Arc::new(
+            tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("relay socket"),
+        );
+        inner.connect(node).await.expect("relay to node");
+        let addr = outer.local_addr().expect("relay addr").to_string();
+        let lost = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let doubled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (losing, doubling) = (lost.clone(), doubled.clone());
+        let task = tokio::spawn(async move {
+            use std::sync::atomic::Ordering::Relaxed;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+            let client = std::sync::Arc::new(std::sync::Mutex::new(None));
+            loop {
+                // (datagram, towards the node?)
+                let (bytes, to_node) = tokio::select! {
+                    got = outer.recv_from(&mut up) => {
+                        let Ok((n, from)) = got else { return };
+                        *client.lock().unwrap() = Some(from);
+                        (up[..n].to_vec(), true)
+                    }
+                    got = inner.recv(&mut down) => {
+                        let Ok(n) = got else { return };
+                        (down[..n].to_vec(), false)
+                    }
+                };
+                if rng.random_bool(loss) {
+                    losing.fetch_add(1, Relaxed);
+                    continue;
+                }
+                let copies = if rng.random_bool(duplicate) {
+                    doubling.fetch_add(1, Relaxed);
+                    2
+                } else {
+                    1
+                };
+                for _ in 0..copies {
+                    let delay = max_delay.mul_f64(rng.random_range(0.0..1.0));
+                    let (outer, inner, client, bytes) =
+                        (outer.clone(), inner.clone(), client.clone(), bytes.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        if to_node {
+                            let _ = inner.send(&bytes).await;
+                        } else {
+                            let to = *client.lock().unwrap();
+                            if let Some(to) = to {
+                                let _ = outer.send_to(&bytes, to).await;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        ChaosRelay {
+            addr,
+            lost,
+            doubled,
+            task,
+        }
+    }
+
+    /// (datagrams lost, datagrams sent twice) so far.
+    pub fn faults(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.lost.load(Relaxed), self.doubled.load(Relaxed))
+    }
+}
+
+impl Drop for ChaosRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
