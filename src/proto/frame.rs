@@ -204,6 +204,12 @@ mod tests {
             }),
             (".{0,40}", ".{0,10}").prop_map(|(number, code)| Request::VerifyCode { number, code }),
             Just(Request::WhoAmI),
+            (
+                any::<u32>(),
+                proptest::collection::vec(any::<[u8; 32]>(), 0..4)
+            )
+                .prop_map(|(key_version, prfs)| Request::ResolveUnder { key_version, prfs }),
+            any::<u64>().prop_map(|version| Request::FetchFilterDelta { version }),
         ]
     }
 

@@ -530,5 +530,28 @@ mod tests {
             Reply::Ok(Response::Subscribed { queued: 2 }),
             "00000003 00 06 02",
         );
+        check(
+            Request::ResolveUnder {
+                key_version: 1,
+                prfs: vec![[7; 32]],
+            },
+            &format!("00000023 0d 01 01 {}", "07".repeat(32)),
+        );
+        check(Request::FetchFilterDelta { version: 5 }, "00000002 0e 05");
+        check(
+            Reply::Ok(Response::FilterDelta {
+                version: 5,
+                key_version: 1,
+                keys: vec![1, 300],
+            }),
+            "00000009 00 0d 05 01 02 01 fb2c01",
+        );
+        check(
+            Reply::Err(NodeError::new(
+                ErrorKind::DiscoveryKeyChanged { key_version: 2 },
+                "rotated",
+            )),
+            "0000000b 01 14 02 07 726f7461746564",
+        );
     }
 }
