@@ -217,9 +217,7 @@ impl HomeDb {
         // WAL: readers never wait for the writer; FULL: a commit is on disk (the WAL
         // fsynced) before it returns, since a message is acknowledged to the node
         // right after.
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(&err)?;
+        let mode = wal_mode(&conn).map_err(&err)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(DbError::Damaged {
                 path: self.inner.path.clone(),
@@ -902,6 +900,28 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> DbError + '_ {
     move |source| DbError::Sqlite {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// Switches the database to its write-ahead log and returns the journal mode now in
+/// force. Switching needs the file to itself, and SQLite answers `SQLITE_BUSY` at
+/// once, without its busy handler, when two openers of a new home both hold it shared
+/// and ask for it whole (the handler would only wait for a deadlock). So this waits
+/// and tries again itself, for as long as the busy timeout, a little longer each time.
+fn wal_mode(conn: &Connection) -> rusqlite::Result<String> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut wait = Duration::from_millis(1);
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
     }
 }
 
