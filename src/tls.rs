@@ -207,7 +207,12 @@ pub fn server_crypto(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    // Ours first (rustls picks the server's first that the client offers), then the
+    // earlier versions, whose connections are closed with a clear reason.
+    config.alpn_protocols = std::iter::once(ALPN)
+        .chain(crate::proto::OUTDATED_ALPNS.iter().copied())
+        .map(<[u8]>::to_vec)
+        .collect();
     // Stateless session tickets (encrypted under a key that rotates, kept in memory
     // only), so a reconnecting device resumes its TLS session: no certificate, no
     // signature on either side, and nothing stored per device on the node. A
@@ -252,6 +257,21 @@ pub fn client_crypto(
     ),
     TlsError,
 > {
+    client_crypto_speaking(creds, pin, ALPN)
+}
+
+/// [`client_crypto`] offering the ALPN id `alpn` (tests of other protocol versions).
+pub fn client_crypto_speaking(
+    creds: &Credentials,
+    pin: Option<Fingerprint>,
+    alpn: &[u8],
+) -> Result<
+    (
+        Arc<quinn::crypto::rustls::QuicClientConfig>,
+        Arc<PinObservation>,
+    ),
+    TlsError,
+> {
     let provider = provider();
     let observation = Arc::new(PinObservation::default());
     let verifier = Arc::new(PinnedNode {
@@ -264,7 +284,7 @@ pub fn client_crypto(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok((Arc::new(quic), observation))

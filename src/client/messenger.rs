@@ -120,7 +120,9 @@ fn transient(e: &ClientError) -> bool {
                 | ErrorKind::StaleDevices { .. }
         ),
         ClientError::TooLarge { .. } | ClientError::BadServer { .. } => false,
-        ClientError::FingerprintMismatch { .. } | ClientError::Tls(_) => false,
+        ClientError::FingerprintMismatch { .. }
+        | ClientError::Tls(_)
+        | ClientError::Outdated { .. } => false,
         // Connect, Connection, Protocol (a stream closed without a reply).
         _ => true,
     }

@@ -72,6 +72,15 @@ pub enum ClientError {
     TooLarge { len: usize, max: usize },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(
+        "the node at {server} speaks another version of the Switchboard protocol than this \
+         app (version {ours}): {reason}"
+    )]
+    Outdated {
+        server: String,
+        ours: u32,
+        reason: String,
+    },
 }
 
 impl ClientError {
@@ -272,6 +281,19 @@ impl Client {
             .await
     }
 
+    /// The error for a failure of this connection: [`ClientError::Outdated`] when the
+    /// node closed it for speaking an earlier protocol version, else `what`.
+    fn connection_error(&self, what: String) -> ClientError {
+        match self.conn.close_reason().as_ref().and_then(version_mismatch) {
+            Some(reason) => ClientError::Outdated {
+                server: self.server.clone(),
+                ours: proto::VERSION,
+                reason,
+            },
+            None => ClientError::Connection(what),
+        }
+    }
+
     /// Whether the connection is still up (as far as this side knows).
     pub fn is_alive(&self) -> bool {
         self.conn.close_reason().is_none()
@@ -305,7 +327,7 @@ impl Client {
         request: &Request,
         finish: bool,
     ) -> Result<(quinn::SendStream, quinn::RecvStream, Response), ClientError> {
-        let conn_err = |e: String| ClientError::Connection(e);
+        let conn_err = |e: String| self.connection_error(e);
         let (mut send, mut recv) = self
             .conn
             .open_bi()
@@ -721,9 +743,37 @@ fn handshake_error(
             actual,
         };
     }
+    if let Some(reason) = version_mismatch(&e) {
+        return ClientError::Outdated {
+            server: server.to_string(),
+            ours: proto::VERSION,
+            reason,
+        };
+    }
     ClientError::Connect {
         server: server.to_string(),
         reason: e.to_string(),
+    }
+}
+
+/// Why `e` says the node and this app share no protocol version, if it does: a
+/// handshake refused for want of a common ALPN (TLS alert 120, an older node), or a
+/// connection a newer node closed as outdated.
+pub fn version_mismatch(e: &quinn::ConnectionError) -> Option<String> {
+    let no_alpn = quinn::TransportErrorCode::crypto(120);
+    match e {
+        quinn::ConnectionError::ConnectionClosed(c) if c.error_code == no_alpn => {
+            Some("update the node (or use the app of its version)".into())
+        }
+        quinn::ConnectionError::TransportError(t) if t.code == no_alpn => {
+            Some("update the node (or use the app of its version)".into())
+        }
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == proto::codes::OUTDATED.into() =>
+        {
+            Some(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => None,
     }
 }
 

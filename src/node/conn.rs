@@ -132,6 +132,15 @@ pub async fn serve(
                     return;
                 }
             };
+        if negotiated_alpn(&conn).as_deref() != Some(crate::proto::ALPN) {
+            tracing::info!("an app of an earlier protocol version connected; told to update");
+            shared.metrics.outdated_clients.inc();
+            conn.close(
+                codes::OUTDATED.into(),
+                crate::proto::OUTDATED_REASON.as_bytes(),
+            );
+            return;
+        }
         let Some((key_id, public_key)) = device_key(&conn) else {
             conn.close(codes::REFUSED.into(), b"no usable client certificate");
             return;
@@ -185,6 +194,14 @@ impl Drop for Unregister<'_> {
         self.shared.connections.remove(&self.key_id, self.id);
         self.shared.metrics.connections_open.dec();
     }
+}
+
+/// The ALPN protocol id the handshake settled on.
+fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// The device key of the peer, from its client certificate.

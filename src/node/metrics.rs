@@ -40,6 +40,8 @@ pub struct Metrics {
     pub connections_open: Gauge,
     pub connections_accepted: Counter,
     pub connections_refused: Counter,
+    /// Connections of apps of an earlier protocol version, closed with "update".
+    pub outdated_clients: Counter,
     pub requests: Family<RequestLabels, Counter>,
     pub messages_accepted: Counter,
     messages_delivered: Counter,
@@ -79,6 +81,7 @@ impl Metrics {
             connections_open: Gauge::default(),
             connections_accepted: Counter::default(),
             connections_refused: Counter::default(),
+            outdated_clients: Counter::default(),
             requests: Family::default(),
             messages_accepted: Counter::default(),
             messages_delivered: Counter::default(),
@@ -118,6 +121,11 @@ impl Metrics {
             "connections_refused",
             "Connections refused by the connection limits since start",
             m.connections_refused.clone(),
+        );
+        r.register(
+            "outdated_clients",
+            "Connections of apps speaking an earlier protocol version, closed with a request to update",
+            m.outdated_clients.clone(),
         );
         r.register(
             "devices_online",

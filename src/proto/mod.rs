@@ -18,13 +18,21 @@ pub use messages::{
 /// Seqs one `Ack` frame may carry; a frame with more is a protocol error.
 pub const MAX_ACKS_PER_FRAME: usize = 4096;
 
-/// The protocol version. It is carried in the TLS ALPN (`switchboard/2`), so a client
-/// and a node that do not share a version fail the handshake instead of misreading
-/// each other's frames.
-pub const VERSION: u32 = 2;
+/// The protocol version. It is carried in the TLS ALPN (`switchboard/3`), so a client
+/// and a node that do not share a version never misread each other's frames.
+pub const VERSION: u32 = 3;
 
 /// The ALPN protocol id of [`VERSION`].
-pub const ALPN: &[u8] = b"switchboard/2";
+pub const ALPN: &[u8] = b"switchboard/3";
+
+/// ALPN ids of earlier versions. The node still completes their handshake, only to
+/// close the connection at once with [`codes::OUTDATED`] and a reason people can
+/// read, so that an old app says "update" rather than "handshake failed".
+pub const OUTDATED_ALPNS: &[&[u8]] = &[b"switchboard/2", b"switchboard/1"];
+
+/// The reason the node gives an app of an earlier protocol version.
+pub const OUTDATED_REASON: &str = "this node speaks Switchboard protocol version 3 and this \
+     app an older one: update the app";
 
 /// QUIC application error codes used when the node closes a stream or a connection.
 pub mod codes {
@@ -44,4 +52,8 @@ pub mod codes {
     pub const REFUSED: u32 = 6;
     /// The node's operator deleted the device's account.
     pub const ACCOUNT_DELETED: u32 = 7;
+    /// The peer speaks an earlier protocol version (see [`super::OUTDATED_ALPNS`]).
+    pub const OUTDATED: u32 = 8;
+    /// The device was unlinked from its account.
+    pub const UNLINKED: u32 = 9;
 }

@@ -1,6 +1,8 @@
 //! Clients that misbehave: each gets an error or a closed stream, and the node keeps
 //! serving everyone else.
 
+use std::time::Duration;
+
 use switchboard::client::Client;
 use switchboard::proto::{ErrorKind, Reply, frame};
 
@@ -349,4 +351,53 @@ async fn a_flood_of_discovery_requests_hits_the_budget_and_hurts_nobody() {
     );
     assert_eq!((evaluated.len(), left), (1, 2999));
     node.shutdown().await;
+}
+
+/// Connects a raw QUIC client offering only the ALPN id `alpn`.
+async fn speaking(
+    node: &InProcessNode,
+    alpn: &[u8],
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let (creds, _) = switchboard::tls::Credentials::generate_device().expect("device key");
+    let (crypto, _) =
+        switchboard::tls::client_crypto_speaking(&creds, Some(node.fingerprint), alpn)
+            .expect("tls config");
+    let endpoint = switchboard::client::client_endpoint(false).expect("endpoint");
+    let addr: std::net::SocketAddr = node.addr.parse().expect("addr");
+    endpoint
+        .connect_with(quinn::ClientConfig::new(crypto), addr, "switchboard")
+        .expect("connect")
+        .await
+}
+
+#[tokio::test]
+async fn an_app_of_another_protocol_version_is_told_to_update() {
+    let node = InProcessNode::start(&config_text(
+        "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
+    ))
+    .await;
+    // An app of version 2: the handshake completes, and the node closes the
+    // connection at once with a reason people can read.
+    let old = speaking(&node, b"switchboard/2").await.expect("handshake");
+    let closed = tokio::time::timeout(Duration::from_secs(10), old.closed())
+        .await
+        .expect("the node closes an outdated connection");
+    let reason = switchboard::client::version_mismatch(&closed)
+        .unwrap_or_else(|| panic!("not recognised as a version mismatch: {closed:?}"));
+    assert!(reason.contains("update the app"), "{reason}");
+
+    // An app of a version the node does not know at all: the handshake fails, and
+    // the app can tell why.
+    let unknown = speaking(&node, b"switchboard/99")
+        .await
+        .expect_err("no common version");
+    assert!(
+        switchboard::client::version_mismatch(&unknown).is_some(),
+        "not recognised as a version mismatch: {unknown:?}"
+    );
+
+    // Apps of this version are served as ever, and the metric counts the old one.
+    let good = node.registered(ALICE).await;
+    good.whoami().await.expect("whoami");
+    assert_eq!(node.metric("switchboard_outdated_clients_total").await, 1.0);
 }

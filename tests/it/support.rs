@@ -347,6 +347,18 @@ impl InProcessNode {
         }
     }
 
+    /// The value of metric `series` now (the config must turn metrics on).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let url = self
+            .metrics
+            .clone()
+            .expect("metrics are on in this node's config");
+        let (_, _, text) = tokio::task::spawn_blocking(move || http_get(&url))
+            .await
+            .expect("metrics");
+        sample(&parse_openmetrics(&text), series)
+    }
+
     /// Connects a client with a fresh device key, pinned to this node.
     pub async fn connect(&self) -> Client {
         let (creds, _) = Credentials::generate_device().expect("device key");
