@@ -382,16 +382,23 @@ mod tests {
             register(&store, &format!("+1415555{:04}", 1000 + u32::from(i)), i);
         }
         let number = "+14155551100";
-        let done = std::sync::atomic::AtomicBool::new(false);
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let done = AtomicBool::new(false);
+        let lookups = AtomicUsize::new(0);
         let (mut found, mut told) = (0, 0);
         std::thread::scope(|s| {
             s.spawn(|| {
-                for _ in 0..10 {
+                for round in 0..10 {
+                    // On a busy machine the rotations could all run before the first
+                    // lookup: each waits until a lookup ran since the one before.
+                    while lookups.load(Ordering::SeqCst) <= round {
+                        std::thread::yield_now();
+                    }
                     store.rotate_discovery_key().expect("rotate");
                 }
-                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                done.store(true, Ordering::SeqCst);
             });
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            while !done.load(Ordering::SeqCst) {
                 let key = store.discovery_key();
                 let prf = key.prf(number).expect("prf");
                 match store
@@ -407,9 +414,21 @@ mod tests {
                         told += 1;
                     }
                 }
+                lookups.fetch_add(1, Ordering::SeqCst);
             }
         });
-        assert!(found > 0, "no lookup ran ({told} told of a new key)");
+        assert!(
+            found + told >= 10,
+            "{found} found, {told} told of a new key"
+        );
+        let key = store.discovery_key();
+        let prf = key.prf(number).expect("prf");
+        assert_eq!(
+            store
+                .discovery_resolve(key.version(), &[prf])
+                .expect("resolve"),
+            Ok(vec![true])
+        );
         assert_eq!(store.discovery_key().version(), 11);
     }
 
