@@ -475,11 +475,18 @@ fn print_account(a: &AccountSummary) {
         if a.registration_lock { "set" } else { "none" }
     );
     for d in &a.devices {
+        let role = match (&d.primary, &d.name) {
+            (true, _) => "primary".to_string(),
+            (false, Some(name)) => format!("linked \"{name}\""),
+            (false, None) => "linked".to_string(),
+        };
         println!(
-            "device {:<10} key {}…, registered {}, {} queued ({}), keys {}, {} one-time keys",
+            "device {:<4} {role}, key {}…, {} {}, last seen {}, {} queued ({}), keys {}, {} one-time keys",
             d.device_id,
             &d.key_id[..16.min(d.key_id.len())],
+            if d.primary { "registered" } else { "linked" },
             when(d.created_at_ms),
+            d.last_seen_ms.map_or("-".to_string(), when),
             d.queued,
             HumanBytes(d.queued_bytes),
             if d.keys_published {

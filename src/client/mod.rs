@@ -81,6 +81,10 @@ pub enum ClientError {
         ours: u32,
         reason: String,
     },
+    /// The node closed the connection because this device left its account (it was
+    /// unlinked, or signed out); it cannot connect again.
+    #[error("{0}")]
+    Removed(String),
 }
 
 impl ClientError {
@@ -284,6 +288,16 @@ impl Client {
     /// The error for a failure of this connection: [`ClientError::Outdated`] when the
     /// node closed it for speaking an earlier protocol version, else `what`.
     fn connection_error(&self, what: String) -> ClientError {
+        let removed = [
+            proto::codes::SIGNED_OUT,
+            proto::codes::ACCOUNT_DELETED,
+            proto::codes::UNLINKED,
+        ];
+        if let Some(quinn::ConnectionError::ApplicationClosed(c)) = self.conn.close_reason()
+            && removed.iter().any(|&code| c.error_code == code.into())
+        {
+            return ClientError::Removed(String::from_utf8_lossy(&c.reason).into_owned());
+        }
         match self.conn.close_reason().as_ref().and_then(version_mismatch) {
             Some(reason) => ClientError::Outdated {
                 server: self.server.clone(),
@@ -425,6 +439,23 @@ impl Client {
     pub async fn send(&self, outgoing: Outgoing) -> Result<Accepted, ClientError> {
         match self.call(&Request::Send(outgoing)).await? {
             Response::Accepted(a) => Ok(a),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The devices of this device's account, primary first.
+    pub async fn list_devices(&self) -> Result<Vec<proto::DeviceInfo>, ClientError> {
+        match self.call(&Request::ListDevices).await? {
+            Response::Devices { devices } => Ok(devices),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Unlinks the device `device_id` of this account: this device itself, or (from
+    /// the primary) any companion.
+    pub async fn unlink_device(&self, device_id: u32) -> Result<(), ClientError> {
+        match self.call(&Request::UnlinkDevice { device_id }).await? {
+            Response::DeviceUnlinked => Ok(()),
             other => Err(unexpected(other)),
         }
     }

@@ -221,6 +221,17 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         "filter_refresh_secs".into(),
         secs(c.discovery.filter_refresh),
     );
+    let mut accounts = Table::new();
+    accounts.insert("max_devices".into(), int(c.accounts.max_devices));
+    accounts.insert(
+        "companion_lapse_days".into(),
+        int((c.accounts.companion_lapse.as_secs() / 86_400) as u32),
+    );
+    accounts.insert("link_code_ttl_secs".into(), secs(c.accounts.link_code_ttl));
+    accounts.insert(
+        "link_joins_per_address_hour".into(),
+        int(c.accounts.link_joins_per_address_hour),
+    );
     let mut metrics = Table::new();
     metrics.insert("enabled".into(), Value::Boolean(c.metrics.enabled));
     metrics.insert("listen".into(), text(c.metrics.listen.to_string()));
@@ -234,6 +245,7 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         ("messages", messages),
         ("storage", storage),
         ("discovery", discovery),
+        ("accounts", accounts),
         ("metrics", metrics),
         ("log", log),
     ] {

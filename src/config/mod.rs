@@ -23,6 +23,7 @@ pub struct Config {
     pub messages: Messages,
     pub storage: Storage,
     pub discovery: Discovery,
+    pub accounts: Accounts,
     pub metrics: Metrics,
     pub log: Log,
 }
@@ -68,6 +69,20 @@ pub struct Discovery {
     pub daily_budget: u32,
     /// How often the membership filter is rebuilt when registrations changed it.
     pub filter_refresh: Duration,
+}
+
+/// Accounts and their devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accounts {
+    /// Devices one account may have, the primary (the phone that registered the
+    /// number) included.
+    pub max_devices: u32,
+    /// A linked device (not the primary) that stays away this long is unlinked.
+    pub companion_lapse: Duration,
+    /// How long a link code works.
+    pub link_code_ttl: Duration,
+    /// Link codes one IP address (an IPv6 network) may try to join with in an hour.
+    pub link_joins_per_address_hour: u32,
 }
 
 /// How the database meets the disk.
@@ -318,6 +333,12 @@ impl Default for Config {
             discovery: Discovery {
                 daily_budget: 5_000,
                 filter_refresh: Duration::from_secs(10),
+            },
+            accounts: Accounts {
+                max_devices: 5,
+                companion_lapse: Duration::from_secs(30 * 86_400),
+                link_code_ttl: Duration::from_secs(300),
+                link_joins_per_address_hour: 20,
             },
             metrics: Metrics {
                 enabled: false,

@@ -11,8 +11,18 @@ pub struct File {
     pub messages: Messages,
     pub storage: Storage,
     pub discovery: Discovery,
+    pub accounts: Accounts,
     pub metrics: Metrics,
     pub log: Log,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Accounts {
+    pub max_devices: Option<u32>,
+    pub companion_lapse_days: Option<u32>,
+    pub link_code_ttl_secs: Option<u64>,
+    pub link_joins_per_address_hour: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -623,6 +633,39 @@ impl File {
                 86_400,
             )?,
         };
+        let a = &self.accounts;
+        let accounts = super::Accounts {
+            max_devices: in_range(
+                "accounts.max_devices",
+                a.max_devices,
+                d.accounts.max_devices,
+                1,
+                64,
+            )?,
+            companion_lapse: Duration::from_secs(
+                u64::from(in_range(
+                    "accounts.companion_lapse_days",
+                    a.companion_lapse_days,
+                    (d.accounts.companion_lapse.as_secs() / 86_400) as u32,
+                    1,
+                    3_650,
+                )?) * 86_400,
+            ),
+            link_code_ttl: secs(
+                "accounts.link_code_ttl_secs",
+                a.link_code_ttl_secs,
+                d.accounts.link_code_ttl,
+                10,
+                3_600,
+            )?,
+            link_joins_per_address_hour: in_range(
+                "accounts.link_joins_per_address_hour",
+                a.link_joins_per_address_hour,
+                d.accounts.link_joins_per_address_hour,
+                1,
+                1_000_000,
+            )?,
+        };
         let metrics = super::Metrics {
             enabled: self.metrics.enabled.unwrap_or(d.metrics.enabled),
             listen: self.metrics.listen.unwrap_or(d.metrics.listen),
@@ -646,6 +689,7 @@ impl File {
             messages,
             storage,
             discovery,
+            accounts,
             metrics,
             log,
         })

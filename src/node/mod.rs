@@ -368,7 +368,6 @@ impl Node {
     }
 }
 
-/// Drops queued items older than the TTL, every `sweep_interval`, until the node stops.
 /// Rebuilds the discovery filter when registrations changed the index: at start, then
 /// every `discovery.filter_refresh_secs`, or at once when the delta of registrations
 /// since the last build grows large.
@@ -433,6 +432,9 @@ async fn write_behind(shared: Arc<Shared>, stopping: CancellationToken, done: Ca
     }
 }
 
+/// Every `sweep_interval`, until the node stops: drops queued items older than the
+/// TTL, unlinks companions away for longer than `accounts.companion_lapse_days`, and
+/// forgets old removals and idle counters.
 async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
     let messages = &shared.config.messages;
     let mut ticks = tokio::time::interval(messages.sweep_interval);
@@ -468,7 +470,35 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(Err(e)) => tracing::error!(error = %e, "sweeping code-limit counters failed"),
             Err(e) => tracing::error!(error = %e, "sweep task failed"),
         }
+        lapse_companions(&shared).await;
         shared.mailboxes.prune();
+    }
+}
+
+/// Unlinks the companions not seen for `accounts.companion_lapse`, and forgets device
+/// removals older than the store keeps them.
+async fn lapse_companions(shared: &Arc<Shared>) {
+    let now = clock::now_ms();
+    let cutoff = now.saturating_sub(shared.config.accounts.companion_lapse.as_millis() as u64);
+    let store = shared.store.clone();
+    let lapsed = match tokio::task::spawn_blocking(move || store.lapsed_companions(cutoff)).await {
+        Ok(Ok(lapsed)) => lapsed,
+        Ok(Err(e)) => return tracing::error!(error = %e, "finding lapsed devices failed"),
+        Err(e) => return tracing::error!(error = %e, "sweep task failed"),
+    };
+    for device in lapsed {
+        if let Err(e) =
+            handlers::remove_device(shared, device, crate::store::records::Removal::Lapsed).await
+        {
+            tracing::error!(error = %e, "unlinking a lapsed device failed");
+        }
+    }
+    let store = shared.store.clone();
+    match tokio::task::spawn_blocking(move || store.sweep_removed_keys(now)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::debug!(keys = n, "forgot old device removals"),
+        Ok(Err(e)) => tracing::error!(error = %e, "sweeping device removals failed"),
+        Err(e) => tracing::error!(error = %e, "sweep task failed"),
     }
 }
 

@@ -43,29 +43,46 @@ pub(crate) async fn authenticated(
         Some(identity) => identity,
         None => {
             let key_id = session.key_id;
-            let found = blocking(shared, move |store| store.device_by_key(&key_id)).await?;
-            let identity = found.ok_or_else(|| {
-                NodeError::new(
-                    ErrorKind::Unauthenticated,
-                    "this device is not registered on this node: it was signed out because its number was registered on another device, or it never registered",
-                )
-            })?;
+            let found = blocking(shared, move |store| {
+                Ok(match store.device_by_key(&key_id)? {
+                    Some(identity) => Ok(identity),
+                    None => Err(store.removed_key(&key_id)?),
+                })
+            })
+            .await?;
+            let identity = match found {
+                Ok(identity) => identity,
+                Err(Some(removed)) => {
+                    let why = crate::proto::Removal::from(removed.why);
+                    return Err(NodeError::new(
+                        ErrorKind::DeviceRemoved { why },
+                        why.describe(),
+                    ));
+                }
+                Err(None) => {
+                    return Err(NodeError::new(
+                        ErrorKind::Unauthenticated,
+                        "this device is not registered on this node",
+                    ));
+                }
+            };
             if let Ok(mut cached) = session.identity.lock() {
                 *cached = Some((epoch, identity.clone()));
             }
             identity
         }
     };
-    note_seen(shared, session, identity.device.account_id).await?;
+    note_seen(shared, session, identity.device).await?;
     Ok(identity)
 }
 
-/// Records the account as seen (a registration lock lapses when it is not), at most
-/// hourly per connection.
+/// Records the device (and so its account) as seen, at most hourly per connection: a
+/// registration lock lapses when an account is not, and a linked device when it is
+/// not.
 pub(crate) async fn note_seen(
     shared: &Arc<Shared>,
     session: &Session,
-    account: u64,
+    device: crate::store::DeviceRef,
 ) -> Result<(), NodeError> {
     const HOUR_MS: u64 = 3_600_000;
     let now = now_ms();
@@ -78,5 +95,5 @@ pub(crate) async fn note_seen(
     {
         return Ok(());
     }
-    blocking(shared, move |store| store.mark_seen(account, now)).await
+    blocking(shared, move |store| store.mark_device_seen(device, now)).await
 }

@@ -77,6 +77,14 @@ pub enum Request {
     /// filter keys (`discovery::filter_key` of each PRF value), so that a sync finds a
     /// contact who registered a moment ago. Answered by [`Response::FilterDelta`].
     FetchFilterDelta { version: u64 },
+    /// The devices of this device's account, primary first. Answered by
+    /// [`Response::Devices`].
+    ListDevices,
+    /// Unlink device `device_id` from this account: the primary may unlink any
+    /// companion, a companion only itself; the primary is never unlinked. The device
+    /// is signed out at once and what was queued for it is dropped. Answered by
+    /// [`Response::DeviceUnlinked`].
+    UnlinkDevice { device_id: u32 },
 }
 
 impl Request {
@@ -98,6 +106,8 @@ impl Request {
             Request::VerifyCodeWithPin { .. } => "verify_code_with_pin",
             Request::ResolveUnder { .. } => "resolve",
             Request::FetchFilterDelta { .. } => "fetch_filter_delta",
+            Request::ListDevices => "list_devices",
+            Request::UnlinkDevice { .. } => "unlink_device",
         }
     }
 }
@@ -346,6 +356,26 @@ pub enum Response {
         key_version: u32,
         keys: Vec<u64>,
     },
+    /// The account's devices, primary first.
+    Devices {
+        devices: Vec<DeviceInfo>,
+    },
+    /// The device is unlinked.
+    DeviceUnlinked,
+}
+
+/// One device of an account, as the account's devices see it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DeviceInfo {
+    pub device_id: u32,
+    /// The name it was linked with (empty for the primary).
+    pub name: String,
+    /// The account's primary: the device that proved the number.
+    pub primary: bool,
+    /// When it registered or was linked (ms since the Unix epoch).
+    pub linked_at_ms: u64,
+    /// When it was last seen (ms; the node records it at most hourly), if ever.
+    pub last_seen_ms: Option<u64>,
 }
 
 /// A code is on its way.
@@ -450,6 +480,47 @@ pub enum ErrorKind {
     /// The PRF values were computed under a discovery key the node no longer uses
     /// (it was rotated to `key_version`): evaluate the numbers again.
     DiscoveryKeyChanged { key_version: u32 },
+    /// The envelopes for the sender's own other devices (`Outgoing::copies`) do not
+    /// match them; these are the account's other devices now.
+    StaleOwnDevices { devices: Vec<u32> },
+    /// This device key belonged to a device that was removed from its account (and
+    /// why): it can do nothing more on this node.
+    DeviceRemoved { why: Removal },
+    /// Only the account's primary may do this.
+    NotPrimary,
+    /// The account has as many devices as the node allows.
+    TooManyDevices { max: u32 },
+    /// The link code is unknown, expired, used, or was tried with a wrong secret.
+    LinkUnavailable,
+    /// The account has no device with this id.
+    UnknownDevice { device_id: u32 },
+}
+
+/// Why a device was removed from its account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum Removal {
+    /// Its number was registered on another device.
+    SignedOut,
+    /// It was unlinked (by the primary, or by itself).
+    Unlinked,
+    /// It was linked, and stayed away longer than the node keeps linked devices.
+    Lapsed,
+    /// The node's operator deleted the account.
+    AccountDeleted,
+}
+
+impl Removal {
+    /// Why, for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Removal::SignedOut => {
+                "this device was signed out: its number was registered on another device"
+            }
+            Removal::Unlinked => "this device was unlinked from its account",
+            Removal::Lapsed => "this device was unlinked from its account: it stayed away too long",
+            Removal::AccountDeleted => "this device's account was deleted by the node's operator",
+        }
+    }
 }
 
 impl ErrorKind {
@@ -477,6 +548,12 @@ impl ErrorKind {
             ErrorKind::StorageFull => "storage_full",
             ErrorKind::RegistrationLocked { .. } => "registration_locked",
             ErrorKind::DiscoveryKeyChanged { .. } => "discovery_key_changed",
+            ErrorKind::StaleOwnDevices { .. } => "stale_own_devices",
+            ErrorKind::DeviceRemoved { .. } => "device_removed",
+            ErrorKind::NotPrimary => "not_primary",
+            ErrorKind::TooManyDevices { .. } => "too_many_devices",
+            ErrorKind::LinkUnavailable => "link_unavailable",
+            ErrorKind::UnknownDevice { .. } => "unknown_device",
         }
     }
 }

@@ -28,6 +28,14 @@ pub struct StoreCounts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceSummary {
     pub device_id: u32,
+    /// The account's primary (the device that proved the number), or a companion.
+    pub primary: bool,
+    /// The name a companion was linked with.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// When it was last seen (ms; written at most hourly), if ever.
+    #[serde(default)]
+    pub last_seen_ms: Option<u64>,
     /// The device key id (SHA-256 of its public key), hex.
     pub key_id: String,
     pub created_at_ms: u64,
@@ -120,8 +128,9 @@ impl Store {
             None => None,
         };
         let mut devices = Vec::with_capacity(account.devices.len());
-        for d in &account.devices {
+        for (i, d) in account.devices.iter().enumerate() {
             let dk = layout::device(id, d.device_id);
+            let (name, device_seen_ms) = self.name_and_seen(dk)?;
             let (mut queued, mut queued_bytes) = (0, 0);
             for value in self.trees.queue.scan_prefix(dk).values() {
                 queued += 1;
@@ -129,6 +138,9 @@ impl Store {
             }
             devices.push(DeviceSummary {
                 device_id: d.device_id,
+                primary: i == 0,
+                name,
+                last_seen_ms: device_seen_ms,
                 key_id: hex::encode(d.key_id),
                 created_at_ms: d.created_at_ms,
                 queued,
@@ -254,6 +266,15 @@ impl Store {
         drop(q);
         if !done {
             return Ok(Attempt::Changed { queued_items });
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.record_removed(&key_ids, records::Removal::AccountDeleted, now_ms)?;
+        for device in &devices {
+            self.trees.device_name.remove(device.key())?;
+            self.trees.device_seen.remove(device.key())?;
         }
         Ok(Attempt::Done(Deleted {
             account_id,

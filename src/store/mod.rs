@@ -11,6 +11,7 @@
 
 mod admin;
 pub mod backup;
+mod devices;
 pub mod layout;
 mod prekeys;
 mod queues;
@@ -20,6 +21,7 @@ mod staging;
 mod ticket;
 
 pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
+pub use devices::{DeviceView, Linked, Unlinked};
 pub use prekeys::{Claimed, KeysRefusal};
 pub use queues::{AppendOutcome, InMemory, Queued, SweepStats};
 pub use staging::{AppendPolicy, HandOff, HandOffStats, WriteBehind};
@@ -38,7 +40,7 @@ use records::{AccountRecord, CodeRecord, DeviceRecord};
 
 /// The schema this build writes. Raise it with every change of layout and add a rung
 /// to [`Store::migrate`].
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// What can go wrong in storage.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +123,16 @@ struct Trees {
     /// times (ms) of verification codes counted under it in the last day (bincode
     /// `Vec<u64>`).
     code_sends: sled::Tree,
+    /// `device_name`: device address (12 bytes) → the name a linked device was given
+    /// (UTF-8). The primary (an account's first device) has none.
+    device_name: sled::Tree,
+    /// `device_seen`: device address → when the device was last seen (ms, u64 BE;
+    /// written at most hourly per connection). A linked device lapses on it.
+    device_seen: sled::Tree,
+    /// `removed_key`: key id → [`records::RemovedKeyRecord`]: why and when the device
+    /// of that key was removed, so that it is told so rather than "unknown"; swept
+    /// after [`devices::REMOVED_KEY_KEEP_MS`].
+    removed_key: sled::Tree,
 }
 
 /// The node's database.
@@ -364,6 +376,9 @@ impl Store {
             code_sends: db.open_tree("code_sends")?,
             registration_lock: db.open_tree("registration_lock")?,
             account_seen: db.open_tree("account_seen")?,
+            device_name: db.open_tree("device_name")?,
+            device_seen: db.open_tree("device_seen")?,
+            removed_key: db.open_tree("removed_key")?,
         };
         let discovery = Arc::new(std::sync::RwLock::new(Arc::new(
             load_or_make_discovery_key(&trees.meta)?,
@@ -409,6 +424,9 @@ impl Store {
         // empty (limits start counting now; accounts count as seen once they are).
         // Rung 4 → 5: `meta/id_base` may appear (a restore writes it); nothing to
         // convert, but an older build would ignore it and reuse restored ids.
+        // Rung 5 → 6: `device_name`, `device_seen` and `removed_key` appear empty (every
+        // account so far has one device, its primary; devices count as seen once
+        // they are). An older build would ignore linked devices' names and lapses.
         // A rotation cut short (see `rotate_discovery_key`) left the index partial.
         if (1..3).contains(&found) || self.trees.meta.get("discovery_rebuild")?.is_some() {
             self.rebuild_discovery_index(&self.discovery_key())?;

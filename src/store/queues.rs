@@ -547,6 +547,8 @@ impl Store {
         let dk = device.key();
         let dropped = self.forget_device(&mut self.queue_writer(), dk)?;
         self.trees.device_keys.remove(dk)?;
+        self.trees.device_name.remove(dk)?;
+        self.trees.device_seen.remove(dk)?;
         Ok(dropped)
     }
 

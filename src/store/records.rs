@@ -98,6 +98,26 @@ pub enum QueueItem {
     },
 }
 
+/// Why a device (its key) was removed from its account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum Removal {
+    /// Its number was registered on another device (a new primary).
+    SignedOut,
+    /// The primary, or the device itself, unlinked it.
+    Unlinked,
+    /// A linked device that stayed away too long.
+    Lapsed,
+    /// The node's operator deleted the account.
+    AccountDeleted,
+}
+
+/// `removed_key` tree value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct RemovedKeyRecord {
+    pub why: Removal,
+    pub at_ms: u64,
+}
+
 /// A registration lock: re-registering the number needs the PIN.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct LockRecord {

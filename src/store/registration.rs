@@ -82,8 +82,9 @@ impl Store {
             &t.account,
             &t.device_key,
             &t.discovery_index,
+            &t.removed_key,
         )
-            .transaction(|(codes, numbers, accounts, device_keys, index)| {
+            .transaction(|(codes, numbers, accounts, device_keys, index, removed)| {
                 let number_key = layout::number(number);
                 let Some(bytes) = codes.get(number_key)? else {
                     return Ok(VerifyOutcome::NoCode);
@@ -153,9 +154,15 @@ impl Store {
                 };
 
                 let mut revoked_keys = Vec::new();
+                let gone = records::encode(&records::RemovedKeyRecord {
+                    why: records::Removal::SignedOut,
+                    at_ms: now_ms,
+                })
+                .or_else(abort)?;
                 for old in account.devices.drain(..) {
                     device_keys.remove(&old.key_id)?;
                     if old.key_id != new_device.key_id {
+                        removed.insert(&old.key_id, gone.as_slice())?;
                         revoked_keys.push(old.key_id);
                     }
                     signed_out.push(DeviceRef {
@@ -176,6 +183,7 @@ impl Store {
                     records::encode(&account).or_else(abort)?,
                 )?;
                 device_keys.insert(&new_device.key_id, &layout::device(account_id, device_id))?;
+                removed.remove(&new_device.key_id)?;
                 let prf = prf_of().map_err(StoreError::Corrupt).or_else(abort)?;
                 index.insert(&prf, &layout::account(account_id))?;
                 Ok(VerifyOutcome::Registered {
@@ -332,15 +340,6 @@ impl Store {
                     .remove(layout::account(account))?;
             }
         }
-        Ok(())
-    }
-
-    /// Records that a device of `account` was seen at `now_ms`.
-    pub fn mark_seen(&self, account: u64, now_ms: u64) -> Result<(), StoreError> {
-        let _gate = self.writing();
-        self.trees
-            .account_seen
-            .insert(layout::account(account), &now_ms.to_be_bytes())?;
         Ok(())
     }
 

@@ -51,7 +51,8 @@ async fn admin_commands_against_a_running_node() {
     let node = ProcessNode::start(&config_text(""));
     let data = node.data_dir();
     let alice = node.registered(ALICE).await;
-    let bob = node.registered(BOB).await;
+    let (bob_creds, _) = Credentials::generate_device().expect("key");
+    let bob = node.registered_as(&bob_creds, BOB).await;
     for i in 0..3 {
         send_numbered(&alice, BOB, i).await.expect("send");
     }
@@ -85,6 +86,10 @@ async fn admin_commands_against_a_running_node() {
     let account = json(&admin_ok(&data, &["account", BOB, "--json"]));
     assert_eq!(account["number"], BOB);
     assert_eq!(account["devices"].as_array().expect("devices").len(), 1);
+    assert_eq!(account["devices"][0]["primary"], true, "{account}");
+    assert!(account["devices"][0]["last_seen_ms"].is_u64(), "{account}");
+    let text = admin_ok(&data, &["account", BOB]);
+    assert!(text.contains(" primary, key "), "{text}");
     let out = admin(&data, &["account", CAROL], "");
     assert!(!out.status.success());
     assert!(
@@ -112,8 +117,18 @@ async fn admin_commands_against_a_running_node() {
         (&serde_json::json!(1), &serde_json::json!(0)),
         "{stats}"
     );
-    // Bob's connection was closed; nobody can send to him any more.
+    // Bob's connection was closed, and his device is told why when it comes back;
+    // nobody can send to him any more.
     assert!(bob.whoami().await.is_err());
+    let again = Client::connect(&node.addr, &bob_creds, Some(node.fingerprint))
+        .await
+        .expect("connect");
+    assert_eq!(
+        kind(again.whoami().await),
+        ErrorKind::DeviceRemoved {
+            why: switchboard::proto::Removal::AccountDeleted
+        }
+    );
     let id = switchboard::client::e2e::new_message_id();
     assert_eq!(
         kind(alice.send(outgoing(BOB, id, vec![1; 10])).await),

@@ -531,7 +531,7 @@ fn registering_on_a_new_home_signs_the_old_home_out() {
     let out = node.cli(&old, &["whoami"], "");
     assert!(!out.status.success(), "{}", show(&["whoami"], &out));
     assert!(
-        stderr(&out).contains("signed out because its number was registered on another device"),
+        stderr(&out).contains("signed out: its number was registered on another device"),
         "{}",
         show(&["whoami"], &out)
     );

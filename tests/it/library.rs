@@ -169,7 +169,19 @@ async fn registering_again_moves_the_account_and_signs_the_old_device_out() {
     assert!(closed.to_string().contains("signed out"), "{closed}");
     // Its key no longer belongs to any device.
     let again = node.connect_as(&old_key).await;
-    assert_eq!(kind(again.whoami().await), ErrorKind::Unauthenticated);
+    let refused = again.whoami().await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("signed out")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        kind(refused),
+        ErrorKind::DeviceRemoved {
+            why: switchboard::proto::Removal::SignedOut
+        }
+    );
     assert_eq!(new.whoami().await.unwrap().device_id, reg.device_id);
     node.shutdown().await;
 }

@@ -8,6 +8,7 @@ mod cli;
 mod cli_messaging;
 mod client_home;
 mod crash;
+mod devices;
 mod discovery;
 mod disk;
 mod handoff;

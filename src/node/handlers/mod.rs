@@ -6,8 +6,10 @@
 //!   `ClearLock`;
 //! - `keys.rs`: `PublishKeys`, `FetchBundles`;
 //! - `send.rs`: `Send` and what its answer waits on ([`Waiting`]);
-//! - `discovery.rs`: `Evaluate`, `FetchFilter`, `Resolve`.
+//! - `discovery.rs`: `Evaluate`, `FetchFilter`, `Resolve`;
+//! - `devices.rs`: `ListDevices`, `UnlinkDevice`, and the removal of a companion.
 
+mod devices;
 mod discovery;
 mod keys;
 mod registration;
@@ -24,6 +26,7 @@ use crate::proto::messages::MAX_DISCOVERY_BATCH;
 use crate::proto::{ErrorKind, Identity, NodeError, Reply, Request, Response};
 use crate::store::DeviceIdentity;
 
+pub(crate) use devices::remove as remove_device;
 pub use send::Waiting;
 
 /// Answers one request.
@@ -78,6 +81,10 @@ pub async fn handle(
         }
         Request::FetchFilterDelta { version } => {
             discovery::fetch_filter_delta(shared, session, version).await
+        }
+        Request::ListDevices => devices::list_devices(shared, session).await,
+        Request::UnlinkDevice { device_id } => {
+            devices::unlink_device(shared, session, device_id).await
         }
     };
     match result {

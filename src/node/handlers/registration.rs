@@ -358,12 +358,11 @@ async fn register(
             // Caches of who is registered are stale from now on (and only now: a
             // refused attempt changes no account).
             shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
-            let account = device.account_id;
             blocking(shared, move |store| {
                 if let Some((locked_account, update)) = &lock_update {
                     store.set_registration_lock(*locked_account, update.as_ref())?;
                 }
-                store.mark_seen(account, now)
+                store.mark_device_seen(device, now)
             })
             .await?;
             // What the node held for signed-out devices goes: their queues can never

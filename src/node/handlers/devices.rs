@@ -1,0 +1,115 @@
+//! `ListDevices`, `UnlinkDevice`, and removing a companion device (also when it
+//! lapses).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::commit_failed;
+use crate::node::Shared;
+use crate::node::clock::now_ms;
+use crate::node::session::{Session, authenticated};
+use crate::node::worker::{blocking, read};
+use crate::proto::{DeviceInfo, ErrorKind, NodeError, Response, codes};
+use crate::store::records::Removal;
+use crate::store::{DeviceRef, Unlinked};
+
+pub(super) async fn list_devices(
+    shared: &Arc<Shared>,
+    session: &Session,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    let account = me.device.account_id;
+    let (_, devices) = read(shared, move |store| store.devices(account))
+        .await?
+        .ok_or_else(|| NodeError::new(ErrorKind::Internal, "this device's account is gone"))?;
+    Ok(Response::Devices {
+        devices: devices
+            .into_iter()
+            .map(|d| DeviceInfo {
+                device_id: d.device_id,
+                name: d.name.unwrap_or_default(),
+                primary: d.primary,
+                linked_at_ms: d.linked_at_ms,
+                last_seen_ms: d.last_seen_ms,
+            })
+            .collect(),
+    })
+}
+
+pub(super) async fn unlink_device(
+    shared: &Arc<Shared>,
+    session: &Session,
+    device_id: u32,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    let account = me.device.account_id;
+    if device_id != me.device.device_id {
+        let primary = read(shared, move |store| {
+            Ok(store
+                .account(account)?
+                .and_then(|a| a.devices.first().map(|d| d.device_id)))
+        })
+        .await?;
+        if primary != Some(me.device.device_id) {
+            return Err(NodeError::new(
+                ErrorKind::NotPrimary,
+                "only the account's primary device may unlink another device",
+            ));
+        }
+    }
+    let target = DeviceRef {
+        account_id: account,
+        device_id,
+    };
+    match remove(shared, target, Removal::Unlinked).await? {
+        Unlinked::Done { .. } => Ok(Response::DeviceUnlinked),
+        Unlinked::NotFound => Err(NodeError::new(
+            ErrorKind::UnknownDevice { device_id },
+            format!("this account has no device {device_id}"),
+        )),
+        Unlinked::Primary => Err(NodeError::new(
+            ErrorKind::NotPrimary,
+            "the primary device is never unlinked: registering the number on a new phone \
+             replaces it",
+        )),
+    }
+}
+
+impl From<Removal> for crate::proto::Removal {
+    fn from(why: Removal) -> Self {
+        match why {
+            Removal::SignedOut => crate::proto::Removal::SignedOut,
+            Removal::Unlinked => crate::proto::Removal::Unlinked,
+            Removal::Lapsed => crate::proto::Removal::Lapsed,
+            Removal::AccountDeleted => crate::proto::Removal::AccountDeleted,
+        }
+    }
+}
+
+/// Removes the companion `device` (`why`: unlinked or lapsed), durably, and closes
+/// its connections: it can read nothing sent after.
+pub(crate) async fn remove(
+    shared: &Arc<Shared>,
+    device: DeviceRef,
+    why: Removal,
+) -> Result<Unlinked, NodeError> {
+    let now = now_ms();
+    let outcome = blocking(shared, move |store| store.unlink_device(device, why, now)).await?;
+    if let Unlinked::Done { key_id } = &outcome {
+        // Caches of who has which devices are stale from now on.
+        shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
+        shared.commit.durable().await.map_err(commit_failed)?;
+        let reason = crate::proto::Removal::from(why).describe();
+        let closed = shared
+            .connections
+            .close(&[*key_id], codes::UNLINKED, reason.as_bytes());
+        tracing::info!(
+            account = device.account_id,
+            device = device.device_id,
+            ?why,
+            connections = closed,
+            "device unlinked"
+        );
+    }
+    Ok(outcome)
+}
