@@ -146,7 +146,7 @@ pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn time(ms: u64) -> String {
+pub(crate) fn time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
@@ -180,7 +180,16 @@ fn print_event(event: Event, json: bool, out: &mut impl Write) -> std::io::Resul
         Event::Message(m) => {
             let at = time(m.at_ms);
             let text = m.content.as_ref().map(shown).unwrap_or_default();
-            if json {
+            if json && m.outgoing {
+                let line = serde_json::json!({
+                    "id": hex::encode(m.id),
+                    "to": m.peer,
+                    "from_device": m.device,
+                    "sent_at": at,
+                    "text": text,
+                });
+                writeln!(out, "{line}")?;
+            } else if json {
                 let line = serde_json::json!({
                     "id": hex::encode(m.id),
                     "from": m.peer,
@@ -188,6 +197,15 @@ fn print_event(event: Event, json: bool, out: &mut impl Write) -> std::io::Resul
                     "text": text,
                 });
                 writeln!(out, "{line}")?;
+            } else if m.outgoing {
+                // Sent by another device of this account: second field "to".
+                writeln!(
+                    out,
+                    "{at} to {} {} (sent from your device {})",
+                    m.peer,
+                    printable(&text),
+                    m.device
+                )?;
             } else {
                 writeln!(out, "{at} {} {}", m.peer, printable(&text))?;
             }
@@ -243,6 +261,9 @@ fn print_event(event: Event, json: bool, out: &mut impl Write) -> std::io::Resul
         Event::IdentityChanged { number } => eprintln!(
             "warning: {number}'s identity key has changed (new phone, or someone in \
              between); compare `switchboard safety {number}` with them in person"
+        ),
+        Event::NewDevice { number, device } => eprintln!(
+            "{number} linked a new device (device {device}); their safety number is unchanged"
         ),
         Event::Reconnecting { reason, retry_in } => eprintln!(
             "reconnecting… ({reason}; next try in {:.1} s)",
@@ -391,26 +412,31 @@ pub async fn safety(home: Home, args: SafetyArgs) -> anyhow::Result<()> {
     let reg = home.load()?;
     let db = home.db()?;
     let them = contact(&db, &reg, &args.number, args.region.as_deref())?;
-    let mine = e2e::identity(&db)?;
+    // One number per pair of accounts: it covers the account identities (each
+    // primary's), whichever devices either account has linked.
+    let mine = db.write(|tx| {
+        let mut olm = Olm::new(tx);
+        let keys = olm.account_identity()?;
+        olm.flush()?;
+        Ok::<_, e2e::E2eError>(keys)
+    })?;
     let client = Client::connect(&reg.server, &reg.credentials, Some(reg.fingerprint)).await?;
     let bundles = client.fetch_bundles(&them, false).await;
     client.close().await;
     let bundles = bundles.with_context(|| format!("fetching {them}'s keys"))?;
-    for bundle in &bundles.devices {
-        let digits = e2e::safety_number(&reg.number, &mine, &them, &bundle.identity);
-        let changed = db.write(|tx| {
-            let mut olm = Olm::new(tx);
-            let changed = olm.note_identity(them.as_str(), &bundle.identity)?;
-            olm.flush()?;
-            Ok::<_, e2e::E2eError>(changed)
-        })?;
-        if changed {
-            eprintln!("warning: {them}'s identity key has changed since this device last saw it");
-        }
-        if bundles.devices.len() > 1 {
-            println!("device {}:", bundle.device_id);
-        }
-        println!("{}", e2e::format_safety_number(&digits));
+    let Some(account) = bundles.devices.iter().find(|b| b.primary) else {
+        bail!("{them}'s primary device has not published its keys yet");
+    };
+    let digits = e2e::safety_number(&reg.number, &mine, &them, &account.identity);
+    let changed = db.write(|tx| {
+        let mut olm = Olm::new(tx);
+        let changed = olm.note_identity(them.as_str(), &account.identity)?;
+        olm.flush()?;
+        Ok::<_, e2e::E2eError>(changed)
+    })?;
+    if changed {
+        eprintln!("warning: {them}'s identity key has changed since this device last saw it");
     }
+    println!("{}", e2e::format_safety_number(&digits));
     Ok(())
 }

@@ -3,6 +3,7 @@
 mod admin;
 mod check_config;
 mod contacts;
+mod devices;
 mod lock;
 mod messaging;
 mod register;
@@ -62,6 +63,9 @@ enum Command {
     /// The registration lock: a PIN needed to register your number on another device.
     #[command(subcommand)]
     Lock(lock::Command),
+    /// Your account's devices: link a new one, list them, unlink one.
+    #[command(subcommand)]
+    Devices(devices::Command),
 }
 
 /// Logs go to stderr: warnings only for client commands, unless RUST_LOG says
@@ -120,6 +124,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Admin(args) => admin::run(args).await,
         Command::CheckConfig(args) => check_config::run(args),
         Command::Lock(command) => lock::run(home(cli.home, pass)?, command).await,
+        Command::Devices(command) => devices::run(home(cli.home, pass)?, command).await,
     }
 }
 

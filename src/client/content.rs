@@ -26,6 +26,25 @@ mod kind {
     pub const TEXT: u16 = 1;
     pub const RETRY_REQUEST: u16 = 2;
     pub const RETRY_UNAVAILABLE: u16 = 3;
+    pub const SENT_COPY: u16 = 4;
+    pub const HISTORY_SYNC: u16 = 5;
+}
+
+/// The most history entries one `HistorySync` plaintext carries.
+pub const MAX_SYNC_ENTRIES: usize = 200;
+
+/// One message of the history a primary hands a newly linked device.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Synced {
+    /// The other side of the conversation (E.164).
+    pub peer: String,
+    /// Whether the account wrote it.
+    pub outgoing: bool,
+    /// The author's device.
+    pub device: u32,
+    pub id: MessageId,
+    pub at_ms: u64,
+    pub content: Content,
 }
 
 /// What a person sent: the part of a message an app shows.
@@ -53,6 +72,18 @@ pub enum Body {
     RetryUnavailable {
         id: MessageId,
     },
+    /// To this account's other devices: "this device sent `content` to `to`", so a
+    /// conversation reads the same on every device. Accepted only from the own
+    /// account.
+    SentCopy {
+        to: String,
+        content: Content,
+    },
+    /// To a newly linked device of this account: part of the recent history (oldest
+    /// first). Accepted only from the own account.
+    HistorySync {
+        entries: Vec<Synced>,
+    },
 }
 
 /// One decoded plaintext.
@@ -75,6 +106,21 @@ struct Wire {
     retry_of: Option<MessageId>,
     kind: u16,
     body: Vec<u8>,
+}
+
+#[derive(Encode, Decode)]
+struct SentCopyBody {
+    to: String,
+    kind: u16,
+    body: Vec<u8>,
+}
+
+/// A content's kind number and body, as on the wire.
+fn content_parts(content: &Content) -> (u16, Vec<u8>) {
+    match content {
+        Content::Text(text) => (kind::TEXT, to_vec(text)),
+        Content::Unsupported { kind } => (*kind, Vec::new()),
+    }
 }
 
 #[derive(Encode, Decode)]
@@ -115,8 +161,18 @@ impl Plaintext {
     /// The bytes to encrypt.
     pub fn encode(&self) -> Vec<u8> {
         let (kind, body) = match &self.body {
-            Body::Content(Content::Text(text)) => (kind::TEXT, to_vec(text)),
-            Body::Content(Content::Unsupported { kind }) => (*kind, Vec::new()),
+            Body::Content(content) => content_parts(content),
+            Body::SentCopy { to, content } => {
+                let (kind, body) = content_parts(content);
+                (
+                    kind::SENT_COPY,
+                    to_vec(&SentCopyBody {
+                        to: to.clone(),
+                        kind,
+                        body,
+                    }),
+                )
+            }
             Body::RetryRequest { device, ids } => (
                 kind::RETRY_REQUEST,
                 to_vec(&RetryRequestBody {
@@ -125,6 +181,7 @@ impl Plaintext {
                 }),
             ),
             Body::RetryUnavailable { id } => (kind::RETRY_UNAVAILABLE, to_vec(id)),
+            Body::HistorySync { entries } => (kind::HISTORY_SYNC, to_vec(entries)),
         };
         let mut out = vec![FORMAT];
         out.extend(to_vec(&Wire {
@@ -201,6 +258,24 @@ fn decode_body(kind: u16, body: &[u8]) -> Result<Body, String> {
             }
         }
         kind::RETRY_UNAVAILABLE => Body::RetryUnavailable { id: whole(body)? },
+        kind::HISTORY_SYNC => {
+            let entries: Vec<Synced> = whole(body)?;
+            if entries.len() > MAX_SYNC_ENTRIES {
+                return Err(format!("a history sync of {} entries", entries.len()));
+            }
+            Body::HistorySync { entries }
+        }
+        kind::SENT_COPY => {
+            let copy: SentCopyBody = whole(body)?;
+            let content = match decode_body(copy.kind, &copy.body)? {
+                Body::Content(content) => content,
+                _ => return Err("a sent copy of something that is not content".into()),
+            };
+            Body::SentCopy {
+                to: copy.to,
+                content,
+            }
+        }
         other => Body::Content(Content::Unsupported { kind: other }),
     })
 }
@@ -224,6 +299,22 @@ mod tests {
         );
         check(p.clone());
         p.retry_of = Some([9; 16]);
+        check(p.clone());
+        p.body = Body::SentCopy {
+            to: "+14155550101".into(),
+            content: Content::Text("to bob".into()),
+        };
+        check(p.clone());
+        p.body = Body::HistorySync {
+            entries: vec![Synced {
+                peer: "+14155550101".into(),
+                outgoing: false,
+                device: 2,
+                id: [3; 16],
+                at_ms: 5,
+                content: Content::Text("old".into()),
+            }],
+        };
         check(p.clone());
         p.body = Body::RetryRequest {
             device: 3,

@@ -670,6 +670,15 @@ impl Tx<'_> {
         )
     }
 
+    /// Up to `limit` messages of every conversation after position `after`, oldest
+    /// first.
+    pub fn messages_after(&self, after: i64, limit: usize) -> Result<Vec<MessageRow>, DbError> {
+        self.message_rows(
+            "SELECT seq, key, state, value FROM message WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            params![after, limit.min(i64::MAX as usize) as i64],
+        )
+    }
+
     fn message_rows(
         &self,
         sql: &str,

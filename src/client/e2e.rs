@@ -11,8 +11,17 @@
 //! when every process kept its own copy of the state in memory).
 //!
 //! Envelope body (client to client, opaque to the node): one byte of Olm message type
-//! (0 pre-key, 1 normal) then the Olm message. The Olm plaintext is a
+//! (0 pre-key, 1 normal) then the Olm message; or, for a pre-key message from a linked
+//! device, type 2: its certificate (the account identity's Curve25519 and Ed25519
+//! keys, the device's Ed25519 key, the account identity's signature over the device's
+//! keys: 32 + 32 + 32 + 64 bytes) then the pre-key message. The Olm plaintext is a
 //! [`super::content::Plaintext`].
+//!
+//! One identity per account: the primary's Olm identity is the account identity. A
+//! linked device has its own Olm account, whose keys the primary signed when it linked
+//! it ([`IdentityKeys::vouches_for`]); a contact accepts a linked device only with that
+//! signature, and compares (and shows in the safety number) the account identity, so a
+//! new device is news ("linked a new device"), never a changed identity.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -35,6 +44,9 @@ pub const ONE_TIME_KEY_TARGET: u32 = 50;
 /// still be on their way.
 const SESSIONS_MAX: usize = 4;
 const ACCOUNT_KEY: &[u8] = b"account";
+const LINK_KEY: &[u8] = b"account_link";
+/// Bytes of a linked device's certificate in a type-2 envelope.
+const CERT_LEN: usize = 32 + 32 + 32 + 64;
 
 /// What can go wrong with end-to-end encryption.
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +70,37 @@ struct AccountRecord {
 #[derive(Serialize, Deserialize, Default, Clone)]
 struct PeerRecord {
     number: String,
-    /// The contact's identity keys as last seen.
+    /// The contact's account identity keys (its primary's) as last seen.
     identity: Option<KnownIdentity>,
+    /// The contact's devices seen so far: id → Curve25519 identity key.
+    #[serde(default)]
+    devices: std::collections::BTreeMap<u32, [u8; 32]>,
+}
+
+/// How a linked device belongs to its account: the account identity and its
+/// signature over this device's keys, from the primary when it linked this device.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct LinkRecord {
+    /// The account's number (E.164).
+    pub number: String,
+    pub account_curve25519: [u8; 32],
+    pub account_ed25519: [u8; 32],
+    /// 64 bytes.
+    pub signature: Vec<u8>,
+}
+
+impl LinkRecord {
+    pub fn account_identity(&self) -> IdentityKeys {
+        IdentityKeys {
+            curve25519: self.account_curve25519,
+            ed25519: self.account_ed25519,
+        }
+    }
+
+    fn signature(&self) -> Result<[u8; 64], E2eError> {
+        <[u8; 64]>::try_from(self.signature.as_slice())
+            .map_err(|_| E2eError::Keys("the stored account signature is damaged".into()))
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -98,8 +139,11 @@ pub(crate) type LegacyContact = (
 #[derive(Debug)]
 pub struct Decrypted {
     pub plaintext: Vec<u8>,
-    /// The sender's identity key differs from the one this device knew.
+    /// The sender's account identity differs from the one this device knew.
     pub identity_changed: bool,
+    /// The sender's device is new to this device (the account was known): they
+    /// linked a new device.
+    pub new_device: bool,
 }
 
 /// Why an envelope could not be decrypted.
@@ -133,6 +177,8 @@ pub struct Olm<'t> {
     /// By number, then device (looked up by `&str`, so a hit allocates nothing).
     sessions: HashMap<String, HashMap<u32, SessionSlot>>,
     peers: HashMap<String, PeerSlot>,
+    /// This device's link to its account (a linked device), once read.
+    link: Option<Option<LinkRecord>>,
 }
 
 fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, E2eError> {
@@ -157,7 +203,49 @@ impl<'t> Olm<'t> {
             account: None,
             sessions: HashMap::new(),
             peers: HashMap::new(),
+            link: None,
         }
+    }
+
+    /// How this device belongs to its account, if it is a linked device.
+    pub fn link(&mut self) -> Result<Option<LinkRecord>, E2eError> {
+        if self.link.is_none() {
+            let record = match self.tx.get(Table::Kv, LINK_KEY)? {
+                Some(bytes) => Some(unjson::<LinkRecord>(&bytes, "the account link")?),
+                None => None,
+            };
+            self.link = Some(record);
+        }
+        Ok(self.link.clone().flatten())
+    }
+
+    /// Records that this device is linked to the account of `record` (written at
+    /// once, in this transaction).
+    pub fn set_link(&mut self, record: LinkRecord) -> Result<(), E2eError> {
+        self.tx.put(Table::Kv, LINK_KEY, &json(&record)?)?;
+        self.link = Some(Some(record));
+        Ok(())
+    }
+
+    /// The account identity: the primary's identity keys (this device's own, unless
+    /// it is a linked device).
+    pub fn account_identity(&mut self) -> Result<IdentityKeys, E2eError> {
+        match self.link()? {
+            Some(link) => Ok(link.account_identity()),
+            None => self.identity(),
+        }
+    }
+
+    /// On the primary: the account identity's signature vouching for `device` as a
+    /// device of `number`.
+    pub fn vouch(&mut self, number: &str, device: &IdentityKeys) -> Result<[u8; 64], E2eError> {
+        if self.link()?.is_some() {
+            return Err(E2eError::Keys(
+                "only the primary device holds the account identity".into(),
+            ));
+        }
+        let bytes = IdentityKeys::device_signed_bytes(number, device);
+        Ok(self.account()?.account.sign(bytes).to_bytes())
     }
 
     /// The transaction this works in.
@@ -254,10 +342,15 @@ impl<'t> Olm<'t> {
             .values()
             .map(|k| Self::sign(account, SignedKey::ONE_TIME, *k))
             .collect();
+        let account_signature = match self.link()? {
+            Some(link) => Some(link.signature()?),
+            None => None,
+        };
         Ok(KeyUpload {
             identity,
             fallback,
             one_time_keys,
+            account_signature,
         })
     }
 
@@ -303,6 +396,7 @@ impl<'t> Olm<'t> {
                     None => PeerRecord {
                         number: number.to_string(),
                         identity: None,
+                        devices: Default::default(),
                     },
                 };
                 Ok(e.insert(PeerSlot {
@@ -367,6 +461,19 @@ impl<'t> Olm<'t> {
             .encrypt(plaintext)
             .map_err(|e| E2eError::Keys(format!("encrypting: {e}")))?;
         slot.dirty = true;
+        if let OlmMessage::PreKey(pre_key) = &message
+            && let Some(link) = self.link()?
+        {
+            let own = self.identity()?;
+            let mut out = Vec::with_capacity(1 + CERT_LEN + 256);
+            out.push(2);
+            out.extend_from_slice(&link.account_curve25519);
+            out.extend_from_slice(&link.account_ed25519);
+            out.extend_from_slice(&own.ed25519);
+            out.extend_from_slice(&link.signature()?);
+            out.extend_from_slice(&pre_key.to_bytes());
+            return Ok(out);
+        }
         Ok(envelope_body(&message))
     }
 
@@ -383,10 +490,47 @@ impl<'t> Olm<'t> {
         let to = bundles.number.as_str();
         let mut changed = false;
         let mut started = Vec::new();
+        // The account identity is the primary's; every other device must carry its
+        // signature. For this device's own account, the identity is known for sure.
+        let account = bundles
+            .devices
+            .iter()
+            .find(|b| b.primary)
+            .map(|b| b.identity)
+            .ok_or_else(|| {
+                E2eError::Keys(format!(
+                    "{to}'s primary device has not published its keys: no device of theirs \
+                     can be trusted yet"
+                ))
+            })?;
+        let me = self.identity()?;
+        let own = self.link()?.is_some_and(|l| l.number == to)
+            || bundles.devices.iter().any(|b| b.identity == me);
+        if own && account != self.account_identity()? {
+            return Err(E2eError::Keys(
+                "the node hands out another identity for this device's own account: refusing"
+                    .into(),
+            ));
+        }
+        changed |= self.note_identity(to, &account)?;
         for bundle in &bundles.devices {
             if only.is_some_and(|d| d != bundle.device_id) {
                 continue;
             }
+            let vouched = bundle.primary
+                || bundle
+                    .account_signature
+                    .is_some_and(|sig| account.vouches_for(to, &bundle.identity, &sig));
+            if !vouched {
+                return Err(E2eError::Keys(format!(
+                    "{to}'s device {} is not signed by their account identity: refusing it",
+                    bundle.device_id
+                )));
+            }
+            if bundle.identity == me {
+                continue;
+            }
+            self.note_device(to, bundle.device_id, bundle.identity.curve25519)?;
             let key = checked_session_key(bundle)?;
             let session = self
                 .account()?
@@ -397,7 +541,6 @@ impl<'t> Olm<'t> {
                     key,
                 )
                 .map_err(|e| E2eError::Keys(format!("starting a session with {to}: {e}")))?;
-            changed |= self.note_identity(to, &bundle.identity)?;
             let slot = self.slot(to, bundle.device_id)?;
             slot.list.insert(0, session);
             slot.list.truncate(SESSIONS_MAX);
@@ -425,6 +568,34 @@ impl<'t> Olm<'t> {
         device: u32,
         body: &[u8],
     ) -> Result<Result<Decrypted, DecryptFailure>, E2eError> {
+        // A linked device's pre-key message comes with its certificate.
+        let mut cert: Option<(IdentityKeys, [u8; 32], [u8; 64])> = None;
+        let body = match body.split_first() {
+            Some((&2, rest)) => {
+                let Some((head, message)) = rest.split_at_checked(CERT_LEN) else {
+                    return Ok(Err(DecryptFailure::Malformed(
+                        "a linked device's envelope too short for its certificate".into(),
+                    )));
+                };
+                let take = |at: usize| -> [u8; 32] {
+                    let mut out = [0u8; 32];
+                    out.copy_from_slice(&head[at..at + 32]);
+                    out
+                };
+                let mut sig = [0u8; 64];
+                sig.copy_from_slice(&head[96..160]);
+                cert = Some((
+                    IdentityKeys {
+                        curve25519: take(0),
+                        ed25519: take(32),
+                    },
+                    take(64),
+                    sig,
+                ));
+                [&[0u8][..], message].concat()
+            }
+            _ => body.to_vec(),
+        };
         let message = match body.split_first() {
             None => return Ok(Err(DecryptFailure::Malformed("an empty envelope".into()))),
             Some((&kind, rest)) => match OlmMessage::from_parts(kind as usize, rest) {
@@ -448,6 +619,7 @@ impl<'t> Olm<'t> {
                 return Ok(Ok(Decrypted {
                     plaintext,
                     identity_changed: false,
+                    new_device: false,
                 }));
             }
         }
@@ -458,6 +630,40 @@ impl<'t> Olm<'t> {
             )));
         };
         let their_identity = pre_key.identity_key();
+        // Whose account it is: the sender's own identity (a primary), or the account
+        // identity of its certificate, which must vouch for the sender's device keys.
+        let account = match cert {
+            None => KnownIdentity {
+                curve25519: their_identity.to_bytes(),
+                ed25519: None,
+            },
+            Some((account, device_ed25519, sig)) => {
+                let device = IdentityKeys {
+                    curve25519: their_identity.to_bytes(),
+                    ed25519: device_ed25519,
+                };
+                if !account.vouches_for(from, &device, &sig) {
+                    return Ok(Err(DecryptFailure::Malformed(
+                        "a linked device's message whose certificate is not signed by its \
+                         account identity"
+                            .into(),
+                    )));
+                }
+                KnownIdentity {
+                    curve25519: account.curve25519,
+                    ed25519: Some(account.ed25519),
+                }
+            }
+        };
+        // From this device's own account, the identity is known for sure.
+        let mine = self.account_identity()?;
+        let own_account =
+            self.link()?.is_some_and(|l| l.number == from) || account.curve25519 == mine.curve25519;
+        if own_account && account.curve25519 != mine.curve25519 {
+            return Ok(Err(DecryptFailure::Malformed(
+                "a message from this account's number under another account identity".into(),
+            )));
+        }
         let created = match self.account()?.account.create_inbound_session(
             SessionConfig::version_1(),
             their_identity,
@@ -473,23 +679,28 @@ impl<'t> Olm<'t> {
         if let Some(slot) = self.account.as_mut() {
             slot.dirty = true;
         }
-        let identity = their_identity.to_bytes();
         let peer = self.peer(from)?;
         let changed = peer
             .record
             .identity
-            .is_some_and(|known| known.curve25519 != identity);
+            .is_some_and(|known| known.curve25519 != account.curve25519);
         if peer
             .record
             .identity
-            .is_none_or(|k| k.curve25519 != identity)
+            .is_none_or(|k| k.curve25519 != account.curve25519 || k.ed25519.is_none())
         {
+            let ed25519 = account.ed25519.or(peer
+                .record
+                .identity
+                .and_then(|k| k.ed25519)
+                .filter(|_| !changed));
             peer.record.identity = Some(KnownIdentity {
-                curve25519: identity,
-                ed25519: None,
+                curve25519: account.curve25519,
+                ed25519,
             });
             peer.dirty = true;
         }
+        let new_device = self.note_device(from, device, their_identity.to_bytes())?;
         let slot = self.slot(from, device)?;
         slot.list.insert(0, created.session);
         slot.list.truncate(SESSIONS_MAX);
@@ -497,7 +708,27 @@ impl<'t> Olm<'t> {
         Ok(Ok(Decrypted {
             plaintext: created.plaintext,
             identity_changed: changed,
+            new_device: new_device && !changed,
         }))
+    }
+
+    /// Records `number`'s device `device` with its Curve25519 key; returns whether it
+    /// is new (the account had other devices known, and not this one with this key).
+    fn note_device(
+        &mut self,
+        number: &str,
+        device: u32,
+        curve: [u8; 32],
+    ) -> Result<bool, E2eError> {
+        let peer = self.peer(number)?;
+        let known = peer.record.devices.get(&device) == Some(&curve);
+        if known {
+            return Ok(false);
+        }
+        let news = !peer.record.devices.is_empty();
+        peer.record.devices.insert(device, curve);
+        peer.dirty = true;
+        Ok(news)
     }
 
     /// The Curve25519 identity key this device knows for `number`.
@@ -581,6 +812,7 @@ impl<'t> Olm<'t> {
                     record: PeerRecord {
                         number: number.clone(),
                         identity,
+                        devices: Default::default(),
                     },
                     dirty: true,
                 },
@@ -774,6 +1006,8 @@ mod tests {
                 identity: upload.identity,
                 one_time_key: upload.one_time_keys.first().copied(),
                 fallback: upload.fallback,
+                primary: true,
+                account_signature: None,
             }],
         };
         let bodies: Vec<Vec<u8>> = alice

@@ -216,6 +216,102 @@ pub fn add_sent(
     .ok_or_else(|| tx.damaged("a message id was used twice"))
 }
 
+/// Records a message another device of this account sent to `peer` (its copy), as
+/// sent; `None` when it is in the history already.
+pub fn add_sent_copy(
+    tx: &Tx<'_>,
+    peer: &str,
+    device: u32,
+    id: &MessageId,
+    written_at_ms: u64,
+    content: &Content,
+) -> Result<Option<i64>, DbError> {
+    let record = Record {
+        peer: peer.to_string(),
+        outgoing: true,
+        device,
+        id: *id,
+        at_ms: written_at_ms,
+        content: Some(content.clone()),
+        delivered: Vec::new(),
+        problem: None,
+        resends: Vec::new(),
+        to_identity: None,
+    };
+    let key = message_key(tx, peer, true, id);
+    tx.insert_message(
+        &conv(tx, peer),
+        &key,
+        State::Sent.number(),
+        // News to this device: `recv` shows it once, as a received message.
+        false,
+        &encode(&record),
+    )
+}
+
+/// Up to `limit` messages after local position `after` (any conversation), written
+/// or received since `since_ms`, with content: what a newly linked device is sent.
+/// Returns them with their positions, oldest first.
+pub fn recent(
+    tx: &Tx<'_>,
+    after: i64,
+    since_ms: u64,
+    limit: usize,
+) -> Result<Vec<(i64, super::content::Synced)>, DbError> {
+    let mut out = Vec::new();
+    for row in tx.messages_after(after, limit)? {
+        let e = entry(tx, &row)?;
+        let Some(content) = e.content else { continue };
+        if e.at_ms < since_ms || e.state == State::Failed {
+            continue;
+        }
+        out.push((
+            e.seq,
+            super::content::Synced {
+                peer: e.peer,
+                outgoing: e.outgoing,
+                device: e.device,
+                id: e.id,
+                at_ms: e.at_ms,
+                content,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// Stores a message of the history the primary sent (shown already: it is the past,
+/// not news); false when it is in the history already.
+pub fn add_synced(tx: &Tx<'_>, m: &super::content::Synced) -> Result<bool, DbError> {
+    let state = if m.outgoing {
+        State::Sent
+    } else {
+        State::Received
+    };
+    let record = Record {
+        peer: m.peer.clone(),
+        outgoing: m.outgoing,
+        device: m.device,
+        id: m.id,
+        at_ms: m.at_ms,
+        content: Some(m.content.clone()),
+        delivered: Vec::new(),
+        problem: None,
+        resends: Vec::new(),
+        to_identity: None,
+    };
+    let key = message_key(tx, &m.peer, m.outgoing, &m.id);
+    Ok(tx
+        .insert_message(
+            &conv(tx, &m.peer),
+            &key,
+            state.number(),
+            true,
+            &encode(&record),
+        )?
+        .is_some())
+}
+
 /// Records a received message; `None` when it is in the history already (a copy
 /// sent again). A message shown as undecryptable that arrives after all (its sender
 /// answered late) takes the place of that row.

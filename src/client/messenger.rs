@@ -162,6 +162,9 @@ pub enum Event {
     Undecryptable(Entry),
     /// `number`'s identity key changed (a new phone, or someone in between).
     IdentityChanged { number: String },
+    /// `number` linked a new device (vouched for by their unchanged account
+    /// identity): their safety number is the same.
+    NewDevice { number: String, device: u32 },
     /// The connection is gone; the next try comes after `retry_in`.
     Reconnecting { reason: String, retry_in: Duration },
     /// Connected (again).
@@ -490,6 +493,7 @@ impl Messenger {
         let id = e2e::new_message_id();
         let written = now_ms();
         let plaintext = Plaintext::new(id, written, Body::Content(content.clone())).encode();
+        let copied = content.clone();
         let (peer, device) = (to.to_string(), self.inner.me.device_id);
         let seq = self
             .inner
@@ -515,10 +519,124 @@ impl Messenger {
             self.drop_client(&client).await;
         }
         let (sent, changed) = pushed?;
+        // The account's other devices get a copy, so the conversation reads the same
+        // on each. The message itself is sent; a copy that fails is reported only.
+        let copy = Plaintext::new(
+            id,
+            written,
+            Body::SentCopy {
+                to: to.to_string(),
+                content: copied,
+            },
+        );
+        if let Err(e) = self.to_own_devices(&client, copy.encode()).await {
+            tracing::warn!(error = %e, "the copy for this account's other devices was not sent");
+        }
         Ok(Sent {
             identity_changed: identity_changed | changed,
             ..sent
         })
+    }
+
+    /// Sends `plaintext` to every other device of this account (none: nothing).
+    async fn to_own_devices(
+        &self,
+        client: &Client,
+        plaintext: Vec<u8>,
+    ) -> Result<(), MessengerError> {
+        let own = self.inner.me.number.clone();
+        if self.devices_of(&own).await?.is_empty() {
+            // No session with another device of ours: is there one?
+            let devices = client.list_devices().await?;
+            if devices
+                .iter()
+                .all(|d| d.device_id == self.inner.me.device_id)
+            {
+                return Ok(());
+            }
+            self.start_sessions(client, &own, None).await?;
+            if self.devices_of(&own).await?.is_empty() {
+                return Ok(());
+            }
+        }
+        self.transmit(client, &own, e2e::new_message_id(), plaintext, CONTROL)
+            .await
+    }
+
+    /// On the primary, after linking device `device_id`: waits (up to 30 s) for its
+    /// keys, starts a session with it, and sends it the history of the last
+    /// `link_history_days` days. Returns how many messages were sent.
+    pub async fn welcome_device(&self, device_id: u32) -> Result<usize, MessengerError> {
+        let client = self.client().await?;
+        let own = self.inner.me.number.clone();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let bundles = client.fetch_bundles(&own, false).await?;
+            if bundles.devices.iter().any(|b| b.device_id == device_id) {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(MessengerError::NotSentYet {
+                    id: [0; 16],
+                    reason: format!("device {device_id} has not published its keys"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.start_sessions(&client, &own, None).await?;
+        let days = u64::from(self.inner.settings.link_history_days);
+        let since = now_ms().saturating_sub(days * 24 * 3600 * 1000);
+        let mut after = 0;
+        let mut sent = 0;
+        loop {
+            let db = self.inner.db.clone();
+            let batch = db
+                .read_async(move |tx| {
+                    history::recent(tx, after, since, super::content::MAX_SYNC_ENTRIES)
+                })
+                .await?;
+            let Some(&(last, _)) = batch.last() else {
+                break;
+            };
+            after = last;
+            let entries: Vec<_> = batch.into_iter().map(|(_, e)| e).collect();
+            let mut chunk = Vec::new();
+            let mut bytes = 0;
+            for e in entries {
+                let size = e.peer.len()
+                    + 64
+                    + match &e.content {
+                        Content::Text(t) => t.len(),
+                        Content::Unsupported { .. } => 0,
+                    };
+                // Well under an envelope's limit once encrypted.
+                if bytes + size > 24 * 1024 && !chunk.is_empty() {
+                    sent += chunk.len();
+                    self.sync_chunk(&client, std::mem::take(&mut chunk)).await?;
+                    bytes = 0;
+                }
+                bytes += size;
+                chunk.push(e);
+            }
+            if !chunk.is_empty() {
+                sent += chunk.len();
+                self.sync_chunk(&client, chunk).await?;
+            }
+        }
+        Ok(sent)
+    }
+
+    async fn sync_chunk(
+        &self,
+        client: &Client,
+        entries: Vec<super::content::Synced>,
+    ) -> Result<(), MessengerError> {
+        let plain = Plaintext::new(
+            e2e::new_message_id(),
+            now_ms(),
+            Body::HistorySync { entries },
+        );
+        self.to_own_devices(client, plain.encode()).await
     }
 
     /// Sends outbox entry `seq` until the node accepts or refuses it. Returns what
@@ -710,9 +828,16 @@ impl Messenger {
             match client.send(outgoing).await {
                 Ok(_) => return Ok(()),
                 Err(ClientError::Node(e))
-                    if matches!(e.kind, ErrorKind::StaleDevices { .. }) && attempt < 2 =>
+                    if matches!(
+                        e.kind,
+                        ErrorKind::StaleDevices { .. } | ErrorKind::StaleOwnDevices { .. }
+                    ) && attempt < 2 =>
                 {
                     self.start_sessions(client, to, None).await?;
+                    if self.devices_of(to).await?.is_empty() {
+                        // To this account: no other device left.
+                        return Ok(());
+                    }
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -1179,6 +1304,12 @@ fn store_batch(
                         number: m.from.clone(),
                     });
                 }
+                if decrypted.new_device && m.from != me.number.as_str() {
+                    out.events.push(Event::NewDevice {
+                        number: m.from.clone(),
+                        device: m.from_device,
+                    });
+                }
                 let plain =
                     match Plaintext::decode(&decrypted.plaintext, m.id, delivery.queued_at_ms) {
                         Ok(p) => p,
@@ -1253,6 +1384,31 @@ fn store_batch(
                                 )?;
                             }
                             out.jobs = true;
+                        }
+                    }
+                    Body::HistorySync { entries } => {
+                        if m.from != me.number.as_str() {
+                            continue;
+                        }
+                        for entry in &entries {
+                            history::add_synced(tx, entry)?;
+                        }
+                    }
+                    Body::SentCopy { to, content } => {
+                        // Only this account's own devices tell it what it sent.
+                        if m.from != me.number.as_str() {
+                            continue;
+                        }
+                        if let Some(seq) = history::add_sent_copy(
+                            tx,
+                            &to,
+                            m.from_device,
+                            &plain.id,
+                            plain.written_at_ms,
+                            &content,
+                        )? && let Some(e) = history::get(tx, seq)?
+                        {
+                            out.events.push(Event::Message(e));
                         }
                     }
                     Body::RetryUnavailable { id } => {

@@ -19,6 +19,7 @@ pub mod history;
 pub mod home;
 pub mod import;
 mod legacy;
+pub mod link;
 pub mod messenger;
 pub mod sealed;
 pub mod settings;
@@ -456,6 +457,75 @@ impl Client {
     pub async fn unlink_device(&self, device_id: u32) -> Result<(), ClientError> {
         match self.call(&Request::UnlinkDevice { device_id }).await? {
             Response::DeviceUnlinked => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Linking, on the primary: opens a link slot; returns its nameplate and how
+    /// long it stays open (s).
+    pub async fn link_open(&self, pake: Vec<u8>) -> Result<(u32, u32), ClientError> {
+        match self.call(&Request::LinkOpen { pake }).await? {
+            Response::LinkOpened {
+                nameplate,
+                expires_in_secs,
+            } => Ok((nameplate, expires_in_secs)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Linking, on the new device: takes the slot; returns the primary's message.
+    pub async fn link_join(&self, nameplate: u32, pake: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        match self.call(&Request::LinkJoin { nameplate, pake }).await? {
+            Response::LinkOffer { pake } => Ok(pake),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Linking, on the new device: hands in the sealed request.
+    pub async fn link_request(&self, nameplate: u32, sealed: Vec<u8>) -> Result<(), ClientError> {
+        match self
+            .call(&Request::LinkRequest { nameplate, sealed })
+            .await?
+        {
+            Response::LinkQueued => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Linking, either side: what happened to the slot (`LinkWaiting`,
+    /// `LinkRequested`, `LinkComplete` or `LinkAborted`).
+    pub async fn link_poll(&self, nameplate: u32) -> Result<Response, ClientError> {
+        match self.call(&Request::LinkPoll { nameplate }).await? {
+            r @ (Response::LinkWaiting
+            | Response::LinkRequested { .. }
+            | Response::LinkComplete { .. }
+            | Response::LinkAborted) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Linking, on the primary: authorises the new device; returns its device id.
+    pub async fn link_grant(
+        &self,
+        nameplate: u32,
+        name: &str,
+        sealed: Vec<u8>,
+    ) -> Result<u32, ClientError> {
+        let request = Request::LinkGrant {
+            nameplate,
+            name: name.to_string(),
+            sealed,
+        };
+        match self.call(&request).await? {
+            Response::LinkGranted { device_id } => Ok(device_id),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Linking, either side: gives the slot up.
+    pub async fn link_abort(&self, nameplate: u32) -> Result<(), ClientError> {
+        match self.call(&Request::LinkAbort { nameplate }).await? {
+            Response::LinkAborted => Ok(()),
             other => Err(unexpected(other)),
         }
     }

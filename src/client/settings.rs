@@ -7,6 +7,8 @@
 //! # Days a message that could not be decrypted waits for the sender to send it
 //! # again before it is shown as "could not be decrypted".
 //! undecryptable_after_days = 7
+//! # On the primary: days of history sent to a newly linked device.
+//! link_history_days = 30
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ const FILE: &str = "settings.toml";
 pub struct Settings {
     pub resend_window_days: u32,
     pub undecryptable_after_days: u32,
+    pub link_history_days: u32,
 }
 
 impl Default for Settings {
@@ -27,6 +30,7 @@ impl Default for Settings {
         Settings {
             resend_window_days: 3,
             undecryptable_after_days: 7,
+            link_history_days: 30,
         }
     }
 }
@@ -36,6 +40,7 @@ impl Default for Settings {
 struct Raw {
     resend_window_days: Option<u32>,
     undecryptable_after_days: Option<u32>,
+    link_history_days: Option<u32>,
 }
 
 /// A settings file that cannot be used.
@@ -83,6 +88,11 @@ impl Settings {
                 "undecryptable_after_days",
                 raw.undecryptable_after_days,
                 defaults.undecryptable_after_days,
+            )?,
+            link_history_days: days(
+                "link_history_days",
+                raw.link_history_days,
+                defaults.link_history_days,
             )?,
         })
     }

@@ -15,6 +15,7 @@ mod delivery;
 mod discovery;
 mod handlers;
 mod limits;
+mod link;
 mod mailbox;
 mod metrics;
 mod session;
@@ -114,6 +115,8 @@ pub(crate) struct Shared {
     pub fatal: Arc<worker::Fatal>,
     /// How many one-time keys each account may claim of others.
     pub claims: claims::ClaimLimits,
+    /// Link slots in progress (in memory).
+    pub links: link::Links,
     /// Argon2id hashes of registration-lock PINs in progress: each costs 19 MiB and
     /// tens of milliseconds of a core, so only a few run at once.
     pub pin_checks: tokio::sync::Semaphore,
@@ -231,6 +234,10 @@ impl Node {
             claims: claims::ClaimLimits::new(
                 config.messages.key_claims_per_pair_per_hour,
                 config.messages.key_claims_per_account_per_hour,
+            ),
+            links: link::Links::new(
+                config.accounts.link_code_ttl,
+                config.accounts.link_joins_per_address_hour,
             ),
             started: std::time::Instant::now(),
             store,
@@ -470,6 +477,7 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(Err(e)) => tracing::error!(error = %e, "sweeping code-limit counters failed"),
             Err(e) => tracing::error!(error = %e, "sweep task failed"),
         }
+        shared.links.prune();
         lapse_companions(&shared).await;
         shared.mailboxes.prune();
     }

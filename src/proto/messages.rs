@@ -85,6 +85,31 @@ pub enum Request {
     /// is signed out at once and what was queued for it is dropped. Answered by
     /// [`Response::DeviceUnlinked`].
     UnlinkDevice { device_id: u32 },
+    /// Linking, on the primary: open a link slot with the primary's SPAKE2 message.
+    /// Answered by [`Response::LinkOpened`] with the slot's nameplate. See PROTOCOL.md,
+    /// "Linking a device".
+    LinkOpen { pake: Vec<u8> },
+    /// Linking, on the new (unregistered) device: take the slot `nameplate` with its
+    /// SPAKE2 message. Answered by [`Response::LinkOffer`] with the primary's.
+    LinkJoin { nameplate: u32, pake: Vec<u8> },
+    /// Linking, on the new device: its request, sealed under the agreed key, for the
+    /// primary. Answered by [`Response::LinkQueued`].
+    LinkRequest { nameplate: u32, sealed: Vec<u8> },
+    /// Linking, on either side: what happened to the slot. Answered by
+    /// [`Response::LinkWaiting`], [`Response::LinkRequested`] (the primary),
+    /// [`Response::LinkComplete`] (the new device) or [`Response::LinkAborted`].
+    LinkPoll { nameplate: u32 },
+    /// Linking, on the primary: authorise the new device under `name`; `sealed` (the
+    /// grant, under the agreed key) goes to the new device. Answered by
+    /// [`Response::LinkGranted`].
+    LinkGrant {
+        nameplate: u32,
+        name: String,
+        sealed: Vec<u8>,
+    },
+    /// Linking, on either side: give the slot up (the primary does on a wrong key).
+    /// Answered by [`Response::LinkAborted`].
+    LinkAbort { nameplate: u32 },
 }
 
 impl Request {
@@ -108,6 +133,12 @@ impl Request {
             Request::FetchFilterDelta { .. } => "fetch_filter_delta",
             Request::ListDevices => "list_devices",
             Request::UnlinkDevice { .. } => "unlink_device",
+            Request::LinkOpen { .. } => "link_open",
+            Request::LinkJoin { .. } => "link_join",
+            Request::LinkRequest { .. } => "link_request",
+            Request::LinkPoll { .. } => "link_poll",
+            Request::LinkGrant { .. } => "link_grant",
+            Request::LinkAbort { .. } => "link_abort",
         }
     }
 }
@@ -123,6 +154,36 @@ pub const FILTER_CHUNK_BYTES: usize = 512 * 1024;
 pub struct IdentityKeys {
     pub curve25519: [u8; 32],
     pub ed25519: [u8; 32],
+}
+
+impl IdentityKeys {
+    /// Label of the bytes an account identity signs to vouch for a device's keys.
+    pub const DEVICE_LABEL: &'static [u8] = b"switchboard device v1";
+
+    /// The bytes an account's identity signs for its device `device` of `number`:
+    /// the label, the device's Curve25519 and Ed25519 keys, then the number (E.164).
+    pub fn device_signed_bytes(number: &str, device: &IdentityKeys) -> Vec<u8> {
+        [
+            Self::DEVICE_LABEL,
+            &device.curve25519[..],
+            &device.ed25519[..],
+            number.as_bytes(),
+        ]
+        .concat()
+    }
+
+    /// Whether `signature` is this (account) identity's, vouching for `device` as a
+    /// device of `number`.
+    pub fn vouches_for(&self, number: &str, device: &IdentityKeys, signature: &[u8; 64]) -> bool {
+        let Ok(public) = vodozemac::Ed25519PublicKey::from_slice(&self.ed25519) else {
+            return false;
+        };
+        vodozemac::Ed25519Signature::from_slice(signature).is_ok_and(|sig| {
+            public
+                .verify(&Self::device_signed_bytes(number, device), &sig)
+                .is_ok()
+        })
+    }
 }
 
 /// A Curve25519 public key signed by the device's Ed25519 identity key. The signed
@@ -167,6 +228,9 @@ pub struct KeyUpload {
     pub fallback: Option<SignedKey>,
     /// One-time keys to add.
     pub one_time_keys: Vec<SignedKey>,
+    /// For a linked device: the account identity's (the primary's) signature over
+    /// [`IdentityKeys::device_signed_bytes`] of `identity`. `None` from the primary.
+    pub account_signature: Option<[u8; 64]>,
 }
 
 /// A 16-byte message id chosen by the sending client (random). Sending the same id
@@ -206,6 +270,11 @@ pub struct Bundle {
     /// the fallback key then).
     pub one_time_key: Option<SignedKey>,
     pub fallback: Option<SignedKey>,
+    /// The account's primary: its identity is the account identity.
+    pub primary: bool,
+    /// For a linked device, the account identity's signature over its keys (see
+    /// [`KeyUpload::account_signature`]).
+    pub account_signature: Option<[u8; 64]>,
 }
 
 /// The node holds the message durably.
@@ -362,6 +431,36 @@ pub enum Response {
     },
     /// The device is unlinked.
     DeviceUnlinked,
+    /// A link slot is open under `nameplate` for `expires_in_secs`.
+    LinkOpened {
+        nameplate: u32,
+        expires_in_secs: u32,
+    },
+    /// The primary's SPAKE2 message, for the device that took the slot.
+    LinkOffer {
+        pake: Vec<u8>,
+    },
+    /// The new device's request waits for the primary.
+    LinkQueued,
+    /// Nothing new on the slot yet: poll again.
+    LinkWaiting,
+    /// For the primary: the new device's SPAKE2 message and sealed request.
+    LinkRequested {
+        pake: Vec<u8>,
+        sealed: Vec<u8>,
+    },
+    /// For the new device: it is registered (as the primary's account's device), and
+    /// the primary's sealed grant.
+    LinkComplete {
+        registered: Registered,
+        sealed: Vec<u8>,
+    },
+    /// For the primary: the new device is the account's, with this id.
+    LinkGranted {
+        device_id: u32,
+    },
+    /// The slot is gone (given up, or the primary found the key wrong).
+    LinkAborted,
 }
 
 /// One device of an account, as the account's devices see it.

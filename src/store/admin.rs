@@ -275,6 +275,7 @@ impl Store {
         for device in &devices {
             self.trees.device_name.remove(device.key())?;
             self.trees.device_seen.remove(device.key())?;
+            self.trees.device_vouch.remove(device.key())?;
         }
         Ok(Attempt::Done(Deleted {
             account_id,

@@ -193,6 +193,7 @@ impl Store {
             self.forget_device(&mut self.queue_writer(), device.key())?;
             self.trees.device_name.remove(device.key())?;
             self.trees.device_seen.remove(device.key())?;
+            self.trees.device_vouch.remove(device.key())?;
         }
         Ok(outcome)
     }

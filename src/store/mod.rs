@@ -133,6 +133,9 @@ struct Trees {
     /// of that key was removed, so that it is told so rather than "unknown"; swept
     /// after [`devices::REMOVED_KEY_KEEP_MS`].
     removed_key: sled::Tree,
+    /// `device_vouch`: device address → the account identity's Ed25519 signature (64
+    /// bytes) over a linked device's identity keys, handed out with its bundle.
+    device_vouch: sled::Tree,
 }
 
 /// The node's database.
@@ -378,6 +381,7 @@ impl Store {
             account_seen: db.open_tree("account_seen")?,
             device_name: db.open_tree("device_name")?,
             device_seen: db.open_tree("device_seen")?,
+            device_vouch: db.open_tree("device_vouch")?,
             removed_key: db.open_tree("removed_key")?,
         };
         let discovery = Arc::new(std::sync::RwLock::new(Arc::new(
@@ -424,7 +428,7 @@ impl Store {
         // empty (limits start counting now; accounts count as seen once they are).
         // Rung 4 → 5: `meta/id_base` may appear (a restore writes it); nothing to
         // convert, but an older build would ignore it and reuse restored ids.
-        // Rung 5 → 6: `device_name`, `device_seen` and `removed_key` appear empty (every
+        // Rung 5 → 6: `device_name`, `device_seen`, `removed_key` and `device_vouch` appear empty (every
         // account so far has one device, its primary; devices count as seen once
         // they are). An older build would ignore linked devices' names and lapses.
         // A rotation cut short (see `rotate_discovery_key`) left the index partial.

@@ -6,6 +6,9 @@ use sled::transaction::Transactional;
 use super::layout::{self, DeviceKey};
 use super::records::{self, DeviceKeysRecord, StoredKey};
 use super::{DeviceRef, Store, StoreError, TxResult, abort};
+/// A device's Curve25519 and Ed25519 identity keys.
+pub type IdentityPair = ([u8; 32], [u8; 32]);
+
 /// Why a key upload was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeysRefusal {
@@ -19,6 +22,8 @@ pub struct Claimed {
     pub device_id: u32,
     pub keys: DeviceKeysRecord,
     pub one_time_key: Option<StoredKey>,
+    /// For a linked device: the account identity's signature over its keys.
+    pub account_signature: Option<[u8; 64]>,
 }
 
 impl Store {
@@ -127,13 +132,47 @@ impl Store {
             };
             let keys = records::decode::<DeviceKeysRecord>(&bytes, "device_keys")?;
             let one_time_key = if claim { self.claim_one(dk)? } else { None };
+            let account_signature = match self.trees.device_vouch.get(dk)? {
+                Some(v) => Some(
+                    <[u8; 64]>::try_from(v.as_ref())
+                        .map_err(|_| StoreError::Corrupt("device_vouch value length".into()))?,
+                ),
+                None => None,
+            };
             out.push(Claimed {
                 device_id,
                 keys,
                 one_time_key,
+                account_signature,
             });
         }
         Ok(out)
+    }
+
+    /// Keeps (or, with `None`, forgets) the account identity's signature over the
+    /// keys of the linked device `device`.
+    pub fn set_account_signature(
+        &self,
+        device: DeviceRef,
+        signature: Option<[u8; 64]>,
+    ) -> Result<(), StoreError> {
+        let _gate = self.writing();
+        match signature {
+            Some(sig) => self.trees.device_vouch.insert(device.key(), &sig[..])?,
+            None => self.trees.device_vouch.remove(device.key())?,
+        };
+        Ok(())
+    }
+
+    /// The stored identity keys of `device`, if it published any.
+    pub fn identity_keys(&self, device: DeviceRef) -> Result<Option<IdentityPair>, StoreError> {
+        match self.trees.device_keys.get(device.key())? {
+            Some(bytes) => {
+                let keys = records::decode::<DeviceKeysRecord>(&bytes, "device_keys")?;
+                Ok(Some((keys.curve25519, keys.ed25519)))
+            }
+            None => Ok(None),
+        }
     }
 
     fn claim_one(&self, dk: DeviceKey) -> Result<Option<StoredKey>, StoreError> {

@@ -549,6 +549,7 @@ impl Store {
         self.trees.device_keys.remove(dk)?;
         self.trees.device_name.remove(dk)?;
         self.trees.device_seen.remove(dk)?;
+        self.trees.device_vouch.remove(dk)?;
         Ok(dropped)
     }
 

@@ -1,6 +1,10 @@
 //! Linked devices: the device list, unlinking, lapses, and what a removed device is
 //! told.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
 use switchboard::proto::ErrorKind;
 
 use crate::support::*;
@@ -28,4 +32,270 @@ async fn a_primary_lists_itself_and_is_never_unlinked() {
     assert_eq!(alice.list_devices().await.unwrap(), devices);
     assert_eq!(alice.whoami().await.unwrap().device_id, me.device_id);
     node.shutdown().await;
+}
+
+/// Runs `devices link` on `primary` and `devices join` on `new` with the code it
+/// prints; returns both outputs (neither asserted).
+fn link_with(
+    node: &ProcessNode,
+    primary: &Path,
+    new: &Path,
+    name: &str,
+    code: impl FnOnce(&str) -> String,
+) -> (Output, Output) {
+    let mut child = Command::new(BIN)
+        .arg("--home")
+        .arg(primary)
+        .args(["devices", "link"])
+        .env_remove("SWITCHBOARD_HOME")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn devices link");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let printed = lines.next().expect("a line").expect("read");
+    let joined = node.cli(
+        new,
+        &[
+            "devices",
+            "join",
+            &code(&printed),
+            "--server",
+            &node.addr,
+            "--name",
+            name,
+        ],
+        "",
+    );
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let mut linked = child.wait_with_output().expect("devices link");
+    linked.stdout = format!("{printed}\n{}", rest.join("\n")).into_bytes();
+    (linked, joined)
+}
+
+/// [`link_with`] the code as printed; asserts both sides succeeded.
+fn link(node: &ProcessNode, primary: &Path, new: &Path, name: &str) -> (Output, Output) {
+    let (linked, joined) = link_with(node, primary, new, name, str::to_string);
+    assert!(
+        linked.status.success(),
+        "{}",
+        show(&["devices", "link"], &linked)
+    );
+    assert!(
+        joined.status.success(),
+        "{}",
+        show(&["devices", "join"], &joined)
+    );
+    (linked, joined)
+}
+
+fn ok(home: &Path, args: &[&str]) -> String {
+    let out = cli(home, args, "");
+    assert!(out.status.success(), "{}", show(args, &out));
+    stdout(&out)
+}
+
+fn register_home(node: &ProcessNode, name: &str, number: &str) -> PathBuf {
+    let home = node.dir.path().join(name);
+    node.register_cli(&home, &[], number);
+    home
+}
+
+/// The issue's walkthrough: link, fan-out both ways, the sent copy, history on the
+/// new device, the safety number unchanged, unlink.
+#[test]
+fn a_linked_device_reads_and_writes_the_same_conversations() {
+    let node = ProcessNode::start(&config_text(""));
+    let alice = register_home(&node, "alice", ALICE);
+    let bob = register_home(&node, "bob", BOB);
+    ok(&alice, &["send", BOB, "before the link"]);
+    assert!(ok(&bob, &["recv"]).contains("before the link"));
+    ok(&bob, &["send", ALICE, "a reply before the link"]);
+    assert!(ok(&alice, &["recv"]).contains("a reply before the link"));
+    let safety_before = ok(&alice, &["safety", BOB]);
+    let bobs_safety_before = ok(&bob, &["safety", ALICE]);
+
+    let laptop = node.dir.path().join("alice-laptop");
+    let (linked, joined) = link(&node, &alice, &laptop, "laptop");
+    let code = stdout(&linked)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(code.len(), 13, "the code alone on the first line: {code:?}");
+    assert!(
+        stdout(&linked).contains("linked \"laptop\" as device 2"),
+        "{}",
+        stdout(&linked)
+    );
+    assert!(
+        stdout(&joined).contains("as device 2"),
+        "{}",
+        stdout(&joined)
+    );
+
+    // The history from before the link comes to the new device (once it receives),
+    // as the past: `recv` does not show it as news.
+    assert!(
+        stderr(&linked).contains("sent the new device the recent history (2 messages)"),
+        "{}",
+        stderr(&linked)
+    );
+    let first = ok(&laptop, &["recv"]);
+    assert!(!first.contains("before the link"), "{first}");
+    let history = ok(&laptop, &["history", BOB]);
+    assert!(history.contains("before the link"), "{history}");
+    assert!(history.contains("a reply before the link"), "{history}");
+
+    // Bob writes once; both of Alice's devices get it.
+    ok(&bob, &["send", ALICE, "to both of you"]);
+    assert!(ok(&alice, &["recv"]).contains("to both of you"));
+    assert!(ok(&laptop, &["recv"]).contains("to both of you"));
+
+    // The laptop writes; Bob gets it, and Alice's phone has it as sent by her.
+    let sent = cli(&laptop, &["send", BOB, "from the laptop"], "");
+    assert!(sent.status.success(), "{}", show(&["send"], &sent));
+    assert!(stderr(&sent).is_empty(), "{}", show(&["send"], &sent));
+    let got = ok(&bob, &["recv"]);
+    assert!(got.contains("from the laptop"), "{got}");
+    let phone = ok(&alice, &["recv"]);
+    assert!(
+        phone.contains(&format!(
+            "to {BOB} from the laptop (sent from your device 2)"
+        )),
+        "{phone}"
+    );
+    let history = ok(&alice, &["history", BOB]);
+    assert!(history.contains("from the laptop"), "{history}");
+
+    // One account identity: the safety numbers did not change.
+    assert_eq!(ok(&alice, &["safety", BOB]), safety_before);
+    assert_eq!(ok(&laptop, &["safety", BOB]), safety_before);
+    assert_eq!(ok(&bob, &["safety", ALICE]), bobs_safety_before);
+
+    let list = ok(&alice, &["devices", "list"]);
+    assert!(list.contains("primary (this device)"), "{list}");
+    assert!(list.contains("\"laptop\""), "{list}");
+    let json = ok(&laptop, &["devices", "list", "--json"]);
+    assert_eq!(json.lines().count(), 2, "{json}");
+    assert!(json.contains(r#""this_device":true"#) && json.contains(r#""name":"laptop""#));
+
+    // Unlinked: the laptop can read nothing sent after, and is told why.
+    assert!(ok(&alice, &["devices", "unlink", "2"]).contains("device 2 is unlinked"));
+    ok(&bob, &["send", ALICE, "after the unlink"]);
+    assert!(ok(&alice, &["recv"]).contains("after the unlink"));
+    let out = cli(&laptop, &["recv"], "");
+    assert!(!out.status.success(), "{}", show(&["recv"], &out));
+    assert!(
+        stderr(&out).contains("this device was unlinked"),
+        "{}",
+        show(&["recv"], &out)
+    );
+    assert!(!stdout(&out).contains("after the unlink"));
+    assert_eq!(ok(&alice, &["safety", BOB]), safety_before);
+}
+
+/// A code works once, a guess at its secret kills it, and an account has at most
+/// `accounts.max_devices` devices; registering the number again signs every one out.
+#[test]
+fn link_codes_are_one_time_secret_and_limited() {
+    let node = ProcessNode::start(&config_text("[accounts]\nmax_devices = 2\n"));
+    let alice = register_home(&node, "alice", ALICE);
+
+    // A third party who knows the nameplate but not the secret: nothing is linked,
+    // both sides are told, and the code is dead for the right device too.
+    let thief = node.dir.path().join("thief");
+    let (linked, joined) = link_with(&node, &alice, &thief, "thief", |code| {
+        let (plate, secret) = code.split_once('-').expect("NNNNNN-PPPPPP");
+        let wrong = (secret.parse::<u32>().expect("digits") + 1) % 1_000_000;
+        format!("{plate}-{wrong:06}")
+    });
+    assert!(
+        !linked.status.success(),
+        "{}",
+        show(&["devices", "link"], &linked)
+    );
+    assert!(
+        stderr(&linked).contains("not its secret"),
+        "{}",
+        show(&["devices", "link"], &linked)
+    );
+    assert!(
+        !joined.status.success(),
+        "{}",
+        show(&["devices", "join"], &joined)
+    );
+    let code = stdout(&linked)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let late = cli(
+        &node.dir.path().join("late"),
+        &["devices", "join", &code, "--server", &node.addr],
+        "",
+    );
+    assert!(!late.status.success());
+    assert!(
+        stderr(&late).contains("unknown, expired, already used"),
+        "{}",
+        show(&["devices", "join"], &late)
+    );
+    assert!(!cli(&thief, &["whoami"], "").status.success());
+    assert_eq!(
+        ok(&alice, &["devices", "list", "--json"]).lines().count(),
+        1
+    );
+
+    // The right code links once; used again, it is refused.
+    let laptop = node.dir.path().join("laptop");
+    let (linked, _) = link(&node, &alice, &laptop, "laptop");
+    let used = stdout(&linked)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let again = cli(
+        &node.dir.path().join("again"),
+        &["devices", "join", &used, "--server", &node.addr],
+        "",
+    );
+    assert!(
+        !again.status.success(),
+        "{}",
+        show(&["devices", "join"], &again)
+    );
+
+    // At the limit, no code is even handed out; a linked device cannot link.
+    let out = cli(&alice, &["devices", "link"], "");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("as many as this node allows"),
+        "{}",
+        show(&["devices", "link"], &out)
+    );
+    let out = cli(&laptop, &["devices", "link"], "");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("only the account's primary"),
+        "{}",
+        show(&["devices", "link"], &out)
+    );
+
+    // A new primary for the number signs out every device, the linked one too.
+    let new_phone = register_home(&node, "alice-new-phone", ALICE);
+    let out = cli(&laptop, &["recv"], "");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("signed out"),
+        "{}",
+        show(&["recv"], &out)
+    );
+    assert_eq!(
+        ok(&new_phone, &["devices", "list", "--json"])
+            .lines()
+            .count(),
+        1
+    );
 }

@@ -523,6 +523,7 @@ async fn key_uploads_with_bad_signatures_are_refused() {
             key: [1; 32],
             signature: [2; 64],
         }],
+        account_signature: None,
     };
     assert_eq!(kind(bob.publish_keys(upload).await), ErrorKind::BadKeys);
     let carol = node.registered(CAROL).await;

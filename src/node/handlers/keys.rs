@@ -7,7 +7,7 @@ use super::{charge_lookup, check_space, commit_failed};
 use crate::node::Shared;
 use crate::node::clock::now_ms;
 use crate::node::session::{Session, authenticated};
-use crate::node::worker::blocking;
+use crate::node::worker::{blocking, read};
 use crate::proto::{
     Bundle, Bundles, ErrorKind, IdentityKeys, KeyUpload, NodeError, Response, SignedKey,
 };
@@ -48,6 +48,68 @@ pub(super) async fn publish_keys(
             "one-time key {i}'s signature does not verify"
         )));
     }
+    // A linked device's keys must carry the account identity's signature (the
+    // primary's identity key vouching for them): contacts accept nothing less. The
+    // primary's identity is the account's; it does not change under its companions.
+    let account = me.device.account_id;
+    let device = me.device;
+    let (primary, primary_keys, companions) = read(shared, move |store| {
+        let Some(record) = store.account(account)? else {
+            return Ok((device.device_id, None, 0));
+        };
+        let primary = record
+            .devices
+            .first()
+            .map_or(device.device_id, |d| d.device_id);
+        let keys = store.identity_keys(DeviceRef {
+            account_id: account,
+            device_id: primary,
+        })?;
+        Ok((primary, keys, record.devices.len() - 1))
+    })
+    .await?;
+    let account_signature = if primary == me.device.device_id {
+        if upload.account_signature.is_some() {
+            return Err(bad_keys(
+                "the primary's keys are the account identity: they carry no account signature",
+            ));
+        }
+        if companions > 0
+            && primary_keys.is_some_and(|(c, e)| {
+                c != upload.identity.curve25519 || e != upload.identity.ed25519
+            })
+        {
+            return Err(bad_keys(
+                "the primary's identity key vouches for the linked devices and cannot change                  while any is linked: unlink them first",
+            ));
+        }
+        None
+    } else {
+        let Some((curve25519, ed25519)) = primary_keys else {
+            return Err(bad_keys(
+                "the account's primary has not published its keys yet",
+            ));
+        };
+        let account_identity = IdentityKeys {
+            curve25519,
+            ed25519,
+        };
+        match upload.account_signature {
+            Some(sig) if account_identity.vouches_for(&me.number, &upload.identity, &sig) => {
+                Some(sig)
+            }
+            Some(_) => {
+                return Err(bad_keys(
+                    "the account signature does not verify against the primary's identity key",
+                ));
+            }
+            None => {
+                return Err(bad_keys(
+                    "a linked device's keys need the account identity's signature",
+                ));
+            }
+        }
+    };
     let stored = |k: &SignedKey| StoredKey {
         key: k.key,
         signature: k.signature,
@@ -56,16 +118,19 @@ pub(super) async fn publish_keys(
     let otks: Vec<StoredKey> = upload.one_time_keys.iter().map(stored).collect();
     let identity = upload.identity;
     let now = now_ms();
-    let device = me.device;
     let result = blocking(shared, move |store| {
-        store.publish_keys(
+        let result = store.publish_keys(
             device,
             (identity.curve25519, identity.ed25519),
             fallback,
             &otks,
             max,
             now,
-        )
+        )?;
+        if result.is_ok() {
+            store.set_account_signature(device, account_signature)?;
+        }
+        Ok(result)
     })
     .await?;
     match result {
@@ -100,6 +165,9 @@ pub(super) async fn fetch_bundles(
         }
         allowed
     };
+    // The primary has the account's lowest device id: it registered the number, and
+    // every device linked since got a higher one.
+    let primary = devices.first().copied();
     let claimed = blocking(shared, move |store| {
         store.fetch_bundles(account_id, &devices, claim)
     })
@@ -134,6 +202,8 @@ pub(super) async fn fetch_bundles(
                 },
                 one_time_key: c.one_time_key.map(signed),
                 fallback: c.keys.fallback.map(signed),
+                primary: Some(c.device_id) == primary,
+                account_signature: c.account_signature,
             })
             .collect(),
     }))

@@ -7,11 +7,14 @@
 //! - `keys.rs`: `PublishKeys`, `FetchBundles`;
 //! - `send.rs`: `Send` and what its answer waits on ([`Waiting`]);
 //! - `discovery.rs`: `Evaluate`, `FetchFilter`, `Resolve`;
-//! - `devices.rs`: `ListDevices`, `UnlinkDevice`, and the removal of a companion.
+//! - `devices.rs`: `ListDevices`, `UnlinkDevice`, and the removal of a companion;
+//! - `link.rs`: `LinkOpen`, `LinkJoin`, `LinkRequest`, `LinkPoll`, `LinkGrant`,
+//!   `LinkAbort`.
 
 mod devices;
 mod discovery;
 mod keys;
+mod link;
 mod registration;
 mod send;
 
@@ -86,6 +89,18 @@ pub async fn handle(
         Request::UnlinkDevice { device_id } => {
             devices::unlink_device(shared, session, device_id).await
         }
+        Request::LinkOpen { pake } => link::open(shared, session, pake).await,
+        Request::LinkJoin { nameplate, pake } => link::join(shared, session, nameplate, pake).await,
+        Request::LinkRequest { nameplate, sealed } => {
+            link::request(shared, session, nameplate, sealed)
+        }
+        Request::LinkPoll { nameplate } => Ok(link::poll(shared, session, nameplate)),
+        Request::LinkGrant {
+            nameplate,
+            name,
+            sealed,
+        } => link::grant(shared, session, nameplate, name, sealed).await,
+        Request::LinkAbort { nameplate } => Ok(link::abort(shared, session, nameplate)),
     };
     match result {
         Ok(response) => Reply::Ok(response),

@@ -80,7 +80,21 @@ pub(super) async fn send(
     check_space(shared)?;
     let mut given: Vec<u32> = outgoing.envelopes.iter().map(|e| e.device_id).collect();
     given.sort_unstable();
-    if given != devices {
+    if account_id == me.device.account_id {
+        // To the sender's own account (a copy of what it sent, history for a new
+        // device): its other devices, never itself.
+        let others: Vec<u32> = devices
+            .iter()
+            .copied()
+            .filter(|&d| d != me.device.device_id)
+            .collect();
+        if given.is_empty() || given != others {
+            return Err(NodeError::new(
+                ErrorKind::StaleOwnDevices { devices: others },
+                "this account's other devices have changed; fetch their keys and send again",
+            ));
+        }
+    } else if given != devices {
         return Err(NodeError::new(
             ErrorKind::StaleDevices { devices },
             format!("{to}'s devices have changed; fetch their keys and send again"),
