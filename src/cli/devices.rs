@@ -1,20 +1,12 @@
 //! `switchboard devices link|join|list|unlink`: the devices of this account.
 
 use std::io::{IsTerminal, Write};
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use switchboard::client::e2e::{self, LinkRecord, Olm};
-use switchboard::client::link::{LinkCode, LinkError, LinkGrant, LinkRequest, Pake};
-use switchboard::client::{Client, Home, Messenger, Registration};
-use switchboard::phone::Number;
-use switchboard::proto::Response;
-use switchboard::tls::{Credentials, Fingerprint};
+use switchboard::client::link::{self, LinkCode};
+use switchboard::client::{Client, Home, Registration};
+use switchboard::tls::Fingerprint;
 
 use super::messaging::time;
-
-/// How often a waiting side asks the node what happened to the link.
-const POLL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -65,118 +57,40 @@ async fn connect(reg: &Registration) -> anyhow::Result<Client> {
 }
 
 async fn link(home: Home) -> anyhow::Result<()> {
-    let reg = home.load()?;
-    let db = home.db()?;
-    let client = connect(&reg).await?;
-    let result = link_on(&reg, &db, &client).await;
-    client.close().await;
-    let device_id = result?;
-    // The new device's first history and the sessions with it come over the
-    // messenger, which waits (briefly) for the device's keys.
-    let messenger = Messenger::open(&home)?;
-    match messenger.welcome_device(device_id).await {
+    let server = home.load()?.server;
+    let new = link::link_device(&home, |code, expires_in| {
+        let mut out = std::io::stdout();
+        // The code alone on the first line, for people and scripts; a QR code for a
+        // phone's camera when a person is looking.
+        let _ = writeln!(out, "{code}");
+        if out.is_terminal()
+            && let Ok(qr) = qrcode::QrCode::new(code.to_string().as_bytes())
+        {
+            let image = qr
+                .render::<qrcode::render::unicode::Dense1x2>()
+                .quiet_zone(true)
+                .build();
+            let _ = writeln!(out, "{image}");
+        }
+        let _ = out.flush();
+        eprintln!(
+            "on the new device, run: switchboard --home NEW_HOME devices join {code} --server \
+             {server} --name NAME\nwaiting for it (the code expires in {} min)…",
+            expires_in.div_ceil(60)
+        );
+    })
+    .await?;
+    println!("linked \"{}\" as device {}", new.name, new.device_id);
+    match link::welcome(&home, new.device_id).await {
         Ok(sent) => eprintln!("sent the new device the recent history ({sent} messages)"),
         Err(e) => eprintln!(
             "warning: the device is linked, but sending it the recent history failed: {e}"
         ),
     }
-    messenger.close().await;
     Ok(())
 }
 
-async fn link_on(
-    reg: &Registration,
-    db: &switchboard::client::db::HomeDb,
-    client: &Client,
-) -> anyhow::Result<u32> {
-    let mut code = LinkCode::new(100_000);
-    let (mut pake, msg) = Pake::primary(&code);
-    let (nameplate, expires_in) = client.link_open(msg).await?;
-    code.nameplate = nameplate;
-    pake.set_nameplate(nameplate);
-    let mut out = std::io::stdout();
-    writeln!(out, "{code}")?;
-    if out.is_terminal()
-        && let Ok(qr) = qrcode::QrCode::new(code.to_string().as_bytes())
-    {
-        let image = qr
-            .render::<qrcode::render::unicode::Dense1x2>()
-            .quiet_zone(true)
-            .build();
-        writeln!(out, "{image}")?;
-    }
-    out.flush()?;
-    eprintln!(
-        "on the new device, run: switchboard --home NEW_HOME devices join {code} --server {} \
-         --name NAME\nwaiting for it (the code expires in {} min)…",
-        reg.server,
-        expires_in.div_ceil(60)
-    );
-    let deadline = Instant::now() + Duration::from_secs(expires_in.into());
-    let (pake_b, sealed) = loop {
-        match client.link_poll(nameplate).await? {
-            Response::LinkRequested { pake, sealed } => break (pake, sealed),
-            Response::LinkAborted => {
-                bail!("the link code expired or was given up; nothing was linked")
-            }
-            _ => {}
-        }
-        if Instant::now() > deadline {
-            let _ = client.link_abort(nameplate).await;
-            bail!("the link code expired: no device joined; nothing was linked");
-        }
-        tokio::time::sleep(POLL).await;
-    };
-    let opened = pake
-        .finish(&pake_b)
-        .and_then(|keys| keys.open_request(&sealed).map(|r| (keys, r)));
-    let (keys, request) = match opened {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = client.link_abort(nameplate).await;
-            if matches!(e, LinkError::WrongSecret) {
-                bail!(
-                    "someone joined with this code's nameplate but not its secret (a guess, or \
-                     a typo): nothing was linked and the code is dead; run `devices link` again"
-                );
-            }
-            return Err(e.into());
-        }
-    };
-    let number = reg.number.to_string();
-    let identity = request.identity();
-    let (account, signature) = db.write(|tx| {
-        let mut olm = Olm::new(tx);
-        let account = olm.identity()?;
-        let signature = olm.vouch(&number, &identity)?;
-        olm.flush()?;
-        Ok::<_, e2e::E2eError>((account, signature))
-    })?;
-    let grant = LinkGrant {
-        number: number.clone(),
-        account_curve25519: account.curve25519,
-        account_ed25519: account.ed25519,
-        signature: signature.to_vec(),
-        fingerprint: reg.fingerprint.to_string(),
-        primary_device: reg.device_id,
-    };
-    let device_id = client
-        .link_grant(nameplate, &request.name, keys.seal_grant(&grant))
-        .await?;
-    println!("linked \"{}\" as device {device_id}", request.name);
-    Ok(device_id)
-}
-
 async fn join(home: Home, args: JoinArgs) -> anyhow::Result<()> {
-    if let Ok(reg) = home.load() {
-        bail!(
-            "this home ({}) is device {} of {} already: a new device joins with a new home \
-             (--home NEW_DIR)",
-            home.dir().display(),
-            reg.device_id,
-            reg.number
-        );
-    }
     let code = LinkCode::parse(&args.code)?;
     let pin = args
         .fingerprint
@@ -184,11 +98,8 @@ async fn join(home: Home, args: JoinArgs) -> anyhow::Result<()> {
         .map(str::parse::<Fingerprint>)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let (credentials, pem) = Credentials::generate_device()?;
-    let client = Client::connect(&args.server, &credentials, pin).await?;
-    let result = join_on(&home, &args, code, credentials, &pem, &client).await;
-    client.close().await;
-    let reg = result?;
+    eprintln!("joining; confirm on the primary device…");
+    let reg = link::join_account(&home, code, &args.server, &args.name, pin).await?;
     println!(
         "linked to {} as device {} (\"{}\")",
         reg.number.display_international(),
@@ -196,90 +107,6 @@ async fn join(home: Home, args: JoinArgs) -> anyhow::Result<()> {
         args.name
     );
     Ok(())
-}
-
-async fn join_on(
-    home: &Home,
-    args: &JoinArgs,
-    code: LinkCode,
-    credentials: Credentials,
-    pem: &switchboard::tls::PemPair,
-    client: &Client,
-) -> anyhow::Result<Registration> {
-    let db = home.db()?;
-    let identity = e2e::identity(&db)?;
-    let (pake, msg) = Pake::joiner(&code);
-    let offer = client.link_join(code.nameplate, msg).await?;
-    let keys = pake.finish(&offer)?;
-    let request = LinkRequest {
-        name: args.name.clone(),
-        curve25519: identity.curve25519,
-        ed25519: identity.ed25519,
-    };
-    client
-        .link_request(code.nameplate, keys.seal_request(&request))
-        .await?;
-    eprintln!("waiting for the primary device to confirm…");
-    let (registered, sealed) = loop {
-        match client.link_poll(code.nameplate).await? {
-            Response::LinkComplete { registered, sealed } => break (registered, sealed),
-            Response::LinkAborted => bail!(
-                "the primary gave the link up (the code's secret part did not match, or it \
-                 expired): nothing was linked; run `devices link` on the primary again"
-            ),
-            _ => tokio::time::sleep(POLL).await,
-        }
-    };
-    let grant = keys.open_grant(&sealed)?;
-    let account = switchboard::proto::IdentityKeys {
-        curve25519: grant.account_curve25519,
-        ed25519: grant.account_ed25519,
-    };
-    let signature: [u8; 64] = grant
-        .signature
-        .as_slice()
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("the primary's grant carries no valid signature"))?;
-    if grant.number != registered.number
-        || !account.vouches_for(&grant.number, &identity, &signature)
-    {
-        bail!("the primary's grant does not vouch for this device: refusing to link");
-    }
-    if grant.fingerprint != client.fingerprint().to_string() {
-        bail!(
-            "this node's certificate ({}) is not the one your primary device pinned ({}): \
-             someone may be in between; nothing was saved",
-            client.fingerprint(),
-            grant.fingerprint
-        );
-    }
-    let number = Number::parse_e164(&registered.number).context("the account's number")?;
-    let reg = Registration {
-        server: args.server.clone(),
-        fingerprint: client.fingerprint(),
-        number,
-        account_id: registered.account_id,
-        device_id: registered.device_id,
-        credentials,
-    };
-    let link = LinkRecord {
-        number: grant.number.clone(),
-        account_curve25519: account.curve25519,
-        account_ed25519: account.ed25519,
-        signature: signature.to_vec(),
-    };
-    db.write(|tx| {
-        let mut olm = Olm::new(tx);
-        olm.set_link(link.clone())?;
-        olm.note_identity(&grant.number, &account)?;
-        olm.flush()
-    })?;
-    home.save(&reg, pem)
-        .with_context(|| format!("saving the device in {}", home.dir().display()))?;
-    e2e::publish(&db, client, (reg.account_id, reg.device_id), 0)
-        .await
-        .context("publishing this device's keys")?;
-    Ok(reg)
 }
 
 async fn list(home: Home, json: bool) -> anyhow::Result<()> {

@@ -19,7 +19,17 @@ use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use spake2::{Ed25519Group, Identity, Password, Spake2};
 
-use crate::proto::IdentityKeys;
+use std::time::{Duration, Instant};
+
+use super::db::DbError;
+use super::e2e::{self, E2eError, LinkRecord, Olm};
+use super::{Client, ClientError, Home, HomeError, Messenger, MessengerError, Registration};
+use crate::phone::Number;
+use crate::proto::{IdentityKeys, Response};
+use crate::tls::{Credentials, Fingerprint};
+
+/// How often a waiting side asks the node what happened to the link.
+const POLL: Duration = Duration::from_millis(250);
 
 const ID_PRIMARY: &[u8] = b"switchboard link primary";
 const ID_JOINER: &[u8] = b"switchboard link new device";
@@ -39,6 +49,241 @@ pub enum LinkError {
     WrongSecret,
     #[error("the other side sent something that is not a link message: {0}")]
     Garbled(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    E2e(#[from] E2eError),
+    #[error(transparent)]
+    Messenger(#[from] MessengerError),
+}
+
+/// A device the primary linked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDevice {
+    pub device_id: u32,
+    pub name: String,
+}
+
+/// On the primary of `home`: opens a link, hands the code to `on_code` (with the
+/// seconds it stays valid), waits for a device to join with it, and authorises it.
+/// A wrong secret (someone else tried the code) gives the slot up: nothing is linked.
+pub async fn link_device(
+    home: &Home,
+    on_code: impl FnOnce(&LinkCode, u32),
+) -> Result<NewDevice, LinkError> {
+    let reg = home.load()?;
+    let db = home.db()?;
+    let client = Client::connect(&reg.server, &reg.credentials, Some(reg.fingerprint)).await?;
+    let result = link_on(&reg, &db, &client, on_code).await;
+    client.close().await;
+    result
+}
+
+async fn link_on(
+    reg: &Registration,
+    db: &super::db::HomeDb,
+    client: &Client,
+    on_code: impl FnOnce(&LinkCode, u32),
+) -> Result<NewDevice, LinkError> {
+    let mut code = LinkCode::new(100_000);
+    let (mut pake, msg) = Pake::primary(&code);
+    let (nameplate, expires_in) = client.link_open(msg).await?;
+    code.nameplate = nameplate;
+    pake.set_nameplate(nameplate);
+    on_code(&code, expires_in);
+    let deadline = Instant::now() + Duration::from_secs(expires_in.into());
+    let (pake_b, sealed) = loop {
+        match client.link_poll(nameplate).await? {
+            Response::LinkRequested { pake, sealed } => break (pake, sealed),
+            Response::LinkAborted => {
+                return Err(LinkError::Failed(
+                    "the link code expired or was given up; nothing was linked".into(),
+                ));
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            let _ = client.link_abort(nameplate).await;
+            return Err(LinkError::Failed(
+                "the link code expired: no device joined; nothing was linked".into(),
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let opened = pake
+        .finish(&pake_b)
+        .and_then(|keys| keys.open_request(&sealed).map(|r| (keys, r)));
+    let (keys, request) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = client.link_abort(nameplate).await;
+            if matches!(e, LinkError::WrongSecret) {
+                return Err(LinkError::Failed(
+                    "someone joined with this code's nameplate but not its secret (a guess, or \
+                     a typo): nothing was linked and the code is dead; run `devices link` again"
+                        .into(),
+                ));
+            }
+            return Err(e);
+        }
+    };
+    let number = reg.number.to_string();
+    let identity = request.identity();
+    let (account, signature) = db.write(|tx| {
+        let mut olm = Olm::new(tx);
+        let account = olm.identity()?;
+        let signature = olm.vouch(&number, &identity)?;
+        olm.flush()?;
+        Ok::<_, E2eError>((account, signature))
+    })?;
+    let grant = LinkGrant {
+        number,
+        account_curve25519: account.curve25519,
+        account_ed25519: account.ed25519,
+        signature: signature.to_vec(),
+        fingerprint: reg.fingerprint.to_string(),
+        primary_device: reg.device_id,
+    };
+    let device_id = client
+        .link_grant(nameplate, &request.name, keys.seal_grant(&grant))
+        .await?;
+    Ok(NewDevice {
+        device_id,
+        name: request.name,
+    })
+}
+
+/// After [`link_device`]: sends the new device the recent history (see
+/// [`Messenger::welcome_device`]); returns how many messages.
+pub async fn welcome(home: &Home, device_id: u32) -> Result<usize, LinkError> {
+    let messenger = Messenger::open(home)?;
+    let sent = messenger.welcome_device(device_id).await;
+    messenger.close().await;
+    Ok(sent?)
+}
+
+/// On a new device: joins the account whose primary printed `code`, from the new,
+/// empty `home`, on `server` (checking its certificate against `pin` if given, and
+/// against the primary's pin in any case). Saves the device and publishes its keys.
+pub async fn join_account(
+    home: &Home,
+    code: LinkCode,
+    server: &str,
+    name: &str,
+    pin: Option<Fingerprint>,
+) -> Result<Registration, LinkError> {
+    if let Ok(reg) = home.load() {
+        return Err(LinkError::Failed(format!(
+            "this home ({}) is device {} of {} already: a new device joins with a new home",
+            home.dir().display(),
+            reg.device_id,
+            reg.number
+        )));
+    }
+    let (credentials, pem) =
+        Credentials::generate_device().map_err(|e| LinkError::Failed(e.to_string()))?;
+    let client = Client::connect(server, &credentials, pin).await?;
+    let result = join_on(home, server, name, code, credentials, &pem, &client).await;
+    client.close().await;
+    result
+}
+
+async fn join_on(
+    home: &Home,
+    server: &str,
+    name: &str,
+    code: LinkCode,
+    credentials: Credentials,
+    pem: &crate::tls::PemPair,
+    client: &Client,
+) -> Result<Registration, LinkError> {
+    let db = home.db()?;
+    let identity = e2e::identity(&db)?;
+    let (pake, msg) = Pake::joiner(&code);
+    let offer = client.link_join(code.nameplate, msg).await?;
+    let keys = pake.finish(&offer)?;
+    let request = LinkRequest {
+        name: name.to_string(),
+        curve25519: identity.curve25519,
+        ed25519: identity.ed25519,
+    };
+    client
+        .link_request(code.nameplate, keys.seal_request(&request))
+        .await?;
+    // The primary's side waits at most the code's lifetime; so does this one.
+    let deadline = Instant::now() + Duration::from_secs(15 * 60);
+    let (registered, sealed) = loop {
+        match client.link_poll(code.nameplate).await? {
+            Response::LinkComplete { registered, sealed } => break (registered, sealed),
+            Response::LinkAborted => {
+                return Err(LinkError::Failed(
+                    "the primary gave the link up (the code's secret part did not match, or it \
+                     expired): nothing was linked; run `devices link` on the primary again"
+                        .into(),
+                ));
+            }
+            _ if Instant::now() > deadline => {
+                return Err(LinkError::Failed("the primary never answered".into()));
+            }
+            _ => tokio::time::sleep(POLL).await,
+        }
+    };
+    let grant = keys.open_grant(&sealed)?;
+    let account = IdentityKeys {
+        curve25519: grant.account_curve25519,
+        ed25519: grant.account_ed25519,
+    };
+    let signature: [u8; 64] = grant
+        .signature
+        .as_slice()
+        .try_into()
+        .map_err(|_| LinkError::Garbled("the grant's signature is not 64 bytes".into()))?;
+    if grant.number != registered.number
+        || !account.vouches_for(&grant.number, &identity, &signature)
+    {
+        return Err(LinkError::Failed(
+            "the primary's grant does not vouch for this device: refusing to link".into(),
+        ));
+    }
+    if grant.fingerprint != client.fingerprint().to_string() {
+        return Err(LinkError::Failed(format!(
+            "this node's certificate ({}) is not the one your primary device pinned ({}): \
+             someone may be in between; nothing was saved",
+            client.fingerprint(),
+            grant.fingerprint
+        )));
+    }
+    let number = Number::parse_e164(&registered.number)
+        .map_err(|e| LinkError::Garbled(format!("the account's number: {e}")))?;
+    let reg = Registration {
+        server: server.to_string(),
+        fingerprint: client.fingerprint(),
+        number,
+        account_id: registered.account_id,
+        device_id: registered.device_id,
+        credentials,
+    };
+    let link = LinkRecord {
+        number: grant.number.clone(),
+        account_curve25519: account.curve25519,
+        account_ed25519: account.ed25519,
+        signature: signature.to_vec(),
+    };
+    db.write(|tx| {
+        let mut olm = Olm::new(tx);
+        olm.set_link(link.clone())?;
+        olm.note_identity(&grant.number, &account)?;
+        olm.flush()
+    })?;
+    home.save(&reg, pem)?;
+    e2e::publish(&db, client, (reg.account_id, reg.device_id), 0).await?;
+    Ok(reg)
 }
 
 /// A parsed link code.

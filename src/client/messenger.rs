@@ -118,8 +118,11 @@ fn transient(e: &ClientError) -> bool {
                 | ErrorKind::StorageFull
                 | ErrorKind::Internal
                 | ErrorKind::StaleDevices { .. }
+                | ErrorKind::StaleOwnDevices { .. }
         ),
-        ClientError::TooLarge { .. } | ClientError::BadServer { .. } => false,
+        ClientError::TooLarge { .. } | ClientError::BadServer { .. } | ClientError::Removed(_) => {
+            false
+        }
         ClientError::FingerprintMismatch { .. }
         | ClientError::Tls(_)
         | ClientError::Outdated { .. } => false,

@@ -4,8 +4,10 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use switchboard::proto::ErrorKind;
+use switchboard::client::{Client, Home, Messenger};
+use switchboard::proto::{ErrorKind, Removal};
 
 use crate::support::*;
 
@@ -298,4 +300,129 @@ fn link_codes_are_one_time_secret_and_limited() {
             .count(),
         1
     );
+}
+
+/// A linked device away longer than `accounts.companion_lapse_days` is unlinked, and
+/// told so; the primary never lapses.
+#[tokio::test]
+async fn a_linked_device_that_stays_away_lapses() {
+    let node = InProcessNode::start_with(&config_text(""), |c| {
+        c.accounts.companion_lapse = Duration::from_millis(1500);
+        c.messages.sweep_interval = Duration::from_millis(100);
+    })
+    .await;
+    let (_a, alice) = registered_home(&node.addr, node.fingerprint, ALICE).await;
+    let laptop_dir = tempfile::tempdir().unwrap();
+    let laptop = Home::new(Some(laptop_dir.path().to_path_buf())).unwrap();
+    let id = link_home(&alice, &laptop, &node.addr, node.fingerprint, "laptop").await;
+    let reg = alice.load().unwrap();
+    let phone = Client::connect(&node.addr, &reg.credentials, Some(node.fingerprint))
+        .await
+        .unwrap();
+    assert_eq!(phone.list_devices().await.unwrap().len(), 2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while phone.list_devices().await.unwrap().len() > 1 {
+        assert!(Instant::now() < deadline, "device {id} never lapsed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reg = laptop.load().unwrap();
+    let away = Client::connect(&node.addr, &reg.credentials, Some(node.fingerprint))
+        .await
+        .unwrap();
+    assert_eq!(
+        kind(away.whoami().await),
+        ErrorKind::DeviceRemoved {
+            why: Removal::Lapsed
+        }
+    );
+    // The primary was away as long (it never lapses).
+    assert_eq!(phone.whoami().await.unwrap().device_id, 1);
+    node.shutdown().await;
+}
+
+/// The texts of a device's history with `peer`: (outgoing, text), each message once
+/// per id.
+async fn texts(home: &Home, peer: &str) -> Vec<(bool, String)> {
+    let m = Messenger::open(home).unwrap();
+    receive_backlog(&m).await;
+    let entries = m.history(&number(peer), None, 1000).await.unwrap();
+    m.close().await;
+    let mut ids = std::collections::HashSet::new();
+    for e in &entries {
+        assert!(
+            ids.insert(e.id),
+            "message {} twice: {entries:?}",
+            hex::encode(e.id)
+        );
+    }
+    entries
+        .into_iter()
+        .filter_map(|e| match e.content {
+            Some(switchboard::client::content::Content::Text(t)) => Some((e.outgoing, t)),
+            _ => None,
+        })
+        .collect()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 3,
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Every current device of both accounts has each message exactly once: the
+    /// other account's devices as received, the sender's own as sent.
+    #[test]
+    fn every_device_of_both_accounts_gets_each_message_once(
+        alice_devices in 1usize..=3,
+        bob_devices in 1usize..=3,
+        sends in proptest::collection::vec((proptest::bool::ANY, 0usize..3), 1..6),
+    ) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let node = InProcessNode::start(&config_text("")).await;
+            let mut dirs = Vec::new();
+            let mut accounts: Vec<Vec<Home>> = Vec::new();
+            for (number, count) in [(ALICE, alice_devices), (BOB, bob_devices)] {
+                let (dir, primary) = registered_home(&node.addr, node.fingerprint, number).await;
+                dirs.push(dir);
+                let mut homes = vec![primary];
+                for i in 1..count {
+                    let dir = tempfile::tempdir().unwrap();
+                    let home = Home::new(Some(dir.path().to_path_buf())).unwrap();
+                    link_home(&homes[0], &home, &node.addr, node.fingerprint, &format!("d{i}"))
+                        .await;
+                    dirs.push(dir);
+                    homes.push(home);
+                }
+                accounts.push(homes);
+            }
+            let mut sent: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+            for (n, (from_bob, device)) in sends.iter().enumerate() {
+                let (from, to) = if *from_bob { (1, ALICE) } else { (0, BOB) };
+                let homes = &accounts[from];
+                let home = &homes[device % homes.len()];
+                let text = format!("message {n}");
+                let m = Messenger::open(home).unwrap();
+                m.send_text(&number(to), &text).await.unwrap();
+                m.close().await;
+                sent[from].push(text);
+            }
+            for (account, peer) in [(0, BOB), (1, ALICE)] {
+                for home in &accounts[account] {
+                    let mut got = texts(home, peer).await;
+                    got.sort();
+                    let mut want: Vec<(bool, String)> = sent[account]
+                        .iter()
+                        .map(|t| (true, t.clone()))
+                        .chain(sent[1 - account].iter().map(|t| (false, t.clone())))
+                        .collect();
+                    want.sort();
+                    assert_eq!(got, want, "a device of account {account}");
+                }
+            }
+            node.shutdown().await;
+        });
+    }
 }

@@ -322,7 +322,24 @@ impl InProcessNode {
 
     /// Starts a node listening on `listen` (a loopback or wildcard address, port 0).
     pub async fn start_on(dir: tempfile::TempDir, listen: &str, config: &str) -> InProcessNode {
+        Self::start_edited(dir, listen, config, |_| {}).await
+    }
+
+    /// [`InProcessNode::start`] with settings no config file can give (sub-second
+    /// lapses), set by `edit`.
+    pub async fn start_with(config: &str, edit: impl FnOnce(&mut Config)) -> InProcessNode {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_edited(dir, "127.0.0.1:0", config, edit).await
+    }
+
+    async fn start_edited(
+        dir: tempfile::TempDir,
+        listen: &str,
+        config: &str,
+        edit: impl FnOnce(&mut Config),
+    ) -> InProcessNode {
         let mut config = Config::parse(config).expect("test config");
+        edit(&mut config);
         config.server.listen = listen.parse().expect("addr");
         config.server.data_dir = dir.path().join("data");
         let node = Node::bind(config).await.expect("bind node");
@@ -478,6 +495,34 @@ pub fn texts(events: &[switchboard::client::Event]) -> Vec<String> {
 }
 
 /// Receives this messenger's backlog; returns every event.
+/// Links the new home `new` to the account of the primary `primary` through the
+/// library (both sides at once, as on two devices); returns the new device's id.
+pub async fn link_home(
+    primary: &switchboard::client::Home,
+    new: &switchboard::client::Home,
+    addr: &str,
+    fingerprint: Fingerprint,
+    name: &str,
+) -> u32 {
+    use switchboard::client::link;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let opened = link::link_device(primary, move |code, _| {
+        let _ = tx.send(*code);
+    });
+    let joined = async {
+        let code = rx.await.expect("a code");
+        link::join_account(new, code, addr, name, Some(fingerprint)).await
+    };
+    let (linked, joined) = tokio::join!(opened, joined);
+    let linked = linked.expect("devices link");
+    let joined = joined.expect("devices join");
+    assert_eq!(linked.device_id, joined.device_id);
+    link::welcome(primary, linked.device_id)
+        .await
+        .expect("history to the new device");
+    linked.device_id
+}
+
 pub async fn receive_backlog(
     messenger: &switchboard::client::Messenger,
 ) -> Vec<switchboard::client::Event> {
