@@ -97,8 +97,12 @@ fn contact(
 /// that failed) on stderr.
 fn warn_events(messenger: &Messenger) {
     for event in messenger.take_events() {
-        if let Event::Warning(w) = event {
-            eprintln!("warning: {w}");
+        match event {
+            Event::Warning(w) => eprintln!("warning: {w}"),
+            Event::NewDevice { number, device } => eprintln!(
+                "{number} linked a new device (device {device}); their safety number is unchanged"
+            ),
+            _ => {}
         }
     }
 }
@@ -230,7 +234,11 @@ fn print_event(event: Event, json: bool, out: &mut impl Write) -> std::io::Resul
             } else {
                 // Second field "delivered", never a number: tells receipts from
                 // messages at a glance and to scripts.
-                writeln!(out, "{at} delivered to {to} (id {})", hex::encode(id))?;
+                writeln!(
+                    out,
+                    "{at} delivered to {to} device {device} (id {})",
+                    hex::encode(id)
+                )?;
             }
         }
         Event::Undecryptable(m) => {

@@ -179,6 +179,8 @@ pub struct Olm<'t> {
     peers: HashMap<String, PeerSlot>,
     /// This device's link to its account (a linked device), once read.
     link: Option<Option<LinkRecord>>,
+    /// Devices [`Olm::start_sessions`] found new to an account this device knew.
+    new_devices: Vec<u32>,
 }
 
 fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, E2eError> {
@@ -204,7 +206,14 @@ impl<'t> Olm<'t> {
             sessions: HashMap::new(),
             peers: HashMap::new(),
             link: None,
+            new_devices: Vec::new(),
         }
+    }
+
+    /// The devices [`Olm::start_sessions`] found new (their account linked them since
+    /// this device last looked).
+    pub fn new_devices(&self) -> &[u32] {
+        &self.new_devices
     }
 
     /// How this device belongs to its account, if it is a linked device.
@@ -530,7 +539,9 @@ impl<'t> Olm<'t> {
             if bundle.identity == me {
                 continue;
             }
-            self.note_device(to, bundle.device_id, bundle.identity.curve25519)?;
+            if self.note_device(to, bundle.device_id, bundle.identity.curve25519)? && !changed {
+                self.new_devices.push(bundle.device_id);
+            }
             let key = checked_session_key(bundle)?;
             let session = self
                 .account()?

@@ -785,15 +785,29 @@ impl Messenger {
         only: Option<u32>,
     ) -> Result<bool, MessengerError> {
         let bundles = client.fetch_bundles(to, true).await?;
-        self.inner
+        let (changed, new_devices) = self
+            .inner
             .db
             .write_async(move |tx| {
                 let mut olm = Olm::new(tx);
                 let changed = olm.start_sessions(&bundles, only)?;
+                let new_devices = olm.new_devices().to_vec();
                 olm.flush()?;
-                Ok::<_, MessengerError>(changed)
+                Ok::<_, MessengerError>((changed, new_devices))
             })
-            .await
+            .await?;
+        if *to != self.inner.me.number && !new_devices.is_empty() {
+            let mut stashed = self
+                .inner
+                .stashed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            stashed.extend(new_devices.into_iter().map(|device| Event::NewDevice {
+                number: to.to_string(),
+                device,
+            }));
+        }
+        Ok(changed)
     }
 
     /// Encrypts `plaintext` for every device of `to` and sends it as `node_id`,

@@ -151,7 +151,13 @@ fn a_linked_device_reads_and_writes_the_same_conversations() {
     assert!(history.contains("a reply before the link"), "{history}");
 
     // Bob writes once; both of Alice's devices get it.
-    ok(&bob, &["send", ALICE, "to both of you"]);
+    let out = cli(&bob, &["send", ALICE, "to both of you"], "");
+    assert!(out.status.success(), "{}", show(&["send"], &out));
+    assert!(
+        stderr(&out).contains(&format!("{ALICE} linked a new device (device 2)")),
+        "{}",
+        show(&["send"], &out)
+    );
     assert!(ok(&alice, &["recv"]).contains("to both of you"));
     assert!(ok(&laptop, &["recv"]).contains("to both of you"));
 
@@ -161,6 +167,12 @@ fn a_linked_device_reads_and_writes_the_same_conversations() {
     assert!(stderr(&sent).is_empty(), "{}", show(&["send"], &sent));
     let got = ok(&bob, &["recv"]);
     assert!(got.contains("from the laptop"), "{got}");
+    // Receipts say which device has it.
+    let receipts = ok(&laptop, &["recv"]);
+    assert!(
+        receipts.contains(&format!("delivered to {BOB} device 1")),
+        "{receipts}"
+    );
     let phone = ok(&alice, &["recv"]);
     assert!(
         phone.contains(&format!(
