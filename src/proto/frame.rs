@@ -210,6 +210,26 @@ mod tests {
             )
                 .prop_map(|(key_version, prfs)| Request::ResolveUnder { key_version, prfs }),
             any::<u64>().prop_map(|version| Request::FetchFilterDelta { version }),
+            Just(Request::ListDevices),
+            any::<u32>().prop_map(|device_id| Request::UnlinkDevice { device_id }),
+            proptest::collection::vec(any::<u8>(), 0..70)
+                .prop_map(|pake| Request::LinkOpen { pake }),
+            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..70))
+                .prop_map(|(nameplate, pake)| Request::LinkJoin { nameplate, pake }),
+            (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..100))
+                .prop_map(|(nameplate, sealed)| Request::LinkRequest { nameplate, sealed }),
+            any::<u32>().prop_map(|nameplate| Request::LinkPoll { nameplate }),
+            (
+                any::<u32>(),
+                ".{0,70}",
+                proptest::collection::vec(any::<u8>(), 0..100)
+            )
+                .prop_map(|(nameplate, name, sealed)| Request::LinkGrant {
+                    nameplate,
+                    name,
+                    sealed
+                }),
+            any::<u32>().prop_map(|nameplate| Request::LinkAbort { nameplate }),
         ]
     }
 

@@ -729,5 +729,42 @@ mod tests {
             )),
             "0000000b 01 14 02 07 726f7461746564",
         );
+        check(Request::ListDevices, "00000001 0f");
+        check(Request::UnlinkDevice { device_id: 2 }, "00000002 10 02");
+        check(
+            Request::LinkJoin {
+                nameplate: 123_456,
+                pake: vec![7; 33],
+            },
+            &format!("00000028 12 fc40e20100 21 {}", "07".repeat(33)),
+        );
+        check(
+            Request::LinkPoll { nameplate: 123_456 },
+            "00000006 14 fc40e20100",
+        );
+        check(
+            Request::LinkGrant {
+                nameplate: 123_456,
+                name: "laptop".into(),
+                sealed: vec![1, 2, 3],
+            },
+            "00000011 15 fc40e20100 06 6c6170746f70 03 010203",
+        );
+        check(
+            Reply::Ok(Response::LinkOpened {
+                nameplate: 123_456,
+                expires_in_secs: 300,
+            }),
+            "0000000a 00 10 fc40e20100 fb2c01",
+        );
+        check(
+            Reply::Err(NodeError::new(
+                ErrorKind::DeviceRemoved {
+                    why: Removal::Unlinked,
+                },
+                "x",
+            )),
+            "00000005 01 16 01 01 78",
+        );
     }
 }
