@@ -57,6 +57,10 @@ enum Scenario {
         duration: u64,
         #[arg(long, default_value_t = 256)]
         size: usize,
+        /// Devices per account (the primary and linked ones): every device sends, each
+        /// send is one envelope per device of the partner account (fan-out).
+        #[arg(long, default_value_t = 1)]
+        devices: usize,
     },
     /// Idle authenticated devices: node memory per connection and handshakes per second.
     Connections {
@@ -145,7 +149,8 @@ fn main() {
                 window,
                 duration,
                 size,
-            } => relay::run(pairs, window, Duration::from_secs(duration), size).await,
+                devices,
+            } => relay::run(pairs, window, Duration::from_secs(duration), size, devices).await,
             Scenario::Connections { devices, endpoints } => {
                 connections::run(devices, endpoints).await
             }

@@ -1,7 +1,8 @@
 //! The bare limit: a minimal quinn relay. A client opens one stream and writes its id
 //! (the inbox); each message is a stream carrying `[to: u32][payload]`, answered with
-//! one byte after it was handed to the recipient's inbox. No storage, no client
-//! authentication, no acknowledgements.
+//! one byte after it was handed to the recipient's inbox; `to` = `u32::MAX` is a
+//! fan-out: `[n: u8][n ids: u32 each][payload]`, handed to each of those inboxes. No
+//! storage, no client authentication, no acknowledgements.
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use switchboard::proto::frame;
@@ -70,8 +71,22 @@ async fn stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, inboxe
             }
         }
     } else {
-        let tx = inboxes.lock().ok().and_then(|m| m.get(&id).cloned());
-        if let Some(tx) = tx {
+        let (ids, body) = match (id, body.split_first()) {
+            (u32::MAX, Some((&n, rest))) if rest.len() >= 4 * usize::from(n) => {
+                let (ids, body) = rest.split_at(4 * usize::from(n));
+                let ids: Vec<u32> = ids
+                    .chunks_exact(4)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                (ids, body)
+            }
+            _ => (vec![id], body),
+        };
+        let txs: Vec<_> = match inboxes.lock() {
+            Ok(m) => ids.iter().filter_map(|i| m.get(i).cloned()).collect(),
+            Err(_) => Vec::new(),
+        };
+        for tx in txs {
             let _ = tx.send(body.to_vec()).await;
         }
         let _ = frame::write(&mut send, &vec![1u8]).await;
@@ -136,9 +151,24 @@ pub async fn subscribe(conn: &quinn::Connection, id: u32) -> Result<quinn::RecvS
 }
 
 pub async fn send(conn: &quinn::Connection, to: u32, body: Vec<u8>) -> Result<()> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(err)?;
     let mut msg = to.to_be_bytes().to_vec();
     msg.extend_from_slice(&body);
+    exchange(conn, msg).await
+}
+
+/// One message to each of the inboxes `to` (at most 255), in one stream.
+pub async fn send_many(conn: &quinn::Connection, to: &[u32], body: Vec<u8>) -> Result<()> {
+    let mut msg = u32::MAX.to_be_bytes().to_vec();
+    msg.push(u8::try_from(to.len()).map_err(err)?);
+    for id in to {
+        msg.extend_from_slice(&id.to_be_bytes());
+    }
+    msg.extend_from_slice(&body);
+    exchange(conn, msg).await
+}
+
+async fn exchange(conn: &quinn::Connection, msg: Vec<u8>) -> Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(err)?;
     frame::write(&mut send, &msg).await.map_err(err)?;
     send.finish().map_err(err)?;
     frame::read::<Vec<u8>, _>(&mut recv, 1024)

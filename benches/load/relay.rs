@@ -109,20 +109,39 @@ fn handoff_counts(url: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -> Result<()> {
+pub async fn run(
+    pairs: usize,
+    window: usize,
+    duration: Duration,
+    size: usize,
+    devices: usize,
+) -> Result<()> {
     let pairs = pairs.max(1);
+    let devices = devices.clamp(1, 5);
     println!(
-        "relay: {pairs} pairs, window {window}, {size}-byte envelopes, {duration:?} per phase"
+        "relay: {pairs} pairs of accounts with {devices} device(s) each, window {window}, \
+         {size}-byte envelopes, {duration:?} per phase"
     );
-    let node = node_run(pairs, window, duration, size).await?;
+    let node = node_run(pairs, window, duration, size, devices).await?;
     // The bare relay's latency is measured at the node's half load, the same
     // absolute rate, so the two latencies compare like with like.
-    let bare = bare_run(pairs, window, duration, size, node.half_rate).await?;
+    let bare = bare_run(pairs, window, duration, size, devices, node.half_rate).await?;
     let p = |v: &[u64], q| percentile(v, q) / 1000.0;
+    let (what, per) = if devices > 1 {
+        (
+            format!("delivered envelopes/s, {pairs} pairs × {devices} devices, saturated"),
+            "server CPU per delivered envelope",
+        )
+    } else {
+        (
+            format!("delivered messages/s, {pairs} pairs, saturated"),
+            "server CPU per delivered message",
+        )
+    };
     let figures = vec![
         Figure {
             scenario: "relay",
-            metric: format!("delivered messages/s, {pairs} pairs, saturated"),
+            metric: what,
             unit: "msg/s",
             node: node.saturated,
             limit: Some(bare.saturated),
@@ -157,7 +176,7 @@ pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -
         },
         Figure {
             scenario: "relay",
-            metric: "server CPU per delivered message".into(),
+            metric: per.into(),
             unit: "µs",
             node: node.cpu_per_message_us,
             limit: Some(bare.cpu_per_message_us),
@@ -167,6 +186,11 @@ pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -
         "limit: bare quinn relay (same streams and frames, same UDP buffers and ACK frequency; no storage, no auth, no acks, no receipts)".to_string(),
         "switchboard answers a send once every recipient device acknowledged it or it is durable (group commit), and answers every delivery with a receipt".to_string(),
     ];
+    if devices > 1 {
+        notes.push(format!(
+            "fan-out: every device sends; a send is one envelope per device of the partner account ({devices}); the bare relay sends one stream carrying the {devices} inbox ids, handed to each"
+        ));
+    }
     for (name, r) in [("switchboard", &node), ("bare quinn", &bare)] {
         notes.push(format!(
             "{name} saturated: cores used: server {:.2}, load generator {:.2}; {}",
@@ -201,11 +225,18 @@ pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -
     Ok(())
 }
 
-async fn node_run(pairs: usize, window: usize, duration: Duration, size: usize) -> Result<Run> {
+async fn node_run(
+    pairs: usize,
+    window: usize,
+    duration: Duration,
+    size: usize,
+    per_account: usize,
+) -> Result<Run> {
     let nums = numbers(2 * pairs);
     let (server, fp) = start_node_lines(
         &nums,
-        "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"",
+        "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n\
+         [accounts]\nlink_joins_per_address_hour = 1000000",
         2,
     )?;
     let metrics_url = server.lines[2]
@@ -213,12 +244,13 @@ async fn node_run(pairs: usize, window: usize, duration: Duration, size: usize) 
         .ok_or("no metrics line")?
         .to_string();
     let eps = endpoints(4)?;
-    let (devices, took) = register_all(&server.addr, fp, &nums, &eps, 64).await?;
+    let (primaries, took) = register_all(&server.addr, fp, &nums, &eps, 64).await?;
     println!(
         "  node: registered {} devices in {:.1}s",
-        devices.len(),
+        primaries.len(),
         took.as_secs_f64()
     );
+    let devices = link_companions(&server.addr, fp, primaries, per_account, &eps).await?;
     let base = Instant::now();
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -267,22 +299,38 @@ async fn node_run(pairs: usize, window: usize, duration: Duration, size: usize) 
         move |client: Arc<Client>, me: usize| {
             let devices = devices.clone();
             async move {
-                let partner = me ^ 1;
-                let (to, device_id) = devices[partner].clone();
+                let partner = (me / per_account) ^ 1;
+                let theirs = &devices[partner * per_account..(partner + 1) * per_account];
+                let body = payload(base, size);
                 let outgoing = Outgoing {
                     id: switchboard::client::e2e::new_message_id(),
-                    to,
-                    envelopes: vec![DeviceEnvelope {
-                        device_id,
-                        body: payload(base, size),
-                    }],
+                    to: theirs[0].0.clone(),
+                    envelopes: theirs
+                        .iter()
+                        .map(|(_, device_id)| DeviceEnvelope {
+                            device_id: *device_id,
+                            body: body.clone(),
+                        })
+                        .collect(),
                 };
                 client.send(outgoing).await.is_ok()
             }
         }
     };
     let pid = server.pid();
-    let mut run = measure(&clients, &tally, window, duration, pid, None, send_one).await;
+    let mut run = measure(
+        &clients,
+        &tally,
+        window,
+        duration,
+        pid,
+        Offered {
+            half_rate: None,
+            envelopes_per_send: per_account,
+        },
+        send_one,
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     while receivers.join_next().await.is_some() {}
     run.handoff = handoff_counts(&metrics_url);
@@ -294,6 +342,7 @@ async fn bare_run(
     window: usize,
     duration: Duration,
     size: usize,
+    per_account: usize,
     half_rate: f64,
 ) -> Result<Run> {
     let (server, cert) = start_bare()?;
@@ -303,7 +352,7 @@ async fn bare_run(
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     let mut receivers = tokio::task::JoinSet::new();
-    for i in 0..2 * pairs {
+    for i in 0..2 * pairs * per_account {
         let conn = bare::connect(&eps[i % eps.len()], &server.addr, &cert).await?;
         let mut inbox = bare::subscribe(&conn, i as u32).await?;
         let (tally, stop) = (tally.clone(), stop.clone());
@@ -323,7 +372,16 @@ async fn bare_run(
         clients.push(Arc::new(conn));
     }
     let send_one = move |conn: Arc<quinn::Connection>, me: usize| async move {
-        bare::send(&conn, (me ^ 1) as u32, payload(base, size))
+        if per_account == 1 {
+            return bare::send(&conn, (me ^ 1) as u32, payload(base, size))
+                .await
+                .is_ok();
+        }
+        let partner = (me / per_account) ^ 1;
+        let inboxes: Vec<u32> = (partner * per_account..(partner + 1) * per_account)
+            .map(|i| i as u32)
+            .collect();
+        bare::send_many(&conn, &inboxes, payload(base, size))
             .await
             .is_ok()
     };
@@ -334,13 +392,93 @@ async fn bare_run(
         window,
         duration,
         pid,
-        Some(half_rate),
+        Offered {
+            half_rate: Some(half_rate),
+            envelopes_per_send: per_account,
+        },
         send_one,
     )
     .await;
     stop.store(true, Ordering::Relaxed);
     while receivers.join_next().await.is_some() {}
     Ok(run)
+}
+
+/// Links `per_account - 1` devices to each primary (through the node's link requests;
+/// the sealed payloads are opaque to the node, so the generator sends placeholders).
+/// Returns every device, account by account, primary first.
+async fn link_companions(
+    addr: &str,
+    fp: Fingerprint,
+    primaries: Vec<Device>,
+    per_account: usize,
+    eps: &[quinn::Endpoint],
+) -> Result<Vec<Device>> {
+    if per_account <= 1 {
+        return Ok(primaries);
+    }
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(16));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, primary) in primaries.into_iter().enumerate() {
+        let (gate, addr, endpoint) = (gate.clone(), addr.to_string(), eps[i % eps.len()].clone());
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.map_err(err)?;
+            let owner = Client::connect_via(&endpoint, &addr, &primary.creds, Some(fp))
+                .await
+                .map_err(err)?;
+            let mut account = Vec::with_capacity(per_account);
+            for _ in 1..per_account {
+                let (nameplate, _) = owner.link_open(vec![1; 33]).await.map_err(err)?;
+                let (creds, _) = Credentials::generate_device().map_err(err)?;
+                let joiner = Client::connect_via(&endpoint, &addr, &creds, Some(fp))
+                    .await
+                    .map_err(err)?;
+                joiner
+                    .link_join(nameplate, vec![2; 33])
+                    .await
+                    .map_err(err)?;
+                joiner
+                    .link_request(nameplate, vec![3; 64])
+                    .await
+                    .map_err(err)?;
+                owner.link_poll(nameplate).await.map_err(err)?;
+                let device_id = owner
+                    .link_grant(nameplate, "bench", vec![4; 64])
+                    .await
+                    .map_err(err)?;
+                joiner.link_poll(nameplate).await.map_err(err)?;
+                joiner.close().await;
+                account.push(Device {
+                    number: primary.number.clone(),
+                    creds,
+                    device_id,
+                });
+            }
+            owner.close().await;
+            account.insert(0, primary);
+            Ok::<_, String>((i, account))
+        });
+    }
+    let mut accounts = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        accounts.push(done.map_err(err)??);
+    }
+    accounts.sort_by_key(|(i, _)| *i);
+    let devices: Vec<Device> = accounts.into_iter().flat_map(|(_, a)| a).collect();
+    println!(
+        "  node: linked {} more devices in {:.1}s",
+        devices.len() - devices.len() / per_account,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(devices)
+}
+
+/// What the latency phase offers: `half_rate` delivered envelopes/s (default: half the
+/// saturated rate), a send delivering `envelopes_per_send`.
+struct Offered {
+    half_rate: Option<f64>,
+    envelopes_per_send: usize,
 }
 
 /// Saturation phase, then a latency phase at `half_rate` (default: half the
@@ -351,7 +489,7 @@ async fn measure<C, F, Fut>(
     window: usize,
     duration: Duration,
     pid: u32,
-    half_rate: Option<f64>,
+    offered: Offered,
     send_one: F,
 ) -> Run
 where
@@ -387,8 +525,13 @@ where
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Half load, open loop.
+    let Offered {
+        half_rate,
+        envelopes_per_send,
+    } = offered;
     let half_rate = half_rate.unwrap_or(saturated / 2.0);
-    let per_device = (half_rate / clients.len() as f64).max(0.1);
+    // `half_rate` counts delivered envelopes; a send delivers `envelopes_per_send`.
+    let per_device = (half_rate / clients.len() as f64 / envelopes_per_send.max(1) as f64).max(0.1);
     let interval = Duration::from_secs_f64(1.0 / per_device);
     let phase_stop = Arc::new(AtomicBool::new(false));
     let senders = spawn_senders(

@@ -438,3 +438,86 @@ proptest::proptest! {
         });
     }
 }
+
+/// A link code expires: after its lifetime nobody can join with it, and the primary
+/// stops waiting.
+#[tokio::test]
+async fn an_expired_link_code_links_nothing() {
+    let node = InProcessNode::start_with(&config_text(""), |c| {
+        c.accounts.link_code_ttl = Duration::from_millis(500);
+    })
+    .await;
+    let (_a, alice) = registered_home(&node.addr, node.fingerprint, ALICE).await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let primary = switchboard::client::link::link_device(&alice, move |code, _| {
+        let _ = tx.send(*code);
+    });
+    let late = async {
+        let code = rx.await.expect("a code");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(Some(dir.path().to_path_buf())).unwrap();
+        let joined =
+            switchboard::client::link::join_account(&home, code, &node.addr, "late", None).await;
+        (joined, home.load().is_err())
+    };
+    let (linked, (joined, nothing_saved)) = tokio::join!(primary, late);
+    let linked = linked.expect_err("nothing joined in time");
+    assert!(linked.to_string().contains("expired"), "{linked}");
+    let joined = joined.expect_err("the code expired");
+    assert!(joined.to_string().contains("expired"), "{joined}");
+    assert!(
+        nothing_saved,
+        "a failed join leaves no registration in its home"
+    );
+    node.shutdown().await;
+}
+
+/// A linked device may unlink itself, never another device (nor the primary).
+#[tokio::test]
+async fn a_linked_device_unlinks_itself_only() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let (_a, alice) = registered_home(&node.addr, node.fingerprint, ALICE).await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let homes: Vec<Home> = dirs
+        .iter()
+        .map(|d| Home::new(Some(d.path().to_path_buf())).unwrap())
+        .collect();
+    let (fp, addr) = (node.fingerprint, node.addr.clone());
+    let first = link_home(&alice, &homes[0], &addr, fp, "laptop").await;
+    let second = link_home(&alice, &homes[1], &addr, fp, "tablet").await;
+    let connect = |home: &Home| {
+        let reg = home.load().unwrap();
+        let addr = addr.clone();
+        async move {
+            Client::connect(&addr, &reg.credentials, Some(fp))
+                .await
+                .unwrap()
+        }
+    };
+    let laptop = connect(&homes[0]).await;
+    assert_eq!(
+        kind(laptop.unlink_device(second).await),
+        ErrorKind::NotPrimary
+    );
+    assert_eq!(kind(laptop.unlink_device(1).await), ErrorKind::NotPrimary);
+    assert_eq!(laptop.list_devices().await.unwrap().len(), 3);
+    laptop.unlink_device(first).await.unwrap();
+    let again = connect(&homes[0]).await;
+    assert_eq!(
+        kind(again.whoami().await),
+        ErrorKind::DeviceRemoved {
+            why: Removal::Unlinked
+        }
+    );
+    let tablet = connect(&homes[1]).await;
+    let left: Vec<u32> = tablet
+        .list_devices()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.device_id)
+        .collect();
+    assert_eq!(left, vec![1, second]);
+    node.shutdown().await;
+}

@@ -61,7 +61,10 @@ pub(super) async fn unlink_device(
         account_id: account,
         device_id,
     };
-    match remove(shared, target, Removal::Unlinked).await? {
+    // A device unlinking itself hears the answer before its connection closes (every
+    // later request is refused anyway: the key is gone).
+    let linger = (device_id == me.device.device_id).then_some(std::time::Duration::from_secs(1));
+    match remove_after(shared, target, Removal::Unlinked, linger).await? {
         Unlinked::Done { .. } => Ok(Response::DeviceUnlinked),
         Unlinked::NotFound => Err(NodeError::new(
             ErrorKind::UnknownDevice { device_id },
@@ -93,6 +96,16 @@ pub(crate) async fn remove(
     device: DeviceRef,
     why: Removal,
 ) -> Result<Unlinked, NodeError> {
+    remove_after(shared, device, why, None).await
+}
+
+/// [`remove`], closing the device's connections after `linger` when given.
+async fn remove_after(
+    shared: &Arc<Shared>,
+    device: DeviceRef,
+    why: Removal,
+    linger: Option<std::time::Duration>,
+) -> Result<Unlinked, NodeError> {
     let now = now_ms();
     let outcome = blocking(shared, move |store| store.unlink_device(device, why, now)).await?;
     if let Unlinked::Done { key_id } = &outcome {
@@ -100,16 +113,29 @@ pub(crate) async fn remove(
         shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
         shared.commit.durable().await.map_err(commit_failed)?;
         let reason = crate::proto::Removal::from(why).describe();
-        let closed = shared
-            .connections
-            .close(&[*key_id], codes::UNLINKED, reason.as_bytes());
         tracing::info!(
             account = device.account_id,
             device = device.device_id,
             ?why,
-            connections = closed,
             "device unlinked"
         );
+        let (shared, key_id) = (shared.clone(), *key_id);
+        let close = move || {
+            shared
+                .connections
+                .close(&[key_id], codes::UNLINKED, reason.as_bytes())
+        };
+        match linger {
+            None => {
+                close();
+            }
+            Some(after) => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    close();
+                });
+            }
+        }
     }
     Ok(outcome)
 }
