@@ -318,8 +318,15 @@ pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
                 Err(e) => eprintln!("warning: {e}"),
             }
         }
+        // The whole line in one write: a line on a pipe (up to PIPE_BUF bytes) then
+        // comes whole or not at all, even if the process is killed right then.
+        let mut line = Vec::new();
         if broken.is_none()
-            && let Err(e) = print_event(event, args.json, &mut stdout.lock())
+            && let Err(e) = print_event(event, args.json, &mut line).and_then(|()| {
+                let mut out = stdout.lock();
+                out.write_all(&line)?;
+                out.flush()
+            })
         {
             // Everything is in the history already; `history` shows it.
             broken = Some(e);

@@ -283,6 +283,14 @@ async fn join_on(
     })?;
     home.save(&reg, pem)?;
     e2e::publish(&db, client, (reg.account_id, reg.device_id), 0).await?;
+    // Sessions with the account's other devices now, so that what this device sends
+    // first is copied to them (the node names any device linked later).
+    let bundles = client.fetch_bundles(&reg.number, true).await?;
+    db.write(|tx| {
+        let mut olm = Olm::new(tx);
+        olm.start_sessions(&bundles, None)?;
+        olm.flush()
+    })?;
     Ok(reg)
 }
 

@@ -232,6 +232,9 @@ enum Job {
         id: MessageId,
         node_id: MessageId,
     },
+    /// Send this account's other devices a copy of history message `seq` (once the
+    /// node took it), as `node_id`.
+    OwnCopy { seq: i64, node_id: MessageId },
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -496,15 +499,19 @@ impl Messenger {
         let id = e2e::new_message_id();
         let written = now_ms();
         let plaintext = Plaintext::new(id, written, Body::Content(content.clone())).encode();
-        let copied = content.clone();
         let (peer, device) = (to.to_string(), self.inner.me.device_id);
-        let seq = self
+        let own = self.inner.me.number.to_string();
+        let (seq, copies) = self
             .inner
             .db
             .write_async(move |tx| {
                 let mut olm = Olm::new(tx);
                 let identity = olm.known_identity(&peer)?;
                 let envelopes = olm.encrypt(&peer, &plaintext)?;
+                // The account's other devices (those this device has a session with;
+                // the node names any new one) get a copy, in the same transaction: a
+                // job, run once the node took the message.
+                let copies = !olm.devices(&own)?.is_empty();
                 olm.flush()?;
                 let seq = history::add_sent(tx, &peer, device, &id, written, &content, identity)?;
                 put_sent_id(tx, &id, seq)?;
@@ -514,7 +521,14 @@ impl Messenger {
                     envelopes,
                 };
                 tx.put(Table::Outbox, &outbox_key(seq), &encode(&outgoing))?;
-                Ok::<_, MessengerError>(seq)
+                if copies {
+                    let job = Job::OwnCopy {
+                        seq,
+                        node_id: e2e::new_message_id(),
+                    };
+                    tx.add_job(written, &encode(&job))?;
+                }
+                Ok::<_, MessengerError>((seq, copies))
             })
             .await?;
         let pushed = self.push_outbox(&client, seq).await;
@@ -522,18 +536,13 @@ impl Messenger {
             self.drop_client(&client).await;
         }
         let (sent, changed) = pushed?;
-        // The account's other devices get a copy, so the conversation reads the same
-        // on each. The message itself is sent; a copy that fails is reported only.
-        let copy = Plaintext::new(
-            id,
-            written,
-            Body::SentCopy {
-                to: to.to_string(),
-                content: copied,
-            },
-        );
-        if let Err(e) = self.to_own_devices(&client, copy.encode()).await {
-            tracing::warn!(error = %e, "the copy for this account's other devices was not sent");
+        if copies {
+            let events = self.run_jobs(&client).await;
+            self.inner
+                .stashed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(events);
         }
         Ok(Sent {
             identity_changed: identity_changed | changed,
@@ -546,23 +555,16 @@ impl Messenger {
         &self,
         client: &Client,
         plaintext: Vec<u8>,
+        node_id: MessageId,
     ) -> Result<(), MessengerError> {
         let own = self.inner.me.number.clone();
         if self.devices_of(&own).await?.is_empty() {
-            // No session with another device of ours: is there one?
-            let devices = client.list_devices().await?;
-            if devices
-                .iter()
-                .all(|d| d.device_id == self.inner.me.device_id)
-            {
-                return Ok(());
-            }
             self.start_sessions(client, &own, None).await?;
             if self.devices_of(&own).await?.is_empty() {
                 return Ok(());
             }
         }
-        self.transmit(client, &own, e2e::new_message_id(), plaintext, CONTROL)
+        self.transmit(client, &own, node_id, plaintext, CONTROL)
             .await
     }
 
@@ -599,6 +601,11 @@ impl Messenger {
                 })
                 .await?;
             let Some(&(last, _)) = batch.last() else {
+                if sent == 0 {
+                    // An empty history all the same: the new device then has a
+                    // session with this one for what it sends.
+                    self.sync_chunk(&client, Vec::new()).await?;
+                }
                 break;
             };
             after = last;
@@ -639,7 +646,8 @@ impl Messenger {
             now_ms(),
             Body::HistorySync { entries },
         );
-        self.to_own_devices(client, plain.encode()).await
+        self.to_own_devices(client, plain.encode(), e2e::new_message_id())
+            .await
     }
 
     /// Sends outbox entry `seq` until the node accepts or refuses it. Returns what
@@ -1169,6 +1177,28 @@ impl Messenger {
                     .await?;
                 Ok(Vec::new())
             }
+            Job::OwnCopy { seq, node_id } => {
+                let db = self.inner.db.clone();
+                let Some(entry) = db.read_async(move |tx| history::get(tx, seq)).await? else {
+                    return Ok(Vec::new());
+                };
+                match (entry.state, entry.content) {
+                    (State::Sending, _) => Err(MessengerError::NotSentYet {
+                        id: entry.id,
+                        reason: "its copy for this account's other devices waits for it".into(),
+                    }),
+                    (State::Failed, _) | (_, None) => Ok(Vec::new()),
+                    (_, Some(content)) => {
+                        let copy = Body::SentCopy {
+                            to: entry.peer,
+                            content,
+                        };
+                        let plain = Plaintext::new(entry.id, entry.at_ms, copy).encode();
+                        self.to_own_devices(client, plain, node_id).await?;
+                        Ok(Vec::new())
+                    }
+                }
+            }
             Job::Unavailable { to, id, node_id } => {
                 let peer = number(&to)?;
                 let plaintext =
@@ -1563,6 +1593,7 @@ mod tests {
                     Job::Resend { to, .. } => (true, to),
                     Job::Unavailable { to, .. } => (false, to),
                     Job::RetryRequest { to, .. } => panic!("a retry request for {to}"),
+                    Job::OwnCopy { seq, .. } => panic!("a copy of {seq}"),
                 });
             }
             Ok::<_, MessengerError>(out)
