@@ -530,6 +530,55 @@ impl Client {
         }
     }
 
+    /// Creates a group with the accounts of `members` (this account its admin) and
+    /// the encrypted `meta`.
+    pub async fn create_group(
+        &self,
+        members: &[Number],
+        meta: Vec<u8>,
+    ) -> Result<proto::GroupInfo, ClientError> {
+        let request = Request::CreateGroup {
+            members: members.iter().map(Number::to_string).collect(),
+            meta,
+        };
+        match self.call(&request).await? {
+            Response::Group(g) => Ok(g),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Changes group `group_id`; `None` after this account left it.
+    pub async fn change_group(
+        &self,
+        group_id: u64,
+        change: proto::GroupChange,
+    ) -> Result<Option<proto::GroupInfo>, ClientError> {
+        match self
+            .call(&Request::ChangeGroup { group_id, change })
+            .await?
+        {
+            Response::Group(g) => Ok(Some(g)),
+            Response::GroupLeft => Ok(None),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Group `group_id`, if this account is in it.
+    pub async fn fetch_group(&self, group_id: u64) -> Result<proto::GroupInfo, ClientError> {
+        match self.call(&Request::FetchGroup { group_id }).await? {
+            Response::Group(g) => Ok(g),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The groups this account is in.
+    pub async fn list_groups(&self) -> Result<Vec<proto::GroupSummary>, ClientError> {
+        match self.call(&Request::ListGroups).await? {
+            Response::Groups { groups } => Ok(groups),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Verifies a code for a number that has a registration lock, with its PIN.
     pub async fn verify_code_with_pin(
         &self,

@@ -232,6 +232,13 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         "link_joins_per_address_hour".into(),
         int(c.accounts.link_joins_per_address_hour),
     );
+    let mut groups = Table::new();
+    groups.insert("max_members".into(), int(c.groups.max_members));
+    groups.insert(
+        "changes_per_account_hour".into(),
+        int(c.groups.changes_per_account_hour),
+    );
+    groups.insert("max_meta_bytes".into(), int(c.groups.max_meta_bytes));
     let mut metrics = Table::new();
     metrics.insert("enabled".into(), Value::Boolean(c.metrics.enabled));
     metrics.insert("listen".into(), text(c.metrics.listen.to_string()));
@@ -246,6 +253,7 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         ("storage", storage),
         ("discovery", discovery),
         ("accounts", accounts),
+        ("groups", groups),
         ("metrics", metrics),
         ("log", log),
     ] {

@@ -24,6 +24,7 @@ pub struct Config {
     pub storage: Storage,
     pub discovery: Discovery,
     pub accounts: Accounts,
+    pub groups: Groups,
     pub metrics: Metrics,
     pub log: Log,
 }
@@ -83,6 +84,17 @@ pub struct Accounts {
     pub link_code_ttl: Duration,
     /// Link codes one IP address (an IPv6 network) may try to join with in an hour.
     pub link_joins_per_address_hour: u32,
+}
+
+/// Groups: their size and how often their members may change them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Groups {
+    /// Members one group may have.
+    pub max_members: u32,
+    /// Group creations and membership changes one account may make in an hour.
+    pub changes_per_account_hour: u32,
+    /// Bytes of a group's encrypted name, description and picture reference.
+    pub max_meta_bytes: u32,
 }
 
 /// How the database meets the disk.
@@ -339,6 +351,11 @@ impl Default for Config {
                 companion_lapse: Duration::from_secs(30 * 86_400),
                 link_code_ttl: Duration::from_secs(300),
                 link_joins_per_address_hour: 20,
+            },
+            groups: Groups {
+                max_members: 1024,
+                changes_per_account_hour: 60,
+                max_meta_bytes: 16 * 1024,
             },
             metrics: Metrics {
                 enabled: false,

@@ -12,6 +12,7 @@ pub struct File {
     pub storage: Storage,
     pub discovery: Discovery,
     pub accounts: Accounts,
+    pub groups: Groups,
     pub metrics: Metrics,
     pub log: Log,
 }
@@ -23,6 +24,14 @@ pub struct Accounts {
     pub companion_lapse_days: Option<u32>,
     pub link_code_ttl_secs: Option<u64>,
     pub link_joins_per_address_hour: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Groups {
+    pub max_members: Option<u32>,
+    pub changes_per_account_hour: Option<u32>,
+    pub max_meta_bytes: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -666,6 +675,30 @@ impl File {
                 1_000_000,
             )?,
         };
+        let g = &self.groups;
+        let groups = super::Groups {
+            max_members: in_range(
+                "groups.max_members",
+                g.max_members,
+                d.groups.max_members,
+                2,
+                100_000,
+            )?,
+            changes_per_account_hour: in_range(
+                "groups.changes_per_account_hour",
+                g.changes_per_account_hour,
+                d.groups.changes_per_account_hour,
+                1,
+                1_000_000,
+            )?,
+            max_meta_bytes: in_range(
+                "groups.max_meta_bytes",
+                g.max_meta_bytes,
+                d.groups.max_meta_bytes,
+                64,
+                1 << 20,
+            )?,
+        };
         let metrics = super::Metrics {
             enabled: self.metrics.enabled.unwrap_or(d.metrics.enabled),
             listen: self.metrics.listen.unwrap_or(d.metrics.listen),
@@ -690,6 +723,7 @@ impl File {
             storage,
             discovery,
             accounts,
+            groups,
             metrics,
             log,
         })

@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     pub claims: claims::ClaimLimits,
     /// Link slots in progress (in memory).
     pub links: link::Links,
+    /// Group creations and changes per account and hour (in memory).
+    pub group_changes: governor::DefaultKeyedRateLimiter<u64>,
     /// Argon2id hashes of registration-lock PINs in progress: each costs 19 MiB and
     /// tens of milliseconds of a core, so only a few run at once.
     pub pin_checks: tokio::sync::Semaphore,
@@ -235,6 +237,10 @@ impl Node {
                 config.messages.key_claims_per_pair_per_hour,
                 config.messages.key_claims_per_account_per_hour,
             ),
+            group_changes: governor::RateLimiter::keyed(governor::Quota::per_hour(
+                std::num::NonZeroU32::new(config.groups.changes_per_account_hour)
+                    .unwrap_or(std::num::NonZeroU32::MIN),
+            )),
             links: link::Links::new(
                 config.accounts.link_code_ttl,
                 config.accounts.link_joins_per_address_hour,
@@ -478,6 +484,8 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
             Err(e) => tracing::error!(error = %e, "sweep task failed"),
         }
         shared.links.prune();
+        shared.group_changes.retain_recent();
+        shared.group_changes.shrink_to_fit();
         lapse_companions(&shared).await;
         shared.mailboxes.prune();
     }

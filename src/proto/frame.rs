@@ -143,7 +143,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::proto::messages::{Channel, Request};
+    use crate::proto::messages::{Channel, GroupChange, Request};
 
     /// A peer that sends `data` and then nothing (the stream stays open), recording
     /// the most buffer space a read ever offered it.
@@ -230,6 +230,21 @@ mod tests {
                     sealed
                 }),
             any::<u32>().prop_map(|nameplate| Request::LinkAbort { nameplate }),
+            (
+                proptest::collection::vec(".{0,20}", 0..4),
+                proptest::collection::vec(any::<u8>(), 0..40)
+            )
+                .prop_map(|(members, meta)| Request::CreateGroup { members, meta }),
+            (any::<u64>(), ".{0,20}").prop_map(|(group_id, number)| Request::ChangeGroup {
+                group_id,
+                change: GroupChange::Remove { number }
+            }),
+            any::<u64>().prop_map(|group_id| Request::ChangeGroup {
+                group_id,
+                change: GroupChange::Leave
+            }),
+            any::<u64>().prop_map(|group_id| Request::FetchGroup { group_id }),
+            Just(Request::ListGroups),
         ]
     }
 

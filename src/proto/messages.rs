@@ -110,6 +110,58 @@ pub enum Request {
     /// Linking, on either side: give the slot up (the primary does on a wrong key).
     /// Answered by [`Response::LinkAborted`].
     LinkAbort { nameplate: u32 },
+    /// Create a group of this account (its first admin) and the accounts of
+    /// `members` (E.164), with `meta` (the name, description and picture, encrypted by
+    /// the members; opaque to the node). Answered by [`Response::Group`].
+    CreateGroup { members: Vec<String>, meta: Vec<u8> },
+    /// Change group `group_id` (see [`GroupChange`] for who may). Answered by
+    /// [`Response::Group`], or [`Response::GroupLeft`] after `Leave`.
+    ChangeGroup { group_id: u64, change: GroupChange },
+    /// The group `group_id`, for a member. Answered by [`Response::Group`].
+    FetchGroup { group_id: u64 },
+    /// The groups this account is in. Answered by [`Response::Groups`].
+    ListGroups,
+}
+
+/// A change to a group.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum GroupChange {
+    /// Admins: add the accounts of these numbers.
+    Add { numbers: Vec<String> },
+    /// Admins: remove this member.
+    Remove { number: String },
+    /// Admins: make this member an admin.
+    Promote { number: String },
+    /// Anyone: leave the group (the last admin to leave hands the role to the member
+    /// who joined first).
+    Leave,
+    /// Admins: replace the encrypted name, description and picture.
+    SetMeta { meta: Vec<u8> },
+}
+
+/// A group as its members see it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct GroupInfo {
+    pub group_id: u64,
+    /// Bumped by every change.
+    pub version: u64,
+    /// In the order they joined.
+    pub members: Vec<GroupMember>,
+    pub meta: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct GroupMember {
+    pub number: String,
+    pub admin: bool,
+    pub joined_at_ms: u64,
+}
+
+/// One group of [`Response::Groups`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct GroupSummary {
+    pub group_id: u64,
+    pub version: u64,
 }
 
 impl Request {
@@ -139,6 +191,10 @@ impl Request {
             Request::LinkPoll { .. } => "link_poll",
             Request::LinkGrant { .. } => "link_grant",
             Request::LinkAbort { .. } => "link_abort",
+            Request::CreateGroup { .. } => "create_group",
+            Request::ChangeGroup { .. } => "change_group",
+            Request::FetchGroup { .. } => "fetch_group",
+            Request::ListGroups => "list_groups",
         }
     }
 }
@@ -461,6 +517,14 @@ pub enum Response {
     },
     /// The slot is gone (given up, or the primary found the key wrong).
     LinkAborted,
+    /// A group, as it is now.
+    Group(GroupInfo),
+    /// This account left the group.
+    GroupLeft,
+    /// The groups this account is in.
+    Groups {
+        groups: Vec<GroupSummary>,
+    },
 }
 
 /// One device of an account, as the account's devices see it.
@@ -593,6 +657,12 @@ pub enum ErrorKind {
     LinkUnavailable,
     /// The account has no device with this id.
     UnknownDevice { device_id: u32 },
+    /// This account is not in that group (or there is no such group).
+    NotGroupMember,
+    /// Only the group's admins may do this.
+    NotGroupAdmin,
+    /// The group would have more than `max` members.
+    GroupFull { max: u32 },
 }
 
 /// Why a device was removed from its account.
@@ -653,6 +723,9 @@ impl ErrorKind {
             ErrorKind::TooManyDevices { .. } => "too_many_devices",
             ErrorKind::LinkUnavailable => "link_unavailable",
             ErrorKind::UnknownDevice { .. } => "unknown_device",
+            ErrorKind::NotGroupMember => "not_group_member",
+            ErrorKind::NotGroupAdmin => "not_group_admin",
+            ErrorKind::GroupFull { .. } => "group_full",
         }
     }
 }
@@ -730,6 +803,14 @@ mod tests {
             "0000000b 01 14 02 07 726f7461746564",
         );
         check(Request::ListDevices, "00000001 0f");
+        check(Request::ListGroups, "00000001 1a");
+        check(
+            Request::ChangeGroup {
+                group_id: 7,
+                change: GroupChange::Leave,
+            },
+            "00000003 18 07 03",
+        );
         check(Request::UnlinkDevice { device_id: 2 }, "00000002 10 02");
         check(
             Request::LinkJoin {

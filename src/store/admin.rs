@@ -181,6 +181,21 @@ impl Store {
                 Attempt::Changed { queued_items } => total_items += queued_items,
                 Attempt::Done(mut deleted) => {
                     deleted.queued_items += total_items;
+                    // It leaves its groups (an admin's role passes on as on a leave).
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0);
+                    for group in self.groups_of(deleted.account_id)? {
+                        let leave = super::GroupChange::Leave;
+                        let _ = self.change_group_held(
+                            group,
+                            deleted.account_id,
+                            &leave,
+                            u32::MAX,
+                            now_ms,
+                        )?;
+                    }
                     return Ok(Some(deleted));
                 }
             }

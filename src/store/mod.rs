@@ -12,6 +12,7 @@
 mod admin;
 pub mod backup;
 mod devices;
+mod groups;
 pub mod layout;
 mod prekeys;
 mod queues;
@@ -22,6 +23,7 @@ mod ticket;
 
 pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
 pub use devices::{DeviceView, Linked, Unlinked};
+pub use groups::{GroupChange, GroupRefusal};
 pub use prekeys::{Claimed, KeysRefusal};
 pub use queues::{AppendOutcome, InMemory, Queued, SweepStats};
 pub use staging::{AppendPolicy, HandOff, HandOffStats, WriteBehind};
@@ -136,6 +138,11 @@ struct Trees {
     /// `device_vouch`: device address → the account identity's Ed25519 signature (64
     /// bytes) over a linked device's identity keys, handed out with its bundle.
     device_vouch: sled::Tree,
+    /// `group`: group id (u64 BE) → [`records::GroupRecord`].
+    group: sled::Tree,
+    /// `account_group`: account id ++ group id (u64 BE each) → empty: the groups of
+    /// an account.
+    account_group: sled::Tree,
 }
 
 /// The node's database.
@@ -382,6 +389,8 @@ impl Store {
             device_name: db.open_tree("device_name")?,
             device_seen: db.open_tree("device_seen")?,
             device_vouch: db.open_tree("device_vouch")?,
+            group: db.open_tree("group")?,
+            account_group: db.open_tree("account_group")?,
             removed_key: db.open_tree("removed_key")?,
         };
         let discovery = Arc::new(std::sync::RwLock::new(Arc::new(
@@ -428,7 +437,7 @@ impl Store {
         // empty (limits start counting now; accounts count as seen once they are).
         // Rung 4 → 5: `meta/id_base` may appear (a restore writes it); nothing to
         // convert, but an older build would ignore it and reuse restored ids.
-        // Rung 5 → 6: `device_name`, `device_seen`, `removed_key` and `device_vouch` appear empty (every
+        // Rung 5 → 6: `device_name`, `device_seen`, `removed_key`, `device_vouch`, `group` and `account_group` appear empty (every
         // account so far has one device, its primary; devices count as seen once
         // they are). An older build would ignore linked devices' names and lapses.
         // A rotation cut short (see `rotate_discovery_key`) left the index partial.

@@ -118,6 +118,24 @@ pub struct RemovedKeyRecord {
     pub at_ms: u64,
 }
 
+/// `group` tree value: a group's members (in the order they joined) and its
+/// end-to-end encrypted name, description and picture (opaque to the node).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct GroupRecord {
+    /// Bumped by every change.
+    pub version: u64,
+    pub created_at_ms: u64,
+    pub members: Vec<GroupMemberRecord>,
+    pub meta: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct GroupMemberRecord {
+    pub account_id: u64,
+    pub admin: bool,
+    pub joined_at_ms: u64,
+}
+
 /// A registration lock: re-registering the number needs the PIN.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct LockRecord {

@@ -11,6 +11,7 @@ mod crash;
 mod devices;
 mod discovery;
 mod disk;
+mod groups;
 mod handoff;
 mod hostile;
 mod library;

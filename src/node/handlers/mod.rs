@@ -9,10 +9,12 @@
 //! - `discovery.rs`: `Evaluate`, `FetchFilter`, `Resolve`;
 //! - `devices.rs`: `ListDevices`, `UnlinkDevice`, and the removal of a companion;
 //! - `link.rs`: `LinkOpen`, `LinkJoin`, `LinkRequest`, `LinkPoll`, `LinkGrant`,
-//!   `LinkAbort`.
+//!   `LinkAbort`;
+//! - `groups.rs`: `CreateGroup`, `ChangeGroup`, `FetchGroup`, `ListGroups`.
 
 mod devices;
 mod discovery;
+mod groups;
 mod keys;
 mod link;
 mod registration;
@@ -101,6 +103,14 @@ pub async fn handle(
             sealed,
         } => link::grant(shared, session, nameplate, name, sealed).await,
         Request::LinkAbort { nameplate } => Ok(link::abort(shared, session, nameplate)),
+        Request::CreateGroup { members, meta } => {
+            groups::create(shared, session, members, meta).await
+        }
+        Request::ChangeGroup { group_id, change } => {
+            groups::change(shared, session, group_id, change).await
+        }
+        Request::FetchGroup { group_id } => groups::fetch(shared, session, group_id).await,
+        Request::ListGroups => groups::list(shared, session).await,
     };
     match result {
         Ok(response) => Reply::Ok(response),

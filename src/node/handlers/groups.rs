@@ -1,0 +1,234 @@
+//! Groups: `CreateGroup`, `ChangeGroup`, `FetchGroup`, `ListGroups`. The node keeps
+//! the membership and enforces who may change it; the group's name is opaque.
+
+use std::sync::Arc;
+
+use super::send::unknown_recipient;
+use super::{check_space, commit_failed, parse_number};
+use crate::node::Shared;
+use crate::node::clock::now_ms;
+use crate::node::session::{Session, authenticated};
+use crate::node::worker::{blocking, read};
+use crate::proto::{
+    ErrorKind, GroupChange, GroupInfo, GroupMember, GroupSummary, NodeError, Response,
+};
+use crate::store::records::GroupRecord;
+use crate::store::{self, GroupRefusal};
+
+/// The most members one request names.
+const MAX_NAMED: usize = 1024;
+
+fn refusal(r: GroupRefusal, number_of: impl Fn(u64) -> String) -> NodeError {
+    match r {
+        GroupRefusal::NotMember => NodeError::new(
+            ErrorKind::NotGroupMember,
+            "this account is not in that group",
+        ),
+        GroupRefusal::NotAdmin => NodeError::new(
+            ErrorKind::NotGroupAdmin,
+            "only the group's admins may do this",
+        ),
+        GroupRefusal::Full { max } => NodeError::new(
+            ErrorKind::GroupFull { max },
+            format!("a group has at most {max} members"),
+        ),
+        GroupRefusal::NotInGroup(account) => NodeError::new(
+            ErrorKind::NotGroupMember,
+            format!("{} is not in that group", number_of(account)),
+        ),
+    }
+}
+
+/// Counts a group creation or change of `account` against its hourly quota.
+fn charge(shared: &Shared, account: u64) -> Result<(), NodeError> {
+    if shared.group_changes.check_key(&account).is_err() {
+        return Err(NodeError::new(
+            ErrorKind::RateLimited {
+                retry_after_secs: 60,
+            },
+            format!(
+                "this account made {} group changes in the last hour, as many as the node \
+                 allows; try again later",
+                shared.config.groups.changes_per_account_hour
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_meta(shared: &Shared, meta: &[u8]) -> Result<(), NodeError> {
+    let max = shared.config.groups.max_meta_bytes;
+    if meta.len() > max as usize {
+        return Err(NodeError::new(
+            ErrorKind::Malformed,
+            format!("a group's name, description and picture take at most {max} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// The accounts of `numbers`, each registered (else `UnknownRecipient`, naming it).
+async fn accounts_of(shared: &Arc<Shared>, numbers: &[String]) -> Result<Vec<u64>, NodeError> {
+    if numbers.len() > MAX_NAMED {
+        return Err(NodeError::new(
+            ErrorKind::Malformed,
+            format!(
+                "{} members in one request; at most {MAX_NAMED}",
+                numbers.len()
+            ),
+        ));
+    }
+    let mut parsed = Vec::with_capacity(numbers.len());
+    for n in numbers {
+        parsed.push(parse_number(n)?);
+    }
+    let found = read(shared, move |store| {
+        parsed
+            .iter()
+            .map(|n| Ok((n.to_string(), store.account_by_number(n.as_str())?)))
+            .collect::<Result<Vec<_>, store::StoreError>>()
+    })
+    .await?;
+    found
+        .into_iter()
+        .map(|(n, a)| a.map(|(id, _)| id).ok_or_else(|| unknown_recipient(&n)))
+        .collect()
+}
+
+/// The group as its members see it (numbers for account ids).
+async fn info(
+    shared: &Arc<Shared>,
+    group_id: u64,
+    record: GroupRecord,
+) -> Result<GroupInfo, NodeError> {
+    let members = read(shared, move |store| {
+        let mut out = Vec::with_capacity(record.members.len());
+        for m in &record.members {
+            // An account deleted by the operator leaves no number behind.
+            if let Some(account) = store.account(m.account_id)? {
+                out.push(GroupMember {
+                    number: account.number,
+                    admin: m.admin,
+                    joined_at_ms: m.joined_at_ms,
+                });
+            }
+        }
+        Ok((out, record.version, record.meta))
+    })
+    .await?;
+    let (members, version, meta) = members;
+    Ok(GroupInfo {
+        group_id,
+        version,
+        members,
+        meta,
+    })
+}
+
+pub(super) async fn create(
+    shared: &Arc<Shared>,
+    session: &Session,
+    members: Vec<String>,
+    meta: Vec<u8>,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    check_space(shared)?;
+    check_meta(shared, &meta)?;
+    let accounts = accounts_of(shared, &members).await?;
+    charge(shared, me.device.account_id)?;
+    let (creator, max, now) = (
+        me.device.account_id,
+        shared.config.groups.max_members,
+        now_ms(),
+    );
+    let created = blocking(shared, move |store| {
+        store.create_group(creator, &accounts, &meta, max, now)
+    })
+    .await?;
+    let (id, record) = created.map_err(|r| refusal(r, |a| a.to_string()))?;
+    shared.commit.durable().await.map_err(commit_failed)?;
+    tracing::info!(group = id, members = record.members.len(), "group created");
+    Ok(Response::Group(info(shared, id, record).await?))
+}
+
+pub(super) async fn change(
+    shared: &Arc<Shared>,
+    session: &Session,
+    group_id: u64,
+    change: GroupChange,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    check_space(shared)?;
+    let (change, named) = match change {
+        GroupChange::Add { numbers } => {
+            let accounts = accounts_of(shared, &numbers).await?;
+            (store::GroupChange::Add(accounts), numbers)
+        }
+        GroupChange::Remove { number } => {
+            let account = accounts_of(shared, std::slice::from_ref(&number)).await?;
+            (store::GroupChange::Remove(account[0]), vec![number])
+        }
+        GroupChange::Promote { number } => {
+            let account = accounts_of(shared, std::slice::from_ref(&number)).await?;
+            (store::GroupChange::Promote(account[0]), vec![number])
+        }
+        GroupChange::Leave => (store::GroupChange::Leave, Vec::new()),
+        GroupChange::SetMeta { meta } => {
+            check_meta(shared, &meta)?;
+            (store::GroupChange::SetMeta(meta), Vec::new())
+        }
+    };
+    charge(shared, me.device.account_id)?;
+    let (actor, max, now) = (
+        me.device.account_id,
+        shared.config.groups.max_members,
+        now_ms(),
+    );
+    let leaving = change == store::GroupChange::Leave;
+    let changed = blocking(shared, move |store| {
+        store.change_group(group_id, actor, &change, max, now)
+    })
+    .await?;
+    let number_of = |_account: u64| named.first().cloned().unwrap_or_default();
+    let record = changed.map_err(|r| refusal(r, number_of))?;
+    shared.commit.durable().await.map_err(commit_failed)?;
+    match record {
+        _ if leaving => Ok(Response::GroupLeft),
+        Some(record) => Ok(Response::Group(info(shared, group_id, record).await?)),
+        // Only a leave empties a group.
+        None => Ok(Response::GroupLeft),
+    }
+}
+
+pub(super) async fn fetch(
+    shared: &Arc<Shared>,
+    session: &Session,
+    group_id: u64,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    let account = me.device.account_id;
+    let record = read(shared, move |store| store.group(group_id))
+        .await?
+        .filter(|g| g.members.iter().any(|m| m.account_id == account))
+        .ok_or_else(|| refusal(GroupRefusal::NotMember, |a| a.to_string()))?;
+    Ok(Response::Group(info(shared, group_id, record).await?))
+}
+
+pub(super) async fn list(shared: &Arc<Shared>, session: &Session) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    let account = me.device.account_id;
+    let groups = read(shared, move |store| {
+        let mut out = Vec::new();
+        for id in store.groups_of(account)? {
+            if let Some(g) = store.group(id)? {
+                out.push(GroupSummary {
+                    group_id: id,
+                    version: g.version,
+                });
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(Response::Groups { groups })
+}
