@@ -61,7 +61,7 @@ pub struct SafetyArgs {
 }
 
 /// The number meant by `who`: a phone number, or else a contact's name.
-fn contact(
+pub(crate) fn contact(
     db: &HomeDb,
     reg: &Registration,
     who: &str,
@@ -270,6 +270,20 @@ fn print_event(event: Event, json: bool, out: &mut impl Write) -> std::io::Resul
             "warning: {number}'s identity key has changed (new phone, or someone in \
              between); compare `switchboard safety {number}` with them in person"
         ),
+        Event::AddedToGroup { group_id, name, by } => {
+            if json {
+                let line = serde_json::json!({
+                    "added_to_group": { "group": group_id, "name": name, "by": by }
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(
+                    out,
+                    "{by} added you to {} (group {group_id})",
+                    printable(&name)
+                )?;
+            }
+        }
         Event::NewDevice { number, device } => eprintln!(
             "{number} linked a new device (device {device}); their safety number is unchanged"
         ),

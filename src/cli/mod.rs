@@ -4,6 +4,7 @@ mod admin;
 mod check_config;
 mod contacts;
 mod devices;
+mod group;
 mod lock;
 mod messaging;
 mod register;
@@ -66,6 +67,9 @@ enum Command {
     /// Your account's devices: link a new one, list them, unlink one.
     #[command(subcommand)]
     Devices(devices::Command),
+    /// Groups: create one, add and remove members, list them.
+    #[command(subcommand)]
+    Group(group::Command),
 }
 
 /// Logs go to stderr: warnings only for client commands, unless RUST_LOG says
@@ -125,6 +129,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig(args) => check_config::run(args),
         Command::Lock(command) => lock::run(home(cli.home, pass)?, command).await,
         Command::Devices(command) => devices::run(home(cli.home, pass)?, command).await,
+        Command::Group(command) => group::run(home(cli.home, pass)?, command).await,
     }
 }
 

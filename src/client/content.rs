@@ -28,6 +28,7 @@ mod kind {
     pub const RETRY_UNAVAILABLE: u16 = 3;
     pub const SENT_COPY: u16 = 4;
     pub const HISTORY_SYNC: u16 = 5;
+    pub const GROUP_KEY: u16 = 6;
 }
 
 /// The most history entries one `HistorySync` plaintext carries.
@@ -84,6 +85,20 @@ pub enum Body {
     HistorySync {
         entries: Vec<Synced>,
     },
+    /// "You are in group `group_id`, called `name`; its key is `key`" (32 bytes): to
+    /// a member added to a group, and to every member when the key changes.
+    GroupKey {
+        group_id: u64,
+        name: String,
+        key: Vec<u8>,
+    },
+}
+
+#[derive(Encode, Decode)]
+struct GroupKeyBody {
+    group_id: u64,
+    name: String,
+    key: Vec<u8>,
 }
 
 /// One decoded plaintext.
@@ -182,6 +197,18 @@ impl Plaintext {
             ),
             Body::RetryUnavailable { id } => (kind::RETRY_UNAVAILABLE, to_vec(id)),
             Body::HistorySync { entries } => (kind::HISTORY_SYNC, to_vec(entries)),
+            Body::GroupKey {
+                group_id,
+                name,
+                key,
+            } => (
+                kind::GROUP_KEY,
+                to_vec(&GroupKeyBody {
+                    group_id: *group_id,
+                    name: name.clone(),
+                    key: key.clone(),
+                }),
+            ),
         };
         let mut out = vec![FORMAT];
         out.extend(to_vec(&Wire {
@@ -258,6 +285,17 @@ fn decode_body(kind: u16, body: &[u8]) -> Result<Body, String> {
             }
         }
         kind::RETRY_UNAVAILABLE => Body::RetryUnavailable { id: whole(body)? },
+        kind::GROUP_KEY => {
+            let g: GroupKeyBody = whole(body)?;
+            if g.key.len() != 32 {
+                return Err(format!("a group key of {} bytes", g.key.len()));
+            }
+            Body::GroupKey {
+                group_id: g.group_id,
+                name: g.name,
+                key: g.key,
+            }
+        }
         kind::HISTORY_SYNC => {
             let entries: Vec<Synced> = whole(body)?;
             if entries.len() > MAX_SYNC_ENTRIES {
@@ -314,6 +352,12 @@ mod tests {
                 at_ms: 5,
                 content: Content::Text("old".into()),
             }],
+        };
+        check(p.clone());
+        p.body = Body::GroupKey {
+            group_id: 9,
+            name: "Family".into(),
+            key: vec![7; 32],
         };
         check(p.clone());
         p.body = Body::RetryRequest {

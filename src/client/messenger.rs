@@ -30,6 +30,7 @@ use rand::RngExt;
 use super::content::{Body, Content, MAX_RETRY_IDS, Plaintext};
 use super::db::{DbError, Hashed, HomeDb, Table, Tx};
 use super::e2e::{self, E2eError, Olm};
+use super::groups;
 use super::history::{self, Entry, State};
 use super::settings::{Settings, SettingsError};
 use super::{Client, ClientError, Connector, Home, HomeError, now_ms};
@@ -168,6 +169,12 @@ pub enum Event {
     /// `number` linked a new device (vouched for by their unchanged account
     /// identity): their safety number is the same.
     NewDevice { number: String, device: u32 },
+    /// `by` added this account to group `group_id`, called `name`.
+    AddedToGroup {
+        group_id: u64,
+        name: String,
+        by: String,
+    },
     /// The connection is gone; the next try comes after `retry_in`.
     Reconnecting { reason: String, retry_in: Duration },
     /// Connected (again).
@@ -235,6 +242,13 @@ enum Job {
     /// Send this account's other devices a copy of history message `seq` (once the
     /// node took it), as `node_id`.
     OwnCopy { seq: i64, node_id: MessageId },
+    /// Send `to` the key of group `group_id` (as this device knows it when the job
+    /// runs), as `node_id`.
+    GroupKey {
+        to: String,
+        group_id: u64,
+        node_id: MessageId,
+    },
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -566,6 +580,200 @@ impl Messenger {
         }
         self.transmit(client, &own, node_id, plaintext, CONTROL)
             .await
+    }
+
+    /// Creates group `name` with `members` (this account its admin): the node keeps
+    /// the membership, the name goes sealed under a new group key, and the key goes
+    /// to every member (and this account's other devices) as a job each.
+    pub async fn create_group(
+        &self,
+        name: &str,
+        members: &[Number],
+    ) -> Result<crate::proto::GroupInfo, MessengerError> {
+        let client = self.client().await?;
+        let key = groups::new_key();
+        let info = client
+            .create_group(members, groups::seal_name(&key, name))
+            .await?;
+        let known = groups::KnownGroup {
+            group_id: info.group_id,
+            name: name.to_string(),
+            key,
+        };
+        let mut to: Vec<String> = members.iter().map(Number::to_string).collect();
+        to.push(self.inner.me.number.to_string());
+        self.share_group_key(&client, known, to).await?;
+        Ok(info)
+    }
+
+    /// Admins: adds `members` to group `group_id`; they get its key.
+    pub async fn add_to_group(
+        &self,
+        group_id: u64,
+        members: &[Number],
+    ) -> Result<crate::proto::GroupInfo, MessengerError> {
+        let client = self.client().await?;
+        let change = crate::proto::GroupChange::Add {
+            numbers: members.iter().map(Number::to_string).collect(),
+        };
+        let info = client
+            .change_group(group_id, change)
+            .await?
+            .ok_or_else(|| MessengerError::Refused("the group is gone".into()))?;
+        let known = self.known_group(group_id).await?;
+        let to = members.iter().map(Number::to_string).collect();
+        self.share_group_key(&client, known, to).await?;
+        Ok(info)
+    }
+
+    /// Admins: removes `member` from group `group_id`. The group gets a new key (its
+    /// name sealed anew), sent to everyone who remains, so the removed member cannot
+    /// read what the group is called from then on.
+    pub async fn remove_from_group(
+        &self,
+        group_id: u64,
+        member: &Number,
+    ) -> Result<crate::proto::GroupInfo, MessengerError> {
+        let client = self.client().await?;
+        let change = crate::proto::GroupChange::Remove {
+            number: member.to_string(),
+        };
+        client
+            .change_group(group_id, change)
+            .await?
+            .ok_or_else(|| MessengerError::Refused("the group is gone".into()))?;
+        let old = self.known_group(group_id).await?;
+        let key = groups::new_key();
+        let meta = groups::seal_name(&key, &old.name);
+        let info = client
+            .change_group(group_id, crate::proto::GroupChange::SetMeta { meta })
+            .await?
+            .ok_or_else(|| MessengerError::Refused("the group is gone".into()))?;
+        let to = info.members.iter().map(|m| m.number.clone()).collect();
+        let known = groups::KnownGroup {
+            group_id,
+            name: old.name,
+            key,
+        };
+        self.share_group_key(&client, known, to).await?;
+        Ok(info)
+    }
+
+    /// Admins: renames group `group_id` (under its key; every member can read it).
+    pub async fn rename_group(
+        &self,
+        group_id: u64,
+        name: &str,
+    ) -> Result<crate::proto::GroupInfo, MessengerError> {
+        let client = self.client().await?;
+        let mut known = self.known_group(group_id).await?;
+        let meta = groups::seal_name(&known.key, name);
+        let info = client
+            .change_group(group_id, crate::proto::GroupChange::SetMeta { meta })
+            .await?
+            .ok_or_else(|| MessengerError::Refused("the group is gone".into()))?;
+        known.name = name.to_string();
+        let to = info.members.iter().map(|m| m.number.clone()).collect();
+        self.share_group_key(&client, known, to).await?;
+        Ok(info)
+    }
+
+    /// Admins: makes `member` an admin of group `group_id`.
+    pub async fn promote_in_group(
+        &self,
+        group_id: u64,
+        member: &Number,
+    ) -> Result<crate::proto::GroupInfo, MessengerError> {
+        let client = self.client().await?;
+        let change = crate::proto::GroupChange::Promote {
+            number: member.to_string(),
+        };
+        client
+            .change_group(group_id, change)
+            .await?
+            .ok_or_else(|| MessengerError::Refused("the group is gone".into()))
+    }
+
+    /// Leaves group `group_id`, and forgets it here.
+    pub async fn leave_group(&self, group_id: u64) -> Result<(), MessengerError> {
+        let client = self.client().await?;
+        client
+            .change_group(group_id, crate::proto::GroupChange::Leave)
+            .await?;
+        self.inner
+            .db
+            .write_async(move |tx| groups::forget(tx, group_id))
+            .await?;
+        Ok(())
+    }
+
+    /// The groups this device knows (it was told their keys), with their name.
+    pub async fn known_groups(&self) -> Result<Vec<groups::KnownGroup>, MessengerError> {
+        Ok(self.inner.db.read_async(groups::all).await?)
+    }
+
+    /// Group `group_id` as the node has it now, with its name as its key opens it.
+    pub async fn group_info(
+        &self,
+        group_id: u64,
+    ) -> Result<(crate::proto::GroupInfo, Option<String>), MessengerError> {
+        let client = self.client().await?;
+        let info = client.fetch_group(group_id).await?;
+        let known = self
+            .inner
+            .db
+            .read_async(move |tx| groups::known(tx, group_id))
+            .await?;
+        let name = known.and_then(|k| groups::open_name(&k.key, &info.meta));
+        Ok((info, name))
+    }
+
+    async fn known_group(&self, group_id: u64) -> Result<groups::KnownGroup, MessengerError> {
+        self.inner
+            .db
+            .read_async(move |tx| groups::known(tx, group_id))
+            .await?
+            .ok_or_else(|| {
+                MessengerError::Refused(format!("this device has no key for group {group_id}"))
+            })
+    }
+
+    /// Stores `group` here and sends its key to each of `to` (numbers; this account's
+    /// own number means its other devices), one job each, written with it.
+    async fn share_group_key(
+        &self,
+        client: &Client,
+        group: groups::KnownGroup,
+        to: Vec<String>,
+    ) -> Result<(), MessengerError> {
+        let me = self.inner.me.number.to_string();
+        let mut to = to;
+        if !to.contains(&me) {
+            to.push(me);
+        }
+        self.inner
+            .db
+            .write_async(move |tx| {
+                groups::remember(tx, &group)?;
+                let now = now_ms();
+                for number in to {
+                    let job = Job::GroupKey {
+                        to: number,
+                        group_id: group.group_id,
+                        node_id: e2e::new_message_id(),
+                    };
+                    tx.add_job(now, &encode(&job))?;
+                }
+                Ok::<_, MessengerError>(())
+            })
+            .await?;
+        let events = self.run_jobs(client).await;
+        self.inner
+            .stashed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(events);
+        Ok(())
     }
 
     /// On the primary, after linking device `device_id`: waits (up to 30 s) for its
@@ -1177,6 +1385,30 @@ impl Messenger {
                     .await?;
                 Ok(Vec::new())
             }
+            Job::GroupKey {
+                to,
+                group_id,
+                node_id,
+            } => {
+                let peer = number(&to)?;
+                let db = self.inner.db.clone();
+                let Some(g) = db.read_async(move |tx| groups::known(tx, group_id)).await? else {
+                    return Ok(Vec::new());
+                };
+                let body = Body::GroupKey {
+                    group_id,
+                    name: g.name,
+                    key: g.key,
+                };
+                let plain = Plaintext::new(node_id, now_ms(), body).encode();
+                if peer == self.inner.me.number {
+                    self.to_own_devices(client, plain, node_id).await?;
+                } else {
+                    self.transmit(client, &peer, node_id, plain, CONTROL)
+                        .await?;
+                }
+                Ok(Vec::new())
+            }
             Job::OwnCopy { seq, node_id } => {
                 let db = self.inner.db.clone();
                 let Some(entry) = db.read_async(move |tx| history::get(tx, seq)).await? else {
@@ -1441,6 +1673,28 @@ fn store_batch(
                             history::add_synced(tx, entry)?;
                         }
                     }
+                    Body::GroupKey {
+                        group_id,
+                        name,
+                        key,
+                    } => {
+                        let new = groups::known(tx, group_id)?.is_none();
+                        groups::remember(
+                            tx,
+                            &groups::KnownGroup {
+                                group_id,
+                                name: name.clone(),
+                                key,
+                            },
+                        )?;
+                        if new && m.from != me.number.as_str() {
+                            out.events.push(Event::AddedToGroup {
+                                group_id,
+                                name,
+                                by: m.from.clone(),
+                            });
+                        }
+                    }
                     Body::SentCopy { to, content } => {
                         // Only this account's own devices tell it what it sent.
                         if m.from != me.number.as_str() {
@@ -1594,6 +1848,7 @@ mod tests {
                     Job::Unavailable { to, .. } => (false, to),
                     Job::RetryRequest { to, .. } => panic!("a retry request for {to}"),
                     Job::OwnCopy { seq, .. } => panic!("a copy of {seq}"),
+                    Job::GroupKey { to, .. } => panic!("a group key for {to}"),
                 });
             }
             Ok::<_, MessengerError>(out)

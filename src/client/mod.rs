@@ -15,6 +15,7 @@ pub mod contacts;
 pub mod content;
 pub mod db;
 pub mod e2e;
+pub mod groups;
 pub mod history;
 pub mod home;
 pub mod import;

@@ -147,3 +147,69 @@ async fn groups_survive_a_restart_and_changes_are_rate_limited() {
     assert_eq!((kept.version, kept.meta), (3, vec![2]));
     node.shutdown().await;
 }
+
+fn ok(home: &std::path::Path, args: &[&str]) -> String {
+    let out = cli(home, args, "");
+    assert!(out.status.success(), "{}", show(args, &out));
+    stdout(&out)
+}
+
+/// The group commands as a person uses them: the name is shared end-to-end, the
+/// node enforces the roles, a removed member is out and the others get a new key.
+#[test]
+fn group_commands_create_invite_remove_and_rename() {
+    let node = ProcessNode::start(&config_text(""));
+    let home = |name: &str, number: &str| {
+        let h = node.dir.path().join(name);
+        node.register_cli(&h, &[], number);
+        h
+    };
+    let (alice, bob, carol) = (home("alice", ALICE), home("bob", BOB), home("carol", CAROL));
+    let created = ok(&alice, &["group", "create", "Family", BOB, CAROL]);
+    assert!(created.contains("with 3 members"), "{created}");
+    let got = ok(&bob, &["recv"]);
+    assert!(
+        got.contains(&format!("{ALICE} added you to Family")),
+        "{got}"
+    );
+    assert!(ok(&carol, &["recv"]).contains("added you to Family"));
+    assert!(ok(&bob, &["group", "list"]).contains("Family"));
+    let info = ok(&bob, &["group", "info", "Family"]);
+    assert!(info.starts_with("Family (group"), "{info}");
+    assert!(info.contains(&format!("{ALICE} admin")), "{info}");
+    assert!(info.contains(&format!("{BOB} member (you)")), "{info}");
+
+    // Bob is no admin: the node refuses, whatever his client tries.
+    let out = cli(&bob, &["group", "remove", "Family", CAROL], "");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("only the group's admins"),
+        "{}",
+        show(&["group", "remove"], &out)
+    );
+
+    assert!(ok(&alice, &["group", "remove", "Family", CAROL]).contains("2 members now"));
+    let out = cli(&carol, &["group", "info", "Family"], "");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not in that group"),
+        "{}",
+        show(&["group", "info"], &out)
+    );
+    // Bob gets the new key quietly and still reads the name; then a rename.
+    let got = ok(&bob, &["recv"]);
+    assert!(!got.contains("added you"), "{got}");
+    assert!(ok(&bob, &["group", "info", "Family"]).starts_with("Family"));
+    ok(&alice, &["group", "rename", "Family", "Clan"]);
+    ok(&bob, &["recv"]);
+    assert!(ok(&bob, &["group", "list", "--json"]).contains(r#""name":"Clan""#));
+    let json = ok(&bob, &["group", "info", "Clan", "--json"]);
+    assert!(
+        json.contains(r#""role":"admin""#) && json.contains(r#""version":4"#),
+        "{json}"
+    );
+    ok(&bob, &["group", "leave", "Clan"]);
+    assert!(ok(&bob, &["group", "list"]).trim().is_empty());
+    let info = ok(&alice, &["group", "info", "Clan"]);
+    assert!(!info.contains(BOB), "{info}");
+}
