@@ -270,6 +270,20 @@ fn print_event(event: Event, json: bool, out: &mut impl Write) -> std::io::Resul
             "warning: {number}'s identity key has changed (new phone, or someone in \
              between); compare `switchboard safety {number}` with them in person"
         ),
+        Event::RemovedFromGroup { group_id, name, by } => {
+            if json {
+                let line = serde_json::json!({
+                    "removed_from_group": { "group": group_id, "name": name, "by": by }
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(
+                    out,
+                    "{by} removed you from {} (group {group_id})",
+                    printable(&name)
+                )?;
+            }
+        }
         Event::AddedToGroup { group_id, name, by } => {
             if json {
                 let line = serde_json::json!({

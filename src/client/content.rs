@@ -29,6 +29,7 @@ mod kind {
     pub const SENT_COPY: u16 = 4;
     pub const HISTORY_SYNC: u16 = 5;
     pub const GROUP_KEY: u16 = 6;
+    pub const GROUP_REMOVED: u16 = 7;
 }
 
 /// The most history entries one `HistorySync` plaintext carries.
@@ -91,6 +92,10 @@ pub enum Body {
         group_id: u64,
         name: String,
         key: Vec<u8>,
+    },
+    /// "You were removed from group `group_id`" (by the sender, an admin).
+    GroupRemoved {
+        group_id: u64,
     },
 }
 
@@ -197,6 +202,7 @@ impl Plaintext {
             ),
             Body::RetryUnavailable { id } => (kind::RETRY_UNAVAILABLE, to_vec(id)),
             Body::HistorySync { entries } => (kind::HISTORY_SYNC, to_vec(entries)),
+            Body::GroupRemoved { group_id } => (kind::GROUP_REMOVED, to_vec(group_id)),
             Body::GroupKey {
                 group_id,
                 name,
@@ -285,6 +291,9 @@ fn decode_body(kind: u16, body: &[u8]) -> Result<Body, String> {
             }
         }
         kind::RETRY_UNAVAILABLE => Body::RetryUnavailable { id: whole(body)? },
+        kind::GROUP_REMOVED => Body::GroupRemoved {
+            group_id: whole(body)?,
+        },
         kind::GROUP_KEY => {
             let g: GroupKeyBody = whole(body)?;
             if g.key.len() != 32 {
@@ -353,6 +362,8 @@ mod tests {
                 content: Content::Text("old".into()),
             }],
         };
+        check(p.clone());
+        p.body = Body::GroupRemoved { group_id: 9 };
         check(p.clone());
         p.body = Body::GroupKey {
             group_id: 9,

@@ -175,6 +175,12 @@ pub enum Event {
         name: String,
         by: String,
     },
+    /// `by` removed this account from group `group_id`, called `name`.
+    RemovedFromGroup {
+        group_id: u64,
+        name: String,
+        by: String,
+    },
     /// The connection is gone; the next try comes after `retry_in`.
     Reconnecting { reason: String, retry_in: Duration },
     /// Connected (again).
@@ -245,6 +251,12 @@ enum Job {
     /// Send `to` the key of group `group_id` (as this device knows it when the job
     /// runs), as `node_id`.
     GroupKey {
+        to: String,
+        group_id: u64,
+        node_id: MessageId,
+    },
+    /// Tell `to` they were removed from group `group_id`, as `node_id`.
+    GroupRemoved {
         to: String,
         group_id: u64,
         node_id: MessageId,
@@ -642,6 +654,15 @@ impl Messenger {
             .change_group(group_id, change)
             .await?
             .ok_or_else(|| MessengerError::Refused("the group is gone".into()))?;
+        let removed = Job::GroupRemoved {
+            to: member.to_string(),
+            group_id,
+            node_id: e2e::new_message_id(),
+        };
+        self.inner
+            .db
+            .write_async(move |tx| tx.add_job(now_ms(), &encode(&removed)))
+            .await?;
         let old = self.known_group(group_id).await?;
         let key = groups::new_key();
         let meta = groups::seal_name(&key, &old.name);
@@ -1409,6 +1430,18 @@ impl Messenger {
                 }
                 Ok(Vec::new())
             }
+            Job::GroupRemoved {
+                to,
+                group_id,
+                node_id,
+            } => {
+                let peer = number(&to)?;
+                let plain =
+                    Plaintext::new(node_id, now_ms(), Body::GroupRemoved { group_id }).encode();
+                self.transmit(client, &peer, node_id, plain, CONTROL)
+                    .await?;
+                Ok(Vec::new())
+            }
             Job::OwnCopy { seq, node_id } => {
                 let db = self.inner.db.clone();
                 let Some(entry) = db.read_async(move |tx| history::get(tx, seq)).await? else {
@@ -1695,6 +1728,19 @@ fn store_batch(
                             });
                         }
                     }
+                    Body::GroupRemoved { group_id } => {
+                        // The node has the membership; this only tells the person
+                        // (and drops the key, which no longer opens anything new).
+                        // The event names who said so.
+                        if let Some(g) = groups::known(tx, group_id)? {
+                            groups::forget(tx, group_id)?;
+                            out.events.push(Event::RemovedFromGroup {
+                                group_id,
+                                name: g.name,
+                                by: m.from.clone(),
+                            });
+                        }
+                    }
                     Body::SentCopy { to, content } => {
                         // Only this account's own devices tell it what it sent.
                         if m.from != me.number.as_str() {
@@ -1849,6 +1895,7 @@ mod tests {
                     Job::RetryRequest { to, .. } => panic!("a retry request for {to}"),
                     Job::OwnCopy { seq, .. } => panic!("a copy of {seq}"),
                     Job::GroupKey { to, .. } => panic!("a group key for {to}"),
+                    Job::GroupRemoved { to, .. } => panic!("a removal for {to}"),
                 });
             }
             Ok::<_, MessengerError>(out)

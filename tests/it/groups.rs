@@ -196,6 +196,19 @@ fn group_commands_create_invite_remove_and_rename() {
         "{}",
         show(&["group", "info"], &out)
     );
+    // Carol is told, and her device forgets the group.
+    let got = ok(&carol, &["recv"]);
+    assert!(
+        got.contains(&format!("{ALICE} removed you from Family")),
+        "{got}"
+    );
+    assert!(ok(&carol, &["group", "list"]).trim().is_empty());
+    let out = cli(&carol, &["group", "info", "Family"], "");
+    assert!(
+        stderr(&out).contains("knows no group called"),
+        "{}",
+        show(&["group", "info"], &out)
+    );
     // Bob gets the new key quietly and still reads the name; then a rename.
     let got = ok(&bob, &["recv"]);
     assert!(!got.contains("added you"), "{got}");
