@@ -337,6 +337,66 @@ mod tests {
         assert_eq!(Plaintext::decode(&p.encode(), [0; 16], 0), Ok(p));
     }
 
+    /// The new kinds byte for byte, as PROTOCOL.md has them (and as the fuzz seeds).
+    #[test]
+    fn the_device_and_group_kinds_as_bytes() {
+        let wire = |kind: u8, body: &[u8]| {
+            let mut out = vec![1];
+            out.extend([7; 16]);
+            out.extend([5, 0, kind, body.len() as u8]);
+            out.extend_from_slice(body);
+            out
+        };
+        let body = |bytes: Vec<u8>| Plaintext::decode(&bytes, [0; 16], 0).map(|p| p.body);
+        assert_eq!(body(wire(7, &[9])), Ok(Body::GroupRemoved { group_id: 9 }));
+        let mut key = vec![9, 6];
+        key.extend_from_slice(b"Family");
+        key.push(32);
+        key.extend([3; 32]);
+        assert_eq!(
+            body(wire(6, &key)),
+            Ok(Body::GroupKey {
+                group_id: 9,
+                name: "Family".into(),
+                key: vec![3; 32]
+            })
+        );
+        let mut copy = vec![12];
+        copy.extend_from_slice(b"+14155550101");
+        copy.extend([1, 3, 2]);
+        copy.extend_from_slice(b"hi");
+        assert_eq!(
+            body(wire(4, &copy)),
+            Ok(Body::SentCopy {
+                to: "+14155550101".into(),
+                content: Content::Text("hi".into())
+            })
+        );
+        let mut sync = vec![1, 12];
+        sync.extend_from_slice(b"+14155550101");
+        sync.extend([0, 2]);
+        sync.extend([4; 16]);
+        sync.extend([5, 0, 2]);
+        sync.extend_from_slice(b"ok");
+        assert_eq!(
+            body(wire(5, &sync)),
+            Ok(Body::HistorySync {
+                entries: vec![Synced {
+                    peer: "+14155550101".into(),
+                    outgoing: false,
+                    device: 2,
+                    id: [4; 16],
+                    at_ms: 5,
+                    content: Content::Text("ok".into())
+                }]
+            })
+        );
+        // A group key of the wrong size is refused, not taken.
+        let mut short = vec![9, 0, 3];
+        short.extend([1, 2, 3]);
+        assert!(body(wire(6, &short)).is_err());
+    }
+
     #[test]
     fn every_body_round_trips() {
         let mut p = Plaintext::new(
