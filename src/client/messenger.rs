@@ -1776,6 +1776,12 @@ fn store_batch(
                 out.events
                     .extend(receipt_event(tx, receipt, delivery.queued_at_ms)?);
             }
+            // Group messages need sender keys, which this client does not have yet: it
+            // says so rather than drop them silently.
+            Item::GroupMessage(g) => out.events.push(Event::Warning(format!(
+                "a message from {} to group {} that this version cannot read yet",
+                g.from, g.group_id
+            ))),
         }
     }
     for ((to, device), ids) in retries {

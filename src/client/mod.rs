@@ -572,6 +572,27 @@ impl Client {
         }
     }
 
+    /// Sends a group message (`body` encrypted once, by the caller) to every device
+    /// of every member; returns when it was accepted and for how many devices.
+    pub async fn send_group(
+        &self,
+        group_id: u64,
+        id: proto::MessageId,
+        body: Vec<u8>,
+    ) -> Result<(u64, u32), ClientError> {
+        match self
+            .call(&Request::SendGroup { group_id, id, body })
+            .await?
+        {
+            Response::GroupAccepted {
+                accepted_at_ms,
+                recipients,
+                ..
+            } => Ok((accepted_at_ms, recipients)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// The groups this account is in.
     pub async fn list_groups(&self) -> Result<Vec<proto::GroupSummary>, ClientError> {
         match self.call(&Request::ListGroups).await? {

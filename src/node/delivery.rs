@@ -220,6 +220,19 @@ fn delivery(q: Queued) -> Delivery {
             device_id,
             id,
         }),
+        QueueItem::GroupMessage {
+            from_device,
+            from_number,
+            group_id,
+            id,
+            ..
+        } => Item::GroupMessage(crate::proto::GroupIncoming {
+            group_id,
+            from: from_number,
+            from_device,
+            id,
+            body: q.group_body.unwrap_or_default(),
+        }),
     };
     Delivery {
         seq: q.seq,

@@ -121,6 +121,14 @@ pub enum Request {
     FetchGroup { group_id: u64 },
     /// The groups this account is in. Answered by [`Response::Groups`].
     ListGroups,
+    /// A message to group `group_id`, encrypted once by the sender (its sender key);
+    /// the node queues it for every device of every member but the sending device,
+    /// storing `body` once. Answered by [`Response::GroupAccepted`] once durable.
+    SendGroup {
+        group_id: u64,
+        id: MessageId,
+        body: Vec<u8>,
+    },
 }
 
 /// A change to a group.
@@ -195,6 +203,7 @@ impl Request {
             Request::ChangeGroup { .. } => "change_group",
             Request::FetchGroup { .. } => "fetch_group",
             Request::ListGroups => "list_groups",
+            Request::SendGroup { .. } => "send_group",
         }
     }
 }
@@ -374,6 +383,20 @@ pub enum Item {
     Message(Incoming),
     /// A recipient device acknowledged a message this device sent.
     Delivered(Receipt),
+    /// A message to a group this account is in.
+    GroupMessage(GroupIncoming),
+}
+
+/// A group message as a member device receives it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct GroupIncoming {
+    pub group_id: u64,
+    /// The sender's number (E.164), as authenticated by the node.
+    pub from: String,
+    pub from_device: u32,
+    pub id: MessageId,
+    /// Empty when the node no longer holds it (expired).
+    pub body: Vec<u8>,
 }
 
 /// A message as the recipient receives it.
@@ -524,6 +547,12 @@ pub enum Response {
     /// The groups this account is in.
     Groups {
         groups: Vec<GroupSummary>,
+    },
+    /// A group message is durable, queued for `recipients` devices.
+    GroupAccepted {
+        id: MessageId,
+        accepted_at_ms: u64,
+        recipients: u32,
     },
 }
 
@@ -804,6 +833,14 @@ mod tests {
         );
         check(Request::ListDevices, "00000001 0f");
         check(Request::ListGroups, "00000001 1a");
+        check(
+            Request::SendGroup {
+                group_id: 7,
+                id: [1; 16],
+                body: vec![42],
+            },
+            &format!("00000014 1b 07 {} 01 2a", "01".repeat(16)),
+        );
         check(
             Request::ChangeGroup {
                 group_id: 7,

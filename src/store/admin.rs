@@ -91,7 +91,9 @@ impl Store {
             let value = value?;
             let (at, item) = records::decode_queued(&value)?;
             match item {
-                QueueItem::Message { .. } => counts.queued_messages += 1,
+                QueueItem::Message { .. } | QueueItem::GroupMessage { .. } => {
+                    counts.queued_messages += 1
+                }
                 QueueItem::Delivered { .. } => counts.queued_receipts += 1,
             }
             counts.queued_bytes += value.len() as u64;

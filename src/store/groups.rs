@@ -6,7 +6,7 @@
 use sled::transaction::Transactional;
 
 use super::records::{self, GroupMemberRecord, GroupRecord};
-use super::{Store, StoreError, abort};
+use super::{DeviceRef, Store, StoreError, abort};
 
 /// A change to a group, by one of its members.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,6 +228,136 @@ impl Store {
     }
 }
 
+/// What [`Store::append_group`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupAppend {
+    /// Queued for every recipient device, with one body.
+    Queued { accepted_at_ms: u64 },
+    /// That device's queue is full: nothing was queued.
+    QueueFull { device: DeviceRef },
+}
+
+fn body_key(body_ref: u64) -> [u8; 8] {
+    body_ref.to_be_bytes()
+}
+
+impl Store {
+    /// Queues the group message `id` of `sender` to group `group_id` for every device
+    /// of `recipients`, storing `body` once: a `group_body` row counting the devices
+    /// and a small queue item per device pointing at it. Written to sled directly (a
+    /// recipient's items held in memory go first, so its queue stays in order); the
+    /// caller makes it durable. Nothing is queued if a queue is full.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_group(
+        &self,
+        sender: DeviceRef,
+        sender_number: &str,
+        group_id: u64,
+        id: [u8; 16],
+        body: &[u8],
+        recipients: &[DeviceRef],
+        max_queued: u64,
+        now_ms: u64,
+    ) -> Result<GroupAppend, StoreError> {
+        let _gate = self.writing();
+        let mut q = self.queue_writer();
+        for &device in recipients {
+            self.written_max(&mut q, device.key())?;
+            if self.len_of(&mut q, device.key()) >= max_queued {
+                return Ok(GroupAppend::QueueFull { device });
+            }
+        }
+        let body_ref = self.next_id()?;
+        let mut row = (recipients.len() as u32).to_be_bytes().to_vec();
+        row.extend_from_slice(&now_ms.to_be_bytes());
+        row.extend_from_slice(body);
+        self.trees.group_body.insert(body_key(body_ref), row)?;
+        let item = records::QueueItem::GroupMessage {
+            from_account: sender.account_id,
+            from_device: sender.device_id,
+            from_number: sender_number.to_string(),
+            group_id,
+            id,
+            body_ref,
+        };
+        let value = records::encode_queued(now_ms, &item)?;
+        for &device in recipients {
+            let dk = device.key();
+            self.write_device_staged(&mut q, dk)?;
+            let seq = self.next_id()?;
+            self.write_queue_item(&mut q, dk, seq, &value)?;
+            self.queue_totals.add(value.len());
+            if let Some(len) = q.lens.get_mut(&dk) {
+                *len += 1;
+            }
+        }
+        Ok(GroupAppend::Queued {
+            accepted_at_ms: now_ms,
+        })
+    }
+
+    /// The body of a group message, if it is still held.
+    pub(super) fn group_body(&self, body_ref: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .trees
+            .group_body
+            .get(body_key(body_ref))?
+            .and_then(|row| row.get(12..).map(<[u8]>::to_vec)))
+    }
+
+    /// One recipient device is done with the body `body_ref`; the last one drops it.
+    pub(super) fn release_group_body(&self, body_ref: u64) -> Result<(), StoreError> {
+        let key = body_key(body_ref);
+        loop {
+            let Some(row) = self.trees.group_body.get(key)? else {
+                return Ok(());
+            };
+            let held = row
+                .first_chunk::<4>()
+                .map(|b| u32::from_be_bytes(*b))
+                .ok_or_else(|| StoreError::Corrupt("group_body value too short".into()))?;
+            let next = if held <= 1 {
+                None
+            } else {
+                let mut next = row.to_vec();
+                next[..4].copy_from_slice(&(held - 1).to_be_bytes());
+                Some(next)
+            };
+            if self
+                .trees
+                .group_body
+                .compare_and_swap(key, Some(&row), next)?
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Drops group bodies stored before `cutoff_ms` (their queue items have expired
+    /// with them, or went with a removed device); returns how many.
+    pub(super) fn sweep_group_bodies(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        for entry in self.trees.group_body.iter() {
+            let (key, row) = entry?;
+            let at = row
+                .get(4..12)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes);
+            if at.is_some_and(|at| at < cutoff_ms)
+                && self
+                    .trees
+                    .group_body
+                    .compare_and_swap(&key, Some(&row), None::<&[u8]>)?
+                    .is_ok()
+            {
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +423,50 @@ mod tests {
             store.create_group(1, &[2, 3, 4, 5], b"", 4, 30).unwrap(),
             Err(GroupRefusal::Full { max: 4 })
         );
+    }
+
+    #[test]
+    fn a_group_message_is_stored_once_and_goes_with_its_last_recipient() {
+        use crate::store::queues::tests::registered;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let alice = registered(&store, "+14155550100", 1);
+        let others: Vec<DeviceRef> = (2..5)
+            .map(|i| registered(&store, &format!("+1415555010{i}"), i))
+            .collect();
+        let body = vec![7u8; 64 * 1024];
+        let out = store
+            .append_group(alice, "+14155550100", 9, [1; 16], &body, &others, 10, 5)
+            .unwrap();
+        assert_eq!(out, GroupAppend::Queued { accepted_at_ms: 5 });
+        assert_eq!(store.trees.group_body.len(), 1);
+        let stored: usize = store
+            .trees
+            .queue
+            .iter()
+            .values()
+            .map(|v| v.unwrap().len())
+            .sum();
+        assert!(stored < 3 * 256, "3 queue items of {stored} bytes in all");
+        for (n, device) in others.iter().enumerate() {
+            let page = store.queue_page(*device, None, 10).unwrap();
+            assert_eq!(page.len(), 1);
+            assert_eq!(page[0].group_body.as_deref(), Some(&body[..]));
+            let seq = page[0].seq;
+            store.ack(*device, "x", &[seq], 6).unwrap();
+            assert_eq!(store.trees.group_body.len(), usize::from(n < 2));
+        }
+        // A full queue refuses the whole message.
+        let out = store
+            .append_group(alice, "+14155550100", 9, [2; 16], b"x", &others, 0, 7)
+            .unwrap();
+        assert_eq!(out, GroupAppend::QueueFull { device: others[0] });
+        assert_eq!(store.trees.group_body.len(), 0);
+        // Bodies outlive nothing: what the sweep finds past the TTL goes.
+        store
+            .append_group(alice, "+14155550100", 9, [3; 16], b"y", &others, 10, 8)
+            .unwrap();
+        assert_eq!(store.sweep_group_bodies(9).unwrap(), 1);
     }
 
     #[test]

@@ -23,7 +23,7 @@ mod ticket;
 
 pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
 pub use devices::{DeviceView, Linked, Unlinked};
-pub use groups::{GroupChange, GroupRefusal};
+pub use groups::{GroupAppend, GroupChange, GroupRefusal};
 pub use prekeys::{Claimed, KeysRefusal};
 pub use queues::{AppendOutcome, InMemory, Queued, SweepStats};
 pub use staging::{AppendPolicy, HandOff, HandOffStats, WriteBehind};
@@ -143,6 +143,9 @@ struct Trees {
     /// `account_group`: account id ++ group id (u64 BE each) → empty: the groups of
     /// an account.
     account_group: sled::Tree,
+    /// `group_body`: body ref (u64 BE) → recipient devices that still hold it (u32
+    /// BE) ++ when it was stored (u64 BE ms) ++ the body: a group message's one copy.
+    group_body: sled::Tree,
 }
 
 /// The node's database.
@@ -391,6 +394,7 @@ impl Store {
             device_vouch: db.open_tree("device_vouch")?,
             group: db.open_tree("group")?,
             account_group: db.open_tree("account_group")?,
+            group_body: db.open_tree("group_body")?,
             removed_key: db.open_tree("removed_key")?,
         };
         let discovery = Arc::new(std::sync::RwLock::new(Arc::new(
@@ -437,7 +441,7 @@ impl Store {
         // empty (limits start counting now; accounts count as seen once they are).
         // Rung 4 → 5: `meta/id_base` may appear (a restore writes it); nothing to
         // convert, but an older build would ignore it and reuse restored ids.
-        // Rung 5 → 6: `device_name`, `device_seen`, `removed_key`, `device_vouch`, `group` and `account_group` appear empty (every
+        // Rung 5 → 6: `device_name`, `device_seen`, `removed_key`, `device_vouch`, `group`, `account_group` and `group_body` appear empty (every
         // account so far has one device, its primary; devices count as seen once
         // they are). An older build would ignore linked devices' names and lapses.
         // A rotation cut short (see `rotate_discovery_key`) left the index partial.

@@ -19,6 +19,9 @@ pub struct Queued {
     pub seq: u64,
     pub queued_at_ms: u64,
     pub item: QueueItem,
+    /// For a [`QueueItem::GroupMessage`]: its body, read from where it is stored once
+    /// (`None` if it is gone: expired).
+    pub group_body: Option<Vec<u8>>,
 }
 
 /// What an append did.
@@ -397,17 +400,23 @@ impl Store {
                 return Ok(true);
             }
             let (key, value) = entry?;
-            if bytes.saturating_add(value.len()) > max_bytes && !out.is_empty() {
-                return Ok(true);
-            }
-            *bytes = bytes.saturating_add(value.len());
             let (_, seq) = layout::parse_queue(&key)
                 .ok_or_else(|| StoreError::Corrupt("queue key length".into()))?;
             let (queued_at_ms, item) = records::decode_queued(&value)?;
+            let group_body = match &item {
+                QueueItem::GroupMessage { body_ref, .. } => self.group_body(*body_ref)?,
+                _ => None,
+            };
+            let size = value.len() + group_body.as_ref().map_or(0, Vec::len);
+            if bytes.saturating_add(size) > max_bytes && !out.is_empty() {
+                return Ok(true);
+            }
+            *bytes = bytes.saturating_add(size);
             out.push(Queued {
                 seq,
                 queued_at_ms,
                 item,
+                group_body,
             });
         }
         Ok(false)
@@ -444,15 +453,18 @@ impl Store {
             let Some(value) = self.trees.queue.get(key)? else {
                 continue;
             };
-            if let (
-                _,
-                QueueItem::Message {
-                    from_account,
-                    from_device,
-                    id,
-                    ..
-                },
-            ) = records::decode_queued(&value)?
+            let (_, item) = records::decode_queued(&value)?;
+            if let QueueItem::GroupMessage { body_ref, .. } = &item {
+                // No receipt per device for a group message: its body goes with the
+                // last device to take it.
+                self.release_group_body(*body_ref)?;
+            }
+            if let QueueItem::Message {
+                from_account,
+                from_device,
+                id,
+                ..
+            } = item
             {
                 let sender = DeviceRef {
                     account_id: from_account,
@@ -587,6 +599,11 @@ impl Store {
                 _ => break,
             }
         }
+        {
+            let _gate = self.writing();
+            // Bodies whose queue items expired (or went with a removed device).
+            self.sweep_group_bodies(cutoff_ms)?;
+        }
         for entry in self.trees.sent_message.iter() {
             let (key, value) = entry?;
             if records::queued_at(&value).is_some_and(|at| at < cutoff_ms) {
@@ -633,7 +650,7 @@ pub(in crate::store) mod tests {
         page.iter()
             .filter_map(|q| match &q.item {
                 QueueItem::Message { body, .. } => Some(body.clone()),
-                QueueItem::Delivered { .. } => None,
+                QueueItem::Delivered { .. } | QueueItem::GroupMessage { .. } => None,
             })
             .collect()
     }

@@ -96,6 +96,16 @@ pub enum QueueItem {
         device_id: u32,
         id: [u8; 16],
     },
+    /// A message to group `group_id`: its body is stored once, in `group_body` under
+    /// `body_ref`, for every recipient device.
+    GroupMessage {
+        from_account: u64,
+        from_device: u32,
+        from_number: String,
+        group_id: u64,
+        id: [u8; 16],
+        body_ref: u64,
+    },
 }
 
 /// Why a device (its key) was removed from its account.

@@ -197,6 +197,7 @@ impl Staging {
                 seq,
                 queued_at_ms,
                 item,
+                group_body: None,
             });
         }
         Ok(false)

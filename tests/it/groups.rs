@@ -226,3 +226,106 @@ fn group_commands_create_invite_remove_and_rename() {
     let info = ok(&alice, &["group", "info", "Clan"]);
     assert!(!info.contains(BOB), "{info}");
 }
+
+/// The group messages of a device's backlog (acknowledged): (group, from, body).
+async fn group_backlog(client: &switchboard::client::Client) -> Vec<(u64, String, Vec<u8>)> {
+    let mut sub = client.subscribe().await.expect("subscribe");
+    let mut out = Vec::new();
+    loop {
+        let push = next_push(&mut sub).await;
+        sub.ack(push.items.iter().map(|d| d.seq).collect())
+            .await
+            .expect("ack");
+        for d in push.items {
+            if let switchboard::proto::Item::GroupMessage(g) = d.item {
+                out.push((g.group_id, g.from, g.body));
+            }
+        }
+        if push.backlog_end {
+            break;
+        }
+    }
+    sub.finish().await.expect("finish");
+    out
+}
+
+/// A group message is uploaded once and reaches every member device, online or not;
+/// a removed member gets nothing after; a stranger cannot send to the group.
+#[tokio::test]
+async fn a_group_message_is_uploaded_once_and_reaches_every_member() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    let carol = node.registered(CAROL).await;
+    let g = alice
+        .create_group(&[number(BOB), number(CAROL)], vec![])
+        .await
+        .unwrap();
+    let body = vec![42u8; 64 * 1024];
+    let id = switchboard::client::e2e::new_message_id();
+    let (_, recipients) = alice
+        .send_group(g.group_id, id, body.clone())
+        .await
+        .unwrap();
+    assert_eq!(recipients, 2);
+    for member in [&bob, &carol] {
+        assert_eq!(
+            group_backlog(member).await,
+            [(g.group_id, ALICE.to_string(), body.clone())]
+        );
+    }
+    // A stranger is not in the group; a member who was removed gets nothing after.
+    let dave_less = node.connect().await;
+    assert!(matches!(
+        kind(dave_less.send_group(g.group_id, id, vec![1]).await),
+        ErrorKind::Unauthenticated
+    ));
+    alice
+        .change_group(
+            g.group_id,
+            GroupChange::Remove {
+                number: CAROL.into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        kind(
+            carol
+                .send_group(
+                    g.group_id,
+                    switchboard::client::e2e::new_message_id(),
+                    vec![1]
+                )
+                .await
+        ),
+        ErrorKind::NotGroupMember
+    );
+    let (_, recipients) = alice
+        .send_group(
+            g.group_id,
+            switchboard::client::e2e::new_message_id(),
+            b"after".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(recipients, 1);
+    assert_eq!(
+        group_backlog(&bob).await,
+        [(g.group_id, ALICE.to_string(), b"after".to_vec())]
+    );
+    assert!(group_backlog(&carol).await.is_empty());
+    // Bob writes back: Alice gets it.
+    bob.send_group(
+        g.group_id,
+        switchboard::client::e2e::new_message_id(),
+        b"hi".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        group_backlog(&alice).await,
+        [(g.group_id, BOB.to_string(), b"hi".to_vec())]
+    );
+    node.shutdown().await;
+}

@@ -13,7 +13,7 @@ use crate::proto::{
     ErrorKind, GroupChange, GroupInfo, GroupMember, GroupSummary, NodeError, Response,
 };
 use crate::store::records::GroupRecord;
-use crate::store::{self, GroupRefusal};
+use crate::store::{self, DeviceRef, GroupAppend, GroupRefusal};
 
 /// The most members one request names.
 const MAX_NAMED: usize = 1024;
@@ -231,4 +231,75 @@ pub(super) async fn list(shared: &Arc<Shared>, session: &Session) -> Result<Resp
     })
     .await?;
     Ok(Response::Groups { groups })
+}
+
+pub(super) async fn send(
+    shared: &Arc<Shared>,
+    session: &Session,
+    group_id: u64,
+    id: crate::proto::MessageId,
+    body: Vec<u8>,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    let limits = &shared.config.messages;
+    let max = limits.max_envelope_bytes;
+    if body.len() > max as usize {
+        return Err(NodeError::new(
+            ErrorKind::EnvelopeTooLarge { max },
+            format!("a message may be at most {max} bytes once encrypted"),
+        ));
+    }
+    check_space(shared)?;
+    let account = me.device.account_id;
+    // Every device of every member, but the sending one (its own other devices get
+    // it too: the conversation reads the same on each).
+    let recipients = read(shared, move |store| {
+        let Some(group) = store.group(group_id)? else {
+            return Ok(None);
+        };
+        if !group.members.iter().any(|m| m.account_id == account) {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        for m in &group.members {
+            if let Some(record) = store.account(m.account_id)? {
+                out.extend(record.devices.iter().map(|d| DeviceRef {
+                    account_id: m.account_id,
+                    device_id: d.device_id,
+                }));
+            }
+        }
+        Ok(Some(out))
+    })
+    .await?
+    .ok_or_else(|| refusal(GroupRefusal::NotMember, |a| a.to_string()))?;
+    let recipients: Vec<DeviceRef> = recipients.into_iter().filter(|d| *d != me.device).collect();
+    let (sender, number, now) = (me.device, me.number.clone(), now_ms());
+    let max_queued = u64::from(limits.max_queued_per_device);
+    let targets = recipients.clone();
+    let appended = blocking(shared, move |store| {
+        store.append_group(
+            sender, &number, group_id, id, &body, &targets, max_queued, now,
+        )
+    })
+    .await?;
+    match appended {
+        GroupAppend::Queued { accepted_at_ms } => {
+            shared.commit.durable().await.map_err(commit_failed)?;
+            for device in &recipients {
+                shared.mailboxes.wake(*device);
+            }
+            Ok(Response::GroupAccepted {
+                id,
+                accepted_at_ms,
+                recipients: recipients.len() as u32,
+            })
+        }
+        GroupAppend::QueueFull { device } => Err(NodeError::new(
+            ErrorKind::QueueFull {
+                device_id: device.device_id,
+            },
+            "a member device's queue is full; nothing was queued",
+        )),
+    }
 }
