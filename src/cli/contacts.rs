@@ -5,8 +5,8 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
+use switchboard::client::Home;
 use switchboard::client::contacts::Book;
-use switchboard::client::{Client, Home};
 use switchboard::phone::{Number, Region};
 
 #[derive(Debug, clap::Subcommand)]
@@ -77,7 +77,7 @@ async fn sync(home: &Home) -> anyhow::Result<()> {
         println!("no contacts yet: add some with `switchboard contacts import FILE`");
         return Ok(());
     }
-    let client = Client::connect(&reg.server, &reg.credentials, Some(reg.fingerprint)).await?;
+    let client = reg.connect().await?;
     let bar = std::io::stderr().is_terminal() && book.contacts.len() >= 100;
     let result = Book::sync(&db, &client, |done, total| {
         if bar && total > 0 {

@@ -2,8 +2,8 @@
 
 use std::io::{IsTerminal, Write};
 
+use switchboard::client::Home;
 use switchboard::client::link::{self, LinkCode};
-use switchboard::client::{Client, Home, Registration};
 use switchboard::tls::Fingerprint;
 
 use super::messaging::time;
@@ -50,10 +50,6 @@ pub async fn run(home: Home, command: Command) -> anyhow::Result<()> {
         Command::List { json } => list(home, json).await,
         Command::Unlink { id } => unlink(home, id).await,
     }
-}
-
-async fn connect(reg: &Registration) -> anyhow::Result<Client> {
-    Ok(Client::connect(&reg.server, &reg.credentials, Some(reg.fingerprint)).await?)
 }
 
 async fn link(home: Home) -> anyhow::Result<()> {
@@ -111,7 +107,7 @@ async fn join(home: Home, args: JoinArgs) -> anyhow::Result<()> {
 
 async fn list(home: Home, json: bool) -> anyhow::Result<()> {
     let reg = home.load()?;
-    let client = connect(&reg).await?;
+    let client = reg.connect().await?;
     let devices = client.list_devices().await;
     client.close().await;
     for d in devices? {
@@ -147,7 +143,7 @@ async fn list(home: Home, json: bool) -> anyhow::Result<()> {
 
 async fn unlink(home: Home, id: u32) -> anyhow::Result<()> {
     let reg = home.load()?;
-    let client = connect(&reg).await?;
+    let client = reg.connect().await?;
     let result = client.unlink_device(id).await;
     client.close().await;
     result?;

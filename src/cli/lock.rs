@@ -1,7 +1,7 @@
 //! `switchboard lock set|clear`: the registration lock of this device's account.
 
 use anyhow::bail;
-use switchboard::client::{Client, Home};
+use switchboard::client::Home;
 
 use super::register::read_line;
 
@@ -30,7 +30,7 @@ pub async fn run(home: Home, command: Command) -> anyhow::Result<()> {
         }
         Command::Clear => None,
     };
-    let client = Client::connect(&reg.server, &reg.credentials, Some(reg.fingerprint)).await?;
+    let client = reg.connect().await?;
     let result = match &pin {
         Some(p) => client.set_lock(p).await.map(Some),
         None => client.clear_lock().await.map(|()| None),

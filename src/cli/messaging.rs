@@ -9,7 +9,7 @@ use switchboard::client::content::Content;
 use switchboard::client::db::HomeDb;
 use switchboard::client::e2e::{self, Olm};
 use switchboard::client::history::{Entry, State};
-use switchboard::client::{Client, Event, Home, Messenger, Registration};
+use switchboard::client::{Event, Home, Messenger, Registration};
 use switchboard::phone::{Number, Region};
 
 #[derive(Debug, clap::Args)]
@@ -463,7 +463,7 @@ pub async fn safety(home: Home, args: SafetyArgs) -> anyhow::Result<()> {
         olm.flush()?;
         Ok::<_, e2e::E2eError>(keys)
     })?;
-    let client = Client::connect(&reg.server, &reg.credentials, Some(reg.fingerprint)).await?;
+    let client = reg.connect().await?;
     let bundles = client.fetch_bundles(&them, false).await;
     client.close().await;
     let bundles = bundles.with_context(|| format!("fetching {them}'s keys"))?;

@@ -1,11 +1,11 @@
 //! `switchboard whoami`: ask the node who this device is.
 
-use switchboard::client::{Client, Home};
+use switchboard::client::Home;
 use switchboard::phone::Number;
 
 pub async fn run(home: Home) -> anyhow::Result<()> {
     let reg = home.load()?;
-    let client = Client::connect(&reg.server, &reg.credentials, Some(reg.fingerprint)).await?;
+    let client = reg.connect().await?;
     let identity = client.whoami().await;
     client.close().await;
     let identity = identity?;

@@ -182,6 +182,44 @@ fn from_record(seq: i64, state: State, record: Record) -> Entry {
     }
 }
 
+impl Record {
+    /// A message with nothing delivered, resent or wrong about it yet.
+    fn new(
+        peer: &str,
+        outgoing: bool,
+        device: u32,
+        id: &MessageId,
+        at_ms: u64,
+        content: Option<Content>,
+    ) -> Record {
+        Record {
+            peer: peer.to_string(),
+            outgoing,
+            device,
+            id: *id,
+            at_ms,
+            content,
+            delivered: Vec::new(),
+            problem: None,
+            resends: Vec::new(),
+            to_identity: None,
+        }
+    }
+}
+
+/// Stores `record` in its conversation in `state` (`shown` or not yet); `None` when
+/// a message of its direction and id is there already.
+fn insert(tx: &Tx<'_>, record: &Record, state: State, shown: bool) -> Result<Option<i64>, DbError> {
+    let key = message_key(tx, &record.peer, record.outgoing, &record.id);
+    tx.insert_message(
+        &conv(tx, &record.peer),
+        &key,
+        state.number(),
+        shown,
+        &encode(record),
+    )
+}
+
 /// Records a message this device is about to send to `peer` (whose identity key is
 /// `to_identity` as this device knows it); its seq.
 pub fn add_sent(
@@ -194,26 +232,11 @@ pub fn add_sent(
     to_identity: Option<[u8; 32]>,
 ) -> Result<i64, DbError> {
     let record = Record {
-        peer: peer.to_string(),
-        outgoing: true,
-        device,
-        id: *id,
-        at_ms: written_at_ms,
-        content: Some(content.clone()),
-        delivered: Vec::new(),
-        problem: None,
-        resends: Vec::new(),
         to_identity,
+        ..Record::new(peer, true, device, id, written_at_ms, Some(content.clone()))
     };
-    let key = message_key(tx, peer, true, id);
-    tx.insert_message(
-        &conv(tx, peer),
-        &key,
-        State::Sending.number(),
-        true,
-        &encode(&record),
-    )?
-    .ok_or_else(|| tx.damaged("a message id was used twice"))
+    insert(tx, &record, State::Sending, true)?
+        .ok_or_else(|| tx.damaged("a message id was used twice"))
 }
 
 /// Records a message another device of this account sent to `peer` (its copy), as
@@ -226,27 +249,9 @@ pub fn add_sent_copy(
     written_at_ms: u64,
     content: &Content,
 ) -> Result<Option<i64>, DbError> {
-    let record = Record {
-        peer: peer.to_string(),
-        outgoing: true,
-        device,
-        id: *id,
-        at_ms: written_at_ms,
-        content: Some(content.clone()),
-        delivered: Vec::new(),
-        problem: None,
-        resends: Vec::new(),
-        to_identity: None,
-    };
-    let key = message_key(tx, peer, true, id);
-    tx.insert_message(
-        &conv(tx, peer),
-        &key,
-        State::Sent.number(),
-        // News to this device: `recv` shows it once, as a received message.
-        false,
-        &encode(&record),
-    )
+    let record = Record::new(peer, true, device, id, written_at_ms, Some(content.clone()));
+    // News to this device: `recv` shows it once, as a received message.
+    insert(tx, &record, State::Sent, false)
 }
 
 /// Up to `limit` messages after local position `after` (any conversation), written
@@ -288,28 +293,15 @@ pub fn add_synced(tx: &Tx<'_>, m: &super::content::Synced) -> Result<bool, DbErr
     } else {
         State::Received
     };
-    let record = Record {
-        peer: m.peer.clone(),
-        outgoing: m.outgoing,
-        device: m.device,
-        id: m.id,
-        at_ms: m.at_ms,
-        content: Some(m.content.clone()),
-        delivered: Vec::new(),
-        problem: None,
-        resends: Vec::new(),
-        to_identity: None,
-    };
-    let key = message_key(tx, &m.peer, m.outgoing, &m.id);
-    Ok(tx
-        .insert_message(
-            &conv(tx, &m.peer),
-            &key,
-            state.number(),
-            true,
-            &encode(&record),
-        )?
-        .is_some())
+    let record = Record::new(
+        &m.peer,
+        m.outgoing,
+        m.device,
+        &m.id,
+        m.at_ms,
+        Some(m.content.clone()),
+    );
+    Ok(insert(tx, &record, state, true)?.is_some())
 }
 
 /// Records a received message; `None` when it is in the history already (a copy
@@ -330,16 +322,8 @@ pub fn add_received(
         State::Undecryptable
     };
     let record = Record {
-        peer: from.to_string(),
-        outgoing: false,
-        device,
-        id: *id,
-        at_ms,
-        content,
-        delivered: Vec::new(),
         problem,
-        resends: Vec::new(),
-        to_identity: None,
+        ..Record::new(from, false, device, id, at_ms, content)
     };
     let key = message_key(tx, from, false, id);
     let value = encode(&record);

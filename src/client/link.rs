@@ -79,7 +79,7 @@ pub async fn link_device(
 ) -> Result<NewDevice, LinkError> {
     let reg = home.load()?;
     let db = home.db()?;
-    let client = Client::connect(&reg.server, &reg.credentials, Some(reg.fingerprint)).await?;
+    let client = reg.connect().await?;
     let result = link_on(&reg, &db, &client, on_code).await;
     client.close().await;
     result
@@ -343,6 +343,9 @@ impl std::fmt::Display for LinkCode {
     }
 }
 
+/// `Spake2::start_a` or `start_b`: a side's state and its message.
+type SpakeStart = fn(&Password, &Identity, &Identity) -> (Spake2<Ed25519Group>, Vec<u8>);
+
 /// One side of the key agreement, until the other side's message comes.
 pub struct Pake {
     state: Spake2<Ed25519Group>,
@@ -352,34 +355,25 @@ pub struct Pake {
 impl Pake {
     /// The primary's side: its state and its message.
     pub fn primary(code: &LinkCode) -> (Pake, Vec<u8>) {
-        let (state, msg) = Spake2::<Ed25519Group>::start_a(
-            &code.password(),
-            &Identity::new(ID_PRIMARY),
-            &Identity::new(ID_JOINER),
-        );
-        (
-            Pake {
-                state,
-                nameplate: code.nameplate,
-            },
-            msg,
-        )
+        Self::start(code, Spake2::<Ed25519Group>::start_a)
     }
 
     /// The new device's side.
     pub fn joiner(code: &LinkCode) -> (Pake, Vec<u8>) {
-        let (state, msg) = Spake2::<Ed25519Group>::start_b(
+        Self::start(code, Spake2::<Ed25519Group>::start_b)
+    }
+
+    fn start(code: &LinkCode, side: SpakeStart) -> (Pake, Vec<u8>) {
+        let (state, msg) = side(
             &code.password(),
             &Identity::new(ID_PRIMARY),
             &Identity::new(ID_JOINER),
         );
-        (
-            Pake {
-                state,
-                nameplate: code.nameplate,
-            },
-            msg,
-        )
+        let pake = Pake {
+            state,
+            nameplate: code.nameplate,
+        };
+        (pake, msg)
     }
 
     /// Sets the nameplate the node gave (the primary starts before it has one).

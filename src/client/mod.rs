@@ -39,6 +39,13 @@ use crate::tls::{self, Credentials, Fingerprint, PinObservation, TlsError};
 pub use home::{Home, HomeError, Registration};
 pub use messenger::{Event, Messenger, MessengerError};
 
+impl Registration {
+    /// A connection of this device to its node, checking the pinned certificate.
+    pub async fn connect(&self) -> Result<Client, ClientError> {
+        Client::connect(&self.server, &self.credentials, Some(self.fingerprint)).await
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -184,10 +184,7 @@ impl Store {
                 Attempt::Done(mut deleted) => {
                     deleted.queued_items += total_items;
                     // It leaves its groups (an admin's role passes on as on a leave).
-                    let now_ms = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis() as u64)
-                        .unwrap_or(0);
+                    let now_ms = super::wall_ms();
                     for group in self.groups_of(deleted.account_id)? {
                         let leave = super::GroupChange::Leave;
                         let _ = self.change_group_held(
@@ -284,10 +281,7 @@ impl Store {
         if !done {
             return Ok(Attempt::Changed { queued_items });
         }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now_ms = super::wall_ms();
         self.record_removed(&key_ids, records::Removal::AccountDeleted, now_ms)?;
         for device in &devices {
             self.trees.device_name.remove(device.key())?;

@@ -107,8 +107,14 @@ impl Store {
     ) -> Result<Linked, StoreError> {
         let _gate = self.writing();
         let t = &self.trees;
-        let linked = (&t.account, &t.device_key, &t.device_name, &t.removed_key).transaction(
-            |(accounts, device_key, names, removed)| {
+        let linked = (
+            &t.account,
+            &t.device_key,
+            &t.device_name,
+            &t.device_seen,
+            &t.removed_key,
+        )
+            .transaction(|(accounts, device_key, names, seen, removed)| {
                 let Some(bytes) = accounts.get(layout::account(account))? else {
                     return Ok(Linked::NoAccount);
                 };
@@ -133,7 +139,10 @@ impl Store {
                     records::encode(&record).or_else(abort)?,
                 )?;
                 device_key.insert(&new.key_id, &layout::device(account, device_id))?;
-                names.insert(&layout::device(account, device_id), name.as_bytes())?;
+                let dk = layout::device(account, device_id);
+                names.insert(&dk, name.as_bytes())?;
+                // Linking counts as being seen: a lapse runs from here.
+                seen.insert(&dk, &now_ms.to_be_bytes())?;
                 removed.remove(&new.key_id)?;
                 Ok(Linked::Done {
                     device: DeviceRef {
@@ -142,8 +151,7 @@ impl Store {
                     },
                     number: record.number.clone(),
                 })
-            },
-        )?;
+            })?;
         Ok(linked)
     }
 
@@ -220,27 +228,24 @@ impl Store {
         Ok(())
     }
 
-    /// Companions (never a primary) not seen since `cutoff_ms`, nor linked since:
-    /// the devices that lapse. Reads every account with more than one device.
+    /// Companions (never a primary) not seen since `cutoff_ms` (linking counts as
+    /// being seen): the devices that lapse. Reads the companions only: they are the
+    /// devices with a name.
     pub fn lapsed_companions(&self, cutoff_ms: u64) -> Result<Vec<DeviceRef>, StoreError> {
         let mut out = Vec::new();
-        for entry in self.trees.account.iter() {
-            let (key, value) = entry?;
-            let account = layout::parse_account(&key)
-                .ok_or_else(|| StoreError::Corrupt("account key".into()))?;
-            let record = records::decode::<AccountRecord>(&value, "account")?;
-            for d in record.devices.iter().skip(1) {
-                let dk = layout::device(account, d.device_id);
-                let seen = match self.trees.device_seen.get(dk)? {
-                    Some(v) => be_u64(&v, "device_seen value")?,
-                    None => 0,
-                };
-                if seen.max(d.created_at_ms) < cutoff_ms {
-                    out.push(DeviceRef {
-                        account_id: account,
-                        device_id: d.device_id,
-                    });
-                }
+        for key in self.trees.device_name.iter().keys() {
+            let key = key?;
+            let (account_id, device_id) = layout::parse_device(&key)
+                .ok_or_else(|| StoreError::Corrupt("device_name key".into()))?;
+            let seen = match self.trees.device_seen.get(&key)? {
+                Some(v) => be_u64(&v, "device_seen value")?,
+                None => 0,
+            };
+            if seen < cutoff_ms {
+                out.push(DeviceRef {
+                    account_id,
+                    device_id,
+                });
             }
         }
         Ok(out)

@@ -128,8 +128,8 @@ struct Trees {
     /// `device_name`: device address (12 bytes) → the name a linked device was given
     /// (UTF-8). The primary (an account's first device) has none.
     device_name: sled::Tree,
-    /// `device_seen`: device address → when the device was last seen (ms, u64 BE;
-    /// written at most hourly per connection). A linked device lapses on it.
+    /// `device_seen`: device address → when the device was last seen or linked (ms,
+    /// u64 BE; written at most hourly per connection). A linked device lapses on it.
     device_seen: sled::Tree,
     /// `removed_key`: key id → [`records::RemovedKeyRecord`]: why and when the device
     /// of that key was removed, so that it is told so rather than "unknown"; swept
@@ -273,6 +273,14 @@ pub struct DeviceIdentity {
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+/// Milliseconds since the Unix epoch, for the few store operations that stamp a
+/// time themselves (the others are given the caller's clock).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 fn abort<T>(e: StoreError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))

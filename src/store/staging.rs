@@ -545,9 +545,7 @@ impl Store {
     }
 
     fn stage_carried_in(&self, q: &mut QueueState, c: &CarriedReceipts) -> Result<(), StoreError> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = super::wall_ms();
         for &device_id in &c.devices {
             let (seq, value) = self.receipt_row(&c.number, device_id, c.id, now_ms)?;
             self.stage_receipt(q, c.sender.key(), seq, value);

@@ -18,7 +18,9 @@ use crate::store::{self, DeviceRef, GroupAppend, GroupRefusal};
 /// The most members one request names.
 const MAX_NAMED: usize = 1024;
 
-fn refusal(r: GroupRefusal, number_of: impl Fn(u64) -> String) -> NodeError {
+/// The error for `r`; `named` is the member the change named (the one a
+/// `NotInGroup` is about).
+fn refusal(r: GroupRefusal, named: Option<&str>) -> NodeError {
     match r {
         GroupRefusal::NotMember => NodeError::new(
             ErrorKind::NotGroupMember,
@@ -32,9 +34,9 @@ fn refusal(r: GroupRefusal, number_of: impl Fn(u64) -> String) -> NodeError {
             ErrorKind::GroupFull { max },
             format!("a group has at most {max} members"),
         ),
-        GroupRefusal::NotInGroup(account) => NodeError::new(
+        GroupRefusal::NotInGroup(_) => NodeError::new(
             ErrorKind::NotGroupMember,
-            format!("{} is not in that group", number_of(account)),
+            format!("{} is not in that group", named.unwrap_or("that member")),
         ),
     }
 }
@@ -145,7 +147,7 @@ pub(super) async fn create(
         store.create_group(creator, &accounts, &meta, max, now)
     })
     .await?;
-    let (id, record) = created.map_err(|r| refusal(r, |a| a.to_string()))?;
+    let (id, record) = created.map_err(|r| refusal(r, None))?;
     shared.commit.durable().await.map_err(commit_failed)?;
     tracing::info!(group = id, members = record.members.len(), "group created");
     Ok(Response::Group(info(shared, id, record).await?))
@@ -189,8 +191,7 @@ pub(super) async fn change(
         store.change_group(group_id, actor, &change, max, now)
     })
     .await?;
-    let number_of = |_account: u64| named.first().cloned().unwrap_or_default();
-    let record = changed.map_err(|r| refusal(r, number_of))?;
+    let record = changed.map_err(|r| refusal(r, named.first().map(String::as_str)))?;
     shared.commit.durable().await.map_err(commit_failed)?;
     match record {
         _ if leaving => Ok(Response::GroupLeft),
@@ -210,7 +211,7 @@ pub(super) async fn fetch(
     let record = read(shared, move |store| store.group(group_id))
         .await?
         .filter(|g| g.members.iter().any(|m| m.account_id == account))
-        .ok_or_else(|| refusal(GroupRefusal::NotMember, |a| a.to_string()))?;
+        .ok_or_else(|| refusal(GroupRefusal::NotMember, None))?;
     Ok(Response::Group(info(shared, group_id, record).await?))
 }
 
@@ -272,7 +273,7 @@ pub(super) async fn send(
         Ok(Some(out))
     })
     .await?
-    .ok_or_else(|| refusal(GroupRefusal::NotMember, |a| a.to_string()))?;
+    .ok_or_else(|| refusal(GroupRefusal::NotMember, None))?;
     let recipients: Vec<DeviceRef> = recipients.into_iter().filter(|d| *d != me.device).collect();
     let (sender, number, now) = (me.device, me.number.clone(), now_ms());
     let max_queued = u64::from(limits.max_queued_per_device);
