@@ -35,7 +35,7 @@ pub enum Command {
 }
 
 /// The group meant by `which`: its id, or the name of a group this device knows.
-async fn group_id(messenger: &Messenger, which: &str) -> anyhow::Result<u64> {
+pub(crate) async fn group_id(messenger: &Messenger, which: &str) -> anyhow::Result<u64> {
     if let Ok(id) = which.parse::<u64>() {
         return Ok(id);
     }
@@ -105,6 +105,15 @@ async fn run_on(
             let id = group_id(messenger, &group).await?;
             let (info, name) = messenger.group_info(id).await?;
             let name = name.unwrap_or_else(|| "(a name this device cannot read)".into());
+            // Who this device gave its current sender key to (its view: the node
+            // names the devices that lack it at the next message).
+            let sender_key = messenger.sender_key(id).await?;
+            let has_key = |number: &str| -> Vec<u32> {
+                sender_key
+                    .as_ref()
+                    .and_then(|k| k.shared.get(number).cloned())
+                    .unwrap_or_default()
+            };
             if json {
                 let members: Vec<_> = info
                     .members
@@ -114,6 +123,7 @@ async fn run_on(
                             "number": m.number,
                             "role": if m.admin { "admin" } else { "member" },
                             "joined_at": time(m.joined_at_ms),
+                            "has_my_key": has_key(&m.number),
                         })
                     })
                     .collect();
@@ -122,6 +132,10 @@ async fn run_on(
                     "name": name,
                     "version": info.version,
                     "members": members,
+                    "sender_key": sender_key.as_ref().map(|k| serde_json::json!({
+                        "session": k.session_id,
+                        "since": time(k.created_at_ms),
+                    })),
                 });
                 println!("{line}");
             } else {
@@ -133,7 +147,23 @@ async fn run_on(
                     } else {
                         ""
                     };
-                    println!("  {} {role}{me}, joined {}", m.number, time(m.joined_at_ms));
+                    let key = match has_key(&m.number) {
+                        d if d.is_empty() => String::new(),
+                        d => format!(", has your key (devices {d:?})"),
+                    };
+                    println!(
+                        "  {} {role}{me}, joined {}{key}",
+                        m.number,
+                        time(m.joined_at_ms)
+                    );
+                }
+                match &sender_key {
+                    Some(k) => println!(
+                        "your sender key: session {} since {}",
+                        k.session_id,
+                        time(k.created_at_ms)
+                    ),
+                    None => println!("your sender key: none yet (made with your first message)"),
                 }
             }
         }

@@ -8,17 +8,22 @@ use switchboard::client::contacts::Book;
 use switchboard::client::content::Content;
 use switchboard::client::db::HomeDb;
 use switchboard::client::e2e::{self, Olm};
-use switchboard::client::history::{Entry, State};
+use switchboard::client::groups;
+use switchboard::client::history::{Entry, GroupPart, State};
 use switchboard::client::{Event, Home, Messenger, Registration};
 use switchboard::phone::{Number, Region};
 
 #[derive(Debug, clap::Args)]
 pub struct SendArgs {
-    /// The recipient: a number (a national number is read in your own region unless
-    /// --region says otherwise), or the name of a contact (`switchboard contacts`).
-    number: String,
-    /// The message; `-` reads it from stdin.
-    text: String,
+    /// The recipient and the message: `TO TEXT`, or just `TEXT` with --group. TO is a
+    /// number (a national number is read in your own region unless --region says
+    /// otherwise) or the name of a contact (`switchboard contacts`); a TEXT of `-`
+    /// reads the message from stdin.
+    #[arg(num_args = 1..=2, value_names = ["TO", "TEXT"], required = true)]
+    args: Vec<String>,
+    /// Send to this group (its name or id; `switchboard group list`) instead.
+    #[arg(long)]
+    group: Option<String>,
     /// Region for a number in national form (two letters: US, GB, DE...).
     #[arg(long)]
     region: Option<String>,
@@ -30,16 +35,22 @@ pub struct RecvArgs {
     /// by itself when the connection goes.
     #[arg(long)]
     follow: bool,
-    /// One JSON object a line: `id`, `from`, `sent_at`, `text`; receipts as
-    /// `{"delivered": {...}}`, undecryptable messages as `{"undecryptable": {...}}`.
+    /// One JSON object a line: `id`, `from`, `sent_at`, `text` (and `group`,
+    /// `group_name` for a group message); receipts as `{"delivered": {...}}`, counts
+    /// of a group message's deliveries as `{"group_delivered": {...}}`, undecryptable
+    /// messages as `{"undecryptable": {...}}`.
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct HistoryArgs {
-    /// The contact: a number or a contact's name.
-    number: String,
+    /// The contact: a number or a contact's name (not with --group).
+    #[arg(required_unless_present = "group")]
+    number: Option<String>,
+    /// A group's conversation instead (its name or id).
+    #[arg(long, conflicts_with = "number")]
+    group: Option<String>,
     /// The last N messages.
     #[arg(long, default_value_t = 50)]
     limit: usize,
@@ -107,14 +118,9 @@ fn warn_events(messenger: &Messenger) {
     }
 }
 
-pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
-    let reg = home.load()?;
-    let messenger = Messenger::open(&home)?;
-    let to = contact(messenger.db(), &reg, &args.number, args.region.as_deref())?;
-    if to == reg.number {
-        bail!("{to} is this device's own number; send to someone else");
-    }
-    let text = if args.text == "-" {
+/// The message given on the command line (`-`: stdin, without its last newline).
+fn message_text(text: String) -> anyhow::Result<String> {
+    let text = if text == "-" {
         let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)
@@ -127,11 +133,40 @@ pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
         }
         text
     } else {
-        args.text
+        text
     };
     if text.is_empty() {
         bail!("the message is empty");
     }
+    Ok(text)
+}
+
+pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
+    let reg = home.load()?;
+    let messenger = Messenger::open(&home)?;
+    let mut words = args.args.into_iter();
+    let (first, second) = (words.next(), words.next());
+    if let Some(group) = args.group {
+        let (Some(text), None) = (first, second) else {
+            bail!("with --group, give just the message: `send --group GROUP TEXT`");
+        };
+        let text = message_text(text)?;
+        let id = super::group::group_id(&messenger, &group).await?;
+        let result = messenger.send_group_text(id, &text).await;
+        warn_events(&messenger);
+        messenger.close().await;
+        let sent = result.with_context(|| format!("sending to group {group}"))?;
+        println!("{}", hex::encode(sent.id));
+        return Ok(());
+    }
+    let (Some(to), Some(text)) = (first, second) else {
+        bail!("give the recipient and the message: `send TO TEXT` (or `send --group GROUP TEXT`)");
+    };
+    let to = contact(messenger.db(), &reg, &to, args.region.as_deref())?;
+    if to == reg.number {
+        bail!("{to} is this device's own number; send to someone else");
+    }
+    let text = message_text(text)?;
     let result = messenger.send_text(&to, &text).await;
     warn_events(&messenger);
     messenger.close().await;
@@ -178,9 +213,81 @@ fn shown(content: &Content) -> String {
     }
 }
 
+/// What this device calls group `group_id` (its id, if it does not know it).
+fn group_name(db: &HomeDb, group_id: u64) -> String {
+    tokio::task::block_in_place(|| db.read(|tx| groups::known(tx, group_id)))
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("group {group_id}"), |g| g.name)
+}
+
+/// Prints a group message of `recv`: `<time> [<group>] <from> <text>`.
+fn print_group_message(
+    m: &Entry,
+    g: &GroupPart,
+    name: &str,
+    json: bool,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let at = time(m.at_ms);
+    let text = m.content.as_ref().map(shown).unwrap_or_default();
+    if json {
+        let line = serde_json::json!({
+            "id": hex::encode(m.id),
+            "group": g.group_id,
+            "group_name": name,
+            "from": g.author,
+            "from_device": m.device,
+            "sent_at": at,
+            "text": text,
+        });
+        writeln!(out, "{line}")
+    } else {
+        writeln!(
+            out,
+            "{at} [{}] {} {}",
+            printable(name),
+            g.author,
+            printable(&text)
+        )
+    }
+}
+
 /// Prints one event of `recv`: messages and receipts on stdout, the rest on stderr.
-fn print_event(event: Event, json: bool, out: &mut impl Write) -> std::io::Result<()> {
+fn print_event(db: &HomeDb, event: Event, json: bool, out: &mut impl Write) -> std::io::Result<()> {
     match event {
+        Event::Message(m) if m.group.is_some() => {
+            let g = m.group.clone().unwrap_or_else(|| unreachable!("matched"));
+            print_group_message(&m, &g, &group_name(db, g.group_id), json, out)?;
+        }
+        Event::GroupDelivered {
+            group_id,
+            id,
+            delivered,
+            of,
+        } => {
+            let name = group_name(db, group_id);
+            if json {
+                let line = serde_json::json!({
+                    "group_delivered": {
+                        "id": hex::encode(id),
+                        "group": group_id,
+                        "group_name": name,
+                        "delivered": delivered,
+                        "of": of,
+                    }
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(
+                    out,
+                    "{} delivered to {delivered} of {of} devices in [{}] (id {})",
+                    humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+                    printable(&name),
+                    hex::encode(id)
+                )?;
+            }
+        }
         Event::Message(m) => {
             let at = time(m.at_ms);
             let text = m.content.as_ref().map(shown).unwrap_or_default();
@@ -350,11 +457,12 @@ pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
         // comes whole or not at all, even if the process is killed right then.
         let mut line = Vec::new();
         if broken.is_none()
-            && let Err(e) = print_event(event, args.json, &mut line).and_then(|()| {
-                let mut out = stdout.lock();
-                out.write_all(&line)?;
-                out.flush()
-            })
+            && let Err(e) =
+                print_event(messenger.db(), event, args.json, &mut line).and_then(|()| {
+                    let mut out = stdout.lock();
+                    out.write_all(&line)?;
+                    out.flush()
+                })
         {
             // Everything is in the history already; `history` shows it.
             broken = Some(e);
@@ -384,7 +492,10 @@ fn mark(entry: &Entry) -> String {
     match entry.state {
         State::Sending => "  (not sent yet)".into(),
         State::Sent => "  (sent)".into(),
-        State::Delivered => "  (delivered)".into(),
+        State::Delivered => match &entry.group {
+            Some(g) => format!("  (delivered to {} of {})", g.delivered, g.of),
+            None => "  (delivered)".into(),
+        },
         State::Failed => format!(
             "  (not sent: {})",
             entry.problem.as_deref().unwrap_or("refused")
@@ -395,19 +506,30 @@ fn mark(entry: &Entry) -> String {
 
 pub async fn history(home: Home, args: HistoryArgs) -> anyhow::Result<()> {
     let reg = home.load()?;
-    let db = home.db()?;
-    let peer = contact(&db, &reg, &args.number, args.region.as_deref())?;
     let me = reg.number.to_string();
-    let entries = {
-        let peer = peer.to_string();
-        db.read(|tx| switchboard::client::history::page(tx, &peer, None, args.limit))?
+    let (peer, shown_as) = match (&args.group, &args.number) {
+        (Some(group), _) => {
+            let messenger = Messenger::open(&home)?;
+            let id = super::group::group_id(&messenger, group).await?;
+            let name = group_name(messenger.db(), id);
+            messenger.close().await;
+            (switchboard::client::history::group_peer(id), name)
+        }
+        (None, Some(number)) => {
+            let db = home.db()?;
+            let n = contact(&db, &reg, number, args.region.as_deref())?;
+            (n.to_string(), n.to_string())
+        }
+        (None, None) => bail!("give a contact or --group"),
     };
+    let db = home.db()?;
+    let entries = db.read(|tx| switchboard::client::history::page(tx, &peer, None, args.limit))?;
     let mut out = std::io::stdout().lock();
     for e in &entries {
-        let (from, to) = if e.outgoing {
-            (me.as_str(), e.peer.as_str())
-        } else {
-            (e.peer.as_str(), me.as_str())
+        let (from, to) = match (&e.group, e.outgoing) {
+            (Some(g), _) => (g.author.as_str(), shown_as.as_str()),
+            (None, true) => (me.as_str(), e.peer.as_str()),
+            (None, false) => (e.peer.as_str(), me.as_str()),
         };
         let text = match &e.content {
             Some(c) => shown(c),
@@ -432,6 +554,11 @@ pub async fn history(home: Home, args: HistoryArgs) -> anyhow::Result<()> {
                 "text": text,
                 "state": e.state.name(),
                 "delivered_to": delivered,
+                "group": e.group.as_ref().map(|g| serde_json::json!({
+                    "group": g.group_id,
+                    "delivered": g.delivered,
+                    "of": g.of,
+                })),
                 "problem": e.problem,
             });
             writeln!(out, "{line}")?;
@@ -446,7 +573,7 @@ pub async fn history(home: Home, args: HistoryArgs) -> anyhow::Result<()> {
         }
     }
     if entries.is_empty() && !args.json {
-        writeln!(out, "no messages with {peer} yet")?;
+        writeln!(out, "no messages with {shown_as} yet")?;
     }
     Ok(())
 }

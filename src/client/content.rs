@@ -30,7 +30,11 @@ mod kind {
     pub const HISTORY_SYNC: u16 = 5;
     pub const GROUP_KEY: u16 = 6;
     pub const GROUP_REMOVED: u16 = 7;
+    pub const SENDER_KEY: u16 = 8;
 }
+
+/// The largest Megolm session key taken (vodozemac's are 229 bytes).
+const MAX_SENDER_KEY: usize = 1024;
 
 /// The most history entries one `HistorySync` plaintext carries.
 pub const MAX_SYNC_ENTRIES: usize = 200;
@@ -97,6 +101,19 @@ pub enum Body {
     GroupRemoved {
         group_id: u64,
     },
+    /// "My messages to group `group_id` are encrypted with this Megolm session":
+    /// the session key (`SessionKey::to_bytes`) of the sending device, to every other
+    /// member device.
+    SenderKey {
+        group_id: u64,
+        key: Vec<u8>,
+    },
+}
+
+#[derive(Encode, Decode)]
+struct SenderKeyBody {
+    group_id: u64,
+    key: Vec<u8>,
 }
 
 #[derive(Encode, Decode)]
@@ -203,6 +220,13 @@ impl Plaintext {
             Body::RetryUnavailable { id } => (kind::RETRY_UNAVAILABLE, to_vec(id)),
             Body::HistorySync { entries } => (kind::HISTORY_SYNC, to_vec(entries)),
             Body::GroupRemoved { group_id } => (kind::GROUP_REMOVED, to_vec(group_id)),
+            Body::SenderKey { group_id, key } => (
+                kind::SENDER_KEY,
+                to_vec(&SenderKeyBody {
+                    group_id: *group_id,
+                    key: key.clone(),
+                }),
+            ),
             Body::GroupKey {
                 group_id,
                 name,
@@ -305,6 +329,16 @@ fn decode_body(kind: u16, body: &[u8]) -> Result<Body, String> {
                 key: g.key,
             }
         }
+        kind::SENDER_KEY => {
+            let k: SenderKeyBody = whole(body)?;
+            if k.key.len() > MAX_SENDER_KEY {
+                return Err(format!("a sender key of {} bytes", k.key.len()));
+            }
+            Body::SenderKey {
+                group_id: k.group_id,
+                key: k.key,
+            }
+        }
         kind::HISTORY_SYNC => {
             let entries: Vec<Synced> = whole(body)?;
             if entries.len() > MAX_SYNC_ENTRIES {
@@ -391,6 +425,13 @@ mod tests {
                 }]
             })
         );
+        assert_eq!(
+            body(wire(8, &[9, 2, 0xaa, 0xbb])),
+            Ok(Body::SenderKey {
+                group_id: 9,
+                key: vec![0xaa, 0xbb]
+            })
+        );
         // A group key of the wrong size is refused, not taken.
         let mut short = vec![9, 0, 3];
         short.extend([1, 2, 3]);
@@ -424,6 +465,11 @@ mod tests {
         };
         check(p.clone());
         p.body = Body::GroupRemoved { group_id: 9 };
+        check(p.clone());
+        p.body = Body::SenderKey {
+            group_id: 9,
+            key: vec![1; 229],
+        };
         check(p.clone());
         p.body = Body::GroupKey {
             group_id: 9,

@@ -16,8 +16,10 @@ use super::content::Content;
 use super::db::{DbError, Hashed, MessageRow, Tx};
 use crate::proto::MessageId;
 
-/// The first byte of a stored record.
-const RECORD_FORMAT: u8 = 1;
+/// The first byte of a stored record: 2 since groups (a record of format 1 has no
+/// group part, and is read as such).
+const RECORD_FORMAT: u8 = 2;
+const RECORD_FORMAT_1: u8 = 1;
 const MAX_RECORD: usize = 2 << 20;
 
 /// Where a message stands, as the `state` column holds it.
@@ -99,6 +101,24 @@ pub struct Entry {
     pub problem: Option<String>,
     /// Sent: the recipient's identity key when it was encrypted.
     pub to_identity: Option<[u8; 32]>,
+    /// A message of a group conversation (`peer` is then [`group_peer`]).
+    pub group: Option<GroupPart>,
+}
+
+/// What a message of a group conversation has beyond a 1:1 one.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct GroupPart {
+    pub group_id: u64,
+    /// Who wrote it (E.164).
+    pub author: String,
+    /// Sent: how many of the devices it went to have it, and how many it went to.
+    pub delivered: u32,
+    pub of: u32,
+}
+
+/// The conversation (`peer`) of group `group_id`.
+pub fn group_peer(group_id: u64) -> String {
+    format!("group:{group_id}")
 }
 
 #[derive(Encode, Decode)]
@@ -115,6 +135,22 @@ struct Record {
     resends: Vec<(u32, u32)>,
     /// Sent: the recipient's identity key (Curve25519) when it was encrypted. A retry
     /// request is answered only over a session with that same identity.
+    to_identity: Option<[u8; 32]>,
+    group: Option<GroupPart>,
+}
+
+/// A record as format 1 stored it (before groups).
+#[derive(Decode)]
+struct RecordV1 {
+    peer: String,
+    outgoing: bool,
+    device: u32,
+    id: MessageId,
+    at_ms: u64,
+    content: Option<Content>,
+    delivered: Vec<(u32, u64)>,
+    problem: Option<String>,
+    resends: Vec<(u32, u32)>,
     to_identity: Option<[u8; 32]>,
 }
 
@@ -136,6 +172,21 @@ fn decode(bytes: &[u8]) -> Result<Record, String> {
     match bytes.split_first() {
         Some((&RECORD_FORMAT, rest)) => bincode::decode_from_slice(rest, config())
             .map(|(r, _)| r)
+            .map_err(|e| e.to_string()),
+        Some((&RECORD_FORMAT_1, rest)) => bincode::decode_from_slice(rest, config())
+            .map(|(r, _): (RecordV1, _)| Record {
+                peer: r.peer,
+                outgoing: r.outgoing,
+                device: r.device,
+                id: r.id,
+                at_ms: r.at_ms,
+                content: r.content,
+                delivered: r.delivered,
+                problem: r.problem,
+                resends: r.resends,
+                to_identity: r.to_identity,
+                group: None,
+            })
             .map_err(|e| e.to_string()),
         Some((format, _)) => Err(format!("unknown record format {format}")),
         None => Err("an empty record".into()),
@@ -179,6 +230,7 @@ fn from_record(seq: i64, state: State, record: Record) -> Entry {
         delivered: record.delivered,
         problem: record.problem,
         to_identity: record.to_identity,
+        group: record.group,
     }
 }
 
@@ -203,6 +255,7 @@ impl Record {
             problem: None,
             resends: Vec::new(),
             to_identity: None,
+            group: None,
         }
     }
 }
@@ -350,6 +403,113 @@ pub fn add_received(
 /// Whether a received message from `from` with id `id` is in the history.
 pub fn has_received(tx: &Tx<'_>, from: &str, id: &MessageId) -> Result<bool, DbError> {
     tx.has_message_key(&message_key(tx, from, false, id))
+}
+
+/// Records a group message this device is about to send (`author`: this account);
+/// its seq.
+pub fn add_sent_group(
+    tx: &Tx<'_>,
+    group_id: u64,
+    author: &str,
+    device: u32,
+    id: &MessageId,
+    written_at_ms: u64,
+    content: &Content,
+) -> Result<i64, DbError> {
+    let record = Record {
+        group: Some(GroupPart {
+            group_id,
+            author: author.to_string(),
+            delivered: 0,
+            of: 0,
+        }),
+        ..Record::new(
+            &group_peer(group_id),
+            true,
+            device,
+            id,
+            written_at_ms,
+            Some(content.clone()),
+        )
+    };
+    insert(tx, &record, State::Sending, true)?
+        .ok_or_else(|| tx.damaged("a message id was used twice"))
+}
+
+/// Records a received group message (`content` `None`: it could not be decrypted);
+/// `own` for one of this account's other devices (kept as sent). `None` when it is
+/// in the history already.
+#[allow(clippy::too_many_arguments)]
+pub fn add_received_group(
+    tx: &Tx<'_>,
+    group_id: u64,
+    author: &str,
+    own: bool,
+    device: u32,
+    id: &MessageId,
+    at_ms: u64,
+    content: Option<Content>,
+    problem: Option<String>,
+) -> Result<Option<Entry>, DbError> {
+    let state = match (&content, own) {
+        (None, _) => State::Undecryptable,
+        (Some(_), true) => State::Sent,
+        (Some(_), false) => State::Received,
+    };
+    let record = Record {
+        problem,
+        group: Some(GroupPart {
+            group_id,
+            author: author.to_string(),
+            delivered: 0,
+            of: 0,
+        }),
+        ..Record::new(&group_peer(group_id), own, device, id, at_ms, content)
+    };
+    Ok(insert(tx, &record, state, false)?.map(|seq| from_record(seq, state, record)))
+}
+
+/// Whether group `group_id`'s conversation has message `id` (written here or not).
+pub fn has_group_message(
+    tx: &Tx<'_>,
+    group_id: u64,
+    outgoing: bool,
+    id: &MessageId,
+) -> Result<bool, DbError> {
+    tx.has_message_key(&message_key(tx, &group_peer(group_id), outgoing, id))
+}
+
+/// The node queued group message `seq` for `of` devices.
+pub fn mark_group_queued(tx: &Tx<'_>, seq: i64, of: u32) -> Result<(), DbError> {
+    change(tx, seq, |r, _| match &mut r.group {
+        Some(g) => {
+            g.of = of;
+            true
+        }
+        None => false,
+    })?;
+    Ok(())
+}
+
+/// `delivered` of the `of` devices group message `seq` went to have it; the entry,
+/// unless that is no news.
+pub fn mark_group_delivered(
+    tx: &Tx<'_>,
+    seq: i64,
+    delivered: u32,
+    of: u32,
+) -> Result<Option<Entry>, DbError> {
+    change(tx, seq, |r, state| match &mut r.group {
+        Some(g) if delivered > g.delivered || of != g.of => {
+            g.delivered = g.delivered.max(delivered);
+            g.of = of;
+            if g.delivered > 0 {
+                *state = State::Delivered;
+            }
+            true
+        }
+        _ => false,
+    })
 }
 
 /// The message `seq`.

@@ -28,6 +28,10 @@ use bincode::{Decode, Encode};
 use rand::RngExt;
 
 mod group_ops;
+mod group_recv;
+mod group_send;
+
+pub use group_send::GroupSent;
 
 use super::content::{Body, Content, MAX_RETRY_IDS, Plaintext};
 use super::db::{DbError, Hashed, HomeDb, Table, Tx};
@@ -176,6 +180,14 @@ pub enum Event {
         group_id: u64,
         name: String,
         by: String,
+    },
+    /// `delivered` of the `of` devices that this device's group message `id` went to
+    /// have it (one event per new count, not one per device).
+    GroupDelivered {
+        group_id: u64,
+        id: MessageId,
+        delivered: u32,
+        of: u32,
     },
     /// `by` removed this account from group `group_id`, called `name`.
     RemovedFromGroup {
@@ -480,8 +492,13 @@ impl Messenger {
             else {
                 continue;
             };
-            match self.push_outbox(client, seq).await {
-                Ok(_) => {}
+            let pushed = if key.len() == group_send::outbox_key(seq).len() {
+                self.push_group_outbox(client, seq).await.map(|_| ())
+            } else {
+                self.push_outbox(client, seq).await.map(|_| ())
+            };
+            match pushed {
+                Ok(()) => {}
                 Err(e) if e.is_connection() => {
                     events.push(Event::Warning(format!("a message is still not sent: {e}")));
                     break;
@@ -1063,6 +1080,7 @@ impl Messenger {
     /// Shows as undecryptable what waited too long for its sender.
     async fn give_up_on_old_pending(&self) -> Vec<Event> {
         let after_ms = u64::from(self.inner.settings.undecryptable_after_days) * 24 * 3600 * 1000;
+        let me = self.inner.me.clone();
         let result = self
             .inner
             .db
@@ -1080,6 +1098,7 @@ impl Messenger {
                         )?);
                     }
                 }
+                events.extend(group_recv::give_up_waiting(tx, &me, now, after_ms)?);
                 tx.forget_seen(now.saturating_sub(SEEN_KEEP_MS))?;
                 Ok::<_, MessengerError>(events)
             })
@@ -1530,12 +1549,17 @@ fn store_batch(
                         // The event names who said so.
                         if let Some(g) = groups::known(tx, group_id)? {
                             groups::forget(tx, group_id)?;
+                            super::senderkeys::forget(tx, group_id)?;
                             out.events.push(Event::RemovedFromGroup {
                                 group_id,
                                 name: g.name,
                                 by: m.from.clone(),
                             });
                         }
+                    }
+                    Body::SenderKey { group_id, key } => {
+                        let sender = (group_id, m.from.as_str(), m.from_device);
+                        group_recv::sender_key(tx, me, sender, &key, &mut out)?;
                     }
                     Body::SentCopy { to, content } => {
                         // Only this account's own devices tell it what it sent.
@@ -1574,10 +1598,10 @@ fn store_batch(
             }
             // Group messages need sender keys, which this client does not have yet: it
             // says so rather than drop them silently.
-            Item::GroupMessage(g) => out.events.push(Event::Warning(format!(
-                "a message from {} to group {} that this version cannot read yet",
-                g.from, g.group_id
-            ))),
+            Item::GroupMessage(g) => {
+                group_recv::take(tx, me, g, delivery.queued_at_ms, now, &mut out)?;
+            }
+            Item::GroupDelivered(r) => out.events.extend(group_recv::delivered(tx, r)?),
         }
     }
     for ((to, device), ids) in retries {

@@ -23,6 +23,7 @@ mod legacy;
 pub mod link;
 pub mod messenger;
 pub mod sealed;
+pub mod senderkeys;
 pub mod settings;
 
 use std::net::SocketAddr;
@@ -37,7 +38,7 @@ use crate::proto::{
 use crate::tls::{self, Credentials, Fingerprint, PinObservation, TlsError};
 
 pub use home::{Home, HomeError, Registration};
-pub use messenger::{Event, Messenger, MessengerError};
+pub use messenger::{Event, GroupSent, Messenger, MessengerError};
 
 impl Registration {
     /// A connection of this device to its node, checking the pinned certificate.
@@ -580,15 +581,23 @@ impl Client {
     }
 
     /// Sends a group message (`body` encrypted once, by the caller) to every device
-    /// of every member; returns when it was accepted and for how many devices.
+    /// of every member, which must be the devices `devices` is the digest of
+    /// ([`proto::group_devices_digest`]); returns when it was accepted and for how
+    /// many devices.
     pub async fn send_group(
         &self,
         group_id: u64,
         id: proto::MessageId,
         body: Vec<u8>,
+        devices: [u8; 32],
     ) -> Result<(u64, u32), ClientError> {
         match self
-            .call(&Request::SendGroup { group_id, id, body })
+            .call(&Request::SendGroup {
+                group_id,
+                id,
+                body,
+                devices,
+            })
             .await?
         {
             Response::GroupAccepted {

@@ -233,6 +233,17 @@ fn delivery(q: Queued) -> Delivery {
             id,
             body: q.group_body.unwrap_or_default(),
         }),
+        QueueItem::GroupDelivered {
+            group_id,
+            id,
+            delivered,
+            of,
+        } => Item::GroupDelivered(crate::proto::GroupReceipt {
+            group_id,
+            id,
+            delivered,
+            of,
+        }),
     };
     Delivery {
         seq: q.seq,

@@ -123,12 +123,44 @@ pub enum Request {
     ListGroups,
     /// A message to group `group_id`, encrypted once by the sender (its sender key);
     /// the node queues it for every device of every member but the sending device,
-    /// storing `body` once. Answered by [`Response::GroupAccepted`] once durable.
+    /// storing `body` once. `devices` is [`group_devices_digest`] of the devices the
+    /// sender shared its sender key with: if they are not the devices the node would
+    /// queue it for, nothing is queued ([`ErrorKind::GroupDevicesChanged`]). Answered
+    /// by [`Response::GroupAccepted`] once durable.
     SendGroup {
         group_id: u64,
         id: MessageId,
         body: Vec<u8>,
+        devices: [u8; 32],
     },
+}
+
+/// The devices of one member a group message goes to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Encode, Decode)]
+pub struct MemberDevices {
+    /// E.164.
+    pub number: String,
+    pub devices: Vec<u32>,
+}
+
+/// SHA-256 over the devices a group message goes to, in order of number (bytewise)
+/// then device id: for each device, the number's UTF-8 bytes, a zero byte, and the
+/// device id (u32 BE). Members listed without devices count for nothing.
+pub fn group_devices_digest(members: &[MemberDevices]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut all: Vec<(&str, u32)> = members
+        .iter()
+        .flat_map(|m| m.devices.iter().map(|&d| (m.number.as_str(), d)))
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    let mut hash = sha2::Sha256::new();
+    for (number, device) in all {
+        hash.update(number.as_bytes());
+        hash.update([0]);
+        hash.update(device.to_be_bytes());
+    }
+    hash.finalize().into()
 }
 
 /// A change to a group.
@@ -385,6 +417,20 @@ pub enum Item {
     Delivered(Receipt),
     /// A message to a group this account is in.
     GroupMessage(GroupIncoming),
+    /// How many of the devices a group message of this device went to have it: one
+    /// item per message, replaced as the count grows (not a receipt per device).
+    GroupDelivered(GroupReceipt),
+}
+
+/// The delivery of a group message, counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct GroupReceipt {
+    pub group_id: u64,
+    pub id: MessageId,
+    /// Devices that acknowledged it so far.
+    pub delivered: u32,
+    /// Devices it was queued for.
+    pub of: u32,
 }
 
 /// A group message as a member device receives it.
@@ -692,6 +738,11 @@ pub enum ErrorKind {
     NotGroupAdmin,
     /// The group would have more than `max` members.
     GroupFull { max: u32 },
+    /// The group message's `devices` digest is not that of the devices the node would
+    /// queue it for: these are the member devices now (the sending device left out).
+    /// Share the sender key with the new ones (a new key if any is gone) and send
+    /// again.
+    GroupDevicesChanged { members: Vec<MemberDevices> },
 }
 
 /// Why a device was removed from its account.
@@ -755,6 +806,7 @@ impl ErrorKind {
             ErrorKind::NotGroupMember => "not_group_member",
             ErrorKind::NotGroupAdmin => "not_group_admin",
             ErrorKind::GroupFull { .. } => "group_full",
+            ErrorKind::GroupDevicesChanged { .. } => "group_devices_changed",
         }
     }
 }
@@ -838,8 +890,52 @@ mod tests {
                 group_id: 7,
                 id: [1; 16],
                 body: vec![42],
+                devices: [3; 32],
             },
-            &format!("00000014 1b 07 {} 01 2a", "01".repeat(16)),
+            &format!(
+                "00000034 1b 07 {} 01 2a {}",
+                "01".repeat(16),
+                "03".repeat(32)
+            ),
+        );
+        check(
+            Reply::Err(NodeError::new(
+                ErrorKind::GroupDevicesChanged {
+                    members: vec![MemberDevices {
+                        number: "+1".into(),
+                        devices: vec![1, 2],
+                    }],
+                },
+                "x",
+            )),
+            "0000000b 01 1e 01 02 2b31 02 01 02 01 78",
+        );
+        check(
+            Delivery {
+                seq: 9,
+                queued_at_ms: 1,
+                item: Item::GroupDelivered(GroupReceipt {
+                    group_id: 7,
+                    id: [1; 16],
+                    delivered: 2,
+                    of: 3,
+                }),
+            },
+            &format!("00000016 09 01 03 07 {} 02 03", "01".repeat(16)),
+        );
+        // The digest of a group's devices, as every client and node computes it.
+        assert_eq!(
+            hex::encode(group_devices_digest(&[
+                MemberDevices {
+                    number: "+2".into(),
+                    devices: vec![1],
+                },
+                MemberDevices {
+                    number: "+1".into(),
+                    devices: vec![2, 1],
+                },
+            ])),
+            "a1429c8fe4be98033b0d8210b479a1c5e1a4e4b51a6d76dea6141cef7cf2b44c",
         );
         check(
             Request::ChangeGroup {

@@ -11,9 +11,10 @@ pub mod messages;
 pub use frame::{FrameError, HARD_MAX_FRAME_BYTES};
 pub use messages::{
     Accepted, Ack, Bundle, Bundles, Channel, CodeSent, Delivery, DeviceEnvelope, DeviceInfo,
-    ErrorKind, GroupChange, GroupIncoming, GroupInfo, GroupMember, GroupSummary, Identity,
-    IdentityKeys, Incoming, Item, KeyUpload, MessageId, NodeError, Outgoing, Push, Receipt,
-    Registered, Removal, Reply, Request, Response, SignedKey,
+    ErrorKind, GroupChange, GroupIncoming, GroupInfo, GroupMember, GroupReceipt, GroupSummary,
+    Identity, IdentityKeys, Incoming, Item, KeyUpload, MemberDevices, MessageId, NodeError,
+    Outgoing, Push, Receipt, Registered, Removal, Reply, Request, Response, SignedKey,
+    group_devices_digest,
 };
 
 /// Seqs one `Ack` frame may carry; a frame with more is a protocol error.

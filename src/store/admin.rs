@@ -94,7 +94,9 @@ impl Store {
                 QueueItem::Message { .. } | QueueItem::GroupMessage { .. } => {
                     counts.queued_messages += 1
                 }
-                QueueItem::Delivered { .. } => counts.queued_receipts += 1,
+                QueueItem::Delivered { .. } | QueueItem::GroupDelivered { .. } => {
+                    counts.queued_receipts += 1
+                }
             }
             counts.queued_bytes += value.len() as u64;
             counts.oldest_queued_ms = Some(counts.oldest_queued_ms.map_or(at, |o| o.min(at)));

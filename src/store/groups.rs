@@ -5,8 +5,9 @@
 
 use sled::transaction::Transactional;
 
+use super::layout::{self, DeviceKey};
 use super::records::{self, GroupMemberRecord, GroupRecord};
-use super::{DeviceRef, Store, StoreError, abort};
+use super::{DeviceRef, QueueState, Store, StoreError, abort};
 
 /// A change to a group, by one of its members.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +242,54 @@ fn body_key(body_ref: u64) -> [u8; 8] {
     body_ref.to_be_bytes()
 }
 
+/// `group_receipt` key: the sending device, then the message id.
+fn receipt_key(sender: DeviceKey, id: &[u8; 16]) -> [u8; 28] {
+    let mut k = [0u8; 28];
+    k[..12].copy_from_slice(&sender);
+    k[12..].copy_from_slice(id);
+    k
+}
+
+/// A `group_receipt` row: how far the delivery of one group message has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReceiptRow {
+    group_id: u64,
+    /// Devices it was queued for.
+    of: u32,
+    /// Devices that acknowledged it.
+    delivered: u32,
+    /// The sender's queue item that reports the count (0: none yet).
+    pending_seq: u64,
+    at_ms: u64,
+}
+
+impl ReceiptRow {
+    fn encode(&self) -> [u8; 32] {
+        let mut v = [0u8; 32];
+        v[..8].copy_from_slice(&self.group_id.to_be_bytes());
+        v[8..12].copy_from_slice(&self.of.to_be_bytes());
+        v[12..16].copy_from_slice(&self.delivered.to_be_bytes());
+        v[16..24].copy_from_slice(&self.pending_seq.to_be_bytes());
+        v[24..].copy_from_slice(&self.at_ms.to_be_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Result<ReceiptRow, StoreError> {
+        let v: &[u8; 32] = v
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("a group_receipt value is not 32 bytes".into()))?;
+        let u64_at = |i: usize| u64::from_be_bytes(v[i..i + 8].try_into().unwrap_or_default());
+        let u32_at = |i: usize| u32::from_be_bytes(v[i..i + 4].try_into().unwrap_or_default());
+        Ok(ReceiptRow {
+            group_id: u64_at(0),
+            of: u32_at(8),
+            delivered: u32_at(12),
+            pending_seq: u64_at(16),
+            at_ms: u64_at(24),
+        })
+    }
+}
+
 impl Store {
     /// Queues the group message `id` of `sender` to group `group_id` for every device
     /// of `recipients`, storing `body` once: a `group_body` row counting the devices
@@ -268,10 +317,23 @@ impl Store {
             }
         }
         let body_ref = self.next_id()?;
-        let mut row = (recipients.len() as u32).to_be_bytes().to_vec();
+        let of = recipients.len() as u32;
+        let mut row = of.to_be_bytes().to_vec();
         row.extend_from_slice(&now_ms.to_be_bytes());
         row.extend_from_slice(body);
         self.trees.group_body.insert(body_key(body_ref), row)?;
+        if of > 0 {
+            let receipt = ReceiptRow {
+                group_id,
+                of,
+                delivered: 0,
+                pending_seq: 0,
+                at_ms: now_ms,
+            };
+            self.trees
+                .group_receipt
+                .insert(receipt_key(sender.key(), &id), &receipt.encode()[..])?;
+        }
         let item = records::QueueItem::GroupMessage {
             from_account: sender.account_id,
             from_device: sender.device_id,
@@ -334,9 +396,72 @@ impl Store {
         }
     }
 
+    /// One more device acknowledged `sender`'s group message `id`: counts it, and
+    /// replaces the sender's item that reports the count with one of the new count
+    /// (so its queue holds one per message, however many devices take it). Returns the
+    /// sender, to be woken, or `None` when nothing is counted any more (the message
+    /// expired, or every device had it). Caller holds the gate and the writer lock.
+    /// A crash between this and the removal of the acknowledged item counts that
+    /// device twice when it acknowledges the redelivery (the count stops at `of`).
+    pub(super) fn count_group_delivery(
+        &self,
+        q: &mut QueueState,
+        sender: DeviceRef,
+        id: [u8; 16],
+        now_ms: u64,
+    ) -> Result<Option<DeviceRef>, StoreError> {
+        let sk = sender.key();
+        let key = receipt_key(sk, &id);
+        let Some(row) = self.trees.group_receipt.get(key)? else {
+            return Ok(None);
+        };
+        let mut row = ReceiptRow::decode(&row)?;
+        row.delivered = row.delivered.saturating_add(1).min(row.of);
+        self.write_device_staged(q, sk)?;
+        if row.pending_seq != 0 {
+            let old = layout::queue(sk, row.pending_seq);
+            if let Some(value) = self.trees.queue.remove(&old[..])? {
+                self.queue_totals.remove(value.len());
+                if let Some(len) = q.lens.get_mut(&sk) {
+                    *len = len.saturating_sub(1);
+                }
+            }
+        }
+        let item = records::QueueItem::GroupDelivered {
+            group_id: row.group_id,
+            id,
+            delivered: row.delivered,
+            of: row.of,
+        };
+        let value = records::encode_queued(now_ms, &item)?;
+        let seq = self.next_id()?;
+        self.write_queue_item(q, sk, seq, &value)?;
+        self.queue_totals.add(value.len());
+        if let Some(len) = q.lens.get_mut(&sk) {
+            *len += 1;
+        }
+        if row.delivered >= row.of {
+            self.trees.group_receipt.remove(key)?;
+        } else {
+            row.pending_seq = seq;
+            self.trees.group_receipt.insert(key, &row.encode()[..])?;
+        }
+        Ok(Some(sender))
+    }
+
     /// Drops group bodies stored before `cutoff_ms` (their queue items have expired
-    /// with them, or went with a removed device); returns how many.
+    /// with them, or went with a removed device), and the counts of their delivery;
+    /// returns how many bodies.
     pub(super) fn sweep_group_bodies(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+        for entry in self.trees.group_receipt.iter() {
+            let (key, row) = entry?;
+            if ReceiptRow::decode(&row).is_ok_and(|r| r.at_ms < cutoff_ms) {
+                let _ =
+                    self.trees
+                        .group_receipt
+                        .compare_and_swap(&key, Some(&row), None::<&[u8]>)?;
+            }
+        }
         let mut dropped = 0;
         for entry in self.trees.group_body.iter() {
             let (key, row) = entry?;
@@ -361,6 +486,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::records::QueueItem;
 
     fn members(r: &GroupRecord) -> Vec<(u64, bool)> {
         r.members.iter().map(|m| (m.account_id, m.admin)).collect()
@@ -453,9 +579,27 @@ mod tests {
             assert_eq!(page.len(), 1);
             assert_eq!(page[0].group_body.as_deref(), Some(&body[..]));
             let seq = page[0].seq;
-            store.ack(*device, "x", &[seq], 6).unwrap();
+            assert_eq!(store.ack(*device, "x", &[seq], 6).unwrap(), [alice]);
             assert_eq!(store.trees.group_body.len(), usize::from(n < 2));
+            // The sender's queue holds one count of the deliveries, the latest.
+            let counts: Vec<QueueItem> = store
+                .queue_page(alice, None, 10)
+                .unwrap()
+                .into_iter()
+                .map(|q| q.item)
+                .collect();
+            assert_eq!(
+                counts,
+                [QueueItem::GroupDelivered {
+                    group_id: 9,
+                    id: [1; 16],
+                    delivered: n as u32 + 1,
+                    of: 3
+                }]
+            );
         }
+        // Every device has it: nothing more is counted.
+        assert_eq!(store.trees.group_receipt.len(), 0);
         // A full queue refuses the whole message.
         let out = store
             .append_group(alice, "+14155550100", 9, [2; 16], b"x", &others, 0, 7)
@@ -466,7 +610,9 @@ mod tests {
         store
             .append_group(alice, "+14155550100", 9, [3; 16], b"y", &others, 10, 8)
             .unwrap();
+        assert_eq!(store.trees.group_receipt.len(), 1);
         assert_eq!(store.sweep_group_bodies(9).unwrap(), 1);
+        assert_eq!(store.trees.group_receipt.len(), 0);
     }
 
     #[test]

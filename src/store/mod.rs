@@ -42,7 +42,7 @@ use records::{AccountRecord, CodeRecord, DeviceRecord};
 
 /// The schema this build writes. Raise it with every change of layout and add a rung
 /// to [`Store::migrate`].
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
 
 /// What can go wrong in storage.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +146,10 @@ struct Trees {
     /// `group_body`: body ref (u64 BE) → recipient devices that still hold it (u32
     /// BE) ++ when it was stored (u64 BE ms) ++ the body: a group message's one copy.
     group_body: sled::Tree,
+    /// `group_receipt`: sending device ++ message id → group id (u64 BE), devices it
+    /// went to (u32 BE), devices that have it (u32 BE), the sender's queue seq of the
+    /// item reporting it (u64 BE, 0 for none), when it was sent (u64 BE ms).
+    group_receipt: sled::Tree,
 }
 
 /// The node's database.
@@ -403,6 +407,7 @@ impl Store {
             group: db.open_tree("group")?,
             account_group: db.open_tree("account_group")?,
             group_body: db.open_tree("group_body")?,
+            group_receipt: db.open_tree("group_receipt")?,
             removed_key: db.open_tree("removed_key")?,
         };
         let discovery = Arc::new(std::sync::RwLock::new(Arc::new(
@@ -452,6 +457,8 @@ impl Store {
         // Rung 5 → 6: `device_name`, `device_seen`, `removed_key`, `device_vouch`, `group`, `account_group` and `group_body` appear empty (every
         // account so far has one device, its primary; devices count as seen once
         // they are). An older build would ignore linked devices' names and lapses.
+        // Rung 6 → 7: `group_receipt` appears empty (group messages sent before count
+        // no deliveries).
         // A rotation cut short (see `rotate_discovery_key`) left the index partial.
         if (1..3).contains(&found) || self.trees.meta.get("discovery_rebuild")?.is_some() {
             self.rebuild_discovery_index(&self.discovery_key())?;

@@ -454,9 +454,23 @@ impl Store {
                 continue;
             };
             let (_, item) = records::decode_queued(&value)?;
-            if let QueueItem::GroupMessage { body_ref, .. } = &item {
-                // No receipt per device for a group message: its body goes with the
-                // last device to take it.
+            if let QueueItem::GroupMessage {
+                body_ref,
+                from_account,
+                from_device,
+                id,
+                ..
+            } = &item
+            {
+                // Counted for the sender (one item per message, not a receipt per
+                // device); the body goes with the last device to take it.
+                let sender = DeviceRef {
+                    account_id: *from_account,
+                    device_id: *from_device,
+                };
+                if let Some(s) = self.count_group_delivery(&mut q, sender, *id, now_ms)? {
+                    receipts.push(s);
+                }
                 self.release_group_body(*body_ref)?;
             }
             if let QueueItem::Message {
@@ -650,7 +664,9 @@ pub(in crate::store) mod tests {
         page.iter()
             .filter_map(|q| match &q.item {
                 QueueItem::Message { body, .. } => Some(body.clone()),
-                QueueItem::Delivered { .. } | QueueItem::GroupMessage { .. } => None,
+                QueueItem::Delivered { .. }
+                | QueueItem::GroupMessage { .. }
+                | QueueItem::GroupDelivered { .. } => None,
             })
             .collect()
     }

@@ -106,6 +106,14 @@ pub enum QueueItem {
         id: [u8; 16],
         body_ref: u64,
     },
+    /// `delivered` of the `of` devices that group message `id` (of this device) went
+    /// to have it: the latest count, replacing the one before.
+    GroupDelivered {
+        group_id: u64,
+        id: [u8; 16],
+        delivered: u32,
+        of: u32,
+    },
 }
 
 /// Why a device (its key) was removed from its account.

@@ -1,7 +1,9 @@
 //! Groups on the node: membership, roles and versions, enforced against a client
 //! library that tries anyway.
 
-use switchboard::proto::{ErrorKind, GroupChange, GroupInfo};
+use switchboard::proto::{
+    ErrorKind, GroupChange, GroupInfo, GroupReceipt, MemberDevices, group_devices_digest,
+};
 
 use crate::support::*;
 
@@ -227,8 +229,8 @@ fn group_commands_create_invite_remove_and_rename() {
     assert!(!info.contains(BOB), "{info}");
 }
 
-/// The group messages of a device's backlog (acknowledged): (group, from, body).
-async fn group_backlog(client: &switchboard::client::Client) -> Vec<(u64, String, Vec<u8>)> {
+/// A device's backlog (acknowledged).
+async fn backlog(client: &switchboard::client::Client) -> Vec<switchboard::proto::Item> {
     let mut sub = client.subscribe().await.expect("subscribe");
     let mut out = Vec::new();
     loop {
@@ -236,17 +238,37 @@ async fn group_backlog(client: &switchboard::client::Client) -> Vec<(u64, String
         sub.ack(push.items.iter().map(|d| d.seq).collect())
             .await
             .expect("ack");
-        for d in push.items {
-            if let switchboard::proto::Item::GroupMessage(g) = d.item {
-                out.push((g.group_id, g.from, g.body));
-            }
-        }
+        out.extend(push.items.into_iter().map(|d| d.item));
         if push.backlog_end {
             break;
         }
     }
     sub.finish().await.expect("finish");
     out
+}
+
+/// The group messages of a device's backlog (acknowledged): (group, from, body).
+async fn group_backlog(client: &switchboard::client::Client) -> Vec<(u64, String, Vec<u8>)> {
+    backlog(client)
+        .await
+        .into_iter()
+        .filter_map(|item| match item {
+            switchboard::proto::Item::GroupMessage(g) => Some((g.group_id, g.from, g.body)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The digest of these members' devices.
+fn digest(members: &[(&str, &[u32])]) -> [u8; 32] {
+    let members: Vec<MemberDevices> = members
+        .iter()
+        .map(|(number, devices)| MemberDevices {
+            number: number.to_string(),
+            devices: devices.to_vec(),
+        })
+        .collect();
+    group_devices_digest(&members)
 }
 
 /// A group message is uploaded once and reaches every member device, online or not;
@@ -263,8 +285,24 @@ async fn a_group_message_is_uploaded_once_and_reaches_every_member() {
         .unwrap();
     let body = vec![42u8; 64 * 1024];
     let id = switchboard::client::e2e::new_message_id();
+    let both = digest(&[(BOB, &[1]), (CAROL, &[1])]);
+    // A sender whose key went to other devices is told which ones it must go to,
+    // and nothing is queued.
+    let wrong = alice
+        .send_group(g.group_id, id, body.clone(), digest(&[(BOB, &[1])]))
+        .await;
+    match kind(wrong) {
+        ErrorKind::GroupDevicesChanged { members } => assert_eq!(
+            members,
+            [(BOB, vec![1]), (CAROL, vec![1])].map(|(number, devices)| MemberDevices {
+                number: number.into(),
+                devices
+            })
+        ),
+        other => panic!("{other:?}"),
+    }
     let (_, recipients) = alice
-        .send_group(g.group_id, id, body.clone())
+        .send_group(g.group_id, id, body.clone(), both)
         .await
         .unwrap();
     assert_eq!(recipients, 2);
@@ -274,10 +312,20 @@ async fn a_group_message_is_uploaded_once_and_reaches_every_member() {
             [(g.group_id, ALICE.to_string(), body.clone())]
         );
     }
+    // Alice's queue holds one count of the deliveries, not a receipt per device.
+    assert_eq!(
+        backlog(&alice).await,
+        [switchboard::proto::Item::GroupDelivered(GroupReceipt {
+            group_id: g.group_id,
+            id,
+            delivered: 2,
+            of: 2
+        })]
+    );
     // A stranger is not in the group; a member who was removed gets nothing after.
     let dave_less = node.connect().await;
     assert!(matches!(
-        kind(dave_less.send_group(g.group_id, id, vec![1]).await),
+        kind(dave_less.send_group(g.group_id, id, vec![1], both).await),
         ErrorKind::Unauthenticated
     ));
     alice
@@ -295,7 +343,8 @@ async fn a_group_message_is_uploaded_once_and_reaches_every_member() {
                 .send_group(
                     g.group_id,
                     switchboard::client::e2e::new_message_id(),
-                    vec![1]
+                    vec![1],
+                    digest(&[(ALICE, &[1]), (BOB, &[1])])
                 )
                 .await
         ),
@@ -306,6 +355,7 @@ async fn a_group_message_is_uploaded_once_and_reaches_every_member() {
             g.group_id,
             switchboard::client::e2e::new_message_id(),
             b"after".to_vec(),
+            digest(&[(BOB, &[1])]),
         )
         .await
         .unwrap();
@@ -320,6 +370,7 @@ async fn a_group_message_is_uploaded_once_and_reaches_every_member() {
         g.group_id,
         switchboard::client::e2e::new_message_id(),
         b"hi".to_vec(),
+        digest(&[(ALICE, &[1])]),
     )
     .await
     .unwrap();

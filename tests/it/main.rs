@@ -11,6 +11,7 @@ mod crash;
 mod devices;
 mod discovery;
 mod disk;
+mod group_messages;
 mod groups;
 mod handoff;
 mod hostile;

@@ -66,7 +66,7 @@ fn bodies(items: &[Delivery]) -> Vec<String> {
         .iter()
         .filter_map(|d| match &d.item {
             Item::Message(m) => Some(String::from_utf8_lossy(&m.body).into_owned()),
-            Item::Delivered(_) | Item::GroupMessage(_) => None,
+            Item::Delivered(_) | Item::GroupMessage(_) | Item::GroupDelivered(_) => None,
         })
         .collect()
 }
@@ -98,7 +98,7 @@ async fn offline_backlog_arrives_in_order_once_and_the_sender_gets_receipts() {
         .into_iter()
         .filter_map(|d| match d.item {
             Item::Delivered(r) => Some(r),
-            Item::Message(_) | Item::GroupMessage(_) => None,
+            Item::Message(_) | Item::GroupMessage(_) | Item::GroupDelivered(_) => None,
         })
         .collect();
     assert_eq!(receipts.iter().map(|r| r.id).collect::<Vec<_>>(), ids);

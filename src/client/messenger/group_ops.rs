@@ -135,7 +135,10 @@ impl Messenger {
         client.change_group(group_id, GroupChange::Leave).await?;
         self.inner
             .db
-            .write_async(move |tx| groups::forget(tx, group_id))
+            .write_async(move |tx| {
+                groups::forget(tx, group_id)?;
+                super::super::senderkeys::forget(tx, group_id)
+            })
             .await?;
         Ok(())
     }
@@ -159,6 +162,18 @@ impl Messenger {
             .await?;
         let name = known.and_then(|k| groups::open_name(&k.key, &info.meta));
         Ok((info, name))
+    }
+
+    /// This device's sending session for group `group_id` and who has its key.
+    pub async fn sender_key(
+        &self,
+        group_id: u64,
+    ) -> Result<Option<super::super::senderkeys::Outbound>, MessengerError> {
+        Ok(self
+            .inner
+            .db
+            .read_async(move |tx| super::super::senderkeys::outbound(tx, group_id))
+            .await?)
     }
 
     async fn known_group(&self, group_id: u64) -> Result<groups::KnownGroup, MessengerError> {

@@ -10,7 +10,8 @@ use crate::node::clock::now_ms;
 use crate::node::session::{Session, authenticated};
 use crate::node::worker::{blocking, read};
 use crate::proto::{
-    ErrorKind, GroupChange, GroupInfo, GroupMember, GroupSummary, NodeError, Response,
+    ErrorKind, GroupChange, GroupInfo, GroupMember, GroupSummary, MemberDevices, NodeError,
+    Response, group_devices_digest,
 };
 use crate::store::records::GroupRecord;
 use crate::store::{self, DeviceRef, GroupAppend, GroupRefusal};
@@ -240,6 +241,7 @@ pub(super) async fn send(
     group_id: u64,
     id: crate::proto::MessageId,
     body: Vec<u8>,
+    digest: [u8; 32],
 ) -> Result<Response, NodeError> {
     let me = authenticated(shared, session).await?;
     let limits = &shared.config.messages;
@@ -252,9 +254,10 @@ pub(super) async fn send(
     }
     check_space(shared)?;
     let account = me.device.account_id;
+    let sending = me.device;
     // Every device of every member, but the sending one (its own other devices get
-    // it too: the conversation reads the same on each).
-    let recipients = read(shared, move |store| {
+    // it too: the conversation reads the same on each), by member.
+    let members = read(shared, move |store| {
         let Some(group) = store.group(group_id)? else {
             return Ok(None);
         };
@@ -264,17 +267,39 @@ pub(super) async fn send(
         let mut out = Vec::new();
         for m in &group.members {
             if let Some(record) = store.account(m.account_id)? {
-                out.extend(record.devices.iter().map(|d| DeviceRef {
-                    account_id: m.account_id,
-                    device_id: d.device_id,
-                }));
+                let devices: Vec<DeviceRef> = record
+                    .devices
+                    .iter()
+                    .map(|d| DeviceRef {
+                        account_id: m.account_id,
+                        device_id: d.device_id,
+                    })
+                    .filter(|d| *d != sending)
+                    .collect();
+                out.push((record.number, devices));
             }
         }
         Ok(Some(out))
     })
     .await?
     .ok_or_else(|| refusal(GroupRefusal::NotMember, None))?;
-    let recipients: Vec<DeviceRef> = recipients.into_iter().filter(|d| *d != me.device).collect();
+    let listed: Vec<MemberDevices> = members
+        .iter()
+        .filter(|(_, devices)| !devices.is_empty())
+        .map(|(number, devices)| MemberDevices {
+            number: number.clone(),
+            devices: devices.iter().map(|d| d.device_id).collect(),
+        })
+        .collect();
+    if group_devices_digest(&listed) != digest {
+        // The sender's key went to other devices than these: it shares it (or a new
+        // one) and sends again.
+        return Err(NodeError::new(
+            ErrorKind::GroupDevicesChanged { members: listed },
+            "the group's devices are not those the sender key went to",
+        ));
+    }
+    let recipients: Vec<DeviceRef> = members.into_iter().flat_map(|(_, d)| d).collect();
     let (sender, number, now) = (me.device, me.number.clone(), now_ms());
     let max_queued = u64::from(limits.max_queued_per_device);
     let targets = recipients.clone();

@@ -111,9 +111,12 @@ pub async fn handle(
         }
         Request::FetchGroup { group_id } => groups::fetch(shared, session, group_id).await,
         Request::ListGroups => groups::list(shared, session).await,
-        Request::SendGroup { group_id, id, body } => {
-            groups::send(shared, session, group_id, id, body).await
-        }
+        Request::SendGroup {
+            group_id,
+            id,
+            body,
+            devices,
+        } => groups::send(shared, session, group_id, id, body, devices).await,
     };
     match result {
         Ok(response) => Reply::Ok(response),

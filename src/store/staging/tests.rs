@@ -56,7 +56,9 @@ fn ids(page: &[Queued]) -> Vec<u8> {
         .map(|q| match &q.item {
             QueueItem::Message { body, .. } => body[0],
             QueueItem::Delivered { id, .. } => 100 + id[0],
-            QueueItem::GroupMessage { id, .. } => 200 + id[0],
+            QueueItem::GroupMessage { id, .. } | QueueItem::GroupDelivered { id, .. } => {
+                200 + id[0]
+            }
         })
         .collect()
 }
