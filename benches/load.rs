@@ -130,6 +130,26 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         duration: u64,
     },
+    /// One group: members send group messages (one upload each) that the node fans
+    /// out to every member device; the same over bare quinn; and the data dir's bytes
+    /// per group message.
+    Group {
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        #[arg(long, default_value_t = 2)]
+        devices: usize,
+        /// Members that send (each from its first device).
+        #[arg(long, default_value_t = 4)]
+        senders: usize,
+        /// Sends in flight per sender at saturation.
+        #[arg(long, default_value_t = 4)]
+        window: usize,
+        /// Seconds per measured phase.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+    },
     /// Internal: the bare quinn relay, run as its own process.
     #[command(hide = true)]
     BareServer,
@@ -177,6 +197,24 @@ fn main() {
                 concurrency,
                 duration,
             } => reconnect::run(devices, concurrency, Duration::from_secs(duration)).await,
+            Scenario::Group {
+                members,
+                devices,
+                senders,
+                window,
+                duration,
+                size,
+            } => {
+                group::run(
+                    members,
+                    devices,
+                    senders,
+                    window,
+                    Duration::from_secs(duration),
+                    size,
+                )
+                .await
+            }
             Scenario::BareServer => bare::serve().await,
         }
     });
@@ -652,6 +690,9 @@ enum Pace {
 
 #[path = "load/relay.rs"]
 mod relay;
+
+#[path = "load/group.rs"]
+mod group;
 
 #[path = "load/connections.rs"]
 mod connections;

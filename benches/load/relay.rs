@@ -3,24 +3,24 @@
 use super::*;
 
 /// Results of one system (node or bare) at saturation and at half load.
-struct Run {
-    saturated: f64,
-    half_rate: f64,
-    latencies: Latencies,
-    cpu_per_message_us: f64,
+pub(super) struct Run {
+    pub(super) saturated: f64,
+    pub(super) half_rate: f64,
+    pub(super) latencies: Latencies,
+    pub(super) cpu_per_message_us: f64,
     /// Cores used while saturated and at half load: (server, load generator).
-    saturated_cores: (f64, f64),
-    half_load_cores: (f64, f64),
+    pub(super) saturated_cores: (f64, f64),
+    pub(super) half_load_cores: (f64, f64),
     /// The saturated phase's sends (with warm-up and drain).
-    sends: String,
+    pub(super) sends: String,
     /// The node's `switchboard_handoff_items_total` by outcome, over the whole run.
-    handoff: Vec<(String, f64)>,
+    pub(super) handoff: Vec<(String, f64)>,
     /// What went over the wire per delivered message while saturated.
-    wire: String,
+    pub(super) wire: String,
 }
 
 /// A load generator's connection to the system under test.
-trait Wire {
+pub(super) trait Wire {
     fn quic(&self) -> &quinn::Connection;
 }
 
@@ -407,7 +407,7 @@ async fn bare_run(
 /// Links `per_account - 1` devices to each primary (through the node's link requests;
 /// the sealed payloads are opaque to the node, so the generator sends placeholders).
 /// Returns every device, account by account, primary first.
-async fn link_companions(
+pub(super) async fn link_companions(
     addr: &str,
     fp: Fingerprint,
     primaries: Vec<Device>,
@@ -476,14 +476,14 @@ async fn link_companions(
 
 /// What the latency phase offers: `half_rate` delivered envelopes/s (default: half the
 /// saturated rate), a send delivering `envelopes_per_send`.
-struct Offered {
-    half_rate: Option<f64>,
-    envelopes_per_send: usize,
+pub(super) struct Offered {
+    pub(super) half_rate: Option<f64>,
+    pub(super) envelopes_per_send: usize,
 }
 
 /// Saturation phase, then a latency phase at `half_rate` (default: half the
 /// measured saturation); both bounded by `duration`.
-async fn measure<C, F, Fut>(
+pub(super) async fn measure<C, F, Fut>(
     clients: &[Arc<C>],
     tally: &Arc<Tally>,
     window: usize,

@@ -1,6 +1,8 @@
 //! Group messages end to end: sender keys (Megolm) shared over Olm, one upload per
 //! message, a new sender key when a member goes, counted deliveries.
 
+use std::time::Duration;
+
 use switchboard::client::content::Content;
 use switchboard::client::history::{self, State};
 use switchboard::client::{Event, Home, Messenger};
@@ -370,5 +372,59 @@ fn send_group_recv_and_history_through_the_cli() {
     eprintln!("a 60 KiB message to 3 members grew the data dir by {grown} bytes");
     for member in [&bob, &carol, &dave] {
         assert!(ok(&node, member, &["recv"]).contains(&big[..100]));
+    }
+}
+
+/// SIGKILL of the node in the middle of membership changes: the group is whole after
+/// the restart (Carol in or out, never half), the change can be made again, and the
+/// next message reaches exactly the members.
+#[test]
+fn a_sigkill_in_the_middle_of_a_membership_change_leaves_the_group_whole() {
+    let mut node = ProcessNode::start(&config_text(""));
+    let home = |name: &str, number: &str| {
+        let h = node.dir.path().join(name);
+        node.register_cli(&h, &[], number);
+        h
+    };
+    let (alice, bob, carol) = (home("alice", ALICE), home("bob", BOB), home("carol", CAROL));
+    ok(&node, &alice, &["group", "create", "Family", BOB, CAROL]);
+    ok(&node, &bob, &["recv"]);
+    ok(&node, &carol, &["recv"]);
+    for round in 0..4u64 {
+        let remove = round % 2 == 0;
+        let verb = if remove { "remove" } else { "add" };
+        let change = {
+            let alice = alice.clone();
+            std::thread::spawn(move || cli(&alice, &["group", verb, "Family", CAROL], ""))
+        };
+        // Somewhere in the change: its connection, its request, its key shares.
+        std::thread::sleep(Duration::from_millis(20 + 40 * round));
+        node.crash_and_restart();
+        let first = change.join().unwrap();
+        // Whatever the kill cut, the node has Carol in or out, and the change can be
+        // made (again) until it holds.
+        let info = ok(&node, &alice, &["group", "info", "Family", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(info.trim()).unwrap();
+        let members: Vec<&str> = v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["number"].as_str().unwrap())
+            .collect();
+        assert!(members.starts_with(&[ALICE, BOB]), "{members:?}");
+        let carol_in = members.contains(&CAROL);
+        if carol_in == remove {
+            assert!(
+                !first.status.success() || !remove,
+                "{}",
+                show(&[verb], &first)
+            );
+            ok(&node, &alice, &["group", verb, "Family", CAROL]);
+        }
+        let text = format!("round {round}");
+        ok(&node, &alice, &["send", "--group", "Family", &text]);
+        assert!(ok(&node, &bob, &["recv"]).contains(&text));
+        let got = ok(&node, &carol, &["recv"]);
+        assert_eq!(got.contains(&text), !remove, "round {round}: {got}");
     }
 }
