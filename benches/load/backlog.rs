@@ -7,7 +7,7 @@ pub async fn run(envelopes: usize, size: usize) -> Result<()> {
     let senders = 16usize;
     let nums = numbers(senders + 1);
     let extra = format!(
-        "[messages]\nmax_queued_per_device = {}\n",
+        "[messages]\nmax_queued_per_device = {}\nenvelopes_per_account_minute = 1000000000\n",
         envelopes * 2 + 1000
     );
     let (server, fp) = start_node(&nums, &extra)?;

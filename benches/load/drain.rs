@@ -45,7 +45,7 @@ pub async fn run(messages: usize, senders: usize, size: usize) -> Result<()> {
     let senders = senders.max(1);
     let nums = numbers(senders + 1);
     let extra = format!(
-        "[messages]\nmax_queued_per_device = {}\n",
+        "[messages]\nmax_queued_per_device = {}\nenvelopes_per_account_minute = 1000000000\n",
         messages * 2 + 1000
     );
     let (server, fp) = start_node(&nums, &extra)?;

@@ -28,7 +28,8 @@ pub async fn run(
         &nums,
         "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n\
          [accounts]\nlink_joins_per_address_hour = 1000000\n\
-         [groups]\nchanges_per_account_hour = 1000000",
+         [groups]\nchanges_per_account_hour = 1000000\n\
+         [messages]\nenvelopes_per_account_minute = 1000000000",
         2,
     )?;
     let eps = endpoints(4)?;

@@ -236,7 +236,8 @@ async fn node_run(
     let (server, fp) = start_node_lines(
         &nums,
         "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n\
-         [accounts]\nlink_joins_per_address_hour = 1000000",
+         [accounts]\nlink_joins_per_address_hour = 1000000\n\
+         [messages]\nenvelopes_per_account_minute = 1000000000",
         2,
     )?;
     let metrics_url = server.lines[2]

@@ -203,6 +203,10 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
             "key_claims_per_account_per_hour",
             int(m.key_claims_per_account_per_hour),
         ),
+        (
+            "envelopes_per_account_minute",
+            int(m.envelopes_per_account_minute),
+        ),
         ("handoff_ms", ms(m.handoff_window)),
         ("handoff_max_bytes", uint(m.handoff_max_bytes)),
     ]

@@ -130,6 +130,10 @@ pub struct Messages {
     pub key_claims_per_pair_per_hour: u32,
     /// One-time keys all accounts together may claim of one account in an hour.
     pub key_claims_per_account_per_hour: u32,
+    /// Envelopes one account (all its devices) may send in a minute; a group message
+    /// counts once per device it goes to. Past it, sends are refused (`RateLimited`)
+    /// as the budget refills.
+    pub envelopes_per_account_minute: u32,
     /// How long a message for an online device is held in memory before it is
     /// written; acknowledged within it, it is never written. Zero writes every
     /// message at once.
@@ -335,6 +339,7 @@ impl Default for Config {
                 one_time_keys_low: 20,
                 key_claims_per_pair_per_hour: 10,
                 key_claims_per_account_per_hour: 200,
+                envelopes_per_account_minute: 60_000,
                 handoff_window: Duration::from_millis(500),
                 handoff_max_bytes: 64 * 1024 * 1024,
             },

@@ -73,6 +73,7 @@ pub struct Messages {
     pub one_time_keys_low: Option<u32>,
     pub key_claims_per_pair_per_hour: Option<u32>,
     pub key_claims_per_account_per_hour: Option<u32>,
+    pub envelopes_per_account_minute: Option<u32>,
     pub handoff_ms: Option<u64>,
     pub handoff_max_bytes: Option<u64>,
 }
@@ -597,6 +598,13 @@ impl File {
                 dm.key_claims_per_account_per_hour,
                 1,
                 1_000_000,
+            )?,
+            envelopes_per_account_minute: in_range(
+                "messages.envelopes_per_account_minute",
+                m.envelopes_per_account_minute,
+                dm.envelopes_per_account_minute,
+                1,
+                1_000_000_000,
             )?,
             handoff_window: millis(
                 "messages.handoff_ms",

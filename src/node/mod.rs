@@ -119,6 +119,8 @@ pub(crate) struct Shared {
     pub links: link::Links,
     /// Group creations and changes per account and hour (in memory).
     pub group_changes: governor::DefaultKeyedRateLimiter<u64>,
+    /// Envelopes sent per account (`messages.envelopes_per_account_minute`).
+    pub sends: governor::DefaultKeyedRateLimiter<u64>,
     /// Argon2id hashes of registration-lock PINs in progress: each costs 19 MiB and
     /// tens of milliseconds of a core, so only a few run at once.
     pub pin_checks: tokio::sync::Semaphore,
@@ -239,6 +241,10 @@ impl Node {
             ),
             group_changes: governor::RateLimiter::keyed(governor::Quota::per_hour(
                 std::num::NonZeroU32::new(config.groups.changes_per_account_hour)
+                    .unwrap_or(std::num::NonZeroU32::MIN),
+            )),
+            sends: governor::RateLimiter::keyed(governor::Quota::per_minute(
+                std::num::NonZeroU32::new(config.messages.envelopes_per_account_minute)
                     .unwrap_or(std::num::NonZeroU32::MIN),
             )),
             links: link::Links::new(

@@ -380,3 +380,50 @@ async fn a_group_message_is_uploaded_once_and_reaches_every_member() {
     );
     node.shutdown().await;
 }
+
+/// A group message counts against the sender's envelopes per minute once per device
+/// it goes to, as messages to one person do; one account's budget is its own.
+#[tokio::test]
+async fn a_group_message_counts_once_per_recipient_device_against_the_send_quota() {
+    let node = InProcessNode::start(&config_text(
+        "[messages]\nenvelopes_per_account_minute = 5\n",
+    ))
+    .await;
+    let alice = node.registered(ALICE).await;
+    let bob = node.registered(BOB).await;
+    let _carol = node.registered(CAROL).await;
+    let g = alice
+        .create_group(&[number(BOB), number(CAROL)], vec![])
+        .await
+        .unwrap();
+    let both = digest(&[(BOB, &[1]), (CAROL, &[1])]);
+    let new_id = switchboard::client::e2e::new_message_id;
+    // Two group messages: 4 envelopes of 5.
+    for _ in 0..2 {
+        alice
+            .send_group(g.group_id, new_id(), vec![1], both)
+            .await
+            .unwrap();
+    }
+    // A third would make 6: refused, and so is a message to Bob after it is spent.
+    assert!(matches!(
+        kind(alice.send_group(g.group_id, new_id(), vec![1], both).await),
+        ErrorKind::RateLimited { .. }
+    ));
+    send_numbered(&alice, BOB, 1).await.unwrap();
+    assert!(matches!(
+        kind(send_numbered(&alice, BOB, 2).await),
+        ErrorKind::RateLimited { .. }
+    ));
+    // Nothing of the refused ones was queued; Bob's own budget is untouched.
+    assert_eq!(group_backlog(&bob).await.len(), 2);
+    bob.send_group(
+        g.group_id,
+        new_id(),
+        vec![2],
+        digest(&[(ALICE, &[1]), (CAROL, &[1])]),
+    )
+    .await
+    .unwrap();
+    node.shutdown().await;
+}

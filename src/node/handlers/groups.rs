@@ -300,6 +300,7 @@ pub(super) async fn send(
         ));
     }
     let recipients: Vec<DeviceRef> = members.into_iter().flat_map(|(_, d)| d).collect();
+    super::send::charge_envelopes(shared, account, recipients.len())?;
     let (sender, number, now) = (me.device, me.number.clone(), now_ms());
     let max_queued = u64::from(limits.max_queued_per_device);
     let targets = recipients.clone();

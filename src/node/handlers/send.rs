@@ -11,6 +11,29 @@ use crate::node::worker::{blocking, internal};
 use crate::proto::{Accepted, ErrorKind, NodeError, Outgoing, Response};
 use crate::store::{AppendOutcome, AppendPolicy, DeviceRef, HandOff, InMemory, TicketWaiter};
 
+/// Counts `n` envelopes sent by `account` against its budget per minute
+/// (`messages.envelopes_per_account_minute`); past it, the send is refused.
+pub(super) fn charge_envelopes(shared: &Shared, account: u64, n: usize) -> Result<(), NodeError> {
+    let Some(n) = std::num::NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)) else {
+        return Ok(());
+    };
+    match shared.sends.check_key_n(&account, n) {
+        Ok(Ok(())) => Ok(()),
+        _ => {
+            let limit = shared.config.messages.envelopes_per_account_minute;
+            Err(NodeError::new(
+                ErrorKind::RateLimited {
+                    retry_after_secs: 60,
+                },
+                format!(
+                    "this account may send {limit} envelopes a minute (a group message \
+                     counts once per device it goes to); try again later"
+                ),
+            ))
+        }
+    }
+}
+
 /// For a number `recipient` found no account for (it is valid E.164 by then).
 pub(super) fn unknown_recipient(number: &str) -> NodeError {
     NodeError::new(
@@ -100,6 +123,7 @@ pub(super) async fn send(
             format!("{to}'s devices have changed; fetch their keys and send again"),
         ));
     }
+    charge_envelopes(shared, me.device.account_id, outgoing.envelopes.len())?;
     let recipients: Vec<DeviceRef> = outgoing
         .envelopes
         .iter()
