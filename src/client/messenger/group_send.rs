@@ -149,9 +149,14 @@ impl Messenger {
                         recipients: of,
                     });
                 }
-                Err(ClientError::Node(e)) if attempt < 3 => {
+                Err(ClientError::Node(e)) => {
+                    // The devices changed again while this device shared its key: it
+                    // shares once more, and after a few rounds leaves the message in
+                    // the outbox for the next connection (never marks it failed).
                     if let ErrorKind::GroupDevicesChanged { members } = e.kind {
-                        self.share_sender_key(client, group_id, &members).await?;
+                        if attempt < 3 {
+                            self.share_sender_key(client, group_id, &members).await?;
+                        }
                         continue;
                     }
                     return self.group_refused(seq, id, ClientError::Node(e)).await;
