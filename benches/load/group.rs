@@ -262,27 +262,8 @@ async fn bare_run(
     let base = Instant::now();
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let mut conns = Vec::new();
-    let mut receivers = tokio::task::JoinSet::new();
-    for i in 0..connections {
-        let conn = bare::connect(&eps[i % eps.len()], &server.addr, &cert).await?;
-        let mut inbox = bare::subscribe(&conn, i as u32).await?;
-        let (tally, stop) = (tally.clone(), stop.clone());
-        receivers.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(Ok(Some(body))) = tokio::time::timeout(
-                    Duration::from_millis(500),
-                    switchboard::proto::frame::read::<Vec<u8>, _>(&mut inbox, 1 << 20),
-                )
-                .await
-                else {
-                    continue;
-                };
-                tally.record(latency_of(base, &body));
-            }
-        });
-        conns.push(Arc::new(conn));
-    }
+    let (conns, mut receivers) =
+        relay::bare_inboxes(connections, &eps, &server, &cert, base, &tally, &stop).await?;
     let sending: Vec<Arc<quinn::Connection>> = senders.iter().map(|&i| conns[i].clone()).collect();
     let inboxes: Arc<Vec<Vec<u32>>> = Arc::new(
         senders

@@ -351,27 +351,16 @@ async fn bare_run(
     let base = Instant::now();
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    let mut receivers = tokio::task::JoinSet::new();
-    for i in 0..2 * pairs * per_account {
-        let conn = bare::connect(&eps[i % eps.len()], &server.addr, &cert).await?;
-        let mut inbox = bare::subscribe(&conn, i as u32).await?;
-        let (tally, stop) = (tally.clone(), stop.clone());
-        receivers.spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(Ok(Some(body))) = tokio::time::timeout(
-                    Duration::from_millis(500),
-                    switchboard::proto::frame::read::<Vec<u8>, _>(&mut inbox, 1 << 20),
-                )
-                .await
-                else {
-                    continue;
-                };
-                tally.record(latency_of(base, &body));
-            }
-        });
-        clients.push(Arc::new(conn));
-    }
+    let (clients, mut receivers) = bare_inboxes(
+        2 * pairs * per_account,
+        &eps,
+        &server,
+        &cert,
+        base,
+        &tally,
+        &stop,
+    )
+    .await?;
     let send_one = move |conn: Arc<quinn::Connection>, me: usize| async move {
         if per_account == 1 {
             return bare::send(&conn, (me ^ 1) as u32, payload(base, size))
@@ -403,6 +392,41 @@ async fn bare_run(
     stop.store(true, Ordering::Relaxed);
     while receivers.join_next().await.is_some() {}
     Ok(run)
+}
+
+/// `n` connections to the bare relay, each subscribed to its inbox (its index), with
+/// a task per inbox recording each body's latency until `stop`.
+pub(super) async fn bare_inboxes(
+    n: usize,
+    eps: &[quinn::Endpoint],
+    server: &Server,
+    cert: &[u8],
+    base: Instant,
+    tally: &Arc<Tally>,
+    stop: &Arc<AtomicBool>,
+) -> Result<(Vec<Arc<quinn::Connection>>, tokio::task::JoinSet<()>)> {
+    let mut conns = Vec::new();
+    let mut receivers = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let conn = bare::connect(&eps[i % eps.len()], &server.addr, cert).await?;
+        let mut inbox = bare::subscribe(&conn, i as u32).await?;
+        let (tally, stop) = (tally.clone(), stop.clone());
+        receivers.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(Ok(Some(body))) = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    switchboard::proto::frame::read::<Vec<u8>, _>(&mut inbox, 1 << 20),
+                )
+                .await
+                else {
+                    continue;
+                };
+                tally.record(latency_of(base, &body));
+            }
+        });
+        conns.push(Arc::new(conn));
+    }
+    Ok((conns, receivers))
 }
 
 /// Links `per_account - 1` devices to each primary (through the node's link requests;

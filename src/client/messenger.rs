@@ -738,24 +738,7 @@ impl Messenger {
                     identity_changed |= self.start_sessions(client, &number, None).await?;
                     self.reencrypt_outbox(seq).await?;
                 }
-                Err(e) if transient(&e) => {
-                    return Err(MessengerError::NotSentYet {
-                        id,
-                        reason: e.to_string(),
-                    });
-                }
-                Err(e) => {
-                    let why = e.to_string();
-                    self.inner
-                        .db
-                        .write_async(move |tx| {
-                            history::mark_failed(tx, seq, &why)?;
-                            tx.delete(Table::Outbox, &outbox_key(seq))?;
-                            Ok::<_, DbError>(())
-                        })
-                        .await?;
-                    return Err(e.into());
-                }
+                Err(e) => return Err(self.refused(seq, outbox_key(seq).to_vec(), id, e).await),
             }
         }
         Err(MessengerError::NotSentYet {
@@ -764,8 +747,40 @@ impl Messenger {
         })
     }
 
-    /// What became of outbox entry `seq`, which another process settled.
-    async fn settled_elsewhere(&self, seq: i64) -> Result<(Sent, bool), MessengerError> {
+    /// The node did not take outbox entry `seq` (under `key`), message `id`: the error
+    /// to return. Kept in the outbox if trying later may help, else marked failed.
+    async fn refused(
+        &self,
+        seq: i64,
+        key: Vec<u8>,
+        id: MessageId,
+        e: ClientError,
+    ) -> MessengerError {
+        if transient(&e) {
+            return MessengerError::NotSentYet {
+                id,
+                reason: e.to_string(),
+            };
+        }
+        let why = e.to_string();
+        let marked = self
+            .inner
+            .db
+            .write_async(move |tx| {
+                history::mark_failed(tx, seq, &why)?;
+                tx.delete(Table::Outbox, &key)?;
+                Ok::<_, DbError>(())
+            })
+            .await;
+        match marked {
+            Ok(()) => e.into(),
+            Err(db) => db.into(),
+        }
+    }
+
+    /// The history entry of outbox entry `seq`, which another process settled; an
+    /// error if the node refused it.
+    async fn settled_entry(&self, seq: i64) -> Result<Entry, MessengerError> {
         let db = self.inner.db.clone();
         let entry = db
             .read_async(move |tx| history::get(tx, seq))
@@ -776,6 +791,12 @@ impl Messenger {
                 entry.problem.unwrap_or_else(|| "refused".into()),
             ));
         }
+        Ok(entry)
+    }
+
+    /// What became of outbox entry `seq`, which another process settled.
+    async fn settled_elsewhere(&self, seq: i64) -> Result<(Sent, bool), MessengerError> {
+        let entry = self.settled_entry(seq).await?;
         Ok((
             Sent {
                 id: entry.id,

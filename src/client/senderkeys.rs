@@ -263,11 +263,6 @@ pub fn parse_body(body: &[u8]) -> Result<(&str, MegolmMessage), String> {
     Ok((id, message))
 }
 
-/// The session id a group message body names, if it parses.
-pub fn session_of(body: &[u8]) -> Option<String> {
-    parse_body(body).ok().map(|(id, _)| id.to_string())
-}
-
 /// Decrypts group message `body` from `from`'s device `device` to group `group_id`.
 pub fn decrypt(
     tx: &Tx<'_>,

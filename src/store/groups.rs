@@ -347,11 +347,7 @@ impl Store {
             let dk = device.key();
             self.write_device_staged(&mut q, dk)?;
             let seq = self.next_id()?;
-            self.write_queue_item(&mut q, dk, seq, &value)?;
-            self.queue_totals.add(value.len());
-            if let Some(len) = q.lens.get_mut(&dk) {
-                *len += 1;
-            }
+            self.write_new_queue_item(&mut q, dk, seq, &value)?;
         }
         Ok(GroupAppend::Queued {
             accepted_at_ms: now_ms,
@@ -435,11 +431,7 @@ impl Store {
         };
         let value = records::encode_queued(now_ms, &item)?;
         let seq = self.next_id()?;
-        self.write_queue_item(q, sk, seq, &value)?;
-        self.queue_totals.add(value.len());
-        if let Some(len) = q.lens.get_mut(&sk) {
-            *len += 1;
-        }
+        self.write_new_queue_item(q, sk, seq, &value)?;
         if row.delivered >= row.of {
             self.trees.group_receipt.remove(key)?;
         } else {

@@ -489,11 +489,7 @@ impl Store {
                 // Straight to sled, before the removal; the sender's staged items
                 // go first, so that its queue stays in seq order on disk.
                 self.write_device_staged(&mut q, sender.key())?;
-                self.write_queue_item(&mut q, sender.key(), seq, &receipt)?;
-                self.queue_totals.add(receipt.len());
-                if let Some(len) = q.lens.get_mut(&sender.key()) {
-                    *len += 1;
-                }
+                self.write_new_queue_item(&mut q, sender.key(), seq, &receipt)?;
                 receipts.push(sender);
                 self.handoff_stats
                     .delivered

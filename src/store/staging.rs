@@ -239,6 +239,23 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::write_queue_item`] of a new item, counted in the queue totals and in
+    /// `dk`'s length (if it is loaded).
+    pub(super) fn write_new_queue_item(
+        &self,
+        q: &mut QueueState,
+        dk: DeviceKey,
+        seq: u64,
+        value: &[u8],
+    ) -> Result<(), StoreError> {
+        self.write_queue_item(q, dk, seq, value)?;
+        self.queue_totals.add(value.len());
+        if let Some(len) = q.lens.get_mut(&dk) {
+            *len += 1;
+        }
+        Ok(())
+    }
+
     /// Writes the staged item `seq` of `dk`, if it is still staged, and only then
     /// takes it out of memory and settles its share of its ticket: a failed write
     /// leaves it staged, to be written again. Returns whether it was staged.

@@ -7,7 +7,7 @@ use bincode::{Decode, Encode};
 
 use super::super::senderkeys::{self, Failure};
 use super::{Event, Me, MessengerError, Outcome, decode, encode, seen_key, sent_id};
-use crate::client::content::{Body, Plaintext};
+use crate::client::content::{Body, Content, Plaintext};
 use crate::client::db::{Table, Tx};
 use crate::client::history;
 use crate::proto::{GroupIncoming, GroupReceipt, MessageId};
@@ -102,18 +102,7 @@ fn open(tx: &Tx<'_>, me: &Me, w: WaitingRecord, out: &mut Outcome) -> Result<(),
             body: Body::Content(content),
             ..
         }) => {
-            let own = w.from == me.number.as_str();
-            if let Some(e) = history::add_received_group(
-                tx,
-                w.group_id,
-                &w.from,
-                own,
-                w.device,
-                &id,
-                w.queued_at_ms,
-                Some(content),
-                None,
-            )? {
+            if let Some(e) = into_history(tx, me, &w, &id, Some(content), None)? {
                 out.events.push(Event::Message(e));
             }
             Ok(())
@@ -131,21 +120,34 @@ fn show_undecryptable(
     why: &str,
     out: &mut Outcome,
 ) -> Result<(), MessengerError> {
+    if let Some(e) = into_history(tx, me, &w, &w.id, None, Some(why.to_string()))? {
+        out.events.push(Event::Undecryptable(e));
+    }
+    Ok(())
+}
+
+/// Group message `w` (its id `id`) in the history: with its content, or why it has
+/// none. `None` when it is there already.
+fn into_history(
+    tx: &Tx<'_>,
+    me: &Me,
+    w: &WaitingRecord,
+    id: &MessageId,
+    content: Option<Content>,
+    problem: Option<String>,
+) -> Result<Option<history::Entry>, MessengerError> {
     let own = w.from == me.number.as_str();
-    if let Some(e) = history::add_received_group(
+    Ok(history::add_received_group(
         tx,
         w.group_id,
         &w.from,
         own,
         w.device,
-        &w.id,
+        id,
         w.queued_at_ms,
-        None,
-        Some(why.to_string()),
-    )? {
-        out.events.push(Event::Undecryptable(e));
-    }
-    Ok(())
+        content,
+        problem,
+    )?)
 }
 
 /// `from`'s device `device` sent its key for group `group_id` (over Olm): stored, and

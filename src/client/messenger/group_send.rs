@@ -7,7 +7,7 @@ use bincode::{Decode, Encode};
 use super::super::senderkeys;
 use super::{
     CONTROL, Client, ClientError, Event, MAX_TEXT_BYTES, Messenger, MessengerError, decode, encode,
-    now_ms, put_sent_id, transient,
+    now_ms, put_sent_id,
 };
 use crate::client::content::{Body, Content, Plaintext};
 use crate::client::db::{DbError, Table};
@@ -159,9 +159,10 @@ impl Messenger {
                         }
                         continue;
                     }
-                    return self.group_refused(seq, id, ClientError::Node(e)).await;
+                    let e = ClientError::Node(e);
+                    return Err(self.refused(seq, outbox_key(seq).to_vec(), id, e).await);
                 }
-                Err(e) => return self.group_refused(seq, id, e).await,
+                Err(e) => return Err(self.refused(seq, outbox_key(seq).to_vec(), id, e).await),
             }
         }
         Err(MessengerError::NotSentYet {
@@ -170,44 +171,9 @@ impl Messenger {
         })
     }
 
-    /// The node did not take group message `seq`: kept for later if that may change,
-    /// else marked failed.
-    async fn group_refused(
-        &self,
-        seq: i64,
-        id: MessageId,
-        e: ClientError,
-    ) -> Result<GroupSent, MessengerError> {
-        if transient(&e) {
-            return Err(MessengerError::NotSentYet {
-                id,
-                reason: e.to_string(),
-            });
-        }
-        let why = e.to_string();
-        self.inner
-            .db
-            .write_async(move |tx| {
-                history::mark_failed(tx, seq, &why)?;
-                tx.delete(Table::Outbox, &outbox_key(seq))?;
-                Ok::<_, DbError>(())
-            })
-            .await?;
-        Err(e.into())
-    }
-
     /// What became of group outbox entry `seq`, which another process settled.
     async fn group_settled_elsewhere(&self, seq: i64) -> Result<GroupSent, MessengerError> {
-        let db = self.inner.db.clone();
-        let entry = db
-            .read_async(move |tx| history::get(tx, seq))
-            .await?
-            .ok_or_else(|| MessengerError::History(format!("message {seq} is gone")))?;
-        if entry.state == history::State::Failed {
-            return Err(MessengerError::Refused(
-                entry.problem.unwrap_or_else(|| "refused".into()),
-            ));
-        }
+        let entry = self.settled_entry(seq).await?;
         Ok(GroupSent {
             id: entry.id,
             accepted_at_ms: entry.at_ms,
