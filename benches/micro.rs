@@ -15,6 +15,7 @@ fn main() {
 
 fn send_request() -> Request {
     Request::Send(Outgoing {
+        expires_in_secs: 0,
         id: [7; 16],
         to: "+14155550101".into(),
         envelopes: vec![DeviceEnvelope {

@@ -32,6 +32,7 @@ pub async fn run(envelopes: usize, size: usize) -> Result<()> {
             tasks.spawn(async move {
                 while next.fetch_add(1, Ordering::Relaxed) < envelopes as u64 {
                     let outgoing = Outgoing {
+                        expires_in_secs: 0,
                         id: switchboard::client::e2e::new_message_id(),
                         to: to.clone(),
                         envelopes: vec![DeviceEnvelope {

@@ -304,6 +304,7 @@ async fn node_run(
                 let theirs = &devices[partner * per_account..(partner + 1) * per_account];
                 let body = payload(base, size);
                 let outgoing = Outgoing {
+                    expires_in_secs: 0,
                     id: switchboard::client::e2e::new_message_id(),
                     to: theirs[0].0.clone(),
                     envelopes: theirs

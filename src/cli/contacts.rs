@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use switchboard::client::Home;
 use switchboard::client::contacts::Book;
+use switchboard::client::messenger::{cached_profile_in, shown_name};
 use switchboard::phone::{Number, Region};
 
 #[derive(Debug, clap::Subcommand)]
@@ -122,14 +123,20 @@ fn progress_bar(done: usize, total: usize) {
 }
 
 fn list(home: &Home, json: bool) -> anyhow::Result<()> {
-    let book = Book::load(&home.db()?)?;
+    let db = home.db()?;
+    let book = Book::load(&db)?;
     let mut out = std::io::stdout().lock();
     for c in &book.contacts {
+        // Their profile name beside the address-book name, once they gave their key.
+        let known = cached_profile_in(&db, &c.number)?;
+        let name = shown_name(Some(&c.name), known.as_ref()).unwrap_or_else(|| c.name.clone());
         if json {
             let line = serde_json::json!({
                 "name": c.name,
                 "number": c.number,
                 "registered": c.registered,
+                "profile_name": known.as_ref().map(|k| k.profile.name.clone()),
+                "previous_profile_name": known.as_ref().and_then(|k| k.previous_name.clone()),
             });
             writeln!(out, "{line}")?;
         } else {
@@ -141,7 +148,7 @@ fn list(home: &Home, json: bool) -> anyhow::Result<()> {
                 Some(false) => "-",
                 None => "not synced yet",
             };
-            writeln!(out, "{:<30} {:<20} {state}", c.name, shown)?;
+            writeln!(out, "{name:<30} {shown:<20} {state}")?;
         }
     }
     if book.contacts.is_empty() && !json {

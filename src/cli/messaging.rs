@@ -27,6 +27,10 @@ pub struct SendArgs {
     /// Region for a number in national form (two letters: US, GB, DE...).
     #[arg(long)]
     region: Option<String>,
+    /// Reply to this message (its id as `history` shows it, or the first digits):
+    /// the reply quotes it.
+    #[arg(long, value_name = "ID")]
+    reply_to: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -38,7 +42,9 @@ pub struct RecvArgs {
     /// One JSON object a line: `id`, `from`, `sent_at`, `text` (and `group`,
     /// `group_name` for a group message); receipts as `{"delivered": {...}}`, counts
     /// of a group message's deliveries as `{"group_delivered": {...}}`, undecryptable
-    /// messages as `{"undecryptable": {...}}`.
+    /// messages as `{"undecryptable": {...}}`, read receipts as `{"read": {...}}`,
+    /// reactions, edits and deletes as `{"changed": {...}}`, typing as
+    /// `{"typing": {...}}`, profile changes as `{"profile": {...}}`.
     #[arg(long)]
     json: bool,
 }
@@ -106,7 +112,7 @@ pub(crate) fn contact(
 
 /// Prints the warnings of background work (an earlier message sent at last, a retry
 /// that failed) on stderr.
-fn warn_events(messenger: &Messenger) {
+pub(crate) fn warn_events(messenger: &Messenger) {
     for event in messenger.take_events() {
         match event {
             Event::Warning(w) => eprintln!("warning: {w}"),
@@ -119,7 +125,7 @@ fn warn_events(messenger: &Messenger) {
 }
 
 /// The message given on the command line (`-`: stdin, without its last newline).
-fn message_text(text: String) -> anyhow::Result<String> {
+pub(crate) fn message_text(text: String) -> anyhow::Result<String> {
     let text = if text == "-" {
         let mut text = String::new();
         std::io::stdin()
@@ -152,7 +158,8 @@ pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
         };
         let text = message_text(text)?;
         let id = super::group::group_id(&messenger, &group).await?;
-        let result = messenger.send_group_text(id, &text).await;
+        let content = with_reply(&messenger, args.reply_to.as_deref(), text).await?;
+        let result = messenger.send_group_content(id, content).await;
         warn_events(&messenger);
         messenger.close().await;
         let sent = result.with_context(|| format!("sending to group {group}"))?;
@@ -167,7 +174,8 @@ pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
         bail!("{to} is this device's own number; send to someone else");
     }
     let text = message_text(text)?;
-    let result = messenger.send_text(&to, &text).await;
+    let content = with_reply(&messenger, args.reply_to.as_deref(), text).await?;
+    let result = messenger.send_content(&to, content).await;
     warn_events(&messenger);
     messenger.close().await;
     let sent = result.with_context(|| format!("sending to {to}"))?;
@@ -185,13 +193,28 @@ pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `text`, as a reply to message `reply_to` when one is given.
+async fn with_reply(
+    messenger: &Messenger,
+    reply_to: Option<&str>,
+    text: String,
+) -> anyhow::Result<Content> {
+    Ok(match reply_to {
+        Some(id) => Content::Reply {
+            to: messenger.find_message(id).await?.id,
+            text,
+        },
+        None => Content::Text(text),
+    })
+}
+
 pub(crate) fn time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// Text safe to print on a terminal: control characters (escape sequences, newlines)
 /// are shown escaped, so a message cannot forge lines or drive the terminal.
-fn printable(text: &str) -> String {
+pub(crate) fn printable(text: &str) -> String {
     text.chars()
         .flat_map(|c| {
             if c.is_control() {
@@ -203,14 +226,85 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-/// The text shown for `content`.
+/// The text shown for `content` (`quoted`: the text of the message a reply answers).
 fn shown(content: &Content) -> String {
     match content {
         Content::Text(text) => text.clone(),
+        Content::Reply { text, .. } => text.clone(),
         Content::Unsupported { kind } => {
             format!("[unsupported message (kind {kind}): it needs a newer switchboard]")
         }
+        Content::Deleted => "this message was deleted".into(),
+        Content::Timer { secs } => format!(
+            "[disappearing messages: {}]",
+            super::conversation::timer_text(*secs)
+        ),
+        Content::Reaction { emoji, .. } => format!("[reaction {emoji}]"),
+        Content::Edit { text, .. } => format!("[edit] {text}"),
+        Content::Delete { .. } => "[delete]".into(),
     }
+}
+
+/// The text of `entry` as a line shows it: a reply starts with what it quotes.
+fn line_text(db: &HomeDb, entry: &Entry) -> String {
+    let Some(content) = &entry.content else {
+        return String::new();
+    };
+    let mut text = shown(content);
+    if let Content::Reply { to, .. } = content {
+        let quoted = tokio::task::block_in_place(|| {
+            db.read(|tx| switchboard::client::history::find(tx, &entry.peer, to))
+        })
+        .ok()
+        .flatten()
+        .and_then(|q| q.content.as_ref().map(shown))
+        .unwrap_or_else(|| format!("message {}", &hex::encode(to)[..8]));
+        let short: String = quoted.chars().take(40).collect();
+        let more = if quoted.chars().count() > 40 {
+            "…"
+        } else {
+            ""
+        };
+        text = format!("[reply to “{short}{more}”] {text}");
+    }
+    if entry.edited_at_ms.is_some() {
+        text.push_str(" (edited)");
+    }
+    text
+}
+
+/// The reactions on `entry`, as `  [👍 +1415…, ❤ +1…]`, or nothing.
+fn reactions(entry: &Entry) -> String {
+    if entry.reactions.is_empty() {
+        return String::new();
+    }
+    let all: Vec<String> = entry
+        .reactions
+        .iter()
+        .map(|(who, emoji)| format!("{emoji} {who}"))
+        .collect();
+    format!("  [{}]", printable(&all.join(", ")))
+}
+
+/// How `number` is shown beside it on a line: ` (Mum (Alice A.))` once their profile
+/// is known, else nothing (the number says it).
+fn name_of(db: &HomeDb, number: &str) -> String {
+    let known = tokio::task::block_in_place(|| {
+        switchboard::client::messenger::cached_profile_in(db, number)
+    })
+    .ok()
+    .flatten();
+    let Some(known) = known else {
+        return String::new();
+    };
+    let book = Book::load(db).ok();
+    let book_name = book
+        .as_ref()
+        .and_then(|b| b.contacts.iter().find(|c| c.number == number))
+        .map(|c| c.name.as_str());
+    switchboard::client::messenger::shown_name(book_name, Some(&known))
+        .map(|n| format!(" ({})", printable(&n)))
+        .unwrap_or_default()
 }
 
 /// What this device calls group `group_id` (its id, if it does not know it).
@@ -223,6 +317,7 @@ fn group_name(db: &HomeDb, group_id: u64) -> String {
 
 /// Prints a group message of `recv`: `<time> [<group>] <from> <text>`.
 fn print_group_message(
+    db: &HomeDb,
     m: &Entry,
     g: &GroupPart,
     name: &str,
@@ -230,7 +325,7 @@ fn print_group_message(
     out: &mut impl Write,
 ) -> std::io::Result<()> {
     let at = time(m.at_ms);
-    let text = m.content.as_ref().map(shown).unwrap_or_default();
+    let text = line_text(db, m);
     if json {
         let line = serde_json::json!({
             "id": hex::encode(m.id),
@@ -245,9 +340,10 @@ fn print_group_message(
     } else {
         writeln!(
             out,
-            "{at} [{}] {} {}",
+            "{at} [{}] {}{} {}",
             printable(name),
             g.author,
+            name_of(db, &g.author),
             printable(&text)
         )
     }
@@ -258,7 +354,7 @@ fn print_event(db: &HomeDb, event: Event, json: bool, out: &mut impl Write) -> s
     match event {
         Event::Message(m) if m.group.is_some() => {
             let g = m.group.clone().unwrap_or_else(|| unreachable!("matched"));
-            print_group_message(&m, &g, &group_name(db, g.group_id), json, out)?;
+            print_group_message(db, &m, &g, &group_name(db, g.group_id), json, out)?;
         }
         Event::GroupDelivered {
             group_id,
@@ -290,7 +386,7 @@ fn print_event(db: &HomeDb, event: Event, json: bool, out: &mut impl Write) -> s
         }
         Event::Message(m) => {
             let at = time(m.at_ms);
-            let text = m.content.as_ref().map(shown).unwrap_or_default();
+            let text = line_text(db, &m);
             if json && m.outgoing {
                 let line = serde_json::json!({
                     "id": hex::encode(m.id),
@@ -318,7 +414,109 @@ fn print_event(db: &HomeDb, event: Event, json: bool, out: &mut impl Write) -> s
                     m.device
                 )?;
             } else {
-                writeln!(out, "{at} {} {}", m.peer, printable(&text))?;
+                writeln!(
+                    out,
+                    "{at} {}{} {}",
+                    m.peer,
+                    name_of(db, &m.peer),
+                    printable(&text)
+                )?;
+            }
+        }
+        Event::Changed { by, act, entry } => {
+            let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            let what = match &act {
+                Content::Reaction { emoji, .. } if emoji.is_empty() => "unreacted".to_string(),
+                Content::Reaction { emoji, .. } => format!("reacted {}", printable(emoji)),
+                Content::Edit { .. } => "edited".into(),
+                _ => "deleted".into(),
+            };
+            if json {
+                let line = serde_json::json!({
+                    "changed": {
+                        "id": hex::encode(entry.id),
+                        "by": by,
+                        "what": match &act {
+                            Content::Reaction { .. } => "reaction",
+                            Content::Edit { .. } => "edit",
+                            _ => "delete",
+                        },
+                        "emoji": match &act { Content::Reaction { emoji, .. } => Some(emoji), _ => None },
+                        "text": line_text(db, &entry),
+                        "group": entry.group.as_ref().map(|g| g.group_id),
+                    }
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(
+                    out,
+                    "{now} {by} {what}: {} (id {})",
+                    printable(&line_text(db, &entry)),
+                    hex::encode(entry.id)
+                )?;
+            }
+        }
+        Event::Read { by, entry } => {
+            let at = entry
+                .read
+                .iter()
+                .find(|(who, _)| *who == by)
+                .map_or(entry.at_ms, |(_, at)| *at);
+            if json {
+                let line = serde_json::json!({
+                    "read": {
+                        "id": hex::encode(entry.id),
+                        "by": by,
+                        "at": time(at),
+                        "group": entry.group.as_ref().map(|g| g.group_id),
+                    }
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(
+                    out,
+                    "{} read by {by} (id {})",
+                    time(at),
+                    hex::encode(entry.id)
+                )?;
+            }
+        }
+        Event::Typing {
+            from,
+            device,
+            group_id,
+            typing,
+        } => {
+            if json {
+                let line = serde_json::json!({
+                    "typing": { "from": from, "device": device, "group": group_id, "typing": typing }
+                });
+                writeln!(out, "{line}")?;
+            } else if typing {
+                let place = group_id.map(|g| format!(" in [{}]", printable(&group_name(db, g))));
+                eprintln!("{from} is typing{}…", place.unwrap_or_default());
+            }
+        }
+        Event::ProfileChanged {
+            number,
+            old_name,
+            name,
+        } => {
+            if json {
+                let line = serde_json::json!({
+                    "profile": { "number": number, "name": name, "previous_name": old_name }
+                });
+                writeln!(out, "{line}")?;
+            } else {
+                match old_name {
+                    Some(old) => writeln!(
+                        out,
+                        "{number} changed their profile name from “{}” to “{}”",
+                        printable(&old),
+                        printable(&name)
+                    )?,
+                    None => writeln!(out, "{number} is “{}”", printable(&name))?,
+                }
             }
         }
         Event::Delivered {
@@ -437,6 +635,8 @@ pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
     let messenger = Messenger::open(&home)?;
     let stdout = std::io::stdout();
     let mut broken = None;
+    // Read receipts for what this recv showed, sent beside the receiving.
+    let mut receipts = tokio::task::JoinSet::new();
     // Each message is printed by exactly one `recv`: the one that marks it shown
     // first. So messages that a `recv` killed earlier had stored but not printed are
     // printed now, and two `recv`s at once print each message once.
@@ -452,6 +652,12 @@ pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
                 Ok(false) => return,
                 Err(e) => eprintln!("warning: {e}"),
             }
+        }
+        if let Event::Message(m) = &event
+            && !m.outgoing
+        {
+            let (messenger, shown) = (messenger.clone(), vec![m.clone()]);
+            receipts.spawn(async move { messenger.mark_read(&shown).await });
         }
         // The whole line in one write: a line on a pipe (up to PIPE_BUF bytes) then
         // comes whole or not at all, even if the process is killed right then.
@@ -479,6 +685,12 @@ pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
     let result = messenger
         .receive(args.follow, super::interrupted(), &mut show)
         .await;
+    while let Some(done) = receipts.join_next().await {
+        if let Ok(Err(e)) = done {
+            eprintln!("warning: read receipts not sent yet ({e}); they go with the next command");
+        }
+    }
+    warn_events(&messenger);
     messenger.close().await;
     result?;
     if let Some(e) = broken {
@@ -487,8 +699,23 @@ pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How a history entry's state is shown after its text.
-fn mark(entry: &Entry) -> String {
+/// How a history entry's state is shown after its text (`members`: the other
+/// members of its group, for "read by n of m").
+fn mark(entry: &Entry, members: usize) -> String {
+    let mut mark = delivery_mark(entry);
+    if entry.outgoing && !entry.read.is_empty() {
+        match &entry.group {
+            Some(_) => mark.push_str(&format!(" · read by {} of {members}", entry.read.len())),
+            None => mark.push_str(" · read"),
+        }
+    }
+    if let Some(until) = entry.expires_at_ms {
+        mark.push_str(&format!(" · disappears {}", time(until)));
+    }
+    mark
+}
+
+fn delivery_mark(entry: &Entry) -> String {
     match entry.state {
         State::Sending => "  (not sent yet)".into(),
         State::Sent => "  (sent)".into(),
@@ -507,22 +734,29 @@ fn mark(entry: &Entry) -> String {
 pub async fn history(home: Home, args: HistoryArgs) -> anyhow::Result<()> {
     let reg = home.load()?;
     let me = reg.number.to_string();
-    let (peer, shown_as) = match (&args.group, &args.number) {
+    let (peer, shown_as, members) = match (&args.group, &args.number) {
         (Some(group), _) => {
             let messenger = Messenger::open(&home)?;
             let id = super::group::group_id(&messenger, group).await?;
             let name = group_name(messenger.db(), id);
+            // For "read by n of m": the node knows the members now.
+            let members = match messenger.group_info(id).await {
+                Ok((info, _)) => info.members.len().saturating_sub(1),
+                Err(_) => 0,
+            };
             messenger.close().await;
-            (switchboard::client::history::group_peer(id), name)
+            (switchboard::client::history::group_peer(id), name, members)
         }
         (None, Some(number)) => {
             let db = home.db()?;
             let n = contact(&db, &reg, number, args.region.as_deref())?;
-            (n.to_string(), n.to_string())
+            (n.to_string(), n.to_string(), 1)
         }
         (None, None) => bail!("give a contact or --group"),
     };
     let db = home.db()?;
+    // What disappeared goes first, even without a connection.
+    db.write(|tx| switchboard::client::history::sweep_expired(tx, wall_ms()))?;
     let entries = db.read(|tx| switchboard::client::history::page(tx, &peer, None, args.limit))?;
     let mut out = std::io::stdout().lock();
     for e in &entries {
@@ -532,7 +766,7 @@ pub async fn history(home: Home, args: HistoryArgs) -> anyhow::Result<()> {
             (None, false) => (e.peer.as_str(), me.as_str()),
         };
         let text = match &e.content {
-            Some(c) => shown(c),
+            Some(_) => line_text(&db, e),
             None => format!(
                 "[could not be decrypted: {}]",
                 e.problem.as_deref().unwrap_or("unknown reason")
@@ -558,17 +792,31 @@ pub async fn history(home: Home, args: HistoryArgs) -> anyhow::Result<()> {
                     "group": g.group_id,
                     "delivered": g.delivered,
                     "of": g.of,
+                    "read": e.read.len(),
+                    "members": members,
                 })),
+                "reply_to": match &e.content {
+                    Some(Content::Reply { to, .. }) => Some(hex::encode(to)),
+                    _ => None,
+                },
+                "reactions": e.reactions.iter().map(|(by, emoji)| serde_json::json!({"by": by, "emoji": emoji})).collect::<Vec<_>>(),
+                "edited": e.edited_at_ms.is_some(),
+                "deleted": matches!(e.content, Some(Content::Deleted)),
+                "read_by": e.read.iter().map(|(by, at)| serde_json::json!({"by": by, "at": time(*at)})).collect::<Vec<_>>(),
+                "expires_at": e.expires_at_ms.map(time),
                 "problem": e.problem,
             });
             writeln!(out, "{line}")?;
         } else {
+            let id = hex::encode(e.id);
             writeln!(
                 out,
-                "{} {from} {}{}",
+                "{} {from} {}{}{}  ({})",
                 time(e.at_ms),
                 printable(&text),
-                mark(e)
+                reactions(e),
+                mark(e, members),
+                &id[..8]
             )?;
         }
     }
@@ -609,4 +857,11 @@ pub async fn safety(home: Home, args: SafetyArgs) -> anyhow::Result<()> {
     }
     println!("{}", e2e::format_safety_number(&digits));
     Ok(())
+}
+
+/// Now, in ms since the Unix epoch.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -3,6 +3,7 @@
 mod admin;
 mod check_config;
 mod contacts;
+mod conversation;
 mod devices;
 mod group;
 mod lock;
@@ -70,6 +71,19 @@ enum Command {
     /// Groups: create one, add and remove members, list them.
     #[command(subcommand)]
     Group(group::Command),
+    /// React to a message with an emoji (one per person; "" takes it back).
+    React(conversation::ReactArgs),
+    /// Change the text of a message you sent (within 15 minutes), for everyone.
+    Edit(conversation::EditArgs),
+    /// Delete a message you sent (within 15 minutes) for everyone.
+    Delete(conversation::DeleteArgs),
+    /// Disappearing messages in a conversation: off, 1d, 7d or 90d.
+    Timer(conversation::TimerArgs),
+    /// Tell a conversation you are typing (or stopped).
+    Typing(conversation::TypingArgs),
+    /// Your profile (name, about, photo), or a contact's.
+    #[command(subcommand)]
+    Profile(conversation::ProfileCommand),
 }
 
 /// Logs go to stderr: warnings only for client commands, unless RUST_LOG says
@@ -130,6 +144,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lock(command) => lock::run(home(cli.home, pass)?, command).await,
         Command::Devices(command) => devices::run(home(cli.home, pass)?, command).await,
         Command::Group(command) => group::run(home(cli.home, pass)?, command).await,
+        Command::React(args) => conversation::react(home(cli.home, pass)?, args).await,
+        Command::Edit(args) => conversation::edit(home(cli.home, pass)?, args).await,
+        Command::Delete(args) => conversation::delete(home(cli.home, pass)?, args).await,
+        Command::Timer(args) => conversation::timer(home(cli.home, pass)?, args).await,
+        Command::Typing(args) => conversation::typing(home(cli.home, pass)?, args).await,
+        Command::Profile(command) => conversation::profile(home(cli.home, pass)?, command).await,
     }
 }
 

@@ -1,10 +1,12 @@
 //! What travels inside the end-to-end encryption: a versioned, extensible format.
 //!
 //! Olm plaintext (client to client; the node never sees it):
-//! - `0x01` (the format) · bincode [`Wire`]: the message's own id (which stays the
+//! - `0x02` (the format) · bincode [`Wire`]: the message's own id (which stays the
 //!   same when the message is sent again, under a new node id), when the author
-//!   wrote it, the node id of the envelope it answers a retry request for, and the
+//!   wrote it, the node id of the envelope it answers a retry request for, the
+//!   disappearing-message timer it was sent under (seconds, 0 for none), and the
 //!   content as a kind number and that kind's bincode body.
+//! - `0x01` · the same without the timer (clients before disappearing messages).
 //! - `0x00` · bincode of a text (the format of clients before it): read as
 //!   [`Content::Text`] with the envelope's node id as its id.
 //!
@@ -16,7 +18,8 @@ use bincode::{Decode, Encode};
 
 use crate::proto::MessageId;
 
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
+const FORMAT_1: u8 = 1;
 const LEGACY_FORMAT: u8 = 0;
 /// The largest plaintext decoded (an envelope is at most half a frame anyway).
 const MAX_PLAINTEXT: usize = 1 << 20;
@@ -31,7 +34,21 @@ mod kind {
     pub const GROUP_KEY: u16 = 6;
     pub const GROUP_REMOVED: u16 = 7;
     pub const SENDER_KEY: u16 = 8;
+    pub const PROFILE_KEY: u16 = 9;
+    pub const REPLY: u16 = 10;
+    pub const REACTION: u16 = 11;
+    pub const EDIT: u16 = 12;
+    pub const DELETE: u16 = 13;
+    pub const READ: u16 = 14;
+    pub const TIMER: u16 = 15;
+    pub const NOTHING_TO_SHOW: u16 = 16;
 }
+
+/// The longest emoji (a reaction) taken: a few code points with modifiers and
+/// joiners.
+pub const MAX_EMOJI_BYTES: usize = 64;
+/// The most message ids one read receipt carries.
+pub const MAX_READ_IDS: usize = 256;
 
 /// The largest Megolm session key taken (vodozemac's are 229 bytes).
 const MAX_SENDER_KEY: usize = 1024;
@@ -53,7 +70,10 @@ pub struct Synced {
     pub content: Content,
 }
 
-/// What a person sent: the part of a message an app shows.
+/// What a person sent: the part of a message an app shows, or something a person did
+/// to another message of the conversation (an *act*: a reaction, an edit, a delete),
+/// which changes that message rather than showing as one. Stored in the history as
+/// bincode: variants are only ever added at the end.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub enum Content {
     Text(String),
@@ -61,6 +81,59 @@ pub enum Content {
     Unsupported {
         kind: u16,
     },
+    /// A text that answers message `to` of the same conversation (quoted by id).
+    Reply {
+        to: MessageId,
+        text: String,
+    },
+    /// `emoji` on message `to`, one per person per message (a new one replaces the
+    /// old); empty takes the reaction back.
+    Reaction {
+        to: MessageId,
+        emoji: String,
+    },
+    /// The new text of message `to`, by its author within [`EDIT_WINDOW_MS`].
+    Edit {
+        to: MessageId,
+        text: String,
+    },
+    /// "Delete for everyone" of message `to`, by its author within
+    /// [`EDIT_WINDOW_MS`].
+    Delete {
+        to: MessageId,
+    },
+    /// The conversation's disappearing-message timer is now `secs` (0: off).
+    Timer {
+        secs: u32,
+    },
+    /// What a message deleted for everyone became (history only: never sent).
+    Deleted,
+}
+
+/// How long after sending a message its author may edit it or delete it for
+/// everyone (WhatsApp's and Signal's window).
+pub const EDIT_WINDOW_MS: u64 = 15 * 60 * 1000;
+
+impl Content {
+    /// The message this content acts on, for a reaction, an edit or a delete.
+    pub fn act_on(&self) -> Option<&MessageId> {
+        match self {
+            Content::Reaction { to, .. } | Content::Edit { to, .. } | Content::Delete { to } => {
+                Some(to)
+            }
+            _ => None,
+        }
+    }
+
+    /// The text a person reads, if it has one.
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            Content::Text(t) | Content::Reply { text: t, .. } | Content::Edit { text: t, .. } => {
+                Some(t)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Everything a plaintext can carry: content for people, or a message between
@@ -108,6 +181,40 @@ pub enum Body {
         group_id: u64,
         key: Vec<u8>,
     },
+    /// "My profile key is `key`; my profile changed" (to contacts and group members):
+    /// with it they can fetch and read the sender's profile.
+    ProfileKey {
+        key: [u8; 32],
+    },
+    /// Read receipt: the recipient was shown messages `ids` of the sender (in group
+    /// `group_id`, or 1:1).
+    Read {
+        group_id: Option<u64>,
+        ids: Vec<MessageId>,
+    },
+    /// The answer to a retry request for envelope `id` that carried nothing a person
+    /// sees (a receipt, a key): forget it.
+    NothingToShow {
+        id: MessageId,
+    },
+}
+
+#[derive(Encode, Decode)]
+struct ReplyBody {
+    to: MessageId,
+    text: String,
+}
+
+#[derive(Encode, Decode)]
+struct ReactionBody {
+    to: MessageId,
+    emoji: String,
+}
+
+#[derive(Encode, Decode)]
+struct ReadBody {
+    group_id: Option<u64>,
+    ids: Vec<MessageId>,
 }
 
 #[derive(Encode, Decode)]
@@ -133,11 +240,25 @@ pub struct Plaintext {
     /// Set on a message sent again in answer to a retry request: the node id of the
     /// envelope that could not be decrypted.
     pub retry_of: Option<MessageId>,
+    /// The disappearing-message timer it was sent under: every device removes it
+    /// this many seconds after it was sent (0: never).
+    pub expires_in_secs: u32,
     pub body: Body,
 }
 
 #[derive(Encode, Decode)]
 struct Wire {
+    id: MessageId,
+    written_at_ms: u64,
+    retry_of: Option<MessageId>,
+    expires_in_secs: u32,
+    kind: u16,
+    body: Vec<u8>,
+}
+
+/// Format 1: [`Wire`] without the timer.
+#[derive(Encode, Decode)]
+struct Wire1 {
     id: MessageId,
     written_at_ms: u64,
     retry_of: Option<MessageId>,
@@ -157,6 +278,31 @@ fn content_parts(content: &Content) -> (u16, Vec<u8>) {
     match content {
         Content::Text(text) => (kind::TEXT, to_vec(text)),
         Content::Unsupported { kind } => (*kind, Vec::new()),
+        Content::Reply { to, text } => (
+            kind::REPLY,
+            to_vec(&ReplyBody {
+                to: *to,
+                text: text.clone(),
+            }),
+        ),
+        Content::Reaction { to, emoji } => (
+            kind::REACTION,
+            to_vec(&ReactionBody {
+                to: *to,
+                emoji: emoji.clone(),
+            }),
+        ),
+        Content::Edit { to, text } => (
+            kind::EDIT,
+            to_vec(&ReplyBody {
+                to: *to,
+                text: text.clone(),
+            }),
+        ),
+        Content::Delete { to } => (kind::DELETE, to_vec(to)),
+        Content::Timer { secs } => (kind::TIMER, to_vec(secs)),
+        // Never sent; should it be, it reads as a delete of nothing.
+        Content::Deleted => (kind::DELETE, to_vec(&[0u8; 16])),
     }
 }
 
@@ -191,8 +337,15 @@ impl Plaintext {
             id,
             written_at_ms,
             retry_of: None,
+            expires_in_secs: 0,
             body,
         }
+    }
+
+    /// This plaintext under a disappearing-message timer of `secs` (0: none).
+    pub fn expiring(mut self, secs: u32) -> Plaintext {
+        self.expires_in_secs = secs;
+        self
     }
 
     /// The bytes to encrypt.
@@ -227,6 +380,15 @@ impl Plaintext {
                     key: key.clone(),
                 }),
             ),
+            Body::ProfileKey { key } => (kind::PROFILE_KEY, to_vec(key)),
+            Body::NothingToShow { id } => (kind::NOTHING_TO_SHOW, to_vec(id)),
+            Body::Read { group_id, ids } => (
+                kind::READ,
+                to_vec(&ReadBody {
+                    group_id: *group_id,
+                    ids: ids.clone(),
+                }),
+            ),
             Body::GroupKey {
                 group_id,
                 name,
@@ -245,6 +407,7 @@ impl Plaintext {
             id: self.id,
             written_at_ms: self.written_at_ms,
             retry_of: self.retry_of,
+            expires_in_secs: self.expires_in_secs,
             kind,
             body,
         }));
@@ -260,17 +423,26 @@ impl Plaintext {
     ) -> Result<Plaintext, String> {
         let (&format, rest) = bytes.split_first().ok_or("an empty plaintext")?;
         match format {
-            FORMAT => {
-                let (wire, used): (Wire, usize) = bincode::decode_from_slice(rest, config())
-                    .map_err(|e| format!("an unreadable plaintext: {e}"))?;
-                if used != rest.len() {
-                    return Err("trailing bytes after the plaintext".into());
-                }
+            FORMAT | FORMAT_1 => {
+                let wire = if format == FORMAT {
+                    whole::<Wire>(rest)?
+                } else {
+                    let w = whole::<Wire1>(rest)?;
+                    Wire {
+                        id: w.id,
+                        written_at_ms: w.written_at_ms,
+                        retry_of: w.retry_of,
+                        expires_in_secs: 0,
+                        kind: w.kind,
+                        body: w.body,
+                    }
+                };
                 let body = decode_body(wire.kind, &wire.body)?;
                 Ok(Plaintext {
                     id: wire.id,
                     written_at_ms: wire.written_at_ms,
                     retry_of: wire.retry_of,
+                    expires_in_secs: wire.expires_in_secs,
                     body,
                 })
             }
@@ -291,6 +463,16 @@ impl Plaintext {
             )),
         }
     }
+}
+
+/// A whole plaintext of one wire format: nothing may follow it.
+fn whole<T: Decode<()>>(rest: &[u8]) -> Result<T, String> {
+    let (wire, used): (T, usize) = bincode::decode_from_slice(rest, config())
+        .map_err(|e| format!("an unreadable plaintext: {e}"))?;
+    if used != rest.len() {
+        return Err("trailing bytes after the plaintext".into());
+    }
+    Ok(wire)
 }
 
 fn decode_body(kind: u16, body: &[u8]) -> Result<Body, String> {
@@ -357,6 +539,44 @@ fn decode_body(kind: u16, body: &[u8]) -> Result<Body, String> {
                 content,
             }
         }
+        kind::PROFILE_KEY => Body::ProfileKey { key: whole(body)? },
+        kind::NOTHING_TO_SHOW => Body::NothingToShow { id: whole(body)? },
+        kind::READ => {
+            let r: ReadBody = whole(body)?;
+            if r.ids.len() > MAX_READ_IDS {
+                return Err(format!("a read receipt for {} messages", r.ids.len()));
+            }
+            Body::Read {
+                group_id: r.group_id,
+                ids: r.ids,
+            }
+        }
+        kind::REPLY => {
+            let r: ReplyBody = whole(body)?;
+            Body::Content(Content::Reply {
+                to: r.to,
+                text: r.text,
+            })
+        }
+        kind::EDIT => {
+            let r: ReplyBody = whole(body)?;
+            Body::Content(Content::Edit {
+                to: r.to,
+                text: r.text,
+            })
+        }
+        kind::REACTION => {
+            let r: ReactionBody = whole(body)?;
+            if r.emoji.len() > MAX_EMOJI_BYTES {
+                return Err(format!("a reaction of {} bytes", r.emoji.len()));
+            }
+            Body::Content(Content::Reaction {
+                to: r.to,
+                emoji: r.emoji,
+            })
+        }
+        kind::DELETE => Body::Content(Content::Delete { to: whole(body)? }),
+        kind::TIMER => Body::Content(Content::Timer { secs: whole(body)? }),
         other => Body::Content(Content::Unsupported { kind: other }),
     })
 }
@@ -438,6 +658,73 @@ mod tests {
         assert!(body(wire(6, &short)).is_err());
     }
 
+    /// The kinds of the rest of a conversation, byte for byte (format 2, as PROTOCOL.md
+    /// and the fuzz seeds have them).
+    #[test]
+    fn the_conversation_kinds_as_bytes() {
+        let wire = |expires: &[u8], kind: u8, body: &[u8]| {
+            let mut out = vec![2];
+            out.extend([7; 16]);
+            out.extend([5, 0]);
+            out.extend_from_slice(expires);
+            out.extend([kind, body.len() as u8]);
+            out.extend_from_slice(body);
+            out
+        };
+        let decode = |bytes: Vec<u8>| Plaintext::decode(&bytes, [0; 16], 0).unwrap();
+        let to = [4u8; 16];
+        let mut reply = to.to_vec();
+        reply.extend([2, b'o', b'k']);
+        let p = decode(wire(&[0xfc, 0x80, 0x51, 0x01, 0x00], 10, &reply));
+        assert_eq!(p.expires_in_secs, 86_400);
+        assert_eq!(
+            p.body,
+            Body::Content(Content::Reply {
+                to,
+                text: "ok".into()
+            })
+        );
+        let mut reaction = to.to_vec();
+        reaction.push(4);
+        reaction.extend("👍".as_bytes());
+        assert_eq!(
+            decode(wire(&[0], 11, &reaction)).body,
+            Body::Content(Content::Reaction {
+                to,
+                emoji: "👍".into()
+            })
+        );
+        assert_eq!(
+            decode(wire(&[0], 13, &to)).body,
+            Body::Content(Content::Delete { to })
+        );
+        let mut read = vec![1, 9, 1];
+        read.extend(to);
+        assert_eq!(
+            decode(wire(&[0], 14, &read)).body,
+            Body::Read {
+                group_id: Some(9),
+                ids: vec![to]
+            }
+        );
+        assert_eq!(
+            decode(wire(&[0], 15, &[0xfc, 0x80, 0x3a, 0x09, 0x00])).body,
+            Body::Content(Content::Timer { secs: 604_800 })
+        );
+        assert_eq!(
+            decode(wire(&[0], 9, &[3; 32])).body,
+            Body::ProfileKey { key: [3; 32] }
+        );
+        // A reaction that is a whole text is refused; so is a body with bytes after it.
+        let mut long = to.to_vec();
+        long.push(100);
+        long.extend([b'x'; 100]);
+        assert!(Plaintext::decode(&wire(&[0], 11, &long), [0; 16], 0).is_err());
+        let mut trailing = to.to_vec();
+        trailing.push(0);
+        assert!(Plaintext::decode(&wire(&[0], 13, &trailing), [0; 16], 0).is_err());
+    }
+
     #[test]
     fn every_body_round_trips() {
         let mut p = Plaintext::new(
@@ -483,7 +770,36 @@ mod tests {
         };
         check(p.clone());
         p.body = Body::RetryUnavailable { id: [2; 16] };
-        check(p);
+        check(p.clone());
+        p.body = Body::NothingToShow { id: [2; 16] };
+        check(p.clone());
+        p.body = Body::ProfileKey { key: [8; 32] };
+        check(p.clone());
+        p.body = Body::Read {
+            group_id: None,
+            ids: vec![[1; 16]],
+        };
+        check(p.clone());
+        p = p.expiring(604_800);
+        for content in [
+            Content::Reply {
+                to: [1; 16],
+                text: "yes".into(),
+            },
+            Content::Reaction {
+                to: [1; 16],
+                emoji: "❤️".into(),
+            },
+            Content::Edit {
+                to: [1; 16],
+                text: "fixed".into(),
+            },
+            Content::Delete { to: [1; 16] },
+            Content::Timer { secs: 86_400 },
+        ] {
+            p.body = Body::Content(content);
+            check(p.clone());
+        }
     }
 
     #[test]
@@ -492,6 +808,7 @@ mod tests {
             id: [5; 16],
             written_at_ms: 1,
             retry_of: None,
+            expires_in_secs: 0,
             kind: 4242,
             body: vec![1, 2, 3],
         };

@@ -46,7 +46,7 @@ pub const DB_FILE: &str = "home.db";
 /// The home key: 32 random bytes (sealed under the passphrase when there is one).
 pub const KEY_FILE: &str = "e2e.key";
 /// The schema this build writes. `PRAGMA user_version` holds a home's.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// The first byte of every sealed value.
 const SEAL_VERSION: u8 = 1;
 /// How long a transaction waits for another process's write lock.
@@ -72,6 +72,12 @@ CREATE TABLE outbox (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE pending (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE job (id INTEGER PRIMARY KEY AUTOINCREMENT, due INTEGER NOT NULL, value BLOB NOT NULL);
 CREATE INDEX job_due ON job (due);
+";
+
+/// Schema 1 → 2: when a disappearing message goes (ms; NULL: never).
+const SCHEMA_2: &str = "
+ALTER TABLE message ADD COLUMN expires INTEGER;
+CREATE INDEX message_expires ON message (expires) WHERE expires IS NOT NULL;
 ";
 
 /// What can go wrong with the home database.
@@ -250,6 +256,9 @@ impl HomeDb {
             if version == 0 {
                 tx.conn.execute_batch(SCHEMA).map_err(sqlite(&path))?;
                 super::legacy::import(tx, dir)?;
+            }
+            if version < 2 {
+                tx.conn.execute_batch(SCHEMA_2).map_err(sqlite(&path))?;
             }
             tx.conn
                 .pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -541,6 +550,26 @@ impl Tx<'_> {
             .and_then(|mut s| s.execute(params![&conv[..], &key[..], state, shown, sealed]))
             .map_err(self.err())?;
         Ok((n > 0).then(|| self.conn.last_insert_rowid()))
+    }
+
+    /// History row `seq` goes at `until` (ms).
+    pub fn set_message_expiry(&self, seq: i64, until: u64) -> Result<(), DbError> {
+        self.conn
+            .prepare_cached("UPDATE message SET expires = ?1 WHERE seq = ?2")
+            .and_then(|mut s| s.execute(params![until.min(i64::MAX as u64) as i64, seq]))
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Deletes the history rows whose time ran out by `now` (ms), but those in state
+    /// `keep`; how many.
+    pub fn delete_expired_messages(&self, now: u64, keep: i64) -> Result<usize, DbError> {
+        self.conn
+            .prepare_cached(
+                "DELETE FROM message WHERE expires IS NOT NULL AND expires <= ?1 AND state != ?2",
+            )
+            .and_then(|mut s| s.execute(params![now.min(i64::MAX as u64) as i64, keep]))
+            .map_err(self.err())
     }
 
     /// Marks history row `seq` as shown; true when this call did (it was not yet).

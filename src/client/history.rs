@@ -13,12 +13,14 @@
 use bincode::{Decode, Encode};
 
 use super::content::Content;
-use super::db::{DbError, Hashed, MessageRow, Tx};
+use super::db::{DbError, Hashed, MessageRow, Table, Tx};
 use crate::proto::MessageId;
 
-/// The first byte of a stored record: 2 since groups (a record of format 1 has no
-/// group part, and is read as such).
-const RECORD_FORMAT: u8 = 2;
+/// The first byte of a stored record: 3 since reactions, edits, read receipts and
+/// disappearing messages (a record of format 2 has none, one of format 1 no group
+/// part either, and each is read as such).
+const RECORD_FORMAT: u8 = 3;
+const RECORD_FORMAT_2: u8 = 2;
 const RECORD_FORMAT_1: u8 = 1;
 const MAX_RECORD: usize = 2 << 20;
 
@@ -103,6 +105,16 @@ pub struct Entry {
     pub to_identity: Option<[u8; 32]>,
     /// A message of a group conversation (`peer` is then [`group_peer`]).
     pub group: Option<GroupPart>,
+    /// Reactions: who (E.164) put which emoji on it, one each.
+    pub reactions: Vec<(String, String)>,
+    /// When its author last edited it (ms).
+    pub edited_at_ms: Option<u64>,
+    /// Sent: who (E.164) was shown it, and when (ms), from their read receipts.
+    pub read: Vec<(String, u64)>,
+    /// The disappearing-message timer it was sent under (0: none), and when every
+    /// device removes it.
+    pub expires_in_secs: u32,
+    pub expires_at_ms: Option<u64>,
 }
 
 /// What a message of a group conversation has beyond a 1:1 one.
@@ -135,6 +147,27 @@ struct Record {
     resends: Vec<(u32, u32)>,
     /// Sent: the recipient's identity key (Curve25519) when it was encrypted. A retry
     /// request is answered only over a session with that same identity.
+    to_identity: Option<[u8; 32]>,
+    group: Option<GroupPart>,
+    reactions: Vec<(String, String)>,
+    edited_at_ms: Option<u64>,
+    read: Vec<(String, u64)>,
+    expires_in_secs: u32,
+    expires_at_ms: Option<u64>,
+}
+
+/// A record as format 2 stored it (before reactions and the rest).
+#[derive(Decode)]
+struct RecordV2 {
+    peer: String,
+    outgoing: bool,
+    device: u32,
+    id: MessageId,
+    at_ms: u64,
+    content: Option<Content>,
+    delivered: Vec<(u32, u64)>,
+    problem: Option<String>,
+    resends: Vec<(u32, u32)>,
     to_identity: Option<[u8; 32]>,
     group: Option<GroupPart>,
 }
@@ -173,6 +206,18 @@ fn decode(bytes: &[u8]) -> Result<Record, String> {
         Some((&RECORD_FORMAT, rest)) => bincode::decode_from_slice(rest, config())
             .map(|(r, _)| r)
             .map_err(|e| e.to_string()),
+        Some((&RECORD_FORMAT_2, rest)) => bincode::decode_from_slice(rest, config())
+            .map(|(r, _): (RecordV2, _)| Record {
+                group: r.group,
+                ..Record {
+                    resends: r.resends,
+                    to_identity: r.to_identity,
+                    delivered: r.delivered,
+                    problem: r.problem,
+                    ..Record::new(&r.peer, r.outgoing, r.device, &r.id, r.at_ms, r.content)
+                }
+            })
+            .map_err(|e| e.to_string()),
         Some((&RECORD_FORMAT_1, rest)) => bincode::decode_from_slice(rest, config())
             .map(|(r, _): (RecordV1, _)| Record {
                 peer: r.peer,
@@ -186,6 +231,11 @@ fn decode(bytes: &[u8]) -> Result<Record, String> {
                 resends: r.resends,
                 to_identity: r.to_identity,
                 group: None,
+                reactions: Vec::new(),
+                edited_at_ms: None,
+                read: Vec::new(),
+                expires_in_secs: 0,
+                expires_at_ms: None,
             })
             .map_err(|e| e.to_string()),
         Some((format, _)) => Err(format!("unknown record format {format}")),
@@ -231,6 +281,11 @@ fn from_record(seq: i64, state: State, record: Record) -> Entry {
         problem: record.problem,
         to_identity: record.to_identity,
         group: record.group,
+        reactions: record.reactions,
+        edited_at_ms: record.edited_at_ms,
+        read: record.read,
+        expires_in_secs: record.expires_in_secs,
+        expires_at_ms: record.expires_at_ms,
     }
 }
 
@@ -256,7 +311,19 @@ impl Record {
             resends: Vec::new(),
             to_identity: None,
             group: None,
+            reactions: Vec::new(),
+            edited_at_ms: None,
+            read: Vec::new(),
+            expires_in_secs: 0,
+            expires_at_ms: None,
         }
+    }
+
+    /// Whether this is an act on another message (a reaction, an edit, a delete):
+    /// kept in its own conversation key, so that pages of the conversation and the
+    /// news `recv` shows hold only messages.
+    fn is_act(&self) -> bool {
+        self.content.as_ref().and_then(Content::act_on).is_some()
     }
 }
 
@@ -264,13 +331,206 @@ impl Record {
 /// a message of its direction and id is there already.
 fn insert(tx: &Tx<'_>, record: &Record, state: State, shown: bool) -> Result<Option<i64>, DbError> {
     let key = message_key(tx, &record.peer, record.outgoing, &record.id);
-    tx.insert_message(
-        &conv(tx, &record.peer),
-        &key,
-        state.number(),
-        shown,
-        &encode(record),
-    )
+    let (conv_key, shown) = if record.is_act() {
+        (acts(tx, &record.peer), true)
+    } else {
+        (conv(tx, &record.peer), shown)
+    };
+    let seq = tx.insert_message(&conv_key, &key, state.number(), shown, &encode(record))?;
+    if let Some(seq) = seq {
+        tx.put(Table::Peer, &by_id_key(tx, &record.id), &seq.to_be_bytes())?;
+    }
+    Ok(seq)
+}
+
+/// The conversation key of the acts on `peer`'s conversation's messages.
+fn acts(tx: &Tx<'_>, peer: &str) -> Hashed {
+    tx.hash(b"acts", &[peer.as_bytes()])
+}
+
+/// The `peer` row that finds a message by its id alone.
+fn by_id_key(tx: &Tx<'_>, id: &MessageId) -> Hashed {
+    tx.hash(b"msg-by-id", &[id])
+}
+
+/// The message whose id is `id`, in any conversation, if it is in the history.
+pub fn by_id(tx: &Tx<'_>, id: &MessageId) -> Result<Option<Entry>, DbError> {
+    let Some(v) = tx.get(Table::Peer, &by_id_key(tx, id))? else {
+        return Ok(None);
+    };
+    let Some(seq) = v.get(..8).and_then(|b| b.try_into().ok()) else {
+        return Ok(None);
+    };
+    Ok(get(tx, i64::from_be_bytes(seq))?.filter(|e| e.id == *id))
+}
+
+/// The messages of the last `within` in the history (any conversation) whose id in
+/// hex starts with `prefix` (as people type a short id), newest first.
+pub fn by_id_prefix(tx: &Tx<'_>, prefix: &str, within: usize) -> Result<Vec<Entry>, DbError> {
+    let last = tx.last_message_seq()?.unwrap_or(0);
+    let after = last.saturating_sub(i64::try_from(within).unwrap_or(i64::MAX));
+    let mut out = Vec::new();
+    for row in tx.messages_after(after, within)? {
+        let e = entry(tx, &row)?;
+        if hex::encode(e.id).starts_with(prefix) && !e.content.as_ref().is_some_and(is_act) {
+            out.push(e);
+        }
+    }
+    out.reverse();
+    Ok(out)
+}
+
+fn is_act(c: &Content) -> bool {
+    c.act_on().is_some()
+}
+
+/// The message `to` of conversation `peer` (sent or received), if it is there.
+pub fn find(tx: &Tx<'_>, peer: &str, to: &MessageId) -> Result<Option<Entry>, DbError> {
+    for outgoing in [true, false] {
+        if let Some(row) = tx.message_by_key(&message_key(tx, peer, outgoing, to))? {
+            return entry(tx, &row).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Who wrote `e` (E.164), given this account's number.
+pub fn author<'a>(e: &'a Entry, me: &'a str) -> &'a str {
+    match &e.group {
+        Some(g) => &g.author,
+        None if e.outgoing => me,
+        None => &e.peer,
+    }
+}
+
+/// Why an act on a message is not taken.
+pub fn act_refusal(
+    target: &Entry,
+    actor: &str,
+    me: &str,
+    act: &Content,
+    at_ms: u64,
+) -> Option<String> {
+    if matches!(target.content, Some(Content::Deleted) | None) {
+        return Some("that message was deleted (or never opened)".into());
+    }
+    if matches!(act, Content::Edit { .. } | Content::Delete { .. }) {
+        if author(target, me) != actor {
+            return Some("only its author can edit or delete a message".into());
+        }
+        if at_ms.saturating_sub(target.at_ms) > super::content::EDIT_WINDOW_MS + ACT_GRACE_MS {
+            return Some(
+                "a message can be edited or deleted for everyone only within 15 minutes of sending it"
+                    .into(),
+            );
+        }
+        if let (Content::Edit { .. }, Some(c)) = (act, &target.content)
+            && c.text().is_none()
+        {
+            return Some("only a text can be edited".into());
+        }
+    }
+    None
+}
+
+/// Clock skew allowed between an edit's author and the node that dated the message.
+const ACT_GRACE_MS: u64 = 60_000;
+
+/// Applies an act of `actor` (`me` is this account) at `at_ms` to its message in
+/// conversation `peer`; the message as it is now, unless the act changes nothing (its
+/// message is not here, or the act is not allowed: an edit by someone else, or late).
+pub fn apply_act(
+    tx: &Tx<'_>,
+    peer: &str,
+    actor: &str,
+    me: &str,
+    act: &Content,
+    at_ms: u64,
+) -> Result<Option<Entry>, DbError> {
+    let Some(to) = act.act_on() else {
+        return Ok(None);
+    };
+    let Some(target) = find(tx, peer, to)? else {
+        return Ok(None);
+    };
+    if act_refusal(&target, actor, me, act, at_ms).is_some() {
+        return Ok(None);
+    }
+    change(tx, target.seq, |r, _| {
+        match act {
+            Content::Reaction { emoji, .. } => {
+                r.reactions.retain(|(who, _)| who != actor);
+                if !emoji.is_empty() {
+                    r.reactions.push((actor.to_string(), emoji.clone()));
+                }
+            }
+            Content::Edit { text, .. } => {
+                r.content = Some(match r.content.take() {
+                    Some(Content::Reply { to, .. }) => Content::Reply {
+                        to,
+                        text: text.clone(),
+                    },
+                    _ => Content::Text(text.clone()),
+                });
+                r.edited_at_ms = Some(at_ms);
+            }
+            Content::Delete { .. } => {
+                r.content = Some(Content::Deleted);
+                r.reactions.clear();
+                r.edited_at_ms = None;
+            }
+            _ => return false,
+        }
+        true
+    })
+}
+
+/// `by` read this account's messages `ids` of conversation `peer` at `at_ms`: the
+/// messages whose read state changed.
+pub fn mark_read(
+    tx: &Tx<'_>,
+    peer: &str,
+    ids: &[MessageId],
+    by: &str,
+    at_ms: u64,
+) -> Result<Vec<Entry>, DbError> {
+    let mut out = Vec::new();
+    for id in ids {
+        let Some(row) = tx.message_by_key(&message_key(tx, peer, true, id))? else {
+            continue;
+        };
+        if let Some(e) = change(tx, row.seq, |r, _| {
+            if r.read.iter().any(|(who, _)| who == by) {
+                return false;
+            }
+            r.read.push((by.to_string(), at_ms));
+            true
+        })? {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+/// Message `seq` was sent under a disappearing-message timer of `secs`: every device
+/// removes it `secs` after `from_ms`.
+pub fn set_expiry(tx: &Tx<'_>, seq: i64, secs: u32, from_ms: u64) -> Result<(), DbError> {
+    if secs == 0 {
+        return Ok(());
+    }
+    let until = from_ms.saturating_add(u64::from(secs) * 1000);
+    change(tx, seq, |r, _| {
+        r.expires_in_secs = secs;
+        r.expires_at_ms = Some(until);
+        true
+    })?;
+    tx.set_message_expiry(seq, until)
+}
+
+/// Removes the messages whose timer ran out by `now_ms` (not those still being
+/// sent); how many.
+pub fn sweep_expired(tx: &Tx<'_>, now_ms: u64) -> Result<usize, DbError> {
+    tx.delete_expired_messages(now_ms, State::Sending.number())
 }
 
 /// Records a message this device is about to send to `peer` (whose identity key is
@@ -320,7 +580,9 @@ pub fn recent(
     for row in tx.messages_after(after, limit)? {
         let e = entry(tx, &row)?;
         let Some(content) = e.content else { continue };
-        if e.at_ms < since_ms || e.state == State::Failed {
+        // Acts are in their messages already (an edit's text, a delete); reactions
+        // and timers stay behind.
+        if e.at_ms < since_ms || e.state == State::Failed || is_act(&content) {
             continue;
         }
         out.push((
@@ -380,7 +642,7 @@ pub fn add_received(
     };
     let key = message_key(tx, from, false, id);
     let value = encode(&record);
-    match tx.insert_message(&conv(tx, from), &key, state.number(), false, &value)? {
+    match insert(tx, &record, state, false)? {
         Some(seq) => Ok(Some(from_record(seq, state, record))),
         None => {
             let Some(row) = tx.message_by_key(&key)? else {

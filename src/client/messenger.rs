@@ -27,11 +27,15 @@ use std::time::Duration;
 use bincode::{Decode, Encode};
 use rand::RngExt;
 
+mod acts;
 mod group_ops;
 mod group_recv;
 mod group_send;
+mod profiles;
 
+pub use acts::{Conversation, TIMERS};
 pub use group_send::GroupSent;
+pub use profiles::{KnownProfile, cached_profile_in, shown_name};
 
 use super::content::{Body, Content, MAX_RETRY_IDS, Plaintext};
 use super::db::{DbError, Hashed, HomeDb, Table, Tx};
@@ -41,7 +45,9 @@ use super::history::{self, Entry, State};
 use super::settings::{Settings, SettingsError};
 use super::{Client, ClientError, Connector, Home, HomeError, now_ms};
 use crate::phone::Number;
-use crate::proto::{Delivery, ErrorKind, Item, MessageId, Outgoing, Receipt};
+use crate::proto::{
+    Delivery, DeviceEnvelope, EPHEMERAL_SEQ, ErrorKind, Item, MessageId, Outgoing, Receipt,
+};
 
 /// Items decrypted and stored per transaction (and acknowledged per `Ack`).
 const MAX_BATCH: usize = 1024;
@@ -195,6 +201,29 @@ pub enum Event {
         name: String,
         by: String,
     },
+    /// `by` reacted to, edited or deleted a message (`act`): `entry` is that message
+    /// now.
+    Changed {
+        by: String,
+        act: Content,
+        entry: Entry,
+    },
+    /// `by` was shown this account's message `entry` (their read receipt).
+    Read { by: String, entry: Entry },
+    /// `from`'s device `device` is typing (or stopped) to this account, or in group
+    /// `group_id`. Never stored: shown until `typing` is false or a few seconds pass.
+    Typing {
+        from: String,
+        device: u32,
+        group_id: Option<u64>,
+        typing: bool,
+    },
+    /// `number`'s profile is new or changed (its name was `old_name`).
+    ProfileChanged {
+        number: String,
+        old_name: Option<String>,
+        name: String,
+    },
     /// The connection is gone; the next try comes after `retry_in`.
     Reconnecting { reason: String, retry_in: Duration },
     /// Connected (again).
@@ -275,6 +304,26 @@ enum Job {
         group_id: u64,
         node_id: MessageId,
     },
+    /// Tell `to` that this account was shown their messages `ids` (in group
+    /// `group_id`, or 1:1), as `node_id`.
+    Read {
+        to: String,
+        group_id: Option<u64>,
+        ids: Vec<MessageId>,
+        node_id: MessageId,
+    },
+    /// Give `to` this account's profile key (as it is when the job runs), as
+    /// `node_id`.
+    ProfileKey { to: String, node_id: MessageId },
+    /// Fetch `number`'s profile (with the profile key they gave).
+    FetchProfile { number: String },
+    /// Tell `to` that envelope `id` carried nothing to show (a receipt, a key), as
+    /// `node_id`: they forget it rather than show it as undecryptable.
+    NothingToShow {
+        to: String,
+        id: MessageId,
+        node_id: MessageId,
+    },
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -297,7 +346,30 @@ fn decode<T: Decode<()>>(bytes: &[u8], what: &str) -> Result<T, MessengerError> 
 pub fn decode_stored(bytes: &[u8]) {
     let _ = decode::<PendingRecord>(bytes, "a pending envelope");
     let _ = decode::<Job>(bytes, "a job");
-    let _ = decode::<Outgoing>(bytes, "an outbox entry");
+    let _ = decode_outgoing(bytes);
+    profiles::decode_stored(bytes);
+}
+
+/// An outbox entry as builds before disappearing messages wrote it.
+#[derive(Decode)]
+struct OutgoingV3 {
+    id: MessageId,
+    to: String,
+    envelopes: Vec<DeviceEnvelope>,
+}
+
+/// An outbox entry (of this build, or of one before disappearing messages).
+fn decode_outgoing(bytes: &[u8]) -> Result<Outgoing, MessengerError> {
+    decode::<Outgoing>(bytes, "an outbox entry").or_else(|e| {
+        decode::<OutgoingV3>(bytes, "an outbox entry")
+            .map(|o| Outgoing {
+                id: o.id,
+                to: o.to,
+                envelopes: o.envelopes,
+                expires_in_secs: 0,
+            })
+            .map_err(|_| e)
+    })
 }
 
 /// The `seen` (and `pending`) key of envelope `id` from `from`.
@@ -508,6 +580,14 @@ impl Messenger {
         }
         events.extend(self.give_up_on_old_pending().await);
         events.extend(self.run_jobs(client).await);
+        if let Err(e) = self.sweep_expired().await {
+            events.push(Event::Warning(format!(
+                "removing disappeared messages: {e}"
+            )));
+        }
+        if let Err(e) = self.share_presence(client).await {
+            events.push(Event::Warning(format!("sharing last seen: {e}")));
+        }
         events
     }
 
@@ -528,14 +608,8 @@ impl Messenger {
         if *to == self.inner.me.number {
             return Err(MessengerError::OwnNumber(to.to_string()));
         }
-        if let Content::Text(text) = &content
-            && text.len() > MAX_TEXT_BYTES
-        {
-            return Err(MessengerError::TooLarge {
-                len: text.len(),
-                max: MAX_TEXT_BYTES,
-            });
-        }
+        acts::check_content(&content)?;
+        self.check_act(&to.to_string(), &content).await?;
         let client = self.client().await?;
         let mut identity_changed = false;
         if self.devices_of(to).await?.is_empty() {
@@ -543,13 +617,16 @@ impl Messenger {
         }
         let id = e2e::new_message_id();
         let written = now_ms();
-        let plaintext = Plaintext::new(id, written, Body::Content(content.clone())).encode();
         let (peer, device) = (to.to_string(), self.inner.me.device_id);
         let own = self.inner.me.number.to_string();
-        let (seq, copies) = self
+        let (seq, jobs) = self
             .inner
             .db
             .write_async(move |tx| {
+                let secs = acts::timer_for(tx, &peer, &content)?;
+                let plaintext = Plaintext::new(id, written, Body::Content(content.clone()))
+                    .expiring(secs)
+                    .encode();
                 let mut olm = Olm::new(tx);
                 let identity = olm.known_identity(&peer)?;
                 let envelopes = olm.encrypt(&peer, &plaintext)?;
@@ -560,10 +637,15 @@ impl Messenger {
                 olm.flush()?;
                 let seq = history::add_sent(tx, &peer, device, &id, written, &content, identity)?;
                 put_sent_id(tx, &id, seq)?;
+                history::set_expiry(tx, seq, secs, written)?;
+                acts::sent(tx, &peer, &own, &content, written)?;
+                // A profile key for a new correspondent is a job too.
+                let profile_job = profiles::talked_to(tx, &[peer.as_str()], written)?;
                 let outgoing = Outgoing {
                     id,
                     to: peer,
                     envelopes,
+                    expires_in_secs: secs,
                 };
                 tx.put(Table::Outbox, &outbox_key(seq), &encode(&outgoing))?;
                 if copies {
@@ -573,7 +655,7 @@ impl Messenger {
                     };
                     tx.add_job(written, &encode(&job))?;
                 }
-                Ok::<_, MessengerError>((seq, copies))
+                Ok::<_, MessengerError>((seq, copies | profile_job))
             })
             .await?;
         let pushed = self.push_outbox(&client, seq).await;
@@ -581,7 +663,7 @@ impl Messenger {
             self.drop_client(&client).await;
         }
         let (sent, changed) = pushed?;
-        if copies {
+        if jobs {
             let events = self.run_jobs(&client).await;
             self.stash(events);
         }
@@ -655,12 +737,7 @@ impl Messenger {
             let mut chunk = Vec::new();
             let mut bytes = 0;
             for e in entries {
-                let size = e.peer.len()
-                    + 64
-                    + match &e.content {
-                        Content::Text(t) => t.len(),
-                        Content::Unsupported { .. } => 0,
-                    };
+                let size = e.peer.len() + 64 + e.content.text().map_or(0, str::len);
                 // Well under an envelope's limit once encrypted.
                 if bytes + size > 24 * 1024 && !chunk.is_empty() {
                     sent += chunk.len();
@@ -705,7 +782,7 @@ impl Messenger {
             else {
                 return self.settled_elsewhere(seq).await;
             };
-            let outgoing: Outgoing = decode(&outgoing, "an outbox entry")?;
+            let outgoing = decode_outgoing(&outgoing)?;
             let to = outgoing.to.clone();
             id = outgoing.id;
             match client.send(outgoing).await {
@@ -823,8 +900,9 @@ impl Messenger {
                 let content = entry.content.clone().ok_or_else(|| {
                     MessengerError::History(format!("message {seq} has no content"))
                 })?;
-                let plaintext =
-                    Plaintext::new(entry.id, entry.at_ms, Body::Content(content)).encode();
+                let plaintext = Plaintext::new(entry.id, entry.at_ms, Body::Content(content))
+                    .expiring(entry.expires_in_secs)
+                    .encode();
                 let mut olm = Olm::new(tx);
                 let envelopes = olm.encrypt(&entry.peer, &plaintext)?;
                 olm.flush()?;
@@ -832,6 +910,7 @@ impl Messenger {
                     id: entry.id,
                     to: entry.peer,
                     envelopes,
+                    expires_in_secs: entry.expires_in_secs,
                 };
                 tx.put(Table::Outbox, &outbox_key(seq), &encode(&outgoing))?;
                 Ok(())
@@ -912,6 +991,7 @@ impl Messenger {
                 id: node_id,
                 to: to.to_string(),
                 envelopes,
+                expires_in_secs: 0,
             };
             match client.send(outgoing).await {
                 Ok(_) => return Ok(()),
@@ -1054,7 +1134,12 @@ impl Messenger {
                     Err(e) => return Ok(StreamEnd::Lost(e.to_string())),
                 }
             }
-            let seqs: Vec<u64> = items.iter().map(|d| d.seq).collect();
+            // Ephemeral items (typing) are not in the queue: nothing to acknowledge.
+            let seqs: Vec<u64> = items
+                .iter()
+                .map(|d| d.seq)
+                .filter(|&s| s != EPHEMERAL_SEQ)
+                .collect();
             let outcome = self.store_batch(items).await?;
             for event in outcome.events {
                 on_event(event);
@@ -1092,9 +1177,10 @@ impl Messenger {
     async fn store_batch(&self, items: Vec<Delivery>) -> Result<Outcome, MessengerError> {
         let me = self.inner.me.clone();
         let window_ms = u64::from(self.inner.settings.resend_window_days) * 24 * 3600 * 1000;
+        let receipts = self.inner.settings.read_receipts;
         self.inner
             .db
-            .write_async(move |tx| store_batch(tx, &me, window_ms, &items))
+            .write_async(move |tx| store_batch(tx, &me, (window_ms, receipts), &items))
             .await
     }
 
@@ -1236,7 +1322,8 @@ impl Messenger {
                 let Some(content) = entry.content else {
                     return Ok(Vec::new());
                 };
-                let mut plain = Plaintext::new(entry.id, entry.at_ms, Body::Content(content));
+                let mut plain = Plaintext::new(entry.id, entry.at_ms, Body::Content(content))
+                    .expiring(entry.expires_in_secs);
                 plain.retry_of = Some(retry_of);
                 self.transmit(client, &peer, node_id, plain.encode(), seq)
                     .await?;
@@ -1294,11 +1381,48 @@ impl Messenger {
                             to: entry.peer,
                             content,
                         };
-                        let plain = Plaintext::new(entry.id, entry.at_ms, copy).encode();
+                        let plain = Plaintext::new(entry.id, entry.at_ms, copy)
+                            .expiring(entry.expires_in_secs)
+                            .encode();
                         self.to_own_devices(client, plain, node_id).await?;
                         Ok(Vec::new())
                     }
                 }
+            }
+            Job::Read {
+                to,
+                group_id,
+                ids,
+                node_id,
+            } => {
+                let peer = number(&to)?;
+                let plain =
+                    Plaintext::new(node_id, now_ms(), Body::Read { group_id, ids }).encode();
+                self.transmit(client, &peer, node_id, plain, CONTROL)
+                    .await?;
+                Ok(Vec::new())
+            }
+            Job::ProfileKey { to, node_id } => {
+                let peer = number(&to)?;
+                self.give_profile_key(client, &peer, node_id).await?;
+                Ok(Vec::new())
+            }
+            Job::FetchProfile { number: of } => {
+                let peer = number(&of)?;
+                Ok(self
+                    .refresh_profile(client, &peer)
+                    .await?
+                    .1
+                    .into_iter()
+                    .collect())
+            }
+            Job::NothingToShow { to, id, node_id } => {
+                let peer = number(&to)?;
+                let plaintext =
+                    Plaintext::new(node_id, now_ms(), Body::NothingToShow { id }).encode();
+                self.transmit(client, &peer, node_id, plaintext, CONTROL)
+                    .await?;
+                Ok(Vec::new())
             }
             Job::Unavailable { to, id, node_id } => {
                 let peer = number(&to)?;
@@ -1390,7 +1514,7 @@ fn give_up(
 fn store_batch(
     tx: &Tx<'_>,
     me: &Me,
-    window_ms: u64,
+    (window_ms, read_receipts): (u64, bool),
     items: &[Delivery],
 ) -> Result<Outcome, MessengerError> {
     let mut olm = Olm::new(tx);
@@ -1507,7 +1631,15 @@ fn store_batch(
                             Some(content),
                             None,
                         )? {
-                            Some(e) => out.events.push(Event::Message(e)),
+                            Some(e) => {
+                                acts::took(
+                                    tx,
+                                    me.number.as_str(),
+                                    e,
+                                    plain.expires_in_secs,
+                                    &mut out,
+                                )?;
+                            }
                             // A copy of a message we have (under its id): remembered
                             // by its own, so a redelivery is dropped unread.
                             None if under_its_id => {
@@ -1596,8 +1728,34 @@ fn store_batch(
                             &content,
                         )? && let Some(e) = history::get(tx, seq)?
                         {
-                            out.events.push(Event::Message(e));
+                            acts::took(tx, me.number.as_str(), e, plain.expires_in_secs, &mut out)?;
                         }
+                    }
+                    Body::Read { group_id, ids } => {
+                        // With read receipts off, none are sent and none shown.
+                        if read_receipts && m.from != me.number.as_str() {
+                            let peer = group_id.map_or_else(|| m.from.clone(), history::group_peer);
+                            let ids: Vec<MessageId> =
+                                ids.into_iter().take(super::content::MAX_READ_IDS).collect();
+                            for entry in
+                                history::mark_read(tx, &peer, &ids, &m.from, delivery.queued_at_ms)?
+                            {
+                                out.events.push(Event::Read {
+                                    by: m.from.clone(),
+                                    entry,
+                                });
+                            }
+                        }
+                    }
+                    Body::ProfileKey { key } => {
+                        if m.from != me.number.as_str() {
+                            profiles::key_received(tx, &m.from, key, now)?;
+                            out.jobs = true;
+                        }
+                    }
+                    Body::NothingToShow { id } => {
+                        // Keyed by sender: only its sender can say so of an envelope.
+                        tx.delete(Table::Pending, &seen_key(tx, &m.from, &id))?;
                     }
                     Body::RetryUnavailable { id } => {
                         let pending_key = seen_key(tx, &m.from, &id);
@@ -1623,6 +1781,12 @@ fn store_batch(
                 group_recv::take(tx, me, g, delivery.queued_at_ms, now, &mut out)?;
             }
             Item::GroupDelivered(r) => out.events.extend(group_recv::delivered(tx, r)?),
+            Item::Typing(t) => out.events.push(Event::Typing {
+                from: t.from.clone(),
+                device: t.from_device,
+                group_id: t.group_id,
+                typing: t.typing,
+            }),
         }
     }
     for ((to, device), ids) in retries {
@@ -1658,8 +1822,19 @@ fn retry_requested(
     window_ms: u64,
 ) -> Result<(), MessengerError> {
     let entry = match sent_id(tx, &id)? {
-        Some(seq) if seq != CONTROL => history::get(tx, seq)?,
-        _ => None,
+        Some(CONTROL) => {
+            // A message between clients (a read receipt, a key): nobody is shown it,
+            // so nobody should be shown it as lost either.
+            let job = Job::NothingToShow {
+                to: from.to_string(),
+                id,
+                node_id: e2e::new_message_id(),
+            };
+            tx.add_job(now, &encode(&job))?;
+            return Ok(());
+        }
+        Some(seq) => history::get(tx, seq)?,
+        None => None,
     };
     let (trusted, current) = identity;
     let job = match entry {
@@ -1743,6 +1918,10 @@ mod tests {
                     Job::OwnCopy { seq, .. } => panic!("a copy of {seq}"),
                     Job::GroupKey { to, .. } => panic!("a group key for {to}"),
                     Job::GroupRemoved { to, .. } => panic!("a removal for {to}"),
+                    Job::Read { to, .. } => panic!("a read receipt for {to}"),
+                    Job::ProfileKey { to, .. } => panic!("a profile key for {to}"),
+                    Job::FetchProfile { number } => panic!("a profile fetch of {number}"),
+                    Job::NothingToShow { to, .. } => panic!("nothing to show for {to}"),
                 });
             }
             Ok::<_, MessengerError>(out)

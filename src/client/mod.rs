@@ -22,6 +22,7 @@ pub mod import;
 mod legacy;
 pub mod link;
 pub mod messenger;
+pub mod profile;
 pub mod sealed;
 pub mod senderkeys;
 pub mod settings;
@@ -591,12 +592,27 @@ impl Client {
         body: Vec<u8>,
         devices: [u8; 32],
     ) -> Result<(u64, u32), ClientError> {
+        self.send_group_expiring(group_id, id, body, devices, 0)
+            .await
+    }
+
+    /// [`Client::send_group`] of a disappearing message: the node drops its copies
+    /// `expires_in_secs` after taking it (0: at its TTL).
+    pub async fn send_group_expiring(
+        &self,
+        group_id: u64,
+        id: proto::MessageId,
+        body: Vec<u8>,
+        devices: [u8; 32],
+        expires_in_secs: u32,
+    ) -> Result<(u64, u32), ClientError> {
         match self
             .call(&Request::SendGroup {
                 group_id,
                 id,
                 body,
                 devices,
+                expires_in_secs,
             })
             .await?
         {
@@ -631,6 +647,51 @@ impl Client {
         };
         match self.call(&request).await? {
             Response::Registered(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Stores this account's encrypted profile under `version` (see
+    /// `client::profile`).
+    pub async fn set_profile(&self, version: [u8; 32], blob: Vec<u8>) -> Result<(), ClientError> {
+        match self.call(&Request::SetProfile { version, blob }).await? {
+            Response::ProfileStored => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Stores this account's encrypted presence (empty: none).
+    pub async fn set_presence(&self, blob: Vec<u8>) -> Result<(), ClientError> {
+        match self.call(&Request::SetPresence { blob }).await? {
+            Response::ProfileStored => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `number`'s encrypted profile and presence, if `version` is its current one;
+    /// `None` when the node has no such profile.
+    pub async fn fetch_profile(
+        &self,
+        number: &Number,
+        version: [u8; 32],
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, ClientError> {
+        let request = Request::FetchProfile {
+            number: number.to_string(),
+            version,
+        };
+        match self.call(&request).await {
+            Ok(Response::Profile { blob, presence }) => Ok(Some((blob, presence))),
+            Ok(other) => Err(unexpected(other)),
+            Err(ClientError::Node(e)) if e.kind == proto::ErrorKind::NoProfile => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Tells `to` this device is typing (or stopped); how many of their devices
+    /// were connected to be told.
+    pub async fn typing(&self, to: proto::TypingTo, typing: bool) -> Result<u32, ClientError> {
+        match self.call(&Request::Typing { to, typing }).await? {
+            Response::TypingSent { devices } => Ok(devices),
             other => Err(unexpected(other)),
         }
     }

@@ -9,6 +9,12 @@
 //! undecryptable_after_days = 7
 //! # On the primary: days of history sent to a newly linked device.
 //! link_history_days = 30
+//! # Send read receipts when a message is shown; off, none are sent and none of
+//! # others' are shown (as on WhatsApp).
+//! read_receipts = true
+//! # Share "last seen" (to the hour) with the people who have this account's
+//! # profile key; off, others' are not shown either.
+//! share_last_seen = false
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -23,6 +29,8 @@ pub struct Settings {
     pub resend_window_days: u32,
     pub undecryptable_after_days: u32,
     pub link_history_days: u32,
+    pub read_receipts: bool,
+    pub share_last_seen: bool,
 }
 
 impl Default for Settings {
@@ -31,6 +39,8 @@ impl Default for Settings {
             resend_window_days: 3,
             undecryptable_after_days: 7,
             link_history_days: 30,
+            read_receipts: true,
+            share_last_seen: false,
         }
     }
 }
@@ -41,6 +51,8 @@ struct Raw {
     resend_window_days: Option<u32>,
     undecryptable_after_days: Option<u32>,
     link_history_days: Option<u32>,
+    read_receipts: Option<bool>,
+    share_last_seen: Option<bool>,
 }
 
 /// A settings file that cannot be used.
@@ -94,6 +106,8 @@ impl Settings {
                 raw.link_history_days,
                 defaults.link_history_days,
             )?,
+            read_receipts: raw.read_receipts.unwrap_or(defaults.read_receipts),
+            share_last_seen: raw.share_last_seen.unwrap_or(defaults.share_last_seen),
         })
     }
 }

@@ -207,6 +207,7 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
             "envelopes_per_account_minute",
             int(m.envelopes_per_account_minute),
         ),
+        ("max_profile_bytes", int(m.max_profile_bytes)),
         ("handoff_ms", ms(m.handoff_window)),
         ("handoff_max_bytes", uint(m.handoff_max_bytes)),
     ]

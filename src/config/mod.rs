@@ -134,6 +134,9 @@ pub struct Messages {
     /// counts once per device it goes to. Past it, sends are refused (`RateLimited`)
     /// as the budget refills.
     pub envelopes_per_account_minute: u32,
+    /// Largest end-to-end encrypted profile (name, about line, photo) an account may
+    /// store, in bytes.
+    pub max_profile_bytes: u32,
     /// How long a message for an online device is held in memory before it is
     /// written; acknowledged within it, it is never written. Zero writes every
     /// message at once.
@@ -340,6 +343,7 @@ impl Default for Config {
                 key_claims_per_pair_per_hour: 10,
                 key_claims_per_account_per_hour: 200,
                 envelopes_per_account_minute: 60_000,
+                max_profile_bytes: 128 * 1024,
                 handoff_window: Duration::from_millis(500),
                 handoff_max_bytes: 64 * 1024 * 1024,
             },

@@ -74,6 +74,7 @@ pub struct Messages {
     pub key_claims_per_pair_per_hour: Option<u32>,
     pub key_claims_per_account_per_hour: Option<u32>,
     pub envelopes_per_account_minute: Option<u32>,
+    pub max_profile_bytes: Option<u32>,
     pub handoff_ms: Option<u64>,
     pub handoff_max_bytes: Option<u64>,
 }
@@ -605,6 +606,13 @@ impl File {
                 dm.envelopes_per_account_minute,
                 1,
                 1_000_000_000,
+            )?,
+            max_profile_bytes: in_range(
+                "messages.max_profile_bytes",
+                m.max_profile_bytes,
+                dm.max_profile_bytes,
+                1024,
+                512 * 1024,
             )?,
             handoff_window: millis(
                 "messages.handoff_ms",

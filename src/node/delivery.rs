@@ -23,8 +23,8 @@ use super::clock::now_ms;
 use super::session::{self, Session};
 use super::worker::{self, blocking, read};
 use crate::proto::{
-    Ack, Delivery, FrameError, Incoming, Item, MAX_ACKS_PER_FRAME, Push, Receipt, Reply, Response,
-    codes, frame,
+    Ack, Delivery, EPHEMERAL_SEQ, FrameError, Incoming, Item, MAX_ACKS_PER_FRAME, Push, Receipt,
+    Reply, Response, codes, frame,
 };
 use crate::store::records::QueueItem;
 use crate::store::{DeviceIdentity, Queued};
@@ -108,6 +108,31 @@ async fn push(
         tokio::pin!(notified);
         notified.as_mut().enable();
 
+        // What is only for a connected device goes first, in a push of its own,
+        // under seq EPHEMERAL_SEQ (never acknowledged, never stored).
+        let ephemeral = mailbox.take_ephemeral();
+        if !ephemeral.is_empty() {
+            let at = now_ms();
+            let push = Push {
+                items: ephemeral
+                    .into_iter()
+                    .map(|item| Delivery {
+                        seq: EPHEMERAL_SEQ,
+                        queued_at_ms: at,
+                        item,
+                    })
+                    .collect(),
+                backlog_end: false,
+                one_time_keys_left: None,
+            };
+            let written = tokio::select! {
+                () = stop.cancelled() => return,
+                written = frame::write(&mut send, &push) => written,
+            };
+            if written.is_err() {
+                return;
+            }
+        }
         let keys_changed = std::mem::take(&mut first) | mailbox.take_keys_claimed();
         let mut keys_left = if keys_changed {
             match blocking(shared, move |store| {

@@ -1,15 +1,22 @@
-//! Wake-ups for delivery streams: "your queue changed" and "your keys were claimed".
+//! Wake-ups for delivery streams: "your queue changed" and "your keys were claimed",
+//! and what is only for a device connected now (typing indicators), held here in
+//! memory, never in the store.
 //!
 //! A subscribed device holds an `Arc<Mailbox>`; the registry keeps only weak
 //! references, so a device that disconnects costs nothing once it is pruned.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::Notify;
 
+use crate::proto::Item;
 use crate::store::DeviceRef;
+
+/// Ephemeral items held per device until its pusher takes them; past this, the
+/// oldest go (a typing indicator is stale by then anyway).
+const MAX_EPHEMERAL: usize = 64;
 
 /// The wake-up handle of one device.
 #[derive(Default)]
@@ -18,12 +25,20 @@ pub struct Mailbox {
     pub changed: Notify,
     /// Set when one of the device's one-time keys was claimed.
     keys_claimed: AtomicBool,
+    /// Items for this device's delivery streams that are never stored.
+    ephemeral: Mutex<VecDeque<Item>>,
 }
 
 impl Mailbox {
     /// Whether keys were claimed since the last call.
     pub fn take_keys_claimed(&self) -> bool {
         self.keys_claimed.swap(false, Ordering::AcqRel)
+    }
+
+    /// The ephemeral items waiting, oldest first.
+    pub fn take_ephemeral(&self) -> Vec<Item> {
+        let mut held = self.ephemeral.lock().unwrap_or_else(|p| p.into_inner());
+        held.drain(..).collect()
     }
 }
 
@@ -71,6 +86,23 @@ impl Mailboxes {
             mailbox.keys_claimed.store(true, Ordering::Release);
             mailbox.changed.notify_waiters();
         }
+    }
+
+    /// Hands `item` to the delivery streams of `device` if it has one open now (true),
+    /// in memory only: a device that is not connected never gets it.
+    pub fn push_ephemeral(&self, device: DeviceRef, item: Item) -> bool {
+        let Some(mailbox) = self.get(device) else {
+            return false;
+        };
+        {
+            let mut held = mailbox.ephemeral.lock().unwrap_or_else(|p| p.into_inner());
+            if held.len() >= MAX_EPHEMERAL {
+                held.pop_front();
+            }
+            held.push_back(item);
+        }
+        mailbox.changed.notify_waiters();
+        true
     }
 
     /// Forgets devices that have no subscription left.

@@ -465,9 +465,10 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
         }
         shared.claims.forget_idle();
         let ttl_ms = messages.ttl.as_millis() as u64;
-        let cutoff = clock::now_ms().saturating_sub(ttl_ms);
+        let now = clock::now_ms();
+        let cutoff = now.saturating_sub(ttl_ms);
         let store = shared.store.clone();
-        match tokio::task::spawn_blocking(move || store.sweep(cutoff)).await {
+        match tokio::task::spawn_blocking(move || store.sweep(cutoff, now)).await {
             Ok(Ok(stats)) if stats.items + stats.sent_ids > 0 => {
                 shared.metrics.messages_expired.inc_by(stats.items);
                 tracing::info!(

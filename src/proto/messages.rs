@@ -132,7 +132,38 @@ pub enum Request {
         id: MessageId,
         body: Vec<u8>,
         devices: [u8; 32],
+        /// Disappearing messages: the node drops the message (every device's copy)
+        /// this many seconds after taking it, or at the node's TTL if sooner; 0: the
+        /// node's TTL.
+        expires_in_secs: u32,
     },
+    /// Stores this account's profile: `blob` is end-to-end encrypted under the
+    /// account's profile key (opaque to the node), `version` is derived from that key
+    /// and must be named to fetch it. Replaces any profile before (and its presence).
+    /// Answered by [`Response::ProfileStored`].
+    SetProfile { version: [u8; 32], blob: Vec<u8> },
+    /// The profile of `number`, if `version` is its current version (only holders of
+    /// the profile key can name it). Charged against the discovery budget like a
+    /// lookup. Answered by [`Response::Profile`], else [`ErrorKind::NoProfile`] (the
+    /// same for an unknown number, no profile, or a wrong version).
+    FetchProfile { number: String, version: [u8; 32] },
+    /// Stores this account's presence ("last seen"), encrypted under the profile key
+    /// like the profile; empty clears it. Needs a profile. Answered by
+    /// [`Response::ProfileStored`].
+    SetPresence { blob: Vec<u8> },
+    /// "This device is typing to `to`" (or stopped): forwarded to the devices of the
+    /// recipients that are connected now, and never stored. Answered by
+    /// [`Response::TypingSent`].
+    Typing { to: TypingTo, typing: bool },
+}
+
+/// Where a typing indicator goes.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum TypingTo {
+    /// One account (E.164), and this account's other devices.
+    Account(String),
+    /// Every member of a group (the sender must be one).
+    Group(u64),
 }
 
 /// The devices of one member a group message goes to.
@@ -236,6 +267,10 @@ impl Request {
             Request::FetchGroup { .. } => "fetch_group",
             Request::ListGroups => "list_groups",
             Request::SendGroup { .. } => "send_group",
+            Request::SetProfile { .. } => "set_profile",
+            Request::FetchProfile { .. } => "fetch_profile",
+            Request::SetPresence { .. } => "set_presence",
+            Request::Typing { .. } => "typing",
         }
     }
 }
@@ -342,6 +377,9 @@ pub struct Outgoing {
     pub to: String,
     /// Exactly one per device of the recipient account (as the node knows them).
     pub envelopes: Vec<DeviceEnvelope>,
+    /// Disappearing messages: the node drops every copy this many seconds after
+    /// taking it, or at the node's TTL if sooner; 0: the node's TTL.
+    pub expires_in_secs: u32,
 }
 
 /// Ciphertext for one device. The node never looks inside `body`.
@@ -420,6 +458,20 @@ pub enum Item {
     /// How many of the devices a group message of this device went to have it: one
     /// item per message, replaced as the count grows (not a receipt per device).
     GroupDelivered(GroupReceipt),
+    /// Someone is typing (or stopped). Never stored: pushed only to devices connected
+    /// when it was sent, under `seq` 0, and never acknowledged.
+    Typing(TypingNotice),
+}
+
+/// A typing indicator, as the node forwards it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct TypingNotice {
+    /// Who is typing (E.164), as authenticated by the node.
+    pub from: String,
+    pub from_device: u32,
+    /// The group they are typing in; `None`: to this account.
+    pub group_id: Option<u64>,
+    pub typing: bool,
 }
 
 /// The delivery of a group message, counted.
@@ -600,6 +652,17 @@ pub enum Response {
         accepted_at_ms: u64,
         recipients: u32,
     },
+    /// The profile (or presence) is stored.
+    ProfileStored,
+    /// An account's encrypted profile, and its encrypted presence (empty: none).
+    Profile {
+        blob: Vec<u8>,
+        presence: Vec<u8>,
+    },
+    /// The typing indicator went to `devices` connected devices.
+    TypingSent {
+        devices: u32,
+    },
 }
 
 /// One device of an account, as the account's devices see it.
@@ -743,6 +806,10 @@ pub enum ErrorKind {
     /// Share the sender key with the new ones (a new key if any is gone) and send
     /// again.
     GroupDevicesChanged { members: Vec<MemberDevices> },
+    /// No profile of that version (or that number) is here.
+    NoProfile,
+    /// A profile (or presence) of more than `max` bytes.
+    ProfileTooLarge { max: u32 },
 }
 
 /// Why a device was removed from its account.
@@ -807,6 +874,8 @@ impl ErrorKind {
             ErrorKind::NotGroupAdmin => "not_group_admin",
             ErrorKind::GroupFull { .. } => "group_full",
             ErrorKind::GroupDevicesChanged { .. } => "group_devices_changed",
+            ErrorKind::NoProfile => "no_profile",
+            ErrorKind::ProfileTooLarge { .. } => "profile_too_large",
         }
     }
 }
@@ -891,9 +960,10 @@ mod tests {
                 id: [1; 16],
                 body: vec![42],
                 devices: [3; 32],
+                expires_in_secs: 0,
             },
             &format!(
-                "00000034 1b 07 {} 01 2a {}",
+                "00000035 1b 07 {} 01 2a {} 00",
                 "01".repeat(16),
                 "03".repeat(32)
             ),
@@ -979,6 +1049,71 @@ mod tests {
                 "x",
             )),
             "00000005 01 16 01 01 78",
+        );
+        // Version 4: disappearing messages, typing, profiles.
+        check(
+            Request::Send(Outgoing {
+                id: [1; 16],
+                to: "+14155550101".into(),
+                envelopes: vec![DeviceEnvelope {
+                    device_id: 1,
+                    body: vec![42],
+                }],
+                expires_in_secs: 604_800,
+            }),
+            &format!(
+                "00000027 05 {} 0c 2b3134313535353530313031 01 01 01 2a fc803a0900",
+                "01".repeat(16)
+            ),
+        );
+        check(
+            Request::Typing {
+                to: TypingTo::Account("+14155550101".into()),
+                typing: true,
+            },
+            "00000010 1f 00 0c 2b3134313535353530313031 01",
+        );
+        check(
+            Request::Typing {
+                to: TypingTo::Group(7),
+                typing: false,
+            },
+            "00000004 1f 01 07 00",
+        );
+        check(
+            Reply::Ok(Response::TypingSent { devices: 2 }),
+            "00000003 00 1e 02",
+        );
+        check(
+            Push {
+                items: vec![Delivery {
+                    seq: u64::MAX,
+                    queued_at_ms: 5,
+                    item: Item::Typing(TypingNotice {
+                        from: "+14155550100".into(),
+                        from_device: 1,
+                        group_id: None,
+                        typing: true,
+                    }),
+                }],
+                backlog_end: false,
+                one_time_keys_left: None,
+            },
+            "0000001e 01 fdffffffffffffffff 05 04 0c 2b3134313535353530313030 01 00 01 00 00",
+        );
+        check(
+            Request::FetchProfile {
+                number: "+14155550100".into(),
+                version: [1; 32],
+            },
+            &format!(
+                "0000002e 1d 0c 2b3134313535353530313030 {}",
+                "01".repeat(32)
+            ),
+        );
+        check(
+            Reply::Err(NodeError::new(ErrorKind::NoProfile, "")),
+            "00000003 01 1f 00",
         );
     }
 }

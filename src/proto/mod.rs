@@ -14,26 +14,30 @@ pub use messages::{
     ErrorKind, GroupChange, GroupIncoming, GroupInfo, GroupMember, GroupReceipt, GroupSummary,
     Identity, IdentityKeys, Incoming, Item, KeyUpload, MemberDevices, MessageId, NodeError,
     Outgoing, Push, Receipt, Registered, Removal, Reply, Request, Response, SignedKey,
-    group_devices_digest,
+    TypingNotice, TypingTo, group_devices_digest,
 };
+
+/// The `seq` of a pushed item that is not in the queue (a typing indicator): it is
+/// never acknowledged, and an `Ack` naming it changes nothing.
+pub const EPHEMERAL_SEQ: u64 = u64::MAX;
 
 /// Seqs one `Ack` frame may carry; a frame with more is a protocol error.
 pub const MAX_ACKS_PER_FRAME: usize = 4096;
 
-/// The protocol version. It is carried in the TLS ALPN (`switchboard/3`), so a client
+/// The protocol version. It is carried in the TLS ALPN (`switchboard/4`), so a client
 /// and a node that do not share a version never misread each other's frames.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// The ALPN protocol id of [`VERSION`].
-pub const ALPN: &[u8] = b"switchboard/3";
+pub const ALPN: &[u8] = b"switchboard/4";
 
 /// ALPN ids of earlier versions. The node still completes their handshake, only to
 /// close the connection at once with [`codes::OUTDATED`] and a reason people can
 /// read, so that an old app says "update" rather than "handshake failed".
-pub const OUTDATED_ALPNS: &[&[u8]] = &[b"switchboard/2", b"switchboard/1"];
+pub const OUTDATED_ALPNS: &[&[u8]] = &[b"switchboard/3", b"switchboard/2", b"switchboard/1"];
 
 /// The reason the node gives an app of an earlier protocol version.
-pub const OUTDATED_REASON: &str = "this node speaks Switchboard protocol version 3 and this \
+pub const OUTDATED_REASON: &str = "this node speaks Switchboard protocol version 4 and this \
      app an older one: update the app";
 
 /// QUIC application error codes used when the node closes a stream or a connection.

@@ -290,6 +290,7 @@ impl Store {
             self.trees.device_seen.remove(device.key())?;
             self.trees.device_vouch.remove(device.key())?;
         }
+        self.forget_profile(account_id)?;
         Ok(Attempt::Done(Deleted {
             account_id,
             devices,

@@ -9,6 +9,10 @@ use super::layout::{self, DeviceKey};
 use super::records::{self, GroupMemberRecord, GroupRecord};
 use super::{DeviceRef, QueueState, Store, StoreError, abort};
 
+/// The flag, in the top bit of a `group_body` row's time, of a disappearing
+/// message's body: the time is then when it is dropped, not when it was stored.
+const BODY_EXPIRES: u64 = 1 << 63;
+
 /// A change to a group, by one of its members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupChange {
@@ -306,7 +310,7 @@ impl Store {
         body: &[u8],
         recipients: &[DeviceRef],
         max_queued: u64,
-        now_ms: u64,
+        (now_ms, expires_at_ms): (u64, Option<u64>),
     ) -> Result<GroupAppend, StoreError> {
         let _gate = self.writing();
         let mut q = self.queue_writer();
@@ -318,8 +322,11 @@ impl Store {
         }
         let body_ref = self.next_id()?;
         let of = recipients.len() as u32;
+        // Held by `of` devices; stored at `now_ms`, or (top bit set) dropped at
+        // `expires_at_ms`, a disappearing message.
         let mut row = of.to_be_bytes().to_vec();
-        row.extend_from_slice(&now_ms.to_be_bytes());
+        let at = expires_at_ms.map_or(now_ms, |until| until | BODY_EXPIRES);
+        row.extend_from_slice(&at.to_be_bytes());
         row.extend_from_slice(body);
         self.trees.group_body.insert(body_key(body_ref), row)?;
         if of > 0 {
@@ -342,7 +349,7 @@ impl Store {
             id,
             body_ref,
         };
-        let value = records::encode_queued(now_ms, &item)?;
+        let value = records::encode_queued_until(now_ms, expires_at_ms, &item)?;
         for &device in recipients {
             let dk = device.key();
             self.write_device_staged(&mut q, dk)?;
@@ -441,10 +448,14 @@ impl Store {
         Ok(Some(sender))
     }
 
-    /// Drops group bodies stored before `cutoff_ms` (their queue items have expired
+    /// Drops group bodies stored before `cutoff_ms` or past their own expiry (their queue items have expired
     /// with them, or went with a removed device), and the counts of their delivery;
     /// returns how many bodies.
-    pub(super) fn sweep_group_bodies(&self, cutoff_ms: u64) -> Result<u64, StoreError> {
+    pub(super) fn sweep_group_bodies(
+        &self,
+        cutoff_ms: u64,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
         for entry in self.trees.group_receipt.iter() {
             let (key, row) = entry?;
             if ReceiptRow::decode(&row).is_ok_and(|r| r.at_ms < cutoff_ms) {
@@ -461,7 +472,14 @@ impl Store {
                 .get(4..12)
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map(u64::from_be_bytes);
-            if at.is_some_and(|at| at < cutoff_ms)
+            let due = at.is_some_and(|at| {
+                if at & BODY_EXPIRES == 0 {
+                    at < cutoff_ms
+                } else {
+                    at & !BODY_EXPIRES <= now_ms
+                }
+            });
+            if due
                 && self
                     .trees
                     .group_body
@@ -554,7 +572,16 @@ mod tests {
             .collect();
         let body = vec![7u8; 64 * 1024];
         let out = store
-            .append_group(alice, "+14155550100", 9, [1; 16], &body, &others, 10, 5)
+            .append_group(
+                alice,
+                "+14155550100",
+                9,
+                [1; 16],
+                &body,
+                &others,
+                10,
+                (5, None),
+            )
             .unwrap();
         assert_eq!(out, GroupAppend::Queued { accepted_at_ms: 5 });
         assert_eq!(store.trees.group_body.len(), 1);
@@ -594,16 +621,34 @@ mod tests {
         assert_eq!(store.trees.group_receipt.len(), 0);
         // A full queue refuses the whole message.
         let out = store
-            .append_group(alice, "+14155550100", 9, [2; 16], b"x", &others, 0, 7)
+            .append_group(
+                alice,
+                "+14155550100",
+                9,
+                [2; 16],
+                b"x",
+                &others,
+                0,
+                (7, None),
+            )
             .unwrap();
         assert_eq!(out, GroupAppend::QueueFull { device: others[0] });
         assert_eq!(store.trees.group_body.len(), 0);
         // Bodies outlive nothing: what the sweep finds past the TTL goes.
         store
-            .append_group(alice, "+14155550100", 9, [3; 16], b"y", &others, 10, 8)
+            .append_group(
+                alice,
+                "+14155550100",
+                9,
+                [3; 16],
+                b"y",
+                &others,
+                10,
+                (8, None),
+            )
             .unwrap();
         assert_eq!(store.trees.group_receipt.len(), 1);
-        assert_eq!(store.sweep_group_bodies(9).unwrap(), 1);
+        assert_eq!(store.sweep_group_bodies(9, 9).unwrap(), 1);
         assert_eq!(store.trees.group_receipt.len(), 0);
     }
 

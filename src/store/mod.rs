@@ -15,6 +15,7 @@ mod devices;
 mod groups;
 pub mod layout;
 mod prekeys;
+mod profiles;
 mod queues;
 pub mod records;
 mod registration;
@@ -42,7 +43,7 @@ use records::{AccountRecord, CodeRecord, DeviceRecord};
 
 /// The schema this build writes. Raise it with every change of layout and add a rung
 /// to [`Store::migrate`].
-pub const SCHEMA_VERSION: u32 = 7;
+pub const SCHEMA_VERSION: u32 = 8;
 
 /// What can go wrong in storage.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +151,9 @@ struct Trees {
     /// went to (u32 BE), devices that have it (u32 BE), the sender's queue seq of the
     /// item reporting it (u64 BE, 0 for none), when it was sent (u64 BE ms).
     group_receipt: sled::Tree,
+    /// `profile`: account id (u64 BE) → [`records::ProfileRecord`], the account's
+    /// encrypted profile and presence.
+    profile: sled::Tree,
 }
 
 /// The node's database.
@@ -408,6 +412,7 @@ impl Store {
             account_group: db.open_tree("account_group")?,
             group_body: db.open_tree("group_body")?,
             group_receipt: db.open_tree("group_receipt")?,
+            profile: db.open_tree("profile")?,
             removed_key: db.open_tree("removed_key")?,
         };
         let discovery = Arc::new(std::sync::RwLock::new(Arc::new(
@@ -459,6 +464,8 @@ impl Store {
         // they are). An older build would ignore linked devices' names and lapses.
         // Rung 6 → 7: `group_receipt` appears empty (group messages sent before count
         // no deliveries).
+        // Rung 7 → 8: `profile` appears empty; queue values may carry an expiry of
+        // their own (the top bit of their time), which an older build would misread.
         // A rotation cut short (see `rotate_discovery_key`) left the index partial.
         if (1..3).contains(&found) || self.trees.meta.get("discovery_rebuild")?.is_some() {
             self.rebuild_discovery_index(&self.discovery_key())?;

@@ -151,7 +151,7 @@ impl Store {
         (sender, sender_number, id): (DeviceRef, &str, [u8; 16]),
         device: DeviceRef,
         body: Vec<u8>,
-        now_ms: u64,
+        (now_ms, expires_at_ms): (u64, Option<u64>),
     ) -> Result<(DeviceKey, u64, Vec<u8>), StoreError> {
         let item = QueueItem::Message {
             from_account: sender.account_id,
@@ -163,7 +163,7 @@ impl Store {
         Ok((
             device.key(),
             self.next_id()?,
-            records::encode_queued(now_ms, &item)?,
+            records::encode_queued_until(now_ms, expires_at_ms, &item)?,
         ))
     }
 
@@ -225,7 +225,12 @@ impl Store {
         }
         let mut rows = Vec::with_capacity(envelopes.len());
         for (device, body) in envelopes {
-            rows.push(self.message_row((sender, sender_number, id), device, body, now_ms)?);
+            rows.push(self.message_row(
+                (sender, sender_number, id),
+                device,
+                body,
+                (now_ms, policy.expires_at_ms),
+            )?);
         }
         let ticket = self.stage_send(&mut q, rows, (sender, id), sent_key, now_ms, false);
         let outcome = AppendOutcome::Queued {
@@ -262,7 +267,12 @@ impl Store {
         let mut direct = Vec::with_capacity(envelopes.len());
         let mut staged = Vec::new();
         for (device, body) in envelopes {
-            let row = self.message_row((sender, sender_number, id), device, body, now_ms)?;
+            let row = self.message_row(
+                (sender, sender_number, id),
+                device,
+                body,
+                (now_ms, policy.expires_at_ms),
+            )?;
             let online = policy
                 .handoff
                 .as_ref()
@@ -576,7 +586,7 @@ impl Store {
     }
 
     /// Removes queue items queued before `cutoff_ms` and sent-id records older than it.
-    pub fn sweep(&self, cutoff_ms: u64) -> Result<SweepStats, StoreError> {
+    pub fn sweep(&self, cutoff_ms: u64, now_ms: u64) -> Result<SweepStats, StoreError> {
         let mut stats = SweepStats::default();
         let mut from: Vec<u8> = Vec::new();
         loop {
@@ -588,7 +598,7 @@ impl Store {
             for entry in self.trees.queue.range(from.clone()..).take(SWEEP_CHUNK) {
                 let (key, value) = entry?;
                 seen += 1;
-                if records::queued_at(&value).is_some_and(|at| at < cutoff_ms) {
+                if records::expired(&value, cutoff_ms, now_ms) {
                     self.trees.queue.remove(&key)?;
                     self.queue_totals.remove(value.len());
                     stats.items += 1;
@@ -612,7 +622,7 @@ impl Store {
         {
             let _gate = self.writing();
             // Bodies whose queue items expired (or went with a removed device).
-            self.sweep_group_bodies(cutoff_ms)?;
+            self.sweep_group_bodies(cutoff_ms, now_ms)?;
         }
         for entry in self.trees.sent_message.iter() {
             let (key, value) = entry?;
@@ -798,7 +808,7 @@ pub(in crate::store) mod tests {
                 .append(alice, "a", id, vec![(bob, vec![1])], at, 10_000)
                 .unwrap();
         }
-        let stats = store.sweep(150).unwrap();
+        let stats = store.sweep(150, 150).unwrap();
         assert_eq!(
             stats,
             SweepStats {

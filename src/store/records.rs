@@ -154,6 +154,17 @@ pub struct GroupMemberRecord {
     pub joined_at_ms: u64,
 }
 
+/// `profile` tree value: an account's end-to-end encrypted profile and presence.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ProfileRecord {
+    /// Derived from the profile key by the client; a fetch must name it.
+    pub version: [u8; 32],
+    pub blob: Vec<u8>,
+    /// Empty: none.
+    pub presence: Vec<u8>,
+    pub updated_at_ms: u64,
+}
+
 /// A registration lock: re-registering the number needs the PIN.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct LockRecord {
@@ -164,9 +175,32 @@ pub struct LockRecord {
     pub wrong_tries: u32,
 }
 
+/// The flag, in the top bit of a `queue` value's first 8 bytes, of an item with an
+/// expiry of its own (a disappearing message): its 8-byte expiry time (ms, BE)
+/// follows, then the item. Queue times are far below 2^63, so older values never
+/// have it.
+const EXPIRES_FLAG: u64 = 1 << 63;
+
 /// Encodes a `queue` value.
 pub fn encode_queued(queued_at_ms: u64, item: &QueueItem) -> Result<Vec<u8>, StoreError> {
-    let mut out = queued_at_ms.to_be_bytes().to_vec();
+    encode_queued_until(queued_at_ms, None, item)
+}
+
+/// Encodes a `queue` value that the sweep drops at `expires_at_ms` (when set) or at
+/// the node's TTL, whichever comes first.
+pub fn encode_queued_until(
+    queued_at_ms: u64,
+    expires_at_ms: Option<u64>,
+    item: &QueueItem,
+) -> Result<Vec<u8>, StoreError> {
+    let mut out = match expires_at_ms {
+        Some(until) => {
+            let mut out = (queued_at_ms | EXPIRES_FLAG).to_be_bytes().to_vec();
+            out.extend_from_slice(&until.to_be_bytes());
+            out
+        }
+        None => queued_at_ms.to_be_bytes().to_vec(),
+    };
     bincode::encode_into_std_write(item, &mut out, config())
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
     Ok(out)
@@ -174,13 +208,37 @@ pub fn encode_queued(queued_at_ms: u64, item: &QueueItem) -> Result<Vec<u8>, Sto
 
 /// The queue time of a `queue` value, without decoding the item.
 pub fn queued_at(bytes: &[u8]) -> Option<u64> {
-    bytes.first_chunk::<8>().map(|b| u64::from_be_bytes(*b))
+    bytes
+        .first_chunk::<8>()
+        .map(|b| u64::from_be_bytes(*b) & !EXPIRES_FLAG)
+}
+
+/// The item's own expiry time, if it has one, without decoding the item.
+pub fn expires_at(bytes: &[u8]) -> Option<u64> {
+    let head = u64::from_be_bytes(*bytes.first_chunk::<8>()?);
+    if head & EXPIRES_FLAG == 0 {
+        return None;
+    }
+    bytes
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+}
+
+/// Whether the sweep drops this `queue` value: queued before `cutoff_ms` (the TTL),
+/// or past its own expiry at `now_ms`.
+pub fn expired(bytes: &[u8], cutoff_ms: u64, now_ms: u64) -> bool {
+    queued_at(bytes).is_some_and(|at| at < cutoff_ms)
+        || expires_at(bytes).is_some_and(|until| until <= now_ms)
 }
 
 /// Decodes a `queue` value.
 pub fn decode_queued(bytes: &[u8]) -> Result<(u64, QueueItem), StoreError> {
-    let at = queued_at(bytes).ok_or_else(|| StoreError::Corrupt("queue value too short".into()))?;
-    Ok((at, decode(&bytes[8..], "queue")?))
+    let short = || StoreError::Corrupt("queue value too short".into());
+    let head = u64::from_be_bytes(*bytes.first_chunk::<8>().ok_or_else(short)?);
+    let start = if head & EXPIRES_FLAG == 0 { 8 } else { 16 };
+    let item = bytes.get(start..).ok_or_else(short)?;
+    Ok((head & !EXPIRES_FLAG, decode(item, "queue")?))
 }
 
 fn config() -> bincode::config::Configuration {
@@ -200,4 +258,32 @@ pub fn decode<T: Decode<()>>(bytes: &[u8], what: &str) -> Result<T, StoreError> 
     bincode::decode_from_slice(bytes, limited)
         .map(|(v, _)| v)
         .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_value_with_an_expiry_reads_as_one_without_and_expires_on_time() {
+        let item = QueueItem::Delivered {
+            to_number: "+14155550101".into(),
+            device_id: 1,
+            id: [3; 16],
+        };
+        let plain = encode_queued(100, &item).unwrap();
+        let timed = encode_queued_until(100, Some(500), &item).unwrap();
+        assert_eq!(timed.len(), plain.len() + 8);
+        for v in [&plain, &timed] {
+            assert_eq!(queued_at(v), Some(100));
+            assert_eq!(decode_queued(v).unwrap(), (100, item.clone()));
+        }
+        assert_eq!((expires_at(&plain), expires_at(&timed)), (None, Some(500)));
+        // The TTL takes both; the expiry only the timed one, and only from its time.
+        assert!(expired(&plain, 101, 0) && expired(&timed, 101, 0));
+        assert!(!expired(&plain, 50, 1_000) && expired(&timed, 50, 500));
+        assert!(!expired(&timed, 50, 499));
+        // A flagged value cut short is damage, not a panic.
+        assert!(decode_queued(&timed[..12]).is_err());
+    }
 }

@@ -53,6 +53,9 @@ pub struct AppendPolicy {
     pub max_queued: u64,
     /// Stage the items of online devices; `None` writes everything.
     pub handoff: Option<HandOff>,
+    /// A disappearing message: the sweep drops its items at this time (ms), or at
+    /// the TTL if sooner.
+    pub expires_at_ms: Option<u64>,
 }
 
 impl From<u64> for AppendPolicy {
@@ -60,6 +63,7 @@ impl From<u64> for AppendPolicy {
         AppendPolicy {
             max_queued,
             handoff: None,
+            expires_at_ms: None,
         }
     }
 }

@@ -240,6 +240,7 @@ async fn sender(world: Arc<World>, creds: Credentials, me: usize) {
             *attempted = (*attempted).max(n);
         }
         let outgoing = Outgoing {
+            expires_in_secs: 0,
             id: message_id(me, n),
             to: DEVICES[to].into(),
             envelopes: vec![DeviceEnvelope {

@@ -5,17 +5,10 @@ use std::time::Duration;
 
 use switchboard::client::content::Content;
 use switchboard::client::history::{self, State};
-use switchboard::client::{Event, Home, Messenger};
+use switchboard::client::{Event, Home};
 use switchboard::proto::Item;
 
 use crate::support::*;
-
-/// A registered home and its messenger.
-async fn person(node: &InProcessNode, number: &str) -> (tempfile::TempDir, Home, Messenger) {
-    let (dir, home) = registered_home(&node.addr, node.fingerprint, number).await;
-    let messenger = Messenger::open(&home).expect("messenger");
-    (dir, home, messenger)
-}
 
 /// The group messages among `events`: (group, author, text), in order.
 fn group_texts(events: &[Event]) -> Vec<(u64, String, String)> {
@@ -177,18 +170,7 @@ async fn every_device_of_every_member_gets_the_message_once() {
     let node = InProcessNode::start(&config_text("")).await;
     let (_a, _, alice) = person(&node, ALICE).await;
     let (_b, bob_home, bob) = person(&node, BOB).await;
-    let laptop_dir = tempfile::tempdir().unwrap();
-    let laptop_home = Home::new(Some(laptop_dir.path().to_path_buf())).unwrap();
-    link_home(
-        &bob_home,
-        &laptop_home,
-        &node.addr,
-        node.fingerprint,
-        "laptop",
-    )
-    .await;
-    let laptop = Messenger::open(&laptop_home).unwrap();
-    receive_backlog(&laptop).await;
+    let (_l, laptop) = linked_laptop(&node, &bob_home).await;
     let g = alice
         .create_group("Team", &[number(BOB)])
         .await

@@ -7,6 +7,7 @@ mod admin;
 mod cli;
 mod cli_messaging;
 mod client_home;
+mod conversation;
 mod crash;
 mod devices;
 mod discovery;

@@ -20,6 +20,7 @@ async fn send_with_id(
 ) -> Result<Accepted, ClientError> {
     client
         .send(Outgoing {
+            expires_in_secs: 0,
             id,
             to: to.into(),
             envelopes: vec![DeviceEnvelope {
@@ -66,7 +67,10 @@ fn bodies(items: &[Delivery]) -> Vec<String> {
         .iter()
         .filter_map(|d| match &d.item {
             Item::Message(m) => Some(String::from_utf8_lossy(&m.body).into_owned()),
-            Item::Delivered(_) | Item::GroupMessage(_) | Item::GroupDelivered(_) => None,
+            Item::Delivered(_)
+            | Item::GroupMessage(_)
+            | Item::GroupDelivered(_)
+            | Item::Typing(_) => None,
         })
         .collect()
 }
@@ -98,7 +102,10 @@ async fn offline_backlog_arrives_in_order_once_and_the_sender_gets_receipts() {
         .into_iter()
         .filter_map(|d| match d.item {
             Item::Delivered(r) => Some(r),
-            Item::Message(_) | Item::GroupMessage(_) | Item::GroupDelivered(_) => None,
+            Item::Message(_)
+            | Item::GroupMessage(_)
+            | Item::GroupDelivered(_)
+            | Item::Typing(_) => None,
         })
         .collect();
     assert_eq!(receipts.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
@@ -310,6 +317,7 @@ async fn bad_sends_get_typed_errors_and_change_nothing() {
     );
     let wrong_device = alice
         .send(Outgoing {
+            expires_in_secs: 0,
             id: new_message_id(),
             to: BOB.into(),
             envelopes: vec![DeviceEnvelope {

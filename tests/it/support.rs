@@ -419,6 +419,7 @@ pub fn outgoing(
     body: Vec<u8>,
 ) -> switchboard::proto::Outgoing {
     switchboard::proto::Outgoing {
+        expires_in_secs: 0,
         id,
         to: to.into(),
         envelopes: vec![switchboard::proto::DeviceEnvelope { device_id: 1, body }],
@@ -890,4 +891,32 @@ impl Drop for ChaosRelay {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A registered home and its messenger.
+pub async fn person(
+    node: &InProcessNode,
+    number: &str,
+) -> (
+    tempfile::TempDir,
+    switchboard::client::Home,
+    switchboard::client::Messenger,
+) {
+    let (dir, home) = registered_home(&node.addr, node.fingerprint, number).await;
+    let messenger = switchboard::client::Messenger::open(&home).expect("messenger");
+    (dir, home, messenger)
+}
+
+/// A new device linked to `primary`'s account ("laptop"), with its messenger, its
+/// backlog (the history the primary sent) taken.
+pub async fn linked_laptop(
+    node: &InProcessNode,
+    primary: &switchboard::client::Home,
+) -> (tempfile::TempDir, switchboard::client::Messenger) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = switchboard::client::Home::new(Some(dir.path().to_path_buf())).expect("home");
+    link_home(primary, &home, &node.addr, node.fingerprint, "laptop").await;
+    let laptop = switchboard::client::Messenger::open(&home).expect("messenger");
+    receive_backlog(&laptop).await;
+    (dir, laptop)
 }

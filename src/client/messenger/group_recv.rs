@@ -100,10 +100,11 @@ fn open(tx: &Tx<'_>, me: &Me, w: WaitingRecord, out: &mut Outcome) -> Result<(),
         Ok(Plaintext {
             id,
             body: Body::Content(content),
+            expires_in_secs,
             ..
         }) => {
             if let Some(e) = into_history(tx, me, &w, &id, Some(content), None)? {
-                out.events.push(Event::Message(e));
+                super::acts::took(tx, me.number.as_str(), e, expires_in_secs, out)?;
             }
             Ok(())
         }

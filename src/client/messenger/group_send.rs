@@ -6,8 +6,8 @@ use bincode::{Decode, Encode};
 
 use super::super::senderkeys;
 use super::{
-    CONTROL, Client, ClientError, Event, MAX_TEXT_BYTES, Messenger, MessengerError, decode, encode,
-    now_ms, put_sent_id,
+    CONTROL, Client, ClientError, Event, Messenger, MessengerError, acts, decode, encode, now_ms,
+    put_sent_id,
 };
 use crate::client::content::{Body, Content, Plaintext};
 use crate::client::db::{DbError, Table};
@@ -57,14 +57,9 @@ impl Messenger {
         group_id: u64,
         content: Content,
     ) -> Result<GroupSent, MessengerError> {
-        if let Content::Text(text) = &content
-            && text.len() > MAX_TEXT_BYTES
-        {
-            return Err(MessengerError::TooLarge {
-                len: text.len(),
-                max: MAX_TEXT_BYTES,
-            });
-        }
+        acts::check_content(&content)?;
+        self.check_act(&history::group_peer(group_id), &content)
+            .await?;
         let known = self
             .inner
             .db
@@ -87,6 +82,10 @@ impl Messenger {
                 let seq =
                     history::add_sent_group(tx, group_id, &author, device, &id, written, &content)?;
                 put_sent_id(tx, &id, seq)?;
+                let peer = history::group_peer(group_id);
+                let secs = acts::timer_for(tx, &peer, &content)?;
+                history::set_expiry(tx, seq, secs, written)?;
+                acts::sent(tx, &peer, &author, &content, written)?;
                 tx.put(
                     Table::Outbox,
                     &outbox_key(seq),
@@ -98,6 +97,13 @@ impl Messenger {
         let pushed = self.push_group_outbox(&client, seq).await;
         if matches!(&pushed, Err(e) if e.is_connection()) {
             self.drop_client(&client).await;
+        }
+        if pushed.is_ok()
+            && let Err(e) = self.share_profile_with_group(&client, group_id).await
+        {
+            self.stash(vec![Event::Warning(format!(
+                "the group's members were not given this account's profile key yet: {e}"
+            ))]);
         }
         pushed
     }
@@ -122,17 +128,22 @@ impl Messenger {
                     let content = entry.content.clone().ok_or_else(|| {
                         MessengerError::History(format!("message {seq} has no content"))
                     })?;
-                    let plaintext =
-                        Plaintext::new(entry.id, entry.at_ms, Body::Content(content)).encode();
+                    let plaintext = Plaintext::new(entry.id, entry.at_ms, Body::Content(content))
+                        .expiring(entry.expires_in_secs)
+                        .encode();
                     let (body, digest) = senderkeys::encrypt(tx, group_id, &plaintext, now_ms())?;
-                    Ok::<_, MessengerError>(Some((group_id, entry.id, body, digest)))
+                    let secs = entry.expires_in_secs;
+                    Ok::<_, MessengerError>(Some((group_id, entry.id, body, digest, secs)))
                 })
                 .await?;
-            let Some((group_id, message_id, body, digest)) = prepared else {
+            let Some((group_id, message_id, body, digest, secs)) = prepared else {
                 return self.group_settled_elsewhere(seq).await;
             };
             id = message_id;
-            match client.send_group(group_id, id, body, digest).await {
+            match client
+                .send_group_expiring(group_id, id, body, digest, secs)
+                .await
+            {
                 Ok((at, of)) => {
                     self.inner
                         .db

@@ -235,29 +235,16 @@ pub(super) async fn list(shared: &Arc<Shared>, session: &Session) -> Result<Resp
     Ok(Response::Groups { groups })
 }
 
-pub(super) async fn send(
+/// Every device of every member of group `group_id` but `sending` (its own other
+/// devices too: the conversation reads the same on each), by member number; refused
+/// when `sending`'s account is not a member.
+pub(super) async fn member_devices(
     shared: &Arc<Shared>,
-    session: &Session,
     group_id: u64,
-    id: crate::proto::MessageId,
-    body: Vec<u8>,
-    digest: [u8; 32],
-) -> Result<Response, NodeError> {
-    let me = authenticated(shared, session).await?;
-    let limits = &shared.config.messages;
-    let max = limits.max_envelope_bytes;
-    if body.len() > max as usize {
-        return Err(NodeError::new(
-            ErrorKind::EnvelopeTooLarge { max },
-            format!("a message may be at most {max} bytes once encrypted"),
-        ));
-    }
-    check_space(shared)?;
-    let account = me.device.account_id;
-    let sending = me.device;
-    // Every device of every member, but the sending one (its own other devices get
-    // it too: the conversation reads the same on each), by member.
-    let members = read(shared, move |store| {
+    sending: DeviceRef,
+) -> Result<Vec<(String, Vec<DeviceRef>)>, NodeError> {
+    let account = sending.account_id;
+    read(shared, move |store| {
         let Some(group) = store.group(group_id)? else {
             return Ok(None);
         };
@@ -282,7 +269,30 @@ pub(super) async fn send(
         Ok(Some(out))
     })
     .await?
-    .ok_or_else(|| refusal(GroupRefusal::NotMember, None))?;
+    .ok_or_else(|| refusal(GroupRefusal::NotMember, None))
+}
+
+pub(super) async fn send(
+    shared: &Arc<Shared>,
+    session: &Session,
+    group_id: u64,
+    id: crate::proto::MessageId,
+    body: Vec<u8>,
+    digest: [u8; 32],
+    expires_in_secs: u32,
+) -> Result<Response, NodeError> {
+    let me = authenticated(shared, session).await?;
+    let limits = &shared.config.messages;
+    let max = limits.max_envelope_bytes;
+    if body.len() > max as usize {
+        return Err(NodeError::new(
+            ErrorKind::EnvelopeTooLarge { max },
+            format!("a message may be at most {max} bytes once encrypted"),
+        ));
+    }
+    check_space(shared)?;
+    let account = me.device.account_id;
+    let members = member_devices(shared, group_id, me.device).await?;
     let listed: Vec<MemberDevices> = members
         .iter()
         .filter(|(_, devices)| !devices.is_empty())
@@ -304,9 +314,17 @@ pub(super) async fn send(
     let (sender, number, now) = (me.device, me.number.clone(), now_ms());
     let max_queued = u64::from(limits.max_queued_per_device);
     let targets = recipients.clone();
+    let until = super::send::expiry(shared, now, expires_in_secs);
     let appended = blocking(shared, move |store| {
         store.append_group(
-            sender, &number, group_id, id, &body, &targets, max_queued, now,
+            sender,
+            &number,
+            group_id,
+            id,
+            &body,
+            &targets,
+            max_queued,
+            (now, until),
         )
     })
     .await?;

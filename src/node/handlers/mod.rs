@@ -17,6 +17,7 @@ mod discovery;
 mod groups;
 mod keys;
 mod link;
+mod profiles;
 mod registration;
 mod send;
 
@@ -116,7 +117,27 @@ pub async fn handle(
             id,
             body,
             devices,
-        } => groups::send(shared, session, group_id, id, body, devices).await,
+            expires_in_secs,
+        } => {
+            groups::send(
+                shared,
+                session,
+                group_id,
+                id,
+                body,
+                devices,
+                expires_in_secs,
+            )
+            .await
+        }
+        Request::SetProfile { version, blob } => {
+            profiles::set(shared, session, version, blob).await
+        }
+        Request::FetchProfile { number, version } => {
+            profiles::fetch(shared, session, number, version).await
+        }
+        Request::SetPresence { blob } => profiles::set_presence(shared, session, blob).await,
+        Request::Typing { to, typing } => profiles::typing(shared, session, to, typing).await,
     };
     match result {
         Ok(response) => Reply::Ok(response),

@@ -34,6 +34,14 @@ pub(super) fn charge_envelopes(shared: &Shared, account: u64, n: usize) -> Resul
     }
 }
 
+/// When the items of a message that disappears after `expires_in_secs` (0: it does
+/// not) go, if that is before the node's TTL takes them anyway.
+pub(super) fn expiry(shared: &Shared, now_ms: u64, expires_in_secs: u32) -> Option<u64> {
+    let ttl_ms = u64::try_from(shared.config.messages.ttl.as_millis()).unwrap_or(u64::MAX);
+    let within_ms = u64::from(expires_in_secs) * 1000;
+    (expires_in_secs > 0 && within_ms < ttl_ms).then(|| now_ms.saturating_add(within_ms))
+}
+
 /// For a number `recipient` found no account for (it is valid E.164 by then).
 pub(super) fn unknown_recipient(number: &str) -> NodeError {
     NodeError::new(
@@ -150,6 +158,7 @@ pub(super) async fn send(
                 .collect(),
             max_bytes: usize::try_from(limits.handoff_max_bytes).unwrap_or(usize::MAX),
         }),
+        expires_at_ms: expiry(shared, now, outgoing.expires_in_secs),
     };
     // To online devices that keep up, the send is staged right here; anything that
     // needs a write goes through the store thread.

@@ -17,6 +17,7 @@ fn online(devices: &[DeviceRef], max_bytes: usize) -> AppendPolicy {
             online: devices.to_vec(),
             max_bytes,
         }),
+        expires_at_ms: None,
     }
 }
 
