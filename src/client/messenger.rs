@@ -66,6 +66,9 @@ const JOB_RETRY_MS: u64 = 30_000;
 /// Seen ids are kept this long: well past the node's queue TTL, after which nothing
 /// can be redelivered.
 const SEEN_KEEP_MS: u64 = 90 * 24 * 3600 * 1000;
+/// How long an app shows a typing indicator that is not renewed; a typing client
+/// renews it every few seconds (WhatsApp and Signal show it for about that long).
+pub const TYPING_SHOWN_FOR: Duration = Duration::from_secs(6);
 /// Reconnect back-off: first wait, and the longest.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -211,7 +214,8 @@ pub enum Event {
     /// `by` was shown this account's message `entry` (their read receipt).
     Read { by: String, entry: Entry },
     /// `from`'s device `device` is typing (or stopped) to this account, or in group
-    /// `group_id`. Never stored: shown until `typing` is false or a few seconds pass.
+    /// `group_id`. Never stored: show it until `typing` is false, or for
+    /// [`TYPING_SHOWN_FOR`] unless another comes.
     Typing {
         from: String,
         device: u32,

@@ -364,6 +364,20 @@ async fn the_same_in_a_group() {
         )
         .await
         .unwrap();
+    // A reply quotes a message of its own conversation only.
+    let elsewhere = bob
+        .send_to(
+            &Conversation::With(number(ALICE)),
+            Content::Reply {
+                to: dinner,
+                text: "wrong place".into(),
+            },
+        )
+        .await;
+    assert!(
+        matches!(&elsewhere, Err(MessengerError::Refused(why)) if why.contains("no message")),
+        "{elsewhere:?}"
+    );
     let gone = alice
         .send_to(&conv, Content::Text("typo".into()))
         .await

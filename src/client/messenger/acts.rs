@@ -88,7 +88,7 @@ pub(super) fn check_content(content: &Content) -> Result<(), MessengerError> {
                 "a reaction is one emoji (at most {MAX_EMOJI_BYTES} bytes)"
             )))
         }
-        Content::Reaction { emoji, .. } if emoji.chars().any(char::is_alphanumeric) => Err(
+        Content::Reaction { emoji, .. } if emoji.chars().any(|c| c.is_ascii_alphabetic()) => Err(
             MessengerError::Refused("a reaction is an emoji, not text".into()),
         ),
         Content::Timer { secs } if !TIMERS.contains(secs) => Err(MessengerError::Refused(
@@ -169,8 +169,13 @@ impl Messenger {
         peer: &str,
         content: &Content,
     ) -> Result<(), MessengerError> {
-        let Some(to) = content.act_on().copied() else {
-            return Ok(());
+        // A reply quotes a message of its own conversation, as an act names one.
+        let to = match content {
+            Content::Reply { to, .. } => *to,
+            c => match c.act_on() {
+                Some(to) => *to,
+                None => return Ok(()),
+            },
         };
         let (peer, act) = (peer.to_string(), content.clone());
         let me = self.inner.me.number.to_string();
@@ -183,6 +188,9 @@ impl Messenger {
                         hex::encode(to)
                     )));
                 };
+                if act.act_on().is_none() {
+                    return Ok(());
+                }
                 match history::act_refusal(&target, &me, &me, &act, now_ms()) {
                     Some(why) => Err(MessengerError::Refused(why)),
                     None => Ok(()),
