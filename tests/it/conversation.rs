@@ -824,3 +824,85 @@ async fn last_seen_is_opt_in_and_profile_fetches_cost_budget() {
     }
     node.shutdown().await;
 }
+
+/// The same commands in a group, through the CLI: a reply, a reaction, an edit, a
+/// delete, "read by n of m", the group's timer (admins only) and typing.
+#[test]
+fn the_commands_in_a_group_through_the_cli() {
+    let node = ProcessNode::start(&config_text(""));
+    let root = node.dir.path().to_path_buf();
+    let home = |name: &str, number: &str| {
+        let h = root.join(name);
+        node.register_cli(&h, &[], number);
+        h
+    };
+    let (alice, bob, carol) = (home("alice", ALICE), home("bob", BOB), home("carol", CAROL));
+    ok(&node, &alice, &["group", "create", "Family", BOB, CAROL]);
+    ok(&node, &bob, &["recv"]);
+    ok(&node, &carol, &["recv"]);
+    let dinner = ok(&node, &alice, &["send", "--group", "Family", "dinner at 7"])
+        .trim()
+        .to_string();
+    ok(&node, &bob, &["recv"]);
+    ok(&node, &carol, &["recv"]);
+    ok(&node, &carol, &["react", &dinner[..8], "🎉"]);
+    ok(&node, &alice, &["edit", &dinner, "dinner at 8"]);
+    ok(
+        &node,
+        &bob,
+        &[
+            "send",
+            "--group",
+            "Family",
+            "on my way",
+            "--reply-to",
+            &dinner,
+        ],
+    );
+    let oops = ok(&node, &alice, &["send", "--group", "Family", "oops"])
+        .trim()
+        .to_string();
+    ok(&node, &alice, &["delete", &oops]);
+    // Only an admin sets the timer.
+    let out = node.cli(&bob, &["timer", "--group", "Family", "7d"], "");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("admins"), "{}", stderr(&out));
+    let set = ok(&node, &alice, &["timer", "--group", "Family", "7d"]);
+    assert!(set.contains("disappearing messages: 7 days"), "{set}");
+    ok(
+        &node,
+        &alice,
+        &["send", "--group", "Family", "gone in a week"],
+    );
+    let told = node.cli(&alice, &["typing", "--group", "Family"], "");
+    assert!(told.status.success(), "{}", show(&["typing"], &told));
+    assert!(
+        stderr(&told).contains("told 0 connected device(s)"),
+        "{}",
+        stderr(&told)
+    );
+
+    ok(&node, &carol, &["recv"]);
+    ok(&node, &alice, &["recv"]);
+    let history = ok(&node, &carol, &["history", "--group", "Family"]);
+    assert!(
+        history.contains(&format!("dinner at 8 (edited)  [🎉 {CAROL}]")),
+        "{history}"
+    );
+    assert!(
+        history.contains("[reply to “dinner at 8”] on my way"),
+        "{history}"
+    );
+    assert!(history.contains("this message was deleted"), "{history}");
+    assert!(
+        history.contains("[disappearing messages: 7 days]"),
+        "{history}"
+    );
+    assert!(
+        history.contains("gone in a week") && history.contains("· disappears"),
+        "{history}"
+    );
+    // Bob and Carol read "dinner": 2 of the 2 other members.
+    let mine = ok(&node, &alice, &["history", "--group", "Family"]);
+    assert!(mine.contains("· read by 2 of 2"), "{mine}");
+}
