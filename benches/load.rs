@@ -150,6 +150,21 @@ enum Scenario {
         #[arg(long, default_value_t = 256)]
         size: usize,
     },
+    /// Attachments: a big file and many small ones up and down through the node,
+    /// beside bare quinn streams moving the same bytes; the node's RSS meanwhile.
+    Attachments {
+        /// MiB of the big file.
+        #[arg(long, default_value_t = 100)]
+        big_mib: usize,
+        /// Small files, and their KiB.
+        #[arg(long, default_value_t = 1000)]
+        small: usize,
+        #[arg(long, default_value_t = 100)]
+        small_kib: usize,
+        /// Small transfers at a time.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
     /// Internal: the bare quinn relay, run as its own process.
     #[command(hide = true)]
     BareServer,
@@ -215,6 +230,12 @@ fn main() {
                 )
                 .await
             }
+            Scenario::Attachments {
+                big_mib,
+                small,
+                small_kib,
+                concurrency,
+            } => attachments::run(big_mib, small, small_kib, concurrency).await,
             Scenario::BareServer => bare::serve().await,
         }
     });
@@ -226,6 +247,8 @@ fn main() {
 
 type Result<T> = std::result::Result<T, String>;
 
+#[path = "load/attachments.rs"]
+mod attachments;
 #[path = "load/drain.rs"]
 mod drain;
 #[path = "load/reconnect.rs"]

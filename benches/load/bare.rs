@@ -13,6 +13,51 @@ const ALPN: &[u8] = b"bare";
 
 type Inboxes = Arc<Mutex<HashMap<u32, tokio::sync::mpsc::Sender<Vec<u8>>>>>;
 
+/// Stream heads of the attachment limit: a byte sink and a byte source.
+const SINK: u32 = u32::MAX - 1;
+const SOURCE: u32 = u32::MAX - 2;
+
+/// Writes `len` raw bytes to the bare server's sink; returns once it has them all.
+pub async fn sink(conn: &quinn::Connection, len: u64) -> Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(err)?;
+    let mut head = SINK.to_be_bytes().to_vec();
+    head.extend_from_slice(&len.to_be_bytes());
+    frame::write(&mut send, &head).await.map_err(err)?;
+    let buf = vec![0xa5_u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        send.write_all(&buf[..n]).await.map_err(err)?;
+        left -= n as u64;
+    }
+    send.finish().map_err(err)?;
+    match frame::read::<Vec<u8>, _>(&mut recv, 1024)
+        .await
+        .map_err(err)?
+    {
+        Some(v) if v == [1] => Ok(()),
+        other => Err(format!("the bare sink answered {other:?}")),
+    }
+}
+
+/// Reads `len` raw bytes from the bare server's source.
+pub async fn source(conn: &quinn::Connection, len: u64) -> Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(err)?;
+    let mut head = SOURCE.to_be_bytes().to_vec();
+    head.extend_from_slice(&len.to_be_bytes());
+    frame::write(&mut send, &head).await.map_err(err)?;
+    send.finish().map_err(err)?;
+    let mut got = 0u64;
+    while let Some(chunk) = recv.read_chunk(256 * 1024, true).await.map_err(err)? {
+        got += chunk.bytes.len() as u64;
+    }
+    if got == len {
+        Ok(())
+    } else {
+        Err(format!("the bare source sent {got} of {len} bytes"))
+    }
+}
+
 pub async fn serve() -> Result<()> {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).map_err(err)?;
     let cert_der = cert.cert.der().to_vec();
@@ -59,6 +104,34 @@ async fn stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, inboxe
         return;
     };
     let id = u32::from_be_bytes(*head);
+    // A sink: read `len` raw bytes to the end, answer one byte. A source: write `len`
+    // raw bytes and finish. (Attachments' bare limit.)
+    if id == SINK || id == SOURCE {
+        let Some(len) = body.first_chunk::<8>().map(|b| u64::from_be_bytes(*b)) else {
+            return;
+        };
+        if id == SINK {
+            let mut got = 0u64;
+            while let Ok(Some(chunk)) = recv.read_chunk(256 * 1024, true).await {
+                got += chunk.bytes.len() as u64;
+            }
+            let _ = frame::write(&mut send, &vec![u8::from(got == len)]).await;
+        } else {
+            let buf = vec![0x5a_u8; 256 * 1024];
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                if send.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                left -= n as u64;
+            }
+            switchboard::quic::read_end(&mut recv);
+        }
+        let _ = send.finish();
+        let _ = send.stopped().await;
+        return;
+    }
     if body.is_empty() {
         // An inbox: forward everything sent to `id`.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);

@@ -319,6 +319,20 @@ async fn backup_to(data: &Path, file: &Path) -> anyhow::Result<()> {
         summary.files,
         HumanBytes(summary.bytes)
     );
+    // Attachments are files beside the database, not in it: say so, with what to copy.
+    let blobs = data.join("blobs");
+    let (count, bytes) = std::fs::read_dir(&blobs)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok().filter(std::fs::Metadata::is_file))
+                .fold((0u64, 0u64), |(n, b), m| (n + 1, b + m.len()))
+        })
+        .unwrap_or((0, 0));
+    println!(
+        "attachments NOT included: {count} file(s), {} under {} (copy that directory beside          the backup to keep them)",
+        HumanBytes(bytes),
+        blobs.display()
+    );
     Ok(())
 }
 

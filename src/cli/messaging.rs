@@ -1,6 +1,6 @@
 //! `switchboard send`, `recv`, `history` and `safety`: end-to-end encrypted messaging.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -19,8 +19,15 @@ pub struct SendArgs {
     /// number (a national number is read in your own region unless --region says
     /// otherwise) or the name of a contact (`switchboard contacts`); a TEXT of `-`
     /// reads the message from stdin.
-    #[arg(num_args = 1..=2, value_names = ["TO", "TEXT"], required = true)]
+    #[arg(num_args = 0..=2, value_names = ["TO", "TEXT"])]
     args: Vec<String>,
+    /// Send this file (a photo, a voice note, a document) instead of a text: encrypted
+    /// here, uploaded, then announced. `send TO --file PATH`.
+    #[arg(long, value_name = "PATH")]
+    file: Option<std::path::PathBuf>,
+    /// A caption for --file.
+    #[arg(long, requires = "file")]
+    caption: Option<String>,
     /// Send to this group (its name or id; `switchboard group list`) instead.
     #[arg(long)]
     group: Option<String>,
@@ -47,6 +54,21 @@ pub struct RecvArgs {
     /// `{"typing": {...}}`, profile changes as `{"profile": {...}}`.
     #[arg(long)]
     json: bool,
+    /// Where attachments are saved (default: `attachments` in the home).
+    #[arg(long, value_name = "DIR")]
+    save_dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AttachmentCommand {
+    /// Download a message's attachment again, while the node still has it.
+    Get {
+        /// The message (its id, or the first digits of it).
+        id: String,
+        /// Where to save it (default: `attachments` in the home).
+        #[arg(long, value_name = "DIR")]
+        save_dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -152,6 +174,45 @@ pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
     let messenger = Messenger::open(&home)?;
     let mut words = args.args.into_iter();
     let (first, second) = (words.next(), words.next());
+    if let Some(path) = args.file {
+        let conversation = match (&args.group, first, second) {
+            (Some(g), None, None) => switchboard::client::messenger::Conversation::Group(
+                super::group::group_id(&messenger, g).await?,
+            ),
+            (None, Some(to), None) => {
+                let to = contact(messenger.db(), &reg, &to, args.region.as_deref())?;
+                if to == reg.number {
+                    bail!("{to} is this device's own number; send to someone else");
+                }
+                switchboard::client::messenger::Conversation::With(to)
+            }
+            _ => bail!(
+                "with --file, give the recipient (or --group) and no text:                  `send TO --file PATH [--caption TEXT]`"
+            ),
+        };
+        let size = std::fs::metadata(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        let bar = (size > 4 << 20 && std::io::stderr().is_terminal()).then(|| bytes_bar(size));
+        let mut progress = |done: u64, total: u64| {
+            if let Some(b) = &bar {
+                b.set_length(total);
+                b.set_position(done);
+            }
+        };
+        let caption = args.caption.unwrap_or_default();
+        let result = messenger
+            .send_file(&conversation, &path, &caption, &mut progress)
+            .await;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        warn_events(&messenger);
+        messenger.close().await;
+        let id = result.with_context(|| format!("sending {}", path.display()))?;
+        println!("{}", hex::encode(id));
+        return Ok(());
+    }
     if let Some(group) = args.group {
         let (Some(text), None) = (first, second) else {
             bail!("with --group, give just the message: `send --group GROUP TEXT`");
@@ -191,6 +252,24 @@ pub async fn send(home: Home, args: SendArgs) -> anyhow::Result<()> {
         eprintln!("delivered to {to} (devices {:?})", sent.delivered);
     }
     Ok(())
+}
+
+/// A progress bar of bytes, on stderr.
+fn bytes_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "[{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, {eta} left",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Sizes as people read them.
+fn size_text(bytes: u64) -> String {
+    indicatif::HumanBytes(bytes).to_string()
 }
 
 /// `text`, as a reply to message `reply_to` when one is given.
@@ -242,6 +321,14 @@ fn shown(content: &Content) -> String {
         Content::Reaction { emoji, .. } => format!("[reaction {emoji}]"),
         Content::Edit { text, .. } => format!("[edit] {text}"),
         Content::Delete { .. } => "[delete]".into(),
+        Content::Attachment(a) => {
+            let file = format!("[file: {}, {}]", a.name, size_text(a.size));
+            if a.caption.is_empty() {
+                file
+            } else {
+                format!("{file} {}", a.caption)
+            }
+        }
     }
 }
 
@@ -635,8 +722,14 @@ pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
     let messenger = Messenger::open(&home)?;
     let stdout = std::io::stdout();
     let mut broken = None;
-    // Read receipts for what this recv showed, sent beside the receiving.
+    // Read receipts for what this recv showed, and its attachments, fetched beside
+    // the receiving.
     let mut receipts = tokio::task::JoinSet::new();
+    let messenger_for_saves = messenger.clone();
+    let save_dir = args
+        .save_dir
+        .clone()
+        .unwrap_or_else(|| home.dir().join("attachments"));
     // Each message is printed by exactly one `recv`: the one that marks it shown
     // first. So messages that a `recv` killed earlier had stored but not printed are
     // printed now, and two `recv`s at once print each message once.
@@ -657,7 +750,28 @@ pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
             && !m.outgoing
         {
             let (messenger, shown) = (messenger.clone(), vec![m.clone()]);
-            receipts.spawn(async move { messenger.mark_read(&shown).await });
+            receipts.spawn(async move { messenger.mark_read(&shown).await.map(|_| ()) });
+            if let Some(Content::Attachment(att)) = &m.content {
+                let (messenger, att, dir) =
+                    (messenger_for_saves.clone(), att.clone(), save_dir.clone());
+                receipts.spawn(async move {
+                    let saved = messenger.save_attachment(&att, &dir, &mut |_, _| {}).await;
+                    match &saved {
+                        Ok(path) => eprintln!(
+                            "saved {} ({}) to {}",
+                            printable(&att.name),
+                            size_text(att.size),
+                            path.display()
+                        ),
+                        Err(e) => eprintln!(
+                            "warning: {} was not saved ({e}); `switchboard attachment get {}` tries again",
+                            printable(&att.name),
+                            &hex::encode(att.id)[..8]
+                        ),
+                    }
+                    saved.map(|_| ())
+                });
+            }
         }
         // The whole line in one write: a line on a pipe (up to PIPE_BUF bytes) then
         // comes whole or not at all, even if the process is killed right then.
@@ -686,7 +800,9 @@ pub async fn recv(home: Home, args: RecvArgs) -> anyhow::Result<()> {
         .receive(args.follow, super::interrupted(), &mut show)
         .await;
     while let Some(done) = receipts.join_next().await {
-        if let Ok(Err(e)) = done {
+        if let Ok(Err(e)) = done
+            && !matches!(e, switchboard::client::MessengerError::Attachment(_))
+        {
             eprintln!("warning: read receipts not sent yet ({e}); they go with the next command");
         }
     }
@@ -864,4 +980,36 @@ fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `attachment get`: a message's attachment, downloaded again.
+pub async fn attachment(home: Home, command: AttachmentCommand) -> anyhow::Result<()> {
+    let AttachmentCommand::Get { id, save_dir } = command;
+    let messenger = Messenger::open(&home)?;
+    let result = async {
+        let entry = messenger.find_message(&id).await?;
+        let Some(Content::Attachment(att)) = entry.content else {
+            bail!("message {id} has no attachment");
+        };
+        let dir = save_dir.unwrap_or_else(|| home.dir().join("attachments"));
+        let bar =
+            (att.size > 4 << 20 && std::io::stderr().is_terminal()).then(|| bytes_bar(att.size));
+        let mut progress = |done: u64, total: u64| {
+            if let Some(b) = &bar {
+                b.set_length(total);
+                b.set_position(done);
+            }
+        };
+        let path = messenger.save_attachment(&att, &dir, &mut progress).await;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        Ok((att, path?))
+    }
+    .await;
+    messenger.close().await;
+    let (att, path) = result?;
+    println!("{}", path.display());
+    eprintln!("saved {} ({})", printable(&att.name), size_text(att.size));
+    Ok(())
 }

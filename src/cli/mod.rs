@@ -84,6 +84,9 @@ enum Command {
     /// Your profile (name, about, photo), or a contact's.
     #[command(subcommand)]
     Profile(conversation::ProfileCommand),
+    /// Attachments: download one again.
+    #[command(subcommand)]
+    Attachment(messaging::AttachmentCommand),
 }
 
 /// Logs go to stderr: warnings only for client commands, unless RUST_LOG says
@@ -150,6 +153,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Timer(args) => conversation::timer(home(cli.home, pass)?, args).await,
         Command::Typing(args) => conversation::typing(home(cli.home, pass)?, args).await,
         Command::Profile(command) => conversation::profile(home(cli.home, pass)?, command).await,
+        Command::Attachment(command) => messaging::attachment(home(cli.home, pass)?, command).await,
     }
 }
 

@@ -42,6 +42,7 @@ mod kind {
     pub const READ: u16 = 14;
     pub const TIMER: u16 = 15;
     pub const NOTHING_TO_SHOW: u16 = 16;
+    pub const ATTACHMENT: u16 = 17;
 }
 
 /// The longest emoji (a reaction) taken: a few code points with modifiers and
@@ -108,6 +109,9 @@ pub enum Content {
     },
     /// What a message deleted for everyone became (history only: never sent).
     Deleted,
+    /// A file (a photo, a voice note, a document): its key and where the node holds
+    /// its ciphertext (see `client::attachment`).
+    Attachment(super::attachment::Attachment),
 }
 
 /// How long after sending a message its author may edit it or delete it for
@@ -131,6 +135,7 @@ impl Content {
             Content::Text(t) | Content::Reply { text: t, .. } | Content::Edit { text: t, .. } => {
                 Some(t)
             }
+            Content::Attachment(a) => Some(&a.caption),
             _ => None,
         }
     }
@@ -303,6 +308,7 @@ fn content_parts(content: &Content) -> (u16, Vec<u8>) {
         Content::Timer { secs } => (kind::TIMER, to_vec(secs)),
         // Never sent; should it be, it reads as a delete of nothing.
         Content::Deleted => (kind::DELETE, to_vec(&[0u8; 16])),
+        Content::Attachment(a) => (kind::ATTACHMENT, to_vec(a)),
     }
 }
 
@@ -577,6 +583,11 @@ fn decode_body(kind: u16, body: &[u8]) -> Result<Body, String> {
         }
         kind::DELETE => Body::Content(Content::Delete { to: whole(body)? }),
         kind::TIMER => Body::Content(Content::Timer { secs: whole(body)? }),
+        kind::ATTACHMENT => {
+            let a: super::attachment::Attachment = whole(body)?;
+            a.check()?;
+            Body::Content(Content::Attachment(a))
+        }
         other => Body::Content(Content::Unsupported { kind: other }),
     })
 }

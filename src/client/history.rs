@@ -470,6 +470,11 @@ pub fn apply_act(
                         to,
                         text: text.clone(),
                     },
+                    // An attachment's caption is its text.
+                    Some(Content::Attachment(mut a)) => {
+                        a.caption.clone_from(text);
+                        Content::Attachment(a)
+                    }
                     _ => Content::Text(text.clone()),
                 });
                 r.edited_at_ms = Some(at_ms);

@@ -28,6 +28,7 @@ use bincode::{Decode, Encode};
 use rand::RngExt;
 
 mod acts;
+mod files;
 mod group_ops;
 mod group_recv;
 mod group_send;
@@ -86,6 +87,8 @@ pub enum MessengerError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Attachment(#[from] super::attachment::AttachmentError),
     #[error("{0} is this device's own number; send to someone else")]
     OwnNumber(String),
     #[error(

@@ -11,6 +11,7 @@
 //!   store [`Client::fingerprint`]. A [`Connector`] makes the connections of one
 //!   device, resuming its TLS session so a reconnect skips the certificate work.
 
+pub mod attachment;
 pub mod contacts;
 pub mod content;
 pub mod db;

@@ -244,6 +244,22 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         int(c.groups.changes_per_account_hour),
     );
     groups.insert("max_meta_bytes".into(), int(c.groups.max_meta_bytes));
+    let a = &c.attachments;
+    let mut attachments = Table::new();
+    attachments.insert("max_bytes".into(), uint(a.max_bytes));
+    attachments.insert(
+        "max_stored_bytes_per_account".into(),
+        uint(a.max_stored_bytes_per_account),
+    );
+    attachments.insert(
+        "max_in_flight_bytes_per_account".into(),
+        uint(a.max_in_flight_bytes_per_account),
+    );
+    attachments.insert(
+        "delete_when_downloaded".into(),
+        Value::Boolean(a.delete_when_downloaded),
+    );
+    attachments.insert("incomplete_ttl_secs".into(), secs(a.incomplete_ttl));
     let mut metrics = Table::new();
     metrics.insert("enabled".into(), Value::Boolean(c.metrics.enabled));
     metrics.insert("listen".into(), text(c.metrics.listen.to_string()));
@@ -259,6 +275,7 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         ("discovery", discovery),
         ("accounts", accounts),
         ("groups", groups),
+        ("attachments", attachments),
         ("metrics", metrics),
         ("log", log),
     ] {

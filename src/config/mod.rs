@@ -25,6 +25,7 @@ pub struct Config {
     pub discovery: Discovery,
     pub accounts: Accounts,
     pub groups: Groups,
+    pub attachments: Attachments,
     pub metrics: Metrics,
     pub log: Log,
 }
@@ -95,6 +96,22 @@ pub struct Groups {
     pub changes_per_account_hour: u32,
     /// Bytes of a group's encrypted name, description and picture reference.
     pub max_meta_bytes: u32,
+}
+
+/// Attachments: blobs of client-encrypted files, under the data dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachments {
+    /// The largest attachment, in bytes (of ciphertext, as the node sees it).
+    pub max_bytes: u64,
+    /// Bytes of attachments one account may have stored at once (whole or not).
+    pub max_stored_bytes_per_account: u64,
+    /// Bytes one account may be uploading at once.
+    pub max_in_flight_bytes_per_account: u64,
+    /// Drop an attachment once every device it was for downloaded it (else it stays
+    /// until `messages.ttl_secs`).
+    pub delete_when_downloaded: bool,
+    /// An upload left unfinished this long is dropped.
+    pub incomplete_ttl: Duration,
 }
 
 /// How the database meets the disk.
@@ -365,6 +382,13 @@ impl Default for Config {
                 max_members: 1024,
                 changes_per_account_hour: 60,
                 max_meta_bytes: 16 * 1024,
+            },
+            attachments: Attachments {
+                max_bytes: 100 << 20,
+                max_stored_bytes_per_account: 2 << 30,
+                max_in_flight_bytes_per_account: 512 << 20,
+                delete_when_downloaded: true,
+                incomplete_ttl: Duration::from_secs(86_400),
             },
             metrics: Metrics {
                 enabled: false,

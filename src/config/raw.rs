@@ -13,6 +13,7 @@ pub struct File {
     pub discovery: Discovery,
     pub accounts: Accounts,
     pub groups: Groups,
+    pub attachments: Attachments,
     pub metrics: Metrics,
     pub log: Log,
 }
@@ -32,6 +33,16 @@ pub struct Groups {
     pub max_members: Option<u32>,
     pub changes_per_account_hour: Option<u32>,
     pub max_meta_bytes: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Attachments {
+    pub max_bytes: Option<u64>,
+    pub max_stored_bytes_per_account: Option<u64>,
+    pub max_in_flight_bytes_per_account: Option<u64>,
+    pub delete_when_downloaded: Option<bool>,
+    pub incomplete_ttl_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -715,6 +726,41 @@ impl File {
                 1 << 20,
             )?,
         };
+        let at = &self.attachments;
+        let max_bytes = in_range(
+            "attachments.max_bytes",
+            at.max_bytes,
+            d.attachments.max_bytes,
+            1024,
+            1 << 40,
+        )?;
+        let attachments = super::Attachments {
+            max_bytes,
+            max_stored_bytes_per_account: in_range(
+                "attachments.max_stored_bytes_per_account",
+                at.max_stored_bytes_per_account,
+                d.attachments.max_stored_bytes_per_account,
+                max_bytes,
+                1 << 44,
+            )?,
+            max_in_flight_bytes_per_account: in_range(
+                "attachments.max_in_flight_bytes_per_account",
+                at.max_in_flight_bytes_per_account,
+                d.attachments.max_in_flight_bytes_per_account,
+                max_bytes,
+                1 << 44,
+            )?,
+            delete_when_downloaded: at
+                .delete_when_downloaded
+                .unwrap_or(d.attachments.delete_when_downloaded),
+            incomplete_ttl: secs(
+                "attachments.incomplete_ttl_secs",
+                at.incomplete_ttl_secs,
+                d.attachments.incomplete_ttl,
+                60,
+                30 * 86_400,
+            )?,
+        };
         let metrics = super::Metrics {
             enabled: self.metrics.enabled.unwrap_or(d.metrics.enabled),
             listen: self.metrics.listen.unwrap_or(d.metrics.listen),
@@ -740,6 +786,7 @@ impl File {
             discovery,
             accounts,
             groups,
+            attachments,
             metrics,
             log,
         })

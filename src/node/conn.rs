@@ -236,6 +236,20 @@ async fn serve_stream(
             delivery::serve(send, recv, shared.clone(), session, stop).await;
             return;
         }
+        Ok(Ok(Some(Request::Upload {
+            size,
+            downloads,
+            resume,
+        }))) => {
+            super::blobs::serve_upload(send, recv, shared, session, (size, downloads, resume))
+                .await;
+            return;
+        }
+        Ok(Ok(Some(Request::Download { id, offset }))) => {
+            quic::read_end(&mut recv);
+            super::blobs::serve_download(send, shared, session, id, offset).await;
+            return;
+        }
         Ok(Ok(Some(request))) => {
             let kind = request.name();
             let reply = handlers::handle(request, &shared, &session, &mut answer).await;

@@ -46,6 +46,9 @@ pub struct Metrics {
     pub messages_accepted: Counter,
     messages_delivered: Counter,
     pub messages_expired: Counter,
+    /// Attachment bytes uploaded and downloaded.
+    pub attachment_bytes_in: Counter,
+    pub attachment_bytes_out: Counter,
     handoff: Family<OutcomeLabels, Counter>,
     queue_items: Gauge,
     queue_bytes: Gauge,
@@ -86,6 +89,8 @@ impl Metrics {
             messages_accepted: Counter::default(),
             messages_delivered: Counter::default(),
             messages_expired: Counter::default(),
+            attachment_bytes_in: Counter::default(),
+            attachment_bytes_out: Counter::default(),
             handoff: Family::default(),
             queue_items: Gauge::default(),
             queue_bytes: Gauge::default(),
@@ -156,6 +161,16 @@ impl Metrics {
             "messages_expired",
             "Queued items dropped by the sweep after the message TTL",
             m.messages_expired.clone(),
+        );
+        r.register(
+            "attachment_bytes_in",
+            "Attachment bytes uploaded (ciphertext)",
+            m.attachment_bytes_in.clone(),
+        );
+        r.register(
+            "attachment_bytes_out",
+            "Attachment bytes downloaded (ciphertext)",
+            m.attachment_bytes_out.clone(),
         );
         r.register(
             "handoff_items",

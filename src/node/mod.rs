@@ -7,6 +7,7 @@
 //! `TaskTracker`, so shutdown knows when the work is done.
 
 mod admin;
+mod blobs;
 mod claims;
 mod clock;
 mod commit;
@@ -124,6 +125,8 @@ pub(crate) struct Shared {
     /// Argon2id hashes of registration-lock PINs in progress: each costs 19 MiB and
     /// tens of milliseconds of a core, so only a few run at once.
     pub pin_checks: tokio::sync::Semaphore,
+    /// Attachment uploads in progress.
+    pub uploads: blobs::InFlight,
     pub started: std::time::Instant,
 }
 
@@ -150,6 +153,10 @@ impl Node {
         };
         let fingerprint = creds.fingerprint();
 
+        blobs::prepare(&data_dir).map_err(|source| ServeError::DataDir {
+            path: blobs::dir(&data_dir),
+            source,
+        })?;
         let db_path = data_dir.join("db");
         let power_loss_sync = config.storage.power_loss_sync;
         let store =
@@ -251,6 +258,7 @@ impl Node {
                 config.accounts.link_code_ttl,
                 config.accounts.link_joins_per_address_hour,
             ),
+            uploads: blobs::InFlight::default(),
             started: std::time::Instant::now(),
             store,
             config,
@@ -490,6 +498,7 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
             Ok(Err(e)) => tracing::error!(error = %e, "sweeping code-limit counters failed"),
             Err(e) => tracing::error!(error = %e, "sweep task failed"),
         }
+        blobs::sweep(&shared, clock::now_ms()).await;
         shared.links.prune();
         shared.group_changes.retain_recent();
         shared.group_changes.shrink_to_fit();

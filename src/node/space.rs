@@ -44,6 +44,17 @@ impl SpaceGuard {
         }
     }
 
+    /// Whether `bytes` more fit on the filesystem and leave the reserve (read now).
+    pub fn room_for(&self, bytes: u64) -> bool {
+        if self.min_free == 0 {
+            return true;
+        }
+        match fs2::available_space(&self.dir) {
+            Ok(free) => free >= self.min_free.saturating_add(bytes),
+            Err(_) => true,
+        }
+    }
+
     /// True when the filesystem has less than the reserve free. A filesystem whose
     /// free space cannot be read counts as not full (and is logged once a reading).
     /// Lock-free: every send asks, and one caller per `FRESH_FOR` reads statvfs.

@@ -155,6 +155,22 @@ pub enum Request {
     /// recipients that are connected now, and never stored. Answered by
     /// [`Response::TypingSent`].
     Typing { to: TypingTo, typing: bool },
+    /// Opens an attachment upload on this stream: `size` bytes of ciphertext (the
+    /// client encrypted the file; the node never sees its key, name or type), to be
+    /// downloaded by `downloads` devices (0: unknown, kept until the TTL). With
+    /// `resume`, the id of an upload of this account that broke off. Answered by
+    /// [`Response::UploadReady`]; then the client writes the bytes from its `offset`
+    /// as raw stream data (no frames) and finishes the stream, and the node answers
+    /// [`Response::Uploaded`] once the blob is durable.
+    Upload {
+        size: u64,
+        downloads: u32,
+        resume: Option<[u8; 16]>,
+    },
+    /// Opens a download of attachment `id` (its capability: there is no listing) from
+    /// `offset`. Answered by [`Response::DownloadReady`], then the blob's bytes from
+    /// `offset` as raw stream data, and the end of the stream.
+    Download { id: [u8; 16], offset: u64 },
 }
 
 /// Where a typing indicator goes.
@@ -271,6 +287,8 @@ impl Request {
             Request::FetchProfile { .. } => "fetch_profile",
             Request::SetPresence { .. } => "set_presence",
             Request::Typing { .. } => "typing",
+            Request::Upload { .. } => "upload",
+            Request::Download { .. } => "download",
         }
     }
 }
@@ -663,6 +681,21 @@ pub enum Response {
     TypingSent {
         devices: u32,
     },
+    /// Write the upload's bytes from `offset` (0, or where a broken-off upload
+    /// stopped); `id` is its capability.
+    UploadReady {
+        id: [u8; 16],
+        offset: u64,
+    },
+    /// The blob is whole and durable.
+    Uploaded {
+        id: [u8; 16],
+        size: u64,
+    },
+    /// The blob's bytes follow, `size` in all (from the offset asked for).
+    DownloadReady {
+        size: u64,
+    },
 }
 
 /// One device of an account, as the account's devices see it.
@@ -810,6 +843,16 @@ pub enum ErrorKind {
     NoProfile,
     /// A profile (or presence) of more than `max` bytes.
     ProfileTooLarge { max: u32 },
+    /// An attachment of more than `max` bytes (`attachments.max_bytes`): refused
+    /// before any byte is sent.
+    AttachmentTooLarge { max: u64 },
+    /// The account's attachments would take more than `max` bytes: stored
+    /// (`attachments.max_stored_bytes_per_account`) or being uploaded
+    /// (`attachments.max_in_flight_bytes_per_account`); the message says which.
+    AttachmentQuota { max: u64 },
+    /// No attachment with that id is here (never uploaded, not whole yet, expired,
+    /// or downloaded by every device it was for), or none of this account to resume.
+    NoAttachment,
 }
 
 /// Why a device was removed from its account.
@@ -876,6 +919,9 @@ impl ErrorKind {
             ErrorKind::GroupDevicesChanged { .. } => "group_devices_changed",
             ErrorKind::NoProfile => "no_profile",
             ErrorKind::ProfileTooLarge { .. } => "profile_too_large",
+            ErrorKind::AttachmentTooLarge { .. } => "attachment_too_large",
+            ErrorKind::AttachmentQuota { .. } => "attachment_quota",
+            ErrorKind::NoAttachment => "no_attachment",
         }
     }
 }
@@ -1114,6 +1160,33 @@ mod tests {
         check(
             Reply::Err(NodeError::new(ErrorKind::NoProfile, "")),
             "00000003 01 1f 00",
+        );
+        // Attachments.
+        check(
+            Request::Upload {
+                size: 65_552,
+                downloads: 1,
+                resume: None,
+            },
+            "00000008 20 fc10000100 01 00",
+        );
+        check(
+            Request::Download {
+                id: [1; 16],
+                offset: 0,
+            },
+            &format!("00000012 21 {} 00", "01".repeat(16)),
+        );
+        check(
+            Reply::Ok(Response::UploadReady {
+                id: [1; 16],
+                offset: 0,
+            }),
+            &format!("00000013 00 1f {} 00", "01".repeat(16)),
+        );
+        check(
+            Reply::Err(NodeError::new(ErrorKind::NoAttachment, "")),
+            "00000003 01 23 00",
         );
     }
 }

@@ -11,6 +11,7 @@
 
 mod admin;
 pub mod backup;
+mod blobs;
 mod devices;
 mod groups;
 pub mod layout;
@@ -154,6 +155,12 @@ struct Trees {
     /// `profile`: account id (u64 BE) → [`records::ProfileRecord`], the account's
     /// encrypted profile and presence.
     profile: sled::Tree,
+    /// `blob`: attachment id (16 bytes) → [`records::BlobRecord`]; the bytes are the
+    /// file `data_dir/blobs/<id hex>` (`blobs/partial/` while uploading).
+    blob: sled::Tree,
+    /// `account_blob`: account id (u64 BE) ++ attachment id → its size (u64 BE): an
+    /// account's attachments, for its quota.
+    account_blob: sled::Tree,
 }
 
 /// The node's database.
@@ -413,6 +420,8 @@ impl Store {
             group_body: db.open_tree("group_body")?,
             group_receipt: db.open_tree("group_receipt")?,
             profile: db.open_tree("profile")?,
+            blob: db.open_tree("blob")?,
+            account_blob: db.open_tree("account_blob")?,
             removed_key: db.open_tree("removed_key")?,
         };
         let discovery = Arc::new(std::sync::RwLock::new(Arc::new(
@@ -464,7 +473,7 @@ impl Store {
         // they are). An older build would ignore linked devices' names and lapses.
         // Rung 6 → 7: `group_receipt` appears empty (group messages sent before count
         // no deliveries).
-        // Rung 7 → 8: `profile` appears empty; queue values may carry an expiry of
+        // Rung 7 → 8: `profile`, `blob` and `account_blob` appear empty; queue values may carry an expiry of
         // their own (the top bit of their time), which an older build would misread.
         // A rotation cut short (see `rotate_discovery_key`) left the index partial.
         if (1..3).contains(&found) || self.trees.meta.get("discovery_rebuild")?.is_some() {

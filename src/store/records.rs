@@ -165,6 +165,24 @@ pub struct ProfileRecord {
     pub updated_at_ms: u64,
 }
 
+/// `blob` tree value: an attachment's record (its bytes are a file).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct BlobRecord {
+    /// The account that uploaded it.
+    pub owner: u64,
+    /// Bytes promised.
+    pub size: u64,
+    /// Bytes durable in its file so far (an upload resumes here).
+    pub received: u64,
+    /// Whole, and in its place: it may be downloaded.
+    pub complete: bool,
+    pub created_at_ms: u64,
+    /// Downloads it still waits for (0 from the start: unknown, kept until the TTL).
+    pub downloads_left: u32,
+    /// The devices (account, device) that downloaded it whole, each counted once.
+    pub downloaded_by: Vec<(u64, u32)>,
+}
+
 /// A registration lock: re-registering the number needs the PIN.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct LockRecord {

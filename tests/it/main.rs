@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod attachments;
 mod cli;
 mod cli_messaging;
 mod client_home;

@@ -195,6 +195,11 @@ impl ProcessNode {
         }
     }
 
+    /// The node process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Kills the node with SIGKILL and starts it again on the same data dir, config
     /// and port: a crash and a supervisor's restart.
     pub fn crash_and_restart(&mut self) {

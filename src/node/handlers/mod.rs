@@ -138,6 +138,11 @@ pub async fn handle(
         }
         Request::SetPresence { blob } => profiles::set_presence(shared, session, blob).await,
         Request::Typing { to, typing } => profiles::typing(shared, session, to, typing).await,
+        // Like Subscribe, uploads and downloads are streams of their own (node::blobs).
+        Request::Upload { .. } | Request::Download { .. } => Err(NodeError::new(
+            ErrorKind::Internal,
+            "an upload or download is not a plain request",
+        )),
     };
     match result {
         Ok(response) => Reply::Ok(response),

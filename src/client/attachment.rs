@@ -1,0 +1,429 @@
+//! Attachments: files encrypted here, streamed to the node, and back.
+//!
+//! A file is encrypted under a fresh random 32-byte key with ChaCha20-Poly1305 in
+//! chunks of [`CHUNK`] bytes (the STREAM construction, as `age` does it): chunk `i`
+//! has the 12-byte nonce `i` (11 bytes, big-endian) · `01` for the last chunk, `00`
+//! for the others, so chunks cannot be reordered, dropped or cut off unseen, and a
+//! file never has to fit in memory. An empty file is one empty last chunk. The key,
+//! the SHA-256 of the plaintext, its size, name, type and (for images) a thumbnail
+//! travel in the end-to-end message ([`Attachment`]); the node sees only ciphertext
+//! of [`ciphertext_len`] bytes under a random capability id.
+
+use std::path::{Path, PathBuf};
+
+use bincode::{Decode, Encode};
+use chacha20poly1305::aead::Aead;
+use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce};
+use sha2::Digest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{Client, ClientError};
+use crate::proto::{Request, Response};
+
+/// Plaintext bytes per encrypted chunk.
+pub const CHUNK: usize = 64 * 1024;
+/// The tag each chunk adds.
+pub const TAG: usize = 16;
+/// The longest file name, type and thumbnail taken.
+pub const MAX_NAME_BYTES: usize = 255;
+pub const MAX_MIME_BYTES: usize = 127;
+pub const MAX_THUMBNAIL_BYTES: usize = 16 * 1024;
+
+/// What the end-to-end message carries of an attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Attachment {
+    /// The node's capability id of the ciphertext.
+    pub id: [u8; 16],
+    pub key: [u8; 32],
+    /// Plaintext bytes.
+    pub size: u64,
+    /// SHA-256 of the plaintext.
+    pub digest: [u8; 32],
+    pub name: String,
+    /// A MIME type (`image/jpeg`, `audio/ogg`: a voice note is a file of an audio type).
+    pub mime: String,
+    /// A small JPEG of an image.
+    pub thumbnail: Option<Vec<u8>>,
+    pub caption: String,
+}
+
+impl Attachment {
+    /// Refuses fields over their limits (the sender is untrusted).
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.len() > MAX_NAME_BYTES
+            || self.mime.len() > MAX_MIME_BYTES
+            || self
+                .thumbnail
+                .as_ref()
+                .is_some_and(|t| t.len() > MAX_THUMBNAIL_BYTES)
+            || self.caption.len() > super::messenger::MAX_TEXT_BYTES
+        {
+            return Err("an attachment whose name, type, thumbnail or caption is too long".into());
+        }
+        Ok(())
+    }
+}
+
+/// What can go wrong with an attachment.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachmentError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the attachment does not decrypt: chunk {chunk} was changed (or is not this attachment's)"
+    )]
+    Tampered { chunk: u64 },
+    #[error("the attachment decrypted, but it is not the file that was sent ({0})")]
+    Mismatch(String),
+    #[error("{path} changed while it was being sent")]
+    Changed { path: PathBuf },
+}
+
+impl AttachmentError {
+    /// Whether a new connection may help (the transfer then resumes).
+    pub fn is_connection(&self) -> bool {
+        matches!(self, AttachmentError::Client(e) if e.is_connection())
+    }
+}
+
+fn file_error(path: &Path) -> impl Fn(std::io::Error) -> AttachmentError + '_ {
+    move |source| AttachmentError::File {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Chunks of a file of `size` bytes (at least one).
+fn chunks(size: u64) -> u64 {
+    size.div_ceil(CHUNK as u64).max(1)
+}
+
+/// The ciphertext's size for `size` bytes of plaintext.
+pub fn ciphertext_len(size: u64) -> u64 {
+    size + chunks(size) * TAG as u64
+}
+
+fn nonce(i: u64, last: bool) -> Nonce {
+    let mut n = [0u8; 12];
+    n[3..11].copy_from_slice(&i.to_be_bytes());
+    n[11] = u8::from(last);
+    Nonce::from(n)
+}
+
+/// Encrypts chunk `i` (`last` or not).
+pub fn seal_chunk(key: &[u8; 32], i: u64, last: bool, plain: &[u8]) -> Vec<u8> {
+    ChaCha20Poly1305::new(&(*key).into())
+        .encrypt(&nonce(i, last), plain)
+        .unwrap_or_else(|_| unreachable!("ChaCha20-Poly1305 encrypts any chunk this size"))
+}
+
+/// Decrypts chunk `i`; `None` when it does not verify.
+pub fn open_chunk(key: &[u8; 32], i: u64, last: bool, sealed: &[u8]) -> Option<Vec<u8>> {
+    ChaCha20Poly1305::new(&(*key).into())
+        .decrypt(&nonce(i, last), sealed)
+        .ok()
+}
+
+/// A finished upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uploaded {
+    pub id: [u8; 16],
+    pub size: u64,
+    pub digest: [u8; 32],
+}
+
+/// An upload that did not finish: its id, when the node gave one (resume with it).
+#[derive(Debug)]
+pub struct UploadFailed {
+    pub id: Option<[u8; 16]>,
+    pub error: AttachmentError,
+}
+
+impl Client {
+    /// Encrypts `path` under `key` and uploads it for `downloads` devices (0:
+    /// unknown), resuming upload `resume` where the node has it. `progress` gets the
+    /// ciphertext bytes done so far.
+    pub async fn upload_file(
+        &self,
+        path: &Path,
+        key: &[u8; 32],
+        downloads: u32,
+        resume: Option<[u8; 16]>,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<Uploaded, UploadFailed> {
+        let fail = |id, error| UploadFailed { id, error };
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| fail(resume, file_error(path)(e)))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| fail(resume, file_error(path)(e)))?
+            .len();
+        let total = ciphertext_len(size);
+        let request = Request::Upload {
+            size: total,
+            downloads,
+            resume,
+        };
+        let (mut send, mut recv, ready) = self
+            .exchange(&request, false)
+            .await
+            .map_err(|e| fail(resume, e.into()))?;
+        let (id, offset) = match ready {
+            Response::UploadReady { id, offset } => (id, offset),
+            other => {
+                return Err(fail(resume, super::unexpected(other).into()));
+            }
+        };
+        let conn = |e: String| fail(Some(id), self.connection_error(e).into());
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut at = 0u64;
+        let n = chunks(size);
+        for i in 0..n {
+            let len = if i + 1 == n {
+                (size - i * CHUNK as u64) as usize
+            } else {
+                CHUNK
+            };
+            file.read_exact(&mut buf[..len]).await.map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    fail(Some(id), AttachmentError::Changed { path: path.into() })
+                } else {
+                    fail(Some(id), file_error(path)(e))
+                }
+            })?;
+            hasher.update(&buf[..len]);
+            let sealed_len = (len + TAG) as u64;
+            if at + sealed_len > offset {
+                let sealed = seal_chunk(key, i, i + 1 == n, &buf[..len]);
+                let skip = offset.saturating_sub(at) as usize;
+                send.write_all(&sealed[skip..])
+                    .await
+                    .map_err(|e| conn(e.to_string()))?;
+            }
+            at += sealed_len;
+            progress(at, total);
+        }
+        // One byte more means the file grew while it was read.
+        if file.read(&mut buf[..1]).await.is_ok_and(|n| n > 0) {
+            return Err(fail(
+                Some(id),
+                AttachmentError::Changed { path: path.into() },
+            ));
+        }
+        send.finish().map_err(|e| conn(e.to_string()))?;
+        let reply =
+            crate::proto::frame::read::<crate::proto::Reply, _>(&mut recv, super::MAX_REPLY_BYTES)
+                .await
+                .map_err(|e| conn(e.to_string()))?
+                .ok_or_else(|| conn("the node ended the upload without an answer".into()))?;
+        match reply {
+            crate::proto::Reply::Ok(Response::Uploaded { id, .. }) => Ok(Uploaded {
+                id,
+                size,
+                digest: hasher.finalize().into(),
+            }),
+            crate::proto::Reply::Ok(other) => Err(fail(Some(id), super::unexpected(other).into())),
+            crate::proto::Reply::Err(e) => Err(fail(Some(id), ClientError::Node(e).into())),
+        }
+    }
+
+    /// Downloads `att` and decrypts it into `out` (appending to what `state` says is
+    /// there already, so a broken-off download resumes), checking every chunk.
+    pub async fn download_into(
+        &self,
+        att: &Attachment,
+        out: &mut tokio::fs::File,
+        state: &mut DownloadState,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<(), AttachmentError> {
+        let total = ciphertext_len(att.size);
+        let n = chunks(att.size);
+        let offset = state.chunks * (CHUNK + TAG) as u64;
+        let request = Request::Download { id: att.id, offset };
+        let (_, mut recv, ready) = self.exchange(&request, true).await?;
+        match ready {
+            Response::DownloadReady { size } if size == total => {}
+            Response::DownloadReady { size } => {
+                return Err(AttachmentError::Mismatch(format!(
+                    "the node holds {size} bytes, the message says {total}"
+                )));
+            }
+            other => return Err(super::unexpected(other).into()),
+        }
+        let mut sealed = Vec::with_capacity(CHUNK + TAG);
+        let mut buf = vec![0u8; CHUNK + TAG];
+        while state.chunks < n {
+            let i = state.chunks;
+            let want = if i + 1 == n {
+                (total - i * (CHUNK + TAG) as u64) as usize
+            } else {
+                CHUNK + TAG
+            };
+            while sealed.len() < want {
+                let room = want - sealed.len();
+                match recv.read(&mut buf[..room]).await {
+                    Ok(Some(got)) => sealed.extend_from_slice(&buf[..got]),
+                    Ok(None) => {
+                        return Err(self
+                            .connection_error("the download ended early".into())
+                            .into());
+                    }
+                    Err(e) => return Err(self.connection_error(e.to_string()).into()),
+                }
+            }
+            let plain = open_chunk(&att.key, i, i + 1 == n, &sealed)
+                .ok_or(AttachmentError::Tampered { chunk: i })?;
+            out.write_all(&plain)
+                .await
+                .map_err(|e| AttachmentError::File {
+                    path: PathBuf::from("the download"),
+                    source: e,
+                })?;
+            state.hasher.update(&plain);
+            state.chunks += 1;
+            sealed.clear();
+            progress((i + 1) * (CHUNK + TAG) as u64, total);
+        }
+        // Anything after the last chunk is not this attachment.
+        if recv
+            .read(&mut buf[..1])
+            .await
+            .is_ok_and(|r| r.is_some_and(|n| n > 0))
+        {
+            return Err(AttachmentError::Mismatch(
+                "bytes after its last chunk".into(),
+            ));
+        }
+        out.flush().await.map_err(|e| AttachmentError::File {
+            path: PathBuf::from("the download"),
+            source: e,
+        })?;
+        Ok(())
+    }
+}
+
+/// How far a download has come: whole chunks written, and the hash of them.
+#[derive(Default)]
+pub struct DownloadState {
+    pub chunks: u64,
+    hasher: sha2::Sha256,
+}
+
+impl DownloadState {
+    /// The SHA-256 of everything written.
+    pub fn digest(self) -> [u8; 32] {
+        self.hasher.finalize().into()
+    }
+}
+
+/// A MIME type for a file name (by its extension; what this cannot tell is
+/// `application/octet-stream`).
+pub fn mime_of(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "heic" => "image/heic",
+        "mp4" | "m4v" => "video/mp4",
+        "mov" => "video/quicktime",
+        "ogg" | "opus" => "audio/ogg",
+        "m4a" | "aac" => "audio/mp4",
+        "mp3" => "audio/mpeg",
+        "wav" => "audio/wav",
+        "pdf" => "application/pdf",
+        "txt" => "text/plain",
+        "zip" => "application/zip",
+        _ => "application/octet-stream",
+    }
+}
+
+/// A file name safe to create in a directory: the last component of `name`, no
+/// control characters, no leading dot, at most [`MAX_NAME_BYTES`].
+pub fn safe_name(name: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let mut clean: String = last
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect::<String>()
+        .trim_start_matches('.')
+        .trim()
+        .to_string();
+    while clean.len() > MAX_NAME_BYTES {
+        clean.pop();
+    }
+    if clean.is_empty() {
+        "attachment".into()
+    } else {
+        clean
+    }
+}
+
+/// A small JPEG of an image file (`None` if it is not one this reads).
+pub fn thumbnail(bytes: &[u8]) -> Option<Vec<u8>> {
+    let image = image::load_from_memory(bytes).ok()?;
+    for side in [96, 64, 32] {
+        let small = image.thumbnail(side, side).into_rgb8();
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 60)
+            .encode_image(&small)
+            .ok()?;
+        if out.len() <= MAX_THUMBNAIL_BYTES {
+            return Some(out);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_chunks() {
+        assert_eq!(ciphertext_len(0), 16);
+        assert_eq!(ciphertext_len(1), 17);
+        assert_eq!(ciphertext_len(CHUNK as u64), CHUNK as u64 + 16);
+        assert_eq!(ciphertext_len(CHUNK as u64 + 1), CHUNK as u64 + 1 + 32);
+    }
+
+    #[test]
+    fn chunks_verify_only_in_their_place() {
+        let key = [7; 32];
+        let a = seal_chunk(&key, 0, false, b"first");
+        assert_eq!(
+            open_chunk(&key, 0, false, &a).as_deref(),
+            Some(&b"first"[..])
+        );
+        // Moved, marked last, another key, or a flipped bit: refused.
+        assert!(open_chunk(&key, 1, false, &a).is_none());
+        assert!(open_chunk(&key, 0, true, &a).is_none());
+        assert!(open_chunk(&[8; 32], 0, false, &a).is_none());
+        let mut b = a.clone();
+        b[0] ^= 1;
+        assert!(open_chunk(&key, 0, false, &b).is_none());
+    }
+
+    #[test]
+    fn names_are_made_safe() {
+        assert_eq!(safe_name("../../etc/passwd"), "passwd");
+        assert_eq!(safe_name(".bashrc"), "bashrc");
+        assert_eq!(safe_name("a\nb\u{1b}[2J.txt"), "ab[2J.txt");
+        assert_eq!(safe_name(""), "attachment");
+        assert_eq!(safe_name("C:\\Users\\x\\photo.jpg"), "photo.jpg");
+        assert!(safe_name(&"x".repeat(1000)).len() <= MAX_NAME_BYTES);
+        assert_eq!(mime_of("Voice Note.OPUS"), "audio/ogg");
+    }
+}

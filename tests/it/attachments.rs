@@ -1,0 +1,550 @@
+//! Attachments end to end: files encrypted by the sender's client, streamed to the
+//! node on streams of their own, stored as files, downloaded, checked and saved.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::Digest;
+use switchboard::client::attachment::{
+    self, AttachmentError, CHUNK, DownloadState, TAG, ciphertext_len, seal_chunk,
+};
+use switchboard::client::content::Content;
+use switchboard::client::messenger::{Conversation, MessengerError};
+use switchboard::client::{ClientError, Event};
+use switchboard::proto::{ErrorKind, Reply, Request, Response, frame};
+
+use crate::support::*;
+
+fn random_file(dir: &Path, name: &str, len: usize) -> (PathBuf, Vec<u8>) {
+    use rand::RngExt;
+    let mut bytes = vec![0u8; len];
+    rand::rng().fill(&mut bytes[..]);
+    let path = dir.join(name);
+    std::fs::write(&path, &bytes).unwrap();
+    (path, bytes)
+}
+
+fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Whether any 16 bytes of `plain` appear anywhere under `dir`. Every 16-byte window
+/// holds an 8-aligned 8-byte window of `plain`, so those are indexed and every
+/// 8-byte window of every file is looked up; a hit is then checked for 16.
+fn leaks(plain: &[u8], dir: &Path) -> Option<String> {
+    let mut index: std::collections::HashMap<u64, Vec<usize>> = Default::default();
+    for (i, w) in plain.chunks_exact(8).enumerate() {
+        index
+            .entry(u64::from_le_bytes(w.try_into().unwrap()))
+            .or_default()
+            .push(i * 8);
+    }
+    for file in all_files(dir) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        for q in 0..bytes.len().saturating_sub(7) {
+            let w = u64::from_le_bytes(bytes[q..q + 8].try_into().unwrap());
+            let Some(at) = index.get(&w) else { continue };
+            for &p in at {
+                // Extend to 16 bytes on either side.
+                for shift in 0..=8usize {
+                    let (Some(ps), Some(qs)) = (p.checked_sub(shift), q.checked_sub(shift)) else {
+                        continue;
+                    };
+                    if ps + 16 <= plain.len()
+                        && qs + 16 <= bytes.len()
+                        && plain[ps..ps + 16] == bytes[qs..qs + 16]
+                    {
+                        return Some(format!("{} at {qs}", file.display()));
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+fn ok(node: &ProcessNode, home: &Path, args: &[&str]) -> String {
+    let out = node.cli(home, args, "");
+    assert!(out.status.success(), "{}", show(args, &out));
+    stdout(&out)
+}
+
+/// Alice sends Bob a 20 MiB file of random bytes with `send --file`; Bob's `recv`
+/// saves it, and its SHA-256 is the original's; no 16 bytes of it are anywhere in
+/// the node's data dir; once Bob's device has it, the node drops it.
+#[test]
+fn a_20_mib_file_through_the_cli_and_never_in_plain_on_the_node() {
+    let node = ProcessNode::start(&config_text(""));
+    let root = node.dir.path().to_path_buf();
+    let (alice, bob) = (root.join("alice"), root.join("bob"));
+    node.register_cli(&alice, &[], ALICE);
+    node.register_cli(&bob, &[], BOB);
+    // Bob's device is known to Alice's (a session), so the node knows it waits for
+    // one download.
+    ok(&node, &alice, &["send", BOB, "a file is coming"]);
+    ok(&node, &bob, &["recv"]);
+    let (file, plain) = random_file(&root, "holiday.bin", 20 << 20);
+    let id = ok(
+        &node,
+        &alice,
+        &[
+            "send",
+            BOB,
+            "--file",
+            file.to_str().unwrap(),
+            "--caption",
+            "the photos",
+        ],
+    )
+    .trim()
+    .to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    // On the node: the ciphertext only.
+    assert_eq!(
+        leaks(&plain, &node.data_dir()),
+        None,
+        "plaintext on the node's disk"
+    );
+    let blobs: Vec<_> = all_files(&node.data_dir().join("blobs"));
+    assert_eq!(blobs.len(), 1, "{blobs:?}");
+    assert_eq!(
+        std::fs::metadata(&blobs[0]).unwrap().len(),
+        ciphertext_len(plain.len() as u64)
+    );
+
+    let saves = root.join("bob-saves");
+    let out = node.cli(&bob, &["recv", "--save-dir", saves.to_str().unwrap()], "");
+    assert!(out.status.success(), "{}", show(&["recv"], &out));
+    assert!(
+        stdout(&out).contains("[file: holiday.bin, 20.00 MiB] the photos"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("saved holiday.bin"),
+        "{}",
+        stderr(&out)
+    );
+    let saved = std::fs::read(saves.join("holiday.bin")).unwrap();
+    assert_eq!(
+        sha2::Sha256::digest(&saved),
+        sha2::Sha256::digest(&plain),
+        "the saved file is the original"
+    );
+    // Every device it was for has it: the node no longer does.
+    assert!(all_files(&node.data_dir().join("blobs")).is_empty());
+    let out = node.cli(&bob, &["attachment", "get", &id[..8]], "");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no attachment with that id"),
+        "{}",
+        stderr(&out)
+    );
+    // Alice's history shows the file.
+    let history = ok(&node, &alice, &["history", BOB]);
+    assert!(
+        history.contains("[file: holiday.bin, 20.00 MiB] the photos"),
+        "{history}"
+    );
+}
+
+/// Round trips of the sizes where chunking could go wrong; a tampered chunk and a
+/// wrong id are refused; a file over the limit is refused before any byte goes; a
+/// second file over the account's quota too.
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trips_tampering_wrong_ids_limits_and_quotas() {
+    let node = InProcessNode::start(&config_text(
+        "[attachments]\nmax_bytes = 1048576\nmax_stored_bytes_per_account = 1048576\n",
+    ))
+    .await;
+    let (a_dir, _, alice) = person(&node, ALICE).await;
+    let (_b, _, bob) = person(&node, BOB).await;
+    let bob_conv = Conversation::With(number(BOB));
+    alice.send_text(&number(BOB), "hi").await.unwrap();
+    receive_backlog(&bob).await;
+    let saves = a_dir.path().join("saves");
+    for (i, len) in [0, 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5]
+        .into_iter()
+        .enumerate()
+    {
+        let (path, plain) = random_file(a_dir.path(), &format!("f{i}.bin"), len);
+        let id = alice
+            .send_file(&bob_conv, &path, "", &mut |_, _| {})
+            .await
+            .unwrap();
+        let events = receive_backlog(&bob).await;
+        let att = events
+            .iter()
+            .find_map(|e| match e {
+                Event::Message(m) if m.id == id => match &m.content {
+                    Some(Content::Attachment(a)) => Some(a.clone()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .expect("the message");
+        assert_eq!(att.size, len as u64);
+        let got = bob
+            .save_attachment(&att, &saves, &mut |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&got).unwrap(), plain, "size {len}");
+    }
+    // A file the node keeps (unknown recipients: a group-like 0) to tamper with.
+    let (path, _) = random_file(a_dir.path(), "t.bin", 2 * CHUNK);
+    let client = alice.client().await.unwrap();
+    let key = [5u8; 32];
+    let up = client
+        .upload_file(&path, &key, 0, None, &mut |_, _| {})
+        .await
+        .unwrap();
+    let blob = node.dir.path().join("data/blobs").join(hex::encode(up.id));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[CHUNK + TAG + 3] ^= 0x40;
+    std::fs::write(&blob, &bytes).unwrap();
+    let att = attachment::Attachment {
+        id: up.id,
+        key,
+        size: up.size,
+        digest: up.digest,
+        name: "t.bin".into(),
+        mime: "application/octet-stream".into(),
+        thumbnail: None,
+        caption: String::new(),
+    };
+    let tampered = bob.save_attachment(&att, &saves, &mut |_, _| {}).await;
+    assert!(
+        matches!(
+            tampered,
+            Err(MessengerError::Attachment(AttachmentError::Tampered {
+                chunk: 1
+            }))
+        ),
+        "{tampered:?}"
+    );
+    assert!(
+        !saves.join("t.bin").exists(),
+        "nothing half-checked is saved"
+    );
+    // A wrong id: nothing there.
+    let wrong = attachment::Attachment {
+        id: [0xee; 16],
+        ..att.clone()
+    };
+    let refused = bob.save_attachment(&wrong, &saves, &mut |_, _| {}).await;
+    assert!(
+        matches!(&refused, Err(MessengerError::Attachment(AttachmentError::Client(ClientError::Node(e)))) if e.kind == ErrorKind::NoAttachment),
+        "{refused:?}"
+    );
+    // Over the limit: refused at the first frame, no byte stored.
+    let (big, _) = random_file(a_dir.path(), "big.bin", 1 << 20);
+    let before = all_files(&node.dir.path().join("data/blobs")).len();
+    let too_big = alice.send_file(&bob_conv, &big, "", &mut |_, _| {}).await;
+    match too_big {
+        Err(MessengerError::Attachment(AttachmentError::Client(ClientError::Node(e)))) => {
+            assert!(
+                matches!(e.kind, ErrorKind::AttachmentTooLarge { max: 1_048_576 }),
+                "{e:?}"
+            );
+            assert!(e.message.contains("at most 1048576 bytes"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(all_files(&node.dir.path().join("data/blobs")).len(), before);
+    // The quota: the tampered file (2 chunks) is still stored; 900 KiB more is over.
+    let (more, _) = random_file(a_dir.path(), "more.bin", 900 * 1024);
+    let over = alice.send_file(&bob_conv, &more, "", &mut |_, _| {}).await;
+    assert!(
+        matches!(&over, Err(MessengerError::Attachment(AttachmentError::Client(ClientError::Node(e)))) if matches!(e.kind, ErrorKind::AttachmentQuota { .. })),
+        "{over:?}"
+    );
+    alice.close().await;
+    bob.close().await;
+    node.shutdown().await;
+}
+
+/// An upload broken off in the middle resumes from what the node has on disk; the
+/// node refuses bytes past the promised size; a half upload is never downloadable.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_upload_resumes_and_a_half_one_is_never_offered() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let (a_dir, _, alice) = person(&node, ALICE).await;
+    let (path, plain) = random_file(a_dir.path(), "r.bin", 5 * CHUNK + 100);
+    let key = [9u8; 32];
+    let total = ciphertext_len(plain.len() as u64);
+    // By hand: the first two chunks, then the connection goes.
+    let raw = alice.client().await.unwrap();
+    let (mut send, mut recv) = raw.connection().open_bi().await.unwrap();
+    let upload = Request::Upload {
+        size: total,
+        downloads: 0,
+        resume: None,
+    };
+    frame::write(&mut send, &upload).await.unwrap();
+    let id = match frame::read::<Reply, _>(&mut recv, 1 << 20).await.unwrap() {
+        Some(Reply::Ok(Response::UploadReady { id, offset: 0 })) => id,
+        other => panic!("{other:?}"),
+    };
+    for i in 0..2u64 {
+        let start = i as usize * CHUNK;
+        send.write_all(&seal_chunk(&key, i, false, &plain[start..start + CHUNK]))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    raw.connection().close(0u32.into(), b"gone");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Half an upload is not downloadable.
+    let bob = node.registered(BOB).await;
+    let (_, mut recv) = {
+        let (mut s, r) = bob.connection().open_bi().await.unwrap();
+        frame::write(&mut s, &Request::Download { id, offset: 0 })
+            .await
+            .unwrap();
+        s.finish().unwrap();
+        (s, r)
+    };
+    match frame::read::<Reply, _>(&mut recv, 1 << 20).await.unwrap() {
+        Some(Reply::Err(e)) => assert_eq!(e.kind, ErrorKind::NoAttachment),
+        other => panic!("a half upload offered: {other:?}"),
+    }
+    // The resume starts where the node's disk ends.
+    let client = alice.client().await.unwrap();
+    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+    let again = Request::Upload {
+        size: total,
+        downloads: 0,
+        resume: Some(id),
+    };
+    frame::write(&mut send, &again).await.unwrap();
+    match frame::read::<Reply, _>(&mut recv, 1 << 20).await.unwrap() {
+        Some(Reply::Ok(Response::UploadReady { id: same, offset })) => {
+            assert_eq!(same, id);
+            assert_eq!(offset, 2 * (CHUNK + TAG) as u64);
+        }
+        other => panic!("{other:?}"),
+    }
+    // More than promised: refused.
+    let _ = send.write_all(&vec![0u8; total as usize]).await;
+    let _ = send.finish();
+    match frame::read::<Reply, _>(&mut recv, 1 << 20).await {
+        Ok(Some(Reply::Err(e))) => assert!(e.message.contains("more than"), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    // The client's upload of the file, resumed, completes and reads back.
+    let up = client
+        .upload_file(&path, &key, 0, Some(id), &mut |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(up.id, id);
+    let att = attachment::Attachment {
+        id,
+        key,
+        size: up.size,
+        digest: up.digest,
+        name: "r.bin".into(),
+        mime: String::new(),
+        thumbnail: None,
+        caption: String::new(),
+    };
+    assert_eq!(up.digest, <[u8; 32]>::from(sha2::Sha256::digest(&plain)));
+    let out_path = a_dir.path().join("back.bin");
+    let mut out = tokio::fs::File::create(&out_path).await.unwrap();
+    let mut state = DownloadState::default();
+    client
+        .download_into(&att, &mut out, &mut state, &mut |_, _| {})
+        .await
+        .unwrap();
+    drop(out);
+    assert_eq!(state.digest(), up.digest);
+    assert_eq!(std::fs::read(&out_path).unwrap(), plain);
+    alice.close().await;
+    node.shutdown().await;
+}
+
+/// Unfinished uploads and whole blobs past the TTL are swept, files and records.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sweeper_drops_old_blobs_and_abandoned_uploads() {
+    let node = InProcessNode::start_with(&config_text(""), |c| {
+        c.messages.ttl = Duration::from_millis(1500);
+        c.messages.sweep_interval = Duration::from_millis(200);
+        c.attachments.incomplete_ttl = Duration::from_millis(500);
+    })
+    .await;
+    let (a_dir, _, alice) = person(&node, ALICE).await;
+    let (path, _) = random_file(a_dir.path(), "old.bin", 3 * CHUNK);
+    let client = alice.client().await.unwrap();
+    client
+        .upload_file(&path, &[1; 32], 0, None, &mut |_, _| {})
+        .await
+        .unwrap();
+    // And one left half done.
+    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+    frame::write(
+        &mut send,
+        &Request::Upload {
+            size: 1000,
+            downloads: 0,
+            resume: None,
+        },
+    )
+    .await
+    .unwrap();
+    let _ = frame::read::<Reply, _>(&mut recv, 1 << 20).await.unwrap();
+    send.write_all(&[7; 100]).await.unwrap();
+    let _ = send.reset(0u32.into());
+    let blobs = node.dir.path().join("data/blobs");
+    let mut files = all_files(&blobs).len();
+    assert!(files >= 1);
+    for _ in 0..100 {
+        files = all_files(&blobs).len();
+        if files == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(files, 0, "{:?}", all_files(&blobs));
+    alice.close().await;
+    node.shutdown().await;
+}
+
+/// SIGKILL of the node in the middle of an upload: the client's upload resumes once
+/// the node is back (or restarts cleanly), and what arrives is the file.
+#[test]
+fn a_sigkill_mid_upload_resumes() {
+    let mut node = ProcessNode::start(&config_text(""));
+    let root = node.dir.path().to_path_buf();
+    let (alice, bob) = (root.join("alice"), root.join("bob"));
+    node.register_cli(&alice, &[], ALICE);
+    node.register_cli(&bob, &[], BOB);
+    ok(&node, &alice, &["send", BOB, "hello"]);
+    ok(&node, &bob, &["recv"]);
+    let (file, plain) = random_file(&root, "big.bin", 48 << 20);
+    let sending = std::process::Command::new(BIN)
+        .args([
+            "--home",
+            alice.to_str().unwrap(),
+            "send",
+            BOB,
+            "--file",
+            file.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the node once part of the upload is on its disk.
+    let partial = node.data_dir().join("blobs/partial");
+    for _ in 0..600 {
+        let written: u64 = std::fs::read_dir(&partial)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.metadata().map_or(0, |m| m.len()))
+                    .sum()
+            })
+            .unwrap_or(0);
+        if written > 8 << 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node.crash_and_restart();
+    let out = sending.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "send: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saves = root.join("saves");
+    let got = node.cli(&bob, &["recv", "--save-dir", saves.to_str().unwrap()], "");
+    assert!(got.status.success(), "{}", show(&["recv"], &got));
+    assert_eq!(std::fs::read(saves.join("big.bin")).unwrap(), plain);
+    assert!(all_files(&node.data_dir().join("blobs/partial")).is_empty());
+}
+
+/// The node's memory stays flat while 200 MiB go up and come back down.
+#[test]
+fn the_nodes_memory_stays_flat_during_a_200_mib_transfer() {
+    let node = ProcessNode::start(&config_text("[attachments]\nmax_bytes = 268435456\n"));
+    let root = node.dir.path().to_path_buf();
+    let (alice, bob) = (root.join("alice"), root.join("bob"));
+    node.register_cli(&alice, &[], ALICE);
+    node.register_cli(&bob, &[], BOB);
+    ok(&node, &alice, &["send", BOB, "hello"]);
+    ok(&node, &bob, &["recv"]);
+    let rss = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let pid = node.pid().unwrap();
+    // The steady state: after a first transfer has warmed up buffers and caches.
+    let (warm, _) = random_file(&root, "warm.bin", 32 << 20);
+    ok(
+        &node,
+        &alice,
+        &["send", BOB, "--file", warm.to_str().unwrap()],
+    );
+    let saves = root.join("saves");
+    ok(
+        &node,
+        &bob,
+        &["recv", "--save-dir", saves.to_str().unwrap()],
+    );
+    let (file, plain) = random_file(&root, "huge.bin", 200 << 20);
+    let before = rss(pid);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                peak = peak.max(rss(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    ok(
+        &node,
+        &alice,
+        &["send", BOB, "--file", file.to_str().unwrap()],
+    );
+    let after_upload = rss(pid);
+    ok(
+        &node,
+        &bob,
+        &["recv", "--save-dir", saves.to_str().unwrap()],
+    );
+    eprintln!(
+        "node RSS after the upload {after_upload}, after the download {}",
+        rss(pid)
+    );
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let peak = peak.join().unwrap();
+    let saved = std::fs::read(saves.join("huge.bin")).unwrap();
+    assert!(saved == plain, "the file came back changed");
+    let grew = peak.saturating_sub(before);
+    eprintln!("node RSS {before} before, peak {peak} during: grew {grew} bytes");
+    assert!(
+        grew < 24 << 20,
+        "the node's RSS grew by {grew} bytes during a 200 MiB transfer"
+    );
+}
