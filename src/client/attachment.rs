@@ -24,6 +24,8 @@ use crate::proto::{Request, Response};
 pub const CHUNK: usize = 64 * 1024;
 /// The tag each chunk adds.
 pub const TAG: usize = 16;
+/// Chunks read from the file and written to the stream at a time.
+const BLOCK_CHUNKS: usize = 16;
 /// The longest file name, type and thumbnail taken.
 pub const MAX_NAME_BYTES: usize = 255;
 pub const MAX_MIME_BYTES: usize = 127;
@@ -183,32 +185,45 @@ impl Client {
         };
         let conn = |e: String| fail(Some(id), self.connection_error(e).into());
         let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0u8; CHUNK];
+        // The file is read a block of chunks at a time, and each block's sealed chunks
+        // go to the stream in one write.
+        let mut buf = vec![0u8; BLOCK_CHUNKS * CHUNK];
+        let mut out = Vec::with_capacity(BLOCK_CHUNKS * (CHUNK + TAG));
         let mut at = 0u64;
         let n = chunks(size);
-        for i in 0..n {
-            let len = if i + 1 == n {
-                (size - i * CHUNK as u64) as usize
-            } else {
-                CHUNK
-            };
-            file.read_exact(&mut buf[..len]).await.map_err(|e| {
+        let mut i = 0u64;
+        while i < n {
+            let read = (size - i * CHUNK as u64).min(buf.len() as u64) as usize;
+            file.read_exact(&mut buf[..read]).await.map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     fail(Some(id), AttachmentError::Changed { path: path.into() })
                 } else {
                     fail(Some(id), file_error(path)(e))
                 }
             })?;
-            hasher.update(&buf[..len]);
-            let sealed_len = (len + TAG) as u64;
-            if at + sealed_len > offset {
-                let sealed = seal_chunk(key, i, i + 1 == n, &buf[..len]);
-                let skip = offset.saturating_sub(at) as usize;
-                send.write_all(&sealed[skip..])
+            hasher.update(&buf[..read]);
+            out.clear();
+            let mut start = 0;
+            loop {
+                let len = (read - start).min(CHUNK);
+                let sealed_len = (len + TAG) as u64;
+                if at + sealed_len > offset {
+                    let sealed = seal_chunk(key, i, i + 1 == n, &buf[start..start + len]);
+                    let skip = offset.saturating_sub(at) as usize;
+                    out.extend_from_slice(&sealed[skip..]);
+                }
+                at += sealed_len;
+                start += len;
+                i += 1;
+                if start >= read || i >= n {
+                    break;
+                }
+            }
+            if !out.is_empty() {
+                send.write_all(&out)
                     .await
                     .map_err(|e| conn(e.to_string()))?;
             }
-            at += sealed_len;
             progress(at, total);
         }
         // One byte more means the file grew while it was read.

@@ -23,7 +23,7 @@ use super::session::{Session, authenticated};
 use super::worker::{blocking, read};
 use crate::proto::{ErrorKind, NodeError, Reply, Response, frame};
 
-/// Bytes read or written per step.
+/// Bytes read or written per step (one buffer per transfer).
 const CHUNK: usize = 256 * 1024;
 /// Bytes of an upload made durable (and recorded) at a time.
 const SYNC_EVERY: u64 = 8 << 20;
@@ -258,18 +258,36 @@ async fn upload(
     let timeout = shared.config.limits.request_timeout;
     let mut received = offset;
     let mut synced = offset;
+    // Packets come a kilobyte or so at a time; the file is written a chunk at a time.
+    let mut buf = vec![0u8; CHUNK];
+    let mut ended = false;
     let result = loop {
-        let chunk = match tokio::time::timeout(timeout, recv.read_chunk(CHUNK, true)).await {
-            Ok(Ok(Some(chunk))) => chunk.bytes,
-            Ok(Ok(None)) => break Ok(()),
-            Ok(Err(e)) => break Err(NodeError::new(ErrorKind::Malformed, e.to_string())),
-            Err(_) => {
-                break Err(NodeError::new(
-                    ErrorKind::Malformed,
-                    "the upload stalled; resume it with its id",
-                ));
+        if ended {
+            break Ok(());
+        }
+        let mut filled = 0;
+        let mut failed = None;
+        while filled < CHUNK {
+            match tokio::time::timeout(timeout, recv.read(&mut buf[filled..])).await {
+                Ok(Ok(Some(n))) => filled += n,
+                Ok(Ok(None)) => {
+                    ended = true;
+                    break;
+                }
+                Ok(Err(e)) => {
+                    failed = Some(NodeError::new(ErrorKind::Malformed, e.to_string()));
+                    break;
+                }
+                Err(_) => {
+                    failed = Some(NodeError::new(
+                        ErrorKind::Malformed,
+                        "the upload stalled; resume it with its id",
+                    ));
+                    break;
+                }
             }
-        };
+        }
+        let chunk = &buf[..filled];
         let len = chunk.len() as u64;
         if received + len > size {
             // A client that breaks the protocol: nothing this stream wrote is kept.
@@ -282,10 +300,13 @@ async fn upload(
                 format!("the upload sent more than the {size} bytes it promised"),
             ));
         }
-        if let Err(e) = file.write_all(&chunk).await {
+        if let Err(e) = file.write_all(chunk).await {
             break Err(io_error("writing an upload", e));
         }
         received += len;
+        if let Some(e) = failed {
+            break Err(e);
+        }
         if received - synced >= SYNC_EVERY {
             if let Err(e) = file.sync_data().await {
                 break Err(io_error("syncing an upload", e));

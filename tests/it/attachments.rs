@@ -548,3 +548,46 @@ fn the_nodes_memory_stays_flat_during_a_200_mib_transfer() {
         "the node's RSS grew by {grew} bytes during a 200 MiB transfer"
     );
 }
+
+/// A disk without room for an attachment refuses it before any byte is sent, with a
+/// clear error, and keeps what it holds.
+#[test]
+fn a_full_disk_refuses_an_attachment_before_any_byte() {
+    let Some(fs) = crate::disk::Tmpfs::mount("96m") else {
+        println!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let node = ProcessNode::start_with_data(
+        &config_text("[storage]\nmin_free_bytes = 16777216\n"),
+        Some(fs.path()),
+    );
+    let root = node.dir.path().to_path_buf();
+    let (alice, bob) = (root.join("alice"), root.join("bob"));
+    node.register_cli(&alice, &[], ALICE);
+    node.register_cli(&bob, &[], BOB);
+    ok(&node, &alice, &["send", BOB, "hello"]);
+    ok(&node, &bob, &["recv"]);
+    let (first, _) = random_file(&root, "first.bin", 40 << 20);
+    ok(
+        &node,
+        &alice,
+        &["send", BOB, "--file", first.to_str().unwrap()],
+    );
+    let (second, _) = random_file(&root, "second.bin", 40 << 20);
+    let out = node.cli(
+        &alice,
+        &["send", BOB, "--file", second.to_str().unwrap()],
+        "",
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("storage full"), "{}", stderr(&out));
+    // Nothing of it was taken; the first is still there and reaches Bob.
+    assert!(all_files(&fs.path().join("blobs/partial")).is_empty());
+    let saves = root.join("saves");
+    let got = node.cli(&bob, &["recv", "--save-dir", saves.to_str().unwrap()], "");
+    assert!(got.status.success(), "{}", show(&["recv"], &got));
+    assert_eq!(
+        std::fs::read(saves.join("first.bin")).unwrap(),
+        std::fs::read(&first).unwrap()
+    );
+}

@@ -16,12 +16,12 @@ use switchboard::proto::ErrorKind;
 use crate::support::*;
 
 /// A tmpfs mounted for the length of a test.
-struct Tmpfs {
+pub(crate) struct Tmpfs {
     dir: tempfile::TempDir,
 }
 
 impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
+    pub(crate) fn mount(size: &str) -> Option<Tmpfs> {
         let dir = tempfile::tempdir().ok()?;
         let status = Command::new("mount")
             .args([
@@ -38,7 +38,7 @@ impl Tmpfs {
         status.success().then_some(Tmpfs { dir })
     }
 
-    fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 }
