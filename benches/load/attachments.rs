@@ -144,32 +144,8 @@ pub async fn run(big_mib: usize, small: usize, small_kib: usize, concurrency: us
     bare::source(&conn, cipher as u64).await?;
     let bare_down_s = started.elapsed().as_secs_f64();
     let per = attachment::ciphertext_len(small_len as u64);
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..small {
-        let (conn, gate) = (conn.clone(), gate.clone());
-        tasks.spawn(async move {
-            let _permit = gate.acquire_owned().await.map_err(err)?;
-            bare::sink(&conn, per).await
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.map_err(err)??;
-    }
-    let bare_small_up_s = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..small {
-        let (conn, gate) = (conn.clone(), gate.clone());
-        tasks.spawn(async move {
-            let _permit = gate.acquire_owned().await.map_err(err)?;
-            bare::source(&conn, per).await
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.map_err(err)??;
-    }
-    let bare_small_down_s = started.elapsed().as_secs_f64();
+    let bare_small_up_s = bare_small(&conn, &gate, small, per, true).await?;
+    let bare_small_down_s = bare_small(&conn, &gate, small, per, false).await?;
 
     let mib = |bytes: f64, s: f64| bytes / s / f64::from(1u32 << 20);
     println!("| transfer | switchboard MiB/s | bare quinn MiB/s | ratio |");
@@ -212,6 +188,34 @@ pub async fn run(big_mib: usize, small: usize, small_kib: usize, concurrency: us
     drop(bare);
     drop(server);
     Ok(())
+}
+
+/// `n` bare transfers of `len` bytes (to the sink, or from the source), as many at a
+/// time as `gate` lets; the seconds they took.
+async fn bare_small(
+    conn: &Arc<quinn::Connection>,
+    gate: &Arc<Semaphore>,
+    n: usize,
+    len: u64,
+    up: bool,
+) -> Result<f64> {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (conn, gate) = (conn.clone(), gate.clone());
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.map_err(err)?;
+            if up {
+                bare::sink(&conn, len).await
+            } else {
+                bare::source(&conn, len).await
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(err)??;
+    }
+    Ok(started.elapsed().as_secs_f64())
 }
 
 async fn download(

@@ -75,6 +75,18 @@ fn leaks(plain: &[u8], dir: &Path) -> Option<String> {
     None
 }
 
+/// Alice's and Bob's homes on `node`, registered, with a message between them (so
+/// each device has a session with the other).
+fn alice_and_bob(node: &ProcessNode) -> (PathBuf, PathBuf) {
+    let root = node.dir.path();
+    let (alice, bob) = (root.join("alice"), root.join("bob"));
+    node.register_cli(&alice, &[], ALICE);
+    node.register_cli(&bob, &[], BOB);
+    ok(node, &alice, &["send", BOB, "hello"]);
+    ok(node, &bob, &["recv"]);
+    (alice, bob)
+}
+
 fn ok(node: &ProcessNode, home: &Path, args: &[&str]) -> String {
     let out = node.cli(home, args, "");
     assert!(out.status.success(), "{}", show(args, &out));
@@ -88,13 +100,9 @@ fn ok(node: &ProcessNode, home: &Path, args: &[&str]) -> String {
 fn a_20_mib_file_through_the_cli_and_never_in_plain_on_the_node() {
     let node = ProcessNode::start(&config_text(""));
     let root = node.dir.path().to_path_buf();
-    let (alice, bob) = (root.join("alice"), root.join("bob"));
-    node.register_cli(&alice, &[], ALICE);
-    node.register_cli(&bob, &[], BOB);
     // Bob's device is known to Alice's (a session), so the node knows it waits for
     // one download.
-    ok(&node, &alice, &["send", BOB, "a file is coming"]);
-    ok(&node, &bob, &["recv"]);
+    let (alice, bob) = alice_and_bob(&node);
     let (file, plain) = random_file(&root, "holiday.bin", 20 << 20);
     let id = ok(
         &node,
@@ -426,11 +434,7 @@ async fn the_sweeper_drops_old_blobs_and_abandoned_uploads() {
 fn a_sigkill_mid_upload_resumes() {
     let mut node = ProcessNode::start(&config_text(""));
     let root = node.dir.path().to_path_buf();
-    let (alice, bob) = (root.join("alice"), root.join("bob"));
-    node.register_cli(&alice, &[], ALICE);
-    node.register_cli(&bob, &[], BOB);
-    ok(&node, &alice, &["send", BOB, "hello"]);
-    ok(&node, &bob, &["recv"]);
+    let (alice, bob) = alice_and_bob(&node);
     let (file, plain) = random_file(&root, "big.bin", 48 << 20);
     let sending = std::process::Command::new(BIN)
         .args([
@@ -480,11 +484,7 @@ fn a_sigkill_mid_upload_resumes() {
 fn the_nodes_memory_stays_flat_during_a_200_mib_transfer() {
     let node = ProcessNode::start(&config_text("[attachments]\nmax_bytes = 268435456\n"));
     let root = node.dir.path().to_path_buf();
-    let (alice, bob) = (root.join("alice"), root.join("bob"));
-    node.register_cli(&alice, &[], ALICE);
-    node.register_cli(&bob, &[], BOB);
-    ok(&node, &alice, &["send", BOB, "hello"]);
-    ok(&node, &bob, &["recv"]);
+    let (alice, bob) = alice_and_bob(&node);
     let rss = |pid: u32| -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         status
@@ -562,11 +562,7 @@ fn a_full_disk_refuses_an_attachment_before_any_byte() {
         Some(fs.path()),
     );
     let root = node.dir.path().to_path_buf();
-    let (alice, bob) = (root.join("alice"), root.join("bob"));
-    node.register_cli(&alice, &[], ALICE);
-    node.register_cli(&bob, &[], BOB);
-    ok(&node, &alice, &["send", BOB, "hello"]);
-    ok(&node, &bob, &["recv"]);
+    let (alice, bob) = alice_and_bob(&node);
     let (first, _) = random_file(&root, "first.bin", 40 << 20);
     ok(
         &node,
