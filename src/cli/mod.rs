@@ -1,6 +1,7 @@
 //! Command-line interface: clap definitions and one module per command.
 
 mod admin;
+mod chat;
 mod check_config;
 mod contacts;
 mod conversation;
@@ -84,6 +85,8 @@ enum Command {
     /// Your profile (name, about, photo), or a contact's.
     #[command(subcommand)]
     Profile(conversation::ProfileCommand),
+    /// Chat in the terminal: your conversations, live.
+    Chat(chat::ChatArgs),
     /// Attachments: download one again.
     #[command(subcommand)]
     Attachment(messaging::AttachmentCommand),
@@ -153,6 +156,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Timer(args) => conversation::timer(home(cli.home, pass)?, args).await,
         Command::Typing(args) => conversation::typing(home(cli.home, pass)?, args).await,
         Command::Profile(command) => conversation::profile(home(cli.home, pass)?, command).await,
+        Command::Chat(args) => chat::run(home(cli.home, pass)?, args).await,
         Command::Attachment(command) => messaging::attachment(home(cli.home, pass)?, command).await,
     }
 }

@@ -913,6 +913,36 @@ fn shown_from(tx: &Tx<'_>) -> Result<i64, DbError> {
         .map_or(0, i64::from_be_bytes))
 }
 
+/// The conversations among the last `within` messages (any conversation), newest
+/// first: each one's peer, its newest message, and how many of its messages from
+/// others came after local position `read_upto(peer)`.
+pub fn conversations(
+    tx: &Tx<'_>,
+    within: usize,
+    read_upto: impl Fn(&str) -> i64,
+) -> Result<Vec<(Entry, usize)>, DbError> {
+    let last = tx.last_message_seq()?.unwrap_or(0);
+    let after = last.saturating_sub(i64::try_from(within).unwrap_or(i64::MAX));
+    let mut by_peer: std::collections::HashMap<String, (Entry, usize)> = Default::default();
+    let mut upto: std::collections::HashMap<String, i64> = Default::default();
+    for row in tx.messages_after(after, within)? {
+        let e = entry(tx, &row)?;
+        if e.content.as_ref().is_some_and(is_act) {
+            continue;
+        }
+        let seen = *upto
+            .entry(e.peer.clone())
+            .or_insert_with(|| read_upto(&e.peer));
+        let unread = usize::from(!e.outgoing && e.seq > seen);
+        let slot = by_peer.entry(e.peer.clone()).or_insert((e.clone(), 0));
+        slot.1 += unread;
+        slot.0 = e;
+    }
+    let mut out: Vec<(Entry, usize)> = by_peer.into_values().collect();
+    out.sort_by_key(|c| std::cmp::Reverse(c.0.seq));
+    Ok(out)
+}
+
 /// The last `limit` messages of the conversation with `peer` before `before` (all
 /// when `None`), oldest first.
 pub fn page(

@@ -34,7 +34,7 @@ mod group_recv;
 mod group_send;
 mod profiles;
 
-pub use acts::{Conversation, TIMERS};
+pub use acts::{Conversation, ConversationSummary, TIMERS};
 pub use group_send::GroupSent;
 pub use profiles::{KnownProfile, cached_profile_in, shown_name};
 

@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod attachments;
+mod chat;
 mod cli;
 mod cli_messaging;
 mod client_home;

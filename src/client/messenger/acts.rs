@@ -149,7 +149,84 @@ pub(super) fn took(
     Ok(())
 }
 
+/// A conversation as a list of them shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationSummary {
+    pub conversation: Conversation,
+    /// Its newest message.
+    pub last: Entry,
+    /// Messages from others since the user last read it.
+    pub unread: usize,
+}
+
+fn read_key(tx: &Tx<'_>, peer: &str) -> Vec<u8> {
+    tx.hash(b"read-upto", &[peer.as_bytes()]).to_vec()
+}
+
+fn read_upto(tx: &Tx<'_>, peer: &str) -> i64 {
+    tx.get(Table::Peer, &read_key(tx, peer))
+        .ok()
+        .flatten()
+        .and_then(|v| v.get(..8).and_then(|b| b.try_into().ok()))
+        .map_or(0, i64::from_be_bytes)
+}
+
 impl Messenger {
+    /// The conversations of the last `within` messages, newest first, with their
+    /// unread counts.
+    pub async fn conversations(
+        &self,
+        within: usize,
+    ) -> Result<Vec<ConversationSummary>, MessengerError> {
+        self.inner
+            .db
+            .read_async(move |tx| {
+                let mut out = Vec::new();
+                for (last, unread) in history::conversations(tx, within, |p| read_upto(tx, p))? {
+                    if let Ok(conversation) = Conversation::of(&last) {
+                        out.push(ConversationSummary {
+                            conversation,
+                            last,
+                            unread,
+                        });
+                    }
+                }
+                Ok::<_, MessengerError>(out)
+            })
+            .await
+    }
+
+    /// The user has read `conversation` up to local position `seq`.
+    pub async fn mark_conversation_read(
+        &self,
+        conversation: &Conversation,
+        seq: i64,
+    ) -> Result<(), MessengerError> {
+        let peer = conversation.peer();
+        self.inner
+            .db
+            .write_async(move |tx| {
+                if read_upto(tx, &peer) < seq {
+                    tx.put(Table::Peer, &read_key(tx, &peer), &seq.to_be_bytes())?;
+                }
+                Ok::<_, MessengerError>(())
+            })
+            .await
+    }
+
+    /// The last `limit` messages of `conversation`, oldest first.
+    pub async fn page(
+        &self,
+        conversation: &Conversation,
+        limit: usize,
+    ) -> Result<Vec<Entry>, MessengerError> {
+        let peer = conversation.peer();
+        self.inner
+            .db
+            .read_async(move |tx| Ok::<_, MessengerError>(history::page(tx, &peer, None, limit)?))
+            .await
+    }
+
     /// Sends `content` to `conversation`; the message's id once the node holds it.
     pub async fn send_to(
         &self,
