@@ -196,3 +196,75 @@ fn filter_keys(n: u64) -> Vec<u64> {
         .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5bd1_e995)
         .collect()
 }
+
+/// A home with 10,000 messages: 9,000 with one contact, the rest over 50 others.
+fn home_with_history() -> (tempfile::TempDir, switchboard::client::db::HomeDb) {
+    use switchboard::client::content::Content;
+    use switchboard::client::history;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = switchboard::client::db::HomeDb::open(dir.path(), None).expect("home db");
+    db.write(|tx| {
+        for i in 0..10_000u32 {
+            let peer = if i % 10 == 0 {
+                format!("+1415555{:04}", 1000 + i % 500 / 10)
+            } else {
+                "+14155550101".to_string()
+            };
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            let text = Content::Text(format!("message {i} of a long conversation"));
+            history::add_received(tx, &peer, 1, &id, u64::from(i), Some(text), None)?;
+        }
+        Ok::<_, switchboard::client::db::DbError>(())
+    })
+    .expect("history");
+    (dir, db)
+}
+
+/// What `switchboard chat` reads for its first screen, with 10,000 messages in the
+/// history: the conversation list (scanning them all) and the newest 500 messages of
+/// the top conversation.
+#[divan::bench(sample_count = 20)]
+fn chat_first_screen_of_10000_messages(bencher: divan::Bencher) {
+    use switchboard::client::history;
+    let (_dir, db) = home_with_history();
+    bencher.bench(|| {
+        db.read(|tx| {
+            let list = history::conversations(tx, 10_000, |_| 0)?;
+            let top = list
+                .first()
+                .map(|(e, _)| e.peer.clone())
+                .unwrap_or_default();
+            let page = history::page(tx, &top, None, 500)?;
+            Ok::<_, switchboard::client::db::DbError>((list.len(), page.len()))
+        })
+        .expect("read")
+    });
+}
+
+/// Its bare limit: the same 10,000 rows' sealed values read with plain SQLite (no
+/// opening, no decoding).
+#[divan::bench(sample_count = 20)]
+fn chat_first_screen_bare_sqlite(bencher: divan::Bencher) {
+    let (dir, db) = home_with_history();
+    drop(db);
+    let conn = rusqlite::Connection::open(dir.path().join("home.db")).expect("sqlite");
+    bencher.bench_local(|| {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT seq, key, state, value FROM message ORDER BY seq DESC LIMIT 10000",
+            )
+            .expect("prepare");
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                ))
+            })
+            .expect("query");
+        rows.filter_map(Result::ok).count()
+    });
+}
