@@ -402,6 +402,24 @@ fn sent_id(tx: &Tx<'_>, node_id: &MessageId) -> Result<Option<i64>, DbError> {
         .map(i64::from_be_bytes))
 }
 
+/// History message `entry` as a plaintext again (a resend, a copy, a re-encryption):
+/// its own id, time and timer, carrying `body`.
+fn again(entry: &Entry, body: Body) -> Plaintext {
+    Plaintext::new(entry.id, entry.at_ms, body).expiring(entry.expires_in_secs)
+}
+
+/// The history row of outbox entry `seq` and its plaintext, to encrypt again.
+fn outbox_plaintext(tx: &Tx<'_>, seq: i64) -> Result<(Entry, Vec<u8>), MessengerError> {
+    let entry = history::get(tx, seq)?
+        .ok_or_else(|| MessengerError::History(format!("message {seq} is gone")))?;
+    let content = entry
+        .content
+        .clone()
+        .ok_or_else(|| MessengerError::History(format!("message {seq} has no content")))?;
+    let plaintext = again(&entry, Body::Content(content)).encode();
+    Ok((entry, plaintext))
+}
+
 fn outbox_key(seq: i64) -> [u8; 8] {
     seq.to_be_bytes()
 }
@@ -902,14 +920,7 @@ impl Messenger {
                 if tx.get(Table::Outbox, &outbox_key(seq))?.is_none() {
                     return Ok(());
                 }
-                let entry = history::get(tx, seq)?
-                    .ok_or_else(|| MessengerError::History(format!("message {seq} is gone")))?;
-                let content = entry.content.clone().ok_or_else(|| {
-                    MessengerError::History(format!("message {seq} has no content"))
-                })?;
-                let plaintext = Plaintext::new(entry.id, entry.at_ms, Body::Content(content))
-                    .expiring(entry.expires_in_secs)
-                    .encode();
+                let (entry, plaintext) = outbox_plaintext(tx, seq)?;
                 let mut olm = Olm::new(tx);
                 let envelopes = olm.encrypt(&entry.peer, &plaintext)?;
                 olm.flush()?;
@@ -1326,11 +1337,10 @@ impl Messenger {
                 let Some(entry) = entry else {
                     return Ok(Vec::new());
                 };
-                let Some(content) = entry.content else {
+                let Some(content) = entry.content.clone() else {
                     return Ok(Vec::new());
                 };
-                let mut plain = Plaintext::new(entry.id, entry.at_ms, Body::Content(content))
-                    .expiring(entry.expires_in_secs);
+                let mut plain = again(&entry, Body::Content(content));
                 plain.retry_of = Some(retry_of);
                 self.transmit(client, &peer, node_id, plain.encode(), seq)
                     .await?;
@@ -1377,7 +1387,7 @@ impl Messenger {
                 let Some(entry) = db.read_async(move |tx| history::get(tx, seq)).await? else {
                     return Ok(Vec::new());
                 };
-                match (entry.state, entry.content) {
+                match (entry.state, entry.content.clone()) {
                     (State::Sending, _) => Err(MessengerError::NotSentYet {
                         id: entry.id,
                         reason: "its copy for this account's other devices waits for it".into(),
@@ -1385,12 +1395,10 @@ impl Messenger {
                     (State::Failed, _) | (_, None) => Ok(Vec::new()),
                     (_, Some(content)) => {
                         let copy = Body::SentCopy {
-                            to: entry.peer,
+                            to: entry.peer.clone(),
                             content,
                         };
-                        let plain = Plaintext::new(entry.id, entry.at_ms, copy)
-                            .expiring(entry.expires_in_secs)
-                            .encode();
+                        let plain = again(&entry, copy).encode();
                         self.to_own_devices(client, plain, node_id).await?;
                         Ok(Vec::new())
                     }

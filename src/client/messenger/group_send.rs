@@ -123,14 +123,7 @@ impl Messenger {
                         return Ok(None);
                     };
                     let GroupOutgoing { group_id } = decode(&row, "a group outbox entry")?;
-                    let entry = history::get(tx, seq)?
-                        .ok_or_else(|| MessengerError::History(format!("message {seq} is gone")))?;
-                    let content = entry.content.clone().ok_or_else(|| {
-                        MessengerError::History(format!("message {seq} has no content"))
-                    })?;
-                    let plaintext = Plaintext::new(entry.id, entry.at_ms, Body::Content(content))
-                        .expiring(entry.expires_in_secs)
-                        .encode();
+                    let (entry, plaintext) = super::outbox_plaintext(tx, seq)?;
                     let (body, digest) = senderkeys::encrypt(tx, group_id, &plaintext, now_ms())?;
                     let secs = entry.expires_in_secs;
                     Ok::<_, MessengerError>(Some((group_id, entry.id, body, digest, secs)))

@@ -83,31 +83,48 @@ pub(super) fn talked_to(tx: &Tx<'_>, numbers: &[&str], now: u64) -> Result<bool,
     let version = my_key(tx)?.map(|k| k.version());
     let mut jobs = false;
     for number in numbers {
-        let key = talked_key(tx, number);
-        let mut record = match tx.get(Table::Peer, &key)? {
-            Some(v) => decode::<Talked>(&v, "a profile recipient")?,
-            None => Talked {
-                number: number.to_string(),
-                given: [0; 32],
-            },
-        };
-        let known = tx.get(Table::Peer, &key)?.is_some();
-        match version {
-            Some(v) if record.given != v => {
-                record.given = v;
-                let job = Job::ProfileKey {
-                    to: number.to_string(),
-                    node_id: e2e::new_message_id(),
-                };
-                tx.add_job(now, &encode(&job))?;
-                tx.put(Table::Peer, &key, &encode(&record))?;
-                jobs = true;
-            }
-            _ if !known => tx.put(Table::Peer, &key, &encode(&record))?,
-            _ => {}
-        }
+        jobs |= give_key(tx, number, version, false, now)?;
     }
     Ok(jobs)
+}
+
+/// Remembers `number` as written to, and gives them the profile key of `version`
+/// (a job) unless they have it; `again`: even if they have it (the profile changed).
+/// Whether a job was added.
+fn give_key(
+    tx: &Tx<'_>,
+    number: &str,
+    version: Option<[u8; 32]>,
+    again: bool,
+    now: u64,
+) -> Result<bool, MessengerError> {
+    let key = talked_key(tx, number);
+    let stored = tx.get(Table::Peer, &key)?;
+    let known = stored.is_some();
+    let mut record = match stored {
+        Some(v) => decode::<Talked>(&v, "a profile recipient")?,
+        None => Talked {
+            number: number.to_string(),
+            given: [0; 32],
+        },
+    };
+    match version {
+        Some(v) if again || record.given != v => {
+            record.given = v;
+            let job = Job::ProfileKey {
+                to: number.to_string(),
+                node_id: e2e::new_message_id(),
+            };
+            tx.add_job(now, &encode(&job))?;
+            tx.put(Table::Peer, &key, &encode(&record))?;
+            Ok(true)
+        }
+        _ if !known => {
+            tx.put(Table::Peer, &key, &encode(&record))?;
+            Ok(false)
+        }
+        _ => Ok(false),
+    }
 }
 
 /// `from` gave their profile key (their profile is new or changed): kept, and their
@@ -184,12 +201,10 @@ impl Messenger {
                 // A new profile holds no presence: it goes up again.
                 tx.delete(Table::Kv, PRESENCE_HOUR)?;
                 // Everyone written to hears of it (they fetch it anew).
-                let now = now_ms();
-                for (row, value) in tx.scan(Table::Peer, &talked_prefix(tx))? {
-                    let mut t: Talked = decode(&value, "a profile recipient")?;
-                    t.given = [0; 32];
-                    tx.put(Table::Peer, &row, &encode(&t))?;
-                    talked_to(tx, &[t.number.as_str()], now)?;
+                let (now, version) = (now_ms(), my_key(tx)?.map(|k| k.version()));
+                for (_, value) in tx.scan(Table::Peer, &talked_prefix(tx))? {
+                    let t: Talked = decode(&value, "a profile recipient")?;
+                    give_key(tx, &t.number, version, true, now)?;
                 }
                 Ok::<_, MessengerError>(())
             })
