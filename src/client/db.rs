@@ -699,6 +699,39 @@ impl Tx<'_> {
         )
     }
 
+    /// Every conversation (by its hashed key) with its newest position, newest
+    /// first: read from the `message_conv` index, nothing unsealed.
+    pub fn conversation_heads(&self) -> Result<Vec<(Vec<u8>, i64)>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT conv, max(seq) AS last FROM message GROUP BY conv ORDER BY last DESC",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// How many rows of conversation `conv` after position `after` have a state
+    /// number of at least `state`.
+    pub fn count_messages_after(
+        &self,
+        conv: &[u8],
+        after: i64,
+        state: i64,
+    ) -> Result<usize, DbError> {
+        let n: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT count(*) FROM message WHERE conv = ?1 AND seq > ?2 AND state >= ?3",
+            )
+            .and_then(|mut s| s.query_row(params![conv, after, state], |r| r.get(0)))
+            .map_err(self.err())?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
     /// Up to `limit` messages of every conversation after position `after`, oldest
     /// first.
     pub fn messages_after(&self, after: i64, limit: usize) -> Result<Vec<MessageRow>, DbError> {

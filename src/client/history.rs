@@ -913,33 +913,29 @@ fn shown_from(tx: &Tx<'_>) -> Result<i64, DbError> {
         .map_or(0, i64::from_be_bytes))
 }
 
-/// The conversations among the last `within` messages (any conversation), newest
-/// first: each one's peer, its newest message, and how many of its messages from
-/// others came after local position `read_upto(peer)`.
+/// Every conversation with its newest message and how many of its received
+/// messages come after `read_upto(peer)`, newest first. The index gives each
+/// conversation's head; only those heads are unsealed, so the cost grows with the
+/// conversations, not the history.
 pub fn conversations(
     tx: &Tx<'_>,
-    within: usize,
     read_upto: impl Fn(&str) -> i64,
 ) -> Result<Vec<(Entry, usize)>, DbError> {
-    let last = tx.last_message_seq()?.unwrap_or(0);
-    let after = last.saturating_sub(i64::try_from(within).unwrap_or(i64::MAX));
-    let mut by_peer: std::collections::HashMap<String, (Entry, usize)> = Default::default();
-    let mut upto: std::collections::HashMap<String, i64> = Default::default();
-    for row in tx.messages_after(after, within)? {
+    let mut out = Vec::new();
+    for (conv, last) in tx.conversation_heads()? {
+        let Some(row) = tx.message(last)? else {
+            continue;
+        };
         let e = entry(tx, &row)?;
+        // Reactions, edits and deletes live under a conversation key of their own.
         if e.content.as_ref().is_some_and(is_act) {
             continue;
         }
-        let seen = *upto
-            .entry(e.peer.clone())
-            .or_insert_with(|| read_upto(&e.peer));
-        let unread = usize::from(!e.outgoing && e.seq > seen);
-        let slot = by_peer.entry(e.peer.clone()).or_insert((e.clone(), 0));
-        slot.1 += unread;
-        slot.0 = e;
+        // Received states number from `State::Received` up.
+        let unread =
+            tx.count_messages_after(&conv, read_upto(&e.peer), State::Received.number())?;
+        out.push((e, unread));
     }
-    let mut out: Vec<(Entry, usize)> = by_peer.into_values().collect();
-    out.sort_by_key(|c| std::cmp::Reverse(c.0.seq));
     Ok(out)
 }
 
@@ -962,6 +958,50 @@ mod tests {
 
     use super::*;
     use crate::client::db::HomeDb;
+
+    #[test]
+    fn the_conversation_list_has_each_head_and_counts_only_unread_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = HomeDb::open(dir.path(), None).unwrap();
+        let (bob, carol) = ("+14155550101", "+14155550102");
+        let text = |t: &str| Content::Text(t.into());
+        let seqs = db
+            .write(|tx| {
+                let mut seqs = Vec::new();
+                for i in 0..6u8 {
+                    seqs.push(add_received(
+                        tx,
+                        bob,
+                        1,
+                        &[i; 16],
+                        0,
+                        Some(text("b")),
+                        None,
+                    )?);
+                }
+                add_sent(tx, bob, 1, &[10; 16], 0, &text("mine"), None)?;
+                add_received(tx, carol, 1, &[20; 16], 0, Some(text("c")), None)?;
+                Ok::<_, DbError>(seqs)
+            })
+            .unwrap();
+        let bob_read = seqs.iter().flatten().nth(3).map(|e| e.seq).unwrap();
+        let list = db
+            .read(|tx| conversations(tx, |p| if p == bob { bob_read } else { 0 }))
+            .unwrap();
+        let shown: Vec<(&str, usize, Option<&str>)> = list
+            .iter()
+            .map(|(e, n)| {
+                (
+                    e.peer.as_str(),
+                    *n,
+                    e.content.as_ref().and_then(Content::text),
+                )
+            })
+            .collect();
+        // Carol wrote last; Bob's head is this account's own message, and two of
+        // his six come after where he was read up to.
+        assert_eq!(shown, vec![(carol, 1, Some("c")), (bob, 2, Some("mine"))]);
+    }
 
     #[test]
     fn a_conversation_pages_oldest_first_in_both_directions() {

@@ -60,6 +60,9 @@ pub async fn serve(
     };
     let device = me.device;
     let mailbox = shared.mailboxes.open(device);
+    // Joined before `Subscribed` goes out: a typing notice sent once the client
+    // has it reaches this stream.
+    let stream = mailbox.join();
     let queued = match blocking(&shared, move |store| store.queue_len(device)).await {
         Ok(n) => n,
         Err(e) => {
@@ -85,7 +88,7 @@ pub async fn serve(
     // tracker, so shutdown waits for both and nothing holds the store afterwards).
     let (done_tx, done) = oneshot::channel();
     let acker = read_acks(recv, shared.clone(), me, done_tx, stop.clone());
-    let pusher = push(send, &shared, &mailbox, device, done, &stop);
+    let pusher = push(send, &shared, &mailbox, &stream, device, done, &stop);
     tokio::join!(acker, pusher);
 }
 
@@ -94,6 +97,7 @@ async fn push(
     mut send: quinn::SendStream,
     shared: &Arc<Shared>,
     mailbox: &super::mailbox::Mailbox,
+    stream: &super::mailbox::Stream<'_>,
     device: crate::store::DeviceRef,
     mut done: oneshot::Receiver<AckEnd>,
     stop: &CancellationToken,
@@ -110,7 +114,7 @@ async fn push(
 
         // What is only for a connected device goes first, in a push of its own,
         // under seq EPHEMERAL_SEQ (never acknowledged, never stored).
-        let ephemeral = mailbox.take_ephemeral();
+        let ephemeral = stream.take_ephemeral();
         if !ephemeral.is_empty() {
             let at = now_ms();
             let push = Push {

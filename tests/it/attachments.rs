@@ -82,15 +82,9 @@ fn alice_and_bob(node: &ProcessNode) -> (PathBuf, PathBuf) {
     let (alice, bob) = (root.join("alice"), root.join("bob"));
     node.register_cli(&alice, &[], ALICE);
     node.register_cli(&bob, &[], BOB);
-    ok(node, &alice, &["send", BOB, "hello"]);
-    ok(node, &bob, &["recv"]);
+    node.ok(&alice, &["send", BOB, "hello"]);
+    node.ok(&bob, &["recv"]);
     (alice, bob)
-}
-
-fn ok(node: &ProcessNode, home: &Path, args: &[&str]) -> String {
-    let out = node.cli(home, args, "");
-    assert!(out.status.success(), "{}", show(args, &out));
-    stdout(&out)
 }
 
 /// Alice sends Bob a 20 MiB file of random bytes with `send --file`; Bob's `recv`
@@ -104,20 +98,20 @@ fn a_20_mib_file_through_the_cli_and_never_in_plain_on_the_node() {
     // one download.
     let (alice, bob) = alice_and_bob(&node);
     let (file, plain) = random_file(&root, "holiday.bin", 20 << 20);
-    let id = ok(
-        &node,
-        &alice,
-        &[
-            "send",
-            BOB,
-            "--file",
-            file.to_str().unwrap(),
-            "--caption",
-            "the photos",
-        ],
-    )
-    .trim()
-    .to_string();
+    let id = node
+        .ok(
+            &alice,
+            &[
+                "send",
+                BOB,
+                "--file",
+                file.to_str().unwrap(),
+                "--caption",
+                "the photos",
+            ],
+        )
+        .trim()
+        .to_string();
     assert_eq!(id.len(), 32, "{id}");
     // On the node: the ciphertext only.
     assert_eq!(
@@ -161,7 +155,7 @@ fn a_20_mib_file_through_the_cli_and_never_in_plain_on_the_node() {
         stderr(&out)
     );
     // Alice's history shows the file.
-    let history = ok(&node, &alice, &["history", BOB]);
+    let history = node.ok(&alice, &["history", BOB]);
     assert!(
         history.contains("[file: holiday.bin, 20.00 MiB] the photos"),
         "{history}"
@@ -497,17 +491,9 @@ fn the_nodes_memory_stays_flat_during_a_200_mib_transfer() {
     let pid = node.pid().unwrap();
     // The steady state: after a first transfer has warmed up buffers and caches.
     let (warm, _) = random_file(&root, "warm.bin", 32 << 20);
-    ok(
-        &node,
-        &alice,
-        &["send", BOB, "--file", warm.to_str().unwrap()],
-    );
+    node.ok(&alice, &["send", BOB, "--file", warm.to_str().unwrap()]);
     let saves = root.join("saves");
-    ok(
-        &node,
-        &bob,
-        &["recv", "--save-dir", saves.to_str().unwrap()],
-    );
+    node.ok(&bob, &["recv", "--save-dir", saves.to_str().unwrap()]);
     let (file, plain) = random_file(&root, "huge.bin", 200 << 20);
     let before = rss(pid);
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -522,17 +508,9 @@ fn the_nodes_memory_stays_flat_during_a_200_mib_transfer() {
             peak
         })
     };
-    ok(
-        &node,
-        &alice,
-        &["send", BOB, "--file", file.to_str().unwrap()],
-    );
+    node.ok(&alice, &["send", BOB, "--file", file.to_str().unwrap()]);
     let after_upload = rss(pid);
-    ok(
-        &node,
-        &bob,
-        &["recv", "--save-dir", saves.to_str().unwrap()],
-    );
+    node.ok(&bob, &["recv", "--save-dir", saves.to_str().unwrap()]);
     eprintln!(
         "node RSS after the upload {after_upload}, after the download {}",
         rss(pid)
@@ -564,11 +542,7 @@ fn a_full_disk_refuses_an_attachment_before_any_byte() {
     let root = node.dir.path().to_path_buf();
     let (alice, bob) = alice_and_bob(&node);
     let (first, _) = random_file(&root, "first.bin", 40 << 20);
-    ok(
-        &node,
-        &alice,
-        &["send", BOB, "--file", first.to_str().unwrap()],
-    );
+    node.ok(&alice, &["send", BOB, "--file", first.to_str().unwrap()]);
     let (second, _) = random_file(&root, "second.bin", 40 << 20);
     let out = node.cli(
         &alice,

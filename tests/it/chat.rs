@@ -169,3 +169,86 @@ fn alice_chats_with_bob_in_a_real_terminal() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A group in `switchboard chat`: each sender shows by name (Carol's from her
+/// profile), `/info` lists the members and the admin, `/save` downloads a file sent
+/// to the group, and what Alice types reaches the others.
+#[test]
+fn a_group_in_a_real_terminal_shows_names_info_and_files() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        println!("skipped: tmux is not installed (.ci/run installs it)");
+        return;
+    }
+    let node = ProcessNode::start(&config_text(""));
+    let root = node.dir.path().to_path_buf();
+    let (alice, bob, carol) = (
+        node.home("alice", ALICE),
+        node.home("bob", BOB),
+        node.home("carol", CAROL),
+    );
+    node.ok(&carol, &["profile", "set", "--name", "Carol"]);
+    node.ok(&bob, &["group", "create", "Trio", ALICE, CAROL]);
+    node.ok(&carol, &["recv"]);
+    node.ok(&carol, &["send", "--group", "Trio", "carol here"]);
+    let notes = root.join("notes.txt");
+    std::fs::write(&notes, "bring snacks\n").unwrap();
+    let file_id = node
+        .ok(
+            &bob,
+            &[
+                "send",
+                "--group",
+                "Trio",
+                "--file",
+                notes.to_str().unwrap(),
+                "--caption",
+                "the plan",
+            ],
+        )
+        .trim()
+        .to_string();
+
+    let command = format!(
+        "{BIN} --home {} chat 2> {}",
+        alice.display(),
+        root.join("chat.err").display()
+    );
+    let Some(tmux) = Tmux::start(&root, 110, 30, &command) else {
+        println!("skipped: tmux could not start a session here");
+        return;
+    };
+    tmux.wait_for("Trio");
+    tmux.keys(&["Enter"]);
+    let screen = tmux.wait_for("Carol: carol here");
+    assert!(
+        screen.contains(&format!("{BOB}: [file: notes.txt, 13 B] the plan")),
+        "{screen}"
+    );
+    // The members, with the admin marked.
+    tmux.keys(&["-l", "/info"]);
+    tmux.keys(&["Enter"]);
+    let info = tmux.wait_for("3 members");
+    assert!(info.contains(&format!("({BOB}) · admin")), "{info}");
+    assert!(info.contains(&format!("Carol ({CAROL})")), "{info}");
+    tmux.keys(&["Escape"]);
+    // The file, saved into the home's attachments folder.
+    tmux.keys(&["-l", &format!("/save {}", &file_id[..8])]);
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("saved ");
+    assert_eq!(
+        std::fs::read_to_string(alice.join("attachments").join("notes.txt")).unwrap(),
+        "bring snacks\n"
+    );
+    // Alice writes to the group; Carol gets it.
+    tmux.keys(&["-l", "see you all"]);
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("you: see you all");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = String::new();
+    while !got.contains("see you all") {
+        assert!(Instant::now() < deadline, "Carol never got it: {got}");
+        got.push_str(&node.ok(&carol, &["recv"]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    tmux.keys(&["C-c"]);
+}

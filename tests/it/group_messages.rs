@@ -276,12 +276,6 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
     total
 }
 
-fn ok(node: &ProcessNode, home: &std::path::Path, args: &[&str]) -> String {
-    let out = node.cli(home, args, "");
-    assert!(out.status.success(), "{}", show(args, &out));
-    stdout(&out)
-}
-
 /// As people use it: Alice's message reaches Bob's and Carol's `recv` with the
 /// group's name (Bob reading later, as if offline); after Carol is removed, the next
 /// message reaches Bob and not Carol, who is told. A 60 KiB message (just under the envelope
@@ -296,43 +290,42 @@ fn send_group_recv_and_history_through_the_cli() {
         h
     };
     let (alice, bob, carol) = (home("alice", ALICE), home("bob", BOB), home("carol", CAROL));
-    ok(&node, &alice, &["group", "create", "Family", BOB, CAROL]);
-    ok(&node, &carol, &["recv"]);
-    let id = ok(&node, &alice, &["send", "--group", "Family", "dinner at 8"]);
+    node.ok(&alice, &["group", "create", "Family", BOB, CAROL]);
+    node.ok(&carol, &["recv"]);
+    let id = node.ok(&alice, &["send", "--group", "Family", "dinner at 8"]);
     assert_eq!(id.trim().len(), 32, "{id}");
     for member in [&carol, &bob] {
-        let got = ok(&node, member, &["recv"]);
+        let got = node.ok(member, &["recv"]);
         assert!(
             got.contains(&format!("[Family] {ALICE} dinner at 8")),
             "{got}"
         );
     }
-    let json = ok(&node, &alice, &["recv", "--json"]);
+    let json = node.ok(&alice, &["recv", "--json"]);
     assert!(
         json.contains(r#""delivered":2"#) && json.contains(r#""of":2"#),
         "{json}"
     );
-    let history = ok(&node, &alice, &["history", "--group", "Family"]);
+    let history = node.ok(&alice, &["history", "--group", "Family"]);
     assert!(
         history.contains("dinner at 8  (delivered to 2 of 2)"),
         "{history}"
     );
-    let history = ok(&node, &bob, &["history", "--group", "Family", "--json"]);
+    let history = node.ok(&bob, &["history", "--group", "Family", "--json"]);
     assert!(
         history.contains(&format!(r#""from":"{ALICE}""#)),
         "{history}"
     );
-    let info = ok(&node, &alice, &["group", "info", "Family"]);
+    let info = node.ok(&alice, &["group", "info", "Family"]);
     assert!(info.contains("has your key (devices [1])"), "{info}");
 
-    ok(&node, &alice, &["group", "remove", "Family", CAROL]);
-    ok(
-        &node,
-        &alice,
-        &["send", "--group", "Family", "not for carol"],
+    node.ok(&alice, &["group", "remove", "Family", CAROL]);
+    node.ok(&alice, &["send", "--group", "Family", "not for carol"]);
+    assert!(
+        node.ok(&bob, &["recv"])
+            .contains("[Family] +14155550100 not for carol")
     );
-    assert!(ok(&node, &bob, &["recv"]).contains("[Family] +14155550100 not for carol"));
-    let got = ok(&node, &carol, &["recv"]);
+    let got = node.ok(&carol, &["recv"]);
     assert!(got.contains("removed you from Family"), "{got}");
     assert!(!got.contains("not for carol"), "{got}");
     let out = node.cli(&carol, &["send", "--group", "Family", "hello?"], "");
@@ -340,12 +333,12 @@ fn send_group_recv_and_history_through_the_cli() {
 
     // 60 KiB to three members (Bob, Carol again, Dave): about one copy on disk.
     let dave = home("dave", DAVE);
-    ok(&node, &alice, &["group", "add", "Family", CAROL, DAVE]);
-    ok(&node, &alice, &["send", "--group", "Family", "warm up"]);
+    node.ok(&alice, &["group", "add", "Family", CAROL, DAVE]);
+    node.ok(&alice, &["send", "--group", "Family", "warm up"]);
     // Just under the 64 KiB an envelope may be once encrypted.
     let big = "x".repeat(60 * 1024);
     let before = dir_bytes(&node.data_dir());
-    ok(&node, &alice, &["send", "--group", "Family", &big]);
+    node.ok(&alice, &["send", "--group", "Family", &big]);
     let grown = dir_bytes(&node.data_dir()).saturating_sub(before);
     assert!(
         grown < 2 * 60 * 1024,
@@ -353,7 +346,7 @@ fn send_group_recv_and_history_through_the_cli() {
     );
     eprintln!("a 60 KiB message to 3 members grew the data dir by {grown} bytes");
     for member in [&bob, &carol, &dave] {
-        assert!(ok(&node, member, &["recv"]).contains(&big[..100]));
+        assert!(node.ok(member, &["recv"]).contains(&big[..100]));
     }
 }
 
@@ -369,9 +362,9 @@ fn a_sigkill_in_the_middle_of_a_membership_change_leaves_the_group_whole() {
         h
     };
     let (alice, bob, carol) = (home("alice", ALICE), home("bob", BOB), home("carol", CAROL));
-    ok(&node, &alice, &["group", "create", "Family", BOB, CAROL]);
-    ok(&node, &bob, &["recv"]);
-    ok(&node, &carol, &["recv"]);
+    node.ok(&alice, &["group", "create", "Family", BOB, CAROL]);
+    node.ok(&bob, &["recv"]);
+    node.ok(&carol, &["recv"]);
     for round in 0..4u64 {
         let remove = round % 2 == 0;
         let verb = if remove { "remove" } else { "add" };
@@ -385,7 +378,7 @@ fn a_sigkill_in_the_middle_of_a_membership_change_leaves_the_group_whole() {
         let first = change.join().unwrap();
         // Whatever the kill cut, the node has Carol in or out, and the change can be
         // made (again) until it holds.
-        let info = ok(&node, &alice, &["group", "info", "Family", "--json"]);
+        let info = node.ok(&alice, &["group", "info", "Family", "--json"]);
         let v: serde_json::Value = serde_json::from_str(info.trim()).unwrap();
         let members: Vec<&str> = v["members"]
             .as_array()
@@ -401,12 +394,12 @@ fn a_sigkill_in_the_middle_of_a_membership_change_leaves_the_group_whole() {
                 "{}",
                 show(&[verb], &first)
             );
-            ok(&node, &alice, &["group", verb, "Family", CAROL]);
+            node.ok(&alice, &["group", verb, "Family", CAROL]);
         }
         let text = format!("round {round}");
-        ok(&node, &alice, &["send", "--group", "Family", &text]);
-        assert!(ok(&node, &bob, &["recv"]).contains(&text));
-        let got = ok(&node, &carol, &["recv"]);
+        node.ok(&alice, &["send", "--group", "Family", &text]);
+        assert!(node.ok(&bob, &["recv"]).contains(&text));
+        let got = node.ok(&carol, &["recv"]);
         assert_eq!(got.contains(&text), !remove, "round {round}: {got}");
     }
 }

@@ -227,6 +227,21 @@ impl ProcessNode {
         out
     }
 
+    /// Runs the CLI on `home` with `args`, asserts it succeeded; its stdout.
+    pub fn ok(&self, home: &Path, args: &[&str]) -> String {
+        let out = self.cli(home, args, "");
+        assert!(out.status.success(), "{}", show(args, &out));
+        stdout(&out)
+    }
+
+    /// A client home `name` in the node's temp dir, registered as `number` with the
+    /// CLI.
+    pub fn home(&self, name: &str, number: &str) -> PathBuf {
+        let home = self.dir.path().join(name);
+        self.register_cli(&home, &[], number);
+        home
+    }
+
     /// A library client with the device key `creds`, registered as `number` (a test
     /// number) on this node.
     pub async fn registered_as(&self, creds: &Credentials, number: &str) -> Client {

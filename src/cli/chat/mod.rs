@@ -2,13 +2,15 @@
 //! messenger a phone app would use too). `state` is what keys do, `ui` draws it; this
 //! file runs them against the terminal, the messenger and the clock.
 
+mod config;
+mod info;
 mod state;
 mod ui;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use ratatui::crossterm::event::{self, Event as TermEvent, KeyEventKind};
+use ratatui::crossterm::event::{self, Event as TermEvent, KeyEventKind, MouseEvent};
 use switchboard::client::contacts::Book;
 use switchboard::client::content::Content;
 use switchboard::client::groups;
@@ -18,7 +20,8 @@ use switchboard::client::messenger::{
 use switchboard::client::{Event, Home, Messenger};
 use switchboard::proto::MessageId;
 
-use state::{ActKind, Action, App};
+use config::{ChatConfig, Notify};
+use state::{ActKind, Action, App, Popup};
 
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {}
@@ -26,7 +29,14 @@ pub struct ChatArgs {}
 /// What wakes the app's loop.
 enum Wake {
     Key(ratatui::crossterm::event::KeyEvent),
+    Mouse(MouseEvent),
+    /// The terminal gained (true) or lost the focus.
+    Focus(bool),
     Resize,
+    /// Something to show in a box (`/info`).
+    Popup(Popup),
+    /// Something to say on the status line.
+    Status(String),
     Event(Box<Event>),
     /// A send (or act) finished: its error, if any.
     Done(Option<String>),
@@ -34,14 +44,16 @@ enum Wake {
 
 /// How long typing in the compose line waits before it says so again.
 const TYPING_EVERY: Duration = Duration::from_secs(4);
-/// Messages of the open conversation loaded, and of the history scanned for the list.
+/// Messages of the open conversation loaded.
 const PAGE: usize = 500;
-const LIST_SCAN: usize = 10_000;
 
 pub async fn run(home: Home, _args: ChatArgs) -> anyhow::Result<()> {
     let reg = home.load()?;
+    let config = ChatConfig::load(home.dir())?;
     let messenger = Messenger::open(&home)?;
     let mut app = App::new(reg.number.to_string(), reg.server.clone());
+    app.config = config;
+    let saves = home.dir().join("attachments");
     let mut receipted: HashSet<MessageId> = HashSet::new();
     refresh(&mut app, &messenger, &mut receipted).await?;
 
@@ -52,6 +64,9 @@ pub async fn run(home: Home, _args: ChatArgs) -> anyhow::Result<()> {
             let sent = match event::read() {
                 Ok(TermEvent::Key(k)) if k.kind != KeyEventKind::Release => keys.send(Wake::Key(k)),
                 Ok(TermEvent::Resize(..)) => keys.send(Wake::Resize),
+                Ok(TermEvent::Mouse(m)) => keys.send(Wake::Mouse(m)),
+                Ok(TermEvent::FocusGained) => keys.send(Wake::Focus(true)),
+                Ok(TermEvent::FocusLost) => keys.send(Wake::Focus(false)),
                 Ok(TermEvent::Paste(text)) => {
                     // A paste arrives whole: typed in as characters.
                     text.chars().try_for_each(|c| {
@@ -93,9 +108,17 @@ pub async fn run(home: Home, _args: ChatArgs) -> anyhow::Result<()> {
     let mut terminal = ratatui::init();
     let _ = ratatui::crossterm::execute!(
         std::io::stdout(),
-        ratatui::crossterm::event::EnableBracketedPaste
+        ratatui::crossterm::event::EnableBracketedPaste,
+        ratatui::crossterm::event::EnableFocusChange
     );
+    if config.mouse {
+        let _ = ratatui::crossterm::execute!(
+            std::io::stdout(),
+            ratatui::crossterm::event::EnableMouseCapture
+        );
+    }
     let mut typing_said: Option<Instant> = None;
+    let mut focused = true;
     let result: anyhow::Result<()> = async {
         loop {
             terminal.draw(|f| ui::draw(f, &app))?;
@@ -104,36 +127,46 @@ pub async fn run(home: Home, _args: ChatArgs) -> anyhow::Result<()> {
                 () = tokio::time::sleep(Duration::from_secs(1)) => continue,
             };
             let Some(woke) = woke else { break };
-            match woke {
-                Wake::Resize => {}
-                Wake::Done(Some(e)) => app.status = format!("not sent: {e}"),
-                Wake::Done(None) => refresh(&mut app, &messenger, &mut receipted).await?,
-                Wake::Event(e) => on_event(&mut app, *e, &messenger, &mut receipted).await?,
+            let action = match woke {
+                Wake::Resize => Action::None,
+                Wake::Focus(f) => {
+                    focused = f;
+                    Action::None
+                }
+                Wake::Popup(p) => {
+                    app.popup = Some(p);
+                    Action::None
+                }
+                Wake::Status(s) => {
+                    app.status = s;
+                    Action::None
+                }
+                Wake::Done(Some(e)) => {
+                    app.status = format!("not sent: {e}");
+                    Action::None
+                }
+                Wake::Done(None) => {
+                    refresh(&mut app, &messenger, &mut receipted).await?;
+                    Action::None
+                }
+                Wake::Event(e) => {
+                    if let Event::Message(entry) = e.as_ref() {
+                        notify(&app, entry, focused);
+                    }
+                    on_event(&mut app, *e, &messenger, &mut receipted).await?;
+                    Action::None
+                }
+                Wake::Mouse(m) => {
+                    let size = terminal.size()?;
+                    let areas = ui::areas(
+                        ratatui::layout::Rect::new(0, 0, size.width, size.height),
+                        &app,
+                    );
+                    app.mouse(m, &areas)
+                }
                 Wake::Key(k) => {
                     let before = app.compose.len();
-                    match app.key(k) {
-                        Action::Quit => break,
-                        Action::None => {}
-                        Action::Open(_) => refresh(&mut app, &messenger, &mut receipted).await?,
-                        Action::Send(conv, content) => spawn_send(&messenger, &wake, conv, content),
-                        Action::Act(conv, kind, id, rest) => {
-                            spawn_act(&messenger, &wake, conv, kind, id, rest);
-                        }
-                        Action::File(conv, path) => {
-                            let (m, wake) = (messenger.clone(), wake.clone());
-                            tokio::spawn(async move {
-                                let sent = m
-                                    .send_file(
-                                        &conv,
-                                        std::path::Path::new(&path),
-                                        "",
-                                        &mut |_, _| {},
-                                    )
-                                    .await;
-                                let _ = wake.send(Wake::Done(sent.err().map(|e| e.to_string())));
-                            });
-                        }
-                    }
+                    let action = app.key(k);
                     // Typing says so, every few seconds at most.
                     if app.compose.len() > before
                         && let Some(conv) = app.open.clone()
@@ -145,6 +178,41 @@ pub async fn run(home: Home, _args: ChatArgs) -> anyhow::Result<()> {
                             let _ = m.typing(&conv, true).await;
                         });
                     }
+                    action
+                }
+            };
+            match action {
+                Action::Quit => break,
+                Action::None => {}
+                Action::Open(_) => refresh(&mut app, &messenger, &mut receipted).await?,
+                Action::Send(conv, content) => spawn_send(&messenger, &wake, conv, content),
+                Action::Act(conv, kind, id, rest) => {
+                    spawn_act(&messenger, &wake, conv, kind, id, rest);
+                }
+                Action::File(conv, path) => {
+                    let (m, wake) = (messenger.clone(), wake.clone());
+                    tokio::spawn(async move {
+                        let sent = m
+                            .send_file(&conv, std::path::Path::new(&path), "", &mut |_, _| {})
+                            .await;
+                        let _ = wake.send(Wake::Done(sent.err().map(|e| e.to_string())));
+                    });
+                }
+                Action::Info(conv, id) => {
+                    let names = app.names.clone();
+                    spawn_info(&messenger, &wake, app.me.clone(), conv, id, names);
+                }
+                Action::GroupAdd(group_id, numbers) => {
+                    spawn_group_add(&messenger, &wake, reg.clone(), group_id, numbers);
+                }
+                Action::OpenFile(id) => spawn_save(&messenger, &wake, id, saves.clone(), true),
+                Action::SaveFile(id, dir) => {
+                    let dir = if dir.trim().is_empty() {
+                        saves.clone()
+                    } else {
+                        std::path::PathBuf::from(dir.trim())
+                    };
+                    spawn_save(&messenger, &wake, id, dir, false);
                 }
             }
         }
@@ -153,7 +221,9 @@ pub async fn run(home: Home, _args: ChatArgs) -> anyhow::Result<()> {
     .await;
     let _ = ratatui::crossterm::execute!(
         std::io::stdout(),
-        ratatui::crossterm::event::DisableBracketedPaste
+        ratatui::crossterm::event::DisableBracketedPaste,
+        ratatui::crossterm::event::DisableFocusChange,
+        ratatui::crossterm::event::DisableMouseCapture
     );
     ratatui::restore();
     let _ = stop.send(());
@@ -198,6 +268,171 @@ fn spawn_act(
         .await;
         let _ = wake.send(Wake::Done(done.err().map(|e| e.to_string())));
     });
+}
+
+fn spawn_info(
+    messenger: &Messenger,
+    wake: &tokio::sync::mpsc::UnboundedSender<Wake>,
+    me: String,
+    conv: Conversation,
+    id: String,
+    names: std::collections::HashMap<String, String>,
+) {
+    let (m, wake) = (messenger.clone(), wake.clone());
+    tokio::spawn(async move {
+        let shown = if id.is_empty() {
+            info::conversation(&m, &conv, &names).await
+        } else {
+            info::message(&m, &me, &id, &names).await
+        };
+        let _ = wake.send(match shown {
+            Ok(p) => Wake::Popup(p),
+            Err(e) => Wake::Status(format!("/info: {e}")),
+        });
+    });
+}
+
+fn spawn_group_add(
+    messenger: &Messenger,
+    wake: &tokio::sync::mpsc::UnboundedSender<Wake>,
+    reg: switchboard::client::Registration,
+    group_id: u64,
+    typed: String,
+) {
+    let (m, wake) = (messenger.clone(), wake.clone());
+    tokio::spawn(async move {
+        let said = async {
+            // Contact names may hold spaces: commas part them when there are any.
+            let words: Vec<&str> = if typed.contains(',') {
+                typed.split(',').collect()
+            } else {
+                typed.split_whitespace().collect()
+            };
+            let numbers = words
+                .iter()
+                .map(|w| w.trim())
+                .filter(|w| !w.is_empty())
+                .map(|w| crate::cli::messaging::contact(m.db(), &reg, w, None))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if numbers.is_empty() {
+                anyhow::bail!("name the numbers to add: /group add +15551234567 …");
+            }
+            let info = m.add_to_group(group_id, &numbers).await?;
+            Ok::<_, anyhow::Error>(format!(
+                "added {} (the group has {} members)",
+                numbers.len(),
+                info.members.len()
+            ))
+        }
+        .await;
+        let _ = wake.send(Wake::Status(match said {
+            Ok(s) => s,
+            Err(e) => format!("/group add: {e}"),
+        }));
+    });
+}
+
+/// Downloads the attachment of message `id` into `dir`, then opens it with the
+/// system's opener if `open`.
+fn spawn_save(
+    messenger: &Messenger,
+    wake: &tokio::sync::mpsc::UnboundedSender<Wake>,
+    id: String,
+    dir: std::path::PathBuf,
+    open: bool,
+) {
+    let (m, wake) = (messenger.clone(), wake.clone());
+    tokio::spawn(async move {
+        let said = async {
+            let e = m.find_message(&id).await?;
+            let Some(Content::Attachment(att)) = e.content else {
+                anyhow::bail!("message {id} has no file");
+            };
+            let _ = wake.send(Wake::Status(format!("downloading {}…", att.name)));
+            let path = m.save_attachment(&att, &dir, &mut |_, _| {}).await?;
+            if open {
+                opener(&path)?;
+                Ok(format!("opened {}", path.display()))
+            } else {
+                Ok(format!("saved {}", path.display()))
+            }
+        }
+        .await;
+        let _ = wake.send(Wake::Status(match said {
+            Ok(s) => s,
+            Err(e) => format!("file: {e}"),
+        }));
+    });
+}
+
+/// Opens `path` with the system's opener, in the background (its output is not
+/// ours: it would draw over the screen).
+fn opener(path: &std::path::Path) -> anyhow::Result<()> {
+    let program = if cfg!(target_os = "macos") {
+        "open"
+    } else if cfg!(windows) {
+        "explorer"
+    } else {
+        "xdg-open"
+    };
+    std::process::Command::new(program)
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("{program} {}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// The bell or a desktop notification for a message from someone else, unless it
+/// is in the open conversation of a focused terminal. A desktop notification
+/// says who, never what.
+fn notify(app: &App, e: &switchboard::client::history::Entry, focused: bool) {
+    if e.outgoing || app.config.notify == Notify::Off {
+        return;
+    }
+    let here = app.open.as_ref().is_some_and(|c| c.peer() == e.peer);
+    if here && focused {
+        return;
+    }
+    let author = e
+        .group
+        .as_ref()
+        .map_or(e.peer.as_str(), |g| g.author.as_str());
+    let desktop = app.config.notify == Notify::Desktop && {
+        let who = app.name(author);
+        let (program, args): (&str, Vec<String>) = if cfg!(target_os = "macos") {
+            (
+                "osascript",
+                vec![
+                    "-e".into(),
+                    format!(
+                        "display notification \"new message\" with title \"{}\"",
+                        who.replace(['"', '\\'], "")
+                    ),
+                ],
+            )
+        } else {
+            (
+                "notify-send",
+                vec!["--app-name=switchboard".into(), who, "new message".into()],
+            )
+        };
+        std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .is_ok()
+    };
+    if !desktop {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = out.write_all(b"\x07");
+        let _ = out.flush();
+    }
 }
 
 async fn on_event(
@@ -252,7 +487,7 @@ async fn refresh(
         let known = cached_profile_in(&db, number).ok().flatten();
         shown_name(book_name.as_deref(), known.as_ref()).unwrap_or_else(|| number.to_string())
     };
-    let summaries = messenger.conversations(LIST_SCAN).await?;
+    let summaries = messenger.conversations().await?;
     let mut rows = Vec::new();
     for s in summaries {
         let title = match &s.conversation {

@@ -10,7 +10,7 @@ use switchboard::client::content::Content;
 use switchboard::client::history::Entry;
 use unicode_width::UnicodeWidthChar;
 
-use super::state::{App, Focus, ticks};
+use super::state::{App, Areas, Focus, ticks};
 
 /// Below this many columns, one pane at a time.
 const NARROW: u16 = 60;
@@ -34,7 +34,24 @@ pub const HELP: &[(&str, &str)] = &[
     ("/edit ID TEXT", "change your message (15 minutes)"),
     ("/delete ID", "delete your message for everyone"),
     ("/file PATH", "send a file"),
+    ("/open ID", "open a message's file with the system's opener"),
+    (
+        "/save ID [DIR]",
+        "save a message's file (default: HOME/attachments)",
+    ),
+    ("/info [ID]", "the conversation, or who has read a message"),
+    (
+        "/group add NUMBER…",
+        "add people to the open group (admins)",
+    ),
+    ("//text", "send a text that starts with /"),
     ("/quit", "quit"),
+    ("mouse", "wheel scrolls, click opens (Shift selects text)"),
+    (
+        "vi keys (chat.toml)",
+        "Esc: normal mode; j k, Ctrl-d Ctrl-u, g G scroll;",
+    ),
+    ("", "i or a types, : starts a command, h the list"),
 ];
 
 fn style(app: &App, s: Style) -> Style {
@@ -99,12 +116,20 @@ pub fn text_of(app: &App, e: &Entry) -> String {
             let short: String = quoted.chars().take(30).collect();
             format!("↪ “{short}” {text}")
         }
-        Some(Content::Attachment(a)) => format!(
-            "[file: {}, {}] {}",
-            a.name,
-            indicatif::HumanBytes(a.size),
-            a.caption
-        ),
+        Some(Content::Attachment(a)) => {
+            let what = match a.mime.split('/').next() {
+                Some("image") => "photo",
+                Some("video") => "video",
+                Some("audio") => "voice note",
+                _ => "file",
+            };
+            format!(
+                "[{what}: {}, {}] {}",
+                a.name,
+                indicatif::HumanBytes(a.size),
+                a.caption
+            )
+        }
         Some(Content::Deleted) => "this message was deleted".into(),
         Some(Content::Timer { secs }) => format!(
             "[disappearing messages: {}]",
@@ -133,20 +158,50 @@ fn clock(ms: u64) -> String {
     t.get(11..16).unwrap_or("").to_string()
 }
 
-pub fn draw(frame: &mut Frame, app: &App) {
-    let [main, status] =
-        Layout::vertical([Constraint::Min(1), Constraint::Length(1)]).areas(frame.area());
-    let narrow = main.width < NARROW;
-    if narrow {
+/// Where the list and the conversation go on a screen of `full` (one of them below
+/// 60 columns), and the status line.
+fn panes(full: Rect, app: &App) -> (Option<Rect>, Option<Rect>, Rect) {
+    let [main, status] = Layout::vertical([Constraint::Min(1), Constraint::Length(1)]).areas(full);
+    if main.width < NARROW {
         if app.open.is_some() && app.focus == Focus::Compose {
-            conversation(frame, app, main);
+            (None, Some(main), status)
         } else {
-            list(frame, app, main);
+            (Some(main), None, status)
         }
     } else {
         let left = (main.width / 3).clamp(20, 36);
         let [l, r] = Layout::horizontal([Constraint::Length(left), Constraint::Min(1)]).areas(main);
+        (Some(l), Some(r), status)
+    }
+}
+
+/// The conversation pane cut into messages, typing line and compose box.
+fn conversation_parts(area: Rect) -> [Rect; 3] {
+    Layout::vertical([
+        Constraint::Min(1),
+        Constraint::Length(1),
+        Constraint::Length(3),
+    ])
+    .areas(area)
+}
+
+/// Where the panes are on a screen of `full`, for the mouse.
+pub fn areas(full: Rect, app: &App) -> Areas {
+    let (list, conversation, _) = panes(full, app);
+    let parts = conversation.map(conversation_parts);
+    Areas {
+        list,
+        messages: parts.map(|[m, _, _]| m),
+        compose: parts.map(|[_, _, c]| c),
+    }
+}
+
+pub fn draw(frame: &mut Frame, app: &App) {
+    let (l, r, status) = panes(frame.area(), app);
+    if let Some(l) = l {
         list(frame, app, l);
+    }
+    if let Some(r) = r {
         conversation(frame, app, r);
     }
     let line = format!(" {} · {} · ? help", app.status, app.server);
@@ -156,6 +211,8 @@ pub fn draw(frame: &mut Frame, app: &App) {
     );
     if app.help {
         help(frame, app);
+    } else if let Some(p) = &app.popup {
+        popup(frame, app, &p.title, &p.lines);
     }
 }
 
@@ -217,12 +274,7 @@ fn first_line(text: &str, width: usize) -> String {
 }
 
 fn conversation(frame: &mut Frame, app: &App, area: Rect) {
-    let [messages, typing, compose] = Layout::vertical([
-        Constraint::Min(1),
-        Constraint::Length(1),
-        Constraint::Length(3),
-    ])
-    .areas(area);
+    let [messages, typing, compose] = conversation_parts(area);
     let title = if app.open.is_some() {
         format!(" {} ", app.open_title)
     } else {
@@ -273,7 +325,12 @@ fn conversation(frame: &mut Frame, app: &App, area: Rect) {
         }
     }
     let height = usize::from(inner.height);
-    let end = lines.len().saturating_sub(usize::from(app.scroll));
+    let max_scroll = lines.len().saturating_sub(height);
+    app.max_scroll
+        .set(u16::try_from(max_scroll).unwrap_or(u16::MAX));
+    app.page_height.set(inner.height);
+    let scroll = usize::from(app.scroll).min(max_scroll);
+    let end = lines.len().saturating_sub(scroll);
     let start = end.saturating_sub(height);
     let shown: Vec<Line> = lines.drain(start..end).collect();
     frame.render_widget(Paragraph::new(shown), inner);
@@ -289,7 +346,11 @@ fn conversation(frame: &mut Frame, app: &App, area: Rect) {
     let focused = app.focus == Focus::Compose;
     let block = Block::default()
         .borders(Borders::ALL)
-        .title(" message (Enter sends) ")
+        .title(if app.normal {
+            " -- NORMAL -- (i types) "
+        } else {
+            " message (Enter sends) "
+        })
         .border_style(style(
             app,
             if focused {
@@ -314,15 +375,6 @@ fn conversation(frame: &mut Frame, app: &App, area: Rect) {
 }
 
 fn help(frame: &mut Frame, app: &App) {
-    let area = frame.area();
-    let w = area.width.min(64);
-    let h = (HELP.len() as u16 + 2).min(area.height);
-    let popup = Rect {
-        x: area.x + (area.width - w) / 2,
-        y: area.y + (area.height - h) / 2,
-        width: w,
-        height: h,
-    };
     let lines: Vec<Line> = HELP
         .iter()
         .map(|(k, what)| {
@@ -335,14 +387,44 @@ fn help(frame: &mut Frame, app: &App) {
             ])
         })
         .collect();
-    frame.render_widget(Clear, popup);
+    boxed(frame, " keys (any key closes) ", lines, 76);
+}
+
+fn popup(frame: &mut Frame, app: &App, title: &str, text: &[String]) {
+    let width = usize::from(frame.area().width.min(64).saturating_sub(2)).max(1);
+    let mut lines = Vec::new();
+    for (n, t) in text.iter().enumerate() {
+        for piece in wrap(t, width) {
+            lines.push(if n == 0 {
+                Line::from(Span::styled(
+                    piece,
+                    style(app, Style::new().add_modifier(Modifier::BOLD)),
+                ))
+            } else {
+                Line::from(piece)
+            });
+        }
+    }
+    boxed(frame, &format!(" {title} (any key closes) "), lines, 64);
+}
+
+/// `lines` in a bordered box in the middle of the screen, at most `max_width` wide.
+fn boxed(frame: &mut Frame, title: &str, lines: Vec<Line>, max_width: u16) {
+    let area = frame.area();
+    let w = area.width.min(max_width);
+    let h = u16::try_from(lines.len() + 2)
+        .unwrap_or(u16::MAX)
+        .min(area.height);
+    let at = Rect {
+        x: area.x + (area.width - w) / 2,
+        y: area.y + (area.height - h) / 2,
+        width: w,
+        height: h,
+    };
+    frame.render_widget(Clear, at);
     frame.render_widget(
-        Paragraph::new(lines).block(
-            Block::default()
-                .borders(Borders::ALL)
-                .title(" keys (any key closes) "),
-        ),
-        popup,
+        Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(title)),
+        at,
     );
 }
 
@@ -541,5 +623,49 @@ mod tests {
         app.scroll = 20;
         let s = screen(&app, 80, 12).join("\n");
         assert!(s.contains("message 20") && !s.contains("message 40"), "{s}");
+    }
+
+    #[test]
+    fn a_photo_shows_as_one_and_info_shows_in_a_box_at_40_columns() {
+        let mut app = with_bob();
+        let mut photo = entry(4, false, "", None);
+        photo.content = Some(Content::Attachment(
+            switchboard::client::attachment::Attachment {
+                id: [1; 16],
+                key: [2; 32],
+                size: 204_800,
+                digest: [3; 32],
+                name: "beach.jpg".into(),
+                mime: "image/jpeg".into(),
+                thumbnail: None,
+                caption: "us".into(),
+            },
+        ));
+        app.messages.push(photo);
+        let shown = screen(&app, 80, 12).join("\n");
+        assert!(
+            shown.contains("[photo: beach.jpg, 200.00 KiB] us"),
+            "{shown}"
+        );
+        app.popup = Some(super::super::state::Popup {
+            title: "message".into(),
+            lines: vec![
+                "message 0404".into(),
+                "read by 1 of 3".into(),
+                "  not yet: Carol, +14155550103".into(),
+            ],
+        });
+        let shown = screen(&app, 40, 12);
+        let text = shown.join("\n");
+        assert!(text.contains(" message (any key closes) "), "{text}");
+        assert!(text.contains("read by 1 of 3"), "{text}");
+        // Wrapped inside the box, not cut off.
+        assert!(text.contains("not yet: Carol,"), "{text}");
+        assert!(text.contains("+14155550103"), "{text}");
+        assert!(
+            shown
+                .iter()
+                .all(|l| unicode_width::UnicodeWidthStr::width(l.as_str()) <= 40)
+        );
     }
 }

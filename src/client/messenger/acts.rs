@@ -172,17 +172,15 @@ fn read_upto(tx: &Tx<'_>, peer: &str) -> i64 {
 }
 
 impl Messenger {
-    /// The conversations of the last `within` messages, newest first, with their
-    /// unread counts.
-    pub async fn conversations(
-        &self,
-        within: usize,
-    ) -> Result<Vec<ConversationSummary>, MessengerError> {
+    /// Every conversation, newest first, with its newest message and unread count
+    /// (read from the index: the cost grows with the conversations, not the
+    /// history).
+    pub async fn conversations(&self) -> Result<Vec<ConversationSummary>, MessengerError> {
         self.inner
             .db
             .read_async(move |tx| {
                 let mut out = Vec::new();
-                for (last, unread) in history::conversations(tx, within, |p| read_upto(tx, p))? {
+                for (last, unread) in history::conversations(tx, |p| read_upto(tx, p))? {
                     if let Ok(conversation) = Conversation::of(&last) {
                         out.push(ConversationSummary {
                             conversation,
