@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod fsutil;

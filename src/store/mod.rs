@@ -14,6 +14,7 @@ pub mod backup;
 mod blobs;
 mod devices;
 mod groups;
+pub mod keydir;
 pub mod layout;
 mod prekeys;
 mod profiles;
@@ -26,7 +27,7 @@ mod ticket;
 pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
 pub use devices::{DeviceView, Linked, Unlinked};
 pub use groups::{GroupAppend, GroupChange, GroupRefusal};
-pub use prekeys::{Claimed, KeysRefusal};
+pub use prekeys::{Claimed, IdentityPair, KeysRefusal};
 pub use queues::{AppendOutcome, InMemory, Queued, SweepStats};
 pub use staging::{AppendPolicy, HandOff, HandOffStats, WriteBehind};
 pub use ticket::{CarriedReceipts, Ticket, TicketWaiter};
@@ -55,6 +56,9 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
+    /// The replicated engine of cluster mode (NATS JetStream) failed or refused.
+    #[error("cluster storage: {0}")]
+    Engine(String),
     #[error(
         "the data dir was written by a newer switchboard (schema {found}); this build knows schema {SCHEMA_VERSION} and older"
     )]

@@ -33,7 +33,7 @@ impl Store {
     pub fn publish_keys(
         &self,
         device: DeviceRef,
-        (curve25519, ed25519): ([u8; 32], [u8; 32]),
+        identity: IdentityPair,
         fallback: Option<StoredKey>,
         one_time_keys: &[StoredKey],
         max_one_time_keys: u32,
@@ -45,10 +45,19 @@ impl Store {
             Some(bytes) => Some(records::decode::<DeviceKeysRecord>(&bytes, "device_keys")?),
             None => None,
         };
-        let same_identity = current
-            .as_ref()
-            .is_some_and(|c| c.curve25519 == curve25519 && c.ed25519 == ed25519);
-        let stale: Vec<sled::IVec> = if same_identity {
+        let applied = match super::keydir::apply_upload(
+            current.as_ref(),
+            identity,
+            fallback,
+            one_time_keys.len(),
+            || self.count_one_time_keys(device, u32::MAX),
+            max_one_time_keys,
+            now_ms,
+        )? {
+            Ok(applied) => applied,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        let stale: Vec<sled::IVec> = if applied.keep_stored {
             Vec::new()
         } else {
             self.trees
@@ -57,28 +66,7 @@ impl Store {
                 .keys()
                 .collect::<Result<_, _>>()?
         };
-        let stored = if same_identity {
-            self.count_one_time_keys(device, u32::MAX)?
-        } else {
-            0
-        };
-        let total = stored.saturating_add(one_time_keys.len() as u32);
-        if total > max_one_time_keys {
-            return Ok(Err(KeysRefusal::TooMany {
-                stored,
-                max: max_one_time_keys,
-            }));
-        }
-        let record = DeviceKeysRecord {
-            curve25519,
-            ed25519,
-            fallback: fallback.or(if same_identity {
-                current.and_then(|c| c.fallback)
-            } else {
-                None
-            }),
-            updated_at_ms: now_ms,
-        };
+        let record = applied.record;
         let mut new_keys = Vec::with_capacity(one_time_keys.len());
         for k in one_time_keys {
             new_keys.push((layout::one_time_key(dk, self.next_id()?), k.to_bytes()));
@@ -94,7 +82,7 @@ impl Store {
             }
             Ok(())
         })?;
-        Ok(Ok(total))
+        Ok(Ok(applied.total))
     }
 
     /// One-time keys stored for `device`, counting no further than `limit`.

@@ -9,6 +9,7 @@ mod chat;
 mod cli;
 mod cli_messaging;
 mod client_home;
+mod cluster;
 mod conversation;
 mod crash;
 mod devices;

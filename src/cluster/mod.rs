@@ -1,0 +1,143 @@
+//! Storage on a NATS JetStream cluster, for several nodes (issue "Beyond one
+//! machine"). This is its first part: connecting to the cluster with the server
+//! version checked, and the key directory ([`keys::JetStreamKeys`]) as the first
+//! storage concern kept in JetStream. The node itself still runs on sled only.
+//!
+//! Why a version check: nats-server before 2.10 is not safe for this (2.9.10 on 3
+//! replicas let a key-value compare-and-set accept 2,000 updates of a counter that
+//! ended at 250; fixed in 2.9.21; and it has no `sync_interval`).
+
+pub mod keys;
+
+use std::time::Duration;
+
+/// The oldest nats-server this works with.
+pub const MIN_SERVER: (u64, u64) = (2, 10);
+
+/// Key-value buckets and streams are kept on this many members.
+pub const REPLICAS: usize = 3;
+
+/// Why the cluster cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("no NATS server address given")]
+    NoAddress,
+    #[error("cannot connect to NATS at {urls}: {reason}")]
+    Connect { urls: String, reason: String },
+    #[error(
+        "nats-server {found} is too old: switchboard needs {}.{} or newer (older servers \
+         lose compare-and-set updates on replicated buckets)",
+        MIN_SERVER.0, MIN_SERVER.1
+    )]
+    TooOld { found: String },
+    #[error("JetStream is not enabled on the NATS server: {0}")]
+    NoJetStream(String),
+    #[error("JetStream: {0}")]
+    JetStream(String),
+}
+
+/// A connection to the cluster with JetStream checked.
+#[derive(Clone)]
+pub struct Cluster {
+    pub client: async_nats::Client,
+    pub jetstream: async_nats::jetstream::Context,
+    /// What the connected server said it runs.
+    pub server_version: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("server_version", &self.server_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `major.minor` of a version such as `2.15.1` or `v2.10.0-beta.3`.
+pub fn parse_version(version: &str) -> Option<(u64, u64)> {
+    let mut parts = version.trim().trim_start_matches('v').split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Whether `version` is [`MIN_SERVER`] or newer (an unreadable version is not).
+pub fn new_enough(version: &str) -> bool {
+    parse_version(version).is_some_and(|v| v >= MIN_SERVER)
+}
+
+impl Cluster {
+    /// Connects to any of `urls` (`nats://host:port`; the client follows the
+    /// cluster's other members from there), checks the server's version and that
+    /// JetStream answers.
+    pub async fn connect(urls: &[String]) -> Result<Cluster, ClusterError> {
+        if urls.is_empty() {
+            return Err(ClusterError::NoAddress);
+        }
+        let joined = urls.join(",");
+        let addrs = urls
+            .iter()
+            .map(|u| u.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClusterError::Connect {
+                urls: joined.clone(),
+                reason: e.to_string(),
+            })?;
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            // Once connected, reconnect for ever (a member restarting is routine).
+            .max_reconnects(None::<usize>)
+            .connect(addrs)
+            .await
+            .map_err(|e| ClusterError::Connect {
+                urls: joined.clone(),
+                reason: e.to_string(),
+            })?;
+        // The INFO arrives with the connection: wait for it briefly.
+        let mut version = client.server_info().version;
+        for _ in 0..50 {
+            if !version.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            version = client.server_info().version;
+        }
+        if version.is_empty() {
+            return Err(ClusterError::Connect {
+                urls: joined,
+                reason: "the server never said what it is (no INFO)".into(),
+            });
+        }
+        if !new_enough(&version) {
+            return Err(ClusterError::TooOld { found: version });
+        }
+        let jetstream = async_nats::jetstream::new(client.clone());
+        jetstream
+            .query_account()
+            .await
+            .map_err(|e| ClusterError::NoJetStream(e.to_string()))?;
+        Ok(Cluster {
+            client,
+            jetstream,
+            server_version: version,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_before_2_10_are_refused() {
+        assert!(new_enough("2.15.1"));
+        assert!(new_enough("2.10.0"));
+        assert!(new_enough("v2.11.0-beta.1"));
+        assert!(new_enough("3.0.0"));
+        assert!(!new_enough("2.9.21"));
+        assert!(!new_enough("2.9.10"));
+        assert!(!new_enough(""));
+        assert!(!new_enough("banana"));
+        assert_eq!(parse_version("2.10.25"), Some((2, 10)));
+    }
+}

