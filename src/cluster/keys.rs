@@ -1,27 +1,21 @@
-//! The key directory in a JetStream key-value bucket (`sb_keys`, [`REPLICAS`]
-//! replicas, one revision kept): one entry per device, `d.ACCOUNT.DEVICE`, holding
+//! The key directory in a JetStream key-value bucket (`sb_keys`,
+//! [`REPLICAS`](super::REPLICAS) replicas, one revision kept): one entry per device, `d.ACCOUNT.DEVICE`, holding
 //! its published keys, its one-time keys oldest first and the account signature.
 //!
 //! Every change is a compare-and-set on that one entry (the revision read is the
 //! revision the update expects): two nodes claiming a device's one-time key at once
-//! cannot both win, the loser reads again and takes the next key. NATS reports a
-//! lost race as error 10071 (wrong last sequence) or, on some paths, 10164; both,
-//! and a `create` finding the key there, are treated as "read again".
-
-use std::time::Duration;
+//! cannot both win, the loser reads again and takes the next key ([`Bucket`]).
 
 use bincode::{Decode, Encode};
-use bytes::Bytes;
 
-use super::{Cluster, ClusterError, REPLICAS};
+use super::bucket::Bucket;
+use super::{Cluster, ClusterError};
 use crate::store::keydir::{KeyDirectory, Upload, apply_upload};
-use crate::store::records::{self, DeviceKeysRecord, StoredKey};
+use crate::store::records::{DeviceKeysRecord, StoredKey};
 use crate::store::{Claimed, DeviceRef, IdentityPair, KeysRefusal, StoreError};
 
 /// The bucket's name.
 pub const BUCKET: &str = "sb_keys";
-/// Reads and compare-and-sets of one entry before giving up as busy.
-const TRIES: u32 = 64;
 
 /// What the bucket holds for one device.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
@@ -33,135 +27,46 @@ struct DeviceEntry {
 }
 
 /// [`KeyDirectory`] on a JetStream cluster.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct JetStreamKeys {
-    kv: async_nats::jetstream::kv::Store,
-}
-
-impl std::fmt::Debug for JetStreamKeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JetStreamKeys").finish_non_exhaustive()
-    }
-}
-
-fn engine(what: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Engine(format!("{what}: {e}"))
+    bucket: Bucket,
 }
 
 fn entry_key(device: DeviceRef) -> String {
     format!("d.{}.{}", device.account_id, device.device_id)
 }
 
-/// Whether `e` (or what caused it) is JetStream saying another writer got there
-/// first.
-fn lost_race(e: &(dyn std::error::Error + 'static)) -> bool {
-    use async_nats::jetstream::ErrorCode;
-    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = at {
-        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>()
-            && matches!(js.error_code(), ErrorCode(10071) | ErrorCode(10164))
-        {
-            return true;
-        }
-        if let Some(u) = err.downcast_ref::<async_nats::jetstream::kv::UpdateError>()
-            && u.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision
-        {
-            return true;
-        }
-        if let Some(c) = err.downcast_ref::<async_nats::jetstream::kv::CreateError>()
-            && c.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists
-        {
-            return true;
-        }
-        at = err.source();
-    }
-    false
-}
-
 impl JetStreamKeys {
-    /// The bucket on `cluster`, created (with [`REPLICAS`] replicas, or as many as
-    /// `replicas` says for a smaller cluster) if it is not there.
+    /// The bucket on `cluster`, created with `replicas` replicas (at most
+    /// [`super::REPLICAS`]) if it is not there.
     pub async fn open(cluster: &Cluster, replicas: usize) -> Result<JetStreamKeys, ClusterError> {
-        let js = &cluster.jetstream;
-        let kv = match js.get_key_value(BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(async_nats::jetstream::kv::Config {
-                    bucket: BUCKET.into(),
-                    description: "switchboard: devices' identity, fallback and one-time keys"
-                        .into(),
-                    history: 1,
-                    num_replicas: replicas.clamp(1, REPLICAS),
-                    storage: async_nats::jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| ClusterError::JetStream(format!("bucket {BUCKET}: {e}")))?,
-        };
-        Ok(JetStreamKeys { kv })
+        let bucket = Bucket::open(
+            cluster,
+            BUCKET,
+            "switchboard: devices' identity, fallback and one-time keys",
+            replicas,
+        )
+        .await?;
+        Ok(JetStreamKeys { bucket })
     }
 
-    /// The device's entry and the revision to expect when changing it (0: none yet).
-    async fn read(&self, device: DeviceRef) -> Result<(DeviceEntry, u64), StoreError> {
-        use async_nats::jetstream::kv::Operation;
-        match self
-            .kv
-            .entry(entry_key(device))
-            .await
-            .map_err(|e| engine("reading a device's keys", e))?
-        {
-            Some(e) if e.operation == Operation::Put => {
-                let entry = records::decode::<DeviceEntry>(&e.value, "sb_keys entry")?;
-                Ok((entry, e.revision))
-            }
-            Some(e) => Ok((DeviceEntry::default(), e.revision)),
-            None => Ok((DeviceEntry::default(), 0)),
-        }
+    async fn read(&self, device: DeviceRef) -> Result<DeviceEntry, StoreError> {
+        let (entry, _) = self.bucket.read(&entry_key(device)).await?;
+        Ok(entry.unwrap_or_default())
     }
 
-    /// Applies `change` to the device's entry by compare-and-set, reading again
-    /// whenever another writer changed it first. `change` says what to answer and
-    /// whether to write (a refusal writes nothing).
+    /// Applies `change` to the device's entry by compare-and-set (see [`Bucket`]).
     async fn modify<T>(
         &self,
         device: DeviceRef,
         mut change: impl FnMut(&mut DeviceEntry) -> (T, bool),
     ) -> Result<T, StoreError> {
-        let key = entry_key(device);
-        for attempt in 0..TRIES {
-            let (mut entry, revision) = self.read(device).await?;
-            let (answer, write) = change(&mut entry);
-            if !write {
-                return Ok(answer);
-            }
-            let value = Bytes::from(records::encode(&entry)?);
-            let written = if revision == 0 {
-                self.kv
-                    .create(&key, value)
-                    .await
-                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-            } else {
-                self.kv
-                    .update(&key, value, revision)
-                    .await
-                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-            };
-            match written {
-                Ok(_) => return Ok(answer),
-                Err(e) if lost_race(e.as_ref()) => {
-                    // Another node changed it: read again, after a moment if it
-                    // keeps happening.
-                    if attempt > 2 {
-                        tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(20)))).await;
-                    }
-                }
-                Err(e) => return Err(engine("writing a device's keys", e)),
-            }
-        }
-        Err(StoreError::Engine(format!(
-            "the keys of device {}/{} changed {TRIES} times while being written; try again",
-            device.account_id, device.device_id
-        )))
+        self.bucket
+            .modify(&entry_key(device), |slot: &mut Option<DeviceEntry>| {
+                let entry = slot.get_or_insert_with(DeviceEntry::default);
+                change(entry)
+            })
+            .await
     }
 }
 
@@ -200,7 +105,7 @@ impl KeyDirectory for JetStreamKeys {
     }
 
     async fn count_one_time_keys(&self, device: DeviceRef, limit: u32) -> Result<u32, StoreError> {
-        let (entry, _) = self.read(device).await?;
+        let entry = self.read(device).await?;
         Ok(u32::try_from(entry.one_time.len())
             .unwrap_or(u32::MAX)
             .min(limit))
@@ -259,7 +164,7 @@ impl KeyDirectory for JetStreamKeys {
     }
 
     async fn identity_keys(&self, device: DeviceRef) -> Result<Option<IdentityPair>, StoreError> {
-        let (entry, _) = self.read(device).await?;
+        let entry = self.read(device).await?;
         Ok(entry.keys.map(|k| (k.curve25519, k.ed25519)))
     }
 }
@@ -267,6 +172,7 @@ impl KeyDirectory for JetStreamKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::records;
 
     #[test]
     fn an_entry_round_trips_and_garbage_is_refused() {

@@ -7,7 +7,9 @@
 //! replicas let a key-value compare-and-set accept 2,000 updates of a counter that
 //! ended at 250; fixed in 2.9.21; and it has no `sync_interval`).
 
+pub mod bucket;
 pub mod keys;
+pub mod profiles;
 
 use std::time::Duration;
 

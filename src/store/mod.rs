@@ -28,6 +28,7 @@ pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
 pub use devices::{DeviceView, Linked, Unlinked};
 pub use groups::{GroupAppend, GroupChange, GroupRefusal};
 pub use prekeys::{Claimed, IdentityPair, KeysRefusal};
+pub use profiles::ProfileStore;
 pub use queues::{AppendOutcome, InMemory, Queued, SweepStats};
 pub use staging::{AppendPolicy, HandOff, HandOffStats, WriteBehind};
 pub use ticket::{CarriedReceipts, Ticket, TicketWaiter};

@@ -3,8 +3,68 @@
 //! version the client derived from its profile key, and hands them only to a device
 //! that names that version: to those the account gave its profile key.
 
+use std::future::Future;
+
 use super::records::{self, ProfileRecord};
 use super::{Store, StoreError, layout};
+
+/// Profiles as a storage concern (sled here, `cluster::profiles` on JetStream).
+pub trait ProfileStore: Send + Sync {
+    /// Stores `account_id`'s profile, replacing any profile and presence before.
+    fn set_profile(
+        &self,
+        account_id: u64,
+        version: [u8; 32],
+        blob: Vec<u8>,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// `account_id`'s profile, if it has one.
+    fn profile(
+        &self,
+        account_id: u64,
+    ) -> impl Future<Output = Result<Option<ProfileRecord>, StoreError>> + Send;
+
+    /// Replaces `account_id`'s presence; false (nothing stored) without a profile.
+    fn set_presence(
+        &self,
+        account_id: u64,
+        presence: Vec<u8>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Forgets `account_id`'s profile (its account is deleted).
+    fn forget_profile(
+        &self,
+        account_id: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+impl ProfileStore for Store {
+    async fn set_profile(
+        &self,
+        account_id: u64,
+        version: [u8; 32],
+        blob: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        super::keydir::blocking(self, move |s| {
+            Store::set_profile(s, account_id, version, blob, now_ms)
+        })
+        .await
+    }
+
+    async fn profile(&self, account_id: u64) -> Result<Option<ProfileRecord>, StoreError> {
+        super::keydir::blocking(self, move |s| Store::profile(s, account_id)).await
+    }
+
+    async fn set_presence(&self, account_id: u64, presence: Vec<u8>) -> Result<bool, StoreError> {
+        super::keydir::blocking(self, move |s| Store::set_presence(s, account_id, presence)).await
+    }
+
+    async fn forget_profile(&self, account_id: u64) -> Result<(), StoreError> {
+        super::keydir::blocking(self, move |s| Store::forget_profile(s, account_id)).await
+    }
+}
 
 impl Store {
     /// Stores `account_id`'s profile (replacing any profile and presence before).

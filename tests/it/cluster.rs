@@ -3,16 +3,18 @@
 //! `.ci/run` installs into `target/nats`), and the same tests against sled: each
 //! test is written once, generic over the storage trait, and run on both.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchboard::cluster::keys::JetStreamKeys;
+use switchboard::cluster::profiles::JetStreamProfiles;
 use switchboard::cluster::{Cluster, new_enough};
 use switchboard::store::keydir::{KeyDirectory, Upload};
 use switchboard::store::records::StoredKey;
-use switchboard::store::{DeviceRef, KeysRefusal, Store};
+use switchboard::store::{DeviceRef, KeysRefusal, ProfileStore, Store};
 
 /// The nats-server to run: `$SWITCHBOARD_NATS_SERVER`, else where `.ci/run`
 /// installs it, else `nats-server` on the PATH.
@@ -98,27 +100,36 @@ impl NatsCluster {
         })
     }
 
-    /// A connection to member `i` once the cluster has a JetStream leader and the
-    /// key bucket exists with 3 replicas (up to 60 s: members find each other and
-    /// elect one first).
+    /// A connection to member `i` once the cluster has a JetStream leader (up to
+    /// 60 s: members find each other and elect one first).
+    pub async fn connect(&self, i: usize) -> Cluster {
+        retry(|| Cluster::connect(std::slice::from_ref(&self.urls[i]))).await
+    }
+
+    /// Member `i`'s profiles bucket (3 replicas).
+    pub async fn profiles(&self, i: usize) -> JetStreamProfiles {
+        let cluster = self.connect(i).await;
+        retry(|| JetStreamProfiles::open(&cluster, 3)).await
+    }
+
+    /// Member `i`'s key directory bucket (3 replicas).
     pub async fn keys(&self, i: usize) -> JetStreamKeys {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let tried = async {
-                let cluster = Cluster::connect(std::slice::from_ref(&self.urls[i]))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                JetStreamKeys::open(&cluster, 3)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-            .await;
-            match tried {
-                Ok(keys) => return keys,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "the cluster never came up: {e}");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
+        let cluster = self.connect(i).await;
+        retry(|| JetStreamKeys::open(&cluster, 3)).await
+    }
+}
+
+/// `open` tried until it works (a bucket needs the meta leader), up to 60 s.
+async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    open: impl Fn() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match open().await {
+            Ok(t) => return t,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the cluster never came up: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
     }
@@ -268,6 +279,67 @@ async fn key_uploads_keep_the_rules<D: KeyDirectory + 'static>(a: Arc<D>, b: Arc
     assert_eq!(bundle[0].one_time_key, Some(key(1)));
 }
 
+/// A profile is stored, replaced (taking its presence with it) and forgotten;
+/// presence needs a profile; two handles see each other's writes; concurrent
+/// presence updates from both leave one of them, whole.
+async fn profiles_keep_the_rules<D: ProfileStore + 'static>(a: Arc<D>, b: Arc<D>) {
+    assert!(!a.set_presence(7, vec![1]).await.unwrap());
+    assert_eq!(b.profile(7).await.unwrap(), None);
+    a.set_profile(7, [1; 32], vec![9; 100_000], 5)
+        .await
+        .unwrap();
+    assert!(b.set_presence(7, vec![4, 4]).await.unwrap());
+    let p = a.profile(7).await.unwrap().unwrap();
+    assert_eq!(
+        (p.version, p.blob.len(), p.presence),
+        ([1; 32], 100_000, vec![4, 4])
+    );
+    let mut writers = Vec::new();
+    for w in 0..6u8 {
+        let d = if w % 2 == 0 { a.clone() } else { b.clone() };
+        writers.push(tokio::spawn(async move {
+            d.set_presence(7, vec![w; 16]).await.unwrap()
+        }));
+    }
+    for w in writers {
+        assert!(w.await.unwrap());
+    }
+    let p = b.profile(7).await.unwrap().unwrap();
+    assert_eq!(
+        p.blob.len(),
+        100_000,
+        "the profile survives presence updates"
+    );
+    assert!(
+        p.presence.len() == 16 && p.presence.iter().all(|&x| x == p.presence[0]),
+        "{:?}",
+        p.presence
+    );
+    b.set_profile(7, [2; 32], vec![8], 6).await.unwrap();
+    let p = a.profile(7).await.unwrap().unwrap();
+    assert_eq!((p.version, p.presence.len()), ([2; 32], 0));
+    a.forget_profile(7).await.unwrap();
+    assert_eq!(b.profile(7).await.unwrap(), None);
+    assert!(!b.set_presence(7, vec![1]).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn profiles_on_sled() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    profiles_keep_the_rules(store.clone(), store).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn profiles_on_a_3_member_jetstream_cluster() {
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let a = Arc::new(nats.profiles(0).await);
+    let b = Arc::new(nats.profiles(2).await);
+    profiles_keep_the_rules(a, b).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_key_directory_on_sled() {
     let dir = tempfile::tempdir().unwrap();
@@ -293,16 +365,7 @@ async fn the_cluster_runs_a_server_new_enough() {
     let Some(nats) = NatsCluster::start(1) else {
         return;
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let cluster = loop {
-        match Cluster::connect(&nats.urls).await {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "{e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+    let cluster = nats.connect(0).await;
     assert!(
         new_enough(&cluster.server_version),
         "{}",

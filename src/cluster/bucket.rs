@@ -1,0 +1,175 @@
+//! One JetStream key-value bucket with typed (bincode) entries and changes by
+//! compare-and-set: what every storage concern of cluster mode is kept in.
+//!
+//! A change reads the entry and its revision, applies the caller's change, and
+//! writes expecting that revision. NATS reports a lost race as error 10071 (wrong
+//! last sequence) or, on some paths, 10164; both, and a `create` finding the key
+//! there, mean "another node got there first": read again and re-apply.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bincode::{Decode, Encode};
+use bytes::Bytes;
+
+use super::{Cluster, ClusterError};
+use crate::store::StoreError;
+use crate::store::records;
+
+/// Reads and compare-and-sets of one entry before giving up as busy.
+const TRIES: u32 = 64;
+
+/// A bucket of entries of one kind.
+#[derive(Clone)]
+pub struct Bucket {
+    kv: kv::Store,
+    name: &'static str,
+}
+
+impl std::fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bucket").field("name", &self.name).finish()
+    }
+}
+
+pub(super) fn engine(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Engine(format!("{what}: {e}"))
+}
+
+/// Whether `e` (or what caused it) is JetStream saying another writer got there
+/// first.
+fn lost_race(e: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = at {
+        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>()
+            && matches!(js.error_code(), ErrorCode(10071) | ErrorCode(10164))
+        {
+            return true;
+        }
+        if let Some(u) = err.downcast_ref::<kv::UpdateError>()
+            && u.kind() == kv::UpdateErrorKind::WrongLastRevision
+        {
+            return true;
+        }
+        if let Some(c) = err.downcast_ref::<kv::CreateError>()
+            && c.kind() == kv::CreateErrorKind::AlreadyExists
+        {
+            return true;
+        }
+        at = err.source();
+    }
+    false
+}
+
+type Boxed = Box<dyn std::error::Error + Send + Sync>;
+
+fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> Boxed {
+    Box::new(e)
+}
+
+impl Bucket {
+    /// Bucket `name` on `cluster`, created with `replicas` replicas (file storage,
+    /// one revision kept) if it is not there.
+    pub async fn open(
+        cluster: &Cluster,
+        name: &'static str,
+        description: &str,
+        replicas: usize,
+    ) -> Result<Bucket, ClusterError> {
+        let js = &cluster.jetstream;
+        let kv = match js.get_key_value(name).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: name.into(),
+                    description: description.into(),
+                    history: 1,
+                    num_replicas: replicas.clamp(1, super::REPLICAS),
+                    storage: async_nats::jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| ClusterError::JetStream(format!("bucket {name}: {e}")))?,
+        };
+        Ok(Bucket { kv, name })
+    }
+
+    /// The entry at `key` (`None`: none, or deleted) and the revision a change must
+    /// expect (0: never written).
+    pub async fn read<T: Decode<()>>(&self, key: &str) -> Result<(Option<T>, u64), StoreError> {
+        match self.kv.entry(key).await.map_err(|e| engine(self.name, e))? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                Ok((Some(records::decode::<T>(&e.value, self.name)?), e.revision))
+            }
+            Some(e) => Ok((None, e.revision)),
+            None => Ok((None, 0)),
+        }
+    }
+
+    /// Applies `change` to the entry at `key` by compare-and-set, reading again
+    /// whenever another writer changed it first. `change` returns the answer and
+    /// whether to write (a refusal writes nothing); leaving `None` deletes it.
+    pub async fn modify<T: Encode + Decode<()>, A>(
+        &self,
+        key: &str,
+        mut change: impl FnMut(&mut Option<T>) -> (A, bool),
+    ) -> Result<A, StoreError> {
+        for attempt in 0..TRIES {
+            let (mut entry, revision) = self.read::<T>(key).await?;
+            let (answer, write) = change(&mut entry);
+            if !write || (entry.is_none() && revision == 0) {
+                return Ok(answer);
+            }
+            let written = match &entry {
+                Some(value) => {
+                    let value = Bytes::from(records::encode(value)?);
+                    if revision == 0 {
+                        self.kv.create(key, value).await.map(drop).map_err(boxed)
+                    } else {
+                        self.kv
+                            .update(key, value, revision)
+                            .await
+                            .map(drop)
+                            .map_err(boxed)
+                    }
+                }
+                None => self
+                    .kv
+                    .delete_expect_revision(key, Some(revision))
+                    .await
+                    .map_err(boxed),
+            };
+            match written {
+                Ok(()) => return Ok(answer),
+                Err(e) if lost_race(e.as_ref()) => {
+                    // Another node changed it: read again, after a moment if it
+                    // keeps happening.
+                    if attempt > 2 {
+                        tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(20)))).await;
+                    }
+                }
+                Err(e) => return Err(engine(self.name, e)),
+            }
+        }
+        Err(StoreError::Engine(format!(
+            "{} {key} changed {TRIES} times while being written; try again",
+            self.name
+        )))
+    }
+
+    /// Writes `value` at `key` whatever was there.
+    pub async fn put<T: Encode>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let value = Bytes::from(records::encode(value)?);
+        self.kv
+            .put(key, value)
+            .await
+            .map(drop)
+            .map_err(|e| engine(self.name, e))
+    }
+
+    /// Removes `key` and its history.
+    pub async fn purge(&self, key: &str) -> Result<(), StoreError> {
+        self.kv.purge(key).await.map_err(|e| engine(self.name, e))
+    }
+}
