@@ -8,6 +8,7 @@
 //! ended at 250; fixed in 2.9.21; and it has no `sync_interval`).
 
 pub mod bucket;
+pub mod groups;
 pub mod keys;
 pub mod profiles;
 

@@ -3,6 +3,8 @@
 //! hands the role to the member who joined first); what a group is called is its
 //! members' secret ([`GroupRecord::meta`] is opaque here).
 
+use std::future::Future;
+
 use sled::transaction::Transactional;
 
 use super::layout::{self, DeviceKey};
@@ -53,6 +55,183 @@ fn member_key(account: u64, group: u64) -> [u8; 16] {
     k
 }
 
+/// Groups as a storage concern (sled here, `cluster::groups` on JetStream).
+pub trait GroupStore: Send + Sync {
+    /// Creates a group of `creator` (its admin) and `members`; its id and record.
+    fn create_group(
+        &self,
+        creator: u64,
+        members: Vec<u64>,
+        meta: Vec<u8>,
+        max: u32,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Result<(u64, GroupRecord), GroupRefusal>, StoreError>> + Send;
+
+    /// Applies `change` by `actor` ([`apply_change`]); `Ok(None)`: the group is gone.
+    fn change_group(
+        &self,
+        group: u64,
+        actor: u64,
+        change: GroupChange,
+        max: u32,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<Result<Option<GroupRecord>, GroupRefusal>, StoreError>> + Send;
+
+    /// Group `group`, if there is one.
+    fn group(
+        &self,
+        group: u64,
+    ) -> impl Future<Output = Result<Option<GroupRecord>, StoreError>> + Send;
+
+    /// The groups `account` is in, by id.
+    fn groups_of(&self, account: u64) -> impl Future<Output = Result<Vec<u64>, StoreError>> + Send;
+}
+
+impl GroupStore for Store {
+    async fn create_group(
+        &self,
+        creator: u64,
+        members: Vec<u64>,
+        meta: Vec<u8>,
+        max: u32,
+        now_ms: u64,
+    ) -> Result<Result<(u64, GroupRecord), GroupRefusal>, StoreError> {
+        super::keydir::blocking(self, move |s| {
+            Store::create_group(s, creator, &members, &meta, max, now_ms)
+        })
+        .await
+    }
+
+    async fn change_group(
+        &self,
+        group: u64,
+        actor: u64,
+        change: GroupChange,
+        max: u32,
+        now_ms: u64,
+    ) -> Result<Result<Option<GroupRecord>, GroupRefusal>, StoreError> {
+        super::keydir::blocking(self, move |s| {
+            Store::change_group(s, group, actor, &change, max, now_ms)
+        })
+        .await
+    }
+
+    async fn group(&self, group: u64) -> Result<Option<GroupRecord>, StoreError> {
+        super::keydir::blocking(self, move |s| Store::group(s, group)).await
+    }
+
+    async fn groups_of(&self, account: u64) -> Result<Vec<u64>, StoreError> {
+        super::keydir::blocking(self, move |s| Store::groups_of(s, account)).await
+    }
+}
+
+/// The rules of a group change, whatever keeps the group: applies `change` by
+/// `actor` to `record` (at most `max` members; admins add, remove, promote and set
+/// the meta; anyone leaves; the member who joined first takes over when the last
+/// admin goes) and bumps its version. Returns the accounts added and removed; a
+/// refusal leaves `record` as it was. An emptied record means the group is gone.
+pub fn apply_change(
+    record: &mut GroupRecord,
+    actor: u64,
+    change: &GroupChange,
+    max: u32,
+    now_ms: u64,
+) -> Result<(Vec<u64>, Vec<u64>), GroupRefusal> {
+    let Some(me) = record
+        .members
+        .iter()
+        .find(|m| m.account_id == actor)
+        .copied()
+    else {
+        return Err(GroupRefusal::NotMember);
+    };
+    let admin_only = !matches!(change, GroupChange::Leave);
+    if admin_only && !me.admin {
+        return Err(GroupRefusal::NotAdmin);
+    }
+    let position = |r: &GroupRecord, a: u64| r.members.iter().position(|m| m.account_id == a);
+    let mut removed = Vec::new();
+    let mut added = Vec::new();
+    match change {
+        GroupChange::Add(accounts) => {
+            for &a in accounts {
+                if position(record, a).is_none() && !added.contains(&a) {
+                    added.push(a);
+                }
+            }
+            if record.members.len() + added.len() > max as usize {
+                return Err(GroupRefusal::Full { max });
+            }
+            record
+                .members
+                .extend(added.iter().map(|&a| GroupMemberRecord {
+                    account_id: a,
+                    admin: false,
+                    joined_at_ms: now_ms,
+                }));
+        }
+        GroupChange::Remove(a) | GroupChange::Promote(a) => {
+            let Some(at) = position(record, *a) else {
+                return Err(GroupRefusal::NotInGroup(*a));
+            };
+            if matches!(change, GroupChange::Remove(_)) {
+                record.members.remove(at);
+                removed.push(*a);
+            } else {
+                record.members[at].admin = true;
+            }
+        }
+        GroupChange::Leave => {
+            if let Some(at) = position(record, actor) {
+                record.members.remove(at);
+            }
+            removed.push(actor);
+        }
+        GroupChange::SetMeta(meta) => record.meta.clone_from(meta),
+    }
+    // A group always has an admin while it has members: the one who joined first
+    // (the list is in joining order) takes over.
+    if !record.members.is_empty() && !record.members.iter().any(|m| m.admin) {
+        record.members[0].admin = true;
+    }
+    record.version += 1;
+    Ok((added, removed))
+}
+
+/// The members of a new group: `creator` (its admin) and `members`, once each; at
+/// most `max` in all.
+pub fn new_group(
+    creator: u64,
+    members: &[u64],
+    meta: &[u8],
+    max: u32,
+    now_ms: u64,
+) -> Result<GroupRecord, GroupRefusal> {
+    let mut list = vec![GroupMemberRecord {
+        account_id: creator,
+        admin: true,
+        joined_at_ms: now_ms,
+    }];
+    for &m in members {
+        if !list.iter().any(|x| x.account_id == m) {
+            list.push(GroupMemberRecord {
+                account_id: m,
+                admin: false,
+                joined_at_ms: now_ms,
+            });
+        }
+    }
+    if list.len() > max as usize {
+        return Err(GroupRefusal::Full { max });
+    }
+    Ok(GroupRecord {
+        version: 1,
+        created_at_ms: now_ms,
+        members: list,
+        meta: meta.to_vec(),
+    })
+}
+
 impl Store {
     /// Creates a group of `creator` (its admin) and `members`, with `meta`; at most
     /// `max` members in all. Returns its id and record.
@@ -65,30 +244,11 @@ impl Store {
         now_ms: u64,
     ) -> Result<Result<(u64, GroupRecord), GroupRefusal>, StoreError> {
         let _gate = self.writing();
-        let mut list = vec![GroupMemberRecord {
-            account_id: creator,
-            admin: true,
-            joined_at_ms: now_ms,
-        }];
-        for &m in members {
-            if !list.iter().any(|x| x.account_id == m) {
-                list.push(GroupMemberRecord {
-                    account_id: m,
-                    admin: false,
-                    joined_at_ms: now_ms,
-                });
-            }
-        }
-        if list.len() > max as usize {
-            return Ok(Err(GroupRefusal::Full { max }));
-        }
-        let id = self.next_id()?;
-        let record = GroupRecord {
-            version: 1,
-            created_at_ms: now_ms,
-            members: list,
-            meta: meta.to_vec(),
+        let record = match new_group(creator, members, meta, max, now_ms) {
+            Ok(r) => r,
+            Err(refusal) => return Ok(Err(refusal)),
         };
+        let id = self.next_id()?;
         let value = records::encode(&record)?;
         let t = &self.trees;
         (&t.group, &t.account_group).transaction(|(groups, index)| {
@@ -130,64 +290,10 @@ impl Store {
                 return Ok(Err(GroupRefusal::NotMember));
             };
             let mut record = records::decode::<GroupRecord>(&bytes, "group").or_else(abort)?;
-            let Some(me) = record
-                .members
-                .iter()
-                .find(|m| m.account_id == actor)
-                .copied()
-            else {
-                return Ok(Err(GroupRefusal::NotMember));
+            let (added, removed) = match apply_change(&mut record, actor, change, max, now_ms) {
+                Ok(done) => done,
+                Err(refusal) => return Ok(Err(refusal)),
             };
-            let admin_only = !matches!(change, GroupChange::Leave);
-            if admin_only && !me.admin {
-                return Ok(Err(GroupRefusal::NotAdmin));
-            }
-            let position =
-                |r: &GroupRecord, a: u64| r.members.iter().position(|m| m.account_id == a);
-            let mut removed = Vec::new();
-            let mut added = Vec::new();
-            match change {
-                GroupChange::Add(accounts) => {
-                    for &a in accounts {
-                        if position(&record, a).is_none() && !added.contains(&a) {
-                            added.push(a);
-                        }
-                    }
-                    if record.members.len() + added.len() > max as usize {
-                        return Ok(Err(GroupRefusal::Full { max }));
-                    }
-                    record
-                        .members
-                        .extend(added.iter().map(|&a| GroupMemberRecord {
-                            account_id: a,
-                            admin: false,
-                            joined_at_ms: now_ms,
-                        }));
-                }
-                GroupChange::Remove(a) | GroupChange::Promote(a) => {
-                    let Some(at) = position(&record, *a) else {
-                        return Ok(Err(GroupRefusal::NotInGroup(*a)));
-                    };
-                    if matches!(change, GroupChange::Remove(_)) {
-                        record.members.remove(at);
-                        removed.push(*a);
-                    } else {
-                        record.members[at].admin = true;
-                    }
-                }
-                GroupChange::Leave => {
-                    if let Some(at) = position(&record, actor) {
-                        record.members.remove(at);
-                    }
-                    removed.push(actor);
-                }
-                GroupChange::SetMeta(meta) => record.meta = meta.clone(),
-            }
-            // A group always has an admin while it has members: the one who joined
-            // first (the list is in joining order) takes over.
-            if !record.members.is_empty() && !record.members.iter().any(|m| m.admin) {
-                record.members[0].admin = true;
-            }
             for a in &removed {
                 index.remove(&member_key(*a, group)[..])?;
             }
@@ -198,7 +304,6 @@ impl Store {
                 groups.remove(&group_key(group))?;
                 return Ok(Ok(None));
             }
-            record.version += 1;
             groups.insert(&group_key(group), records::encode(&record).or_else(abort)?)?;
             Ok(Ok(Some(record)))
         })?;

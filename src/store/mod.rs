@@ -26,7 +26,7 @@ mod ticket;
 
 pub use admin::{AccountSummary, Deleted, DeviceSummary, StoreCounts};
 pub use devices::{DeviceView, Linked, Unlinked};
-pub use groups::{GroupAppend, GroupChange, GroupRefusal};
+pub use groups::{GroupAppend, GroupChange, GroupRefusal, GroupStore, apply_change, new_group};
 pub use prekeys::{Claimed, IdentityPair, KeysRefusal};
 pub use profiles::ProfileStore;
 pub use queues::{AppendOutcome, InMemory, Queued, SweepStats};

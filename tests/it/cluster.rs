@@ -9,12 +9,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use switchboard::cluster::groups::JetStreamGroups;
 use switchboard::cluster::keys::JetStreamKeys;
 use switchboard::cluster::profiles::JetStreamProfiles;
 use switchboard::cluster::{Cluster, new_enough};
 use switchboard::store::keydir::{KeyDirectory, Upload};
 use switchboard::store::records::StoredKey;
-use switchboard::store::{DeviceRef, KeysRefusal, ProfileStore, Store};
+use switchboard::store::{
+    DeviceRef, GroupChange, GroupRefusal, GroupStore, KeysRefusal, ProfileStore, Store,
+};
 
 /// The nats-server to run: `$SWITCHBOARD_NATS_SERVER`, else where `.ci/run`
 /// installs it, else `nats-server` on the PATH.
@@ -110,6 +113,12 @@ impl NatsCluster {
     pub async fn profiles(&self, i: usize) -> JetStreamProfiles {
         let cluster = self.connect(i).await;
         retry(|| JetStreamProfiles::open(&cluster, 3)).await
+    }
+
+    /// Member `i`'s groups bucket (3 replicas).
+    pub async fn groups(&self, i: usize) -> JetStreamGroups {
+        let cluster = self.connect(i).await;
+        retry(|| JetStreamGroups::open(&cluster, 3)).await
     }
 
     /// Member `i`'s key directory bucket (3 replicas).
@@ -443,4 +452,107 @@ async fn a_member_killed_mid_claims_hands_out_no_key_twice() {
         "claimed {} of {KEYS} with member 0 killed; {failed} claims failed, {lost} keys spent unseen",
         all.len()
     );
+}
+
+/// The group rules on either engine: admins add, remove and promote, others are
+/// refused and change nothing; ten adds at once through two nodes all land (no lost
+/// update; the version counts every one); the last admin leaving hands the role on;
+/// the last member leaving ends the group; each account's list of groups follows.
+async fn groups_keep_the_rules<D: GroupStore + 'static>(a: Arc<D>, b: Arc<D>) {
+    const MAX: u32 = 20;
+    let (id, record) = a
+        .create_group(1, vec![2, 2, 3], b"meta".to_vec(), MAX, 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.members.len(), 3, "the creator and two, once each");
+    assert_eq!(
+        b.create_group(1, (2..30).collect(), vec![], MAX, 1)
+            .await
+            .unwrap(),
+        Err(GroupRefusal::Full { max: MAX })
+    );
+    assert_eq!(b.groups_of(2).await.unwrap(), vec![id]);
+    assert_eq!(
+        b.change_group(id, 2, GroupChange::Add(vec![9]), MAX, 2)
+            .await
+            .unwrap(),
+        Err(GroupRefusal::NotAdmin)
+    );
+    assert_eq!(
+        b.change_group(id, 99, GroupChange::Leave, MAX, 2)
+            .await
+            .unwrap(),
+        Err(GroupRefusal::NotMember)
+    );
+    assert!(
+        b.groups_of(9).await.unwrap().is_empty(),
+        "a refused add adds no one"
+    );
+    let mut adds = Vec::new();
+    for n in 0..10u64 {
+        let d = if n % 2 == 0 { a.clone() } else { b.clone() };
+        adds.push(tokio::spawn(async move {
+            d.change_group(id, 1, GroupChange::Add(vec![100 + n]), MAX, 3)
+                .await
+                .unwrap()
+                .unwrap()
+        }));
+    }
+    for add in adds {
+        assert!(add.await.unwrap().is_some());
+    }
+    let g = a.group(id).await.unwrap().unwrap();
+    assert_eq!(g.members.len(), 13, "every concurrent add landed");
+    assert_eq!(g.version, 11);
+    for n in 0..10u64 {
+        assert_eq!(b.groups_of(100 + n).await.unwrap(), vec![id]);
+    }
+    // Removed: out of the list too.
+    b.change_group(id, 1, GroupChange::Remove(105), MAX, 4)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(a.groups_of(105).await.unwrap().is_empty());
+    // The last admin leaves: the member who joined first (2) takes over.
+    let g = a
+        .change_group(id, 1, GroupChange::Leave, MAX, 5)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        g.members.iter().any(|m| m.account_id == 2 && m.admin),
+        "{g:?}"
+    );
+    // Everyone leaves: the group is gone.
+    let left: Vec<u64> = g.members.iter().map(|m| m.account_id).collect();
+    let mut last = Some(g);
+    for who in left {
+        last = b
+            .change_group(id, who, GroupChange::Leave, MAX, 6)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(last, None);
+    assert_eq!(a.group(id).await.unwrap(), None);
+    assert!(a.groups_of(2).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn groups_on_sled() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    groups_keep_the_rules(store.clone(), store).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn groups_on_a_3_member_jetstream_cluster() {
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let a = Arc::new(nats.groups(0).await);
+    let b = Arc::new(nats.groups(1).await);
+    groups_keep_the_rules(a, b).await;
 }
