@@ -1,10 +1,12 @@
 //! One JetStream key-value bucket with typed (bincode) entries and changes by
 //! compare-and-set: what every storage concern of cluster mode is kept in.
 //!
-//! A change reads the entry and its revision, applies the caller's change, and
-//! writes expecting that revision. NATS reports a lost race as error 10071 (wrong
-//! last sequence) or, on some paths, 10164; both, and a `create` finding the key
-//! there, mean "another node got there first": read again and re-apply.
+//! A change reads the entry and its revision (from the stream leader), applies the
+//! caller's change, and writes expecting that revision (0 for a key never
+//! written). NATS reports a lost race as error 10071 (wrong last sequence) or, on
+//! some paths, 10164, and a briefly unavailable check as 10163: read again and
+//! re-apply, with a growing pause. Any other failure, including a timeout (the
+//! write may have landed), is the caller's error: never applied twice here.
 
 use std::time::Duration;
 
@@ -36,24 +38,24 @@ pub(super) fn engine(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Engine(format!("{what}: {e}"))
 }
 
-/// Whether `e` (or what caused it) is JetStream saying another writer got there
-/// first.
+/// Whether `e` (or what caused it) is JetStream saying the write was not applied
+/// and may be tried again on a fresh read: another writer got there first (10071,
+/// 10164), or the per-subject check was briefly unavailable (10163, during a
+/// leader change).
 fn lost_race(e: &(dyn std::error::Error + 'static)) -> bool {
     use async_nats::jetstream::ErrorCode;
     let mut at: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = at {
         if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>()
-            && matches!(js.error_code(), ErrorCode(10071) | ErrorCode(10164))
+            && matches!(
+                js.error_code(),
+                ErrorCode(10071) | ErrorCode(10163) | ErrorCode(10164)
+            )
         {
             return true;
         }
         if let Some(u) = err.downcast_ref::<kv::UpdateError>()
             && u.kind() == kv::UpdateErrorKind::WrongLastRevision
-        {
-            return true;
-        }
-        if let Some(c) = err.downcast_ref::<kv::CreateError>()
-            && c.kind() == kv::CreateErrorKind::AlreadyExists
         {
             return true;
         }
@@ -96,14 +98,32 @@ impl Bucket {
     }
 
     /// The entry at `key` (`None`: none, or deleted) and the revision a change must
-    /// expect (0: never written).
+    /// expect (0: never written). Read from the stream's leader, not any replica
+    /// (async-nats's `entry` uses direct get, which a lagging replica may answer):
+    /// a read that writes nothing afterwards, such as a fetch finding no keys, must
+    /// not be stale.
     pub async fn read<T: Decode<()>>(&self, key: &str) -> Result<(Option<T>, u64), StoreError> {
-        match self.kv.entry(key).await.map_err(|e| engine(self.name, e))? {
-            Some(e) if e.operation == kv::Operation::Put => {
-                Ok((Some(records::decode::<T>(&e.value, self.name)?), e.revision))
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let subject = format!("{}{key}", self.kv.prefix);
+        match self
+            .kv
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => {
+                let operation = m.headers.get("KV-Operation").map(|v| v.as_str());
+                if matches!(operation, Some("DEL" | "PURGE")) {
+                    Ok((None, m.sequence))
+                } else {
+                    Ok((
+                        Some(records::decode::<T>(&m.payload, self.name)?),
+                        m.sequence,
+                    ))
+                }
             }
-            Some(e) => Ok((None, e.revision)),
-            None => Ok((None, 0)),
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok((None, 0)),
+            Err(e) => Err(engine(self.name, e)),
         }
     }
 
@@ -124,15 +144,14 @@ impl Bucket {
             let written = match &entry {
                 Some(value) => {
                     let value = Bytes::from(records::encode(value)?);
-                    if revision == 0 {
-                        self.kv.create(key, value).await.map(drop).map_err(boxed)
-                    } else {
-                        self.kv
-                            .update(key, value, revision)
-                            .await
-                            .map(drop)
-                            .map_err(boxed)
-                    }
+                    // Revision 0: "no message on this subject yet". Not `create`,
+                    // which re-reads after an ambiguous failure and would call our
+                    // own landed write "already exists", a lost race.
+                    self.kv
+                        .update(key, value, revision)
+                        .await
+                        .map(drop)
+                        .map_err(boxed)
                 }
                 None => self
                     .kv

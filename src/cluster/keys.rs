@@ -79,11 +79,23 @@ impl KeyDirectory for JetStreamKeys {
         now_ms: u64,
     ) -> Result<Result<u32, KeysRefusal>, StoreError> {
         self.modify(device, |entry| {
+            // A key already stored (a retried upload whose first try landed) is not
+            // stored twice: it could go to two fetchers. A new identity keeps none.
+            let same = entry
+                .keys
+                .as_ref()
+                .is_some_and(|k| (k.curve25519, k.ed25519) == upload.identity);
+            let fresh: Vec<StoredKey> = upload
+                .one_time_keys
+                .iter()
+                .filter(|k| !same || !entry.one_time.contains(k))
+                .copied()
+                .collect();
             let applied = apply_upload(
                 entry.keys.as_ref(),
                 upload.identity,
                 upload.fallback,
-                upload.one_time_keys.len(),
+                fresh.len(),
                 || Ok(u32::try_from(entry.one_time.len()).unwrap_or(u32::MAX)),
                 max_one_time_keys,
                 now_ms,
@@ -95,7 +107,7 @@ impl KeyDirectory for JetStreamKeys {
                         entry.one_time.clear();
                     }
                     entry.keys = Some(applied.record);
-                    entry.one_time.extend_from_slice(&upload.one_time_keys);
+                    entry.one_time.extend_from_slice(&fresh);
                     (Ok(Ok(applied.total)), true)
                 }
                 other => (other.map(|r| r.map(|a| a.total)), false),

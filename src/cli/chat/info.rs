@@ -68,7 +68,13 @@ pub fn message_lines(
         match (&e.group, members) {
             (Some(_), Some(members)) => {
                 let others: Vec<&GroupMember> = members.iter().filter(|m| m.number != me).collect();
-                out.push(format!("read by {} of {}", e.read.len(), others.len()));
+                // Only those in the group now count (someone who read it and left
+                // is not one of the m).
+                let read_now = others
+                    .iter()
+                    .filter(|m| e.read.iter().any(|(who, _)| *who == m.number))
+                    .count();
+                out.push(format!("read by {read_now} of {}", others.len()));
                 out.extend(read.iter().map(|r| format!("  read: {r}")));
                 let unread: Vec<String> = others
                     .iter()
@@ -248,6 +254,11 @@ mod tests {
             "{lines:?}"
         );
         assert!(lines.contains(&"👍 Bob".to_string()), "{lines:?}");
+        // Someone who read it and has left is not counted among the m.
+        let mut left = e.clone();
+        left.read.push(("+14155550199".into(), 1_700_000_070_000));
+        let lines = message_lines(&left, ME, Some(&members), name);
+        assert!(lines.contains(&"read by 1 of 3".to_string()), "{lines:?}");
         // Offline: the count without the members.
         let lines = message_lines(&e, ME, None, |n: &str| n.to_string());
         assert!(

@@ -30,6 +30,7 @@ pub struct ChatArgs {}
 enum Wake {
     Key(ratatui::crossterm::event::KeyEvent),
     Mouse(MouseEvent),
+    Paste(String),
     /// The terminal gained (true) or lost the focus.
     Focus(bool),
     Resize,
@@ -67,14 +68,8 @@ pub async fn run(home: Home, _args: ChatArgs) -> anyhow::Result<()> {
                 Ok(TermEvent::Mouse(m)) => keys.send(Wake::Mouse(m)),
                 Ok(TermEvent::FocusGained) => keys.send(Wake::Focus(true)),
                 Ok(TermEvent::FocusLost) => keys.send(Wake::Focus(false)),
-                Ok(TermEvent::Paste(text)) => {
-                    // A paste arrives whole: typed in as characters.
-                    text.chars().try_for_each(|c| {
-                        keys.send(Wake::Key(ratatui::crossterm::event::KeyEvent::from(
-                            ratatui::crossterm::event::KeyCode::Char(c),
-                        )))
-                    })
-                }
+                // A paste arrives whole, and goes into the compose line whole.
+                Ok(TermEvent::Paste(text)) => keys.send(Wake::Paste(text)),
                 Ok(_) => Ok(()),
                 Err(_) => break,
             };
@@ -131,6 +126,15 @@ pub async fn run(home: Home, _args: ChatArgs) -> anyhow::Result<()> {
                 Wake::Resize => Action::None,
                 Wake::Focus(f) => {
                     focused = f;
+                    app.focused = f;
+                    if f {
+                        // What arrived meanwhile is read now that it can be seen.
+                        refresh(&mut app, &messenger, &mut receipted).await?;
+                    }
+                    Action::None
+                }
+                Wake::Paste(text) => {
+                    app.paste(&text);
                     Action::None
                 }
                 Wake::Popup(p) => {
@@ -510,6 +514,12 @@ async fn refresh(
                 .as_ref()
                 .map_or(e.peer.as_str(), |g| g.author.as_str());
             app.names.insert(author.to_string(), name_of(author));
+        }
+        // Read only what can be seen: not while the terminal is in the background,
+        // nor below 60 columns while the list is shown instead.
+        let seen = app.focused && !(app.narrow.get() && app.focus == state::Focus::List);
+        if !seen {
+            return Ok(());
         }
         if let Some(last) = app.messages.last() {
             messenger.mark_conversation_read(&conv, last.seq).await?;

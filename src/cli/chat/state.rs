@@ -97,6 +97,10 @@ pub struct App {
     pub names: std::collections::HashMap<String, String>,
     pub colour: bool,
     pub config: ChatConfig,
+    /// The terminal has the focus (crossterm's focus events; true until told).
+    pub focused: bool,
+    /// The screen was last drawn one pane at a time.
+    pub narrow: Cell<bool>,
     /// vi keys: the compose line is in normal mode (keys scroll, `i` types).
     pub normal: bool,
     /// How far back the open conversation can scroll, as last drawn.
@@ -126,6 +130,8 @@ impl App {
             names: Default::default(),
             colour: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
             config: ChatConfig::default(),
+            focused: true,
+            narrow: Cell::new(false),
             normal: false,
             max_scroll: Cell::new(u16::MAX),
             page_height: Cell::new(20),
@@ -136,12 +142,28 @@ impl App {
         self.config.keys == Keys::Vi
     }
 
+    /// Pasted text: into the compose line of the open conversation as it is (never
+    /// read as keys: a `q` in it must not quit).
+    pub fn paste(&mut self, text: &str) {
+        if self.open.is_none() {
+            return;
+        }
+        self.focus = Focus::Compose;
+        self.normal = false;
+        self.help = false;
+        self.popup = None;
+        self.compose
+            .push_str(&text.replace("\r\n", "\n").replace('\r', "\n"));
+    }
+
     /// Scrolls back (`up`) or forward by `lines`, within what there is.
     pub fn scroll_by(&mut self, lines: u16, up: bool) {
+        // Clamped first: the history may have shrunk, or the pane grown.
+        let scroll = self.scroll.min(self.max_scroll.get());
         self.scroll = if up {
-            self.scroll.saturating_add(lines).min(self.max_scroll.get())
+            scroll.saturating_add(lines).min(self.max_scroll.get())
         } else {
-            self.scroll.saturating_sub(lines)
+            scroll.saturating_sub(lines)
         };
     }
 
@@ -186,7 +208,7 @@ impl App {
     /// takes two lines inside the border, scrolled as ratatui's `List` scrolls to
     /// keep the selection in view).
     fn click_list(&mut self, list: Rect, y: u16) -> Action {
-        self.search = None;
+        // What is drawn: the search's matches, if one is typed.
         let visible = self.visible();
         let fit = usize::from(list.height.saturating_sub(2) / 2).max(1);
         let at = visible
@@ -197,6 +219,10 @@ impl App {
         let Some(line) = y.checked_sub(list.y + 1) else {
             return Action::None;
         };
+        if usize::from(line / 2) >= fit {
+            // The bottom border, or a last line too short for a conversation.
+            return Action::None;
+        }
         match visible.get(first + usize::from(line / 2)) {
             Some(&i) => {
                 self.selected = i;
@@ -310,7 +336,9 @@ impl App {
             }
             KeyCode::Char('/') => self.search = Some(String::new()),
             KeyCode::Char('?') => self.help = true,
-            KeyCode::Char('q') | KeyCode::Esc => return Action::Quit,
+            KeyCode::Char('q') => return Action::Quit,
+            // vi users press Esc a few times to be sure: it must not quit.
+            KeyCode::Esc if !self.vi() => return Action::Quit,
             _ => {}
         }
         Action::None
@@ -731,5 +759,48 @@ mod tests {
             Action::None
         );
         assert!(app.popup.is_none());
+    }
+
+    #[test]
+    fn clicks_on_search_results_pastes_and_esc_do_what_is_seen() {
+        use ratatui::crossterm::event::MouseButton;
+        let click = |row| MouseEvent {
+            kind: MouseEventKind::Down(MouseButton::Left),
+            column: 3,
+            row,
+            modifiers: KeyModifiers::NONE,
+        };
+        let areas = Areas {
+            list: Some(Rect::new(0, 0, 30, 10)),
+            messages: None,
+            compose: None,
+        };
+        let mut app = app_with(&["Bob", "Family", "Book club", "Work"]);
+        // Searching "wo": only Work is drawn, first; a click there opens Work.
+        app.key(press(KeyCode::Char('/')));
+        app.key(press(KeyCode::Char('w')));
+        app.key(press(KeyCode::Char('o')));
+        assert_eq!(
+            app.mouse(click(1), &areas),
+            Action::Open(Conversation::Group(4))
+        );
+        // The bottom border (row 9 of 10: four conversations fit, rows 1-8).
+        app.focus = Focus::List;
+        assert_eq!(app.mouse(click(9), &areas), Action::None);
+        // A paste goes into the compose line whole: its q quits nothing.
+        app.focus = Focus::List;
+        app.paste("quit?\r\nno");
+        assert_eq!(app.focus, Focus::Compose);
+        assert_eq!(app.compose, "quit?\nno");
+        // Scrolling forward after the history shrank moves at once.
+        app.scroll = 40;
+        app.max_scroll.set(10);
+        app.scroll_by(3, false);
+        assert_eq!(app.scroll, 7);
+        // vi keys: Esc in the list does not quit (q does).
+        app.config.keys = Keys::Vi;
+        app.focus = Focus::List;
+        assert_eq!(app.key(press(KeyCode::Esc)), Action::None);
+        assert_eq!(app.key(press(KeyCode::Char('q'))), Action::Quit);
     }
 }

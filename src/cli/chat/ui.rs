@@ -162,6 +162,7 @@ fn clock(ms: u64) -> String {
 /// 60 columns), and the status line.
 fn panes(full: Rect, app: &App) -> (Option<Rect>, Option<Rect>, Rect) {
     let [main, status] = Layout::vertical([Constraint::Min(1), Constraint::Length(1)]).areas(full);
+    app.narrow.set(main.width < NARROW);
     if main.width < NARROW {
         if app.open.is_some() && app.focus == Focus::Compose {
             (None, Some(main), status)
