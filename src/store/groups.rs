@@ -96,7 +96,7 @@ impl GroupStore for Store {
         max: u32,
         now_ms: u64,
     ) -> Result<Result<(u64, GroupRecord), GroupRefusal>, StoreError> {
-        super::keydir::blocking(self, move |s| {
+        super::blocking(self, move |s| {
             Store::create_group(s, creator, &members, &meta, max, now_ms)
         })
         .await
@@ -110,18 +110,18 @@ impl GroupStore for Store {
         max: u32,
         now_ms: u64,
     ) -> Result<Result<Option<GroupRecord>, GroupRefusal>, StoreError> {
-        super::keydir::blocking(self, move |s| {
+        super::blocking(self, move |s| {
             Store::change_group(s, group, actor, &change, max, now_ms)
         })
         .await
     }
 
     async fn group(&self, group: u64) -> Result<Option<GroupRecord>, StoreError> {
-        super::keydir::blocking(self, move |s| Store::group(s, group)).await
+        super::blocking(self, move |s| Store::group(s, group)).await
     }
 
     async fn groups_of(&self, account: u64) -> Result<Vec<u64>, StoreError> {
-        super::keydir::blocking(self, move |s| Store::groups_of(s, account)).await
+        super::blocking(self, move |s| Store::groups_of(s, account)).await
     }
 }
 

@@ -110,17 +110,6 @@ pub fn apply_upload(
     }))
 }
 
-/// sled's calls block: each runs on tokio's blocking pool.
-pub(super) async fn blocking<T: Send + 'static>(
-    store: &Store,
-    op: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || op(&store))
-        .await
-        .map_err(|e| StoreError::Corrupt(format!("a storage task failed: {e}")))?
-}
-
 impl KeyDirectory for Store {
     async fn publish_keys(
         &self,
@@ -129,7 +118,7 @@ impl KeyDirectory for Store {
         max_one_time_keys: u32,
         now_ms: u64,
     ) -> Result<Result<u32, KeysRefusal>, StoreError> {
-        blocking(self, move |s| {
+        super::blocking(self, move |s| {
             s.publish_keys(
                 device,
                 upload.identity,
@@ -143,7 +132,7 @@ impl KeyDirectory for Store {
     }
 
     async fn count_one_time_keys(&self, device: DeviceRef, limit: u32) -> Result<u32, StoreError> {
-        blocking(self, move |s| s.count_one_time_keys(device, limit)).await
+        super::blocking(self, move |s| s.count_one_time_keys(device, limit)).await
     }
 
     async fn fetch_bundles(
@@ -152,7 +141,7 @@ impl KeyDirectory for Store {
         devices: Vec<u32>,
         claim: bool,
     ) -> Result<Vec<Claimed>, StoreError> {
-        blocking(self, move |s| s.fetch_bundles(account_id, &devices, claim)).await
+        super::blocking(self, move |s| s.fetch_bundles(account_id, &devices, claim)).await
     }
 
     async fn set_account_signature(
@@ -160,10 +149,10 @@ impl KeyDirectory for Store {
         device: DeviceRef,
         signature: Option<[u8; 64]>,
     ) -> Result<(), StoreError> {
-        blocking(self, move |s| s.set_account_signature(device, signature)).await
+        super::blocking(self, move |s| s.set_account_signature(device, signature)).await
     }
 
     async fn identity_keys(&self, device: DeviceRef) -> Result<Option<IdentityPair>, StoreError> {
-        blocking(self, move |s| s.identity_keys(device)).await
+        super::blocking(self, move |s| s.identity_keys(device)).await
     }
 }

@@ -721,6 +721,18 @@ impl Store {
     }
 }
 
+/// A `Store` call for the async storage traits (`keydir`, `profiles`, `groups`):
+/// sled's calls block, so each runs on tokio's blocking pool.
+pub(super) async fn blocking<T: Send + 'static>(
+    store: &Store,
+    op: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || op(&store))
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("a storage task failed: {e}")))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::registration::tests::{code, device};

@@ -47,22 +47,22 @@ impl ProfileStore for Store {
         blob: Vec<u8>,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        super::keydir::blocking(self, move |s| {
+        super::blocking(self, move |s| {
             Store::set_profile(s, account_id, version, blob, now_ms)
         })
         .await
     }
 
     async fn profile(&self, account_id: u64) -> Result<Option<ProfileRecord>, StoreError> {
-        super::keydir::blocking(self, move |s| Store::profile(s, account_id)).await
+        super::blocking(self, move |s| Store::profile(s, account_id)).await
     }
 
     async fn set_presence(&self, account_id: u64, presence: Vec<u8>) -> Result<bool, StoreError> {
-        super::keydir::blocking(self, move |s| Store::set_presence(s, account_id, presence)).await
+        super::blocking(self, move |s| Store::set_presence(s, account_id, presence)).await
     }
 
     async fn forget_profile(&self, account_id: u64) -> Result<(), StoreError> {
-        super::keydir::blocking(self, move |s| Store::forget_profile(s, account_id)).await
+        super::blocking(self, move |s| Store::forget_profile(s, account_id)).await
     }
 }
 

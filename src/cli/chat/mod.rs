@@ -379,14 +379,23 @@ fn opener(path: &std::path::Path) -> anyhow::Result<()> {
     } else {
         "xdg-open"
     };
+    spawn_quiet(program, [path.as_os_str()])
+        .map_err(|e| anyhow::anyhow!("{program} {}: {e}", path.display()))
+}
+
+/// Starts `program` in the background with no terminal of ours: its output would
+/// draw over the screen.
+fn spawn_quiet(
+    program: &str,
+    args: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>,
+) -> std::io::Result<()> {
     std::process::Command::new(program)
-        .arg(path)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| anyhow::anyhow!("{program} {}: {e}", path.display()))?;
-    Ok(())
+        .map(drop)
 }
 
 /// The bell or a desktop notification for a message from someone else, unless it
@@ -423,13 +432,7 @@ fn notify(app: &App, e: &switchboard::client::history::Entry, focused: bool) {
                 vec!["--app-name=switchboard".into(), who, "new message".into()],
             )
         };
-        std::process::Command::new(program)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .is_ok()
+        spawn_quiet(program, args).is_ok()
     };
     if !desktop {
         use std::io::Write;
