@@ -11,6 +11,7 @@ pub mod bucket;
 pub mod groups;
 pub mod keys;
 pub mod profiles;
+pub mod queues;
 
 use std::time::Duration;
 

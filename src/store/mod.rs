@@ -18,6 +18,7 @@ pub mod keydir;
 pub mod layout;
 mod prekeys;
 mod profiles;
+pub mod queue_store;
 mod queues;
 pub mod records;
 mod registration;

@@ -572,6 +572,13 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes `device`'s queue, its one-time keys and the ids it sent, leaving its
+    /// identity keys (see [`Store::drop_device`]).
+    pub fn drop_queue(&self, device: DeviceRef) -> Result<u64, StoreError> {
+        let _gate = self.writing();
+        self.forget_device(&mut self.queue_writer(), device.key())
+    }
+
     /// Deletes everything the node holds for `device`: its queue and its keys. For a
     /// device that was signed out.
     pub fn drop_device(&self, device: DeviceRef) -> Result<u64, StoreError> {

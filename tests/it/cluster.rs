@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use switchboard::cluster::groups::JetStreamGroups;
 use switchboard::cluster::keys::JetStreamKeys;
 use switchboard::cluster::profiles::JetStreamProfiles;
+use switchboard::cluster::queues::{JetStreamQueues, QueueLimits};
 use switchboard::cluster::{Cluster, new_enough};
 use switchboard::store::keydir::{KeyDirectory, Upload};
 use switchboard::store::records::StoredKey;
@@ -126,10 +127,16 @@ impl NatsCluster {
         let cluster = self.connect(i).await;
         retry(|| JetStreamKeys::open(&cluster, 3)).await
     }
+
+    /// Member `i`'s queue stream (3 replicas) with `limits`.
+    pub async fn queues(&self, i: usize, limits: QueueLimits) -> JetStreamQueues {
+        let cluster = self.connect(i).await;
+        retry(|| JetStreamQueues::open(&cluster, 3, limits)).await
+    }
 }
 
 /// `open` tried until it works (a bucket needs the meta leader), up to 60 s.
-async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+pub async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     open: impl Fn() -> F,
 ) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);

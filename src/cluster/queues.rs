@@ -1,0 +1,442 @@
+//! Device queues in one replicated JetStream stream (`SB_QUEUES`,
+//! [`REPLICAS`](super::REPLICAS) replicas, file storage).
+//!
+//! Each device has two subjects: `sbq.ACCOUNT.DEVICE.m` for the messages sent to it
+//! and `sbq.ACCOUNT.DEVICE.r` for the delivery receipts of the messages it sent. A
+//! queue item's seq is its stream sequence, so the items of both subjects read back
+//! in the order they were queued (`sbq.ACCOUNT.DEVICE.*`, from the stream leader).
+//! The stored value is the single node's queue value (`records::encode_queued_until`).
+//!
+//! - **Durability.** An append returns `Queued` once JetStream acknowledged every
+//!   envelope's publish: acknowledged by a quorum of the stream's replicas.
+//! - **Duplicates.** Each envelope is published with `Nats-Msg-Id`
+//!   `SENDER_ACCOUNT.SENDER_DEVICE.ID.ACCOUNT.DEVICE`: a send repeated within the
+//!   stream's duplicate window (`duplicate_window`) is stored once. A resend after it
+//!   is stored again and the recipient drops the copy by id, as on a single node
+//!   after its sent-id record went.
+//! - **Quota.** `max_messages_per_subject` with "discard new per subject": a device
+//!   queue at `max_queued` refuses the publish on the cluster itself, whichever node
+//!   sends. Unlike the single node, a send to several devices may land on some
+//!   before one refuses (the sender is told `QueueFull` and sends again later with
+//!   the same id; the ones that landed are deduplicated within the window).
+//! - **Expiry.** `max_age` is the message TTL; a disappearing message past its own
+//!   expiry is left out of pages and deleted when a page meets it.
+//! - **Acknowledgement.** The receipt for the sender is published (and acknowledged
+//!   by JetStream) before the item is deleted, so a crash in between delivers the item
+//!   again and never loses the receipt (its `Nats-Msg-Id` names the acknowledged
+//!   item, so a repeated ack within the window stores it once). A device's receipt
+//!   subject is bounded by `max_queued` too: a receipt for a sender whose receipts
+//!   pile up that high is dropped, logged (the single node has no such bound).
+//! - **Wake-ups.** After an append, a core NATS message (no payload) on
+//!   `sbw.ACCOUNT.DEVICE` tells whichever node holds that device's delivery stream to
+//!   read its queue now; the stream stays the source of truth (a lost wake-up delays
+//!   an item until that node's next read, never loses it).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::message::{PublishMessage, StreamMessage};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self as js};
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+
+use super::bucket::engine;
+use super::{Cluster, ClusterError};
+use crate::store::queue_store::{Outgoing, QueueStore};
+use crate::store::records::{self, QueueItem};
+use crate::store::{AppendOutcome, DeviceRef, Queued, StoreError};
+
+/// The stream's name.
+pub const STREAM: &str = "SB_QUEUES";
+
+/// What a queue stream keeps and refuses: from `[messages]` in config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// A device queue at this length refuses appends.
+    pub max_queued: u64,
+    /// Items older than this are dropped (the message TTL).
+    pub ttl: Duration,
+    /// A repeated `Nats-Msg-Id` within this window is stored once.
+    pub duplicate_window: Duration,
+}
+
+/// [`QueueStore`] on a JetStream cluster.
+#[derive(Clone)]
+pub struct JetStreamQueues {
+    client: async_nats::Client,
+    jetstream: js::Context,
+    stream: stream::Stream<()>,
+}
+
+impl std::fmt::Debug for JetStreamQueues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamQueues").finish_non_exhaustive()
+    }
+}
+
+fn filter(device: DeviceRef) -> String {
+    format!("sbq.{}.{}.*", device.account_id, device.device_id)
+}
+
+fn messages_subject(device: DeviceRef) -> String {
+    format!("sbq.{}.{}.m", device.account_id, device.device_id)
+}
+
+fn receipts_subject(device: DeviceRef) -> String {
+    format!("sbq.{}.{}.r", device.account_id, device.device_id)
+}
+
+/// The core NATS subject that wakes `device`'s delivery stream, wherever it is.
+pub fn wake_subject(device: DeviceRef) -> String {
+    format!("sbw.{}.{}", device.account_id, device.device_id)
+}
+
+/// Whether `subject` is one of `device`'s queue subjects.
+fn holds(device: DeviceRef, subject: &str) -> bool {
+    subject == messages_subject(device) || subject == receipts_subject(device)
+}
+
+/// Whether `e` is the stream refusing a publish because that subject is at
+/// `max_messages_per_subject` (JetStream error 10077, "maximum messages per subject
+/// exceeded").
+fn subject_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = at {
+        if let Some(js) = err.downcast_ref::<js::Error>()
+            && js.error_code() == js::ErrorCode(10077)
+            && js.to_string().contains("per subject")
+        {
+            return true;
+        }
+        at = err.source();
+    }
+    false
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl JetStreamQueues {
+    /// The stream on `cluster`, created with `replicas` replicas (at most
+    /// [`super::REPLICAS`]) if it is not there, and its limits set to `limits`.
+    pub async fn open(
+        cluster: &Cluster,
+        replicas: usize,
+        limits: QueueLimits,
+    ) -> Result<JetStreamQueues, ClusterError> {
+        let config = stream::Config {
+            name: STREAM.into(),
+            description: Some("switchboard: device queues (messages, delivery receipts)".into()),
+            subjects: vec!["sbq.>".into()],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: replicas.clamp(1, super::REPLICAS),
+            max_age: limits.ttl,
+            max_messages_per_subject: i64::try_from(limits.max_queued).unwrap_or(i64::MAX),
+            discard: DiscardPolicy::New,
+            discard_new_per_subject: true,
+            duplicate_window: limits.duplicate_window,
+            ..Default::default()
+        };
+        let js = &cluster.jetstream;
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|e| ClusterError::JetStream(format!("stream {STREAM}: {e}")))?;
+        let stream = js
+            .get_stream_no_info(STREAM)
+            .await
+            .map_err(|e| ClusterError::JetStream(format!("stream {STREAM}: {e}")))?;
+        Ok(JetStreamQueues {
+            client: cluster.client.clone(),
+            jetstream: js.clone(),
+            stream,
+        })
+    }
+
+    /// Wake-ups for `device`: a message arrives on it whenever something was queued
+    /// for the device, through any node.
+    pub async fn wake_ups(&self, device: DeviceRef) -> Result<async_nats::Subscriber, StoreError> {
+        self.client
+            .subscribe(wake_subject(device))
+            .await
+            .map_err(|e| engine("wake-ups", e))
+    }
+
+    async fn wake(&self, devices: impl IntoIterator<Item = DeviceRef>) {
+        for device in devices {
+            // Best effort: the stream is the truth, a lost wake-up only delays.
+            if let Err(e) = self
+                .client
+                .publish(wake_subject(device), Bytes::new())
+                .await
+            {
+                tracing::debug!(error = %e, "wake-up not sent");
+            }
+        }
+        if let Err(e) = self.client.flush().await {
+            tracing::debug!(error = %e, "wake-ups not flushed");
+        }
+    }
+
+    /// The message at `seq`, if the stream still holds it.
+    async fn at(&self, seq: u64) -> Result<Option<StreamMessage>, StoreError> {
+        use async_nats::jetstream::stream::RawMessageErrorKind;
+        match self.stream.get_raw_message(seq).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) => Err(engine(STREAM, e)),
+        }
+    }
+
+    /// The first message of `device`'s queue at or after `seq`.
+    async fn next_from(
+        &self,
+        device: DeviceRef,
+        seq: u64,
+    ) -> Result<Option<StreamMessage>, StoreError> {
+        use async_nats::jetstream::stream::RawMessageErrorKind;
+        match self
+            .stream
+            .raw_message_builder()
+            .sequence(seq)
+            .next_by_subject(filter(device))
+            .send()
+            .await
+        {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) => Err(engine(STREAM, e)),
+        }
+    }
+
+    /// Deletes `seq` (already gone is fine).
+    async fn delete(&self, seq: u64) -> Result<(), StoreError> {
+        match self.stream.delete_message(seq).await {
+            Ok(_) => Ok(()),
+            // 10057: no message at that sequence (deleted by a repeated ack, or aged).
+            Err(e) if e.to_string().contains("10057") || e.to_string().contains("no message") => {
+                Ok(())
+            }
+            Err(e) => Err(engine(STREAM, e)),
+        }
+    }
+}
+
+impl QueueStore for JetStreamQueues {
+    async fn append(&self, m: Outgoing) -> Result<AppendOutcome, StoreError> {
+        // Every envelope published before any acknowledgement is awaited: one round
+        // trip for the send, not one per device.
+        let mut pending = Vec::with_capacity(m.envelopes.len());
+        for (device, body) in m.envelopes {
+            let item = QueueItem::Message {
+                from_account: m.sender.account_id,
+                from_device: m.sender.device_id,
+                from_number: m.sender_number.clone(),
+                id: m.id,
+                body,
+            };
+            let value = records::encode_queued_until(m.now_ms, m.expires_at_ms, &item)?;
+            let msg_id = format!(
+                "{}.{}.{}.{}.{}",
+                m.sender.account_id,
+                m.sender.device_id,
+                hex::encode(m.id),
+                device.account_id,
+                device.device_id
+            );
+            let publish = PublishMessage::build()
+                .message_id(msg_id)
+                .payload(Bytes::from(value));
+            let ack = self
+                .jetstream
+                .send_publish(messages_subject(device), publish)
+                .await
+                .map_err(|e| engine(STREAM, e))?;
+            pending.push((device, ack));
+        }
+        let mut queued = Vec::new();
+        let mut duplicate_at = None;
+        let mut full = None;
+        let mut failed = None;
+        for (device, ack) in pending {
+            match ack.await {
+                Ok(ack) if ack.duplicate => {
+                    duplicate_at.get_or_insert(ack.sequence);
+                }
+                Ok(_) => queued.push(device),
+                Err(e) if subject_full(&e) => {
+                    full.get_or_insert(device.device_id);
+                }
+                Err(e) => {
+                    failed.get_or_insert(engine(STREAM, e));
+                }
+            }
+        }
+        self.wake(queued.iter().copied()).await;
+        if let Some(e) = failed {
+            // Not told `Queued`: the sender sends again, the ones that landed are
+            // deduplicated.
+            return Err(e);
+        }
+        if let Some(device_id) = full {
+            return Ok(AppendOutcome::QueueFull { device_id });
+        }
+        if queued.is_empty()
+            && let Some(seq) = duplicate_at
+        {
+            // Every envelope was already stored: answer with when it was accepted
+            // (now, if it has been read and acknowledged since).
+            let accepted_at_ms = match self.at(seq).await? {
+                Some(stored) => records::queued_at(&stored.payload).unwrap_or(m.now_ms),
+                None => m.now_ms,
+            };
+            return Ok(AppendOutcome::Duplicate { accepted_at_ms });
+        }
+        Ok(AppendOutcome::Queued {
+            accepted_at_ms: m.now_ms,
+        })
+    }
+
+    async fn page(
+        &self,
+        device: DeviceRef,
+        after: Option<u64>,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Queued>, bool), StoreError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = after.map_or(1, |seq| seq.saturating_add(1));
+        let now = now_ms();
+        loop {
+            if out.len() >= max {
+                return Ok((out, true));
+            }
+            let Some(m) = self.next_from(device, next).await? else {
+                return Ok((out, false));
+            };
+            next = m.sequence.saturating_add(1);
+            if !holds(device, &m.subject) {
+                return Err(StoreError::Corrupt(format!(
+                    "{STREAM}: {} answered for {}",
+                    m.subject,
+                    filter(device)
+                )));
+            }
+            if records::expires_at(&m.payload).is_some_and(|until| until <= now) {
+                self.delete(m.sequence).await?;
+                continue;
+            }
+            let size = m.payload.len();
+            if bytes.saturating_add(size) > max_bytes && !out.is_empty() {
+                return Ok((out, true));
+            }
+            bytes = bytes.saturating_add(size);
+            let (queued_at_ms, item) = records::decode_queued(&m.payload)?;
+            out.push(Queued {
+                seq: m.sequence,
+                queued_at_ms,
+                item,
+                group_body: None,
+            });
+        }
+    }
+
+    async fn ack(
+        &self,
+        device: DeviceRef,
+        device_number: String,
+        seqs: Vec<u64>,
+        now_ms: u64,
+    ) -> Result<Vec<DeviceRef>, StoreError> {
+        let mut mine = Vec::with_capacity(seqs.len());
+        let mut receipts = Vec::new();
+        for seq in seqs {
+            // Only this device's own items: a seq is a stream sequence, shared by all.
+            let Some(m) = self.at(seq).await? else {
+                continue;
+            };
+            if !holds(device, &m.subject) {
+                continue;
+            }
+            mine.push(seq);
+            if let (
+                _,
+                QueueItem::Message {
+                    from_account,
+                    from_device,
+                    id,
+                    ..
+                },
+            ) = records::decode_queued(&m.payload)?
+            {
+                let sender = DeviceRef {
+                    account_id: from_account,
+                    device_id: from_device,
+                };
+                let receipt = QueueItem::Delivered {
+                    to_number: device_number.clone(),
+                    device_id: device.device_id,
+                    id,
+                };
+                let value = records::encode_queued(now_ms, &receipt)?;
+                let msg_id = format!("r.{STREAM}.{seq}");
+                let publish = PublishMessage::build()
+                    .message_id(msg_id)
+                    .payload(Bytes::from(value));
+                let ack = self
+                    .jetstream
+                    .send_publish(receipts_subject(sender), publish)
+                    .await
+                    .map_err(|e| engine(STREAM, e))?;
+                receipts.push((sender, ack));
+            }
+        }
+        // Receipts acknowledged by JetStream before any item goes.
+        let mut delivered = Vec::with_capacity(receipts.len());
+        for (sender, ack) in receipts {
+            match ack.await {
+                Ok(_) => delivered.push(sender),
+                Err(e) if subject_full(&e) => {
+                    tracing::warn!(
+                        account = sender.account_id,
+                        device = sender.device_id,
+                        "delivery receipt dropped: the sender's receipts are at the queue limit"
+                    );
+                }
+                Err(e) => return Err(engine(STREAM, e)),
+            }
+        }
+        for seq in mine {
+            self.delete(seq).await?;
+        }
+        self.wake(delivered.iter().copied()).await;
+        Ok(delivered)
+    }
+
+    async fn queue_len(&self, device: DeviceRef) -> Result<u64, StoreError> {
+        let mut subjects = self
+            .stream
+            .info_with_subjects(filter(device))
+            .await
+            .map_err(|e| engine(STREAM, e))?;
+        let mut total = 0u64;
+        while let Some((_, count)) = subjects.try_next().await.map_err(|e| engine(STREAM, e))? {
+            total = total.saturating_add(count as u64);
+        }
+        Ok(total)
+    }
+
+    async fn drop_queue(&self, device: DeviceRef) -> Result<u64, StoreError> {
+        let purged = self
+            .stream
+            .purge()
+            .filter(filter(device))
+            .await
+            .map_err(|e| engine(STREAM, e))?;
+        Ok(purged.purged)
+    }
+}
