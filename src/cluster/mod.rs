@@ -7,6 +7,7 @@
 //! replicas let a key-value compare-and-set accept 2,000 updates of a counter that
 //! ended at 250; fixed in 2.9.21; and it has no `sync_interval`).
 
+pub mod accounts;
 pub mod bucket;
 pub mod groups;
 pub mod keys;

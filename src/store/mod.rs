@@ -9,6 +9,7 @@
 //! error. Its methods are synchronous and may block on I/O; the node calls them from
 //! blocking threads, never from its async workers.
 
+pub mod account_store;
 mod admin;
 pub mod backup;
 mod blobs;

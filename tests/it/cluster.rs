@@ -9,11 +9,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use switchboard::cluster::accounts::JetStreamAccounts;
 use switchboard::cluster::groups::JetStreamGroups;
 use switchboard::cluster::keys::JetStreamKeys;
 use switchboard::cluster::profiles::JetStreamProfiles;
 use switchboard::cluster::queues::{JetStreamQueues, QueueLimits};
 use switchboard::cluster::{Cluster, new_enough};
+use switchboard::discovery::DiscoveryKey;
 use switchboard::store::keydir::{KeyDirectory, Upload};
 use switchboard::store::records::StoredKey;
 use switchboard::store::{
@@ -126,6 +128,12 @@ impl NatsCluster {
     pub async fn keys(&self, i: usize) -> JetStreamKeys {
         let cluster = self.connect(i).await;
         retry(|| JetStreamKeys::open(&cluster, 3)).await
+    }
+
+    /// Member `i`'s accounts bucket (3 replicas), numbers given their PRF by `key`.
+    pub async fn accounts(&self, i: usize, key: Arc<DiscoveryKey>) -> JetStreamAccounts {
+        let cluster = self.connect(i).await;
+        retry(|| JetStreamAccounts::open(&cluster, 3, key.clone())).await
     }
 
     /// Member `i`'s queue stream (3 replicas) with `limits`.

@@ -10,6 +10,7 @@ mod cli;
 mod cli_messaging;
 mod client_home;
 mod cluster;
+mod cluster_accounts;
 mod cluster_queues;
 mod conversation;
 mod crash;

@@ -1,0 +1,640 @@
+//! Accounts, devices and registrations in a JetStream key-value bucket
+//! (`sb_accounts`, [`REPLICAS`](super::REPLICAS) replicas, one revision kept):
+//!
+//! - `n.HEX(number)`: the number's entry, holding its pending code, its account id
+//!   and a generation bumped by every registration of the number;
+//! - `a.ID`: the account (the same [`AccountRecord`] sled keeps), the generation of
+//!   the registration that made its primary, and its devices' names and last-seen
+//!   times;
+//! - `k.HEX(key id)`: which device a key belongs to, or why it was removed.
+//!
+//! JetStream has no transaction over two keys, so each operation has one entry as
+//! its point of decision, changed by compare-and-set ([`Bucket::modify`]), and
+//! the others follow it:
+//!
+//! - A **registration** is decided on the number's entry: the code is consumed and
+//!   the generation bumped in one compare-and-set, so of concurrent verifications
+//!   of one code, on any nodes, exactly one goes on. It then rewrites the account
+//!   only if the account's generation is older than its own (a later registration
+//!   of the number that overtook it wins, and the slower one is told there is no
+//!   code), and then points the key at the new device.
+//! - The **key entries** are hints, checked against the account on every read: a
+//!   device found by its key is one its account lists with that key. A crash
+//!   between the account and a key entry leaves, at worst, a new device not found
+//!   by its key (it was not yet told it is registered, and registers again) or an
+//!   old key read as unknown rather than as removed.
+//! - A **link** is decided on the account (its device count), then claims the key
+//!   entry by compare-and-set; if another device holds the key, the link is undone
+//!   and refused as a key in use.
+//!
+//! Left to sled for now: removed keys are never swept here (an entry per removed
+//! key stays), and the code-send counters and registration locks are not yet kept
+//! in the cluster.
+
+use std::sync::Arc;
+
+use bincode::{Decode, Encode};
+
+use super::bucket::Bucket;
+use super::{Cluster, ClusterError};
+use crate::discovery::DiscoveryKey;
+use crate::store::account_store::AccountStore;
+use crate::store::layout::KeyId;
+use crate::store::records::{AccountRecord, CodeRecord, DeviceRecord, Removal, RemovedKeyRecord};
+use crate::store::{
+    DeviceIdentity, DeviceRef, DeviceView, Judgement, Linked, NewDevice, StoreError, Unlinked,
+    VerifyOutcome,
+};
+
+/// The bucket's name.
+pub const BUCKET: &str = "sb_accounts";
+
+/// `n.HEX(number)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
+struct NumberEntry {
+    account_id: Option<u64>,
+    code: Option<CodeRecord>,
+    /// Bumped by each registration of the number.
+    generation: u64,
+}
+
+/// `a.ID`.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+struct AccountEntry {
+    record: AccountRecord,
+    /// The generation of the registration that made the current primary.
+    generation: u64,
+    /// Companions' names, by device id.
+    names: Vec<(u32, String)>,
+    /// Last-seen times, by device id.
+    seen: Vec<(u32, u64)>,
+}
+
+/// `k.HEX(key id)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+enum KeyEntry {
+    Device(u64, u32),
+    Removed(RemovedKeyRecord),
+}
+
+fn number_key(number: &str) -> String {
+    format!("n.{}", hex::encode(number.as_bytes()))
+}
+
+fn account_key(id: u64) -> String {
+    format!("a.{id}")
+}
+
+fn key_key(key_id: &KeyId) -> String {
+    format!("k.{}", hex::encode(key_id))
+}
+
+/// What the number's compare-and-set decided.
+enum Decided<E> {
+    NoCode,
+    Rejected(E),
+    Won { account_id: u64, generation: u64 },
+}
+
+/// What a registration made of the account.
+struct Rewritten {
+    device_id: u32,
+    took_over: bool,
+    old: Vec<DeviceRecord>,
+}
+
+/// [`AccountStore`] on a JetStream cluster.
+#[derive(Clone)]
+pub struct JetStreamAccounts {
+    bucket: Bucket,
+    /// The discovery key, for the PRF of a registered number.
+    discovery: Arc<DiscoveryKey>,
+}
+
+impl std::fmt::Debug for JetStreamAccounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamAccounts")
+            .field("bucket", &self.bucket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JetStreamAccounts {
+    /// The bucket on `cluster`, created with `replicas` replicas if it is not there;
+    /// `discovery` gives registered numbers their PRF.
+    pub async fn open(
+        cluster: &Cluster,
+        replicas: usize,
+        discovery: Arc<DiscoveryKey>,
+    ) -> Result<JetStreamAccounts, ClusterError> {
+        let bucket = Bucket::open(
+            cluster,
+            BUCKET,
+            "switchboard: numbers, pending codes, accounts, devices and device keys",
+            replicas,
+        )
+        .await?;
+        Ok(JetStreamAccounts { bucket, discovery })
+    }
+
+    async fn account_entry(&self, id: u64) -> Result<Option<AccountEntry>, StoreError> {
+        Ok(self.bucket.read(&account_key(id)).await?.0)
+    }
+
+    /// The device `key_id` points at, if its account lists it with that key.
+    async fn holder(&self, key_id: &KeyId) -> Result<Option<(DeviceRef, String)>, StoreError> {
+        let (entry, _) = self.bucket.read::<KeyEntry>(&key_key(key_id)).await?;
+        let Some(KeyEntry::Device(account_id, device_id)) = entry else {
+            return Ok(None);
+        };
+        let Some(account) = self.account_entry(account_id).await? else {
+            return Ok(None);
+        };
+        let listed = account
+            .record
+            .devices
+            .iter()
+            .any(|d| d.device_id == device_id && d.key_id == *key_id);
+        Ok(listed.then_some((
+            DeviceRef {
+                account_id,
+                device_id,
+            },
+            account.record.number,
+        )))
+    }
+
+    /// Marks `key_id` removed (`why`) if it still points at `device`.
+    async fn revoke(
+        &self,
+        key_id: &KeyId,
+        device: DeviceRef,
+        why: Removal,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let ours = KeyEntry::Device(device.account_id, device.device_id);
+        self.bucket
+            .modify(&key_key(key_id), |slot: &mut Option<KeyEntry>| {
+                if matches!(slot, Some(e) if *e != ours) {
+                    return ((), false);
+                }
+                *slot = Some(KeyEntry::Removed(RemovedKeyRecord { why, at_ms: now_ms }));
+                ((), true)
+            })
+            .await
+    }
+
+    /// An account id nobody has, drawn at random below 2^63 (never 0).
+    async fn free_account_id(&self) -> Result<u64, StoreError> {
+        loop {
+            let id = rand::random::<u64>() >> 1;
+            if id != 0 && self.account_entry(id).await?.is_none() {
+                return Ok(id);
+            }
+        }
+    }
+
+    /// Takes `key_id` away from a device of an account other than `account_id`, if
+    /// it belongs to one: that device is signed out.
+    async fn detach(
+        &self,
+        key_id: &KeyId,
+        account_id: u64,
+    ) -> Result<Option<DeviceRef>, StoreError> {
+        let Some((other, _)) = self.holder(key_id).await? else {
+            return Ok(None);
+        };
+        if other.account_id == account_id {
+            return Ok(None);
+        }
+        let removed = self
+            .bucket
+            .modify(
+                &account_key(other.account_id),
+                |slot: &mut Option<AccountEntry>| {
+                    let Some(entry) = slot else {
+                        return (false, false);
+                    };
+                    let before = entry.record.devices.len();
+                    entry
+                        .record
+                        .devices
+                        .retain(|d| !(d.device_id == other.device_id && d.key_id == *key_id));
+                    let changed = entry.record.devices.len() != before;
+                    if changed {
+                        entry.names.retain(|(d, _)| *d != other.device_id);
+                        entry.seen.retain(|(d, _)| *d != other.device_id);
+                    }
+                    (changed, changed)
+                },
+            )
+            .await?;
+        Ok(removed.then_some(other))
+    }
+}
+
+impl AccountStore for JetStreamAccounts {
+    async fn replace_code<E: Send + 'static>(
+        &self,
+        number: String,
+        decide: impl Fn(Option<&CodeRecord>) -> Result<CodeRecord, E> + Send + Sync + 'static,
+    ) -> Result<Result<CodeRecord, E>, StoreError> {
+        self.bucket
+            .modify(&number_key(&number), |slot: &mut Option<NumberEntry>| {
+                let entry = slot.get_or_insert_with(NumberEntry::default);
+                match decide(entry.code.as_ref()) {
+                    Ok(record) => {
+                        entry.code = Some(record.clone());
+                        (Ok(record), true)
+                    }
+                    Err(e) => (Err(e), false),
+                }
+            })
+            .await
+    }
+
+    async fn remove_code(&self, number: String) -> Result<(), StoreError> {
+        self.bucket
+            .modify(&number_key(&number), |slot: &mut Option<NumberEntry>| {
+                let Some(entry) = slot else {
+                    return ((), false);
+                };
+                if entry.code.take().is_none() {
+                    return ((), false);
+                }
+                if entry.account_id.is_none() {
+                    *slot = None;
+                }
+                ((), true)
+            })
+            .await
+    }
+
+    async fn verify_and_register<E: Clone + Send + 'static>(
+        &self,
+        number: String,
+        device: NewDevice,
+        now_ms: u64,
+        judge: impl Fn(&CodeRecord) -> Judgement<E> + Send + Sync + 'static,
+    ) -> Result<VerifyOutcome<E>, StoreError> {
+        let nkey = number_key(&number);
+        // No code pending: nothing to judge, and no id worth drawing.
+        let (entry, _) = self.bucket.read::<NumberEntry>(&nkey).await?;
+        let Some(entry) = entry.filter(|e| e.code.is_some()) else {
+            return Ok(VerifyOutcome::NoCode);
+        };
+        let fresh = match entry.account_id {
+            Some(id) => id,
+            None => self.free_account_id().await?,
+        };
+        // The point of decision: the code is consumed here, once.
+        let decided = self
+            .bucket
+            .modify(&nkey, |slot: &mut Option<NumberEntry>| {
+                let Some(entry) = slot.as_mut() else {
+                    return (Decided::NoCode, false);
+                };
+                let Some(code) = &entry.code else {
+                    return (Decided::NoCode, false);
+                };
+                match judge(code) {
+                    Judgement::Reject { update, error } => {
+                        entry.code = update;
+                        if entry.code.is_none() && entry.account_id.is_none() {
+                            *slot = None;
+                        }
+                        (Decided::Rejected(error), true)
+                    }
+                    Judgement::Accept => {
+                        entry.code = None;
+                        entry.generation += 1;
+                        let account_id = *entry.account_id.get_or_insert(fresh);
+                        let generation = entry.generation;
+                        (
+                            Decided::Won {
+                                account_id,
+                                generation,
+                            },
+                            true,
+                        )
+                    }
+                }
+            })
+            .await?;
+        let (account_id, generation) = match decided {
+            Decided::NoCode => return Ok(VerifyOutcome::NoCode),
+            Decided::Rejected(e) => return Ok(VerifyOutcome::Rejected(e)),
+            Decided::Won {
+                account_id,
+                generation,
+            } => (account_id, generation),
+        };
+        let prf = self
+            .discovery
+            .prf(&number)
+            .map_err(|e| StoreError::Corrupt(format!("the PRF of a number: {e}")))?;
+        let mut signed_out: Vec<DeviceRef> = self
+            .detach(&device.key_id, account_id)
+            .await?
+            .into_iter()
+            .collect();
+        let rewritten = self
+            .bucket
+            .modify(
+                &account_key(account_id),
+                |slot: &mut Option<AccountEntry>| {
+                    if let Some(entry) = slot.as_ref() {
+                        if entry.generation >= generation {
+                            // A later registration of the number got here first.
+                            return (Ok(None), false);
+                        }
+                        if entry.record.number != number {
+                            return (
+                                Err(StoreError::Corrupt(format!(
+                                    "account {account_id} belongs to another number"
+                                ))),
+                                false,
+                            );
+                        }
+                    }
+                    let took_over = slot.is_some();
+                    let entry = slot.get_or_insert_with(|| AccountEntry {
+                        record: AccountRecord {
+                            number: number.clone(),
+                            created_at_ms: now_ms,
+                            next_device_id: 1,
+                            devices: Vec::new(),
+                        },
+                        generation,
+                        names: Vec::new(),
+                        seen: Vec::new(),
+                    });
+                    let old = std::mem::take(&mut entry.record.devices);
+                    let device_id = entry.record.next_device_id;
+                    entry.record.next_device_id += 1;
+                    entry.record.devices.push(DeviceRecord {
+                        device_id,
+                        key_id: device.key_id,
+                        public_key: device.public_key.clone(),
+                        created_at_ms: now_ms,
+                    });
+                    entry.generation = generation;
+                    entry.names.clear();
+                    entry.seen.clear();
+                    (
+                        Ok(Some(Rewritten {
+                            device_id,
+                            took_over,
+                            old,
+                        })),
+                        true,
+                    )
+                },
+            )
+            .await??;
+        let Some(Rewritten {
+            device_id,
+            took_over,
+            old,
+        }) = rewritten
+        else {
+            return Ok(VerifyOutcome::NoCode);
+        };
+        let mut revoked_keys = Vec::new();
+        for d in &old {
+            let was = DeviceRef {
+                account_id,
+                device_id: d.device_id,
+            };
+            if d.key_id != device.key_id {
+                self.revoke(&d.key_id, was, Removal::SignedOut, now_ms)
+                    .await?;
+                revoked_keys.push(d.key_id);
+            }
+            signed_out.push(was);
+        }
+        self.bucket
+            .put(
+                &key_key(&device.key_id),
+                &KeyEntry::Device(account_id, device_id),
+            )
+            .await?;
+        Ok(VerifyOutcome::Registered {
+            device: DeviceRef {
+                account_id,
+                device_id,
+            },
+            took_over,
+            signed_out,
+            revoked_keys,
+            indexed: (self.discovery.version(), prf),
+        })
+    }
+
+    async fn account(&self, id: u64) -> Result<Option<AccountRecord>, StoreError> {
+        Ok(self.account_entry(id).await?.map(|e| e.record))
+    }
+
+    async fn account_by_number(
+        &self,
+        number: String,
+    ) -> Result<Option<(u64, AccountRecord)>, StoreError> {
+        let (entry, _) = self
+            .bucket
+            .read::<NumberEntry>(&number_key(&number))
+            .await?;
+        let Some(id) = entry.and_then(|e| e.account_id) else {
+            return Ok(None);
+        };
+        Ok(self.account(id).await?.map(|a| (id, a)))
+    }
+
+    async fn device_by_key(&self, key_id: KeyId) -> Result<Option<DeviceIdentity>, StoreError> {
+        Ok(self
+            .holder(&key_id)
+            .await?
+            .map(|(device, number)| DeviceIdentity { device, number }))
+    }
+
+    async fn devices(&self, account: u64) -> Result<Option<(String, Vec<DeviceView>)>, StoreError> {
+        let Some(entry) = self.account_entry(account).await? else {
+            return Ok(None);
+        };
+        let find = |list: &[(u32, String)], id: u32| {
+            list.iter().find(|(d, _)| *d == id).map(|(_, n)| n.clone())
+        };
+        let views = entry
+            .record
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DeviceView {
+                device_id: d.device_id,
+                name: find(&entry.names, d.device_id),
+                primary: i == 0,
+                linked_at_ms: d.created_at_ms,
+                last_seen_ms: entry
+                    .seen
+                    .iter()
+                    .find(|(id, _)| *id == d.device_id)
+                    .map(|(_, at)| *at),
+                key_id: d.key_id,
+            })
+            .collect();
+        Ok(Some((entry.record.number, views)))
+    }
+
+    async fn mark_device_seen(&self, device: DeviceRef, now_ms: u64) -> Result<(), StoreError> {
+        self.bucket
+            .modify(
+                &account_key(device.account_id),
+                |slot: &mut Option<AccountEntry>| {
+                    let Some(entry) = slot else {
+                        return ((), false);
+                    };
+                    if !entry
+                        .record
+                        .devices
+                        .iter()
+                        .any(|d| d.device_id == device.device_id)
+                    {
+                        return ((), false);
+                    }
+                    entry.seen.retain(|(d, _)| *d != device.device_id);
+                    entry.seen.push((device.device_id, now_ms));
+                    ((), true)
+                },
+            )
+            .await
+    }
+
+    async fn link_device(
+        &self,
+        account: u64,
+        new: NewDevice,
+        name: String,
+        max_devices: u32,
+        now_ms: u64,
+    ) -> Result<Linked, StoreError> {
+        if self.holder(&new.key_id).await?.is_some() {
+            return Ok(Linked::KeyInUse);
+        }
+        let linked = self
+            .bucket
+            .modify(&account_key(account), |slot: &mut Option<AccountEntry>| {
+                let Some(entry) = slot else {
+                    return (Linked::NoAccount, false);
+                };
+                let devices = &mut entry.record.devices;
+                if devices.iter().any(|d| d.key_id == new.key_id) {
+                    return (Linked::KeyInUse, false);
+                }
+                if devices.len() >= max_devices as usize {
+                    return (Linked::TooMany { max: max_devices }, false);
+                }
+                let device_id = entry.record.next_device_id;
+                entry.record.next_device_id += 1;
+                devices.push(DeviceRecord {
+                    device_id,
+                    key_id: new.key_id,
+                    public_key: new.public_key.clone(),
+                    created_at_ms: now_ms,
+                });
+                entry.names.push((device_id, name.clone()));
+                // Linking counts as being seen: a lapse runs from here.
+                entry.seen.push((device_id, now_ms));
+                let done = Linked::Done {
+                    device: DeviceRef {
+                        account_id: account,
+                        device_id,
+                    },
+                    number: entry.record.number.clone(),
+                };
+                (done, true)
+            })
+            .await?;
+        let Linked::Done { device, .. } = &linked else {
+            return Ok(linked);
+        };
+        // Claim the key. Another device that took it meanwhile keeps it (and this
+        // link is undone), unless its entry is a stale hint.
+        let ours = KeyEntry::Device(device.account_id, device.device_id);
+        let mut stale = None;
+        loop {
+            let taken = self
+                .bucket
+                .modify(
+                    &key_key(&new.key_id),
+                    |slot: &mut Option<KeyEntry>| match slot {
+                        Some(KeyEntry::Device(a, d))
+                            if KeyEntry::Device(*a, *d) != ours && stale != Some((*a, *d)) =>
+                        {
+                            (Some((*a, *d)), false)
+                        }
+                        _ => {
+                            *slot = Some(ours);
+                            (None, true)
+                        }
+                    },
+                )
+                .await?;
+            let Some(other) = taken else {
+                return Ok(linked);
+            };
+            match self.holder(&new.key_id).await? {
+                Some((holder, _)) if (holder.account_id, holder.device_id) == other => {
+                    self.unlink_device(*device, Removal::Unlinked, now_ms)
+                        .await?;
+                    return Ok(Linked::KeyInUse);
+                }
+                _ => stale = Some(other),
+            }
+        }
+    }
+
+    async fn unlink_device(
+        &self,
+        device: DeviceRef,
+        why: Removal,
+        now_ms: u64,
+    ) -> Result<Unlinked, StoreError> {
+        let outcome = self
+            .bucket
+            .modify(
+                &account_key(device.account_id),
+                |slot: &mut Option<AccountEntry>| {
+                    let Some(entry) = slot else {
+                        return (Unlinked::NotFound, false);
+                    };
+                    let Some(at) = entry
+                        .record
+                        .devices
+                        .iter()
+                        .position(|d| d.device_id == device.device_id)
+                    else {
+                        return (Unlinked::NotFound, false);
+                    };
+                    if at == 0 {
+                        return (Unlinked::Primary, false);
+                    }
+                    let old = entry.record.devices.remove(at);
+                    entry.names.retain(|(d, _)| *d != device.device_id);
+                    entry.seen.retain(|(d, _)| *d != device.device_id);
+                    (Unlinked::Done { key_id: old.key_id }, true)
+                },
+            )
+            .await?;
+        if let Unlinked::Done { key_id } = &outcome {
+            self.revoke(key_id, device, why, now_ms).await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn removed_key(&self, key_id: KeyId) -> Result<Option<RemovedKeyRecord>, StoreError> {
+        let (entry, _) = self.bucket.read::<KeyEntry>(&key_key(&key_id)).await?;
+        Ok(match entry {
+            Some(KeyEntry::Removed(r)) => Some(r),
+            _ => None,
+        })
+    }
+}
