@@ -329,7 +329,7 @@ async fn backup_to(data: &Path, file: &Path) -> anyhow::Result<()> {
         })
         .unwrap_or((0, 0));
     println!(
-        "attachments NOT included: {count} file(s), {} under {} (copy that directory beside          the backup to keep them)",
+        "attachments NOT included: {count} file(s), {} under {} (copy that directory beside the backup to keep them)",
         HumanBytes(bytes),
         blobs.display()
     );

@@ -407,6 +407,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_thumbnail_is_a_small_jpeg_of_an_image_and_nothing_of_other_files() {
+        // A noisy photo-sized PNG: the hardest case for the size bound.
+        let photo = image::RgbImage::from_fn(1600, 1200, |x, y| {
+            let n = x
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(y.wrapping_mul(40_503));
+            image::Rgb([(n >> 3) as u8, (n >> 11) as u8, (n >> 19) as u8])
+        });
+        let mut png = Vec::new();
+        image::DynamicImage::ImageRgb8(photo)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let thumb = thumbnail(&png).expect("a PNG makes a thumbnail");
+        assert!(thumb.len() <= MAX_THUMBNAIL_BYTES, "{} bytes", thumb.len());
+        assert_eq!(
+            image::guess_format(&thumb).unwrap(),
+            image::ImageFormat::Jpeg
+        );
+        let small = image::load_from_memory(&thumb).unwrap();
+        assert!(small.width() <= 96 && small.height() <= 96);
+        // The aspect ratio is kept: 4:3.
+        assert_eq!(small.width() * 3, small.height() * 4);
+        assert_eq!(thumbnail(b"not an image at all"), None);
+        assert_eq!(thumbnail(&png[..png.len() / 3]), None, "a cut-off PNG");
+    }
+
+    #[test]
     fn sizes_and_chunks() {
         assert_eq!(ciphertext_len(0), 16);
         assert_eq!(ciphertext_len(1), 17);

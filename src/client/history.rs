@@ -957,7 +957,85 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::client::content::EDIT_WINDOW_MS;
     use crate::client::db::HomeDb;
+
+    #[test]
+    fn acts_keep_one_reaction_each_and_edit_or_delete_only_by_the_author_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = HomeDb::open(dir.path(), None).unwrap();
+        let (me, bob) = ("+14155550100", "+14155550101");
+        let sent_at = 1_000_000;
+        let (mine, his) = ([1u8; 16], [2u8; 16]);
+        db.write(|tx| {
+            add_sent(
+                tx,
+                bob,
+                1,
+                &mine,
+                sent_at,
+                &Content::Text("hi".into()),
+                None,
+            )?;
+            add_received(
+                tx,
+                bob,
+                1,
+                &his,
+                sent_at,
+                Some(Content::Text("yo".into())),
+                None,
+            )?;
+            Ok::<_, DbError>(())
+        })
+        .unwrap();
+        let act = |actor: &str, act: Content, at: u64| {
+            db.write(|tx| apply_act(tx, bob, actor, me, &act, at))
+                .unwrap()
+        };
+        let now = |id: MessageId| db.read(|tx| find(tx, bob, &id)).unwrap().unwrap();
+        let react = |to, emoji: &str| Content::Reaction {
+            to,
+            emoji: emoji.into(),
+        };
+        let own = |who: &str, emoji: &str| (who.to_string(), emoji.to_string());
+
+        // One reaction per person: a new one replaces the old, empty takes it back.
+        act(bob, react(mine, "\u{1f44d}"), sent_at + 1).unwrap();
+        act(bob, react(mine, "\u{2764}"), sent_at + 2).unwrap();
+        act(me, react(mine, "\u{1f602}"), sent_at + 3).unwrap();
+        assert_eq!(
+            now(mine).reactions,
+            vec![own(bob, "\u{2764}"), own(me, "\u{1f602}")]
+        );
+        act(bob, react(mine, ""), sent_at + 4).unwrap();
+        assert_eq!(now(mine).reactions, vec![own(me, "\u{1f602}")]);
+
+        // Only the author edits, and only within the window (and its grace).
+        let edit = |text: &str| Content::Edit {
+            to: mine,
+            text: text.into(),
+        };
+        assert!(act(bob, edit("not yours"), sent_at + 5).is_none());
+        let edited = act(me, edit("hello"), sent_at + EDIT_WINDOW_MS).unwrap();
+        assert_eq!(edited.content, Some(Content::Text("hello".into())));
+        assert_eq!(edited.edited_at_ms, Some(sent_at + EDIT_WINDOW_MS));
+        let late = sent_at + EDIT_WINDOW_MS + ACT_GRACE_MS + 1;
+        assert!(act(me, edit("too late"), late).is_none());
+        let refused = act_refusal(&now(mine), me, me, &edit("too late"), late).unwrap();
+        assert!(refused.contains("within 15 minutes"), "{refused}");
+        assert_eq!(now(mine).content, Some(Content::Text("hello".into())));
+
+        // Delete for everyone: the same window; it takes the reactions along.
+        act(me, react(his, "\u{1f44d}"), sent_at + 6).unwrap();
+        assert!(act(bob, Content::Delete { to: his }, late).is_none());
+        assert_eq!(now(his).content, Some(Content::Text("yo".into())));
+        let deleted = act(bob, Content::Delete { to: his }, sent_at + EDIT_WINDOW_MS).unwrap();
+        assert_eq!(deleted.content, Some(Content::Deleted));
+        assert!(deleted.reactions.is_empty());
+        assert!(act(me, react(his, "\u{1f44d}"), sent_at + 7).is_none());
+        assert!(act(bob, Content::Delete { to: mine }, sent_at + 8).is_none());
+    }
 
     #[test]
     fn the_conversation_list_has_each_head_and_counts_only_unread_received() {

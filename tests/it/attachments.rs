@@ -119,6 +119,17 @@ fn a_20_mib_file_through_the_cli_and_never_in_plain_on_the_node() {
         None,
         "plaintext on the node's disk"
     );
+    // Nor its name, caption or type: they travel inside the end-to-end message.
+    for secret in ["holiday.bin", "the photos", "application/octet-stream"] {
+        for f in all_files(&node.data_dir()) {
+            let bytes = std::fs::read(&f).unwrap_or_default();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret:?} in {}",
+                f.display()
+            );
+        }
+    }
     let blobs: Vec<_> = all_files(&node.data_dir().join("blobs"));
     assert_eq!(blobs.len(), 1, "{blobs:?}");
     assert_eq!(
@@ -159,6 +170,80 @@ fn a_20_mib_file_through_the_cli_and_never_in_plain_on_the_node() {
     assert!(
         history.contains("[file: holiday.bin, 20.00 MiB] the photos"),
         "{history}"
+    );
+}
+
+/// With `delete_when_downloaded = false` the node keeps a file after every device
+/// has it, and `attachment get` downloads it again, checked against its digest.
+#[test]
+fn attachment_get_downloads_again_while_the_node_keeps_it() {
+    let node = ProcessNode::start(&config_text(
+        "[attachments]\ndelete_when_downloaded = false\n",
+    ));
+    let root = node.dir.path().to_path_buf();
+    let (alice, bob) = alice_and_bob(&node);
+    let (file, plain) = random_file(&root, "voice.opus", 300 << 10);
+    let id = node
+        .ok(&alice, &["send", BOB, "--file", file.to_str().unwrap()])
+        .trim()
+        .to_string();
+    let first = root.join("first");
+    let got = node.ok(&bob, &["recv", "--save-dir", first.to_str().unwrap()]);
+    assert!(got.contains("[file: voice.opus, 300.00 KiB]"), "{got}");
+    assert_eq!(std::fs::read(first.join("voice.opus")).unwrap(), plain);
+    assert_eq!(all_files(&node.data_dir().join("blobs")).len(), 1);
+
+    let again = root.join("again");
+    let out = node.cli(
+        &bob,
+        &[
+            "attachment",
+            "get",
+            &id[..8],
+            "--save-dir",
+            again.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        show(&["attachment", "get"], &out)
+    );
+    let path = PathBuf::from(stdout(&out).trim());
+    assert_eq!(path.parent(), Some(again.as_path()), "{}", path.display());
+    assert_eq!(std::fs::read(&path).unwrap(), plain);
+    assert!(
+        stderr(&out).contains("saved voice.opus"),
+        "{}",
+        stderr(&out)
+    );
+    // A backup says it leaves the kept file out, and where it is.
+    let backup = root.join("node.backup");
+    let out = std::process::Command::new(BIN)
+        .args(["admin", "backup", backup.to_str().unwrap(), "--data"])
+        .arg(node.data_dir())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&["admin", "backup"], &out));
+    assert!(
+        stdout(&out).contains("attachments NOT included: 1 file(s)"),
+        "{}",
+        stdout(&out)
+    );
+    // A message without a file is told so.
+    let text_id = node
+        .ok(&alice, &["send", BOB, "just words"])
+        .trim()
+        .to_string();
+    node.ok(&bob, &["recv"]);
+    let out = node.cli(&bob, &["attachment", "get", &text_id], "");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("has no attachment"),
+        "{}",
+        stderr(&out)
     );
 }
 

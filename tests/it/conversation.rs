@@ -176,6 +176,19 @@ fn receipts_reactions_edits_deletes_and_replies_through_the_cli() {
     assert_eq!(row["read_by"][0]["by"], BOB, "{row}");
     let text = node.ok(&alice, &["history", BOB]);
     assert!(text.contains("hello Bob  (delivered) · read"), "{text}");
+    // And the same as JSON, for scripts.
+    let again = node
+        .ok(&alice, &["send", BOB, "read this too"])
+        .trim()
+        .to_string();
+    node.ok(&bob, &["recv"]);
+    let events = json_lines(&node.ok(&alice, &["recv", "--json"]));
+    let read = events
+        .iter()
+        .find(|e| e["read"]["id"] == again.as_str())
+        .unwrap_or_else(|| panic!("no read receipt in {events:?}"));
+    assert_eq!(read["read"]["by"], BOB, "{read}");
+    assert!(read["read"]["group"].is_null(), "{read}");
 
     let question = node
         .ok(&bob, &["send", ALICE, "how are you?"])

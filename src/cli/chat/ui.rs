@@ -544,6 +544,22 @@ mod tests {
     }
 
     #[test]
+    fn a_typing_indicator_shows_until_its_time_runs_out() {
+        let mut app = with_bob();
+        let shown_at = std::time::Instant::now();
+        app.typing = Some((
+            BOB.into(),
+            shown_at + switchboard::client::messenger::TYPING_SHOWN_FOR,
+        ));
+        let s = screen(&app, 80, 14).join("\n");
+        assert!(s.contains("Bob is typing…"), "{s}");
+        // No "stopped" ever came, and its time is up: it is gone by itself.
+        app.typing = Some((BOB.into(), shown_at));
+        let s = screen(&app, 80, 14).join("\n");
+        assert!(!s.contains("is typing"), "{s}");
+    }
+
+    #[test]
     fn a_group_shows_each_senders_name() {
         let mut app = with_bob();
         app.open = Some(Conversation::Group(7));
