@@ -908,3 +908,51 @@ fn the_commands_in_a_group_through_the_cli() {
     let mine = node.ok(&alice, &["history", "--group", "Family"]);
     assert!(mine.contains("· read by 2 of 2"), "{mine}");
 }
+
+/// In a group, Carol, who never wrote to Alice, reads Alice's profile (its key came
+/// with the group's messages) and gets the file Alice sends to the group.
+#[test]
+fn a_group_shares_profiles_and_files_through_the_cli() {
+    let node = ProcessNode::start(&config_text(""));
+    let (alice, bob, carol) = (
+        node.home("alice", ALICE),
+        node.home("bob", BOB),
+        node.home("carol", CAROL),
+    );
+    node.ok(&alice, &["profile", "set", "--name", "Alice A."]);
+    node.ok(&alice, &["group", "create", "Family", BOB, CAROL]);
+    node.ok(&alice, &["send", "--group", "Family", "welcome"]);
+    node.ok(&bob, &["recv"]);
+    node.ok(&carol, &["recv"]);
+    let shown = node.ok(&carol, &["profile", "show", ALICE]);
+    assert!(shown.contains("Alice A."), "{shown}");
+
+    let file = node.dir.path().join("menu.pdf");
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&file, &bytes).unwrap();
+    node.ok(
+        &alice,
+        &[
+            "send",
+            "--group",
+            "Family",
+            "--file",
+            file.to_str().unwrap(),
+            "--caption",
+            "the menu",
+        ],
+    );
+    for (who, home) in [("bob", &bob), ("carol", &carol)] {
+        let saves = node.dir.path().join(format!("{who}-saves"));
+        let got = node.ok(home, &["recv", "--save-dir", saves.to_str().unwrap()]);
+        assert!(
+            got.contains("[file: menu.pdf,") && got.contains("the menu"),
+            "{who}: {got}"
+        );
+        assert_eq!(
+            std::fs::read(saves.join("menu.pdf")).unwrap(),
+            bytes,
+            "{who}"
+        );
+    }
+}
