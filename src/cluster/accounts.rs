@@ -70,6 +70,14 @@ struct AccountEntry {
     seen: Vec<(u32, u64)>,
 }
 
+impl AccountEntry {
+    /// Drops what the entry keeps beside the record for device `id`.
+    fn forget(&mut self, id: u32) {
+        self.names.retain(|(d, _)| *d != id);
+        self.seen.retain(|(d, _)| *d != id);
+    }
+}
+
 /// `k.HEX(key id)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
 enum KeyEntry {
@@ -222,8 +230,7 @@ impl JetStreamAccounts {
                         .retain(|d| !(d.device_id == other.device_id && d.key_id == *key_id));
                     let changed = entry.record.devices.len() != before;
                     if changed {
-                        entry.names.retain(|(d, _)| *d != other.device_id);
-                        entry.seen.retain(|(d, _)| *d != other.device_id);
+                        entry.forget(other.device_id);
                     }
                     (changed, changed)
                 },
@@ -618,8 +625,7 @@ impl AccountStore for JetStreamAccounts {
                         return (Unlinked::Primary, false);
                     }
                     let old = entry.record.devices.remove(at);
-                    entry.names.retain(|(d, _)| *d != device.device_id);
-                    entry.seen.retain(|(d, _)| *d != device.device_id);
+                    entry.forget(device.device_id);
                     (Unlinked::Done { key_id: old.key_id }, true)
                 },
             )

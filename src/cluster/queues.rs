@@ -32,7 +32,7 @@
 //!   read its queue now; the stream stays the source of truth (a lost wake-up delays
 //!   an item until that node's next read, never loses it).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream::message::{PublishMessage, StreamMessage};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
@@ -113,10 +113,15 @@ fn subject_full(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// A raw get's message, `None` when the stream holds none there.
+fn found(
+    got: Result<StreamMessage, stream::RawMessageError>,
+) -> Result<Option<StreamMessage>, StoreError> {
+    match got {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if matches!(e.kind(), stream::RawMessageErrorKind::NoMessageFound) => Ok(None),
+        Err(e) => Err(engine(STREAM, e)),
+    }
 }
 
 impl JetStreamQueues {
@@ -183,12 +188,7 @@ impl JetStreamQueues {
 
     /// The message at `seq`, if the stream still holds it.
     async fn at(&self, seq: u64) -> Result<Option<StreamMessage>, StoreError> {
-        use async_nats::jetstream::stream::RawMessageErrorKind;
-        match self.stream.get_raw_message(seq).await {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => Ok(None),
-            Err(e) => Err(engine(STREAM, e)),
-        }
+        found(self.stream.get_raw_message(seq).await)
     }
 
     /// The first message of `device`'s queue at or after `seq`.
@@ -197,19 +197,31 @@ impl JetStreamQueues {
         device: DeviceRef,
         seq: u64,
     ) -> Result<Option<StreamMessage>, StoreError> {
-        use async_nats::jetstream::stream::RawMessageErrorKind;
-        match self
-            .stream
-            .raw_message_builder()
-            .sequence(seq)
-            .next_by_subject(filter(device))
-            .send()
+        found(
+            self.stream
+                .raw_message_builder()
+                .sequence(seq)
+                .next_by_subject(filter(device))
+                .send()
+                .await,
+        )
+    }
+
+    /// Publishes `value` on `subject` with JetStream's duplicate id `msg_id`; the
+    /// acknowledgement is awaited by the caller (several may be in flight).
+    async fn publish(
+        &self,
+        subject: String,
+        msg_id: String,
+        value: Vec<u8>,
+    ) -> Result<js::context::PublishAckFuture, StoreError> {
+        let publish = PublishMessage::build()
+            .message_id(msg_id)
+            .payload(Bytes::from(value));
+        self.jetstream
+            .send_publish(subject, publish)
             .await
-        {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => Ok(None),
-            Err(e) => Err(engine(STREAM, e)),
-        }
+            .map_err(|e| engine(STREAM, e))
     }
 
     /// Deletes `seq` (already gone is fine).
@@ -247,14 +259,9 @@ impl QueueStore for JetStreamQueues {
                 device.account_id,
                 device.device_id
             );
-            let publish = PublishMessage::build()
-                .message_id(msg_id)
-                .payload(Bytes::from(value));
             let ack = self
-                .jetstream
-                .send_publish(messages_subject(device), publish)
-                .await
-                .map_err(|e| engine(STREAM, e))?;
+                .publish(messages_subject(device), msg_id, value)
+                .await?;
             pending.push((device, ack));
         }
         let mut queued = Vec::new();
@@ -310,7 +317,7 @@ impl QueueStore for JetStreamQueues {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut next = after.map_or(1, |seq| seq.saturating_add(1));
-        let now = now_ms();
+        let now = crate::store::wall_ms();
         loop {
             if out.len() >= max {
                 return Ok((out, true));
@@ -384,14 +391,9 @@ impl QueueStore for JetStreamQueues {
                 };
                 let value = records::encode_queued(now_ms, &receipt)?;
                 let msg_id = format!("r.{STREAM}.{seq}");
-                let publish = PublishMessage::build()
-                    .message_id(msg_id)
-                    .payload(Bytes::from(value));
                 let ack = self
-                    .jetstream
-                    .send_publish(receipts_subject(sender), publish)
-                    .await
-                    .map_err(|e| engine(STREAM, e))?;
+                    .publish(receipts_subject(sender), msg_id, value)
+                    .await?;
                 receipts.push((sender, ack));
             }
         }

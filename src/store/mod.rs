@@ -297,8 +297,9 @@ pub struct DeviceIdentity {
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 /// Milliseconds since the Unix epoch, for the few store operations that stamp a
-/// time themselves (the others are given the caller's clock).
-fn wall_ms() -> u64 {
+/// time themselves (the others are given the caller's clock), and for the cluster's
+/// engines, which are storage too.
+pub(crate) fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

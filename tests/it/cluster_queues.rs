@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use switchboard::cluster::Cluster;
-use switchboard::cluster::queues::{JetStreamQueues, QueueLimits, STREAM};
+use switchboard::cluster::queues::{JetStreamQueues, QueueLimits, STREAM, wake_subject};
 use switchboard::store::queue_store::{Outgoing, QueueStore, SledQueues};
 use switchboard::store::records::QueueItem;
 use switchboard::store::{AppendOutcome, DeviceRef, Store};
@@ -215,6 +216,22 @@ async fn an_append_on_one_node_wakes_the_device_on_another() {
     let node2 = nats.queues(1, limits(100)).await;
     let bob = dev(2, 1);
     let mut wakes = node2.wake_ups(bob).await.unwrap();
+    // Interest crosses the cluster's routes a moment after subscribing: wait until
+    // member 0 forwards to it, as a node that stays up is long past.
+    let probe = async_nats::connect(&nats.urls[0]).await.unwrap();
+    let mut reached = false;
+    for _ in 0..100 {
+        probe
+            .publish(wake_subject(bob), PROBE.into())
+            .await
+            .unwrap();
+        probe.flush().await.unwrap();
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), wakes.next()).await {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "the subscription never reached member 0");
     node1.append(message(1, &[bob])).await.unwrap();
     let woke = tokio::time::timeout(Duration::from_secs(10), wakes.next_wake()).await;
     assert!(
@@ -233,14 +250,21 @@ async fn an_append_on_one_node_wakes_the_device_on_another() {
     assert_eq!(node1.queue_len(bob).await.unwrap(), 1, "and deleted");
 }
 
+const PROBE: &str = "probe";
+
 trait NextWake {
     async fn next_wake(&mut self) -> bool;
 }
 
 impl NextWake for async_nats::Subscriber {
     async fn next_wake(&mut self) -> bool {
-        use futures_util::StreamExt;
-        self.next().await.is_some()
+        // Probes still in flight are not wake-ups.
+        while let Some(m) = self.next().await {
+            if m.payload.as_ref() != PROBE.as_bytes() {
+                return true;
+            }
+        }
+        false
     }
 }
 
