@@ -5,7 +5,8 @@
 //! caller's change, and writes expecting that revision (0 for a key never
 //! written). NATS reports a lost race as error 10071 (wrong last sequence) or, on
 //! some paths, 10164, and a briefly unavailable check as 10163: read again and
-//! re-apply, with a growing pause. Any other failure, including a timeout (the
+//! re-apply, with a growing pause. A write no member answered (a bucket just
+//! created, a leader being elected) stored nothing and is sent again. Any other failure, including a timeout (the
 //! write may have landed), is the caller's error: never applied twice here.
 
 use std::time::Duration;
@@ -135,7 +136,10 @@ impl Bucket {
         key: &str,
         mut change: impl FnMut(&mut Option<T>) -> (A, bool),
     ) -> Result<A, StoreError> {
-        for attempt in 0..TRIES {
+        let mut unanswered = 0;
+        let mut attempt = 0;
+        while attempt < TRIES {
+            attempt += 1;
             let (mut entry, revision) = self.read::<T>(key).await?;
             let (answer, write) = change(&mut entry);
             if !write || (entry.is_none() && revision == 0) {
@@ -161,10 +165,17 @@ impl Bucket {
             };
             match written {
                 Ok(()) => return Ok(answer),
+                Err(e) if super::unanswered(e.as_ref()) && unanswered < super::UNANSWERED_TRIES => {
+                    // Not stored (the bucket is new to this member, or its leader is
+                    // being elected): the same change again, not counted as a race.
+                    unanswered += 1;
+                    attempt -= 1;
+                    super::unanswered_pause(unanswered).await;
+                }
                 Err(e) if lost_race(e.as_ref()) => {
                     // Another node changed it: read again, after a moment if it
                     // keeps happening.
-                    if attempt > 2 {
+                    if attempt > 3 {
                         tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(20)))).await;
                     }
                 }
@@ -180,15 +191,31 @@ impl Bucket {
     /// Writes `value` at `key` whatever was there.
     pub async fn put<T: Encode>(&self, key: &str, value: &T) -> Result<(), StoreError> {
         let value = Bytes::from(records::encode(value)?);
-        self.kv
-            .put(key, value)
-            .await
-            .map(drop)
-            .map_err(|e| engine(self.name, e))
+        let mut tries = 0;
+        loop {
+            match self.kv.put(key, value.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if super::unanswered(&e) && tries < super::UNANSWERED_TRIES => {
+                    tries += 1;
+                    super::unanswered_pause(tries).await;
+                }
+                Err(e) => return Err(engine(self.name, e)),
+            }
+        }
     }
 
     /// Removes `key` and its history.
     pub async fn purge(&self, key: &str) -> Result<(), StoreError> {
-        self.kv.purge(key).await.map_err(|e| engine(self.name, e))
+        let mut tries = 0;
+        loop {
+            match self.kv.purge(key).await {
+                Ok(()) => return Ok(()),
+                Err(e) if super::unanswered(&e) && tries < super::UNANSWERED_TRIES => {
+                    tries += 1;
+                    super::unanswered_pause(tries).await;
+                }
+                Err(e) => return Err(engine(self.name, e)),
+            }
+        }
     }
 }

@@ -22,6 +22,52 @@ pub const MIN_SERVER: (u64, u64) = (2, 10);
 /// Key-value buckets and streams are kept on this many members.
 pub const REPLICAS: usize = 3;
 
+/// Publishes no member answered before giving up (with [`unanswered_pause`] between
+/// them, about ten seconds in all).
+pub(crate) const UNANSWERED_TRIES: u32 = 40;
+
+/// Whether `e` (or what caused it) is a JetStream publish that no stream answered
+/// (async-nats: "no stream found for given subject", NATS's no-responders). Nothing
+/// was stored, so sending it again is safe. It happens for a moment after a stream
+/// is created (the member this client talks to does not yet know the stream's
+/// subjects) and while a stream's leader is being elected.
+pub(crate) fn unanswered(e: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = at {
+        if let Some(p) = err.downcast_ref::<PublishError>()
+            && p.kind() == PublishErrorKind::StreamNotFound
+        {
+            return true;
+        }
+        at = err.source();
+    }
+    false
+}
+
+/// Whether `e` (or what caused it) is JetStream refusing a publish because the same
+/// duplicate id is being stored at this moment (10158, "duplicate message id is in
+/// process": two nodes sending the same item at once). Sent again a moment later,
+/// it is answered as a duplicate.
+pub(crate) fn in_process(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = at {
+        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>()
+            && js.error_code() == async_nats::jetstream::ErrorCode(10158)
+        {
+            return true;
+        }
+        at = err.source();
+    }
+    false
+}
+
+/// The pause before publishing again after the `attempt`-th unanswered publish.
+pub(crate) async fn unanswered_pause(attempt: u32) {
+    let ms = 25 * u64::from(attempt.clamp(1, 12));
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
 /// Why the cluster cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

@@ -211,25 +211,68 @@ impl JetStreamQueues {
     /// acknowledgement is awaited by the caller (several may be in flight).
     async fn publish(
         &self,
-        subject: String,
-        msg_id: String,
-        value: Vec<u8>,
+        subject: &str,
+        msg_id: &str,
+        value: &Bytes,
     ) -> Result<js::context::PublishAckFuture, StoreError> {
         let publish = PublishMessage::build()
             .message_id(msg_id)
-            .payload(Bytes::from(value));
+            .payload(value.clone());
         self.jetstream
-            .send_publish(subject, publish)
+            .send_publish(subject.to_owned(), publish)
             .await
             .map_err(|e| engine(STREAM, e))
+    }
+
+    /// Waits for `ack`, the acknowledgement of publishing `value` on `subject` as
+    /// `msg_id`. A publish no stream answered stored nothing (the stream is new to
+    /// this member, or its leader is being elected), and one refused because the
+    /// same id is being stored by another node at this moment will be a duplicate:
+    /// either is published again, with the same duplicate id, until answered or
+    /// [`super::UNANSWERED_TRIES`] run out.
+    async fn acked(
+        &self,
+        ack: js::context::PublishAckFuture,
+        subject: &str,
+        msg_id: &str,
+        value: &Bytes,
+    ) -> Result<js::publish::PublishAck, js::context::PublishError> {
+        let mut outcome = ack.await;
+        let mut tries = 0;
+        while let Err(e) = &outcome
+            && (super::unanswered(e) || super::in_process(e))
+            && tries < super::UNANSWERED_TRIES
+        {
+            tries += 1;
+            super::unanswered_pause(tries).await;
+            let publish = PublishMessage::build()
+                .message_id(msg_id)
+                .payload(value.clone());
+            outcome = match self
+                .jetstream
+                .send_publish(subject.to_owned(), publish)
+                .await
+            {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+        }
+        outcome
     }
 
     /// Deletes `seq` (already gone is fine).
     async fn delete(&self, seq: u64) -> Result<(), StoreError> {
         match self.stream.delete_message(seq).await {
             Ok(_) => Ok(()),
-            // 10057: no message at that sequence (deleted by a repeated ack, or aged).
-            Err(e) if e.to_string().contains("10057") || e.to_string().contains("no message") => {
+            // 10043, "sequence N not found": deleted already (by the same ack through
+            // another node at once) or aged out.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    stream::DeleteMessageErrorKind::JetStream(err)
+                        if err.error_code() == js::ErrorCode(10043)
+                ) =>
+            {
                 Ok(())
             }
             Err(e) => Err(engine(STREAM, e)),
@@ -250,7 +293,11 @@ impl QueueStore for JetStreamQueues {
                 id: m.id,
                 body,
             };
-            let value = records::encode_queued_until(m.now_ms, m.expires_at_ms, &item)?;
+            let value = Bytes::from(records::encode_queued_until(
+                m.now_ms,
+                m.expires_at_ms,
+                &item,
+            )?);
             let msg_id = format!(
                 "{}.{}.{}.{}.{}",
                 m.sender.account_id,
@@ -259,17 +306,16 @@ impl QueueStore for JetStreamQueues {
                 device.account_id,
                 device.device_id
             );
-            let ack = self
-                .publish(messages_subject(device), msg_id, value)
-                .await?;
-            pending.push((device, ack));
+            let subject = messages_subject(device);
+            let ack = self.publish(&subject, &msg_id, &value).await?;
+            pending.push((device, ack, subject, msg_id, value));
         }
         let mut queued = Vec::new();
         let mut duplicate_at = None;
         let mut full = None;
         let mut failed = None;
-        for (device, ack) in pending {
-            match ack.await {
+        for (device, ack, subject, msg_id, value) in pending {
+            match self.acked(ack, &subject, &msg_id, &value).await {
                 Ok(ack) if ack.duplicate => {
                     duplicate_at.get_or_insert(ack.sequence);
                 }
@@ -389,18 +435,17 @@ impl QueueStore for JetStreamQueues {
                     device_id: device.device_id,
                     id,
                 };
-                let value = records::encode_queued(now_ms, &receipt)?;
+                let value = Bytes::from(records::encode_queued(now_ms, &receipt)?);
                 let msg_id = format!("r.{STREAM}.{seq}");
-                let ack = self
-                    .publish(receipts_subject(sender), msg_id, value)
-                    .await?;
-                receipts.push((sender, ack));
+                let subject = receipts_subject(sender);
+                let ack = self.publish(&subject, &msg_id, &value).await?;
+                receipts.push((sender, ack, subject, msg_id, value));
             }
         }
         // Receipts acknowledged by JetStream before any item goes.
         let mut delivered = Vec::with_capacity(receipts.len());
-        for (sender, ack) in receipts {
-            match ack.await {
+        for (sender, ack, subject, msg_id, value) in receipts {
+            match self.acked(ack, &subject, &msg_id, &value).await {
                 Ok(_) => delivered.push(sender),
                 Err(e) if subject_full(&e) => {
                     tracing::warn!(
