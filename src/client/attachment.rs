@@ -305,7 +305,7 @@ impl Client {
             state.hasher.update(&plain);
             state.chunks += 1;
             sealed.clear();
-            progress((i + 1) * (CHUNK + TAG) as u64, total);
+            progress(((i + 1) * (CHUNK + TAG) as u64).min(total), total);
         }
         // Anything after the last chunk is not this attachment.
         if recv

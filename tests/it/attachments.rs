@@ -173,6 +173,68 @@ fn a_20_mib_file_through_the_cli_and_never_in_plain_on_the_node() {
     );
 }
 
+/// `switchboard --home HOME ARGS...` on a terminal: run under util-linux `script`,
+/// which gives it a pseudo-terminal. Returns what the terminal showed.
+fn on_a_terminal(home: &Path, args: &[&str]) -> String {
+    let mut command = format!("{BIN} --home {}", home.display());
+    for a in args {
+        command.push(' ');
+        command.push_str(a);
+    }
+    let out = std::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("util-linux `script` runs (it gives the CLI a terminal)");
+    assert!(out.status.success(), "{}", show(args, &out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A file over a few MiB shows a progress bar of bytes on a terminal, sent and
+/// fetched with `attachment get`; piped, nothing but the answer is printed.
+#[test]
+fn a_big_transfer_shows_a_progress_bar_on_a_terminal() {
+    let node = ProcessNode::start(&config_text(
+        "[attachments]\ndelete_when_downloaded = false\n",
+    ));
+    let root = node.dir.path().to_path_buf();
+    let (alice, bob) = alice_and_bob(&node);
+    let (file, _) = random_file(&root, "big.bin", 6 << 20);
+    let file = file.to_str().unwrap();
+    let shown = on_a_terminal(&alice, &["send", BOB, "--file", file]);
+    assert!(shown.contains("/6.00 MiB"), "no bar sending: {shown:?}");
+    // The bar is cleared (`ESC [2K`) before the message id is printed.
+    let id = shown
+        .trim()
+        .rsplit(['\n', '\r', 'K'])
+        .next()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "the message id last: {shown:?}"
+    );
+    let saves = root.join("saves");
+    node.ok(&bob, &["recv", "--save-dir", saves.to_str().unwrap()]);
+    let shown = on_a_terminal(
+        &bob,
+        &[
+            "attachment",
+            "get",
+            &id[..8],
+            "--save-dir",
+            saves.to_str().unwrap(),
+        ],
+    );
+    assert!(shown.contains("/6.00 MiB"), "no bar fetching: {shown:?}");
+    assert!(shown.contains("saved big.bin"), "{shown:?}");
+    // Piped: no bar.
+    let out = node.cli(&alice, &["send", BOB, "--file", file], "");
+    assert!(out.status.success(), "{}", show(&["send"], &out));
+    assert!(!stderr(&out).contains("MiB/"), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("MiB/"), "{}", stdout(&out));
+}
+
 /// With `delete_when_downloaded = false` the node keeps a file after every device
 /// has it, and `attachment get` downloads it again, checked against its digest.
 #[test]
@@ -457,6 +519,186 @@ async fn a_broken_upload_resumes_and_a_half_one_is_never_offered() {
     drop(out);
     assert_eq!(state.digest(), up.digest);
     assert_eq!(std::fs::read(&out_path).unwrap(), plain);
+    alice.close().await;
+    node.shutdown().await;
+}
+
+/// A download broken off in the middle (its connection closed after two chunks)
+/// resumes on a new connection from the first chunk it lacks: no chunk is fetched
+/// twice, and what is saved is the file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_download_resumes_where_it_stopped() {
+    let node = InProcessNode::start(&config_text("")).await;
+    let (a_dir, _, alice) = person(&node, ALICE).await;
+    let (b_dir, _, bob) = person(&node, BOB).await;
+    alice.send_text(&number(BOB), "hi").await.unwrap();
+    receive_backlog(&bob).await;
+    let (path, plain) = random_file(a_dir.path(), "long.bin", 6 * CHUNK + 7);
+    let id = alice
+        .send_file(&Conversation::With(number(BOB)), &path, "", &mut |_, _| {})
+        .await
+        .unwrap();
+    let att = receive_backlog(&bob)
+        .await
+        .iter()
+        .find_map(|e| match e {
+            Event::Message(m) if m.id == id => match &m.content {
+                Some(Content::Attachment(a)) => Some(a.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("the message");
+    let first = bob.client().await.unwrap().connection().clone();
+    let sealed = (CHUNK + TAG) as u64;
+    let mut seen = Vec::new();
+    let mut broke = false;
+    let saved = bob
+        .save_attachment(&att, &b_dir.path().join("saves"), &mut |done, _| {
+            seen.push(done);
+            if !broke && done >= 2 * sealed {
+                broke = true;
+                first.close(0u32.into(), b"broken off by the test");
+            }
+        })
+        .await
+        .unwrap();
+    assert!(broke);
+    assert!(
+        first.close_reason().is_some(),
+        "the first connection is gone"
+    );
+    assert_ne!(
+        bob.client().await.unwrap().connection().stable_id(),
+        first.stable_id(),
+        "the rest came on a new connection"
+    );
+    let want: Vec<u64> = (1..=7u64)
+        .map(|i| (i * sealed).min(ciphertext_len(plain.len() as u64)))
+        .collect();
+    assert_eq!(seen, want, "every chunk once, in order");
+    assert_eq!(std::fs::read(&saved).unwrap(), plain);
+    alice.close().await;
+    bob.close().await;
+    node.shutdown().await;
+}
+
+/// Transfers run side by side, each on its own stream; the bytes one account may
+/// have in flight are bounded (`attachments.max_in_flight_bytes_per_account`) and
+/// given back when a transfer ends; one upload cannot run on two streams at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_transfers_and_the_in_flight_quota() {
+    let node = InProcessNode::start(&config_text(
+        "[attachments]\nmax_bytes = 1048576\nmax_in_flight_bytes_per_account = 1048576\n",
+    ))
+    .await;
+    let (a_dir, _, alice) = person(&node, ALICE).await;
+    let client = alice.client().await.unwrap();
+    let open = |size: u64, resume: Option<[u8; 16]>| {
+        let conn = client.connection().clone();
+        async move {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            frame::write(
+                &mut send,
+                &Request::Upload {
+                    size,
+                    downloads: 0,
+                    resume,
+                },
+            )
+            .await
+            .unwrap();
+            let reply = frame::read::<Reply, _>(&mut recv, 1 << 20).await.unwrap();
+            (send, recv, reply)
+        }
+    };
+    // 600 KiB held open, then 600 KiB more: over the 1 MiB in flight.
+    let (mut held, _held_recv, reply) = open(600 << 10, None).await;
+    let held_id = match reply {
+        Some(Reply::Ok(Response::UploadReady { id, offset: 0 })) => id,
+        other => panic!("{other:?}"),
+    };
+    match open(600 << 10, None).await.2 {
+        Some(Reply::Err(e)) => {
+            assert_eq!(e.kind, ErrorKind::AttachmentQuota { max: 1 << 20 });
+            assert!(
+                e.message.contains("max_in_flight_bytes_per_account"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("a second 600 KiB in flight: {other:?}"),
+    }
+    // The same upload resumed on a second stream while the first still runs.
+    match open(600 << 10, Some(held_id)).await.2 {
+        Some(Reply::Err(e)) => {
+            assert!(
+                e.message.contains("already going on another stream"),
+                "{e:?}"
+            );
+        }
+        other => panic!("one upload on two streams: {other:?}"),
+    }
+    // The first one broken off gives its share back.
+    held.reset(0u32.into()).unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        if let Some(Reply::Ok(Response::UploadReady { .. })) = open(600 << 10, None).await.2 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "the in-flight bytes were never given back");
+
+    // Four files up at once on one connection, then down at once: each whole.
+    let files: Vec<(PathBuf, Vec<u8>)> = (0..4)
+        .map(|i| random_file(a_dir.path(), &format!("p{i}.bin"), 2 * CHUNK + 1000 * i))
+        .collect();
+    let key = [3u8; 32];
+    let ups = futures_util::future::join_all(files.iter().map(|(path, _)| {
+        let client = &client;
+        async move {
+            client
+                .upload_file(path, &key, 0, None, &mut |_, _| {})
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    let mut ids: Vec<[u8; 16]> = ups.iter().map(|u| u.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 4, "each upload its own id");
+    let downs = futures_util::future::join_all(ups.iter().enumerate().map(|(i, up)| {
+        let client = &client;
+        let out_path = a_dir.path().join(format!("back{i}.bin"));
+        async move {
+            let att = attachment::Attachment {
+                id: up.id,
+                key,
+                size: up.size,
+                digest: up.digest,
+                name: String::new(),
+                mime: String::new(),
+                thumbnail: None,
+                caption: String::new(),
+            };
+            let mut out = tokio::fs::File::create(&out_path).await.unwrap();
+            let mut state = DownloadState::default();
+            client
+                .download_into(&att, &mut out, &mut state, &mut |_, _| {})
+                .await
+                .unwrap();
+            drop(out);
+            assert_eq!(state.digest(), up.digest);
+            std::fs::read(&out_path).unwrap()
+        }
+    }))
+    .await;
+    for ((_, plain), got) in files.iter().zip(&downs) {
+        assert_eq!(got, plain);
+    }
     alice.close().await;
     node.shutdown().await;
 }
