@@ -75,6 +75,20 @@ fn leaks(plain: &[u8], dir: &Path) -> Option<String> {
     None
 }
 
+/// The attachment of message `id` among `events`.
+fn attachment_in(events: &[Event], id: [u8; 16]) -> attachment::Attachment {
+    events
+        .iter()
+        .find_map(|e| match e {
+            Event::Message(m) if m.id == id => match &m.content {
+                Some(Content::Attachment(a)) => Some(a.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .expect("the message with the attachment")
+}
+
 /// Alice's and Bob's homes on `node`, registered, with a message between them (so
 /// each device has a session with the other).
 fn alice_and_bob(node: &ProcessNode) -> (PathBuf, PathBuf) {
@@ -333,17 +347,7 @@ async fn round_trips_tampering_wrong_ids_limits_and_quotas() {
             .send_file(&bob_conv, &path, "", &mut |_, _| {})
             .await
             .unwrap();
-        let events = receive_backlog(&bob).await;
-        let att = events
-            .iter()
-            .find_map(|e| match e {
-                Event::Message(m) if m.id == id => match &m.content {
-                    Some(Content::Attachment(a)) => Some(a.clone()),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .expect("the message");
+        let att = attachment_in(&receive_backlog(&bob).await, id);
         assert_eq!(att.size, len as u64);
         let got = bob
             .save_attachment(&att, &saves, &mut |_, _| {})
@@ -538,17 +542,7 @@ async fn a_broken_download_resumes_where_it_stopped() {
         .send_file(&Conversation::With(number(BOB)), &path, "", &mut |_, _| {})
         .await
         .unwrap();
-    let att = receive_backlog(&bob)
-        .await
-        .iter()
-        .find_map(|e| match e {
-            Event::Message(m) if m.id == id => match &m.content {
-                Some(Content::Attachment(a)) => Some(a.clone()),
-                _ => None,
-            },
-            _ => None,
-        })
-        .expect("the message");
+    let att = attachment_in(&receive_backlog(&bob).await, id);
     let first = bob.client().await.unwrap().connection().clone();
     let sealed = (CHUNK + TAG) as u64;
     let mut seen = Vec::new();
