@@ -27,27 +27,48 @@
 //!   entry by compare-and-set; if another device holds the key, the link is undone
 //!   and refused as a key in use.
 //!
+//! The same bucket keeps `l.ID`, the account's registration lock (its PIN hash
+//! and wrong tries, a try taken by compare-and-set). Code-send counters
+//! ([`LimitStore`]) live in a bucket of their own, `sb_limits`, whose entries the
+//! cluster drops a day ([`KEEP_MS`]) after their last write: they need no sweep.
+//! JetStream has no transaction over the several keys a send is counted under
+//! (number, address, country, global), so a send reads them all, lets the judge see
+//! them, and writes them in one fixed order, each by compare-and-set: a counter
+//! changed since it was read fails its write, the ones already written take the
+//! send back, and the whole is judged again. No judge ever passes a send on counts
+//! older than the counter it writes, so no limit is exceeded; a send taken back may
+//! for a moment have refused another (never the other way).
+//!
 //! Left to sled for now: removed keys are never swept here (an entry per removed
-//! key stays), and the code-send counters and registration locks are not yet kept
-//! in the cluster.
+//! key stays).
 
 use std::sync::Arc;
 
 use bincode::{Decode, Encode};
 
-use super::bucket::Bucket;
+use super::bucket::{self, Bucket};
 use super::{Cluster, ClusterError};
 use crate::discovery::DiscoveryKey;
 use crate::store::account_store::AccountStore;
 use crate::store::layout::KeyId;
-use crate::store::records::{AccountRecord, CodeRecord, DeviceRecord, Removal, RemovedKeyRecord};
+use crate::store::limit_store::LimitStore;
+use crate::store::records::{
+    AccountRecord, CodeRecord, DeviceRecord, LockRecord, Removal, RemovedKeyRecord,
+};
 use crate::store::{
     DeviceIdentity, DeviceRef, DeviceView, Judgement, Linked, NewDevice, StoreError, Unlinked,
     VerifyOutcome,
 };
+use crate::verify::limits::KEEP_MS;
 
 /// The bucket's name.
 pub const BUCKET: &str = "sb_accounts";
+
+/// The code-send counters' bucket.
+pub const LIMITS_BUCKET: &str = "sb_limits";
+
+/// Reads and writes of a send's counters before giving up as busy.
+const SEND_TRIES: u32 = 64;
 
 /// `n.HEX(number)`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
@@ -97,6 +118,15 @@ fn key_key(key_id: &KeyId) -> String {
     format!("k.{}", hex::encode(key_id))
 }
 
+fn lock_key(account: u64) -> String {
+    format!("l.{account}")
+}
+
+/// A code-send counter's key (limit keys hold characters a bucket key cannot).
+fn send_key(key: &str) -> String {
+    format!("s.{}", hex::encode(key.as_bytes()))
+}
+
 /// What the number's compare-and-set decided.
 enum Decided<E> {
     NoCode,
@@ -115,6 +145,8 @@ struct Rewritten {
 #[derive(Clone)]
 pub struct JetStreamAccounts {
     bucket: Bucket,
+    /// Code-send counters, each dropped a day after its last write.
+    limits: Bucket,
     /// The discovery key, for the PRF of a registered number.
     discovery: Arc<DiscoveryKey>,
 }
@@ -142,7 +174,19 @@ impl JetStreamAccounts {
             replicas,
         )
         .await?;
-        Ok(JetStreamAccounts { bucket, discovery })
+        let limits = Bucket::open_expiring(
+            cluster,
+            LIMITS_BUCKET,
+            "switchboard: verification code sends by number, address, country and in all",
+            replicas,
+            std::time::Duration::from_millis(KEEP_MS),
+        )
+        .await?;
+        Ok(JetStreamAccounts {
+            bucket,
+            limits,
+            discovery,
+        })
     }
 
     async fn account_entry(&self, id: u64) -> Result<Option<AccountEntry>, StoreError> {
@@ -642,5 +686,167 @@ impl AccountStore for JetStreamAccounts {
             Some(KeyEntry::Removed(r)) => Some(r),
             _ => None,
         })
+    }
+}
+
+impl JetStreamAccounts {
+    /// Takes the send at `at_ms` off the counter `key`, if it is there.
+    async fn uncount(&self, key: &str, at_ms: u64) -> Result<(), StoreError> {
+        self.limits
+            .modify(&send_key(key), |slot: &mut Option<Vec<u64>>| {
+                let Some(times) = slot else {
+                    return ((), false);
+                };
+                let Some(i) = times.iter().position(|t| *t == at_ms) else {
+                    return ((), false);
+                };
+                times.remove(i);
+                ((), true)
+            })
+            .await
+    }
+}
+
+impl LimitStore for JetStreamAccounts {
+    async fn record_code_send<E: Send + 'static>(
+        &self,
+        keys: Vec<String>,
+        now_ms: u64,
+        keep_ms: u64,
+        judge: impl Fn(&[Vec<u64>]) -> Result<(), E> + Send + Sync + 'static,
+    ) -> Result<Result<(), E>, StoreError> {
+        for attempt in 0..SEND_TRIES {
+            let mut read = Vec::with_capacity(keys.len());
+            for key in &keys {
+                let (times, revision) = self.limits.read::<Vec<u64>>(&send_key(key)).await?;
+                let mut times = times.unwrap_or_default();
+                times.retain(|t| now_ms < t.saturating_add(keep_ms));
+                read.push((times, revision));
+            }
+            let seen: Vec<Vec<u64>> = read.iter().map(|(t, _)| t.clone()).collect();
+            if let Err(e) = judge(&seen) {
+                return Ok(Err(e));
+            }
+            let mut written = Vec::with_capacity(keys.len());
+            let mut lost = false;
+            for (key, (mut times, revision)) in keys.iter().zip(read) {
+                times.push(now_ms);
+                if self
+                    .limits
+                    .write_expecting(&send_key(key), &Some(times), revision)
+                    .await?
+                {
+                    written.push(key);
+                } else {
+                    lost = true;
+                    break;
+                }
+            }
+            if !lost {
+                return Ok(Ok(()));
+            }
+            // Another send changed a counter since it was read: take this one back
+            // from those already written, and judge it again on fresh counts.
+            for key in written {
+                self.uncount(key, now_ms).await?;
+            }
+            bucket::contended(attempt).await;
+        }
+        Err(StoreError::Engine(format!(
+            "{LIMITS_BUCKET}: the counters kept changing while a send was counted; try again"
+        )))
+    }
+
+    async fn forget_code_send(&self, keys: Vec<String>, at_ms: u64) -> Result<(), StoreError> {
+        for key in &keys {
+            self.uncount(key, at_ms).await?;
+        }
+        Ok(())
+    }
+
+    async fn sweep_code_sends(&self, _now_ms: u64, _keep_ms: u64) -> Result<usize, StoreError> {
+        // The bucket's max_age drops a counter a day after its last write.
+        Ok(0)
+    }
+
+    async fn judge_code<E: Send + 'static>(
+        &self,
+        number: String,
+        judge: impl Fn(&CodeRecord) -> (Option<CodeRecord>, E) + Send + Sync + 'static,
+    ) -> Result<Option<E>, StoreError> {
+        self.bucket
+            .modify(&number_key(&number), |slot: &mut Option<NumberEntry>| {
+                let Some(entry) = slot else {
+                    return (None, false);
+                };
+                let Some(code) = &entry.code else {
+                    return (None, false);
+                };
+                let (update, answer) = judge(code);
+                entry.code = update;
+                (Some(answer), true)
+            })
+            .await
+    }
+
+    async fn registration_lock(
+        &self,
+        number: String,
+    ) -> Result<Option<(u64, LockRecord, u64)>, StoreError> {
+        let (entry, _) = self
+            .bucket
+            .read::<NumberEntry>(&number_key(&number))
+            .await?;
+        let Some(account) = entry.and_then(|e| e.account_id) else {
+            return Ok(None);
+        };
+        let (lock, _) = self.bucket.read::<LockRecord>(&lock_key(account)).await?;
+        let Some(lock) = lock else {
+            return Ok(None);
+        };
+        let seen = self
+            .account_entry(account)
+            .await?
+            .and_then(|a| a.seen.iter().map(|(_, at)| *at).max())
+            .unwrap_or(0);
+        Ok(Some((account, lock, seen)))
+    }
+
+    async fn take_pin_try(
+        &self,
+        account: u64,
+        max: u32,
+    ) -> Result<Option<(u32, LockRecord)>, StoreError> {
+        self.bucket
+            .modify(&lock_key(account), |slot: &mut Option<LockRecord>| {
+                let Some(lock) = slot else {
+                    return (None, false);
+                };
+                if lock.wrong_tries >= max {
+                    return (None, false);
+                }
+                lock.wrong_tries += 1;
+                (Some((max - lock.wrong_tries, lock.clone())), true)
+            })
+            .await
+    }
+
+    async fn set_registration_lock(
+        &self,
+        account: u64,
+        lock: Option<LockRecord>,
+    ) -> Result<(), StoreError> {
+        match lock {
+            Some(lock) => self.bucket.put(&lock_key(account), &lock).await,
+            None => {
+                self.bucket
+                    .modify(&lock_key(account), |slot: &mut Option<LockRecord>| {
+                        let had = slot.is_some();
+                        *slot = None;
+                        ((), had)
+                    })
+                    .await
+            }
+        }
     }
 }

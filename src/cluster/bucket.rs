@@ -71,6 +71,14 @@ fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> Boxed {
     Box::new(e)
 }
 
+/// After the `attempt`-th lost race on one entry (from 0): go on at once the first
+/// few times, then after a growing pause.
+pub(super) async fn contended(attempt: u32) {
+    if attempt > 2 {
+        tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(20)))).await;
+    }
+}
+
 impl Bucket {
     /// Bucket `name` on `cluster`, created with `replicas` replicas (file storage,
     /// one revision kept) if it is not there.
@@ -79,6 +87,18 @@ impl Bucket {
         name: &'static str,
         description: &str,
         replicas: usize,
+    ) -> Result<Bucket, ClusterError> {
+        Bucket::open_expiring(cluster, name, description, replicas, Duration::ZERO).await
+    }
+
+    /// Like [`Bucket::open`], with every entry dropped by the cluster once it was
+    /// last written `max_age` ago (zero: never).
+    pub async fn open_expiring(
+        cluster: &Cluster,
+        name: &'static str,
+        description: &str,
+        replicas: usize,
+        max_age: Duration,
     ) -> Result<Bucket, ClusterError> {
         let js = &cluster.jetstream;
         let kv = match js.get_key_value(name).await {
@@ -90,6 +110,7 @@ impl Bucket {
                     history: 1,
                     num_replicas: replicas.clamp(1, super::REPLICAS),
                     storage: async_nats::jetstream::stream::StorageType::File,
+                    max_age,
                     ..Default::default()
                 })
                 .await
@@ -128,6 +149,50 @@ impl Bucket {
         }
     }
 
+    /// Writes `entry` at `key` (`None` deletes it) if the key is still at
+    /// `revision` (0: never written): `false` when another writer changed it first.
+    /// A write no member answered (the bucket is new to this member, or its leader
+    /// is being elected) stored nothing and is sent again.
+    pub async fn write_expecting<T: Encode>(
+        &self,
+        key: &str,
+        entry: &Option<T>,
+        revision: u64,
+    ) -> Result<bool, StoreError> {
+        let value = entry
+            .as_ref()
+            .map(|v| records::encode(v).map(Bytes::from))
+            .transpose()?;
+        let mut unanswered = 0;
+        loop {
+            let written = match &value {
+                // Revision 0: "no message on this subject yet". Not `create`, which
+                // re-reads after an ambiguous failure and would call our own landed
+                // write "already exists", a lost race.
+                Some(value) => self
+                    .kv
+                    .update(key, value.clone(), revision)
+                    .await
+                    .map(drop)
+                    .map_err(boxed),
+                None => self
+                    .kv
+                    .delete_expect_revision(key, Some(revision))
+                    .await
+                    .map_err(boxed),
+            };
+            match written {
+                Ok(()) => return Ok(true),
+                Err(e) if super::unanswered(e.as_ref()) && unanswered < super::UNANSWERED_TRIES => {
+                    unanswered += 1;
+                    super::unanswered_pause(unanswered).await;
+                }
+                Err(e) if lost_race(e.as_ref()) => return Ok(false),
+                Err(e) => return Err(engine(self.name, e)),
+            }
+        }
+    }
+
     /// Applies `change` to the entry at `key` by compare-and-set, reading again
     /// whenever another writer changed it first. `change` returns the answer and
     /// whether to write (a refusal writes nothing); leaving `None` deletes it.
@@ -136,51 +201,16 @@ impl Bucket {
         key: &str,
         mut change: impl FnMut(&mut Option<T>) -> (A, bool),
     ) -> Result<A, StoreError> {
-        let mut unanswered = 0;
-        let mut attempt = 0;
-        while attempt < TRIES {
-            attempt += 1;
+        for attempt in 0..TRIES {
             let (mut entry, revision) = self.read::<T>(key).await?;
             let (answer, write) = change(&mut entry);
             if !write || (entry.is_none() && revision == 0) {
                 return Ok(answer);
             }
-            let written = match &entry {
-                Some(value) => {
-                    let value = Bytes::from(records::encode(value)?);
-                    // Revision 0: "no message on this subject yet". Not `create`,
-                    // which re-reads after an ambiguous failure and would call our
-                    // own landed write "already exists", a lost race.
-                    self.kv
-                        .update(key, value, revision)
-                        .await
-                        .map(drop)
-                        .map_err(boxed)
-                }
-                None => self
-                    .kv
-                    .delete_expect_revision(key, Some(revision))
-                    .await
-                    .map_err(boxed),
-            };
-            match written {
-                Ok(()) => return Ok(answer),
-                Err(e) if super::unanswered(e.as_ref()) && unanswered < super::UNANSWERED_TRIES => {
-                    // Not stored (the bucket is new to this member, or its leader is
-                    // being elected): the same change again, not counted as a race.
-                    unanswered += 1;
-                    attempt -= 1;
-                    super::unanswered_pause(unanswered).await;
-                }
-                Err(e) if lost_race(e.as_ref()) => {
-                    // Another node changed it: read again, after a moment if it
-                    // keeps happening.
-                    if attempt > 3 {
-                        tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(20)))).await;
-                    }
-                }
-                Err(e) => return Err(engine(self.name, e)),
+            if self.write_expecting(key, &entry, revision).await? {
+                return Ok(answer);
             }
+            contended(attempt).await;
         }
         Err(StoreError::Engine(format!(
             "{} {key} changed {TRIES} times while being written; try again",

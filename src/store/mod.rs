@@ -17,6 +17,7 @@ mod devices;
 mod groups;
 pub mod keydir;
 pub mod layout;
+pub mod limit_store;
 mod prekeys;
 mod profiles;
 pub mod queue_store;

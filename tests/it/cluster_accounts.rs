@@ -1,14 +1,16 @@
 //! Accounts, devices and registrations as a storage concern: one set of tests run
 //! on the single node's sled store and on a 3-member JetStream cluster (two nodes,
 //! each on a member of its own), among them concurrent verifications of one code
-//! on both nodes, of which exactly one registers.
+//! on both nodes, of which exactly one registers; and the code-send counters and
+//! registration locks, with concurrent sends and PIN guesses through both nodes.
 
 use std::sync::Arc;
 
 use switchboard::discovery::DiscoveryKey;
 use switchboard::store::account_store::AccountStore;
 use switchboard::store::layout::KeyId;
-use switchboard::store::records::{CodeRecord, Removal};
+use switchboard::store::limit_store::LimitStore;
+use switchboard::store::records::{CodeRecord, LockRecord, Removal};
 use switchboard::store::{DeviceRef, Judgement, Linked, NewDevice, Store, Unlinked, VerifyOutcome};
 
 use super::cluster::NatsCluster;
@@ -336,13 +338,187 @@ async fn one_code_registers_once<A: AccountStore + 'static>(a: Arc<A>, b: Arc<A>
     }
 }
 
+/// How many sends are counted under each of `keys` at `now_ms` (within `keep_ms`),
+/// asked of a judge that refuses, so nothing is recorded.
+async fn counts<S: LimitStore>(store: &S, keys: &[&str], now_ms: u64, keep_ms: u64) -> Vec<usize> {
+    store
+        .record_code_send(strings(keys), now_ms, keep_ms, |seen| {
+            Err(seen.iter().map(Vec::len).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap()
+        .expect_err("the probe never counts")
+}
+
+fn strings(keys: &[&str]) -> Vec<String> {
+    keys.iter().map(|k| k.to_string()).collect()
+}
+
+/// A judge allowing at most `max` sends under every key.
+fn at_most(max: usize) -> impl Fn(&[Vec<u64>]) -> Result<(), usize> + Send + Sync + 'static {
+    move |seen| match seen.iter().position(|times| times.len() >= max) {
+        Some(i) => Err(i),
+        None => Ok(()),
+    }
+}
+
+fn lock(tries: u32) -> LockRecord {
+    LockRecord {
+        pin_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+        set_at_ms: 5,
+        wrong_tries: tries,
+    }
+}
+
+async fn limits_keep_the_rules<S: AccountStore + LimitStore + 'static>(a: Arc<S>, b: Arc<S>) {
+    let keys = ["n:+15550100009", "a:127.0.0.1", "c:US", "g"];
+    const KEEP: u64 = 10_000;
+    // Counted under every key, through either node, until the judge refuses; a
+    // refused send records nothing.
+    for (i, now) in [1_000u64, 1_001, 1_002].into_iter().enumerate() {
+        let store = if i % 2 == 0 { &a } else { &b };
+        store
+            .record_code_send(strings(&keys), now, KEEP, at_most(3))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        a.record_code_send(strings(&keys), 1_003, KEEP, at_most(3))
+            .await
+            .unwrap(),
+        Err(0)
+    );
+    assert_eq!(counts(b.as_ref(), &keys, 1_004, KEEP).await, vec![3; 4]);
+    // A key of its own counts alone; the shared ones see it.
+    b.record_code_send(strings(&["n:+15550100010", "g"]), 1_005, KEEP, at_most(9))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        counts(a.as_ref(), &keys, 1_006, KEEP).await,
+        vec![3, 3, 3, 4]
+    );
+    // A send taken back is counted no more, under any of its keys.
+    a.forget_code_send(strings(&keys), 1_001).await.unwrap();
+    assert_eq!(
+        counts(b.as_ref(), &keys, 1_007, KEEP).await,
+        vec![2, 2, 2, 3]
+    );
+    // Sends older than the window are not counted.
+    assert_eq!(
+        counts(a.as_ref(), &keys, 1_002 + KEEP, KEEP).await,
+        vec![0, 0, 0, 1]
+    );
+
+    // Twenty sends at once through both nodes, at most 5 under the global key:
+    // exactly 5 pass, and 5 are counted.
+    let global = ["limit-race"];
+    let mut racing = tokio::task::JoinSet::new();
+    for i in 0..20u64 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        racing.spawn(async move {
+            store
+                .record_code_send(strings(&global), 2_000 + i, KEEP, at_most(5))
+                .await
+                .unwrap()
+                .is_ok()
+        });
+    }
+    let passed = racing.join_all().await.into_iter().filter(|ok| *ok).count();
+    assert_eq!(passed, 5);
+    assert_eq!(counts(a.as_ref(), &global, 2_100, KEEP).await, vec![5]);
+    // A sweep keeps counters with sends in the window.
+    b.sweep_code_sends(2_100, KEEP).await.unwrap();
+    assert_eq!(counts(a.as_ref(), &global, 2_100, KEEP).await, vec![5]);
+
+    // A pending code judged without registering: none, then a try taken, then gone.
+    let number = "+15550100009";
+    let take = |store: &Arc<S>| {
+        let store = store.clone();
+        async move {
+            store
+                .judge_code(number.to_string(), |record| {
+                    let tries_left = record.tries_left - 1;
+                    let update = (tries_left > 0).then(|| CodeRecord {
+                        tries_left,
+                        ..record.clone()
+                    });
+                    (update, tries_left)
+                })
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(take(&a).await, None);
+    issue(a.as_ref(), number, 4).await.unwrap();
+    assert_eq!(take(&b).await, Some(2));
+    assert_eq!(
+        pending(a.as_ref(), number).await.map(|c| c.tries_left),
+        Some(2)
+    );
+    // Concurrent judgements each take a try of their own.
+    let (x, y) = tokio::join!(take(&a), take(&b));
+    let mut got = vec![x, y];
+    got.sort();
+    assert_eq!(got, vec![Some(0), Some(1)]);
+    assert_eq!(pending(b.as_ref(), number).await, None);
+
+    // A registration lock on the number's account.
+    assert_eq!(a.registration_lock(number.to_string()).await.unwrap(), None);
+    issue(a.as_ref(), number, 4).await.unwrap();
+    let registered = b
+        .verify_and_register(number.to_string(), device(40), 3_000, guess(4))
+        .await
+        .unwrap();
+    let VerifyOutcome::Registered { device: dev, .. } = registered else {
+        panic!("{registered:?}");
+    };
+    let account = dev.account_id;
+    assert_eq!(a.registration_lock(number.to_string()).await.unwrap(), None);
+    a.set_registration_lock(account, Some(lock(0)))
+        .await
+        .unwrap();
+    b.mark_device_seen(dev, 7_000).await.unwrap();
+    assert_eq!(
+        b.registration_lock(number.to_string()).await.unwrap(),
+        Some((account, lock(0), 7_000))
+    );
+    // Wrong-PIN tries: ten guesses at once through both nodes take exactly three.
+    let mut guessing = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        guessing.spawn(async move { store.take_pin_try(account, 3).await.unwrap() });
+    }
+    let mut left: Vec<u32> = guessing
+        .join_all()
+        .await
+        .into_iter()
+        .flatten()
+        .map(|(left, _)| left)
+        .collect();
+    left.sort();
+    assert_eq!(left, vec![0, 1, 2]);
+    assert_eq!(a.take_pin_try(account, 3).await.unwrap(), None);
+    assert_eq!(
+        a.registration_lock(number.to_string()).await.unwrap(),
+        Some((account, lock(3), 7_000))
+    );
+    // Cleared: no lock, and no tries to take.
+    b.set_registration_lock(account, None).await.unwrap();
+    assert_eq!(a.registration_lock(number.to_string()).await.unwrap(), None);
+    assert_eq!(b.take_pin_try(account, 3).await.unwrap(), None);
+    a.set_registration_lock(account + 1, None).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn accounts_on_sled() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let discovery = store.discovery_key();
     accounts_keep_the_rules(store.clone(), store.clone(), discovery).await;
-    one_code_registers_once(store.clone(), store).await;
+    one_code_registers_once(store.clone(), store.clone()).await;
+    limits_keep_the_rules(store.clone(), store).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -354,5 +530,6 @@ async fn accounts_on_a_3_member_jetstream_cluster() {
     let a = Arc::new(nats.accounts(0, discovery.clone()).await);
     let b = Arc::new(nats.accounts(1, discovery.clone()).await);
     accounts_keep_the_rules(a.clone(), b.clone(), discovery).await;
-    one_code_registers_once(a, b).await;
+    one_code_registers_once(a.clone(), b.clone()).await;
+    limits_keep_the_rules(a, b).await;
 }
