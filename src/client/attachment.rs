@@ -15,7 +15,7 @@ use bincode::{Decode, Encode};
 use chacha20poly1305::aead::Aead;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit, Nonce};
 use sha2::Digest;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::{Client, ClientError};
 use crate::proto::{Request, Response};
@@ -159,7 +159,7 @@ impl Client {
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<Uploaded, UploadFailed> {
         let fail = |id, error| UploadFailed { id, error };
-        let mut file = tokio::fs::File::open(path)
+        let file = tokio::fs::File::open(path)
             .await
             .map_err(|e| fail(resume, file_error(path)(e)))?;
         let size = file
@@ -184,55 +184,39 @@ impl Client {
             }
         };
         let conn = |e: String| fail(Some(id), self.connection_error(e).into());
-        let mut hasher = sha2::Sha256::new();
-        // The file is read a block of chunks at a time, and each block's sealed chunks
-        // go to the stream in one write.
-        let mut buf = vec![0u8; BLOCK_CHUNKS * CHUNK];
-        let mut out = Vec::with_capacity(BLOCK_CHUNKS * (CHUNK + TAG));
-        let mut at = 0u64;
-        let n = chunks(size);
-        let mut i = 0u64;
-        while i < n {
-            let read = (size - i * CHUNK as u64).min(buf.len() as u64) as usize;
-            file.read_exact(&mut buf[..read]).await.map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    fail(Some(id), AttachmentError::Changed { path: path.into() })
-                } else {
-                    fail(Some(id), file_error(path)(e))
-                }
-            })?;
-            hasher.update(&buf[..read]);
-            out.clear();
-            let mut start = 0;
-            loop {
-                let len = (read - start).min(CHUNK);
-                let sealed_len = (len + TAG) as u64;
-                if at + sealed_len > offset {
-                    let sealed = seal_chunk(key, i, i + 1 == n, &buf[start..start + len]);
-                    let skip = offset.saturating_sub(at) as usize;
-                    out.extend_from_slice(&sealed[skip..]);
-                }
-                at += sealed_len;
-                start += len;
-                i += 1;
-                if start >= read || i >= n {
-                    break;
-                }
+        // Reading, hashing and sealing run on the blocking pool, a block ahead of
+        // the stream: the CPU work of one block overlaps the sending of the last.
+        let (blocks, mut sealed) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+        let file = file.into_std().await;
+        let (owned_path, key) = (path.to_path_buf(), *key);
+        let producer = tokio::task::spawn_blocking(move || {
+            seal_file(file, &owned_path, &key, size, offset, &blocks)
+        });
+        let mut at = offset;
+        let mut broken = None;
+        while let Some(block) = sealed.recv().await {
+            if let Err(e) = send.write_all(&block).await {
+                broken = Some(e.to_string());
+                break;
             }
-            if !out.is_empty() {
-                send.write_all(&out)
-                    .await
-                    .map_err(|e| conn(e.to_string()))?;
-            }
+            at += block.len() as u64;
             progress(at, total);
         }
-        // One byte more means the file grew while it was read.
-        if file.read(&mut buf[..1]).await.is_ok_and(|n| n > 0) {
-            return Err(fail(
-                Some(id),
-                AttachmentError::Changed { path: path.into() },
-            ));
+        // Dropping the receiver stops the producer at its next block.
+        drop(sealed);
+        let digest = producer
+            .await
+            .map_err(|e| {
+                fail(
+                    Some(id),
+                    AttachmentError::Mismatch(format!("sealing stopped: {e}")),
+                )
+            })?
+            .map_err(|e| fail(Some(id), e));
+        if let Some(e) = broken {
+            return Err(conn(e));
         }
+        let digest = digest?;
         send.finish().map_err(|e| conn(e.to_string()))?;
         let reply =
             crate::proto::frame::read::<crate::proto::Reply, _>(&mut recv, super::MAX_REPLY_BYTES)
@@ -240,11 +224,9 @@ impl Client {
                 .map_err(|e| conn(e.to_string()))?
                 .ok_or_else(|| conn("the node ended the upload without an answer".into()))?;
         match reply {
-            crate::proto::Reply::Ok(Response::Uploaded { id, .. }) => Ok(Uploaded {
-                id,
-                size,
-                digest: hasher.finalize().into(),
-            }),
+            crate::proto::Reply::Ok(Response::Uploaded { id, .. }) => {
+                Ok(Uploaded { id, size, digest })
+            }
             crate::proto::Reply::Ok(other) => Err(fail(Some(id), super::unexpected(other).into())),
             crate::proto::Reply::Err(e) => Err(fail(Some(id), ClientError::Node(e).into())),
         }
@@ -273,56 +255,151 @@ impl Client {
             }
             other => return Err(super::unexpected(other).into()),
         }
-        let mut sealed = Vec::with_capacity(CHUNK + TAG);
-        let mut buf = vec![0u8; CHUNK + TAG];
-        while state.chunks < n {
-            let i = state.chunks;
-            let want = if i + 1 == n {
-                (total - i * (CHUNK + TAG) as u64) as usize
-            } else {
-                CHUNK + TAG
-            };
-            while sealed.len() < want {
-                let room = want - sealed.len();
-                match recv.read(&mut buf[..room]).await {
-                    Ok(Some(got)) => sealed.extend_from_slice(&buf[..got]),
-                    Ok(None) => {
-                        return Err(self
-                            .connection_error("the download ended early".into())
-                            .into());
-                    }
-                    Err(e) => return Err(self.connection_error(e.to_string()).into()),
-                }
-            }
-            let plain = open_chunk(&att.key, i, i + 1 == n, &sealed)
-                .ok_or(AttachmentError::Tampered { chunk: i })?;
-            out.write_all(&plain)
-                .await
-                .map_err(|e| AttachmentError::File {
-                    path: PathBuf::from("the download"),
-                    source: e,
-                })?;
-            state.hasher.update(&plain);
-            state.chunks += 1;
-            sealed.clear();
-            progress(((i + 1) * (CHUNK + TAG) as u64).min(total), total);
-        }
-        // Anything after the last chunk is not this attachment.
-        if recv
-            .read(&mut buf[..1])
-            .await
-            .is_ok_and(|r| r.is_some_and(|n| n > 0))
-        {
-            return Err(AttachmentError::Mismatch(
-                "bytes after its last chunk".into(),
-            ));
-        }
-        out.flush().await.map_err(|e| AttachmentError::File {
+        let file_error = |source| AttachmentError::File {
             path: PathBuf::from("the download"),
-            source: e,
+            source,
+        };
+        // Opening, hashing and writing run on the blocking pool, beside the stream:
+        // the CPU work of one chunk overlaps the receiving of the next. The worker
+        // gets the download's state and gives it back, whatever happens.
+        out.flush().await.map_err(file_error)?;
+        let file = out.try_clone().await.map_err(file_error)?.into_std().await;
+        let (key, first) = (att.key, state.chunks);
+        let (chunks_tx, mut chunks_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2 * BLOCK_CHUNKS);
+        let taken = std::mem::take(state);
+        let worker =
+            tokio::task::spawn_blocking(move || open_into(file, &key, n, taken, &mut chunks_rx));
+        let received = async {
+            let mut buf = vec![0u8; CHUNK + TAG];
+            for i in first..n {
+                let want = if i + 1 == n {
+                    (total - i * (CHUNK + TAG) as u64) as usize
+                } else {
+                    CHUNK + TAG
+                };
+                let mut sealed = Vec::with_capacity(want);
+                while sealed.len() < want {
+                    let room = want - sealed.len();
+                    match recv.read(&mut buf[..room]).await {
+                        Ok(Some(got)) => sealed.extend_from_slice(&buf[..got]),
+                        Ok(None) => {
+                            return Err(self
+                                .connection_error("the download ended early".into())
+                                .into());
+                        }
+                        Err(e) => return Err(self.connection_error(e.to_string()).into()),
+                    }
+                }
+                if chunks_tx.send(sealed).await.is_err() {
+                    // The worker stopped: its error says why.
+                    return Ok(());
+                }
+                progress(((i + 1) * (CHUNK + TAG) as u64).min(total), total);
+            }
+            // Anything after the last chunk is not this attachment.
+            if recv
+                .read(&mut buf[..1])
+                .await
+                .is_ok_and(|r| r.is_some_and(|n| n > 0))
+            {
+                return Err(AttachmentError::Mismatch(
+                    "bytes after its last chunk".into(),
+                ));
+            }
+            Ok(())
+        }
+        .await;
+        drop(chunks_tx);
+        let (back, opened) = worker.await.map_err(|e| {
+            // Not a connection error: what was written is unknown, so no resume.
+            AttachmentError::Mismatch(format!("the download's worker stopped: {e}"))
         })?;
-        Ok(())
+        *state = back;
+        opened?;
+        received
     }
+}
+
+/// Opens the sealed chunks that come on `sealed` (the next being chunk
+/// `state.chunks` of `n`), writing each to `file` and counting it in `state`; stops
+/// at the first that does not open. Gives `state` back with the outcome.
+fn open_into(
+    mut file: std::fs::File,
+    key: &[u8; 32],
+    n: u64,
+    mut state: DownloadState,
+    sealed: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+) -> (DownloadState, Result<(), AttachmentError>) {
+    use std::io::Write;
+    while let Some(chunk) = sealed.blocking_recv() {
+        let i = state.chunks;
+        let Some(plain) = open_chunk(key, i, i + 1 == n, &chunk) else {
+            return (state, Err(AttachmentError::Tampered { chunk: i }));
+        };
+        if let Err(source) = file.write_all(&plain) {
+            let path = PathBuf::from("the download");
+            return (state, Err(AttachmentError::File { path, source }));
+        }
+        state.hasher.update(&plain);
+        state.chunks += 1;
+    }
+    (state, Ok(()))
+}
+
+/// Reads `file` (`size` bytes at `path`) from its start, hashing every byte, and
+/// sends its sealed chunks from ciphertext offset `offset` on, a block of
+/// [`BLOCK_CHUNKS`] chunks per message. Returns the SHA-256 of the whole file;
+/// stops early (an error) once nobody receives.
+fn seal_file(
+    mut file: std::fs::File,
+    path: &Path,
+    key: &[u8; 32],
+    size: u64,
+    offset: u64,
+    blocks: &tokio::sync::mpsc::Sender<Vec<u8>>,
+) -> Result<[u8; 32], AttachmentError> {
+    use std::io::Read;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; BLOCK_CHUNKS * CHUNK];
+    let mut at = 0u64;
+    let n = chunks(size);
+    let mut i = 0u64;
+    while i < n {
+        let read = (size - i * CHUNK as u64).min(buf.len() as u64) as usize;
+        file.read_exact(&mut buf[..read]).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                AttachmentError::Changed { path: path.into() }
+            } else {
+                file_error(path)(e)
+            }
+        })?;
+        hasher.update(&buf[..read]);
+        let mut out = Vec::with_capacity(BLOCK_CHUNKS * (CHUNK + TAG));
+        let mut start = 0;
+        loop {
+            let len = (read - start).min(CHUNK);
+            let sealed_len = (len + TAG) as u64;
+            if at + sealed_len > offset {
+                let sealed = seal_chunk(key, i, i + 1 == n, &buf[start..start + len]);
+                let skip = offset.saturating_sub(at) as usize;
+                out.extend_from_slice(&sealed[skip..]);
+            }
+            at += sealed_len;
+            start += len;
+            i += 1;
+            if start >= read || i >= n {
+                break;
+            }
+        }
+        if !out.is_empty() && blocks.blocking_send(out).is_err() {
+            return Err(AttachmentError::Mismatch("the upload stopped".into()));
+        }
+    }
+    // One byte more means the file grew while it was read.
+    if file.read(&mut buf[..1]).is_ok_and(|n| n > 0) {
+        return Err(AttachmentError::Changed { path: path.into() });
+    }
+    Ok(hasher.finalize().into())
 }
 
 /// How far a download has come: whole chunks written, and the hash of them.
