@@ -256,6 +256,10 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         uint(a.max_in_flight_bytes_per_account),
     );
     attachments.insert(
+        "transfer_window_bytes".into(),
+        uint(a.transfer_window_bytes),
+    );
+    attachments.insert(
         "delete_when_downloaded".into(),
         Value::Boolean(a.delete_when_downloaded),
     );

@@ -107,6 +107,10 @@ pub struct Attachments {
     pub max_stored_bytes_per_account: u64,
     /// Bytes one account may be uploading at once.
     pub max_in_flight_bytes_per_account: u64,
+    /// The flow-control window of a connection while it moves an attachment (each
+    /// way): what may be in flight unacknowledged. Other connections keep windows
+    /// of a few request frames.
+    pub transfer_window_bytes: u64,
     /// Drop an attachment once every device it was for downloaded it (else it stays
     /// until `messages.ttl_secs`).
     pub delete_when_downloaded: bool,
@@ -387,6 +391,7 @@ impl Default for Config {
                 max_bytes: 100 << 20,
                 max_stored_bytes_per_account: 2 << 30,
                 max_in_flight_bytes_per_account: 512 << 20,
+                transfer_window_bytes: 4 << 20,
                 delete_when_downloaded: true,
                 incomplete_ttl: Duration::from_secs(86_400),
             },

@@ -41,6 +41,7 @@ pub struct Attachments {
     pub max_bytes: Option<u64>,
     pub max_stored_bytes_per_account: Option<u64>,
     pub max_in_flight_bytes_per_account: Option<u64>,
+    pub transfer_window_bytes: Option<u64>,
     pub delete_when_downloaded: Option<bool>,
     pub incomplete_ttl_secs: Option<u64>,
 }
@@ -749,6 +750,13 @@ impl File {
                 d.attachments.max_in_flight_bytes_per_account,
                 max_bytes,
                 1 << 44,
+            )?,
+            transfer_window_bytes: in_range(
+                "attachments.transfer_window_bytes",
+                at.transfer_window_bytes,
+                d.attachments.transfer_window_bytes,
+                64 << 10,
+                256 << 20,
             )?,
             delete_when_downloaded: at
                 .delete_when_downloaded

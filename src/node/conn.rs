@@ -88,11 +88,21 @@ pub fn server_config(
             quinn::IdleTimeout::try_from(limits.idle_timeout)
                 .map_err(|e| TlsError::Quic(e.to_string()))?,
         ))
-        // Windows sized to the protocol, not to bulk transfer: a request is one frame
-        // of at most max_frame_bytes, so a stream never needs more credit than that,
-        // and most connections sit idle. Quinn's defaults (1.25 MB per stream, 10 MB to
-        // send) cost memory on every connection.
-        .stream_receive_window(limits.max_frame_bytes.into())
+        // Windows sized to the protocol, not to bulk transfer: most connections sit
+        // idle, and quinn's defaults (1.25 MB per stream, 10 MB to send) cost memory
+        // on every connection. What a peer may have unread at the node is capped by
+        // the connection's window, four frames, widened to
+        // attachments.transfer_window_bytes only while a transfer runs on it
+        // (`session::Windows`); a stream may use all of it.
+        .stream_receive_window(
+            quinn::VarInt::from_u64(
+                config
+                    .attachments
+                    .transfer_window_bytes
+                    .max(u64::from(limits.max_frame_bytes) * 4),
+            )
+            .unwrap_or(quinn::VarInt::MAX),
+        )
         .receive_window((limits.max_frame_bytes * 4).into())
         .send_window(u64::from(limits.max_frame_bytes) * 4)
         .datagram_receive_buffer_size(None);
@@ -158,6 +168,11 @@ pub async fn serve(
             remote,
             identity: std::sync::Mutex::new(None),
             seen_marked: std::sync::atomic::AtomicU64::new(0),
+            windows: super::session::Windows::new(
+                conn.clone(),
+                u64::from(shared.config.limits.max_frame_bytes) * 4,
+                shared.config.attachments.transfer_window_bytes,
+            ),
         });
         tracing::debug!(device_key = %hex::encode(&key_id[..8]), "connected");
         loop {
@@ -241,13 +256,15 @@ async fn serve_stream(
             downloads,
             resume,
         }))) => {
-            super::blobs::serve_upload(send, recv, shared, session, (size, downloads, resume))
+            let _wide = session.windows.transfer();
+            super::blobs::serve_upload(send, recv, shared, session.clone(), (size, downloads, resume))
                 .await;
             return;
         }
         Ok(Ok(Some(Request::Download { id, offset }))) => {
             quic::read_end(&mut recv);
-            super::blobs::serve_download(send, shared, session, id, offset).await;
+            let _wide = session.windows.transfer();
+            super::blobs::serve_download(send, shared, session.clone(), id, offset).await;
             return;
         }
         Ok(Ok(Some(request))) => {

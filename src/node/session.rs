@@ -24,6 +24,60 @@ pub struct Session {
     pub identity: std::sync::Mutex<Option<(u64, crate::store::DeviceIdentity)>>,
     /// When this connection last recorded its account as seen (ms; 0: not yet).
     pub seen_marked: std::sync::atomic::AtomicU64,
+    /// The connection's flow-control windows, widened while it moves attachments.
+    pub windows: Windows,
+}
+
+/// A connection's flow-control windows: a few request frames while it only asks
+/// and answers, `attachments.transfer_window_bytes` while an upload or download
+/// runs on it (so a transfer is not held to a few frames per round trip, and idle
+/// connections cost no more memory).
+pub struct Windows {
+    conn: quinn::Connection,
+    normal: u64,
+    transfer: u64,
+    /// Transfers running on the connection.
+    running: std::sync::Mutex<u32>,
+}
+
+impl Windows {
+    pub fn new(conn: quinn::Connection, normal: u64, transfer: u64) -> Windows {
+        Windows {
+            conn,
+            normal,
+            transfer: transfer.max(normal),
+            running: std::sync::Mutex::new(0),
+        }
+    }
+
+    fn set(&self, bytes: u64) {
+        self.conn.set_send_window(bytes);
+        self.conn
+            .set_receive_window(quinn::VarInt::from_u64(bytes).unwrap_or(quinn::VarInt::MAX));
+    }
+
+    /// Widens the windows until the returned guard (and every other one) is dropped.
+    pub fn transfer(&self) -> TransferWindows<'_> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if *running == 0 {
+            self.set(self.transfer);
+        }
+        *running += 1;
+        TransferWindows(self)
+    }
+}
+
+/// One transfer's hold on the wide windows.
+pub struct TransferWindows<'a>(&'a Windows);
+
+impl Drop for TransferWindows<'_> {
+    fn drop(&mut self) {
+        let mut running = self.0.running.lock().unwrap_or_else(|p| p.into_inner());
+        *running = running.saturating_sub(1);
+        if *running == 0 {
+            self.0.set(self.0.normal);
+        }
+    }
 }
 
 /// The registered device behind this connection's key, or `Unauthenticated`.
