@@ -135,8 +135,8 @@ impl Connector {
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_secs(15)));
         transport.ack_frequency_config(Some(crate::quic::ack_frequency()));
-        // A download may have this much unread in flight (the node's default
-        // transfer window); quinn's default is 1.25 MB.
+        // A download may have this much unread in flight (a node's transfer window,
+        // attachments.transfer_window_bytes, up to 4 MiB); quinn's default is 1.25 MB.
         transport.stream_receive_window(quinn::VarInt::from_u32(4 << 20));
         config.transport_config(Arc::new(transport));
         Ok(Connector {

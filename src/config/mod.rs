@@ -391,7 +391,7 @@ impl Default for Config {
                 max_bytes: 100 << 20,
                 max_stored_bytes_per_account: 2 << 30,
                 max_in_flight_bytes_per_account: 512 << 20,
-                transfer_window_bytes: 4 << 20,
+                transfer_window_bytes: 1 << 20,
                 delete_when_downloaded: true,
                 incomplete_ttl: Duration::from_secs(86_400),
             },

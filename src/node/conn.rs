@@ -257,8 +257,14 @@ async fn serve_stream(
             resume,
         }))) => {
             let _wide = session.windows.transfer();
-            super::blobs::serve_upload(send, recv, shared, session.clone(), (size, downloads, resume))
-                .await;
+            super::blobs::serve_upload(
+                send,
+                recv,
+                shared,
+                session.clone(),
+                (size, downloads, resume),
+            )
+            .await;
             return;
         }
         Ok(Ok(Some(Request::Download { id, offset }))) => {
