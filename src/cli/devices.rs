@@ -31,7 +31,8 @@ pub enum Command {
 pub struct JoinArgs {
     /// The link code, as `devices link` printed it (NNNNNN-PPPPPP).
     code: String,
-    /// The node, as HOST:PORT.
+    /// The node, as HOST:PORT; or several nodes of one deployment (sharing one
+    /// certificate), separated by commas: the app moves to the next when one is down.
     #[arg(long)]
     server: String,
     /// A name for this device, as the account's devices list it.

@@ -13,7 +13,8 @@ use switchboard::tls::{Credentials, Fingerprint};
 pub struct Args {
     /// Your phone number, as you would type it (`+1 415 555 0100`, `0044 20 7946 0958`).
     number: String,
-    /// The node, as HOST:PORT.
+    /// The node, as HOST:PORT; or several nodes of one deployment (sharing one
+    /// certificate), separated by commas: the app moves to the next when one is down.
     #[arg(long)]
     server: String,
     /// Region for a number in national form (two letters: US, GB, DE...).

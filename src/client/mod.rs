@@ -115,7 +115,10 @@ impl ClientError {
 /// (TLS 1.3 resumption: no certificates, no signatures), and they all go out of
 /// one UDP socket, which [`Connector::rebind`] can move.
 pub struct Connector {
+    /// `HOST:PORT`, or several separated by commas: nodes of one cluster.
     server: String,
+    /// The address (index into the list) that answered last: tried first.
+    preferred: std::sync::atomic::AtomicUsize,
     pin: Option<Fingerprint>,
     config: quinn::ClientConfig,
     observation: Arc<PinObservation>,
@@ -141,6 +144,7 @@ impl Connector {
         config.transport_config(Arc::new(transport));
         Ok(Connector {
             server: server.to_string(),
+            preferred: std::sync::atomic::AtomicUsize::new(0),
             pin,
             config,
             observation,
@@ -153,9 +157,15 @@ impl Connector {
         &self.server
     }
 
+    /// The node addresses, in the order given.
+    pub fn addresses(&self) -> Vec<&str> {
+        addresses(&self.server)
+    }
+
     /// Connects over this connector's own endpoint (made on first use).
     pub async fn connect(&self) -> Result<Client, ClientError> {
-        let (_, addr) = resolve(&self.server).await?;
+        let first = self.addresses().first().copied().unwrap_or("");
+        let (_, addr) = resolve(first).await?;
         let endpoint = {
             let mut slot = self
                 .endpoint
@@ -177,9 +187,50 @@ impl Connector {
     }
 
     /// Connects over `endpoint` (from [`client_endpoint`]), so that many devices can
-    /// share a few sockets (load generators, multi-account apps).
+    /// share a few sockets (load generators, multi-account apps). With several node
+    /// addresses, the one that answered last is tried first, then the others in
+    /// order; a node that cannot be reached (or a connection that cannot be made)
+    /// moves on to the next, anything else (a wrong certificate, an outdated app, a
+    /// bad address) is the answer.
     pub async fn connect_via(&self, endpoint: &quinn::Endpoint) -> Result<Client, ClientError> {
-        let server = self.server.as_str();
+        use std::sync::atomic::Ordering;
+        let list = self.addresses();
+        if list.len() <= 1 {
+            return self
+                .connect_one(
+                    endpoint,
+                    list.first().copied().unwrap_or(""),
+                    CONNECT_TIMEOUT,
+                )
+                .await;
+        }
+        let start = self.preferred.load(Ordering::Relaxed) % list.len();
+        let mut failures = Vec::new();
+        for i in (0..list.len()).map(|k| (start + k) % list.len()) {
+            match self.connect_one(endpoint, list[i], FAILOVER_TIMEOUT).await {
+                Ok(client) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(client);
+                }
+                Err(ClientError::Connect { server, reason }) => {
+                    failures.push(format!("{server}: {reason}"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Connect {
+            server: self.server.clone(),
+            reason: format!("no node answered ({})", failures.join("; ")),
+        })
+    }
+
+    /// Connects to the one node at `server`, waiting at most `timeout`.
+    async fn connect_one(
+        &self,
+        endpoint: &quinn::Endpoint,
+        server: &str,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
         let (host, addr) = resolve(server).await?;
         let connect_err = |reason: String| ClientError::Connect {
             server: server.to_string(),
@@ -188,14 +239,14 @@ impl Connector {
         let connecting = endpoint
             .connect_with(self.config.clone(), addr, &host)
             .map_err(|e| connect_err(e.to_string()))?;
-        let conn = match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+        let conn = match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return Err(handshake_error(server, self.pin, &self.observation, e)),
             Err(_) => {
-                return Err(connect_err(
-                    "no answer within 10 seconds (is the node running and the UDP port open?)"
-                        .into(),
-                ));
+                return Err(connect_err(format!(
+                    "no answer within {} seconds (is the node running and the UDP port open?)",
+                    timeout.as_secs()
+                )));
             }
         };
         let fingerprint = self
@@ -269,6 +320,21 @@ pub struct Client {
     conn: quinn::Connection,
     server: String,
     fingerprint: Fingerprint,
+}
+
+/// How long a connect waits for the node, with one node address.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a connect waits for each node, with several addresses (it moves on).
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The node addresses in `server`: `HOST:PORT`, or several separated by commas.
+fn addresses(server: &str) -> Vec<&str> {
+    server
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect()
 }
 
 /// The largest reply the client accepts.

@@ -17,6 +17,7 @@ mod crash;
 mod devices;
 mod discovery;
 mod disk;
+mod failover;
 mod group_messages;
 mod groups;
 mod handoff;
