@@ -24,7 +24,7 @@ use switchboard::store::{
 
 /// The nats-server to run: `$SWITCHBOARD_NATS_SERVER`, else where `.ci/run`
 /// installs it, else `nats-server` on the PATH.
-fn nats_server() -> Option<PathBuf> {
+pub fn nats_server() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SWITCHBOARD_NATS_SERVER") {
         return Some(PathBuf::from(p));
     }
@@ -40,7 +40,7 @@ fn nats_server() -> Option<PathBuf> {
         .map(|_| PathBuf::from("nats-server"))
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
