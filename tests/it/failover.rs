@@ -81,3 +81,23 @@ async fn a_client_with_several_addresses_fails_over_to_the_next_node() {
         other => panic!("{:?}", other.map(|c| c.server().to_string())),
     }
 }
+
+/// The CLI takes the list in `--server` and keeps it: registering, sending and
+/// receiving all go past the address where nothing answers.
+#[test]
+fn the_cli_takes_several_addresses_and_keeps_them() {
+    let node = ProcessNode::start(&config_text(""));
+    let list = format!("{},{}", dead_address(), node.addr);
+    let root = node.dir.path();
+    let (alice, bob) = (root.join("alice"), root.join("bob"));
+    for (home, number) in [(&alice, ALICE), (&bob, BOB)] {
+        let args = ["register", number, "--server", &list, "--code", CODE];
+        let out = node.cli(home, &args, "");
+        assert!(out.status.success(), "{}", show(&args, &out));
+    }
+    let state = std::fs::read_to_string(alice.join("state.toml")).unwrap();
+    assert!(state.contains(&list), "{state}");
+    node.ok(&alice, &["send", BOB, "over the list"]);
+    let got = node.ok(&bob, &["recv"]);
+    assert!(got.contains("over the list"), "{got}");
+}
