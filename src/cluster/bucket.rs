@@ -44,25 +44,11 @@ pub(super) fn engine(what: &str, e: impl std::fmt::Display) -> StoreError {
 /// 10164), or the per-subject check was briefly unavailable (10163, during a
 /// leader change).
 fn lost_race(e: &(dyn std::error::Error + 'static)) -> bool {
-    use async_nats::jetstream::ErrorCode;
-    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = at {
-        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>()
-            && matches!(
-                js.error_code(),
-                ErrorCode(10071) | ErrorCode(10163) | ErrorCode(10164)
-            )
-        {
-            return true;
-        }
-        if let Some(u) = err.downcast_ref::<kv::UpdateError>()
-            && u.kind() == kv::UpdateErrorKind::WrongLastRevision
-        {
-            return true;
-        }
-        at = err.source();
-    }
-    false
+    super::jetstream_error(e, &[10071, 10163, 10164]).is_some()
+        || super::causes(e).any(|err| {
+            err.downcast_ref::<kv::UpdateError>()
+                .is_some_and(|u| u.kind() == kv::UpdateErrorKind::WrongLastRevision)
+        })
 }
 
 type Boxed = Box<dyn std::error::Error + Send + Sync>;
@@ -163,33 +149,32 @@ impl Bucket {
             .as_ref()
             .map(|v| records::encode(v).map(Bytes::from))
             .transpose()?;
-        let mut unanswered = 0;
-        loop {
-            let written = match &value {
-                // Revision 0: "no message on this subject yet". Not `create`, which
-                // re-reads after an ambiguous failure and would call our own landed
-                // write "already exists", a lost race.
-                Some(value) => self
-                    .kv
-                    .update(key, value.clone(), revision)
-                    .await
-                    .map(drop)
-                    .map_err(boxed),
-                None => self
-                    .kv
-                    .delete_expect_revision(key, Some(revision))
-                    .await
-                    .map_err(boxed),
-            };
-            match written {
-                Ok(()) => return Ok(true),
-                Err(e) if super::unanswered(e.as_ref()) && unanswered < super::UNANSWERED_TRIES => {
-                    unanswered += 1;
-                    super::unanswered_pause(unanswered).await;
+        let written = super::sent_again(
+            |e: &Boxed| super::unanswered(e.as_ref()),
+            || async {
+                match &value {
+                    // Revision 0: "no message on this subject yet". Not `create`,
+                    // which re-reads after an ambiguous failure and would call our
+                    // own landed write "already exists", a lost race.
+                    Some(value) => self
+                        .kv
+                        .update(key, value.clone(), revision)
+                        .await
+                        .map(drop)
+                        .map_err(boxed),
+                    None => self
+                        .kv
+                        .delete_expect_revision(key, Some(revision))
+                        .await
+                        .map_err(boxed),
                 }
-                Err(e) if lost_race(e.as_ref()) => return Ok(false),
-                Err(e) => return Err(engine(self.name, e)),
-            }
+            },
+        )
+        .await;
+        match written {
+            Ok(()) => Ok(true),
+            Err(e) if lost_race(e.as_ref()) => Ok(false),
+            Err(e) => Err(engine(self.name, e)),
         }
     }
 
@@ -221,31 +206,16 @@ impl Bucket {
     /// Writes `value` at `key` whatever was there.
     pub async fn put<T: Encode>(&self, key: &str, value: &T) -> Result<(), StoreError> {
         let value = Bytes::from(records::encode(value)?);
-        let mut tries = 0;
-        loop {
-            match self.kv.put(key, value.clone()).await {
-                Ok(_) => return Ok(()),
-                Err(e) if super::unanswered(&e) && tries < super::UNANSWERED_TRIES => {
-                    tries += 1;
-                    super::unanswered_pause(tries).await;
-                }
-                Err(e) => return Err(engine(self.name, e)),
-            }
-        }
+        super::sent_again(|e| super::unanswered(e), || self.kv.put(key, value.clone()))
+            .await
+            .map(drop)
+            .map_err(|e| engine(self.name, e))
     }
 
     /// Removes `key` and its history.
     pub async fn purge(&self, key: &str) -> Result<(), StoreError> {
-        let mut tries = 0;
-        loop {
-            match self.kv.purge(key).await {
-                Ok(()) => return Ok(()),
-                Err(e) if super::unanswered(&e) && tries < super::UNANSWERED_TRIES => {
-                    tries += 1;
-                    super::unanswered_pause(tries).await;
-                }
-                Err(e) => return Err(engine(self.name, e)),
-            }
-        }
+        super::sent_again(|e| super::unanswered(e), || self.kv.purge(key))
+            .await
+            .map_err(|e| engine(self.name, e))
     }
 }

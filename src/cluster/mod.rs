@@ -22,9 +22,26 @@ pub const MIN_SERVER: (u64, u64) = (2, 10);
 /// Key-value buckets and streams are kept on this many members.
 pub const REPLICAS: usize = 3;
 
-/// Publishes no member answered before giving up (with [`unanswered_pause`] between
+/// Publishes no member answered before giving up (with a growing pause between
 /// them, about ten seconds in all).
-pub(crate) const UNANSWERED_TRIES: u32 = 40;
+const UNANSWERED_TRIES: u32 = 40;
+
+/// `e` and what caused it, outermost first.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |err| err.source())
+}
+
+/// The JetStream error in `e`'s causes, if one has one of `codes`.
+pub(crate) fn jetstream_error<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+    codes: &[u64],
+) -> Option<&'a async_nats::jetstream::Error> {
+    causes(e)
+        .filter_map(|err| err.downcast_ref::<async_nats::jetstream::Error>())
+        .find(|js| codes.contains(&js.error_code().0))
+}
 
 /// Whether `e` (or what caused it) is a JetStream publish that no stream answered
 /// (async-nats: "no stream found for given subject", NATS's no-responders). Nothing
@@ -33,16 +50,10 @@ pub(crate) const UNANSWERED_TRIES: u32 = 40;
 /// subjects) and while a stream's leader is being elected.
 pub(crate) fn unanswered(e: &(dyn std::error::Error + 'static)) -> bool {
     use async_nats::jetstream::context::{PublishError, PublishErrorKind};
-    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = at {
-        if let Some(p) = err.downcast_ref::<PublishError>()
-            && p.kind() == PublishErrorKind::StreamNotFound
-        {
-            return true;
-        }
-        at = err.source();
-    }
-    false
+    causes(e).any(|err| {
+        err.downcast_ref::<PublishError>()
+            .is_some_and(|p| p.kind() == PublishErrorKind::StreamNotFound)
+    })
 }
 
 /// Whether `e` (or what caused it) is JetStream refusing a publish because the same
@@ -50,22 +61,30 @@ pub(crate) fn unanswered(e: &(dyn std::error::Error + 'static)) -> bool {
 /// process": two nodes sending the same item at once). Sent again a moment later,
 /// it is answered as a duplicate.
 pub(crate) fn in_process(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = at {
-        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>()
-            && js.error_code() == async_nats::jetstream::ErrorCode(10158)
-        {
-            return true;
-        }
-        at = err.source();
-    }
-    false
+    jetstream_error(e, &[10158]).is_some()
 }
 
-/// The pause before publishing again after the `attempt`-th unanswered publish.
-pub(crate) async fn unanswered_pause(attempt: u32) {
-    let ms = 25 * u64::from(attempt.clamp(1, 12));
-    tokio::time::sleep(Duration::from_millis(ms)).await;
+/// Runs `op` (a write to JetStream) again while its error is one `retry` says
+/// stored nothing that a repeat could double, with a growing pause, for up to
+/// about ten seconds; then its outcome, whatever it is.
+pub(crate) async fn sent_again<T, E, F>(
+    retry: impl Fn(&E) -> bool,
+    mut op: impl FnMut() -> F,
+) -> Result<T, E>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let mut tries = 0;
+    loop {
+        match op().await {
+            Err(e) if retry(&e) && tries < UNANSWERED_TRIES => {
+                tries += 1;
+                let ms = 25 * u64::from(tries.min(12));
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 /// Why the cluster cannot be used.

@@ -100,17 +100,7 @@ fn holds(device: DeviceRef, subject: &str) -> bool {
 /// `max_messages_per_subject` (JetStream error 10077, "maximum messages per subject
 /// exceeded").
 fn subject_full(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = at {
-        if let Some(js) = err.downcast_ref::<js::Error>()
-            && js.error_code() == js::ErrorCode(10077)
-            && js.to_string().contains("per subject")
-        {
-            return true;
-        }
-        at = err.source();
-    }
-    false
+    super::jetstream_error(e, &[10077]).is_some_and(|js| js.to_string().contains("per subject"))
 }
 
 /// A raw get's message, `None` when the stream holds none there.
@@ -228,8 +218,8 @@ impl JetStreamQueues {
     /// `msg_id`. A publish no stream answered stored nothing (the stream is new to
     /// this member, or its leader is being elected), and one refused because the
     /// same id is being stored by another node at this moment will be a duplicate:
-    /// either is published again, with the same duplicate id, until answered or
-    /// [`super::UNANSWERED_TRIES`] run out.
+    /// either is published again, with the same duplicate id, until answered (for up
+    /// to about ten seconds).
     async fn acked(
         &self,
         ack: js::context::PublishAckFuture,
@@ -237,27 +227,22 @@ impl JetStreamQueues {
         msg_id: &str,
         value: &Bytes,
     ) -> Result<js::publish::PublishAck, js::context::PublishError> {
-        let mut outcome = ack.await;
-        let mut tries = 0;
-        while let Err(e) = &outcome
-            && (super::unanswered(e) || super::in_process(e))
-            && tries < super::UNANSWERED_TRIES
-        {
-            tries += 1;
-            super::unanswered_pause(tries).await;
-            let publish = PublishMessage::build()
-                .message_id(msg_id)
-                .payload(value.clone());
-            outcome = match self
-                .jetstream
-                .send_publish(subject.to_owned(), publish)
+        let again = |e: &js::context::PublishError| super::unanswered(e) || super::in_process(e);
+        match ack.await {
+            Err(e) if again(&e) => {
+                super::sent_again(again, || async {
+                    let publish = PublishMessage::build()
+                        .message_id(msg_id)
+                        .payload(value.clone());
+                    self.jetstream
+                        .send_publish(subject.to_owned(), publish)
+                        .await?
+                        .await
+                })
                 .await
-            {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            };
+            }
+            outcome => outcome,
         }
-        outcome
     }
 
     /// Deletes `seq` (already gone is fine).

@@ -80,6 +80,8 @@ pub fn server_config(
 ) -> Result<quinn::ServerConfig, TlsError> {
     let mut server = quinn::ServerConfig::with_crypto(tls::server_crypto(creds)?);
     let limits = &config.limits;
+    let (normal, transfer) = super::session::Windows::sizes(config);
+    let window = |bytes| quinn::VarInt::from_u64(bytes).unwrap_or(quinn::VarInt::MAX);
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(limits.max_streams_per_connection.into())
@@ -94,17 +96,9 @@ pub fn server_config(
         // the connection's window, four frames, widened to
         // attachments.transfer_window_bytes only while a transfer runs on it
         // (`session::Windows`); a stream may use all of it.
-        .stream_receive_window(
-            quinn::VarInt::from_u64(
-                config
-                    .attachments
-                    .transfer_window_bytes
-                    .max(u64::from(limits.max_frame_bytes) * 4),
-            )
-            .unwrap_or(quinn::VarInt::MAX),
-        )
-        .receive_window((limits.max_frame_bytes * 4).into())
-        .send_window(u64::from(limits.max_frame_bytes) * 4)
+        .stream_receive_window(window(transfer))
+        .receive_window(window(normal))
+        .send_window(normal)
         .datagram_receive_buffer_size(None);
     transport.ack_frequency_config(Some(crate::quic::ack_frequency()));
     server.transport_config(Arc::new(transport));
@@ -168,11 +162,7 @@ pub async fn serve(
             remote,
             identity: std::sync::Mutex::new(None),
             seen_marked: std::sync::atomic::AtomicU64::new(0),
-            windows: super::session::Windows::new(
-                conn.clone(),
-                u64::from(shared.config.limits.max_frame_bytes) * 4,
-                shared.config.attachments.transfer_window_bytes,
-            ),
+            windows: super::session::Windows::new(conn.clone(), &shared.config),
         });
         tracing::debug!(device_key = %hex::encode(&key_id[..8]), "connected");
         loop {

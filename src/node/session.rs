@@ -41,13 +41,21 @@ pub struct Windows {
 }
 
 impl Windows {
-    pub fn new(conn: quinn::Connection, normal: u64, transfer: u64) -> Windows {
+    pub fn new(conn: quinn::Connection, config: &crate::config::Config) -> Windows {
+        let (normal, transfer) = Windows::sizes(config);
         Windows {
             conn,
             normal,
-            transfer: transfer.max(normal),
+            transfer,
             running: std::sync::Mutex::new(0),
         }
+    }
+
+    /// The windows `config` gives: four request frames, and while a transfer runs
+    /// `attachments.transfer_window_bytes` (never less).
+    pub fn sizes(config: &crate::config::Config) -> (u64, u64) {
+        let normal = u64::from(config.limits.max_frame_bytes) * 4;
+        (normal, config.attachments.transfer_window_bytes.max(normal))
     }
 
     fn set(&self, bytes: u64) {

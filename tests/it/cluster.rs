@@ -4,7 +4,7 @@
 //! test is written once, generic over the storage trait, and run on both.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +49,26 @@ pub fn free_port() -> u16 {
 
 /// A NATS cluster of its own: members on 127.0.0.1, JetStream data in a temp dir,
 /// killed when dropped.
+/// nats-server as member `i` of a cluster on 127.0.0.1 whose members listen on
+/// `clients` and route on `routes` (a cluster of one has no routes).
+pub fn member_command(server: &Path, i: usize, clients: &[u16], routes: &[u16]) -> Command {
+    let mut command = Command::new(server);
+    command
+        .args(["-a", "127.0.0.1", "-p", &clients[i].to_string()])
+        .args(["-n", &format!("n{i}")]);
+    if routes.len() > 1 {
+        let others: Vec<String> = (0..routes.len())
+            .filter(|&j| j != i)
+            .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
+            .collect();
+        command
+            .args(["--cluster_name", "sb"])
+            .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
+            .args(["--routes", &others.join(",")]);
+    }
+    command
+}
+
 pub struct NatsCluster {
     members: Vec<Child>,
     pub urls: Vec<String>,
@@ -71,22 +91,8 @@ impl NatsCluster {
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut members = Vec::new();
         for i in 0..n {
-            let others: Vec<String> = (0..n)
-                .filter(|&j| j != i)
-                .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
-                .collect();
             let log = std::fs::File::create(dir.path().join(format!("n{i}.log"))).expect("log");
-            let mut command = Command::new(&server);
-            command
-                .args(["-a", "127.0.0.1", "-p", &clients[i].to_string()])
-                .args(["-n", &format!("n{i}")]);
-            if n > 1 {
-                command
-                    .args(["--cluster_name", "sb"])
-                    .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
-                    .args(["--routes", &others.join(",")]);
-            }
-            let child = command
+            let child = member_command(&server, i, &clients, &routes)
                 .arg("-js")
                 .arg("-sd")
                 .arg(dir.path().join(format!("n{i}")))

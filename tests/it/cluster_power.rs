@@ -15,12 +15,12 @@
 //! each setting did.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 
-use super::cluster::{free_port, nats_server, retry};
+use super::cluster::{free_port, member_command, nats_server, retry};
 use crate::powerfs::PowerFs;
 
 /// Acknowledged publishes before the power cut.
@@ -55,10 +55,6 @@ impl Members {
 
     fn spawn(&mut self) {
         for i in 0..3 {
-            let others: Vec<String> = (0..3)
-                .filter(|&j| j != i)
-                .map(|j| format!("nats://127.0.0.1:{}", self.routes[j]))
-                .collect();
             let store = self.root.join(format!("n{i}"));
             let conf = self.root.join(format!("n{i}.conf"));
             std::fs::write(
@@ -70,13 +66,9 @@ impl Members {
                 ),
             )
             .expect("member config");
-            let child = Command::new(&self.server)
+            let child = member_command(&self.server, i, &self.clients, &self.routes)
                 .arg("-c")
                 .arg(&conf)
-                .args(["-a", "127.0.0.1", "-p", &self.clients[i].to_string()])
-                .args(["-n", &format!("n{i}"), "--cluster_name", "sb"])
-                .args(["--cluster", &format!("nats://127.0.0.1:{}", self.routes[i])])
-                .args(["--routes", &others.join(",")])
                 .stdout(Stdio::null())
                 .stderr(
                     std::fs::OpenOptions::new()
