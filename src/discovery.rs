@@ -50,6 +50,15 @@ impl DiscoveryKey {
         Ok(DiscoveryKey { server, version })
     }
 
+    /// The key derived from `seed` (RFC 9497's DeriveKeyPair): the same seed gives
+    /// the same key, so nodes sharing a seed share the key without storing it.
+    pub fn from_seed(seed: &[u8; 32], version: u32) -> Result<DiscoveryKey, DiscoveryError> {
+        let info = format!("switchboard discovery key {version}");
+        let server =
+            OprfServer::new_from_seed(seed, info.as_bytes()).map_err(|_| DiscoveryError::BadKey)?;
+        Ok(DiscoveryKey { server, version })
+    }
+
     /// The key as stored (a 32-byte scalar).
     pub fn from_bytes(bytes: &[u8], version: u32) -> Result<DiscoveryKey, DiscoveryError> {
         let server = OprfServer::deserialize(bytes).map_err(|_| DiscoveryError::BadKey)?;

@@ -99,6 +99,21 @@ pub struct PemPair {
 }
 
 impl Credentials {
+    /// A 32-byte secret named `name`, derived (HKDF-SHA256) from the private key.
+    /// Nodes that share the key derive the same secrets, and nothing of them needs
+    /// to be stored anywhere: a cluster's nodes share their code-hash and OPRF keys
+    /// this way, and the engine never holds them.
+    pub fn derive_secret(&self, name: &str) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        let hk = hkdf::Hkdf::<sha2::Sha256>::new(
+            Some(b"switchboard node secrets v1"),
+            self.key.secret_der(),
+        );
+        // 32 bytes is far below HKDF-SHA256's limit of 255 * 32: expand cannot fail.
+        let _ = hk.expand(name.as_bytes(), &mut out);
+        out
+    }
+
     /// A fresh self-signed node certificate (ECDSA P-256) for `names`.
     pub fn generate_node(names: Vec<String>) -> Result<(Credentials, PemPair), TlsError> {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;

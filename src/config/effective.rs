@@ -267,6 +267,18 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
     let mut metrics = Table::new();
     metrics.insert("enabled".into(), Value::Boolean(c.metrics.enabled));
     metrics.insert("listen".into(), text(c.metrics.listen.to_string()));
+    let mut cluster = Table::new();
+    cluster.insert(
+        "nats".into(),
+        Value::Array(
+            c.cluster
+                .nats
+                .iter()
+                .map(|u| text(if mask { masked_url(u) } else { u.clone() }))
+                .collect(),
+        ),
+    );
+    cluster.insert("replicas".into(), uint(c.cluster.replicas as u64));
     let mut log = Table::new();
     log.insert("format".into(), text(c.log.format.name()));
     let mut file = Table::new();
@@ -280,6 +292,7 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         ("accounts", accounts),
         ("groups", groups),
         ("attachments", attachments),
+        ("cluster", cluster),
         ("metrics", metrics),
         ("log", log),
     ] {

@@ -26,8 +26,28 @@ pub struct Config {
     pub accounts: Accounts,
     pub groups: Groups,
     pub attachments: Attachments,
+    pub cluster: Cluster,
     pub metrics: Metrics,
     pub log: Log,
+}
+
+/// Cluster mode: several nodes over one NATS JetStream cluster instead of each
+/// on its own sled database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// The NATS servers to connect to (`nats://host:port`; the client learns the
+    /// other members from them). Empty: one node on its own sled database.
+    pub nats: Vec<String>,
+    /// Replicas of each stream and bucket the node creates (1 to 5; 3 survives
+    /// the loss of one member).
+    pub replicas: usize,
+}
+
+impl Cluster {
+    /// Whether the node runs on the cluster.
+    pub fn enabled(&self) -> bool {
+        !self.nats.is_empty()
+    }
 }
 
 /// The Prometheus endpoint.
@@ -394,6 +414,10 @@ impl Default for Config {
                 transfer_window_bytes: 1 << 20,
                 delete_when_downloaded: true,
                 incomplete_ttl: Duration::from_secs(86_400),
+            },
+            cluster: Cluster {
+                nats: Vec::new(),
+                replicas: 3,
             },
             metrics: Metrics {
                 enabled: false,

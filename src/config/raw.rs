@@ -14,8 +14,16 @@ pub struct File {
     pub accounts: Accounts,
     pub groups: Groups,
     pub attachments: Attachments,
+    pub cluster: Cluster,
     pub metrics: Metrics,
     pub log: Log,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    pub nats: Option<Vec<String>>,
+    pub replicas: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -769,6 +777,35 @@ impl File {
                 30 * 86_400,
             )?,
         };
+        let nats = self.cluster.nats.unwrap_or_default();
+        for url in &nats {
+            let rest = url
+                .strip_prefix("nats://")
+                .or_else(|| url.strip_prefix("tls://"));
+            if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
+                return Err(format!(
+                    "key `cluster.nats`: {url:?} is not a NATS address like \"nats://10.0.0.1:4222\""
+                ));
+            }
+        }
+        if !nats.is_empty() && server.tls.is_none() {
+            return Err(
+                "key `cluster.nats`: cluster mode needs `server.tls_cert` and `server.tls_key`: \
+                 every node serves the same certificate, so that clients pin one fingerprint"
+                    .into(),
+            );
+        }
+        let cluster = super::Cluster {
+            nats,
+            replicas: usize::try_from(in_range(
+                "cluster.replicas",
+                self.cluster.replicas,
+                d.cluster.replicas as u64,
+                1,
+                5,
+            )?)
+            .unwrap_or(d.cluster.replicas),
+        };
         let metrics = super::Metrics {
             enabled: self.metrics.enabled.unwrap_or(d.metrics.enabled),
             listen: self.metrics.listen.unwrap_or(d.metrics.listen),
@@ -795,6 +832,7 @@ impl File {
             accounts,
             groups,
             attachments,
+            cluster,
             metrics,
             log,
         })

@@ -20,12 +20,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::clock::now_ms;
+use super::engine;
 use super::session::{self, Session};
 use super::worker::{self, blocking, read};
 use crate::proto::{
     Ack, Delivery, EPHEMERAL_SEQ, FrameError, Incoming, Item, MAX_ACKS_PER_FRAME, Push, Receipt,
     Reply, Response, codes, frame,
 };
+use crate::store::queue_store::QueueStore;
 use crate::store::records::QueueItem;
 use crate::store::{DeviceIdentity, Queued};
 
@@ -63,7 +65,24 @@ pub async fn serve(
     // Joined before `Subscribed` goes out: a typing notice sent once the client
     // has it reaches this stream.
     let stream = mailbox.join();
-    let queued = match blocking(&shared, move |store| store.queue_len(device)).await {
+    // In cluster mode a send through another node wakes this stream through a core
+    // NATS subject, subscribed before the first page is read.
+    let wake_ups = match &shared.cluster {
+        Some(c) => match c.queues.wake_ups(device).await {
+            Ok(subscriber) => {
+                // The server has the subscription once it answers a ping.
+                let _ = c.cluster.client.flush().await;
+                Some(subscriber)
+            }
+            Err(e) => {
+                let _ = frame::write(&mut send, &Reply::Err(worker::internal(e))).await;
+                let _ = send.finish();
+                return;
+            }
+        },
+        None => None,
+    };
+    let queued = match engine::queue_len(&shared, device).await {
         Ok(n) => n,
         Err(e) => {
             let _ = frame::write(&mut send, &Reply::Err(e)).await;
@@ -88,8 +107,41 @@ pub async fn serve(
     // tracker, so shutdown waits for both and nothing holds the store afterwards).
     let (done_tx, done) = oneshot::channel();
     let acker = read_acks(recv, shared.clone(), me, done_tx, stop.clone());
-    let pusher = push(send, &shared, &mailbox, &stream, device, done, &stop);
-    tokio::join!(acker, pusher);
+    let ended = CancellationToken::new();
+    let pusher = async {
+        push(send, &shared, &mailbox, &stream, device, done, &stop).await;
+        ended.cancel();
+    };
+    let woken = forward_wake_ups(wake_ups, &mailbox, &ended);
+    tokio::join!(acker, pusher, woken);
+}
+
+/// In cluster mode a wake-up can be missed (published on another member before this
+/// subscription reached it, or lost with a member): the queue is looked at this often
+/// without one.
+const CLUSTER_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Turns the cluster's wake-ups for this device (and, without one for a while,
+/// the clock) into wake-ups of its mailbox, until `ended`.
+async fn forward_wake_ups(
+    wake_ups: Option<async_nats::Subscriber>,
+    mailbox: &super::mailbox::Mailbox,
+    ended: &CancellationToken,
+) {
+    use futures_util::StreamExt;
+    let Some(mut wake_ups) = wake_ups else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = ended.cancelled() => break,
+            next = tokio::time::timeout(CLUSTER_RECHECK, wake_ups.next()) => match next {
+                Ok(None) => break,
+                Ok(Some(_)) | Err(_) => mailbox.changed.notify_waiters(),
+            },
+        }
+    }
+    let _ = wake_ups.unsubscribe().await;
 }
 
 /// Writes pushes until the acker reports the client's half finished, or the node stops.
@@ -139,11 +191,7 @@ async fn push(
         }
         let keys_changed = std::mem::take(&mut first) | mailbox.take_keys_claimed();
         let mut keys_left = if keys_changed {
-            match blocking(shared, move |store| {
-                store.count_one_time_keys(device, low.max(1))
-            })
-            .await
-            {
+            match engine::count_one_time_keys(shared, device, low.max(1)).await {
                 Ok(n) if n < low => Some(n),
                 Ok(_) => None,
                 Err(_) => None,
@@ -162,17 +210,18 @@ async fn push(
             let op = move |store: &crate::store::Store| {
                 store.queue_page_within(device, after, batch, MAX_PAGE_BYTES)
             };
-            let in_memory = if backlog_sent {
+            let in_memory = if backlog_sent && shared.cluster.is_none() {
                 shared
                     .store
                     .staged_page(device, after, batch, MAX_PAGE_BYTES)
             } else {
                 None
             };
-            let page = match in_memory {
-                Some(page) => Ok(page),
-                None if backlog_sent => blocking(shared, op).await,
-                None => read(shared, op).await,
+            let page = match (&shared.cluster, in_memory) {
+                (Some(c), _) => engine::cluster_page(c, device, after, batch, MAX_PAGE_BYTES).await,
+                (None, Some(page)) => Ok(page),
+                (None, None) if backlog_sent => blocking(shared, op).await,
+                (None, None) => read(shared, op).await,
             };
             let (page, full) = match page {
                 Ok(page) => page,
@@ -301,10 +350,18 @@ async fn read_acks(
                 let now = now_ms();
                 // Items still held in memory are acknowledged right here; anything
                 // written goes through the store thread.
-                let applied = match shared
-                    .store
-                    .ack_from_memory(device, &number, &ack.seqs, now)
-                {
+                let from_memory = match &shared.cluster {
+                    Some(_) => Ok(None),
+                    None => shared
+                        .store
+                        .ack_from_memory(device, &number, &ack.seqs, now),
+                };
+                let applied = match from_memory {
+                    Ok(None) if let Some(c) = &shared.cluster => c
+                        .queues
+                        .ack(device, number, ack.seqs, now)
+                        .await
+                        .map_err(worker::internal),
                     Ok(Some(receipts)) => Ok(receipts),
                     Ok(None) => {
                         blocking(&shared, move |store| {
@@ -330,7 +387,7 @@ async fn read_acks(
                 break AckEnd::Broken;
             }
             Ok(None) => {
-                if shared.commit.durable().await.is_err() {
+                if engine::durable(&shared).await.is_err() {
                     break AckEnd::Broken;
                 }
                 break AckEnd::Finished;

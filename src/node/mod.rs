@@ -14,6 +14,7 @@ mod commit;
 mod conn;
 mod delivery;
 mod discovery;
+mod engine;
 mod handlers;
 mod limits;
 mod link;
@@ -58,6 +59,8 @@ pub enum ServeError {
     StorageFailed(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("cluster mode: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -89,6 +92,9 @@ const PIN_CHECKS: usize = 2;
 pub(crate) struct Shared {
     pub config: Config,
     pub store: Store,
+    /// The cluster the node runs on (`[cluster] nats`): accounts, keys, profiles,
+    /// limits and queues are there, not in `store`. `None`: one node on sled.
+    pub cluster: Option<Arc<engine::ClusterEngine>>,
     pub codes: Codes,
     /// Code delivery, per channel.
     pub providers: Providers,
@@ -170,12 +176,31 @@ impl Node {
                     path: data_dir.join("db"),
                     source,
                 })?;
-        let code_key = store
-            .secret("code_hash_key")
-            .map_err(|source| ServeError::Store {
-                path: data_dir.join("db"),
-                source,
-            })?;
+        // In cluster mode every node must hash codes with the same key and give
+        // numbers the same PRF: both are derived from the TLS key they share, and
+        // so never stored in the engine.
+        let (code_key, cluster) = if config.cluster.enabled() {
+            let discovery =
+                crate::discovery::DiscoveryKey::from_seed(&creds.derive_secret("discovery key"), 1)
+                    .map_err(|e| {
+                        crate::cluster::ClusterError::JetStream(format!("discovery key: {e}"))
+                    })?;
+            let engine = engine::ClusterEngine::open(&config, Arc::new(discovery)).await?;
+            tracing::info!(
+                server = %engine.cluster.server_version,
+                replicas = config.cluster.replicas,
+                "running on the NATS JetStream cluster"
+            );
+            (creds.derive_secret("code hash key"), Some(Arc::new(engine)))
+        } else {
+            let key = store
+                .secret("code_hash_key")
+                .map_err(|source| ServeError::Store {
+                    path: data_dir.join("db"),
+                    source,
+                })?;
+            (key, None)
+        };
 
         let server_config = conn::server_config(&creds, &config)?;
         let endpoint = bind_endpoint(
@@ -261,6 +286,7 @@ impl Node {
             uploads: blobs::InFlight::default(),
             started: std::time::Instant::now(),
             store,
+            cluster,
             config,
         });
         Ok(Node {

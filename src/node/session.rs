@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use super::Shared;
 use super::clock::now_ms;
-use super::worker::blocking;
+use super::engine;
 use crate::proto::{ErrorKind, NodeError};
 use crate::store::DeviceIdentity;
 use crate::store::layout::KeyId;
@@ -104,14 +104,7 @@ pub(crate) async fn authenticated(
     let identity = match cached {
         Some(identity) => identity,
         None => {
-            let key_id = session.key_id;
-            let found = blocking(shared, move |store| {
-                Ok(match store.device_by_key(&key_id)? {
-                    Some(identity) => Ok(identity),
-                    None => Err(store.removed_key(&key_id)?),
-                })
-            })
-            .await?;
+            let found = engine::device_by_key(shared, session.key_id).await?;
             let identity = match found {
                 Ok(identity) => identity,
                 Err(Some(removed)) => {
@@ -128,7 +121,12 @@ pub(crate) async fn authenticated(
                     ));
                 }
             };
-            if let Ok(mut cached) = session.identity.lock() {
+            // The epoch counts this node's registrations only: in cluster mode
+            // another node may sign this device out at any moment, so nothing is
+            // cached there.
+            if shared.cluster.is_none()
+                && let Ok(mut cached) = session.identity.lock()
+            {
                 *cached = Some((epoch, identity.clone()));
             }
             identity
@@ -157,5 +155,5 @@ pub(crate) async fn note_seen(
     {
         return Ok(());
     }
-    blocking(shared, move |store| store.mark_device_seen(device, now)).await
+    engine::mark_device_seen(shared, device, now).await
 }

@@ -853,6 +853,9 @@ pub enum ErrorKind {
     /// No attachment with that id is here (never uploaded, not whole yet, expired,
     /// or downloaded by every device it was for), or none of this account to resume.
     NoAttachment,
+    /// This node does not do this (a node in cluster mode: groups, contact
+    /// discovery, linked devices and attachments are not in the cluster yet).
+    Unsupported,
 }
 
 /// Why a device was removed from its account.
@@ -922,6 +925,7 @@ impl ErrorKind {
             ErrorKind::AttachmentTooLarge { .. } => "attachment_too_large",
             ErrorKind::AttachmentQuota { .. } => "attachment_quota",
             ErrorKind::NoAttachment => "no_attachment",
+            ErrorKind::Unsupported => "unsupported",
         }
     }
 }

@@ -171,6 +171,30 @@ impl NatsCluster {
         let _ = self.members[i].kill();
         let _ = self.members[i].wait();
     }
+
+    /// Kills (SIGKILL) whichever member leads `stream` now; its index (its name is
+    /// `n` and the index).
+    pub async fn kill_leader_of(&mut self, stream: &str) -> usize {
+        let admin = retry(|| Cluster::connect(&self.urls)).await;
+        let info = admin
+            .jetstream
+            .get_stream_no_info(stream)
+            .await
+            .unwrap()
+            .get_info()
+            .await
+            .unwrap();
+        let leader = info
+            .cluster
+            .and_then(|c| c.leader)
+            .expect("a stream leader");
+        let index: usize = leader
+            .trim_start_matches('n')
+            .parse()
+            .expect("member name n<i>");
+        self.kill(index);
+        index
+    }
 }
 
 impl Drop for NatsCluster {

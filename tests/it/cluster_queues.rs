@@ -304,7 +304,6 @@ async fn the_stream_leader_killed_under_load_loses_no_acknowledged_message() {
             retry(|| JetStreamQueues::open(&cluster, 3, limits(10_000))).await,
         ));
     }
-    let admin = retry(|| Cluster::connect(&nats.urls)).await;
     let mut senders = Vec::new();
     for (k, node) in nodes.iter().enumerate() {
         let node = node.clone();
@@ -343,22 +342,13 @@ async fn the_stream_leader_killed_under_load_loses_no_acknowledged_message() {
         }));
     }
     // Once some are in, kill whichever member leads the stream.
-    let stream = admin.jetstream.get_stream_no_info(STREAM).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while nodes[0].queue_len(bob).await.unwrap_or(0) < 100 {
         assert!(Instant::now() < deadline, "no load");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let info = stream.get_info().await.unwrap();
-    let leader = info
-        .cluster
-        .and_then(|c| c.leader)
-        .expect("a stream leader");
-    let index: usize = leader
-        .trim_start_matches('n')
-        .parse()
-        .expect("member name n<i>");
-    nats.kill(index);
+    let index = nats.kill_leader_of(STREAM).await;
+    let leader = format!("n{index}");
 
     let mut acked = Vec::new();
     let mut errors = 0;

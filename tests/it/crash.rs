@@ -13,6 +13,10 @@
 //! delivered again because the node went down before the recipient's ack was
 //! durable), which the client removes by id. The short run is part of `cargo test`;
 //! `SWITCHBOARD_SLOW_TESTS=1` runs 60 cycles of each.
+//!
+//! The same clients and oracle run against two nodes in cluster mode over a 3-member
+//! NATS cluster, where the stream's leading member and then node 1 are killed and
+//! left down.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,6 +55,9 @@ enum Stop {
     /// [`Stop::PowerCut`] with `storage.power_loss_sync = false`: measures what that
     /// setting risks (losses are counted, not refused).
     PowerCutUnsynced,
+    /// Cluster mode: a NATS member, then one of two nodes, SIGKILLed under load and
+    /// left down; clients, given both nodes, carry on through the other.
+    Cluster,
 }
 
 impl Stop {
@@ -142,6 +149,56 @@ impl Oracle {
     fn acked_count(&self) -> usize {
         self.acked.values().map(BTreeSet::len).sum()
     }
+
+    /// The counts, after `what` (the harness and its cycles), printed and returned.
+    fn report(&self, what: &str) -> String {
+        let attempted: u64 = self.attempted.values().sum();
+        let report = format!(
+            "{what}; {attempted} messages sent, {} acknowledged, {} deliveries, \
+             {} duplicates removed by the client; {} send errors, {} hung sends; \
+             {} key uploads, {} key claims; lost {}, phantom {}, out of order {}",
+            self.acked_count(),
+            self.deliveries,
+            self.duplicates,
+            self.send_errors,
+            self.hung_sends,
+            self.key_uploads,
+            self.key_claims,
+            self.missing().len(),
+            self.phantoms.len(),
+            self.out_of_order.len(),
+        );
+        println!("crash harness: {report}");
+        report
+    }
+
+    /// What must hold after `stops` stops under load: every stop cut into real
+    /// traffic (dozens of acknowledged messages per stop, a run measures hundreds),
+    /// most sends were acknowledged, and nothing acknowledged was lost, invented or
+    /// reordered. `log` is the nodes' log, shown on a loss.
+    fn check(&self, stops: usize, report: &str, log: &str) {
+        let attempted: u64 = self.attempted.values().sum();
+        assert!(
+            self.acked_count() >= 50 * stops,
+            "too little load to mean anything: {report}"
+        );
+        assert!(
+            self.acked_count() as u64 * 2 >= attempted,
+            "most sends failed: {report}"
+        );
+        let missing = self.missing();
+        assert!(
+            missing.is_empty(),
+            "acknowledged but never delivered (first 10: {:?}): {report}\nlog:\n{log}",
+            &missing[..missing.len().min(10)],
+        );
+        assert!(self.phantoms.is_empty(), "{:?}: {report}", self.phantoms);
+        assert!(
+            self.out_of_order.is_empty(),
+            "{:?}: {report}",
+            self.out_of_order
+        );
+    }
 }
 
 /// What every client task shares.
@@ -158,6 +215,79 @@ struct World {
     stop_sending: AtomicBool,
     /// Everything ends once set.
     done: AtomicBool,
+}
+
+impl World {
+    fn new(stop: Stop, addr: &str, fingerprint: Fingerprint) -> World {
+        World {
+            stop,
+            addr: addr.to_string(),
+            fingerprint,
+            oracle: Mutex::default(),
+            generation: AtomicU64::new(0),
+            stop_sending: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+        }
+    }
+}
+
+/// The client tasks of a run.
+struct Load {
+    senders: Vec<tokio::task::JoinHandle<()>>,
+    receivers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Registers every device through `register_at`, then starts each one's sender
+    /// and receiver, and the key uploader and claimer.
+    async fn start(world: &Arc<World>, register_at: &str) -> Load {
+        let mut creds = Vec::new();
+        let mut ids = Vec::new();
+        for number in DEVICES {
+            let (c, _) = Credentials::generate_device().unwrap();
+            let client = Client::connect(register_at, &c, Some(world.fingerprint))
+                .await
+                .unwrap();
+            let n = Number::parse(number, None).unwrap();
+            client.request_code(&n, Channel::Sms, "en").await.unwrap();
+            let reg = client.verify_code(&n, CODE).await.unwrap();
+            ids.push((reg.account_id, reg.device_id));
+            creds.push(c);
+            client.close().await;
+        }
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for (me, c) in creds.iter().enumerate() {
+            senders.push(tokio::spawn(sender(world.clone(), c.clone(), me)));
+            receivers.push(tokio::spawn(receiver(world.clone(), c.clone(), me)));
+        }
+        senders.push(tokio::spawn(keys(
+            world.clone(),
+            creds[0].clone(),
+            ids[0],
+            creds[2].clone(),
+        )));
+        Load { senders, receivers }
+    }
+
+    /// Lets the load settle, stops sending and waits (up to a minute) for every
+    /// acknowledged message to arrive, then stops the receivers.
+    async fn end(self, world: &World) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        world.stop_sending.store(true, Ordering::Relaxed);
+        // A send in flight may still be acknowledged: wait for the senders to finish.
+        for task in self.senders {
+            task.await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && !world.oracle.lock().unwrap().missing().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        world.done.store(true, Ordering::Relaxed);
+        for task in self.receivers {
+            task.await.unwrap();
+        }
+    }
 }
 
 fn message_id(sender: usize, n: u64) -> MessageId {
@@ -375,42 +505,8 @@ async fn run(stop: Stop, cycles: usize) {
         fs.as_ref().map(|f| f.path().join("data")),
     );
     let mut lost_to_power = (0usize, 0u64);
-    // Register every device before the chaos starts.
-    let mut creds = Vec::new();
-    let mut ids = Vec::new();
-    for number in DEVICES {
-        let (c, _) = Credentials::generate_device().unwrap();
-        let client = Client::connect(&node.addr, &c, Some(node.fingerprint))
-            .await
-            .unwrap();
-        let n = Number::parse(number, None).unwrap();
-        client.request_code(&n, Channel::Sms, "en").await.unwrap();
-        let reg = client.verify_code(&n, CODE).await.unwrap();
-        ids.push((reg.account_id, reg.device_id));
-        creds.push(c);
-        client.close().await;
-    }
-    let world = Arc::new(World {
-        stop,
-        addr: node.addr.clone(),
-        fingerprint: node.fingerprint,
-        oracle: Mutex::default(),
-        generation: AtomicU64::new(0),
-        stop_sending: AtomicBool::new(false),
-        done: AtomicBool::new(false),
-    });
-    let mut senders = Vec::new();
-    let mut receivers = Vec::new();
-    for (me, c) in creds.iter().enumerate() {
-        senders.push(tokio::spawn(sender(world.clone(), c.clone(), me)));
-        receivers.push(tokio::spawn(receiver(world.clone(), c.clone(), me)));
-    }
-    senders.push(tokio::spawn(keys(
-        world.clone(),
-        creds[0].clone(),
-        ids[0],
-        creds[2].clone(),
-    )));
+    let world = Arc::new(World::new(stop, &node.addr, node.fingerprint));
+    let load = Load::start(&world, &node.addr).await;
 
     // The chaos: stop the node at random moments, start it again.
     for _ in 0..cycles {
@@ -422,6 +518,7 @@ async fn run(stop: Stop, cycles: usize) {
             match stop {
                 Stop::Kill => node.crash_and_restart(),
                 Stop::Term => node.restart(),
+                Stop::Cluster => unreachable!("the cluster run has its own test"),
                 Stop::PowerCut | Stop::PowerCutUnsynced => {
                     node.kill9();
                     if let Some(fs) = &fs {
@@ -440,42 +537,11 @@ async fn run(stop: Stop, cycles: usize) {
         lost_to_power.1 += cut.bytes;
         world.generation.fetch_add(1, Ordering::Relaxed);
     }
-    // Let the load settle on the last incarnation, then stop sending and wait for
-    // every acknowledged message to arrive.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    world.stop_sending.store(true, Ordering::Relaxed);
-    // A send in flight may still be acknowledged: wait for the senders to finish.
-    for task in senders {
-        task.await.unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline && !world.oracle.lock().unwrap().missing().is_empty() {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    world.done.store(true, Ordering::Relaxed);
-    for task in receivers {
-        task.await.unwrap();
-    }
-
+    load.end(&world).await;
     let oracle = world.oracle.lock().unwrap();
     let missing = oracle.missing();
     let attempted: u64 = oracle.attempted.values().sum();
-    let report = format!(
-        "{stop:?}: {cycles} cycles; {attempted} messages sent, {} acknowledged, {} deliveries, \
-         {} duplicates removed by the client; {} send errors, {} hung sends; \
-         {} key uploads, {} key claims; lost {}, phantom {}, out of order {}",
-        oracle.acked_count(),
-        oracle.deliveries,
-        oracle.duplicates,
-        oracle.send_errors,
-        oracle.hung_sends,
-        oracle.key_uploads,
-        oracle.key_claims,
-        missing.len(),
-        oracle.phantoms.len(),
-        oracle.out_of_order.len(),
-    );
-    println!("crash harness: {report}");
+    let report = oracle.report(&format!("{stop:?}: {cycles} cycles"));
     if stop.power() {
         println!(
             "power cuts threw away {} bytes not yet synced, of {} files\n\
@@ -505,40 +571,17 @@ async fn run(stop: Stop, cycles: usize) {
         );
         return;
     }
-    // Every cycle must cut into real traffic: dozens of acknowledged messages per
-    // cycle (a run measures hundreds), most sends acknowledged.
-    assert!(
-        oracle.acked_count() >= 50 * cycles,
-        "too little load to mean anything: {report}"
-    );
-    assert!(
-        oracle.acked_count() as u64 * 2 >= attempted,
-        "most sends failed: {report}"
-    );
-    assert!(
-        missing.is_empty(),
-        "acknowledged but never delivered (first 10: {:?}): {report}\nlog:\n{}",
-        &missing[..missing.len().min(10)],
-        node.log()
-    );
-    assert!(
-        oracle.phantoms.is_empty(),
-        "{:?}: {report}",
-        oracle.phantoms
-    );
-    assert!(
-        oracle.out_of_order.is_empty(),
-        "{:?}: {report}",
-        oracle.out_of_order
-    );
+    oracle.check(cycles, &report, &node.log());
     // A graceful stop answers or fails every in-flight request; a killed node leaves
     // them to the client's timeout. Either way no send hangs on a live node.
     assert_eq!(oracle.hung_sends, 0, "{report}");
+    let acked = oracle.acked.clone();
     drop(oracle);
 
-    // The data dir opens cleanly after all that, and holds no message undelivered:
-    // every one was acknowledged by its recipient (what is left are delivery receipts
-    // for senders, who do not read theirs here).
+    // The data dir opens cleanly after all that, and holds no acknowledged message
+    // undelivered: every one was acknowledged by its recipient. What may be left are
+    // delivery receipts for senders (who do not read theirs here) and a sender's last
+    // message, stored while a cut took its answer and not pushed before the end.
     assert!(
         node.stop(),
         "node exited with an error\nlog:\n{}",
@@ -556,16 +599,20 @@ async fn run(stop: Stop, cycles: usize) {
                 .queue_page(device, None, 1_000_000)
                 .unwrap()
                 .into_iter()
-                .filter(|q| {
-                    matches!(
-                        q.item,
-                        switchboard::store::records::QueueItem::Message { .. }
-                    )
+                .filter_map(|q| match q.item {
+                    switchboard::store::records::QueueItem::Message { id, .. } => Some(id),
+                    _ => None,
+                })
+                .filter(|id| {
+                    let sender = usize::from(id[1]);
+                    let to = (sender + 1) % DEVICES.len();
+                    let n = u64::from_be_bytes(id[8..].try_into().unwrap());
+                    acked.get(&(sender, to)).is_some_and(|a| a.contains(&n))
                 })
                 .collect();
             assert!(
                 left.is_empty(),
-                "{} messages still queued for {}",
+                "{} acknowledged messages still queued for {}",
                 left.len(),
                 account.number
             );
@@ -604,4 +651,59 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_answers_every_send_and_loses_nothing() {
     run(Stop::Term, cycles()).await;
+}
+
+/// Cluster mode under load: three devices on two nodes over a 3-member NATS cluster,
+/// each client given both nodes (node 1 first). The member leading the queue stream
+/// is killed (SIGKILL), then node 1; every client carries on through node 2, and the
+/// oracle holds as on one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_member_and_a_node_killed_under_load_lose_nothing_acknowledged() {
+    use crate::cluster_nodes::{cluster_config, shared_certificate};
+    let Some(mut nats) = crate::cluster::NatsCluster::start(3) else {
+        return;
+    };
+    let tls = tempfile::tempdir().unwrap();
+    shared_certificate(tls.path());
+    let config = cluster_config(&nats, tls.path());
+    let mut one = ProcessNode::start(&config);
+    let two = ProcessNode::start(&config);
+    assert_eq!(one.fingerprint, two.fingerprint);
+    let both = format!("{},{}", one.addr, two.addr);
+    let world = Arc::new(World::new(Stop::Cluster, &both, one.fingerprint));
+    let load = Load::start(&world, &one.addr).await;
+
+    let before_kill = |world: &World| world.oracle.lock().unwrap().acked_count();
+    let wait_for = |n: usize| {
+        let world = world.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while before_kill(&world) < n {
+                assert!(Instant::now() < deadline, "no load");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(100).await;
+    let leader = format!("n{}", nats.kill_leader_of("SB_QUEUES").await);
+    let at_member_kill = before_kill(&world);
+    wait_for(at_member_kill + 100).await;
+
+    world.generation.fetch_add(1, Ordering::Relaxed);
+    one.kill9();
+    world.generation.fetch_add(1, Ordering::Relaxed);
+    let at_node_kill = before_kill(&world);
+    wait_for(at_node_kill + 100).await;
+    load.end(&world).await;
+
+    let oracle = world.oracle.lock().unwrap();
+    let report = oracle.report(&format!(
+        "Cluster: member {leader} (the queue stream's leader) killed after {at_member_kill} \
+         acknowledged, node 1 after {at_node_kill}"
+    ));
+    oracle.check(2, &report, &format!("{}\n{}", one.log(), two.log()));
+    // Node 2's sends after the kills were acknowledged: the clients carried on.
+    assert!(oracle.acked_count() >= at_node_kill + 100, "{report}");
+    // A send held by a killed member or node is the client's to time out and send
+    // again (`hung_sends` counts them); it is never lost (above).
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use super::commit_failed;
 use crate::node::Shared;
 use crate::node::clock::now_ms;
+use crate::node::engine;
 use crate::node::session::{Session, authenticated};
 use crate::node::worker::{blocking, read};
 use crate::proto::{DeviceInfo, ErrorKind, NodeError, Response, codes};
@@ -19,7 +20,7 @@ pub(super) async fn list_devices(
 ) -> Result<Response, NodeError> {
     let me = authenticated(shared, session).await?;
     let account = me.device.account_id;
-    let (_, devices) = read(shared, move |store| store.devices(account))
+    let (_, devices) = engine::devices(shared, account)
         .await?
         .ok_or_else(|| NodeError::new(ErrorKind::Internal, "this device's account is gone"))?;
     Ok(Response::Devices {

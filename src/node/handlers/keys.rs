@@ -3,14 +3,15 @@
 use std::sync::Arc;
 
 use super::send::{recipient, unknown_recipient};
-use super::{charge_lookup, check_space, commit_failed};
+use super::{charge_lookup, check_space};
 use crate::node::Shared;
 use crate::node::clock::now_ms;
+use crate::node::engine;
 use crate::node::session::{Session, authenticated};
-use crate::node::worker::{blocking, read};
 use crate::proto::{
     Bundle, Bundles, ErrorKind, IdentityKeys, KeyUpload, NodeError, Response, SignedKey,
 };
+use crate::store::keydir::Upload;
 use crate::store::records::StoredKey;
 use crate::store::{DeviceRef, KeysRefusal};
 
@@ -53,21 +54,21 @@ pub(super) async fn publish_keys(
     // primary's identity is the account's; it does not change under its companions.
     let account = me.device.account_id;
     let device = me.device;
-    let (primary, primary_keys, companions) = read(shared, move |store| {
-        let Some(record) = store.account(account)? else {
-            return Ok((device.device_id, None, 0));
-        };
-        let primary = record
-            .devices
-            .first()
-            .map_or(device.device_id, |d| d.device_id);
-        let keys = store.identity_keys(DeviceRef {
-            account_id: account,
-            device_id: primary,
-        })?;
-        Ok((primary, keys, record.devices.len() - 1))
-    })
-    .await?;
+    let (primary, primary_keys, companions) = match engine::account(shared, account).await? {
+        None => (device.device_id, None, 0),
+        Some(record) => {
+            let primary = record
+                .devices
+                .first()
+                .map_or(device.device_id, |d| d.device_id);
+            let primary_device = DeviceRef {
+                account_id: account,
+                device_id: primary,
+            };
+            let keys = engine::identity_keys(shared, primary_device).await?;
+            (primary, keys, record.devices.len().saturating_sub(1))
+        }
+    };
     let account_signature = if primary == me.device.device_id {
         if upload.account_signature.is_some() {
             return Err(bad_keys(
@@ -114,28 +115,16 @@ pub(super) async fn publish_keys(
         key: k.key,
         signature: k.signature,
     };
-    let fallback = upload.fallback.as_ref().map(stored);
-    let otks: Vec<StoredKey> = upload.one_time_keys.iter().map(stored).collect();
-    let identity = upload.identity;
-    let now = now_ms();
-    let result = blocking(shared, move |store| {
-        let result = store.publish_keys(
-            device,
-            (identity.curve25519, identity.ed25519),
-            fallback,
-            &otks,
-            max,
-            now,
-        )?;
-        if result.is_ok() {
-            store.set_account_signature(device, account_signature)?;
-        }
-        Ok(result)
-    })
-    .await?;
+    let keys = Upload {
+        identity: (upload.identity.curve25519, upload.identity.ed25519),
+        fallback: upload.fallback.as_ref().map(stored),
+        one_time_keys: upload.one_time_keys.iter().map(stored).collect(),
+    };
+    let result =
+        engine::publish_keys(shared, device, keys, account_signature, max, now_ms()).await?;
     match result {
         Ok(count) => {
-            shared.commit.durable().await.map_err(commit_failed)?;
+            engine::durable(shared).await?;
             Ok(Response::KeysStored {
                 one_time_keys: count,
             })
@@ -168,10 +157,7 @@ pub(super) async fn fetch_bundles(
     // The primary has the account's lowest device id: it registered the number, and
     // every device linked since got a higher one.
     let primary = devices.first().copied();
-    let claimed = blocking(shared, move |store| {
-        store.fetch_bundles(account_id, &devices, claim)
-    })
-    .await?;
+    let claimed = engine::fetch_bundles(shared, account_id, devices, claim).await?;
     if claimed.is_empty() {
         return Err(NodeError::new(
             ErrorKind::NoKeys,

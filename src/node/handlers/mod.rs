@@ -46,6 +46,11 @@ pub async fn handle(
     session: &Session,
     answer: &mut Option<Waiting>,
 ) -> Reply {
+    if shared.cluster.is_some()
+        && let Some(what) = not_in_cluster_yet(&request)
+    {
+        return Reply::Err(crate::node::engine::not_in_cluster(what));
+    }
     let result = match request {
         Request::RequestCode {
             number,
@@ -147,6 +152,30 @@ pub async fn handle(
     match result {
         Ok(response) => Reply::Ok(response),
         Err(error) => Reply::Err(error),
+    }
+}
+
+/// What of `request` a node in cluster mode does not do yet.
+fn not_in_cluster_yet(request: &Request) -> Option<&'static str> {
+    match request {
+        Request::Evaluate { .. }
+        | Request::FetchFilter { .. }
+        | Request::Resolve { .. }
+        | Request::ResolveUnder { .. }
+        | Request::FetchFilterDelta { .. } => Some("contact discovery"),
+        Request::LinkOpen { .. }
+        | Request::LinkJoin { .. }
+        | Request::LinkRequest { .. }
+        | Request::LinkPoll { .. }
+        | Request::LinkGrant { .. }
+        | Request::LinkAbort { .. }
+        | Request::UnlinkDevice { .. } => Some("linking and unlinking devices"),
+        Request::CreateGroup { .. }
+        | Request::ChangeGroup { .. }
+        | Request::FetchGroup { .. }
+        | Request::ListGroups
+        | Request::SendGroup { .. } => Some("groups"),
+        _ => None,
     }
 }
 

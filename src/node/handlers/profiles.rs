@@ -8,11 +8,11 @@
 use std::sync::Arc;
 
 use super::send::{charge_envelopes, recipient, unknown_recipient};
-use super::{charge_lookup, check_space, commit_failed};
+use super::{charge_lookup, check_space};
 use crate::node::Shared;
 use crate::node::clock::now_ms;
+use crate::node::engine;
 use crate::node::session::{Session, authenticated};
-use crate::node::worker::{blocking, read};
 use crate::proto::{ErrorKind, Item, NodeError, Response, TypingNotice, TypingTo};
 use crate::store::DeviceRef;
 
@@ -47,11 +47,8 @@ pub(super) async fn set(
     }
     check_space(shared)?;
     let (account, now) = (me.device.account_id, now_ms());
-    blocking(shared, move |store| {
-        store.set_profile(account, version, blob, now)
-    })
-    .await?;
-    shared.commit.durable().await.map_err(commit_failed)?;
+    engine::set_profile(shared, account, version, blob, now).await?;
+    engine::durable(shared).await?;
     Ok(Response::ProfileStored)
 }
 
@@ -65,13 +62,13 @@ pub(super) async fn set_presence(
         return Err(too_large(MAX_PRESENCE_BYTES));
     }
     let account = me.device.account_id;
-    if !blocking(shared, move |store| store.set_presence(account, blob)).await? {
+    if !engine::set_presence(shared, account, blob).await? {
         return Err(NodeError::new(
             ErrorKind::NoProfile,
             "set a profile before a presence",
         ));
     }
-    shared.commit.durable().await.map_err(commit_failed)?;
+    engine::durable(shared).await?;
     Ok(Response::ProfileStored)
 }
 
@@ -86,7 +83,7 @@ pub(super) async fn fetch(
     let Some((account, _)) = recipient(shared, &number).await? else {
         return Err(no_profile());
     };
-    let profile = read(shared, move |store| store.profile(account)).await?;
+    let profile = engine::profile(shared, account).await?;
     // The version is compared in constant time: it stands for a key.
     match profile {
         Some(p) if bool::from(subtle::ConstantTimeEq::ct_eq(&p.version[..], &version[..])) => {

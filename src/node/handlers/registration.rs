@@ -4,11 +4,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{commit_failed, parse_number, secs};
+use super::{parse_number, secs};
 use crate::node::Shared;
 use crate::node::clock::now_ms;
+use crate::node::engine;
 use crate::node::session::{Session, authenticated};
-use crate::node::worker::blocking;
 use crate::phone::Number;
 use crate::proto::{Channel, CodeSent, ErrorKind, NodeError, Registered, Response};
 use crate::store::records::LockRecord;
@@ -94,12 +94,13 @@ async fn check_code_limits(
     }
     let keys = verify::limits::keys(number, source);
     let (limits, cooldown) = (v.limits.clone(), v.resend_cooldown);
-    let counted = keys.clone();
-    let judged = blocking(shared, move |store| {
-        store.record_code_send(&counted, now, verify::limits::KEEP_MS, |times| {
-            verify::limits::judge(&limits, cooldown, times, now)
-        })
-    })
+    let judged = engine::record_code_send(
+        shared,
+        keys.to_vec(),
+        now,
+        verify::limits::KEEP_MS,
+        move |times| verify::limits::judge(&limits, cooldown, times, now),
+    )
     .await?;
     judged.map(|()| keys).map_err(|limited| {
         tracing::warn!(%number, %source, limit = %limited.limit, "code refused by a limit");
@@ -137,10 +138,8 @@ pub(super) async fn request_code(
     };
     let record = {
         let (shared2, number2, code2) = (shared.clone(), number.clone(), code.clone());
-        blocking(shared, move |store| {
-            store.replace_code(number2.as_str(), |current| {
-                shared2.codes.issue(&number2, &code2, current, now)
-            })
+        engine::replace_code(shared, number.to_string(), move |current| {
+            shared2.codes.issue(&number2, &code2, current, now)
         })
         .await?
         .map_err(|r| {
@@ -175,15 +174,8 @@ pub(super) async fn request_code(
                 "code delivery failed; the client was told to try later"
             );
             // Nothing was sent: the code goes, and so does its count against the limits.
-            let number2 = number.clone();
-            blocking(shared, move |store| {
-                store.remove_code(number2.as_str())?;
-                match &counted {
-                    Some(keys) => store.forget_code_send(keys, now),
-                    None => Ok(()),
-                }
-            })
-            .await?;
+            let counted = counted.map(|keys| keys.to_vec());
+            engine::withdraw_code(shared, number.to_string(), counted, now).await?;
             return Err(NodeError::new(
                 ErrorKind::DeliveryFailed,
                 "could not send the code; try again later",
@@ -236,11 +228,7 @@ pub(super) async fn verify_code(
         return Err(NodeError::new(ErrorKind::InvalidCode, "a code is 6 digits"));
     }
     let now = now_ms();
-    let number3 = number.clone();
-    let lock = blocking(shared, move |store| {
-        store.registration_lock(number3.as_str())
-    })
-    .await?;
+    let lock = engine::registration_lock(shared, number.to_string()).await?;
     // A lock lapses once the account's devices have stayed away for the lapse time.
     let lapse = shared.config.verification.lock_lapse.as_millis() as u64;
     let in_force = lock
@@ -266,13 +254,11 @@ pub(super) async fn verify_code(
     // lock, and the PIN is judged only for someone who holds the right code. A right
     // one stays pending for the registration below.
     let (number2, code2, shared2) = (number.clone(), code.to_string(), shared.clone());
-    let checked = blocking(shared, move |store| {
-        store.judge_code(number2.as_str(), |r| {
-            match shared2.codes.judge(&number2, &code2, r, now) {
-                Judgement::Accept => (Some(r.clone()), CodeCheck::Right),
-                Judgement::Reject { update, error } => (update, CodeCheck::Refused(error)),
-            }
-        })
+    let checked = engine::judge_code(shared, number.to_string(), move |r| {
+        match shared2.codes.judge(&number2, &code2, r, now) {
+            Judgement::Accept => (Some(r.clone()), CodeCheck::Right),
+            Judgement::Reject { update, error } => (update, CodeCheck::Refused(error)),
+        }
     })
     .await?;
     match checked {
@@ -286,12 +272,10 @@ pub(super) async fn verify_code(
     };
     // A try is taken, durably, before the PIN is judged: concurrent guesses each take
     // one, so no more than `max_pin_tries` PINs are ever judged.
-    let Some((left, taken)) =
-        blocking(shared, move |store| store.take_pin_try(account, max)).await?
-    else {
+    let Some((left, taken)) = engine::take_pin_try(shared, account, max).await? else {
         return Err(locked(0, false));
     };
-    shared.commit.durable().await.map_err(commit_failed)?;
+    engine::durable(shared).await?;
     if !pin_is_right(shared, pin, &taken.pin_hash).await? {
         tracing::warn!(
             account,
@@ -339,12 +323,11 @@ async fn register(
         public_key: session.public_key.clone(),
     };
     let (shared2, number2, code2) = (shared.clone(), number.clone(), code.to_string());
-    let outcome = blocking(shared, move |store| {
-        store.verify_and_register(number2.as_str(), &device, now, |record| {
+    let outcome =
+        engine::verify_and_register(shared, number.to_string(), device, now, move |record| {
             shared2.codes.judge(&number2, &code2, record, now)
         })
-    })
-    .await?;
+        .await?;
     match outcome {
         VerifyOutcome::NoCode => Err(no_code()),
         VerifyOutcome::Rejected(r) => Err(refusal(r)),
@@ -358,17 +341,14 @@ async fn register(
             // Caches of who is registered are stale from now on (and only now: a
             // refused attempt changes no account).
             shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
-            blocking(shared, move |store| {
-                if let Some((locked_account, update)) = &lock_update {
-                    store.set_registration_lock(*locked_account, update.as_ref())?;
-                }
-                store.mark_device_seen(device, now)
-            })
-            .await?;
+            if let Some((locked_account, update)) = lock_update {
+                engine::set_registration_lock(shared, locked_account, update).await?;
+            }
+            engine::mark_device_seen(shared, device, now).await?;
             // What the node held for signed-out devices goes: their queues can never
             // be read again, and their keys must not be handed out.
             for old in signed_out.iter().copied() {
-                let dropped = blocking(shared, move |store| store.drop_device(old)).await?;
+                let dropped = engine::drop_device(shared, old).await?;
                 tracing::info!(
                     account = old.account_id,
                     device = old.device_id,
@@ -377,7 +357,7 @@ async fn register(
                 );
             }
             // The device must not be told it is registered before that is durable.
-            shared.commit.durable().await.map_err(commit_failed)?;
+            engine::durable(shared).await?;
             if !took_over {
                 shared.discovery.registered(key_version, &prf);
             }
@@ -432,11 +412,8 @@ pub(super) async fn set_lock(
         wrong_tries: 0,
     };
     let account = me.device.account_id;
-    blocking(shared, move |store| {
-        store.set_registration_lock(account, Some(&record))
-    })
-    .await?;
-    shared.commit.durable().await.map_err(commit_failed)?;
+    engine::set_registration_lock(shared, account, Some(record)).await?;
+    engine::durable(shared).await?;
     tracing::info!(account, "registration lock set");
     Ok(Response::LockSet {
         lapse_days: (shared.config.verification.lock_lapse.as_secs() / 86_400) as u32,
@@ -449,11 +426,8 @@ pub(super) async fn clear_lock(
 ) -> Result<Response, NodeError> {
     let me = authenticated(shared, session).await?;
     let account = me.device.account_id;
-    blocking(shared, move |store| {
-        store.set_registration_lock(account, None)
-    })
-    .await?;
-    shared.commit.durable().await.map_err(commit_failed)?;
+    engine::set_registration_lock(shared, account, None).await?;
+    engine::durable(shared).await?;
     tracing::info!(account, "registration lock cleared");
     Ok(Response::LockCleared)
 }

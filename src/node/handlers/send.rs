@@ -3,12 +3,14 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{charge_lookup, check_space, commit_failed, parse_number};
+use super::{charge_lookup, check_space, parse_number};
 use crate::node::Shared;
 use crate::node::clock::now_ms;
+use crate::node::engine;
 use crate::node::session::{Session, authenticated};
 use crate::node::worker::{blocking, internal};
 use crate::proto::{Accepted, ErrorKind, NodeError, Outgoing, Response};
+use crate::store::queue_store::QueueStore;
 use crate::store::{AppendOutcome, AppendPolicy, DeviceRef, HandOff, InMemory, TicketWaiter};
 
 /// Counts `n` envelopes sent by `account` against its budget per minute
@@ -60,20 +62,24 @@ pub(super) async fn recipient(
 ) -> Result<Option<(u64, Vec<u32>)>, NodeError> {
     const MAX_CACHED: usize = 100_000;
     let epoch = shared.directory_epoch.load(Ordering::Acquire);
-    if let Ok(cache) = shared.directory.lock()
+    // (In cluster mode other nodes register devices too, unseen by this node's
+    // epoch: nothing is cached there.)
+    let cache_ok = shared.cluster.is_none();
+    if cache_ok
+        && let Ok(cache) = shared.directory.lock()
         && cache.0 == epoch
         && let Some(hit) = cache.1.get(number)
     {
         return Ok(Some(hit.clone()));
     }
     let n = parse_number(number)?;
-    let found = blocking(shared, move |store| store.account_by_number(n.as_str())).await?;
+    let found = engine::account_by_number(shared, n.to_string()).await?;
     let Some((account_id, account)) = found else {
         return Ok(None);
     };
     let mut devices: Vec<u32> = account.devices.iter().map(|d| d.device_id).collect();
     devices.sort_unstable();
-    if let Ok(mut cache) = shared.directory.lock() {
+    if cache_ok && let Ok(mut cache) = shared.directory.lock() {
         if cache.0 != epoch || cache.1.len() >= MAX_CACHED {
             *cache = (epoch, std::collections::HashMap::new());
         }
@@ -160,20 +166,35 @@ pub(super) async fn send(
         }),
         expires_at_ms: expiry(shared, now, outgoing.expires_in_secs),
     };
-    // To online devices that keep up, the send is staged right here; anything that
-    // needs a write goes through the store thread.
-    let (outcome, waiter) = match shared
-        .store
-        .append_in_memory(sender, &sender_number, id, envelopes, now, &policy)
-        .map_err(internal)?
-    {
-        InMemory::Done(outcome, waiter) => (outcome, waiter),
-        InMemory::NeedsStore(envelopes) => {
-            blocking(shared, move |store| {
-                store.append_with(sender, &sender_number, id, envelopes, now, policy)
-            })
-            .await?
+    let (outcome, waiter) = match &shared.cluster {
+        // On the cluster the queue stream is the only path: the append returns once
+        // a quorum holds it, and wakes the recipients' streams on whichever node.
+        Some(c) => {
+            let message = crate::store::queue_store::Outgoing {
+                sender,
+                sender_number,
+                id,
+                envelopes,
+                now_ms: now,
+                expires_at_ms: policy.expires_at_ms,
+            };
+            (c.queues.append(message).await.map_err(internal)?, None)
         }
+        // To online devices that keep up, the send is staged right here; anything
+        // that needs a write goes through the store thread.
+        None => match shared
+            .store
+            .append_in_memory(sender, &sender_number, id, envelopes, now, &policy)
+            .map_err(internal)?
+        {
+            InMemory::Done(outcome, waiter) => (outcome, waiter),
+            InMemory::NeedsStore(envelopes) => {
+                blocking(shared, move |store| {
+                    store.append_with(sender, &sender_number, id, envelopes, now, policy)
+                })
+                .await?
+            }
+        },
     };
     let mut waiting = Waiting {
         shared: shared.clone(),
@@ -210,7 +231,7 @@ pub(super) async fn send(
         None => true,
     };
     if written {
-        shared.commit.durable().await.map_err(commit_failed)?;
+        engine::durable(shared).await?;
     }
     if !duplicate {
         shared.metrics.messages_accepted.inc();
@@ -220,9 +241,10 @@ pub(super) async fn send(
         .as_ref()
         .map(TicketWaiter::delivered)
         .unwrap_or_default();
-    // A written send left a sent-id record (a send acknowledged from memory left
-    // none), which can go once the client has this answer.
-    waiting.sent = written.then_some((sender, id, accepted_at_ms));
+    // A written send left a sent-id record on sled (a send acknowledged from memory
+    // left none), which can go once the client has this answer. (The cluster's
+    // stream finds duplicates by the message id itself.)
+    waiting.sent = (written && shared.cluster.is_none()).then_some((sender, id, accepted_at_ms));
     if !delivered.is_empty() || waiting.sent.is_some() {
         *answer = Some(waiting);
     }

@@ -1,0 +1,559 @@
+//! Where the node keeps what every node must see: its own sled store (one node, the
+//! default), or a NATS JetStream cluster (`[cluster] nats`, several nodes).
+//!
+//! Handlers call the functions here, not the store: each asks the cluster's
+//! implementation of a storage trait when the node runs on one, else runs the sled
+//! operation on the store thread. A write on sled is durable at the next group
+//! commit, which the handler awaits with [`durable`] before it answers (one wait for
+//! several writes); on the cluster a write is durable once it returns (acknowledged
+//! by a quorum of the replicas), and [`durable`] has nothing to wait for. The hand-off
+//! of online devices and the group commit stay on the sled side.
+//!
+//! What the cluster does not hold yet (groups, contact discovery, linked devices,
+//! attachments) is refused in cluster mode with [`not_in_cluster`].
+
+use std::sync::Arc;
+
+use super::Shared;
+use super::handlers::commit_failed;
+use super::worker::{blocking, internal, read};
+use crate::cluster::accounts::JetStreamAccounts;
+use crate::cluster::keys::JetStreamKeys;
+use crate::cluster::profiles::JetStreamProfiles;
+use crate::cluster::queues::{JetStreamQueues, QueueLimits};
+use crate::cluster::{Cluster, ClusterError};
+use crate::config::Config;
+use crate::discovery::DiscoveryKey;
+use crate::proto::{ErrorKind, NodeError};
+use crate::store::account_store::AccountStore;
+use crate::store::keydir::{KeyDirectory, Upload};
+use crate::store::layout::KeyId;
+use crate::store::limit_store::LimitStore;
+use crate::store::queue_store::QueueStore;
+use crate::store::records::{
+    AccountRecord, CodeRecord, LockRecord, ProfileRecord, RemovedKeyRecord,
+};
+use crate::store::{
+    Claimed, DeviceIdentity, DeviceRef, DeviceView, IdentityPair, Judgement, KeysRefusal,
+    NewDevice, ProfileStore, Queued, StoreError, VerifyOutcome,
+};
+
+/// The cluster's side of each storage concern the node runs on.
+pub(crate) struct ClusterEngine {
+    pub cluster: Cluster,
+    pub accounts: JetStreamAccounts,
+    pub keys: JetStreamKeys,
+    pub queues: JetStreamQueues,
+    pub profiles: JetStreamProfiles,
+}
+
+impl std::fmt::Debug for ClusterEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterEngine")
+            .field("server", &self.cluster.server_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a starting node waits for the cluster: members starting at the same
+/// time need a few seconds to elect the leaders that create buckets and streams.
+const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl ClusterEngine {
+    /// Connects to `config.cluster.nats` and opens (creating where needed) the
+    /// buckets and the queue stream; `discovery` gives registered numbers their PRF.
+    /// A cluster that does not answer yet is tried again for up to a minute; one too
+    /// old, at once refused.
+    pub async fn open(
+        config: &Config,
+        discovery: Arc<DiscoveryKey>,
+    ) -> Result<ClusterEngine, ClusterError> {
+        let deadline = tokio::time::Instant::now() + OPEN_PATIENCE;
+        loop {
+            match Self::try_open(config, discovery.clone()).await {
+                Ok(engine) => return Ok(engine),
+                Err(e @ (ClusterError::TooOld { .. } | ClusterError::NoAddress)) => return Err(e),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the cluster is not ready; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    async fn try_open(
+        config: &Config,
+        discovery: Arc<DiscoveryKey>,
+    ) -> Result<ClusterEngine, ClusterError> {
+        let cluster = Cluster::connect(&config.cluster.nats).await?;
+        let replicas = config.cluster.replicas;
+        let limits = QueueLimits {
+            max_queued: config.messages.max_queued_per_device.into(),
+            ttl: config.messages.ttl,
+            // Sends are deduplicated by their id for a day (a client sends again
+            // within seconds, or at its next start).
+            duplicate_window: config
+                .messages
+                .ttl
+                .min(std::time::Duration::from_secs(86_400)),
+        };
+        Ok(ClusterEngine {
+            accounts: JetStreamAccounts::open(&cluster, replicas, discovery).await?,
+            keys: JetStreamKeys::open(&cluster, replicas).await?,
+            queues: JetStreamQueues::open(&cluster, replicas, limits).await?,
+            profiles: JetStreamProfiles::open(&cluster, replicas).await?,
+            cluster,
+        })
+    }
+}
+
+/// The answer to a request for something the cluster does not hold yet.
+pub(crate) fn not_in_cluster(what: &str) -> NodeError {
+    NodeError::new(
+        ErrorKind::Unsupported,
+        format!("{what} is not available on a node in cluster mode yet"),
+    )
+}
+
+fn cluster_failed(e: StoreError) -> NodeError {
+    internal(e)
+}
+
+/// Waits until what this request wrote is durable (sled's group commit; the
+/// cluster's writes are once they return).
+pub(crate) async fn durable(shared: &Arc<Shared>) -> Result<(), NodeError> {
+    match shared.cluster {
+        Some(_) => Ok(()),
+        None => shared.commit.durable().await.map_err(commit_failed),
+    }
+}
+
+/// Counts a code send under `keys` if `judge` allows it ([`LimitStore::record_code_send`]).
+pub(crate) async fn record_code_send<E: Send + 'static>(
+    shared: &Arc<Shared>,
+    keys: Vec<String>,
+    now_ms: u64,
+    keep_ms: u64,
+    judge: impl Fn(&[Vec<u64>]) -> Result<(), E> + Send + Sync + 'static,
+) -> Result<Result<(), E>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .accounts
+            .record_code_send(keys, now_ms, keep_ms, judge)
+            .await
+            .map_err(cluster_failed),
+        None => {
+            blocking(shared, move |s| {
+                s.record_code_send(&keys, now_ms, keep_ms, judge)
+            })
+            .await
+        }
+    }
+}
+
+/// Replaces the pending code of `number` ([`AccountStore::replace_code`]).
+pub(crate) async fn replace_code<E: Send + 'static>(
+    shared: &Arc<Shared>,
+    number: String,
+    decide: impl Fn(Option<&CodeRecord>) -> Result<CodeRecord, E> + Send + Sync + 'static,
+) -> Result<Result<CodeRecord, E>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .accounts
+            .replace_code(number, decide)
+            .await
+            .map_err(cluster_failed),
+        None => blocking(shared, move |s| s.replace_code(&number, decide)).await,
+    }
+}
+
+/// Removes the code of `number` that could not be delivered, and takes back its
+/// count under `counted`.
+pub(crate) async fn withdraw_code(
+    shared: &Arc<Shared>,
+    number: String,
+    counted: Option<Vec<String>>,
+    at_ms: u64,
+) -> Result<(), NodeError> {
+    match &shared.cluster {
+        Some(c) => {
+            c.accounts
+                .remove_code(number)
+                .await
+                .map_err(cluster_failed)?;
+            match counted {
+                Some(keys) => c
+                    .accounts
+                    .forget_code_send(keys, at_ms)
+                    .await
+                    .map_err(cluster_failed),
+                None => Ok(()),
+            }
+        }
+        None => {
+            blocking(shared, move |s| {
+                s.remove_code(&number)?;
+                match &counted {
+                    Some(keys) => s.forget_code_send(keys, at_ms),
+                    None => Ok(()),
+                }
+            })
+            .await
+        }
+    }
+}
+
+/// The account of `number` with its registration lock, and when it was last seen.
+pub(crate) async fn registration_lock(
+    shared: &Arc<Shared>,
+    number: String,
+) -> Result<Option<(u64, LockRecord, u64)>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .accounts
+            .registration_lock(number)
+            .await
+            .map_err(cluster_failed),
+        None => blocking(shared, move |s| s.registration_lock(&number)).await,
+    }
+}
+
+/// Judges the code pending for `number` without registering ([`LimitStore::judge_code`]).
+pub(crate) async fn judge_code<E: Send + 'static>(
+    shared: &Arc<Shared>,
+    number: String,
+    judge: impl Fn(&CodeRecord) -> (Option<CodeRecord>, E) + Send + Sync + 'static,
+) -> Result<Option<E>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .accounts
+            .judge_code(number, judge)
+            .await
+            .map_err(cluster_failed),
+        None => blocking(shared, move |s| s.judge_code(&number, judge)).await,
+    }
+}
+
+/// Takes one wrong-PIN try of `account`'s lock ([`LimitStore::take_pin_try`]).
+pub(crate) async fn take_pin_try(
+    shared: &Arc<Shared>,
+    account: u64,
+    max: u32,
+) -> Result<Option<(u32, LockRecord)>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .accounts
+            .take_pin_try(account, max)
+            .await
+            .map_err(cluster_failed),
+        None => blocking(shared, move |s| s.take_pin_try(account, max)).await,
+    }
+}
+
+/// Sets or clears the registration lock of `account`.
+pub(crate) async fn set_registration_lock(
+    shared: &Arc<Shared>,
+    account: u64,
+    lock: Option<LockRecord>,
+) -> Result<(), NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .accounts
+            .set_registration_lock(account, lock)
+            .await
+            .map_err(cluster_failed),
+        None => {
+            blocking(shared, move |s| {
+                s.set_registration_lock(account, lock.as_ref())
+            })
+            .await
+        }
+    }
+}
+
+/// Consumes a right code and registers `device` as `number`'s primary
+/// ([`AccountStore::verify_and_register`]).
+pub(crate) async fn verify_and_register<E: Clone + Send + 'static>(
+    shared: &Arc<Shared>,
+    number: String,
+    device: NewDevice,
+    now_ms: u64,
+    judge: impl Fn(&CodeRecord) -> Judgement<E> + Send + Sync + 'static,
+) -> Result<VerifyOutcome<E>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .accounts
+            .verify_and_register(number, device, now_ms, judge)
+            .await
+            .map_err(cluster_failed),
+        None => {
+            blocking(shared, move |s| {
+                s.verify_and_register(&number, &device, now_ms, judge)
+            })
+            .await
+        }
+    }
+}
+
+/// Records that `device` was seen at `now_ms`.
+pub(crate) async fn mark_device_seen(
+    shared: &Arc<Shared>,
+    device: DeviceRef,
+    now_ms: u64,
+) -> Result<(), NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .accounts
+            .mark_device_seen(device, now_ms)
+            .await
+            .map_err(cluster_failed),
+        None => blocking(shared, move |s| s.mark_device_seen(device, now_ms)).await,
+    }
+}
+
+/// Drops what the node held for a signed-out `device` (its queue; on sled its keys
+/// too); how many queued items went.
+pub(crate) async fn drop_device(shared: &Arc<Shared>, device: DeviceRef) -> Result<u64, NodeError> {
+    match &shared.cluster {
+        // Its published keys stay in the key bucket, but are never handed out: a
+        // fetch asks only for the devices its account lists.
+        Some(c) => c.queues.drop_queue(device).await.map_err(cluster_failed),
+        None => blocking(shared, move |s| s.drop_device(device)).await,
+    }
+}
+
+/// The device whose key is `key_id`, or else why that key was removed, if known.
+pub(crate) async fn device_by_key(
+    shared: &Arc<Shared>,
+    key_id: KeyId,
+) -> Result<Result<DeviceIdentity, Option<RemovedKeyRecord>>, NodeError> {
+    match &shared.cluster {
+        Some(c) => match c
+            .accounts
+            .device_by_key(key_id)
+            .await
+            .map_err(cluster_failed)?
+        {
+            Some(found) => Ok(Ok(found)),
+            None => Ok(Err(c
+                .accounts
+                .removed_key(key_id)
+                .await
+                .map_err(cluster_failed)?)),
+        },
+        None => {
+            blocking(shared, move |s| {
+                Ok(match s.device_by_key(&key_id)? {
+                    Some(found) => Ok(found),
+                    None => Err(s.removed_key(&key_id)?),
+                })
+            })
+            .await
+        }
+    }
+}
+
+/// The account of `number`.
+pub(crate) async fn account_by_number(
+    shared: &Arc<Shared>,
+    number: String,
+) -> Result<Option<(u64, AccountRecord)>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .accounts
+            .account_by_number(number)
+            .await
+            .map_err(cluster_failed),
+        None => blocking(shared, move |s| s.account_by_number(&number)).await,
+    }
+}
+
+/// The account `id`.
+pub(crate) async fn account(
+    shared: &Arc<Shared>,
+    id: u64,
+) -> Result<Option<AccountRecord>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c.accounts.account(id).await.map_err(cluster_failed),
+        None => blocking(shared, move |s| s.account(id)).await,
+    }
+}
+
+/// The number and devices of `account`, primary first.
+pub(crate) async fn devices(
+    shared: &Arc<Shared>,
+    account: u64,
+) -> Result<Option<(String, Vec<DeviceView>)>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c.accounts.devices(account).await.map_err(cluster_failed),
+        None => blocking(shared, move |s| s.devices(account)).await,
+    }
+}
+
+/// Stores `upload` for `device` ([`KeyDirectory::publish_keys`]) and, when it is
+/// taken, the account signature over it.
+pub(crate) async fn publish_keys(
+    shared: &Arc<Shared>,
+    device: DeviceRef,
+    upload: Upload,
+    account_signature: Option<[u8; 64]>,
+    max_one_time_keys: u32,
+    now_ms: u64,
+) -> Result<Result<u32, KeysRefusal>, NodeError> {
+    match &shared.cluster {
+        Some(c) => {
+            let stored = c
+                .keys
+                .publish_keys(device, upload, max_one_time_keys, now_ms)
+                .await
+                .map_err(cluster_failed)?;
+            if stored.is_ok() {
+                c.keys
+                    .set_account_signature(device, account_signature)
+                    .await
+                    .map_err(cluster_failed)?;
+            }
+            Ok(stored)
+        }
+        None => {
+            blocking(shared, move |s| {
+                let stored = s.publish_keys(
+                    device,
+                    upload.identity,
+                    upload.fallback,
+                    &upload.one_time_keys,
+                    max_one_time_keys,
+                    now_ms,
+                )?;
+                if stored.is_ok() {
+                    s.set_account_signature(device, account_signature)?;
+                }
+                Ok(stored)
+            })
+            .await
+        }
+    }
+}
+
+/// One-time keys stored for `device`, counting no further than `limit`.
+pub(crate) async fn count_one_time_keys(
+    shared: &Arc<Shared>,
+    device: DeviceRef,
+    limit: u32,
+) -> Result<u32, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .keys
+            .count_one_time_keys(device, limit)
+            .await
+            .map_err(cluster_failed),
+        None => blocking(shared, move |s| s.count_one_time_keys(device, limit)).await,
+    }
+}
+
+/// The key bundles of `devices` of `account_id`, claiming one-time keys with `claim`.
+pub(crate) async fn fetch_bundles(
+    shared: &Arc<Shared>,
+    account_id: u64,
+    devices: Vec<u32>,
+    claim: bool,
+) -> Result<Vec<Claimed>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .keys
+            .fetch_bundles(account_id, devices, claim)
+            .await
+            .map_err(cluster_failed),
+        None => {
+            blocking(shared, move |s| {
+                s.fetch_bundles(account_id, &devices, claim)
+            })
+            .await
+        }
+    }
+}
+
+/// The identity keys `device` published, if any.
+pub(crate) async fn identity_keys(
+    shared: &Arc<Shared>,
+    device: DeviceRef,
+) -> Result<Option<IdentityPair>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c.keys.identity_keys(device).await.map_err(cluster_failed),
+        None => blocking(shared, move |s| s.identity_keys(device)).await,
+    }
+}
+
+/// Stores `account_id`'s profile.
+pub(crate) async fn set_profile(
+    shared: &Arc<Shared>,
+    account_id: u64,
+    version: [u8; 32],
+    blob: Vec<u8>,
+    now_ms: u64,
+) -> Result<(), NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .profiles
+            .set_profile(account_id, version, blob, now_ms)
+            .await
+            .map_err(cluster_failed),
+        None => {
+            blocking(shared, move |s| {
+                s.set_profile(account_id, version, blob, now_ms)
+            })
+            .await
+        }
+    }
+}
+
+/// `account_id`'s profile, if it has one.
+pub(crate) async fn profile(
+    shared: &Arc<Shared>,
+    account_id: u64,
+) -> Result<Option<ProfileRecord>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c.profiles.profile(account_id).await.map_err(cluster_failed),
+        None => read(shared, move |s| s.profile(account_id)).await,
+    }
+}
+
+/// Replaces `account_id`'s presence; false without a profile.
+pub(crate) async fn set_presence(
+    shared: &Arc<Shared>,
+    account_id: u64,
+    presence: Vec<u8>,
+) -> Result<bool, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .profiles
+            .set_presence(account_id, presence)
+            .await
+            .map_err(cluster_failed),
+        None => blocking(shared, move |s| s.set_presence(account_id, presence)).await,
+    }
+}
+
+/// Items in `device`'s queue.
+pub(crate) async fn queue_len(shared: &Arc<Shared>, device: DeviceRef) -> Result<u64, NodeError> {
+    match &shared.cluster {
+        Some(c) => c.queues.queue_len(device).await.map_err(cluster_failed),
+        None => blocking(shared, move |s| s.queue_len(device)).await,
+    }
+}
+
+/// A page of the cluster queue of `device` (the sled side pages in `delivery`,
+/// where the hand-off is).
+pub(crate) async fn cluster_page(
+    c: &ClusterEngine,
+    device: DeviceRef,
+    after: Option<u64>,
+    max: usize,
+    max_bytes: usize,
+) -> Result<(Vec<Queued>, bool), NodeError> {
+    c.queues
+        .page(device, after, max, max_bytes)
+        .await
+        .map_err(cluster_failed)
+}

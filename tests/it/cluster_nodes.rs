@@ -1,0 +1,191 @@
+//! Switchboard nodes in cluster mode: two node processes over one 3-member NATS
+//! JetStream cluster, sharing one certificate, each serving any device. Clients are
+//! the CLI as a process.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use switchboard::tls::Credentials;
+
+use crate::cluster::NatsCluster;
+use crate::support::*;
+
+/// A node config for cluster mode on `nats`, serving the certificate in `tls`.
+pub(crate) fn cluster_config(nats: &NatsCluster, tls: &Path) -> String {
+    let urls: Vec<String> = nats.urls.iter().map(|u| format!("{u:?}")).collect();
+    config_text(&format!(
+        "[server]\ntls_cert = {:?}\ntls_key = {:?}\n[cluster]\nnats = [{}]\n",
+        tls.join("cert.pem"),
+        tls.join("key.pem"),
+        urls.join(", ")
+    ))
+}
+
+/// One certificate and key for every node, in `dir`.
+pub(crate) fn shared_certificate(dir: &Path) {
+    let (_, pem) = Credentials::generate_node(vec!["localhost".into()]).expect("certificate");
+    std::fs::create_dir_all(dir).expect("tls dir");
+    std::fs::write(dir.join("cert.pem"), pem.cert).expect("cert");
+    std::fs::write(dir.join("key.pem"), pem.key).expect("key");
+}
+
+fn register(home: &Path, number: &str, servers: &str) {
+    let args = ["register", number, "--server", servers, "--code", CODE];
+    let out = cli(home, &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+}
+
+fn send(home: &Path, to: &str, text: &str) -> String {
+    let args = ["send", to, text];
+    let out = cli(home, &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+    stdout(&out).trim().to_string()
+}
+
+/// `recv --follow --json` of `home`, its lines (with when each was read) on the
+/// channel.
+fn follow(home: &Path) -> (std::process::Child, mpsc::Receiver<(Instant, String)>) {
+    let mut follower = Command::new(BIN)
+        .arg("--home")
+        .arg(home)
+        .args(["recv", "--follow", "--json"])
+        .env_remove("SWITCHBOARD_HOME")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn recv --follow");
+    let (tx, rx) = mpsc::channel();
+    let stdout = follower.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    (follower, rx)
+}
+
+/// The next line of `rx` that is a message, as JSON.
+fn next_message(rx: &mpsc::Receiver<(Instant, String)>) -> (Instant, serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (at, line) = rx
+            .recv_timeout(left)
+            .expect("the follower printed a message");
+        let value: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        if value["text"].is_string() {
+            return (at, value);
+        }
+    }
+}
+
+fn texts_of(home: &Path) -> Vec<String> {
+    let args = ["recv", "--json"];
+    let out = cli(home, &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+    stdout(&out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["text"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_message_sent_through_one_node_is_received_through_another() {
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tls = dir.path().join("tls");
+    shared_certificate(&tls);
+    let mut one = ProcessNode::start(&cluster_config(&nats, &tls));
+    let two = ProcessNode::start(&cluster_config(&nats, &tls));
+    assert_eq!(one.fingerprint, two.fingerprint, "one certificate");
+
+    let alice: PathBuf = dir.path().join("alice");
+    let bob: PathBuf = dir.path().join("bob");
+    // Alice knows both nodes, node 1 first; Bob only node 2.
+    register(&alice, ALICE, &format!("{},{}", one.addr, two.addr));
+    register(&bob, BOB, &two.addr);
+
+    let (mut follower, rx) = follow(&bob);
+    // The first message proves the follower subscribed.
+    send(&alice, BOB, "warm-up");
+    let (_, first) = next_message(&rx);
+    assert_eq!(first["text"], "warm-up");
+
+    let sent_at = Instant::now();
+    let id = send(&alice, BOB, "through node 1, out of node 2");
+    let returned = Instant::now();
+    let (printed_at, value) = next_message(&rx);
+    assert_eq!(value["id"], id.as_str());
+    assert_eq!(value["from"], ALICE);
+    assert_eq!(value["text"], "through node 1, out of node 2");
+    // Timing is reported, not asserted: these machines are shared and noisy.
+    eprintln!(
+        "recv --follow on node 2 printed a send through node 1 {:?} after the send \
+         started, {:?} after it returned",
+        printed_at - sent_at,
+        printed_at.saturating_duration_since(returned)
+    );
+
+    // Bob answers through node 2; Alice reads it through node 1.
+    send(&bob, ALICE, "and back");
+    assert_eq!(texts_of(&alice), vec!["and back".to_string()]);
+
+    // Node 1 is killed: Alice's client carries on through node 2, and nothing
+    // she was told was sent is lost.
+    one.kill9();
+    send(&alice, BOB, "node 1 is gone");
+    let (_, value) = next_message(&rx);
+    assert_eq!(value["text"], "node 1 is gone");
+    let _ = follower.kill();
+    let _ = follower.wait();
+
+    // What the cluster does not hold yet is refused with a clear error, and
+    // changes nothing.
+    let args = ["group", "create", "family", BOB];
+    let out = cli(&alice, &args, "");
+    assert!(!out.status.success(), "{}", show(&args, &out));
+    assert!(
+        stderr(&out).contains("not available on a node in cluster mode"),
+        "{}",
+        show(&args, &out)
+    );
+}
+
+#[test]
+fn cluster_mode_needs_the_shared_certificate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("node.toml");
+    std::fs::write(&file, "[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\n").expect("write");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .expect("check-config");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cluster.nats") && err.contains("server.tls_cert"),
+        "{err}"
+    );
+    std::fs::write(&file, "[cluster]\nnats = [\"localhost:4222\"]\n").expect("write");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .expect("check-config");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is not a NATS address"),
+        "{err}"
+    );
+}
