@@ -165,6 +165,22 @@ enum Scenario {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// The relay through 3 nodes in cluster mode over a 3-member NATS JetStream
+    /// cluster on 127.0.0.1; bare async-nats publish-with-ack to the same cluster;
+    /// the relay through one sled node.
+    Cluster {
+        #[arg(long, default_value_t = 30)]
+        pairs: usize,
+        /// Sends in flight per device at saturation (8, the relay's, overloads the
+        /// cluster on 2 cores: acknowledgements of publishes time out).
+        #[arg(long, default_value_t = 2)]
+        window: usize,
+        /// Seconds per measured phase.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+    },
     /// Internal: the bare quinn relay, run as its own process.
     #[command(hide = true)]
     BareServer,
@@ -236,6 +252,12 @@ fn main() {
                 small_kib,
                 concurrency,
             } => attachments::run(big_mib, small, small_kib, concurrency).await,
+            Scenario::Cluster {
+                pairs,
+                window,
+                duration,
+                size,
+            } => cluster::run(pairs, window, Duration::from_secs(duration), size).await,
             Scenario::BareServer => bare::serve().await,
         }
     });
@@ -368,14 +390,31 @@ impl Server {
         self.child.id()
     }
 
+    /// The last `n` lines the server logged (nodes only).
+    fn log_tail(&self, n: usize) -> Vec<String> {
+        let Some(dir) = &self._dir else {
+            return Vec::new();
+        };
+        let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+        let lines: Vec<String> = log.lines().map(str::to_string).collect();
+        lines[lines.len().saturating_sub(n)..].to_vec()
+    }
+
     fn spawn(
         mut command: Command,
         dir: Option<tempfile::TempDir>,
         extra_lines: usize,
     ) -> Result<Server> {
+        // A node's log (RUST_LOG=warn) goes to `stderr.log` in its dir.
+        let stderr = match &dir {
+            Some(d) => {
+                Stdio::from(std::fs::File::create(d.path().join("stderr.log")).map_err(err)?)
+            }
+            None => Stdio::null(),
+        };
         let mut child = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .stdin(Stdio::null())
             .spawn()
             .map_err(err)?;
@@ -601,6 +640,10 @@ fn latency_of(base: Instant, body: &[u8]) -> Option<u64> {
 /// What receivers record while a phase runs.
 #[derive(Default)]
 struct Tally {
+    /// Deliveries seen, measured or not.
+    seen: AtomicU64,
+    /// Delivery streams the node ended during the run (none, in a good run).
+    streams_ended: AtomicU64,
     measuring: AtomicBool,
     delivered: AtomicU64,
     /// When the measured phase started, as a [`stamp`] of the bench's clock (read on
@@ -618,6 +661,7 @@ struct Latencies {
 
 impl Tally {
     fn record(&self, latency: Option<u64>) {
+        self.seen.fetch_add(1, Ordering::Relaxed);
         if !self.measuring.load(Ordering::Relaxed) {
             return;
         }
@@ -628,6 +672,19 @@ impl Tally {
             && let Ok(mut v) = self.latencies.lock()
         {
             v.push((second, l));
+        }
+    }
+
+    /// Waits until nothing was delivered for half a second (what a phase left queued
+    /// has arrived), for at most two minutes.
+    async fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let before = self.seen.load(Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if self.seen.load(Ordering::Relaxed) == before || Instant::now() >= deadline {
+                return;
+            }
         }
     }
 
@@ -795,6 +852,13 @@ mod discovery;
 
 #[path = "load/bare.rs"]
 mod bare;
+
+#[path = "load/cluster.rs"]
+mod cluster;
+/// The test suite's NATS cluster support, shared.
+#[allow(dead_code)]
+#[path = "../tests/it/nats.rs"]
+mod nats;
 
 #[path = "load/backup.rs"]
 mod backup;

@@ -120,13 +120,12 @@ pub async fn run(
             }
         }
     };
-    let pid = server.pid();
     let node = relay::measure(
         &sending,
         &tally,
         window,
         duration,
-        pid,
+        &[server.pid()],
         relay::Offered {
             half_rate: None,
             envelopes_per_send: fan_out,
@@ -283,13 +282,12 @@ async fn bare_run(
                 .is_ok()
         }
     };
-    let pid = server.pid();
     let run = relay::measure(
         &sending,
         &tally,
         window,
         duration,
-        pid,
+        &[server.pid()],
         relay::Offered {
             half_rate: Some(half_rate),
             envelopes_per_send: fan_out,

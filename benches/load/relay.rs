@@ -17,6 +17,8 @@ pub(super) struct Run {
     pub(super) handoff: Vec<(String, f64)>,
     /// What went over the wire per delivered message while saturated.
     pub(super) wire: String,
+    /// Delivery streams the node ended (0 in a good run).
+    pub(super) streams_ended: u64,
 }
 
 /// A load generator's connection to the system under test.
@@ -210,6 +212,12 @@ pub async fn run(
             r.half_load_cores.1
         ));
     }
+    if node.streams_ended > 0 {
+        notes.push(format!(
+            "the node ended {} delivery streams during the run",
+            node.streams_ended
+        ));
+    }
     if !node.handoff.is_empty() {
         let counts: Vec<String> = node
             .handoff
@@ -225,7 +233,7 @@ pub async fn run(
     Ok(())
 }
 
-async fn node_run(
+pub(super) async fn node_run(
     pairs: usize,
     window: usize,
     duration: Duration,
@@ -252,12 +260,58 @@ async fn node_run(
         took.as_secs_f64()
     );
     let devices = link_companions(&server.addr, fp, primaries, per_account, &eps).await?;
+    let mut run = relay_through(
+        std::slice::from_ref(&server.addr),
+        &[server.pid()],
+        fp,
+        &devices,
+        &eps,
+        Shape {
+            per_account,
+            window,
+            duration,
+            size,
+        },
+    )
+    .await?;
+    run.handoff = handoff_counts(&metrics_url);
+    Ok(run)
+}
+
+/// What a relay run sends: devices per account, sends in flight per device, seconds
+/// per phase, envelope bytes.
+#[derive(Clone, Copy)]
+pub(super) struct Shape {
+    pub(super) per_account: usize,
+    pub(super) window: usize,
+    pub(super) duration: Duration,
+    pub(super) size: usize,
+}
+
+/// The relay's measurement through the nodes at `addrs` (processes `pids`): device
+/// `i` connects to `addrs[i % addrs.len()]`, sends to its partner account (`i ^ 1`
+/// by account) and acknowledges everything pushed to it.
+pub(super) async fn relay_through(
+    addrs: &[String],
+    pids: &[u32],
+    fp: Fingerprint,
+    devices: &[Device],
+    eps: &[quinn::Endpoint],
+    shape: Shape,
+) -> Result<Run> {
+    let Shape {
+        per_account,
+        window,
+        duration,
+        size,
+    } = shape;
     let base = Instant::now();
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for (i, d) in devices.iter().enumerate() {
-        let client = Client::connect_via(&eps[i % eps.len()], &server.addr, &d.creds, Some(fp))
+        let addr = &addrs[i % addrs.len()];
+        let client = Client::connect_via(&eps[i % eps.len()], addr, &d.creds, Some(fp))
             .await
             .map_err(err)?;
         clients.push(Arc::new(client));
@@ -272,10 +326,15 @@ async fn node_run(
         let (tally, stop) = (tally.clone(), stop.clone());
         receivers.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let Ok(Ok(Some(first))) =
-                    tokio::time::timeout(Duration::from_millis(500), sub.next()).await
-                else {
-                    continue;
+                let first = match tokio::time::timeout(Duration::from_millis(500), sub.next()).await
+                {
+                    Ok(Ok(Some(first))) => first,
+                    Err(_) => continue,
+                    // The node ended the delivery stream (or the connection).
+                    Ok(_) => {
+                        tally.streams_ended.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
                 };
                 let mut seqs = Vec::with_capacity(first.items.len());
                 for d in &first.items {
@@ -319,13 +378,12 @@ async fn node_run(
             }
         }
     };
-    let pid = server.pid();
-    let mut run = measure(
+    let run = measure(
         &clients,
         &tally,
         window,
         duration,
-        pid,
+        pids,
         Offered {
             half_rate: None,
             envelopes_per_send: per_account,
@@ -335,7 +393,6 @@ async fn node_run(
     .await;
     stop.store(true, Ordering::Relaxed);
     while receivers.join_next().await.is_some() {}
-    run.handoff = handoff_counts(&metrics_url);
     Ok(run)
 }
 
@@ -376,13 +433,12 @@ async fn bare_run(
             .await
             .is_ok()
     };
-    let pid = server.pid();
     let run = measure(
         &clients,
         &tally,
         window,
         duration,
-        pid,
+        &[server.pid()],
         Offered {
             half_rate: Some(half_rate),
             envelopes_per_send: per_account,
@@ -514,7 +570,7 @@ pub(super) async fn measure<C, F, Fut>(
     tally: &Arc<Tally>,
     window: usize,
     duration: Duration,
-    pid: u32,
+    pids: &[u32],
     offered: Offered,
     send_one: F,
 ) -> Run
@@ -535,20 +591,22 @@ where
     );
     tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
     let me = std::process::id();
-    let (cpu0, generator0, wall0) = (cpu_seconds(pid), cpu_seconds(me), Instant::now());
+    let (cpu0, generator0, wall0) = (servers_cpu(pids), cpu_seconds(me), Instant::now());
     let wire0 = WireCount::of(clients);
     let (saturated, _) = tally.phase(duration).await;
     let wire = wire0.per_message(
         &WireCount::of(clients),
         saturated * wall0.elapsed().as_secs_f64(),
     );
-    let cpu = cpu_seconds(pid) - cpu0;
+    let cpu = servers_cpu(pids) - cpu0;
     let wall = wall0.elapsed().as_secs_f64();
     let saturated_cores = (cpu / wall, (cpu_seconds(me) - generator0) / wall);
     let delivered = saturated * duration.as_secs_f64();
     phase_stop.store(true, Ordering::Relaxed);
     drain(senders).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The latency phase starts on empty queues: a node that accepted faster than it
+    // delivered first delivers what it holds.
+    tally.settle().await;
 
     // Half load, open loop.
     let Offered {
@@ -571,16 +629,17 @@ where
         send_one,
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (server0, generator0, wall0) = (cpu_seconds(pid), cpu_seconds(me), Instant::now());
+    let (server0, generator0, wall0) = (servers_cpu(pids), cpu_seconds(me), Instant::now());
     let (_, latencies) = tally.phase(duration).await;
     let wall = wall0.elapsed().as_secs_f64();
     let half_load_cores = (
-        (cpu_seconds(pid) - server0) / wall,
+        (servers_cpu(pids) - server0) / wall,
         (cpu_seconds(me) - generator0) / wall,
     );
     phase_stop.store(true, Ordering::Relaxed);
     drain(senders).await;
     Run {
+        streams_ended: tally.streams_ended.load(Ordering::Relaxed),
         wire,
         sends: sends.summary(),
         handoff: Vec::new(),
@@ -595,6 +654,11 @@ where
             0.0
         },
     }
+}
+
+/// CPU seconds of the servers `pids`, together.
+fn servers_cpu(pids: &[u32]) -> f64 {
+    pids.iter().map(|&pid| cpu_seconds(pid)).sum()
 }
 
 async fn drain(mut set: tokio::task::JoinSet<()>) {

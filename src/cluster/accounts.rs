@@ -690,6 +690,12 @@ impl AccountStore for JetStreamAccounts {
 }
 
 impl JetStreamAccounts {
+    /// Every change of numbers, accounts, device keys and locks from now on, through
+    /// whichever node: what a node's caches of who is registered must hear of.
+    pub async fn changes(&self) -> Result<async_nats::jetstream::kv::Watch, StoreError> {
+        self.bucket.watch().await
+    }
+
     /// Takes the send at `at_ms` off the counter `key`, if it is there.
     async fn uncount(&self, key: &str, at_ms: u64) -> Result<(), StoreError> {
         self.limits

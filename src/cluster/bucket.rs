@@ -105,6 +105,11 @@ impl Bucket {
         Ok(Bucket { kv, name })
     }
 
+    /// Every change to the bucket from now on (a put, delete or purge of any key).
+    pub async fn watch(&self) -> Result<kv::Watch, StoreError> {
+        self.kv.watch_all().await.map_err(|e| engine(self.name, e))
+    }
+
     /// The entry at `key` (`None`: none, or deleted) and the revision a change must
     /// expect (0: never written). Read from the stream's leader, not any replica
     /// (async-nats's `entry` uses direct get, which a lagging replica may answer):

@@ -265,6 +265,130 @@ impl JetStreamQueues {
     }
 }
 
+/// What a delivery stream pushed and its device has not acknowledged yet: for each
+/// seq, the sender and message id of a message (`None` for any other item). An ack
+/// of a seq found here is applied without reading the item again.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    items: std::collections::BTreeMap<u64, Option<Sent>>,
+}
+
+/// A message's sender and id: what its delivery receipt needs.
+type Sent = (DeviceRef, [u8; 16]);
+
+/// The sender and id of `item`, if it is a message.
+fn sent(item: &QueueItem) -> Option<Sent> {
+    match item {
+        QueueItem::Message {
+            from_account,
+            from_device,
+            id,
+            ..
+        } => Some((
+            DeviceRef {
+                account_id: *from_account,
+                device_id: *from_device,
+            },
+            *id,
+        )),
+        _ => None,
+    }
+}
+
+impl Pushed {
+    /// At most this many remembered; past it the oldest are forgotten (an ack of one
+    /// reads it again).
+    const MAX: usize = 16 * 1024;
+
+    /// Remembers the pushed `item` at `seq`.
+    pub fn insert(&mut self, seq: u64, item: &QueueItem) {
+        self.items.insert(seq, sent(item));
+        while self.items.len() > Self::MAX {
+            self.items.pop_first();
+        }
+    }
+
+    /// Takes out what is remembered of `seqs` (being acknowledged).
+    pub fn take(&mut self, seqs: &[u64]) -> Pushed {
+        let items = seqs
+            .iter()
+            .filter_map(|seq| Some((*seq, self.items.remove(seq)?)))
+            .collect();
+        Pushed { items }
+    }
+}
+
+impl JetStreamQueues {
+    /// [`QueueStore::ack`], for a delivery stream that remembers what it `pushed`:
+    /// those items are not read again. The others are read (concurrently), and only
+    /// this device's own are taken. Every receipt is acknowledged by JetStream before
+    /// any item is deleted (concurrently), so a crash between the two repeats a
+    /// receipt and never loses one.
+    pub async fn ack_pushed(
+        &self,
+        device: DeviceRef,
+        device_number: String,
+        seqs: Vec<u64>,
+        pushed: &Pushed,
+        now_ms: u64,
+    ) -> Result<Vec<DeviceRef>, StoreError> {
+        let (known, unknown): (Vec<u64>, Vec<u64>) = seqs
+            .into_iter()
+            .partition(|seq| pushed.items.contains_key(seq));
+        let mut mine: Vec<(u64, Option<Sent>)> = known
+            .into_iter()
+            .map(|seq| (seq, pushed.items.get(&seq).copied().flatten()))
+            .collect();
+        let read = futures_util::future::join_all(unknown.iter().map(|&seq| self.at(seq))).await;
+        for (seq, m) in unknown.into_iter().zip(read) {
+            // Only this device's own items: a seq is a stream sequence, shared by all.
+            let Some(m) = m? else {
+                continue;
+            };
+            if !holds(device, &m.subject) {
+                continue;
+            }
+            mine.push((seq, sent(&records::decode_queued(&m.payload)?.1)));
+        }
+        let mut receipts = Vec::new();
+        for &(seq, message) in &mine {
+            let Some((sender, id)) = message else {
+                continue;
+            };
+            let receipt = QueueItem::Delivered {
+                to_number: device_number.clone(),
+                device_id: device.device_id,
+                id,
+            };
+            let value = Bytes::from(records::encode_queued(now_ms, &receipt)?);
+            let msg_id = format!("r.{STREAM}.{seq}");
+            let subject = receipts_subject(sender);
+            let ack = self.publish(&subject, &msg_id, &value).await?;
+            receipts.push((sender, ack, subject, msg_id, value));
+        }
+        // Receipts acknowledged by JetStream before any item goes.
+        let mut delivered = Vec::with_capacity(receipts.len());
+        for (sender, ack, subject, msg_id, value) in receipts {
+            match self.acked(ack, &subject, &msg_id, &value).await {
+                Ok(_) => delivered.push(sender),
+                Err(e) if subject_full(&e) => {
+                    tracing::warn!(
+                        account = sender.account_id,
+                        device = sender.device_id,
+                        "delivery receipt dropped: the sender's receipts are at the queue limit"
+                    );
+                }
+                Err(e) => return Err(engine(STREAM, e)),
+            }
+        }
+        let deleted =
+            futures_util::future::join_all(mine.iter().map(|&(seq, _)| self.delete(seq))).await;
+        deleted.into_iter().collect::<Result<Vec<()>, _>>()?;
+        self.wake(delivered.iter().copied()).await;
+        Ok(delivered)
+    }
+}
+
 impl QueueStore for JetStreamQueues {
     async fn append(&self, m: Outgoing) -> Result<AppendOutcome, StoreError> {
         // Every envelope published before any acknowledgement is awaited: one round
@@ -390,63 +514,8 @@ impl QueueStore for JetStreamQueues {
         seqs: Vec<u64>,
         now_ms: u64,
     ) -> Result<Vec<DeviceRef>, StoreError> {
-        let mut mine = Vec::with_capacity(seqs.len());
-        let mut receipts = Vec::new();
-        for seq in seqs {
-            // Only this device's own items: a seq is a stream sequence, shared by all.
-            let Some(m) = self.at(seq).await? else {
-                continue;
-            };
-            if !holds(device, &m.subject) {
-                continue;
-            }
-            mine.push(seq);
-            if let (
-                _,
-                QueueItem::Message {
-                    from_account,
-                    from_device,
-                    id,
-                    ..
-                },
-            ) = records::decode_queued(&m.payload)?
-            {
-                let sender = DeviceRef {
-                    account_id: from_account,
-                    device_id: from_device,
-                };
-                let receipt = QueueItem::Delivered {
-                    to_number: device_number.clone(),
-                    device_id: device.device_id,
-                    id,
-                };
-                let value = Bytes::from(records::encode_queued(now_ms, &receipt)?);
-                let msg_id = format!("r.{STREAM}.{seq}");
-                let subject = receipts_subject(sender);
-                let ack = self.publish(&subject, &msg_id, &value).await?;
-                receipts.push((sender, ack, subject, msg_id, value));
-            }
-        }
-        // Receipts acknowledged by JetStream before any item goes.
-        let mut delivered = Vec::with_capacity(receipts.len());
-        for (sender, ack, subject, msg_id, value) in receipts {
-            match self.acked(ack, &subject, &msg_id, &value).await {
-                Ok(_) => delivered.push(sender),
-                Err(e) if subject_full(&e) => {
-                    tracing::warn!(
-                        account = sender.account_id,
-                        device = sender.device_id,
-                        "delivery receipt dropped: the sender's receipts are at the queue limit"
-                    );
-                }
-                Err(e) => return Err(engine(STREAM, e)),
-            }
-        }
-        for seq in mine {
-            self.delete(seq).await?;
-        }
-        self.wake(delivered.iter().copied()).await;
-        Ok(delivered)
+        self.ack_pushed(device, device_number, seqs, &Pushed::default(), now_ms)
+            .await
     }
 
     async fn queue_len(&self, device: DeviceRef) -> Result<u64, StoreError> {

@@ -13,7 +13,7 @@
 //! read, waits for them to be durable, and the pusher finishes the node's half: a
 //! client that reads to the end knows its acknowledgements are kept.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -23,11 +23,11 @@ use super::clock::now_ms;
 use super::engine;
 use super::session::{self, Session};
 use super::worker::{self, blocking, read};
+use crate::cluster::queues::Pushed;
 use crate::proto::{
     Ack, Delivery, EPHEMERAL_SEQ, FrameError, Incoming, Item, MAX_ACKS_PER_FRAME, Push, Receipt,
     Reply, Response, codes, frame,
 };
-use crate::store::queue_store::QueueStore;
 use crate::store::records::QueueItem;
 use crate::store::{DeviceIdentity, Queued};
 
@@ -106,10 +106,17 @@ pub async fn serve(
     // The acker and the pusher run side by side in this task (a task of the node's
     // tracker, so shutdown waits for both and nothing holds the store afterwards).
     let (done_tx, done) = oneshot::channel();
-    let acker = read_acks(recv, shared.clone(), me, done_tx, stop.clone());
+    // In cluster mode, what was pushed and not yet acknowledged (so an ack needs no
+    // second read of its items).
+    let pushed = std::sync::Mutex::new(Pushed::default());
+    let acker = read_acks(recv, shared.clone(), me, done_tx, stop.clone(), &pushed);
     let ended = CancellationToken::new();
     let pusher = async {
-        push(send, &shared, &mailbox, &stream, device, done, &stop).await;
+        let at = Cursor {
+            device,
+            pushed: &pushed,
+        };
+        push(send, &shared, &mailbox, &stream, at, done, &stop).await;
         ended.cancel();
     };
     let woken = forward_wake_ups(wake_ups, &mailbox, &ended);
@@ -144,16 +151,23 @@ async fn forward_wake_ups(
     let _ = wake_ups.unsubscribe().await;
 }
 
+/// Whose queue a delivery stream pushes, and what it pushed (cluster mode).
+struct Cursor<'a> {
+    device: crate::store::DeviceRef,
+    pushed: &'a std::sync::Mutex<Pushed>,
+}
+
 /// Writes pushes until the acker reports the client's half finished, or the node stops.
 async fn push(
     mut send: quinn::SendStream,
     shared: &Arc<Shared>,
     mailbox: &super::mailbox::Mailbox,
     stream: &super::mailbox::Stream<'_>,
-    device: crate::store::DeviceRef,
+    at: Cursor<'_>,
     mut done: oneshot::Receiver<AckEnd>,
     stop: &CancellationToken,
 ) {
+    let device = at.device;
     let batch = shared.config.messages.delivery_batch as usize;
     let low = shared.config.messages.one_time_keys_low;
     let mut cursor: Option<u64> = None;
@@ -225,7 +239,8 @@ async fn push(
             };
             let (page, full) = match page {
                 Ok(page) => page,
-                Err(_) => {
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading a queue failed; its delivery stream ends");
                     let _ = send.reset(codes::SHUTDOWN.into());
                     return;
                 }
@@ -235,6 +250,12 @@ async fn push(
                 break;
             }
             cursor = page.last().map(|q| q.seq).or(cursor);
+            if shared.cluster.is_some() {
+                let mut pushed = at.pushed.lock().unwrap_or_else(PoisonError::into_inner);
+                for q in &page {
+                    pushed.insert(q.seq, &q.item);
+                }
+            }
             let push = Push {
                 items: page.into_iter().map(delivery).collect(),
                 backlog_end,
@@ -337,6 +358,7 @@ async fn read_acks(
     me: DeviceIdentity,
     done: oneshot::Sender<AckEnd>,
     stop: CancellationToken,
+    pushed: &std::sync::Mutex<Pushed>,
 ) {
     let max = shared.config.limits.max_frame_bytes as usize;
     let end = loop {
@@ -357,11 +379,16 @@ async fn read_acks(
                         .ack_from_memory(device, &number, &ack.seqs, now),
                 };
                 let applied = match from_memory {
-                    Ok(None) if let Some(c) = &shared.cluster => c
-                        .queues
-                        .ack(device, number, ack.seqs, now)
-                        .await
-                        .map_err(worker::internal),
+                    Ok(None) if let Some(c) = &shared.cluster => {
+                        let known = pushed
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .take(&ack.seqs);
+                        c.queues
+                            .ack_pushed(device, number, ack.seqs, &known, now)
+                            .await
+                            .map_err(worker::internal)
+                    }
                     Ok(Some(receipts)) => Ok(receipts),
                     Ok(None) => {
                         blocking(&shared, move |store| {

@@ -13,6 +13,9 @@
 //! attachments) is refused in cluster mode with [`not_in_cluster`].
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::handlers::commit_failed;
@@ -556,4 +559,61 @@ pub(crate) async fn cluster_page(
         .page(device, after, max, max_bytes)
         .await
         .map_err(cluster_failed)
+}
+
+/// Whether the caches of who is registered (a session's identity, the recipient
+/// directory) may be used: always on one node, whose registrations all pass through
+/// it; in cluster mode only while [`watch_registrations`] hears of every change.
+pub(crate) fn directory_cacheable(shared: &Shared) -> bool {
+    shared.cluster.is_none() || shared.directory_watched.load(Ordering::Acquire)
+}
+
+/// In cluster mode, until `stop`: watches the accounts bucket and bumps the
+/// directory epoch on every change through any node (a registration, a device
+/// signed out or unlinked, a key entry, a last-seen time), so this node's caches
+/// are dropped as soon as it hears of one. While there is no watch (the cluster
+/// unreachable, the watch broken) nothing is cached: the watch is made first, then
+/// the epoch bumped (what was read before it may have missed a change), and only
+/// then are caches used; a broken watch turns them off before the epoch is bumped.
+pub(crate) async fn watch_registrations(shared: Arc<Shared>, stop: CancellationToken) {
+    use futures_util::StreamExt;
+    let Some(cluster) = shared.cluster.clone() else {
+        return;
+    };
+    let bump = || shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
+    loop {
+        let watch = tokio::select! {
+            () = stop.cancelled() => return,
+            watch = cluster.accounts.changes() => watch,
+        };
+        match watch {
+            Ok(mut changes) => {
+                bump();
+                shared.directory_watched.store(true, Ordering::Release);
+                loop {
+                    let next = tokio::select! {
+                        () = stop.cancelled() => break,
+                        next = changes.next() => next,
+                    };
+                    match next {
+                        Some(Ok(_)) => {
+                            bump();
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "the watch on registrations broke");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                shared.directory_watched.store(false, Ordering::Release);
+                bump();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot watch registrations; not caching them"),
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }

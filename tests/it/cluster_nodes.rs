@@ -189,3 +189,96 @@ fn cluster_mode_needs_the_shared_certificate() {
         "{err}"
     );
 }
+
+/// Each node caches who is registered, and hears through a watch on the cluster of
+/// every change made through another: a device signed out (its number registered
+/// again) through node 1 is refused by node 2 on the connection it already had,
+/// and the new device is served there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_signed_out_through_one_node_is_refused_by_another() {
+    use switchboard::client::{Client, ClientError};
+    use switchboard::phone::Number;
+    use switchboard::proto::{Channel, ErrorKind};
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let tls = tempfile::tempdir().unwrap();
+    shared_certificate(tls.path());
+    let config = cluster_config(&nats, tls.path());
+    let one = ProcessNode::start(&config);
+    let two = ProcessNode::start(&config);
+    let alice = Number::parse(ALICE, None).unwrap();
+    let register = |creds: Credentials| {
+        let (addr, fp, alice) = (one.addr.clone(), one.fingerprint, alice.clone());
+        async move {
+            let client = Client::connect(&addr, &creds, Some(fp)).await.unwrap();
+            client
+                .request_code(&alice, Channel::Sms, "en")
+                .await
+                .unwrap();
+            client.verify_code(&alice, CODE).await.unwrap()
+        }
+    };
+    let (old, _) = Credentials::generate_device().unwrap();
+    let first = register(old.clone()).await;
+    let on_two = Client::connect(&two.addr, &old, Some(two.fingerprint))
+        .await
+        .unwrap();
+    // Served (and cached) by node 2.
+    for _ in 0..3 {
+        let me = on_two.whoami().await.unwrap();
+        assert_eq!(me.device_id, first.device_id);
+    }
+    let (new, _) = Credentials::generate_device().unwrap();
+    let second = register(new.clone()).await;
+    assert_ne!(second.device_id, first.device_id);
+    // Node 2 hears of it (bounded: the watch delivers in milliseconds).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        match on_two.whoami().await {
+            Err(ClientError::Node(e)) => break e,
+            Err(e) => panic!("node 2 failed otherwise: {e}"),
+            Ok(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "node 2 still serves the signed-out device\n{}",
+                    two.log()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(
+        matches!(refused.kind, ErrorKind::DeviceRemoved { .. }),
+        "{refused:?}"
+    );
+    let fresh = Client::connect(&two.addr, &new, Some(two.fingerprint))
+        .await
+        .unwrap();
+    assert_eq!(fresh.whoami().await.unwrap().device_id, second.device_id);
+}
+
+/// The NATS member config that README.md and the systemd unit point to is one
+/// nats-server accepts.
+#[test]
+fn the_example_nats_config_is_valid() {
+    let Some(server) = crate::cluster::nats_server() else {
+        println!("skipped: no nats-server");
+        return;
+    };
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/nats-server.conf");
+    let out = Command::new(server)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-t")
+        .output()
+        .expect("nats-server -t");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unit = std::fs::read_to_string(conf.with_file_name("nats-server.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/nats-server -c /etc/nats/nats-server.conf\n"));
+}

@@ -26,5 +26,6 @@ mod handoff;
 mod hostile;
 mod library;
 mod messaging;
+mod nats;
 mod powerfs;
 mod providers;

@@ -62,9 +62,9 @@ pub(super) async fn recipient(
 ) -> Result<Option<(u64, Vec<u32>)>, NodeError> {
     const MAX_CACHED: usize = 100_000;
     let epoch = shared.directory_epoch.load(Ordering::Acquire);
-    // (In cluster mode other nodes register devices too, unseen by this node's
-    // epoch: nothing is cached there.)
-    let cache_ok = shared.cluster.is_none();
+    // (In cluster mode other nodes register devices too: cached only while this
+    // node hears of every change.)
+    let cache_ok = engine::directory_cacheable(shared);
     if cache_ok
         && let Ok(cache) = shared.directory.lock()
         && cache.0 == epoch
