@@ -173,7 +173,8 @@ struct Bare {
 /// `devices × window` publishes in flight, each awaiting its acknowledgement, to a
 /// 3-replica stream on the same cluster, for `duration` after a second of warm-up;
 /// with `read_and_delete`, each stored message is then read back and deleted by
-/// sequence (JetStream API requests, as a queue item's page read and ack are).
+/// sequence without erasing it (JetStream API requests, as a queue item's page read
+/// and ack are).
 async fn bare_publish(
     nats: &NatsCluster,
     devices: usize,
@@ -228,7 +229,13 @@ async fn bare_publish(
                             .map_err(err)?;
                         if read_and_delete {
                             stream.get_raw_message(ack.sequence).await.map_err(err)?;
-                            stream.delete_message(ack.sequence).await.map_err(err)?;
+                            // As the node deletes: marked, not erased.
+                            let request =
+                                serde_json::json!({ "seq": ack.sequence, "no_erase": true });
+                            let _: jetstream::response::Response<stream::DeleteStatus> = js
+                                .request("STREAM.MSG.DELETE.BARE", &request)
+                                .await
+                                .map_err(err)?;
                         }
                         Ok::<_, String>(())
                     })

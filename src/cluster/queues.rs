@@ -245,21 +245,28 @@ impl JetStreamQueues {
         }
     }
 
-    /// Deletes `seq` (already gone is fine).
+    /// Deletes `seq` (already gone is fine). Marked deleted, not erased: async-nats's
+    /// `delete_message` asks the server to overwrite the message's bytes, which cost
+    /// 34–168 deletes/s on a 3-member cluster on loopback against about 4,600/s
+    /// without (`no_erase`). The bytes (ciphertext and its sender) stay in the
+    /// member's block file until the block is compacted or removed, as sled keeps
+    /// them in its log until a segment is reused.
     async fn delete(&self, seq: u64) -> Result<(), StoreError> {
-        match self.stream.delete_message(seq).await {
-            Ok(_) => Ok(()),
+        let request = serde_json::json!({ "seq": seq, "no_erase": true });
+        let answer: Result<js::response::Response<stream::DeleteStatus>, _> = self
+            .jetstream
+            .request(format!("STREAM.MSG.DELETE.{STREAM}"), &request)
+            .await;
+        match answer {
+            Ok(js::response::Response::Ok(_)) => Ok(()),
             // 10043, "sequence N not found": deleted already (by the same ack through
             // another node at once) or aged out.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    stream::DeleteMessageErrorKind::JetStream(err)
-                        if err.error_code() == js::ErrorCode(10043)
-                ) =>
+            Ok(js::response::Response::Err { error })
+                if error.error_code() == js::ErrorCode(10043) =>
             {
                 Ok(())
             }
+            Ok(js::response::Response::Err { error }) => Err(engine(STREAM, error)),
             Err(e) => Err(engine(STREAM, e)),
         }
     }
