@@ -282,3 +282,61 @@ fn the_example_nats_config_is_valid() {
     let unit = std::fs::read_to_string(conf.with_file_name("nats-server.service")).unwrap();
     assert!(unit.contains("ExecStart=/usr/local/bin/nats-server -c /etc/nats/nats-server.conf\n"));
 }
+
+/// Two devices verify the same number with the same code at once, one through each
+/// node: the code is consumed once, in the cluster, so exactly one registers, and
+/// both nodes agree on which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_code_verified_through_two_nodes_at_once_registers_one_device() {
+    use switchboard::client::Client;
+    use switchboard::phone::Number;
+    use switchboard::proto::Channel;
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let tls = tempfile::tempdir().unwrap();
+    shared_certificate(tls.path());
+    let config = cluster_config(&nats, tls.path());
+    let nodes = [ProcessNode::start(&config), ProcessNode::start(&config)];
+    let alice = Number::parse(ALICE, None).unwrap();
+    // Several rounds, each a fresh code for the number and two racing devices.
+    for round in 0..5 {
+        let mut clients = Vec::new();
+        for node in &nodes {
+            let (creds, _) = Credentials::generate_device().unwrap();
+            let client = Client::connect(&node.addr, &creds, Some(node.fingerprint))
+                .await
+                .unwrap();
+            clients.push((client, creds));
+        }
+        clients[round % 2]
+            .0
+            .request_code(&alice, Channel::Sms, "en")
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(
+            clients[0].0.verify_code(&alice, CODE),
+            clients[1].0.verify_code(&alice, CODE)
+        );
+        let winners: Vec<usize> = [a.is_ok(), b.is_ok()]
+            .iter()
+            .enumerate()
+            .filter(|(_, ok)| **ok)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {a:?} / {b:?}");
+        let (winner, loser) = (winners[0], 1 - winners[0]);
+        // Each device asks through the other node too: the winner is Alice there,
+        // the loser is nobody.
+        for node in &nodes {
+            let won = Client::connect(&node.addr, &clients[winner].1, Some(node.fingerprint))
+                .await
+                .unwrap();
+            assert_eq!(won.whoami().await.unwrap().number, ALICE);
+            let lost = Client::connect(&node.addr, &clients[loser].1, Some(node.fingerprint))
+                .await
+                .unwrap();
+            assert!(lost.whoami().await.is_err(), "round {round}");
+        }
+    }
+}
