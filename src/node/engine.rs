@@ -3,7 +3,8 @@
 //!
 //! Handlers call the functions here, not the store: each asks the cluster's
 //! implementation of a storage trait when the node runs on one, else runs the sled
-//! operation on the store thread. A write on sled is durable at the next group
+//! operation on the store thread (plain lookups that were on the reader thread
+//! stay there). A write on sled is durable at the next group
 //! commit, which the handler awaits with [`durable`] before it answers (one wait for
 //! several writes); on the cluster a write is durable once it returns (acknowledged
 //! by a quorum of the replicas), and [`durable`] has nothing to wait for. The hand-off
@@ -38,7 +39,7 @@ use crate::store::records::{
 };
 use crate::store::{
     Claimed, DeviceIdentity, DeviceRef, DeviceView, IdentityPair, Judgement, KeysRefusal,
-    NewDevice, ProfileStore, Queued, StoreError, VerifyOutcome,
+    NewDevice, ProfileStore, Queued, VerifyOutcome,
 };
 
 /// The cluster's side of each storage concern the node runs on.
@@ -119,10 +120,6 @@ pub(crate) fn not_in_cluster(what: &str) -> NodeError {
     )
 }
 
-fn cluster_failed(e: StoreError) -> NodeError {
-    internal(e)
-}
-
 /// Waits until what this request wrote is durable (sled's group commit; the
 /// cluster's writes are once they return).
 pub(crate) async fn durable(shared: &Arc<Shared>) -> Result<(), NodeError> {
@@ -145,7 +142,7 @@ pub(crate) async fn record_code_send<E: Send + 'static>(
             .accounts
             .record_code_send(keys, now_ms, keep_ms, judge)
             .await
-            .map_err(cluster_failed),
+            .map_err(internal),
         None => {
             blocking(shared, move |s| {
                 s.record_code_send(&keys, now_ms, keep_ms, judge)
@@ -166,7 +163,7 @@ pub(crate) async fn replace_code<E: Send + 'static>(
             .accounts
             .replace_code(number, decide)
             .await
-            .map_err(cluster_failed),
+            .map_err(internal),
         None => blocking(shared, move |s| s.replace_code(&number, decide)).await,
     }
 }
@@ -181,16 +178,13 @@ pub(crate) async fn withdraw_code(
 ) -> Result<(), NodeError> {
     match &shared.cluster {
         Some(c) => {
-            c.accounts
-                .remove_code(number)
-                .await
-                .map_err(cluster_failed)?;
+            c.accounts.remove_code(number).await.map_err(internal)?;
             match counted {
                 Some(keys) => c
                     .accounts
                     .forget_code_send(keys, at_ms)
                     .await
-                    .map_err(cluster_failed),
+                    .map_err(internal),
                 None => Ok(()),
             }
         }
@@ -213,11 +207,7 @@ pub(crate) async fn registration_lock(
     number: String,
 ) -> Result<Option<(u64, LockRecord, u64)>, NodeError> {
     match &shared.cluster {
-        Some(c) => c
-            .accounts
-            .registration_lock(number)
-            .await
-            .map_err(cluster_failed),
+        Some(c) => c.accounts.registration_lock(number).await.map_err(internal),
         None => blocking(shared, move |s| s.registration_lock(&number)).await,
     }
 }
@@ -229,11 +219,7 @@ pub(crate) async fn judge_code<E: Send + 'static>(
     judge: impl Fn(&CodeRecord) -> (Option<CodeRecord>, E) + Send + Sync + 'static,
 ) -> Result<Option<E>, NodeError> {
     match &shared.cluster {
-        Some(c) => c
-            .accounts
-            .judge_code(number, judge)
-            .await
-            .map_err(cluster_failed),
+        Some(c) => c.accounts.judge_code(number, judge).await.map_err(internal),
         None => blocking(shared, move |s| s.judge_code(&number, judge)).await,
     }
 }
@@ -249,7 +235,7 @@ pub(crate) async fn take_pin_try(
             .accounts
             .take_pin_try(account, max)
             .await
-            .map_err(cluster_failed),
+            .map_err(internal),
         None => blocking(shared, move |s| s.take_pin_try(account, max)).await,
     }
 }
@@ -265,7 +251,7 @@ pub(crate) async fn set_registration_lock(
             .accounts
             .set_registration_lock(account, lock)
             .await
-            .map_err(cluster_failed),
+            .map_err(internal),
         None => {
             blocking(shared, move |s| {
                 s.set_registration_lock(account, lock.as_ref())
@@ -289,7 +275,7 @@ pub(crate) async fn verify_and_register<E: Clone + Send + 'static>(
             .accounts
             .verify_and_register(number, device, now_ms, judge)
             .await
-            .map_err(cluster_failed),
+            .map_err(internal),
         None => {
             blocking(shared, move |s| {
                 s.verify_and_register(&number, &device, now_ms, judge)
@@ -310,7 +296,7 @@ pub(crate) async fn mark_device_seen(
             .accounts
             .mark_device_seen(device, now_ms)
             .await
-            .map_err(cluster_failed),
+            .map_err(internal),
         None => blocking(shared, move |s| s.mark_device_seen(device, now_ms)).await,
     }
 }
@@ -321,7 +307,7 @@ pub(crate) async fn drop_device(shared: &Arc<Shared>, device: DeviceRef) -> Resu
     match &shared.cluster {
         // Its published keys stay in the key bucket, but are never handed out: a
         // fetch asks only for the devices its account lists.
-        Some(c) => c.queues.drop_queue(device).await.map_err(cluster_failed),
+        Some(c) => c.queues.drop_queue(device).await.map_err(internal),
         None => blocking(shared, move |s| s.drop_device(device)).await,
     }
 }
@@ -332,18 +318,13 @@ pub(crate) async fn device_by_key(
     key_id: KeyId,
 ) -> Result<Result<DeviceIdentity, Option<RemovedKeyRecord>>, NodeError> {
     match &shared.cluster {
-        Some(c) => match c
-            .accounts
-            .device_by_key(key_id)
-            .await
-            .map_err(cluster_failed)?
-        {
+        Some(c) => match c.accounts.device_by_key(key_id).await.map_err(internal)? {
             Some(found) => Ok(Ok(found)),
             None => Ok(Err(c
                 .accounts
                 .removed_key(key_id)
                 .await
-                .map_err(cluster_failed)?)),
+                .map_err(internal)?)),
         },
         None => {
             blocking(shared, move |s| {
@@ -363,11 +344,7 @@ pub(crate) async fn account_by_number(
     number: String,
 ) -> Result<Option<(u64, AccountRecord)>, NodeError> {
     match &shared.cluster {
-        Some(c) => c
-            .accounts
-            .account_by_number(number)
-            .await
-            .map_err(cluster_failed),
+        Some(c) => c.accounts.account_by_number(number).await.map_err(internal),
         None => blocking(shared, move |s| s.account_by_number(&number)).await,
     }
 }
@@ -378,8 +355,8 @@ pub(crate) async fn account(
     id: u64,
 ) -> Result<Option<AccountRecord>, NodeError> {
     match &shared.cluster {
-        Some(c) => c.accounts.account(id).await.map_err(cluster_failed),
-        None => blocking(shared, move |s| s.account(id)).await,
+        Some(c) => c.accounts.account(id).await.map_err(internal),
+        None => read(shared, move |s| s.account(id)).await,
     }
 }
 
@@ -389,8 +366,8 @@ pub(crate) async fn devices(
     account: u64,
 ) -> Result<Option<(String, Vec<DeviceView>)>, NodeError> {
     match &shared.cluster {
-        Some(c) => c.accounts.devices(account).await.map_err(cluster_failed),
-        None => blocking(shared, move |s| s.devices(account)).await,
+        Some(c) => c.accounts.devices(account).await.map_err(internal),
+        None => read(shared, move |s| s.devices(account)).await,
     }
 }
 
@@ -410,25 +387,18 @@ pub(crate) async fn publish_keys(
                 .keys
                 .publish_keys(device, upload, max_one_time_keys, now_ms)
                 .await
-                .map_err(cluster_failed)?;
+                .map_err(internal)?;
             if stored.is_ok() {
                 c.keys
                     .set_account_signature(device, account_signature)
                     .await
-                    .map_err(cluster_failed)?;
+                    .map_err(internal)?;
             }
             Ok(stored)
         }
         None => {
             blocking(shared, move |s| {
-                let stored = s.publish_keys(
-                    device,
-                    upload.identity,
-                    upload.fallback,
-                    &upload.one_time_keys,
-                    max_one_time_keys,
-                    now_ms,
-                )?;
+                let stored = s.publish_upload(device, upload, max_one_time_keys, now_ms)?;
                 if stored.is_ok() {
                     s.set_account_signature(device, account_signature)?;
                 }
@@ -450,7 +420,7 @@ pub(crate) async fn count_one_time_keys(
             .keys
             .count_one_time_keys(device, limit)
             .await
-            .map_err(cluster_failed),
+            .map_err(internal),
         None => blocking(shared, move |s| s.count_one_time_keys(device, limit)).await,
     }
 }
@@ -467,7 +437,7 @@ pub(crate) async fn fetch_bundles(
             .keys
             .fetch_bundles(account_id, devices, claim)
             .await
-            .map_err(cluster_failed),
+            .map_err(internal),
         None => {
             blocking(shared, move |s| {
                 s.fetch_bundles(account_id, &devices, claim)
@@ -483,8 +453,8 @@ pub(crate) async fn identity_keys(
     device: DeviceRef,
 ) -> Result<Option<IdentityPair>, NodeError> {
     match &shared.cluster {
-        Some(c) => c.keys.identity_keys(device).await.map_err(cluster_failed),
-        None => blocking(shared, move |s| s.identity_keys(device)).await,
+        Some(c) => c.keys.identity_keys(device).await.map_err(internal),
+        None => read(shared, move |s| s.identity_keys(device)).await,
     }
 }
 
@@ -501,7 +471,7 @@ pub(crate) async fn set_profile(
             .profiles
             .set_profile(account_id, version, blob, now_ms)
             .await
-            .map_err(cluster_failed),
+            .map_err(internal),
         None => {
             blocking(shared, move |s| {
                 s.set_profile(account_id, version, blob, now_ms)
@@ -517,7 +487,7 @@ pub(crate) async fn profile(
     account_id: u64,
 ) -> Result<Option<ProfileRecord>, NodeError> {
     match &shared.cluster {
-        Some(c) => c.profiles.profile(account_id).await.map_err(cluster_failed),
+        Some(c) => c.profiles.profile(account_id).await.map_err(internal),
         None => read(shared, move |s| s.profile(account_id)).await,
     }
 }
@@ -533,7 +503,7 @@ pub(crate) async fn set_presence(
             .profiles
             .set_presence(account_id, presence)
             .await
-            .map_err(cluster_failed),
+            .map_err(internal),
         None => blocking(shared, move |s| s.set_presence(account_id, presence)).await,
     }
 }
@@ -541,7 +511,7 @@ pub(crate) async fn set_presence(
 /// Items in `device`'s queue.
 pub(crate) async fn queue_len(shared: &Arc<Shared>, device: DeviceRef) -> Result<u64, NodeError> {
     match &shared.cluster {
-        Some(c) => c.queues.queue_len(device).await.map_err(cluster_failed),
+        Some(c) => c.queues.queue_len(device).await.map_err(internal),
         None => blocking(shared, move |s| s.queue_len(device)).await,
     }
 }
@@ -558,7 +528,7 @@ pub(crate) async fn cluster_page(
     c.queues
         .page(device, after, max, max_bytes)
         .await
-        .map_err(cluster_failed)
+        .map_err(internal)
 }
 
 /// Whether the caches of who is registered (a session's identity, the recipient

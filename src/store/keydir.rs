@@ -110,6 +110,26 @@ pub fn apply_upload(
     }))
 }
 
+impl Store {
+    /// [`Store::publish_keys`] of an [`Upload`].
+    pub fn publish_upload(
+        &self,
+        device: DeviceRef,
+        upload: Upload,
+        max_one_time_keys: u32,
+        now_ms: u64,
+    ) -> Result<Result<u32, KeysRefusal>, StoreError> {
+        self.publish_keys(
+            device,
+            upload.identity,
+            upload.fallback,
+            &upload.one_time_keys,
+            max_one_time_keys,
+            now_ms,
+        )
+    }
+}
+
 impl KeyDirectory for Store {
     async fn publish_keys(
         &self,
@@ -119,14 +139,7 @@ impl KeyDirectory for Store {
         now_ms: u64,
     ) -> Result<Result<u32, KeysRefusal>, StoreError> {
         super::blocking(self, move |s| {
-            s.publish_keys(
-                device,
-                upload.identity,
-                upload.fallback,
-                &upload.one_time_keys,
-                max_one_time_keys,
-                now_ms,
-            )
+            s.publish_upload(device, upload, max_one_time_keys, now_ms)
         })
         .await
     }

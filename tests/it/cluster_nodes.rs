@@ -13,23 +13,23 @@ use switchboard::tls::Credentials;
 use crate::cluster::NatsCluster;
 use crate::support::*;
 
-/// A node config for cluster mode on `nats`, serving the certificate in `tls`.
-pub(crate) fn cluster_config(nats: &NatsCluster, tls: &Path) -> String {
-    let urls: Vec<String> = nats.urls.iter().map(|u| format!("{u:?}")).collect();
-    config_text(&format!(
-        "[server]\ntls_cert = {:?}\ntls_key = {:?}\n[cluster]\nnats = [{}]\n",
-        tls.join("cert.pem"),
-        tls.join("key.pem"),
-        urls.join(", ")
-    ))
-}
-
-/// One certificate and key for every node, in `dir`.
-pub(crate) fn shared_certificate(dir: &Path) {
+/// Two nodes in cluster mode on `nats`, serving one certificate (in the returned
+/// dir) made for them.
+pub(crate) fn two_nodes(nats: &NatsCluster) -> (tempfile::TempDir, ProcessNode, ProcessNode) {
+    let tls = tempfile::tempdir().expect("temp dir");
     let (_, pem) = Credentials::generate_node(vec!["localhost".into()]).expect("certificate");
-    std::fs::create_dir_all(dir).expect("tls dir");
-    std::fs::write(dir.join("cert.pem"), pem.cert).expect("cert");
-    std::fs::write(dir.join("key.pem"), pem.key).expect("key");
+    let (cert, key) = (tls.path().join("cert.pem"), tls.path().join("key.pem"));
+    std::fs::write(&cert, pem.cert).expect("cert");
+    std::fs::write(&key, pem.key).expect("key");
+    let urls: Vec<String> = nats.urls.iter().map(|u| format!("{u:?}")).collect();
+    let config = config_text(&format!(
+        "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n[cluster]\nnats = [{}]\n",
+        urls.join(", ")
+    ));
+    let one = ProcessNode::start(&config);
+    let two = ProcessNode::start(&config);
+    assert_eq!(one.fingerprint, two.fingerprint, "one certificate");
+    (tls, one, two)
 }
 
 fn register(home: &Path, number: &str, servers: &str) {
@@ -102,12 +102,8 @@ fn a_message_sent_through_one_node_is_received_through_another() {
     let Some(nats) = NatsCluster::start(3) else {
         return;
     };
+    let (_tls, mut one, two) = two_nodes(&nats);
     let dir = tempfile::tempdir().expect("temp dir");
-    let tls = dir.path().join("tls");
-    shared_certificate(&tls);
-    let mut one = ProcessNode::start(&cluster_config(&nats, &tls));
-    let two = ProcessNode::start(&cluster_config(&nats, &tls));
-    assert_eq!(one.fingerprint, two.fingerprint, "one certificate");
 
     let alice: PathBuf = dir.path().join("alice");
     let bob: PathBuf = dir.path().join("bob");
@@ -202,11 +198,7 @@ async fn a_device_signed_out_through_one_node_is_refused_by_another() {
     let Some(nats) = NatsCluster::start(3) else {
         return;
     };
-    let tls = tempfile::tempdir().unwrap();
-    shared_certificate(tls.path());
-    let config = cluster_config(&nats, tls.path());
-    let one = ProcessNode::start(&config);
-    let two = ProcessNode::start(&config);
+    let (_tls, one, two) = two_nodes(&nats);
     let alice = Number::parse(ALICE, None).unwrap();
     let register = |creds: Credentials| {
         let (addr, fp, alice) = (one.addr.clone(), one.fingerprint, alice.clone());
@@ -294,10 +286,8 @@ async fn one_code_verified_through_two_nodes_at_once_registers_one_device() {
     let Some(nats) = NatsCluster::start(3) else {
         return;
     };
-    let tls = tempfile::tempdir().unwrap();
-    shared_certificate(tls.path());
-    let config = cluster_config(&nats, tls.path());
-    let nodes = [ProcessNode::start(&config), ProcessNode::start(&config)];
+    let (_tls, one, two) = two_nodes(&nats);
+    let nodes = [one, two];
     let alice = Number::parse(ALICE, None).unwrap();
     // Several rounds, each a fresh code for the number and two racing devices.
     for round in 0..5 {

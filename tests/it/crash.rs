@@ -659,26 +659,20 @@ async fn sigterm_under_load_answers_every_send_and_loses_nothing() {
 /// oracle holds as on one node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_member_and_a_node_killed_under_load_lose_nothing_acknowledged() {
-    use crate::cluster_nodes::{cluster_config, shared_certificate};
     let Some(mut nats) = crate::cluster::NatsCluster::start(3) else {
         return;
     };
-    let tls = tempfile::tempdir().unwrap();
-    shared_certificate(tls.path());
-    let config = cluster_config(&nats, tls.path());
-    let mut one = ProcessNode::start(&config);
-    let two = ProcessNode::start(&config);
-    assert_eq!(one.fingerprint, two.fingerprint);
+    let (_tls, mut one, two) = crate::cluster_nodes::two_nodes(&nats);
     let both = format!("{},{}", one.addr, two.addr);
     let world = Arc::new(World::new(Stop::Cluster, &both, one.fingerprint));
     let load = Load::start(&world, &one.addr).await;
 
-    let before_kill = |world: &World| world.oracle.lock().unwrap().acked_count();
+    let acked_now = |world: &World| world.oracle.lock().unwrap().acked_count();
     let wait_for = |n: usize| {
         let world = world.clone();
         async move {
             let deadline = Instant::now() + Duration::from_secs(60);
-            while before_kill(&world) < n {
+            while acked_now(&world) < n {
                 assert!(Instant::now() < deadline, "no load");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -686,13 +680,13 @@ async fn a_nats_member_and_a_node_killed_under_load_lose_nothing_acknowledged() 
     };
     wait_for(100).await;
     let leader = format!("n{}", nats.kill_leader_of("SB_QUEUES").await);
-    let at_member_kill = before_kill(&world);
+    let at_member_kill = acked_now(&world);
     wait_for(at_member_kill + 100).await;
 
     world.generation.fetch_add(1, Ordering::Relaxed);
     one.kill9();
     world.generation.fetch_add(1, Ordering::Relaxed);
-    let at_node_kill = before_kill(&world);
+    let at_node_kill = acked_now(&world);
     wait_for(at_node_kill + 100).await;
     load.end(&world).await;
 
