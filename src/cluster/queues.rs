@@ -40,11 +40,13 @@ use async_nats::jetstream::{self as js};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 
-use super::bucket::engine;
+use super::bucket::{Bucket, engine};
 use super::{Cluster, ClusterError};
-use crate::store::queue_store::{Outgoing, QueueStore};
+use crate::store::queue_store::{GroupSend, Outgoing, QueueStore};
 use crate::store::records::{self, QueueItem};
-use crate::store::{AppendOutcome, DeviceRef, Queued, StoreError};
+use crate::store::{AppendOutcome, DeviceRef, GroupAppend, Queued, StoreError};
+
+mod group;
 
 /// The stream's name.
 pub const STREAM: &str = "SB_QUEUES";
@@ -66,6 +68,8 @@ pub struct JetStreamQueues {
     client: async_nats::Client,
     jetstream: js::Context,
     stream: stream::Stream<()>,
+    /// How many devices have each group message (`group`).
+    receipts: Bucket,
 }
 
 impl std::fmt::Debug for JetStreamQueues {
@@ -144,10 +148,19 @@ impl JetStreamQueues {
             .get_stream_no_info(STREAM)
             .await
             .map_err(|e| ClusterError::JetStream(format!("stream {STREAM}: {e}")))?;
+        let receipts = Bucket::open_expiring(
+            cluster,
+            group::BUCKET,
+            "switchboard: how many devices have each group message",
+            replicas,
+            limits.ttl,
+        )
+        .await?;
         Ok(JetStreamQueues {
             client: cluster.client.clone(),
             jetstream: js.clone(),
             stream,
+            receipts,
         })
     }
 
@@ -272,32 +285,112 @@ impl JetStreamQueues {
     }
 }
 
+/// What publishing one send's items found ([`JetStreamQueues::fan_out`]).
+struct FannedOut {
+    /// The devices whose item was stored now.
+    queued: Vec<DeviceRef>,
+    /// The seq of an item stored before (a repeated send), if any.
+    duplicate_at: Option<u64>,
+    /// A device whose queue refused its item (full), if any.
+    full: Option<DeviceRef>,
+}
+
+impl JetStreamQueues {
+    /// Publishes `items` (a queue value per recipient device) of `sender`'s send
+    /// `id`, every one before any acknowledgement is awaited (one round trip for the
+    /// send, not one per device), and wakes the devices that got theirs. Each item's
+    /// `Nats-Msg-Id` is `SENDER_ACCOUNT.SENDER_DEVICE.ID.ACCOUNT.DEVICE`. An error:
+    /// some item may not be stored, and the sender, not told `Queued`, sends again
+    /// (the ones that landed are deduplicated).
+    async fn fan_out(
+        &self,
+        sender: DeviceRef,
+        id: [u8; 16],
+        items: Vec<(DeviceRef, Bytes)>,
+    ) -> Result<FannedOut, StoreError> {
+        let mut pending = Vec::with_capacity(items.len());
+        for (device, value) in items {
+            let msg_id = format!(
+                "{}.{}.{}.{}.{}",
+                sender.account_id,
+                sender.device_id,
+                hex::encode(id),
+                device.account_id,
+                device.device_id
+            );
+            let subject = messages_subject(device);
+            let ack = self.publish(&subject, &msg_id, &value).await?;
+            pending.push((device, ack, subject, msg_id, value));
+        }
+        let mut out = FannedOut {
+            queued: Vec::new(),
+            duplicate_at: None,
+            full: None,
+        };
+        let mut failed = None;
+        for (device, ack, subject, msg_id, value) in pending {
+            match self.acked(ack, &subject, &msg_id, &value).await {
+                Ok(ack) if ack.duplicate => {
+                    out.duplicate_at.get_or_insert(ack.sequence);
+                }
+                Ok(_) => out.queued.push(device),
+                Err(e) if subject_full(&e) => {
+                    out.full.get_or_insert(device);
+                }
+                Err(e) => {
+                    failed.get_or_insert(engine(STREAM, e));
+                }
+            }
+        }
+        self.wake(out.queued.iter().copied()).await;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}
+
 /// What a delivery stream pushed and its device has not acknowledged yet: for each
-/// seq, the sender and message id of a message (`None` for any other item). An ack
-/// of a seq found here is applied without reading the item again.
+/// seq, the sender and message id of a message or group message (`None` for any
+/// other item). An ack of a seq found here is applied without reading the item
+/// again.
 #[derive(Debug, Default)]
 pub struct Pushed {
-    items: std::collections::BTreeMap<u64, Option<Sent>>,
+    items: std::collections::BTreeMap<u64, Option<Taken>>,
 }
 
 /// A message's sender and id: what its delivery receipt needs.
 type Sent = (DeviceRef, [u8; 16]);
 
-/// The sender and id of `item`, if it is a message.
-fn sent(item: &QueueItem) -> Option<Sent> {
+/// What the ack of a queue item must do besides deleting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// Queue a delivery receipt for the sender.
+    Message(Sent),
+    /// Count this device as having the sender's group message (and release its
+    /// body with the last device).
+    Group(Sent),
+}
+
+/// What acknowledging `item` takes, if more than its deletion.
+fn taken(item: &QueueItem) -> Option<Taken> {
+    let sender = |account_id, device_id| DeviceRef {
+        account_id,
+        device_id,
+    };
     match item {
         QueueItem::Message {
             from_account,
             from_device,
             id,
             ..
-        } => Some((
-            DeviceRef {
-                account_id: *from_account,
-                device_id: *from_device,
-            },
-            *id,
-        )),
+        } => Some(Taken::Message((sender(*from_account, *from_device), *id))),
+        QueueItem::GroupMessage {
+            from_account,
+            from_device,
+            id,
+            ..
+        } => Some(Taken::Group((sender(*from_account, *from_device), *id))),
         _ => None,
     }
 }
@@ -309,7 +402,7 @@ impl Pushed {
 
     /// Remembers the pushed `item` at `seq`.
     pub fn insert(&mut self, seq: u64, item: &QueueItem) {
-        self.items.insert(seq, sent(item));
+        self.items.insert(seq, taken(item));
         while self.items.len() > Self::MAX {
             self.items.pop_first();
         }
@@ -342,7 +435,7 @@ impl JetStreamQueues {
         let (known, unknown): (Vec<u64>, Vec<u64>) = seqs
             .into_iter()
             .partition(|seq| pushed.items.contains_key(seq));
-        let mut mine: Vec<(u64, Option<Sent>)> = known
+        let mut mine: Vec<(u64, Option<Taken>)> = known
             .into_iter()
             .map(|seq| (seq, pushed.items.get(&seq).copied().flatten()))
             .collect();
@@ -355,12 +448,18 @@ impl JetStreamQueues {
             if !holds(device, &m.subject) {
                 continue;
             }
-            mine.push((seq, sent(&records::decode_queued(&m.payload)?.1)));
+            mine.push((seq, taken(&records::decode_queued(&m.payload)?.1)));
         }
         let mut receipts = Vec::new();
-        for &(seq, message) in &mine {
-            let Some((sender, id)) = message else {
-                continue;
+        let mut groups = Vec::new();
+        for &(seq, taken) in &mine {
+            let (sender, id) = match taken {
+                Some(Taken::Message(sent)) => sent,
+                Some(Taken::Group(sent)) => {
+                    groups.push((seq, sent));
+                    continue;
+                }
+                None => continue,
             };
             let receipt = QueueItem::Delivered {
                 to_number: device_number.clone(),
@@ -388,6 +487,12 @@ impl JetStreamQueues {
                 Err(e) => return Err(engine(STREAM, e)),
             }
         }
+        // Group messages counted before they go too (a repeated ack counts once).
+        for (seq, (sender, id)) in groups {
+            if self.count_group(device, seq, sender, id, now_ms).await? {
+                delivered.push(sender);
+            }
+        }
         let deleted =
             futures_util::future::join_all(mine.iter().map(|&(seq, _)| self.delete(seq))).await;
         deleted.into_iter().collect::<Result<Vec<()>, _>>()?;
@@ -398,9 +503,7 @@ impl JetStreamQueues {
 
 impl QueueStore for JetStreamQueues {
     async fn append(&self, m: Outgoing) -> Result<AppendOutcome, StoreError> {
-        // Every envelope published before any acknowledgement is awaited: one round
-        // trip for the send, not one per device.
-        let mut pending = Vec::with_capacity(m.envelopes.len());
+        let mut items = Vec::with_capacity(m.envelopes.len());
         for (device, body) in m.envelopes {
             let item = QueueItem::Message {
                 from_account: m.sender.account_id,
@@ -409,52 +512,17 @@ impl QueueStore for JetStreamQueues {
                 id: m.id,
                 body,
             };
-            let value = Bytes::from(records::encode_queued_until(
-                m.now_ms,
-                m.expires_at_ms,
-                &item,
-            )?);
-            let msg_id = format!(
-                "{}.{}.{}.{}.{}",
-                m.sender.account_id,
-                m.sender.device_id,
-                hex::encode(m.id),
-                device.account_id,
-                device.device_id
-            );
-            let subject = messages_subject(device);
-            let ack = self.publish(&subject, &msg_id, &value).await?;
-            pending.push((device, ack, subject, msg_id, value));
+            let value = records::encode_queued_until(m.now_ms, m.expires_at_ms, &item)?;
+            items.push((device, Bytes::from(value)));
         }
-        let mut queued = Vec::new();
-        let mut duplicate_at = None;
-        let mut full = None;
-        let mut failed = None;
-        for (device, ack, subject, msg_id, value) in pending {
-            match self.acked(ack, &subject, &msg_id, &value).await {
-                Ok(ack) if ack.duplicate => {
-                    duplicate_at.get_or_insert(ack.sequence);
-                }
-                Ok(_) => queued.push(device),
-                Err(e) if subject_full(&e) => {
-                    full.get_or_insert(device.device_id);
-                }
-                Err(e) => {
-                    failed.get_or_insert(engine(STREAM, e));
-                }
-            }
+        let fanned = self.fan_out(m.sender, m.id, items).await?;
+        if let Some(device) = fanned.full {
+            return Ok(AppendOutcome::QueueFull {
+                device_id: device.device_id,
+            });
         }
-        self.wake(queued.iter().copied()).await;
-        if let Some(e) = failed {
-            // Not told `Queued`: the sender sends again, the ones that landed are
-            // deduplicated.
-            return Err(e);
-        }
-        if let Some(device_id) = full {
-            return Ok(AppendOutcome::QueueFull { device_id });
-        }
-        if queued.is_empty()
-            && let Some(seq) = duplicate_at
+        if fanned.queued.is_empty()
+            && let Some(seq) = fanned.duplicate_at
         {
             // Every envelope was already stored: answer with when it was accepted
             // (now, if it has been read and acknowledged since).
@@ -467,6 +535,10 @@ impl QueueStore for JetStreamQueues {
         Ok(AppendOutcome::Queued {
             accepted_at_ms: m.now_ms,
         })
+    }
+
+    async fn append_group(&self, m: GroupSend) -> Result<GroupAppend, StoreError> {
+        self.append_group_items(m).await
     }
 
     async fn page(
@@ -499,17 +571,30 @@ impl QueueStore for JetStreamQueues {
                 self.delete(m.sequence).await?;
                 continue;
             }
-            let size = m.payload.len();
+            let (queued_at_ms, item) = records::decode_queued(&m.payload)?;
+            let group_body = match &item {
+                QueueItem::GroupMessage { body_ref, .. } => match self.group_body(*body_ref).await?
+                {
+                    Some(body) => Some(body),
+                    // Its body aged out (it is stored a moment before its items):
+                    // the item has too.
+                    None => {
+                        self.delete(m.sequence).await?;
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            let size = m.payload.len() + group_body.as_ref().map_or(0, Vec::len);
             if bytes.saturating_add(size) > max_bytes && !out.is_empty() {
                 return Ok((out, true));
             }
             bytes = bytes.saturating_add(size);
-            let (queued_at_ms, item) = records::decode_queued(&m.payload)?;
             out.push(Queued {
                 seq: m.sequence,
                 queued_at_ms,
                 item,
-                group_body: None,
+                group_body,
             });
         }
     }

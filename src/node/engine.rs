@@ -10,7 +10,7 @@
 //! by a quorum of the replicas), and [`durable`] has nothing to wait for. The hand-off
 //! of online devices and the group commit stay on the sled side.
 //!
-//! What the cluster does not hold yet (groups, contact discovery, linked devices,
+//! What the cluster does not hold yet (contact discovery, linked devices,
 //! attachments) is refused in cluster mode with [`not_in_cluster`].
 
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use super::Shared;
 use super::handlers::commit_failed;
 use super::worker::{blocking, internal, read};
 use crate::cluster::accounts::JetStreamAccounts;
+use crate::cluster::groups::JetStreamGroups;
 use crate::cluster::keys::JetStreamKeys;
 use crate::cluster::profiles::JetStreamProfiles;
 use crate::cluster::queues::{JetStreamQueues, QueueLimits};
@@ -33,13 +34,14 @@ use crate::store::account_store::AccountStore;
 use crate::store::keydir::{KeyDirectory, Upload};
 use crate::store::layout::KeyId;
 use crate::store::limit_store::LimitStore;
-use crate::store::queue_store::QueueStore;
+use crate::store::queue_store::{GroupSend, QueueStore};
 use crate::store::records::{
-    AccountRecord, CodeRecord, LockRecord, ProfileRecord, RemovedKeyRecord,
+    AccountRecord, CodeRecord, GroupRecord, LockRecord, ProfileRecord, RemovedKeyRecord,
 };
 use crate::store::{
-    Claimed, DeviceIdentity, DeviceRef, DeviceView, IdentityPair, Judgement, KeysRefusal,
-    NewDevice, ProfileStore, Queued, VerifyOutcome,
+    Claimed, DeviceIdentity, DeviceRef, DeviceView, GroupAppend, GroupChange, GroupRefusal,
+    GroupStore, IdentityPair, Judgement, KeysRefusal, NewDevice, ProfileStore, Queued,
+    VerifyOutcome,
 };
 
 /// The cluster's side of each storage concern the node runs on.
@@ -49,6 +51,7 @@ pub(crate) struct ClusterEngine {
     pub keys: JetStreamKeys,
     pub queues: JetStreamQueues,
     pub profiles: JetStreamProfiles,
+    pub groups: JetStreamGroups,
 }
 
 impl std::fmt::Debug for ClusterEngine {
@@ -107,6 +110,7 @@ impl ClusterEngine {
             keys: JetStreamKeys::open(&cluster, replicas).await?,
             queues: JetStreamQueues::open(&cluster, replicas, limits).await?,
             profiles: JetStreamProfiles::open(&cluster, replicas).await?,
+            groups: JetStreamGroups::open(&cluster, replicas).await?,
             cluster,
         })
     }
@@ -505,6 +509,152 @@ pub(crate) async fn set_presence(
             .await
             .map_err(internal),
         None => blocking(shared, move |s| s.set_presence(account_id, presence)).await,
+    }
+}
+
+/// The accounts of `numbers`, in order (`None`: not registered).
+pub(crate) async fn accounts_by_number(
+    shared: &Arc<Shared>,
+    numbers: Vec<String>,
+) -> Result<Vec<Option<(u64, AccountRecord)>>, NodeError> {
+    match &shared.cluster {
+        Some(c) => {
+            let found = futures_util::future::join_all(
+                numbers.into_iter().map(|n| c.accounts.account_by_number(n)),
+            )
+            .await;
+            found.into_iter().map(|a| a.map_err(internal)).collect()
+        }
+        None => {
+            read(shared, move |s| {
+                numbers.iter().map(|n| s.account_by_number(n)).collect()
+            })
+            .await
+        }
+    }
+}
+
+/// The accounts `ids`, in order (`None`: no such account, as one the operator
+/// deleted).
+pub(crate) async fn accounts(
+    shared: &Arc<Shared>,
+    ids: Vec<u64>,
+) -> Result<Vec<Option<AccountRecord>>, NodeError> {
+    match &shared.cluster {
+        Some(c) => {
+            let found =
+                futures_util::future::join_all(ids.into_iter().map(|id| c.accounts.account(id)))
+                    .await;
+            found.into_iter().map(|a| a.map_err(internal)).collect()
+        }
+        None => {
+            read(shared, move |s| {
+                ids.iter().map(|&id| s.account(id)).collect()
+            })
+            .await
+        }
+    }
+}
+
+/// Creates a group ([`GroupStore::create_group`]).
+pub(crate) async fn create_group(
+    shared: &Arc<Shared>,
+    creator: u64,
+    members: Vec<u64>,
+    meta: Vec<u8>,
+    max: u32,
+    now_ms: u64,
+) -> Result<Result<(u64, GroupRecord), GroupRefusal>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .groups
+            .create_group(creator, members, meta, max, now_ms)
+            .await
+            .map_err(internal),
+        None => {
+            blocking(shared, move |s| {
+                s.create_group(creator, &members, &meta, max, now_ms)
+            })
+            .await
+        }
+    }
+}
+
+/// Changes a group ([`GroupStore::change_group`]); `Ok(None)`: the group is gone.
+pub(crate) async fn change_group(
+    shared: &Arc<Shared>,
+    group: u64,
+    actor: u64,
+    change: GroupChange,
+    max: u32,
+    now_ms: u64,
+) -> Result<Result<Option<GroupRecord>, GroupRefusal>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .groups
+            .change_group(group, actor, change, max, now_ms)
+            .await
+            .map_err(internal),
+        None => {
+            blocking(shared, move |s| {
+                s.change_group(group, actor, &change, max, now_ms)
+            })
+            .await
+        }
+    }
+}
+
+/// Group `group`, if there is one.
+pub(crate) async fn group(
+    shared: &Arc<Shared>,
+    group: u64,
+) -> Result<Option<GroupRecord>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c.groups.group(group).await.map_err(internal),
+        None => read(shared, move |s| s.group(group)).await,
+    }
+}
+
+/// The groups `account` is in, with their records.
+pub(crate) async fn groups_of(
+    shared: &Arc<Shared>,
+    account: u64,
+) -> Result<Vec<(u64, GroupRecord)>, NodeError> {
+    match &shared.cluster {
+        Some(c) => {
+            let mut out = Vec::new();
+            for id in c.groups.groups_of(account).await.map_err(internal)? {
+                if let Some(record) = c.groups.group(id).await.map_err(internal)? {
+                    out.push((id, record));
+                }
+            }
+            Ok(out)
+        }
+        None => {
+            read(shared, move |s| {
+                let mut out = Vec::new();
+                for id in s.groups_of(account)? {
+                    if let Some(record) = s.group(id)? {
+                        out.push((id, record));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+        }
+    }
+}
+
+/// Queues a group message for each of `m.recipients` (durable on sled at the next
+/// group commit, on the cluster once this returns).
+pub(crate) async fn append_group(
+    shared: &Arc<Shared>,
+    m: GroupSend,
+    max_queued: u64,
+) -> Result<GroupAppend, NodeError> {
+    match &shared.cluster {
+        Some(c) => c.queues.append_group(m).await.map_err(internal),
+        None => blocking(shared, move |s| s.append_group(&m, max_queued)).await,
     }
 }
 

@@ -8,6 +8,7 @@ use std::future::Future;
 use sled::transaction::Transactional;
 
 use super::layout::{self, DeviceKey};
+use super::queue_store::GroupSend;
 use super::records::{self, GroupMemberRecord, GroupRecord};
 use super::{DeviceRef, QueueState, Store, StoreError, abort};
 
@@ -405,18 +406,17 @@ impl Store {
     /// and a small queue item per device pointing at it. Written to sled directly (a
     /// recipient's items held in memory go first, so its queue stays in order); the
     /// caller makes it durable. Nothing is queued if a queue is full.
-    #[allow(clippy::too_many_arguments)]
-    pub fn append_group(
-        &self,
-        sender: DeviceRef,
-        sender_number: &str,
-        group_id: u64,
-        id: [u8; 16],
-        body: &[u8],
-        recipients: &[DeviceRef],
-        max_queued: u64,
-        (now_ms, expires_at_ms): (u64, Option<u64>),
-    ) -> Result<GroupAppend, StoreError> {
+    pub fn append_group(&self, m: &GroupSend, max_queued: u64) -> Result<GroupAppend, StoreError> {
+        let GroupSend {
+            sender,
+            ref sender_number,
+            group_id,
+            id,
+            ref body,
+            ref recipients,
+            now_ms,
+            expires_at_ms,
+        } = *m;
         let _gate = self.writing();
         let mut q = self.queue_writer();
         for &device in recipients {
@@ -678,14 +678,17 @@ mod tests {
         let body = vec![7u8; 64 * 1024];
         let out = store
             .append_group(
-                alice,
-                "+14155550100",
-                9,
-                [1; 16],
-                &body,
-                &others,
+                &GroupSend {
+                    sender: alice,
+                    sender_number: "+14155550100".into(),
+                    group_id: 9,
+                    id: [1; 16],
+                    body: body.clone(),
+                    recipients: others.clone(),
+                    now_ms: 5,
+                    expires_at_ms: None,
+                },
                 10,
-                (5, None),
             )
             .unwrap();
         assert_eq!(out, GroupAppend::Queued { accepted_at_ms: 5 });
@@ -727,14 +730,17 @@ mod tests {
         // A full queue refuses the whole message.
         let out = store
             .append_group(
-                alice,
-                "+14155550100",
-                9,
-                [2; 16],
-                b"x",
-                &others,
+                &GroupSend {
+                    sender: alice,
+                    sender_number: "+14155550100".into(),
+                    group_id: 9,
+                    id: [2; 16],
+                    body: b"x".to_vec(),
+                    recipients: others.clone(),
+                    now_ms: 7,
+                    expires_at_ms: None,
+                },
                 0,
-                (7, None),
             )
             .unwrap();
         assert_eq!(out, GroupAppend::QueueFull { device: others[0] });
@@ -742,14 +748,17 @@ mod tests {
         // Bodies outlive nothing: what the sweep finds past the TTL goes.
         store
             .append_group(
-                alice,
-                "+14155550100",
-                9,
-                [3; 16],
-                b"y",
-                &others,
+                &GroupSend {
+                    sender: alice,
+                    sender_number: "+14155550100".into(),
+                    group_id: 9,
+                    id: [3; 16],
+                    body: b"y".to_vec(),
+                    recipients: others.clone(),
+                    now_ms: 8,
+                    expires_at_ms: None,
+                },
                 10,
-                (8, None),
             )
             .unwrap();
         assert_eq!(store.trees.group_receipt.len(), 1);

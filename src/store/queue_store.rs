@@ -17,7 +17,7 @@
 use std::future::Future;
 
 use super::queues::{AppendOutcome, Queued};
-use super::{DeviceRef, Store, StoreError};
+use super::{DeviceRef, GroupAppend, Store, StoreError};
 
 /// One message to queue: from `sender`, its `id`, a body per recipient device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +31,20 @@ pub struct Outgoing {
     pub expires_at_ms: Option<u64>,
 }
 
+/// One message to group `group_id`, one body for each of `recipients`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSend {
+    pub sender: DeviceRef,
+    pub sender_number: String,
+    pub group_id: u64,
+    pub id: [u8; 16],
+    pub body: Vec<u8>,
+    pub recipients: Vec<DeviceRef>,
+    pub now_ms: u64,
+    /// A disappearing message: dropped at this time (ms) if not read by then.
+    pub expires_at_ms: Option<u64>,
+}
+
 /// Per-device queues of messages and delivery receipts.
 pub trait QueueStore: Send + Sync {
     /// Queues `message` for each of its recipient devices, durably, or says why not
@@ -39,6 +53,15 @@ pub trait QueueStore: Send + Sync {
         &self,
         message: Outgoing,
     ) -> impl Future<Output = Result<AppendOutcome, StoreError>> + Send;
+
+    /// Queues group message `message` for each of its recipient devices, durably,
+    /// or says which device's queue is full. Acknowledged by a device, it counts
+    /// towards one [`QueueItem::GroupDelivered`](super::records::QueueItem) for the
+    /// sender (the latest count replacing the one before), not a receipt each.
+    fn append_group(
+        &self,
+        message: GroupSend,
+    ) -> impl Future<Output = Result<GroupAppend, StoreError>> + Send;
 
     /// Up to `max` items of `device`'s queue with a seq above `after`, oldest first,
     /// stopping before they pass `max_bytes` (one item at least); true when it
@@ -99,6 +122,15 @@ impl QueueStore for SledQueues {
         })
         .await?;
         if matches!(outcome, AppendOutcome::Queued { .. }) {
+            self.store.flush().await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn append_group(&self, m: GroupSend) -> Result<GroupAppend, StoreError> {
+        let max_queued = self.max_queued;
+        let outcome = super::blocking(&self.store, move |s| s.append_group(&m, max_queued)).await?;
+        if matches!(outcome, GroupAppend::Queued { .. }) {
             self.store.flush().await?;
         }
         Ok(outcome)

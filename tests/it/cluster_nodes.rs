@@ -16,6 +16,14 @@ use crate::support::*;
 /// Two nodes in cluster mode on `nats`, serving one certificate (in the returned
 /// dir) made for them.
 pub(crate) fn two_nodes(nats: &NatsCluster) -> (tempfile::TempDir, ProcessNode, ProcessNode) {
+    two_nodes_with(nats, "")
+}
+
+/// [`two_nodes`], with `extra` (whole config sections) in their config.
+fn two_nodes_with(
+    nats: &NatsCluster,
+    extra: &str,
+) -> (tempfile::TempDir, ProcessNode, ProcessNode) {
     let tls = tempfile::tempdir().expect("temp dir");
     let (_, pem) = Credentials::generate_node(vec!["localhost".into()]).expect("certificate");
     let (cert, key) = (tls.path().join("cert.pem"), tls.path().join("key.pem"));
@@ -23,7 +31,7 @@ pub(crate) fn two_nodes(nats: &NatsCluster) -> (tempfile::TempDir, ProcessNode, 
     std::fs::write(&key, pem.key).expect("key");
     let urls: Vec<String> = nats.urls.iter().map(|u| format!("{u:?}")).collect();
     let config = config_text(&format!(
-        "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n[cluster]\nnats = [{}]\n",
+        "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n[cluster]\nnats = [{}]\n{extra}",
         urls.join(", ")
     ));
     let one = ProcessNode::start(&config);
@@ -147,7 +155,16 @@ fn a_message_sent_through_one_node_is_received_through_another() {
 
     // What the cluster does not hold yet is refused with a clear error, and
     // changes nothing.
-    let args = ["group", "create", "family", BOB];
+    let card = dir.path().join("bob.vcf");
+    std::fs::write(
+        &card,
+        format!("BEGIN:VCARD\nVERSION:3.0\nFN:Bob\nTEL:{BOB}\nEND:VCARD\n"),
+    )
+    .expect("vcard");
+    let args = ["contacts", "import", card.to_str().expect("utf-8 path")];
+    let out = cli(&alice, &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+    let args = ["contacts", "sync"];
     let out = cli(&alice, &args, "");
     assert!(!out.status.success(), "{}", show(&args, &out));
     assert!(
@@ -155,6 +172,76 @@ fn a_message_sent_through_one_node_is_received_through_another() {
         "{}",
         show(&args, &out)
     );
+}
+
+/// Runs the CLI of `home` with `args`, which must succeed; its stdout.
+fn ok(home: &Path, args: &[&str]) -> String {
+    let out = cli(home, args, "");
+    assert!(out.status.success(), "{}", show(args, &out));
+    stdout(&out)
+}
+
+/// A group made through node 1 lives in the cluster: members on either node get
+/// each message once, the sender hears how many devices have it, and a member
+/// writing through node 2 reaches the others on both.
+#[test]
+fn a_group_made_through_one_node_is_served_by_both() {
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, one, two) = two_nodes(&nats);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (alice, bob, carol) = (
+        dir.path().join("alice"),
+        dir.path().join("bob"),
+        dir.path().join("carol"),
+    );
+    register(&alice, ALICE, &one.addr);
+    register(&bob, BOB, &two.addr);
+    register(&carol, CAROL, &one.addr);
+    ok(&alice, &["group", "create", "Family", BOB, CAROL]);
+    // Each learns of the group from its first message.
+    ok(&carol, &["recv"]);
+    ok(&bob, &["recv"]);
+    let info = ok(&bob, &["group", "info", "Family"]);
+    assert!(info.contains(ALICE) && info.contains(CAROL), "{info}");
+
+    ok(&alice, &["send", "--group", "Family", "dinner at 8"]);
+    for member in [&bob, &carol] {
+        let got = ok(member, &["recv"]);
+        assert!(
+            got.contains(&format!("[Family] {ALICE} dinner at 8")),
+            "{got}"
+        );
+        // Once: read again, nothing new.
+        assert!(!ok(member, &["recv"]).contains("dinner at 8"));
+    }
+    let json = ok(&alice, &["recv", "--json"]);
+    assert!(
+        json.contains(r#""delivered":2"#) && json.contains(r#""of":2"#),
+        "{json}"
+    );
+    let history = ok(&alice, &["history", "--group", "Family"]);
+    assert!(
+        history.contains("dinner at 8  (delivered to 2 of 2)"),
+        "{history}"
+    );
+
+    ok(&bob, &["send", "--group", "Family", "from node 2"]);
+    for member in [&alice, &carol] {
+        let got = ok(member, &["recv"]);
+        assert!(
+            got.contains(&format!("[Family] {BOB} from node 2")),
+            "{got}"
+        );
+    }
+    // A change through node 1 is the group node 2 serves.
+    ok(&alice, &["group", "remove", "Family", CAROL]);
+    ok(&bob, &["send", "--group", "Family", "not for carol"]);
+    assert!(ok(&alice, &["recv"]).contains("not for carol"));
+    let got = ok(&carol, &["recv"]);
+    assert!(got.contains("removed you from Family"), "{got}");
+    assert!(!got.contains("not for carol"), "{got}");
 }
 
 #[test]
@@ -329,4 +416,56 @@ async fn one_code_verified_through_two_nodes_at_once_registers_one_device() {
             assert!(lost.whoami().await.is_err(), "round {round}");
         }
     }
+}
+
+/// Two devices claim one-time keys of Bob's device at once, one through each node,
+/// until none is left: no key is handed out twice, and every key Bob published is
+/// handed out once (the claims are compare-and-set in the cluster's key bucket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_time_keys_claimed_through_two_nodes_are_never_handed_out_twice() {
+    use switchboard::client::e2e::ONE_TIME_KEY_TARGET;
+    use switchboard::phone::Number;
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, one, two) = two_nodes_with(
+        &nats,
+        "[messages]\nkey_claims_per_pair_per_hour = 1000\nkey_claims_per_account_per_hour = 1000\n",
+    );
+    let (_bob_dir, _bob_home) = registered_home(&one.addr, one.fingerprint, BOB).await;
+    let (carol, alice) = (one.registered(CAROL).await, two.registered(ALICE).await);
+    let bob = Number::parse(BOB, None).unwrap();
+    let claim_all = |client: switchboard::client::Client| {
+        let bob = bob.clone();
+        async move {
+            let mut keys = Vec::new();
+            // Bounded: there are ONE_TIME_KEY_TARGET keys in all.
+            for _ in 0..=ONE_TIME_KEY_TARGET {
+                let bundles = client.fetch_bundles(&bob, true).await.unwrap();
+                let bundle = &bundles.devices[0];
+                assert!(bundle.fallback.is_some(), "sessions can always start");
+                match &bundle.one_time_key {
+                    Some(key) => keys.push(key.key),
+                    None => break,
+                }
+            }
+            keys
+        }
+    };
+    let (through_one, through_two) = tokio::join!(claim_all(carol), claim_all(alice));
+    assert!(
+        !through_one.is_empty() && !through_two.is_empty(),
+        "both nodes handed out keys: {} and {}",
+        through_one.len(),
+        through_two.len()
+    );
+    let mut all = std::collections::HashSet::new();
+    for key in through_one.iter().chain(&through_two) {
+        assert!(all.insert(*key), "a one-time key was handed out twice");
+    }
+    assert_eq!(
+        all.len(),
+        ONE_TIME_KEY_TARGET as usize,
+        "every key handed out once"
+    );
 }

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use switchboard::cluster::Cluster;
 use switchboard::cluster::queues::{JetStreamQueues, QueueLimits, STREAM, wake_subject};
-use switchboard::store::queue_store::{Outgoing, QueueStore, SledQueues};
+use switchboard::store::queue_store::{GroupSend, Outgoing, QueueStore, SledQueues};
 use switchboard::store::records::QueueItem;
-use switchboard::store::{AppendOutcome, DeviceRef, Store};
+use switchboard::store::{AppendOutcome, DeviceRef, GroupAppend, Store};
 
 use super::cluster::{NatsCluster, retry};
 
@@ -190,6 +190,143 @@ async fn queues_keep_the_rules<Q: QueueStore + 'static>(a: Arc<Q>, b: Arc<Q>) {
             .is_empty()
     );
     assert_eq!(a.queue_len(bob1).await.unwrap(), 2);
+}
+
+/// Alice's message `id` to group 7, for `to`.
+fn group_message(id: u8, to: &[DeviceRef]) -> GroupSend {
+    GroupSend {
+        sender: ALICE,
+        sender_number: "+15550001111".into(),
+        group_id: 7,
+        id: [id; 16],
+        body: vec![id; 100],
+        recipients: to.to_vec(),
+        now_ms: 2_000 + u64::from(id),
+        expires_at_ms: None,
+    }
+}
+
+/// The (delivered, of) counts of group message `id` in `device`'s queue.
+async fn counts_of<Q: QueueStore>(q: &Q, device: DeviceRef, id: u8) -> Vec<(u32, u32)> {
+    let (page, _) = q.page(device, None, 100, usize::MAX).await.unwrap();
+    page.iter()
+        .filter_map(|item| match &item.item {
+            QueueItem::GroupDelivered {
+                group_id: 7,
+                id: i,
+                delivered,
+                of,
+            } if *i == [id; 16] => Some((*delivered, *of)),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn group_messages_keep_the_rules<Q: QueueStore + 'static>(a: Arc<Q>, b: Arc<Q>) {
+    let (bob1, bob2, carol) = (dev(2, 1), dev(2, 2), dev(3, 1));
+    let queued = a
+        .append_group(group_message(1, &[bob1, bob2, carol]))
+        .await
+        .unwrap();
+    assert_eq!(
+        queued,
+        GroupAppend::Queued {
+            accepted_at_ms: 2_001
+        }
+    );
+    // Each device reads it, with its body, through either node.
+    let mut seqs = HashMap::new();
+    for (device, via) in [(bob1, &a), (bob2, &b), (carol, &b)] {
+        let (page, _) = via.page(device, None, 100, usize::MAX).await.unwrap();
+        assert_eq!(page.len(), 1, "{device:?}: {page:?}");
+        match &page[0].item {
+            QueueItem::GroupMessage {
+                from_account: 1,
+                from_device: 1,
+                from_number,
+                group_id: 7,
+                id,
+                ..
+            } => {
+                assert_eq!(from_number, "+15550001111");
+                assert_eq!(id, &[1; 16]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(page[0].group_body.as_deref(), Some(&[1u8; 100][..]));
+        assert_eq!(page[0].queued_at_ms, 2_001);
+        seqs.insert(device, page[0].seq);
+    }
+    // Nothing counted until a device acknowledges it.
+    assert!(counts_of(&*a, ALICE, 1).await.is_empty());
+    let woken = a
+        .ack(bob1, "+15550002222".into(), vec![seqs[&bob1]], 3_000)
+        .await
+        .unwrap();
+    assert_eq!(woken, vec![ALICE]);
+    assert_eq!(counts_of(&*b, ALICE, 1).await, vec![(1, 3)]);
+    // Acknowledged again (as after a crash before its answer): counted once.
+    a.ack(bob1, "+15550002222".into(), vec![seqs[&bob1]], 3_001)
+        .await
+        .unwrap();
+    assert_eq!(counts_of(&*a, ALICE, 1).await, vec![(1, 3)]);
+    // The other two through the other node: the sender's queue holds one count,
+    // the latest, not one per device.
+    b.ack(bob2, "+15550002222".into(), vec![seqs[&bob2]], 3_002)
+        .await
+        .unwrap();
+    assert_eq!(counts_of(&*a, ALICE, 1).await, vec![(2, 3)]);
+    b.ack(carol, "+15550003333".into(), vec![seqs[&carol]], 3_003)
+        .await
+        .unwrap();
+    assert_eq!(counts_of(&*a, ALICE, 1).await, vec![(3, 3)]);
+    for device in [bob1, bob2, carol] {
+        assert_eq!(a.queue_len(device).await.unwrap(), 0, "{device:?}");
+    }
+
+    // A full queue refuses it, naming the device.
+    for id in 10..10 + MAX_QUEUED as u8 {
+        a.append(message(id, &[carol])).await.unwrap();
+    }
+    let refused = b
+        .append_group(group_message(2, &[bob1, carol]))
+        .await
+        .unwrap();
+    assert_eq!(refused, GroupAppend::QueueFull { device: carol });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn group_messages_on_sled() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let queues = Arc::new(SledQueues {
+        store,
+        max_queued: MAX_QUEUED,
+    });
+    group_messages_keep_the_rules(queues.clone(), queues).await;
+}
+
+/// On the cluster also: the body is stored once, and goes with the last device's
+/// acknowledgement.
+#[tokio::test(flavor = "multi_thread")]
+async fn group_messages_on_a_3_member_jetstream_cluster() {
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let a = Arc::new(nats.queues(0, limits(MAX_QUEUED)).await);
+    let b = Arc::new(nats.queues(1, limits(MAX_QUEUED)).await);
+    group_messages_keep_the_rules(a, b).await;
+    let cluster = nats.connect(2).await;
+    let stream = cluster.jetstream.get_stream(STREAM).await.unwrap();
+    let bodies = stream
+        .info_with_subjects("sbq.g.>")
+        .await
+        .unwrap()
+        .count()
+        .await;
+    // Message 1's body went with its last device; message 2's stays (Bob's
+    // item landed before Carol's queue refused hers), to age out with it.
+    assert_eq!(bodies, 1, "bodies left in {STREAM}");
 }
 
 fn limits(max_queued: u64) -> QueueLimits {

@@ -4,15 +4,16 @@
 use std::sync::Arc;
 
 use super::send::unknown_recipient;
-use super::{check_space, commit_failed, parse_number};
+use super::{check_space, parse_number};
 use crate::node::Shared;
 use crate::node::clock::now_ms;
+use crate::node::engine;
 use crate::node::session::{Session, authenticated};
-use crate::node::worker::{blocking, read};
 use crate::proto::{
     ErrorKind, GroupChange, GroupInfo, GroupMember, GroupSummary, MemberDevices, NodeError,
     Response, group_devices_digest,
 };
+use crate::store::queue_store::GroupSend;
 use crate::store::records::GroupRecord;
 use crate::store::{self, DeviceRef, GroupAppend, GroupRefusal};
 
@@ -83,18 +84,13 @@ async fn accounts_of(shared: &Arc<Shared>, numbers: &[String]) -> Result<Vec<u64
     }
     let mut parsed = Vec::with_capacity(numbers.len());
     for n in numbers {
-        parsed.push(parse_number(n)?);
+        parsed.push(parse_number(n)?.to_string());
     }
-    let found = read(shared, move |store| {
-        parsed
-            .iter()
-            .map(|n| Ok((n.to_string(), store.account_by_number(n.as_str())?)))
-            .collect::<Result<Vec<_>, store::StoreError>>()
-    })
-    .await?;
-    found
-        .into_iter()
-        .map(|(n, a)| a.map(|(id, _)| id).ok_or_else(|| unknown_recipient(&n)))
+    let found = engine::accounts_by_number(shared, parsed.clone()).await?;
+    parsed
+        .iter()
+        .zip(found)
+        .map(|(n, a)| a.map(|(id, _)| id).ok_or_else(|| unknown_recipient(n)))
         .collect()
 }
 
@@ -104,27 +100,26 @@ async fn info(
     group_id: u64,
     record: GroupRecord,
 ) -> Result<GroupInfo, NodeError> {
-    let members = read(shared, move |store| {
-        let mut out = Vec::with_capacity(record.members.len());
-        for m in &record.members {
-            // An account deleted by the operator leaves no number behind.
-            if let Some(account) = store.account(m.account_id)? {
-                out.push(GroupMember {
-                    number: account.number,
-                    admin: m.admin,
-                    joined_at_ms: m.joined_at_ms,
-                });
-            }
-        }
-        Ok((out, record.version, record.meta))
-    })
-    .await?;
-    let (members, version, meta) = members;
+    let ids = record.members.iter().map(|m| m.account_id).collect();
+    let accounts = engine::accounts(shared, ids).await?;
+    // An account deleted by the operator leaves no number behind.
+    let members = record
+        .members
+        .iter()
+        .zip(accounts)
+        .filter_map(|(m, account)| {
+            Some(GroupMember {
+                number: account?.number,
+                admin: m.admin,
+                joined_at_ms: m.joined_at_ms,
+            })
+        })
+        .collect();
     Ok(GroupInfo {
         group_id,
-        version,
+        version: record.version,
         members,
-        meta,
+        meta: record.meta,
     })
 }
 
@@ -144,12 +139,9 @@ pub(super) async fn create(
         shared.config.groups.max_members,
         now_ms(),
     );
-    let created = blocking(shared, move |store| {
-        store.create_group(creator, &accounts, &meta, max, now)
-    })
-    .await?;
+    let created = engine::create_group(shared, creator, accounts, meta, max, now).await?;
     let (id, record) = created.map_err(|r| refusal(r, None))?;
-    shared.commit.durable().await.map_err(commit_failed)?;
+    engine::durable(shared).await?;
     tracing::info!(group = id, members = record.members.len(), "group created");
     Ok(Response::Group(info(shared, id, record).await?))
 }
@@ -188,12 +180,9 @@ pub(super) async fn change(
         now_ms(),
     );
     let leaving = change == store::GroupChange::Leave;
-    let changed = blocking(shared, move |store| {
-        store.change_group(group_id, actor, &change, max, now)
-    })
-    .await?;
+    let changed = engine::change_group(shared, group_id, actor, change, max, now).await?;
     let record = changed.map_err(|r| refusal(r, named.first().map(String::as_str)))?;
-    shared.commit.durable().await.map_err(commit_failed)?;
+    engine::durable(shared).await?;
     match record {
         _ if leaving => Ok(Response::GroupLeft),
         Some(record) => Ok(Response::Group(info(shared, group_id, record).await?)),
@@ -209,7 +198,7 @@ pub(super) async fn fetch(
 ) -> Result<Response, NodeError> {
     let me = authenticated(shared, session).await?;
     let account = me.device.account_id;
-    let record = read(shared, move |store| store.group(group_id))
+    let record = engine::group(shared, group_id)
         .await?
         .filter(|g| g.members.iter().any(|m| m.account_id == account))
         .ok_or_else(|| refusal(GroupRefusal::NotMember, None))?;
@@ -219,19 +208,14 @@ pub(super) async fn fetch(
 pub(super) async fn list(shared: &Arc<Shared>, session: &Session) -> Result<Response, NodeError> {
     let me = authenticated(shared, session).await?;
     let account = me.device.account_id;
-    let groups = read(shared, move |store| {
-        let mut out = Vec::new();
-        for id in store.groups_of(account)? {
-            if let Some(g) = store.group(id)? {
-                out.push(GroupSummary {
-                    group_id: id,
-                    version: g.version,
-                });
-            }
-        }
-        Ok(out)
-    })
-    .await?;
+    let groups = engine::groups_of(shared, account)
+        .await?
+        .into_iter()
+        .map(|(id, g)| GroupSummary {
+            group_id: id,
+            version: g.version,
+        })
+        .collect();
     Ok(Response::Groups { groups })
 }
 
@@ -244,32 +228,29 @@ pub(super) async fn member_devices(
     sending: DeviceRef,
 ) -> Result<Vec<(String, Vec<DeviceRef>)>, NodeError> {
     let account = sending.account_id;
-    read(shared, move |store| {
-        let Some(group) = store.group(group_id)? else {
-            return Ok(None);
-        };
-        if !group.members.iter().any(|m| m.account_id == account) {
-            return Ok(None);
-        }
-        let mut out = Vec::new();
-        for m in &group.members {
-            if let Some(record) = store.account(m.account_id)? {
-                let devices: Vec<DeviceRef> = record
-                    .devices
-                    .iter()
-                    .map(|d| DeviceRef {
-                        account_id: m.account_id,
-                        device_id: d.device_id,
-                    })
-                    .filter(|d| *d != sending)
-                    .collect();
-                out.push((record.number, devices));
-            }
-        }
-        Ok(Some(out))
-    })
-    .await?
-    .ok_or_else(|| refusal(GroupRefusal::NotMember, None))
+    let group = engine::group(shared, group_id)
+        .await?
+        .filter(|g| g.members.iter().any(|m| m.account_id == account))
+        .ok_or_else(|| refusal(GroupRefusal::NotMember, None))?;
+    let ids: Vec<u64> = group.members.iter().map(|m| m.account_id).collect();
+    let records = engine::accounts(shared, ids.clone()).await?;
+    Ok(ids
+        .into_iter()
+        .zip(records)
+        .filter_map(|(account_id, record)| {
+            let record = record?;
+            let devices: Vec<DeviceRef> = record
+                .devices
+                .iter()
+                .map(|d| DeviceRef {
+                    account_id,
+                    device_id: d.device_id,
+                })
+                .filter(|d| *d != sending)
+                .collect();
+            Some((record.number, devices))
+        })
+        .collect())
 }
 
 pub(super) async fn send(
@@ -311,26 +292,21 @@ pub(super) async fn send(
     }
     let recipients: Vec<DeviceRef> = members.into_iter().flat_map(|(_, d)| d).collect();
     super::send::charge_envelopes(shared, account, recipients.len())?;
-    let (sender, number, now) = (me.device, me.number.clone(), now_ms());
+    let now = now_ms();
     let max_queued = u64::from(limits.max_queued_per_device);
-    let targets = recipients.clone();
-    let until = super::send::expiry(shared, now, expires_in_secs);
-    let appended = blocking(shared, move |store| {
-        store.append_group(
-            sender,
-            &number,
-            group_id,
-            id,
-            &body,
-            &targets,
-            max_queued,
-            (now, until),
-        )
-    })
-    .await?;
-    match appended {
+    let message = GroupSend {
+        sender: me.device,
+        sender_number: me.number.clone(),
+        group_id,
+        id,
+        body,
+        recipients: recipients.clone(),
+        now_ms: now,
+        expires_at_ms: super::send::expiry(shared, now, expires_in_secs),
+    };
+    match engine::append_group(shared, message, max_queued).await? {
         GroupAppend::Queued { accepted_at_ms } => {
-            shared.commit.durable().await.map_err(commit_failed)?;
+            engine::durable(shared).await?;
             for device in &recipients {
                 shared.mailboxes.wake(*device);
             }

@@ -170,11 +170,6 @@ fn not_in_cluster_yet(request: &Request) -> Option<&'static str> {
         | Request::LinkGrant { .. }
         | Request::LinkAbort { .. }
         | Request::UnlinkDevice { .. } => Some("linking and unlinking devices"),
-        Request::CreateGroup { .. }
-        | Request::ChangeGroup { .. }
-        | Request::FetchGroup { .. }
-        | Request::ListGroups
-        | Request::SendGroup { .. } => Some("groups"),
         _ => None,
     }
 }
