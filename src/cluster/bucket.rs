@@ -110,6 +110,28 @@ impl Bucket {
         self.kv.watch_all().await.map_err(|e| engine(self.name, e))
     }
 
+    /// Every change to the keys matching `filter` (a NATS wildcard such as `p.>`)
+    /// from revision `from` on (the entry there, if any, first).
+    pub async fn watch_from(&self, filter: &str, from: u64) -> Result<kv::Watch, StoreError> {
+        self.kv
+            .watch_from_revision(filter, from.max(1))
+            .await
+            .map_err(|e| engine(self.name, e))
+    }
+
+    /// Every key the bucket holds now.
+    pub async fn keys(&self) -> Result<kv::Keys, StoreError> {
+        self.kv.keys().await.map_err(|e| engine(self.name, e))
+    }
+
+    /// The revision of the bucket's latest write (0: none yet): every write up to it
+    /// is in what [`Bucket::keys`] lists from now on.
+    pub async fn last_revision(&self) -> Result<u64, StoreError> {
+        let mut stream = self.kv.stream.clone();
+        let info = stream.info().await.map_err(|e| engine(self.name, e))?;
+        Ok(info.state.last_sequence)
+    }
+
     /// The entry at `key` (`None`: none, or deleted) and the revision a change must
     /// expect (0: never written). Read from the stream's leader, not any replica
     /// (async-nats's `entry` uses direct get, which a lagging replica may answer):

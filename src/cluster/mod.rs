@@ -9,6 +9,7 @@
 
 pub mod accounts;
 pub mod bucket;
+pub mod discovery;
 pub mod groups;
 pub mod keys;
 pub mod profiles;

@@ -13,13 +13,14 @@
 //! it as a short list of filter keys (the *delta*), so a contact who registered a
 //! moment ago is found by the next sync, not after the next rebuild.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use sha2::{Digest, Sha256};
 
+use crate::cluster::discovery::{FilterMeta, JetStreamDiscovery};
 use crate::discovery::{MembershipFilter, Prf};
 use crate::proto::{ErrorKind, NodeError};
 use crate::store::{Store, StoreError};
@@ -64,6 +65,11 @@ pub struct Discovery {
     /// Serialises builds.
     building: tokio::sync::Mutex<()>,
     delta: Mutex<Delta>,
+    /// Cluster mode: registrations through any node that the installed filter does
+    /// not cover, by index revision (filter keys under the cluster's one key).
+    cluster_delta: Mutex<BTreeMap<u64, u64>>,
+    /// Cluster mode: the index revision the installed filter covers.
+    covers: AtomicU64,
     /// Woken when the delta is full, so the refresher rebuilds without waiting for
     /// its next tick.
     pub rebuild_now: tokio::sync::Notify,
@@ -79,6 +85,8 @@ impl Discovery {
             dirty: AtomicBool::new(true),
             building: tokio::sync::Mutex::new(()),
             delta: Mutex::new(Delta::default()),
+            cluster_delta: Mutex::new(BTreeMap::new()),
+            covers: AtomicU64::new(0),
             rebuild_now: tokio::sync::Notify::new(),
         }
     }
@@ -100,14 +108,38 @@ impl Discovery {
         }
     }
 
+    /// Cluster mode: `prf` was indexed at revision `revision` of the cluster's index
+    /// (through any node); it joins the delta unless the installed filter has it.
+    pub fn indexed_at(&self, revision: u64, prf: &Prf) {
+        if revision <= self.covers.load(Ordering::Acquire) {
+            return;
+        }
+        let mut delta = self.cluster_delta.lock().unwrap_or_else(|p| p.into_inner());
+        if delta.len() < MAX_DELTA {
+            delta.insert(revision, crate::discovery::filter_key(prf));
+        }
+        if delta.len() >= MAX_DELTA / 2 {
+            self.rebuild_now.notify_one();
+        }
+    }
+
+    /// Cluster mode: the index revision the installed filter covers (0: none yet).
+    pub fn covers(&self) -> u64 {
+        self.covers.load(Ordering::Acquire)
+    }
+
     /// The registrations since `filter` was built, as filter keys.
     pub fn delta_since(&self, filter: &FilterSnapshot) -> Vec<u64> {
         let delta = self.delta.lock().unwrap_or_else(|p| p.into_inner());
-        if delta.key_version == filter.key_version {
+        let mut keys = if delta.key_version == filter.key_version {
             delta.keys.clone()
         } else {
             Vec::new()
-        }
+        };
+        // Empty on one node, as the other is in cluster mode.
+        let cluster = self.cluster_delta.lock().unwrap_or_else(|p| p.into_inner());
+        keys.extend(cluster.values().copied());
+        keys
     }
 
     fn refused(&self, now_secs: u64) -> NodeError {
@@ -194,6 +226,11 @@ impl Discovery {
         self.refresh(store).await
     }
 
+    /// The filter served now, if one was built or installed.
+    pub fn current_filter(&self) -> Option<Arc<FilterSnapshot>> {
+        self.current()
+    }
+
     fn current(&self) -> Option<Arc<FilterSnapshot>> {
         self.filter
             .read()
@@ -241,9 +278,129 @@ impl Discovery {
     }
 }
 
+impl Discovery {
+    /// Cluster mode: the filter the cluster announced, installed first if there is
+    /// none here yet (waiting up to a minute for the first build).
+    pub async fn cluster_filter(
+        &self,
+        cluster: &JetStreamDiscovery,
+    ) -> Result<Arc<FilterSnapshot>, StoreError> {
+        if let Some(f) = self.current() {
+            return Ok(f);
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(f) = self
+                .refresh_cluster(cluster, crate::store::wall_ms())
+                .await?
+            {
+                return Ok(f);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Engine(
+                    "the cluster has no discovery filter yet; try again".into(),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Cluster mode: installs the filter the cluster announced if it is newer than
+    /// this node's, and builds one for the whole cluster (if this node gets the
+    /// lease) when registrations came after it or none was built. The filter now
+    /// installed, if any.
+    pub async fn refresh_cluster(
+        &self,
+        cluster: &JetStreamDiscovery,
+        now_ms: u64,
+    ) -> Result<Option<Arc<FilterSnapshot>>, StoreError> {
+        let _one_at_a_time = self.building.lock().await;
+        let announced = cluster.announced().await?;
+        if let Some(meta) = &announced {
+            self.install(cluster, meta).await?;
+        }
+        let behind = announced.is_none()
+            || !self
+                .cluster_delta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+        if behind && cluster.lease(now_ms).await? {
+            let built = self.build_for_cluster(cluster).await;
+            let released = cluster.release().await;
+            let meta = built?;
+            released?;
+            self.install(cluster, &meta).await?;
+        }
+        Ok(self.current())
+    }
+
+    /// Builds the filter from the cluster's whole index and announces it.
+    async fn build_for_cluster(
+        &self,
+        cluster: &JetStreamDiscovery,
+    ) -> Result<FilterMeta, StoreError> {
+        let (covers, keys) = cluster.collect().await?;
+        let key_version = cluster.key().version();
+        let snapshot = tokio::task::spawn_blocking(move || snapshot(key_version, keys))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("filter build task failed: {e}")))??;
+        let meta = FilterMeta {
+            version: snapshot.version,
+            key_version,
+            entries: snapshot.entries as u64,
+            covers,
+        };
+        cluster.announce(&meta, &snapshot.bytes).await?;
+        tracing::info!(
+            entries = snapshot.entries,
+            bytes = snapshot.bytes.len(),
+            covers,
+            "built the discovery filter for the cluster"
+        );
+        Ok(meta)
+    }
+
+    /// Serves the announced filter `meta` from now on, unless it is the one served
+    /// (or older); the delta keeps only what it does not cover.
+    async fn install(
+        &self,
+        cluster: &JetStreamDiscovery,
+        meta: &FilterMeta,
+    ) -> Result<(), StoreError> {
+        let installed = self.current();
+        if installed
+            .as_ref()
+            .is_some_and(|f| f.version == meta.version || self.covers() > meta.covers)
+        {
+            return Ok(());
+        }
+        let bytes = cluster.fetch(meta).await?;
+        let snapshot = Arc::new(FilterSnapshot {
+            version: meta.version,
+            key_version: meta.key_version,
+            bytes,
+            entries: usize::try_from(meta.entries).unwrap_or(usize::MAX),
+        });
+        *self.filter.write().unwrap_or_else(|p| p.into_inner()) = Some(snapshot);
+        self.covers.store(meta.covers, Ordering::Release);
+        self.cluster_delta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&revision, _| revision > meta.covers);
+        Ok(())
+    }
+}
+
 /// Builds the filter from the index (blocking: it reads the whole index).
 pub fn build(store: &Store) -> Result<FilterSnapshot, StoreError> {
     let (key_version, keys) = store.discovery_filter_keys()?;
+    snapshot(key_version, keys)
+}
+
+/// The filter of `keys` (filter keys under key version `key_version`), its version a
+/// hash of its bytes.
+fn snapshot(key_version: u32, keys: Vec<u64>) -> Result<FilterSnapshot, StoreError> {
     let entries = keys.len();
     let filter = MembershipFilter::build(keys)
         .map_err(|e| StoreError::Corrupt(format!("building the discovery filter: {e}")))?;

@@ -10,8 +10,7 @@
 //! by a quorum of the replicas), and [`durable`] has nothing to wait for. The hand-off
 //! of online devices and the group commit stay on the sled side.
 //!
-//! What the cluster does not hold yet (contact discovery, linked devices,
-//! attachments) is refused in cluster mode with [`not_in_cluster`].
+//! What the cluster does not hold yet (linked devices, attachments) is refused in cluster mode with [`not_in_cluster`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,13 +21,15 @@ use super::Shared;
 use super::handlers::commit_failed;
 use super::worker::{blocking, internal, read};
 use crate::cluster::accounts::JetStreamAccounts;
+use crate::cluster::discovery::JetStreamDiscovery;
 use crate::cluster::groups::JetStreamGroups;
 use crate::cluster::keys::JetStreamKeys;
 use crate::cluster::profiles::JetStreamProfiles;
 use crate::cluster::queues::{JetStreamQueues, QueueLimits};
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::Config;
-use crate::discovery::DiscoveryKey;
+use crate::discovery::{DiscoveryKey, Prf};
+use crate::node::discovery::FilterSnapshot;
 use crate::proto::{ErrorKind, NodeError};
 use crate::store::account_store::AccountStore;
 use crate::store::keydir::{KeyDirectory, Upload};
@@ -52,6 +53,7 @@ pub(crate) struct ClusterEngine {
     pub queues: JetStreamQueues,
     pub profiles: JetStreamProfiles,
     pub groups: JetStreamGroups,
+    pub discovery: JetStreamDiscovery,
 }
 
 impl std::fmt::Debug for ClusterEngine {
@@ -106,7 +108,8 @@ impl ClusterEngine {
                 .min(std::time::Duration::from_secs(86_400)),
         };
         Ok(ClusterEngine {
-            accounts: JetStreamAccounts::open(&cluster, replicas, discovery).await?,
+            accounts: JetStreamAccounts::open(&cluster, replicas, discovery.clone()).await?,
+            discovery: JetStreamDiscovery::open(&cluster, replicas, discovery).await?,
             keys: JetStreamKeys::open(&cluster, replicas).await?,
             queues: JetStreamQueues::open(&cluster, replicas, limits).await?,
             profiles: JetStreamProfiles::open(&cluster, replicas).await?,
@@ -679,6 +682,126 @@ pub(crate) async fn cluster_page(
         .page(device, after, max, max_bytes)
         .await
         .map_err(internal)
+}
+
+/// The OPRF key numbers are evaluated under: the cluster's, or this node's.
+pub(crate) fn discovery_key(shared: &Shared) -> Arc<DiscoveryKey> {
+    match &shared.cluster {
+        Some(c) => c.discovery.key(),
+        None => shared.store.discovery_key(),
+    }
+}
+
+/// The membership filter clients download: built once for the cluster, or by this
+/// node from its own index.
+pub(crate) async fn discovery_filter(shared: &Shared) -> Result<Arc<FilterSnapshot>, NodeError> {
+    match &shared.cluster {
+        Some(c) => shared.discovery.cluster_filter(&c.discovery).await,
+        None => shared.discovery.filter(&shared.store).await,
+    }
+    .map_err(internal)
+}
+
+/// Which of `prfs` are registered; `Err(current)` when `key_version` is not the
+/// current key's (without one, the current key is meant).
+pub(crate) async fn discovery_resolve(
+    shared: &Arc<Shared>,
+    key_version: Option<u32>,
+    prfs: Vec<Prf>,
+) -> Result<Result<Vec<bool>, u32>, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .discovery
+            .resolve(key_version, prfs)
+            .await
+            .map_err(internal),
+        None => {
+            read(shared, move |store| {
+                let version = key_version.unwrap_or_else(|| store.discovery_key().version());
+                store.discovery_resolve(version, &prfs)
+            })
+            .await
+        }
+    }
+}
+
+/// A number registered as `account`, its PRF `prf`: indexed for discovery. On sled
+/// the registration indexed it in its own transaction, and it joins the filter's
+/// delta here; the cluster's index is written here, before the device is told it is
+/// registered (again for a number registered before: the same entry), and every
+/// node's [`watch_index`] adds it to its delta.
+pub(crate) async fn index_number(
+    shared: &Arc<Shared>,
+    key_version: u32,
+    prf: Prf,
+    account: u64,
+) -> Result<(), NodeError> {
+    match &shared.cluster {
+        Some(c) => c.discovery.index(&prf, account).await.map_err(internal),
+        None => {
+            shared.discovery.registered(key_version, &prf);
+            Ok(())
+        }
+    }
+}
+
+/// In cluster mode, until `stop`: watches the discovery index from the revision the
+/// installed filter covers, so a number registered through any node joins this
+/// node's delta at once. Waits for the first filter; a broken watch starts again
+/// after the last entry it saw.
+pub(crate) async fn watch_index(shared: Arc<Shared>, stop: CancellationToken) {
+    use futures_util::StreamExt;
+    let Some(cluster) = shared.cluster.clone() else {
+        return;
+    };
+    let mut next = None;
+    loop {
+        let from = match next {
+            Some(revision) => revision,
+            None if shared.discovery.current_filter().is_some() => {
+                shared.discovery.covers().saturating_add(1)
+            }
+            // No filter yet: the refresher installs one soon.
+            None => {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(std::time::Duration::from_millis(200)) => continue,
+                }
+            }
+        };
+        let watch = tokio::select! {
+            () = stop.cancelled() => return,
+            watch = cluster.discovery.changes_from(from) => watch,
+        };
+        match watch {
+            Ok(mut changes) => loop {
+                let change = tokio::select! {
+                    () = stop.cancelled() => return,
+                    change = changes.next() => change,
+                };
+                match change {
+                    Some(Ok(entry)) => {
+                        next = Some(entry.revision.saturating_add(1));
+                        if entry.operation == async_nats::jetstream::kv::Operation::Put
+                            && let Some(prf) = crate::cluster::discovery::indexed_prf(&entry.key)
+                        {
+                            shared.discovery.indexed_at(entry.revision, &prf);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "the watch on the discovery index broke");
+                        break;
+                    }
+                    None => break,
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot watch the discovery index"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    }
 }
 
 /// Whether the caches of who is registered (a session's identity, the recipient

@@ -336,6 +336,7 @@ impl Node {
                 self.shared.clone(),
                 stop.clone(),
             ));
+            tracker.spawn(engine::watch_index(self.shared.clone(), stop.clone()));
         }
         if let Some(listener) = self.admin {
             tracker.spawn(admin::serve(
@@ -444,8 +445,20 @@ async fn filter_refresher(shared: Arc<Shared>, stop: CancellationToken) {
             _ = ticks.tick() => {}
             () = shared.discovery.rebuild_now.notified() => {}
         }
-        match shared.discovery.refresh(&shared.store).await {
-            Ok(f) => tracing::debug!(
+        // In cluster mode one node builds for the cluster and every node serves it.
+        let refreshed = match &shared.cluster {
+            Some(c) => {
+                shared
+                    .discovery
+                    .refresh_cluster(&c.discovery, crate::store::wall_ms())
+                    .await
+            }
+            None => shared.discovery.refresh(&shared.store).await.map(Some),
+        };
+        match refreshed {
+            // Another node is building the cluster's first filter.
+            Ok(None) => tracing::debug!("no discovery filter yet"),
+            Ok(Some(f)) => tracing::debug!(
                 entries = f.entries,
                 bytes = f.bytes.len(),
                 version = f.version,

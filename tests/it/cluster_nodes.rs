@@ -155,16 +155,7 @@ fn a_message_sent_through_one_node_is_received_through_another() {
 
     // What the cluster does not hold yet is refused with a clear error, and
     // changes nothing.
-    let card = dir.path().join("bob.vcf");
-    std::fs::write(
-        &card,
-        format!("BEGIN:VCARD\nVERSION:3.0\nFN:Bob\nTEL:{BOB}\nEND:VCARD\n"),
-    )
-    .expect("vcard");
-    let args = ["contacts", "import", card.to_str().expect("utf-8 path")];
-    let out = cli(&alice, &args, "");
-    assert!(out.status.success(), "{}", show(&args, &out));
-    let args = ["contacts", "sync"];
+    let args = ["devices", "link"];
     let out = cli(&alice, &args, "");
     assert!(!out.status.success(), "{}", show(&args, &out));
     assert!(
@@ -179,6 +170,90 @@ fn ok(home: &Path, args: &[&str]) -> String {
     let out = cli(home, args, "");
     assert!(out.status.success(), "{}", show(args, &out));
     stdout(&out)
+}
+
+/// The contacts in `home` the last sync found on the node, by number.
+fn found_contacts(home: &Path) -> Vec<String> {
+    ok(home, &["contacts", "sync"]);
+    ok(home, &["contacts", "list", "--json"])
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["registered"] == true)
+        .filter_map(|v| v["number"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Contact discovery over the cluster: one filter, built once for the cluster and
+/// served alike by both nodes; a contact registered through node 2 is found by a
+/// sync through node 1 (the delta, before any rebuild), and through node 2 too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contacts_registered_through_either_node_are_found_through_both() {
+    use switchboard::client::Client;
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    // Rebuilt rarely: what registers after the first build travels in the delta.
+    let (_tls, one, two) = two_nodes_with(&nats, "[discovery]\nfilter_refresh_secs = 3600\n");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (alice, bob, carol) = (
+        dir.path().join("alice"),
+        dir.path().join("bob"),
+        dir.path().join("carol"),
+    );
+    register(&alice, ALICE, &format!("{},{}", one.addr, two.addr));
+    register(&bob, BOB, &two.addr);
+    let card = dir.path().join("contacts.vcf");
+    std::fs::write(
+        &card,
+        format!(
+            "BEGIN:VCARD\nVERSION:3.0\nFN:Bob\nTEL:{BOB}\nEND:VCARD\n\
+             BEGIN:VCARD\nVERSION:3.0\nFN:Carol\nTEL:{CAROL}\nEND:VCARD\n"
+        ),
+    )
+    .expect("vcard");
+    ok(
+        &alice,
+        &["contacts", "import", card.to_str().expect("utf-8 path")],
+    );
+    assert_eq!(found_contacts(&alice), vec![BOB.to_string()]);
+
+    // Both nodes serve the one filter the cluster built, once.
+    let creds = switchboard::client::Home::new(Some(alice.clone()))
+        .and_then(|h| h.load())
+        .expect("Alice's home")
+        .credentials;
+    let fetch = |node: &ProcessNode| {
+        let (addr, fp, creds) = (node.addr.clone(), node.fingerprint, creds.clone());
+        async move {
+            let client = Client::connect(&addr, &creds, Some(fp)).await.unwrap();
+            client.fetch_filter(None).await.unwrap().expect("a filter")
+        }
+    };
+    let (from_one, from_two) = (fetch(&one).await, fetch(&two).await);
+    assert_eq!(from_one, from_two, "one filter for the cluster");
+    let builds = [&one, &two]
+        .iter()
+        .map(|n| {
+            n.log()
+                .matches("built the discovery filter for the cluster")
+                .count()
+        })
+        .sum::<usize>();
+    assert_eq!(builds, 1, "the filter was built once, by one node");
+
+    // Carol registers through node 2; Alice finds her through node 1 at once.
+    register(&carol, CAROL, &two.addr);
+    let mut found = found_contacts(&alice);
+    found.sort();
+    assert_eq!(found, vec![BOB.to_string(), CAROL.to_string()]);
+    // And through node 2 (Bob's only node; his own card is found too).
+    ok(
+        &bob,
+        &["contacts", "import", card.to_str().expect("utf-8 path")],
+    );
+    let mut found = found_contacts(&bob);
+    found.sort();
+    assert_eq!(found, vec![BOB.to_string(), CAROL.to_string()]);
 }
 
 /// A group made through node 1 lives in the cluster: members on either node get

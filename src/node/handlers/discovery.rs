@@ -5,8 +5,8 @@ use std::sync::Arc;
 use super::too_many;
 use crate::node::Shared;
 use crate::node::clock::now_secs;
+use crate::node::engine;
 use crate::node::session::{Session, authenticated};
-use crate::node::worker::{internal, read};
 use crate::proto::messages::{FILTER_CHUNK_BYTES, MAX_DISCOVERY_BATCH};
 use crate::proto::{ErrorKind, NodeError, Response};
 
@@ -23,7 +23,7 @@ pub(super) async fn evaluate(
         shared
             .discovery
             .charge(me.device.account_id, blinded.len() as u32, now_secs())?;
-    let key = shared.store.discovery_key();
+    let key = engine::discovery_key(shared);
     // About 50 µs of scalar multiplication per element: off the async workers.
     let evaluated = tokio::task::spawn_blocking(move || {
         blinded
@@ -60,11 +60,7 @@ pub(super) async fn fetch_filter(
     offset: u32,
 ) -> Result<Response, NodeError> {
     authenticated(shared, session).await?;
-    let filter = shared
-        .discovery
-        .filter(&shared.store)
-        .await
-        .map_err(internal)?;
+    let filter = engine::discovery_filter(shared).await?;
     if have == Some(filter.version) {
         return Ok(Response::FilterUnchanged {
             version: filter.version,
@@ -104,11 +100,7 @@ pub(super) async fn resolve(
     if prfs.len() > MAX_DISCOVERY_BATCH {
         return Err(too_many("PRF values", prfs.len()));
     }
-    let answer = read(shared, move |store| {
-        let version = key_version.unwrap_or_else(|| store.discovery_key().version());
-        store.discovery_resolve(version, &prfs)
-    })
-    .await?;
+    let answer = engine::discovery_resolve(shared, key_version, prfs).await?;
     match answer {
         Ok(registered) => Ok(Response::Resolved { registered }),
         Err(current) => Err(NodeError::new(
@@ -126,11 +118,7 @@ pub(super) async fn fetch_filter_delta(
     _version: u64,
 ) -> Result<Response, NodeError> {
     authenticated(shared, session).await?;
-    let filter = shared
-        .discovery
-        .filter(&shared.store)
-        .await
-        .map_err(internal)?;
+    let filter = engine::discovery_filter(shared).await?;
     let keys = shared.discovery.delta_since(&filter);
     Ok(Response::FilterDelta {
         version: filter.version,

@@ -158,11 +158,6 @@ pub async fn handle(
 /// What of `request` a node in cluster mode does not do yet.
 fn not_in_cluster_yet(request: &Request) -> Option<&'static str> {
     match request {
-        Request::Evaluate { .. }
-        | Request::FetchFilter { .. }
-        | Request::Resolve { .. }
-        | Request::ResolveUnder { .. }
-        | Request::FetchFilterDelta { .. } => Some("contact discovery"),
         Request::LinkOpen { .. }
         | Request::LinkJoin { .. }
         | Request::LinkRequest { .. }

@@ -358,8 +358,10 @@ async fn register(
             }
             // The device must not be told it is registered before that is durable.
             engine::durable(shared).await?;
-            if !took_over {
-                shared.discovery.registered(key_version, &prf);
+            // The cluster's index is written again for a number taken over (the
+            // same entry), so a crash before it the first time is mended.
+            if !took_over || shared.cluster.is_some() {
+                engine::index_number(shared, key_version, prf, device.account_id).await?;
             }
             // Signed-out devices lose their live connections at once, not at their
             // next request.
