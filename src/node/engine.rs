@@ -10,7 +10,7 @@
 //! by a quorum of the replicas), and [`durable`] has nothing to wait for. The hand-off
 //! of online devices and the group commit stay on the sled side.
 //!
-//! What the cluster does not hold yet (linked devices, attachments) is refused in cluster mode with [`not_in_cluster`].
+//! What the cluster does not hold yet (attachments) is refused in cluster mode with [`not_in_cluster`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,6 +21,7 @@ use super::Shared;
 use super::handlers::commit_failed;
 use super::worker::{blocking, internal, read};
 use crate::cluster::accounts::JetStreamAccounts;
+use crate::cluster::bucket::Bucket;
 use crate::cluster::discovery::JetStreamDiscovery;
 use crate::cluster::groups::JetStreamGroups;
 use crate::cluster::keys::JetStreamKeys;
@@ -37,12 +38,12 @@ use crate::store::layout::KeyId;
 use crate::store::limit_store::LimitStore;
 use crate::store::queue_store::{GroupSend, QueueStore};
 use crate::store::records::{
-    AccountRecord, CodeRecord, GroupRecord, LockRecord, ProfileRecord, RemovedKeyRecord,
+    AccountRecord, CodeRecord, GroupRecord, LockRecord, ProfileRecord, Removal, RemovedKeyRecord,
 };
 use crate::store::{
     Claimed, DeviceIdentity, DeviceRef, DeviceView, GroupAppend, GroupChange, GroupRefusal,
-    GroupStore, IdentityPair, Judgement, KeysRefusal, NewDevice, ProfileStore, Queued,
-    VerifyOutcome,
+    GroupStore, IdentityPair, Judgement, KeysRefusal, Linked, NewDevice, ProfileStore, Queued,
+    Unlinked, VerifyOutcome,
 };
 
 /// The cluster's side of each storage concern the node runs on.
@@ -54,6 +55,8 @@ pub(crate) struct ClusterEngine {
     pub profiles: JetStreamProfiles,
     pub groups: JetStreamGroups,
     pub discovery: JetStreamDiscovery,
+    /// Devices being linked (`node::link`).
+    pub links: Bucket,
 }
 
 impl std::fmt::Debug for ClusterEngine {
@@ -110,6 +113,12 @@ impl ClusterEngine {
         Ok(ClusterEngine {
             accounts: JetStreamAccounts::open(&cluster, replicas, discovery.clone()).await?,
             discovery: JetStreamDiscovery::open(&cluster, replicas, discovery).await?,
+            links: super::link::Links::open_bucket(
+                &cluster,
+                replicas,
+                config.accounts.link_code_ttl,
+            )
+            .await?,
             keys: JetStreamKeys::open(&cluster, replicas).await?,
             queues: JetStreamQueues::open(&cluster, replicas, limits).await?,
             profiles: JetStreamProfiles::open(&cluster, replicas).await?,
@@ -353,6 +362,54 @@ pub(crate) async fn account_by_number(
     match &shared.cluster {
         Some(c) => c.accounts.account_by_number(number).await.map_err(internal),
         None => blocking(shared, move |s| s.account_by_number(&number)).await,
+    }
+}
+
+/// Links `new` to `account` as a companion device ([`AccountStore::link_device`]).
+pub(crate) async fn link_device(
+    shared: &Arc<Shared>,
+    account: u64,
+    new: NewDevice,
+    name: String,
+    max_devices: u32,
+    now_ms: u64,
+) -> Result<Linked, NodeError> {
+    match &shared.cluster {
+        Some(c) => c
+            .accounts
+            .link_device(account, new, name, max_devices, now_ms)
+            .await
+            .map_err(internal),
+        None => {
+            blocking(shared, move |s| {
+                s.link_device(account, &new, &name, max_devices, now_ms)
+            })
+            .await
+        }
+    }
+}
+
+/// Unlinks the companion `device` ([`AccountStore::unlink_device`]); on the cluster
+/// its queue goes too (on sled, in the same transaction).
+pub(crate) async fn unlink_device(
+    shared: &Arc<Shared>,
+    device: DeviceRef,
+    why: Removal,
+    now_ms: u64,
+) -> Result<Unlinked, NodeError> {
+    match &shared.cluster {
+        Some(c) => {
+            let outcome = c
+                .accounts
+                .unlink_device(device, why, now_ms)
+                .await
+                .map_err(internal)?;
+            if matches!(outcome, Unlinked::Done { .. }) {
+                c.queues.drop_queue(device).await.map_err(internal)?;
+            }
+            Ok(outcome)
+        }
+        None => blocking(shared, move |s| s.unlink_device(device, why, now_ms)).await,
     }
 }
 

@@ -287,6 +287,7 @@ impl Node {
             links: link::Links::new(
                 config.accounts.link_code_ttl,
                 config.accounts.link_joins_per_address_hour,
+                cluster.as_ref().map(|c| c.links.clone()),
             ),
             uploads: blobs::InFlight::default(),
             started: std::time::Instant::now(),

@@ -250,7 +250,7 @@ impl DeviceRef {
 }
 
 /// A device that is being registered.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
 pub struct NewDevice {
     pub key_id: KeyId,
     pub public_key: Vec<u8>,

@@ -152,17 +152,6 @@ fn a_message_sent_through_one_node_is_received_through_another() {
     assert_eq!(value["text"], "node 1 is gone");
     let _ = follower.kill();
     let _ = follower.wait();
-
-    // What the cluster does not hold yet is refused with a clear error, and
-    // changes nothing.
-    let args = ["devices", "link"];
-    let out = cli(&alice, &args, "");
-    assert!(!out.status.success(), "{}", show(&args, &out));
-    assert!(
-        stderr(&out).contains("not available on a node in cluster mode"),
-        "{}",
-        show(&args, &out)
-    );
 }
 
 /// Runs the CLI of `home` with `args`, which must succeed; its stdout.
@@ -170,6 +159,70 @@ fn ok(home: &Path, args: &[&str]) -> String {
     let out = cli(home, args, "");
     assert!(out.status.success(), "{}", show(args, &out));
     stdout(&out)
+}
+
+/// A new device joins through node 2 an account whose primary opened the link
+/// through node 1 (the link slot is in the cluster); messages then reach both of
+/// Alice's devices, whichever node each is on, and unlinking it through node 1 signs
+/// it out.
+#[test]
+fn a_device_links_through_another_node_than_its_primary() {
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, one, two) = two_nodes(&nats);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (alice, laptop, bob) = (
+        dir.path().join("alice"),
+        dir.path().join("laptop"),
+        dir.path().join("bob"),
+    );
+    register(&alice, ALICE, &one.addr);
+    register(&bob, BOB, &two.addr);
+    let mut link = Command::new(BIN)
+        .arg("--home")
+        .arg(&alice)
+        .args(["devices", "link"])
+        .env_remove("SWITCHBOARD_HOME")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn devices link");
+    let mut lines = BufReader::new(link.stdout.take().expect("stdout")).lines();
+    let code = lines.next().expect("a line").expect("read");
+    let joined = ok(
+        &laptop,
+        &[
+            "devices", "join", &code, "--server", &two.addr, "--name", "laptop",
+        ],
+    );
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let linked = link.wait_with_output().expect("devices link");
+    assert!(linked.status.success(), "{}", stderr(&linked));
+    assert!(
+        rest.join("\n").contains("linked \"laptop\" as device 2"),
+        "{rest:?} / {joined}"
+    );
+    let listed = ok(&alice, &["devices", "list"]);
+    assert!(listed.contains("laptop"), "{listed}");
+
+    // Bob (node 2) writes to Alice: her phone (node 1) and laptop (node 2) read it.
+    ok(&bob, &["send", ALICE, "to both of you"]);
+    for device in [&alice, &laptop] {
+        let got = ok(device, &["recv"]);
+        assert!(got.contains("to both of you"), "{got}");
+    }
+    // The laptop writes; Bob reads, and the phone has the sent copy.
+    ok(&laptop, &["send", BOB, "from the laptop"]);
+    assert!(ok(&bob, &["recv"]).contains("from the laptop"));
+    assert!(ok(&alice, &["recv"]).contains("from the laptop"));
+
+    // Unlinked through node 1, the laptop is refused by node 2.
+    ok(&alice, &["devices", "unlink", "2"]);
+    let args = ["recv"];
+    let out = cli(&laptop, &args, "");
+    assert!(!out.status.success(), "{}", show(&args, &out));
 }
 
 /// The contacts in `home` the last sync found on the node, by number.

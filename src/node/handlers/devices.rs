@@ -4,12 +4,10 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::commit_failed;
 use crate::node::Shared;
 use crate::node::clock::now_ms;
 use crate::node::engine;
 use crate::node::session::{Session, authenticated};
-use crate::node::worker::{blocking, read};
 use crate::proto::{DeviceInfo, ErrorKind, NodeError, Response, codes};
 use crate::store::records::Removal;
 use crate::store::{DeviceRef, Unlinked};
@@ -45,12 +43,9 @@ pub(super) async fn unlink_device(
     let me = authenticated(shared, session).await?;
     let account = me.device.account_id;
     if device_id != me.device.device_id {
-        let primary = read(shared, move |store| {
-            Ok(store
-                .account(account)?
-                .and_then(|a| a.devices.first().map(|d| d.device_id)))
-        })
-        .await?;
+        let primary = engine::account(shared, account)
+            .await?
+            .and_then(|a| a.devices.first().map(|d| d.device_id));
         if primary != Some(me.device.device_id) {
             return Err(NodeError::new(
                 ErrorKind::NotPrimary,
@@ -108,11 +103,11 @@ async fn remove_after(
     linger: Option<std::time::Duration>,
 ) -> Result<Unlinked, NodeError> {
     let now = now_ms();
-    let outcome = blocking(shared, move |store| store.unlink_device(device, why, now)).await?;
+    let outcome = engine::unlink_device(shared, device, why, now).await?;
     if let Unlinked::Done { key_id } = &outcome {
         // Caches of who has which devices are stale from now on.
         shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
-        shared.commit.durable().await.map_err(commit_failed)?;
+        engine::durable(shared).await?;
         let reason = crate::proto::Removal::from(why).describe();
         tracing::info!(
             account = device.account_id,

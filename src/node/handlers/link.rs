@@ -4,12 +4,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{check_space, commit_failed};
+use super::check_space;
 use crate::node::Shared;
 use crate::node::clock::now_ms;
+use crate::node::engine;
 use crate::node::link::Polled;
 use crate::node::session::{Session, authenticated};
-use crate::node::worker::{blocking, read};
+use crate::node::worker::internal;
 use crate::proto::{ErrorKind, NodeError, Registered, Response};
 use crate::store::{Linked, NewDevice};
 
@@ -47,7 +48,7 @@ fn check_len(what: &str, bytes: &[u8], max: usize) -> Result<(), NodeError> {
 
 /// The primary of `account`'s device id and the account's device count.
 async fn primary_of(shared: &Arc<Shared>, account: u64) -> Result<(u32, usize), NodeError> {
-    read(shared, move |store| store.account(account))
+    engine::account(shared, account)
         .await?
         .and_then(|a| a.devices.first().map(|d| (d.device_id, a.devices.len())))
         .ok_or_else(|| NodeError::new(ErrorKind::Internal, "this device's account is gone"))
@@ -84,7 +85,9 @@ pub(super) async fn open(
     }
     let nameplate = shared
         .links
-        .open(me.device.account_id, session.key_id, pake);
+        .open(me.device.account_id, session.key_id, pake)
+        .await
+        .map_err(internal)?;
     Ok(Response::LinkOpened {
         nameplate,
         expires_in_secs: super::secs(shared.links.ttl()),
@@ -99,10 +102,7 @@ pub(super) async fn join(
 ) -> Result<Response, NodeError> {
     check_len("the SPAKE2 message", &pake, MAX_PAKE_BYTES)?;
     let key_id = session.key_id;
-    if blocking(shared, move |store| store.device_by_key(&key_id))
-        .await?
-        .is_some()
-    {
+    if engine::device_by_key(shared, key_id).await?.is_ok() {
         return Err(unavailable(
             "this device is registered already: a new device joins with a new key (a new home)",
         ));
@@ -122,33 +122,52 @@ pub(super) async fn join(
         key_id: session.key_id,
         public_key: session.public_key.clone(),
     };
-    match shared.links.join(nameplate, device, pake) {
+    match shared
+        .links
+        .join(nameplate, device, pake)
+        .await
+        .map_err(internal)?
+    {
         Some(pake) => Ok(Response::LinkOffer { pake }),
         None => Err(gone()),
     }
 }
 
-pub(super) fn request(
+pub(super) async fn request(
     shared: &Arc<Shared>,
     session: &Session,
     nameplate: u32,
     sealed: Vec<u8>,
 ) -> Result<Response, NodeError> {
     check_len("the sealed request", &sealed, MAX_SEALED_BYTES)?;
-    if shared.links.request(nameplate, &session.key_id, sealed) {
+    if shared
+        .links
+        .request(nameplate, &session.key_id, sealed)
+        .await
+        .map_err(internal)?
+    {
         Ok(Response::LinkQueued)
     } else {
         Err(gone())
     }
 }
 
-pub(super) fn poll(shared: &Arc<Shared>, session: &Session, nameplate: u32) -> Response {
-    match shared.links.poll(nameplate, &session.key_id) {
+pub(super) async fn poll(
+    shared: &Arc<Shared>,
+    session: &Session,
+    nameplate: u32,
+) -> Result<Response, NodeError> {
+    let polled = shared
+        .links
+        .poll(nameplate, &session.key_id)
+        .await
+        .map_err(internal)?;
+    Ok(match polled {
         Polled::Waiting => Response::LinkWaiting,
         Polled::Requested { pake, sealed } => Response::LinkRequested { pake, sealed },
         Polled::Complete { registered, sealed } => Response::LinkComplete { registered, sealed },
         Polled::Gone => Response::LinkAborted,
-    }
+    })
 }
 
 pub(super) async fn grant(
@@ -170,7 +189,12 @@ pub(super) async fn grant(
             "a device name is 1 to {MAX_NAME_CHARS} characters, none of them control characters"
         )));
     }
-    let Some(ready) = shared.links.to_grant(nameplate, &session.key_id) else {
+    let ready = shared
+        .links
+        .to_grant(nameplate, &session.key_id)
+        .await
+        .map_err(internal)?;
+    let Some(ready) = ready else {
         return Err(gone());
     };
     if ready.account != me.device.account_id {
@@ -180,15 +204,12 @@ pub(super) async fn grant(
     let now = now_ms();
     let account = ready.account;
     let device = ready.device;
-    let linked = blocking(shared, move |store| {
-        store.link_device(account, &device, &name, max, now)
-    })
-    .await?;
+    let linked = engine::link_device(shared, account, device, name, max, now).await?;
     match linked {
         Linked::Done { device, number } => {
             // Caches of who has which devices are stale from now on.
             shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
-            shared.commit.durable().await.map_err(commit_failed)?;
+            engine::durable(shared).await?;
             tracing::info!(
                 account = device.account_id,
                 device = device.device_id,
@@ -200,7 +221,11 @@ pub(super) async fn grant(
                 device_id: device.device_id,
                 took_over: false,
             };
-            shared.links.granted(nameplate, registered, sealed);
+            shared
+                .links
+                .granted(nameplate, registered, sealed)
+                .await
+                .map_err(internal)?;
             Ok(Response::LinkGranted {
                 device_id: device.device_id,
             })
@@ -216,7 +241,15 @@ pub(super) async fn grant(
     }
 }
 
-pub(super) fn abort(shared: &Arc<Shared>, session: &Session, nameplate: u32) -> Response {
-    shared.links.abort(nameplate, &session.key_id);
-    Response::LinkAborted
+pub(super) async fn abort(
+    shared: &Arc<Shared>,
+    session: &Session,
+    nameplate: u32,
+) -> Result<Response, NodeError> {
+    shared
+        .links
+        .abort(nameplate, &session.key_id)
+        .await
+        .map_err(internal)?;
+    Ok(Response::LinkAborted)
 }

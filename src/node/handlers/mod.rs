@@ -46,11 +46,6 @@ pub async fn handle(
     session: &Session,
     answer: &mut Option<Waiting>,
 ) -> Reply {
-    if shared.cluster.is_some()
-        && let Some(what) = not_in_cluster_yet(&request)
-    {
-        return Reply::Err(crate::node::engine::not_in_cluster(what));
-    }
     let result = match request {
         Request::RequestCode {
             number,
@@ -100,15 +95,15 @@ pub async fn handle(
         Request::LinkOpen { pake } => link::open(shared, session, pake).await,
         Request::LinkJoin { nameplate, pake } => link::join(shared, session, nameplate, pake).await,
         Request::LinkRequest { nameplate, sealed } => {
-            link::request(shared, session, nameplate, sealed)
+            link::request(shared, session, nameplate, sealed).await
         }
-        Request::LinkPoll { nameplate } => Ok(link::poll(shared, session, nameplate)),
+        Request::LinkPoll { nameplate } => link::poll(shared, session, nameplate).await,
         Request::LinkGrant {
             nameplate,
             name,
             sealed,
         } => link::grant(shared, session, nameplate, name, sealed).await,
-        Request::LinkAbort { nameplate } => Ok(link::abort(shared, session, nameplate)),
+        Request::LinkAbort { nameplate } => link::abort(shared, session, nameplate).await,
         Request::CreateGroup { members, meta } => {
             groups::create(shared, session, members, meta).await
         }
@@ -152,20 +147,6 @@ pub async fn handle(
     match result {
         Ok(response) => Reply::Ok(response),
         Err(error) => Reply::Err(error),
-    }
-}
-
-/// What of `request` a node in cluster mode does not do yet.
-fn not_in_cluster_yet(request: &Request) -> Option<&'static str> {
-    match request {
-        Request::LinkOpen { .. }
-        | Request::LinkJoin { .. }
-        | Request::LinkRequest { .. }
-        | Request::LinkPoll { .. }
-        | Request::LinkGrant { .. }
-        | Request::LinkAbort { .. }
-        | Request::UnlinkDevice { .. } => Some("linking and unlinking devices"),
-        _ => None,
     }
 }
 
