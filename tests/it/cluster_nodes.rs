@@ -179,18 +179,7 @@ fn a_device_links_through_another_node_than_its_primary() {
     );
     register(&alice, ALICE, &one.addr);
     register(&bob, BOB, &two.addr);
-    let mut link = Command::new(BIN)
-        .arg("--home")
-        .arg(&alice)
-        .args(["devices", "link"])
-        .env_remove("SWITCHBOARD_HOME")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn devices link");
-    let mut lines = BufReader::new(link.stdout.take().expect("stdout")).lines();
-    let code = lines.next().expect("a line").expect("read");
+    let (link, code, lines) = start_link(&alice);
     let joined = ok(
         &laptop,
         &[

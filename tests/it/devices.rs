@@ -1,9 +1,8 @@
 //! Linked devices: the device list, unlinking, lapses, and what a removed device is
 //! told.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use switchboard::client::{Client, Home, Messenger};
@@ -45,18 +44,7 @@ fn link_with(
     name: &str,
     code: impl FnOnce(&str) -> String,
 ) -> (Output, Output) {
-    let mut child = Command::new(BIN)
-        .arg("--home")
-        .arg(primary)
-        .args(["devices", "link"])
-        .env_remove("SWITCHBOARD_HOME")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn devices link");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let printed = lines.next().expect("a line").expect("read");
+    let (child, printed, lines) = start_link(primary);
     let joined = node.cli(
         new,
         &[

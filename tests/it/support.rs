@@ -940,3 +940,27 @@ pub async fn linked_laptop(
     receive_backlog(&laptop).await;
     (dir, laptop)
 }
+
+/// `devices link` of `primary`, running: the process, the link code it printed
+/// first, and the rest of its stdout (to read once the other side joined).
+pub fn start_link(
+    primary: &Path,
+) -> (
+    Child,
+    String,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
+    let mut child = Command::new(BIN)
+        .arg("--home")
+        .arg(primary)
+        .args(["devices", "link"])
+        .env_remove("SWITCHBOARD_HOME")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn devices link");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let code = lines.next().expect("a line").expect("read");
+    (child, code, lines)
+}
