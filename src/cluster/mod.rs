@@ -8,6 +8,7 @@
 //! ended at 250; fixed in 2.9.21; and it has no `sync_interval`).
 
 pub mod accounts;
+pub mod blobs;
 pub mod bucket;
 pub mod discovery;
 pub mod groups;

@@ -23,6 +23,16 @@ use super::session::{Session, authenticated};
 use super::worker::{blocking, read};
 use crate::proto::{ErrorKind, NodeError, Reply, Response, frame};
 
+mod cluster;
+
+/// What an upload asks for.
+struct Upload {
+    account: u64,
+    size: u64,
+    downloads: u32,
+    resume: Option<[u8; 16]>,
+}
+
 /// Bytes read or written per step (one buffer per transfer).
 const CHUNK: usize = 256 * 1024;
 /// Bytes of an upload made durable (and recorded) at a time.
@@ -128,6 +138,23 @@ fn io_error(what: &str, e: std::io::Error) -> NodeError {
     NodeError::new(ErrorKind::Internal, format!("{what} failed; try again"))
 }
 
+/// Refuses an upload of `size` bytes past the account's stored quota (it has
+/// `stored` bytes stored).
+fn check_stored(shared: &Shared, stored: u64, size: u64) -> Result<(), NodeError> {
+    let max = shared.config.attachments.max_stored_bytes_per_account;
+    if stored.saturating_add(size) > max {
+        return Err(NodeError::new(
+            ErrorKind::AttachmentQuota { max },
+            format!(
+                "this account's attachments take {stored} bytes on the node; at most \
+                 {max} may be stored (attachments.max_stored_bytes_per_account) until \
+                 they are downloaded or expire"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn no_attachment() -> NodeError {
     NodeError::new(
         ErrorKind::NoAttachment,
@@ -192,6 +219,15 @@ async fn upload(
     }
     check_space(shared)?;
     let account = me.device.account_id;
+    if let Some(c) = &shared.cluster {
+        let to = Upload {
+            account,
+            size,
+            downloads,
+            resume,
+        };
+        return cluster::upload(send, recv, shared, c, to).await;
+    }
     let (id, offset) = match resume {
         Some(id) => {
             let record = read(shared, move |store| store.blob(&id)).await?;
@@ -202,17 +238,7 @@ async fn upload(
         }
         None => {
             let stored = read(shared, move |store| store.account_blob_bytes(account)).await?;
-            let max = limits.max_stored_bytes_per_account;
-            if stored.saturating_add(size) > max {
-                return Err(NodeError::new(
-                    ErrorKind::AttachmentQuota { max },
-                    format!(
-                        "this account's attachments take {stored} bytes on the node; at most \
-                         {max} may be stored (attachments.max_stored_bytes_per_account) until \
-                         they are downloaded or expire"
-                    ),
-                ));
-            }
+            check_stored(shared, stored, size)?;
             (rand::rng().random::<[u8; 16]>(), 0)
         }
     };
@@ -265,28 +291,8 @@ async fn upload(
         if ended {
             break Ok(());
         }
-        let mut filled = 0;
-        let mut failed = None;
-        while filled < CHUNK {
-            match tokio::time::timeout(timeout, recv.read(&mut buf[filled..])).await {
-                Ok(Ok(Some(n))) => filled += n,
-                Ok(Ok(None)) => {
-                    ended = true;
-                    break;
-                }
-                Ok(Err(e)) => {
-                    failed = Some(NodeError::new(ErrorKind::Malformed, e.to_string()));
-                    break;
-                }
-                Err(_) => {
-                    failed = Some(NodeError::new(
-                        ErrorKind::Malformed,
-                        "the upload stalled; resume it with its id",
-                    ));
-                    break;
-                }
-            }
-        }
+        let (filled, end, failed) = read_chunk(recv, &mut buf, timeout).await;
+        ended = end;
         let chunk = &buf[..filled];
         let len = chunk.len() as u64;
         if received + len > size {
@@ -346,6 +352,40 @@ async fn upload(
     Ok(Response::Uploaded { id, size })
 }
 
+/// Reads up to one [`CHUNK`] of an upload into `buf`: how many bytes, whether the
+/// stream ended, and what broke it off (an error, or a stall past `timeout`).
+async fn read_chunk(
+    recv: &mut quinn::RecvStream,
+    buf: &mut [u8],
+    timeout: std::time::Duration,
+) -> (usize, bool, Option<NodeError>) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match tokio::time::timeout(timeout, recv.read(&mut buf[filled..])).await {
+            Ok(Ok(Some(n))) => filled += n,
+            Ok(Ok(None)) => return (filled, true, None),
+            Ok(Err(e)) => {
+                return (
+                    filled,
+                    false,
+                    Some(NodeError::new(ErrorKind::Malformed, e.to_string())),
+                );
+            }
+            Err(_) => {
+                return (
+                    filled,
+                    false,
+                    Some(NodeError::new(
+                        ErrorKind::Malformed,
+                        "the upload stalled; resume it with its id",
+                    )),
+                );
+            }
+        }
+    }
+    (filled, false, None)
+}
+
 /// Serves a download stream (after its `Download` frame).
 pub async fn serve_download(
     mut send: quinn::SendStream,
@@ -376,6 +416,9 @@ async fn download(
     offset: u64,
 ) -> Result<(), Option<NodeError>> {
     let me = authenticated(shared, session).await?;
+    if let Some(c) = &shared.cluster {
+        return cluster::download(send, shared, c, me.device, id, offset).await;
+    }
     let record = read(shared, move |store| store.blob(&id))
         .await?
         .filter(|r| r.complete)
@@ -418,16 +461,7 @@ async fn download(
         send.write_all(&buf[..n]).await.map_err(|_| None)?;
         sent += n as u64;
     }
-    let _ = send.finish();
-    // Counted once the client has every byte.
-    let confirmed = tokio::time::timeout(shared.config.limits.request_timeout, send.stopped())
-        .await
-        .is_ok_and(|r| r.is_ok());
-    shared
-        .metrics
-        .attachment_bytes_out
-        .inc_by(record.size - offset);
-    if confirmed {
+    if finish_download(send, shared, record.size - offset).await {
         let device = (me.device.account_id, me.device.device_id);
         let last = blocking(shared, move |store| store.count_download(&id, device)).await?;
         if last && shared.config.attachments.delete_when_downloaded {
@@ -437,8 +471,25 @@ async fn download(
     Ok(())
 }
 
+/// Finishes a download stream that sent `bytes`; whether the client confirmed it
+/// has every byte (only then is the download counted).
+async fn finish_download(send: &mut quinn::SendStream, shared: &Shared, bytes: u64) -> bool {
+    let _ = send.finish();
+    let confirmed = tokio::time::timeout(shared.config.limits.request_timeout, send.stopped())
+        .await
+        .is_ok_and(|r| r.is_ok());
+    shared.metrics.attachment_bytes_out.inc_by(bytes);
+    confirmed
+}
+
 /// Drops blob `id`: its file (whole or partial), then its record.
 pub async fn remove(shared: &Arc<Shared>, id: [u8; 16]) {
+    if let Some(c) = &shared.cluster {
+        if let Err(e) = c.blobs.remove(&id).await {
+            tracing::error!(error = %e, "removing an attachment failed");
+        }
+        return;
+    }
     let data_dir = shared.config.server.data_dir.clone();
     let files = tokio::task::spawn_blocking(move || {
         for path in [whole_path(&data_dir, &id), partial_path(&data_dir, &id)] {
@@ -462,8 +513,12 @@ pub async fn remove(shared: &Arc<Shared>, id: [u8; 16]) {
     }
 }
 
-/// Drops the attachments past the TTL and the uploads left unfinished too long.
+/// Drops the attachments past the TTL and the uploads left unfinished too long
+/// (in cluster mode the cluster drops them at the TTL by itself).
 pub async fn sweep(shared: &Arc<Shared>, now: u64) {
+    if shared.cluster.is_some() {
+        return;
+    }
     let cutoff = now.saturating_sub(shared.config.messages.ttl.as_millis() as u64);
     let incomplete =
         now.saturating_sub(shared.config.attachments.incomplete_ttl.as_millis() as u64);

@@ -241,12 +241,6 @@ async fn serve_stream(
             delivery::serve(send, recv, shared.clone(), session, stop).await;
             return;
         }
-        Ok(Ok(Some(Request::Upload { .. } | Request::Download { .. })))
-            if shared.cluster.is_some() =>
-        {
-            quic::read_end(&mut recv);
-            Reply::Err(super::engine::not_in_cluster("attachments"))
-        }
         Ok(Ok(Some(Request::Upload {
             size,
             downloads,

@@ -8,9 +8,8 @@
 //! commit, which the handler awaits with [`durable`] before it answers (one wait for
 //! several writes); on the cluster a write is durable once it returns (acknowledged
 //! by a quorum of the replicas), and [`durable`] has nothing to wait for. The hand-off
-//! of online devices and the group commit stay on the sled side.
-//!
-//! What the cluster does not hold yet (attachments) is refused in cluster mode with [`not_in_cluster`].
+//! of online devices and the group commit stay on the sled side. Attachments
+//! (`node::blobs`) take the cluster's side themselves (`ClusterEngine::blobs`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,6 +20,7 @@ use super::Shared;
 use super::handlers::commit_failed;
 use super::worker::{blocking, internal, read};
 use crate::cluster::accounts::JetStreamAccounts;
+use crate::cluster::blobs::JetStreamBlobs;
 use crate::cluster::bucket::Bucket;
 use crate::cluster::discovery::JetStreamDiscovery;
 use crate::cluster::groups::JetStreamGroups;
@@ -31,7 +31,7 @@ use crate::cluster::{Cluster, ClusterError};
 use crate::config::Config;
 use crate::discovery::{DiscoveryKey, Prf};
 use crate::node::discovery::FilterSnapshot;
-use crate::proto::{ErrorKind, NodeError};
+use crate::proto::NodeError;
 use crate::store::account_store::AccountStore;
 use crate::store::keydir::{KeyDirectory, Upload};
 use crate::store::layout::KeyId;
@@ -57,6 +57,7 @@ pub(crate) struct ClusterEngine {
     pub discovery: JetStreamDiscovery,
     /// Devices being linked (`node::link`).
     pub links: Bucket,
+    pub blobs: JetStreamBlobs,
 }
 
 impl std::fmt::Debug for ClusterEngine {
@@ -113,6 +114,7 @@ impl ClusterEngine {
         Ok(ClusterEngine {
             accounts: JetStreamAccounts::open(&cluster, replicas, discovery.clone()).await?,
             discovery: JetStreamDiscovery::open(&cluster, replicas, discovery).await?,
+            blobs: JetStreamBlobs::open(&cluster, replicas, config.messages.ttl).await?,
             links: super::link::Links::open_bucket(
                 &cluster,
                 replicas,
@@ -126,14 +128,6 @@ impl ClusterEngine {
             cluster,
         })
     }
-}
-
-/// The answer to a request for something the cluster does not hold yet.
-pub(crate) fn not_in_cluster(what: &str) -> NodeError {
-    NodeError::new(
-        ErrorKind::Unsupported,
-        format!("{what} is not available on a node in cluster mode yet"),
-    )
 }
 
 /// Waits until what this request wrote is durable (sled's group commit; the

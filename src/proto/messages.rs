@@ -853,8 +853,8 @@ pub enum ErrorKind {
     /// No attachment with that id is here (never uploaded, not whole yet, expired,
     /// or downloaded by every device it was for), or none of this account to resume.
     NoAttachment,
-    /// This node does not do this (a node in cluster mode: attachments are not in
-    /// the cluster yet).
+    /// This node does not do this (none of this protocol version's requests is
+    /// answered with it; kept for a node that lacks a capability).
     Unsupported,
 }
 

@@ -214,6 +214,178 @@ fn a_device_links_through_another_node_than_its_primary() {
     assert!(!out.status.success(), "{}", show(&args, &out));
 }
 
+/// A 20 MiB file (three segments in the cluster's object store) sent through node
+/// 1 is saved whole by its recipient through node 2, and the cluster drops it once
+/// every device it was for has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sent_through_one_node_is_saved_through_another() {
+    use sha2::Digest;
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, one, two) = two_nodes(&nats);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    register(&alice, ALICE, &one.addr);
+    register(&bob, BOB, &two.addr);
+    // A session first, so Alice's device knows the upload is for one download.
+    send(&alice, BOB, "hello");
+    assert_eq!(texts_of(&bob), vec!["hello".to_string()]);
+    let plain: Vec<u8> = (0..20u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = dir.path().join("holiday.bin");
+    std::fs::write(&file, &plain).expect("file");
+    let id = ok(
+        &alice,
+        &["send", BOB, "--file", file.to_str().expect("utf-8 path")],
+    );
+    assert_eq!(id.trim().len(), 32, "{id}");
+    let cluster = nats.connect(0).await;
+    let objects = cluster
+        .jetstream
+        .get_object_store(switchboard::cluster::blobs::OBJECTS)
+        .await
+        .expect("the attachments' object store");
+    let count = || async {
+        use futures_util::StreamExt;
+        objects.list().await.expect("list").count().await
+    };
+    assert_eq!(count().await, 3, "20 MiB in 8 MiB segments");
+
+    let saves = dir.path().join("bob-saves");
+    let args = ["recv", "--save-dir", saves.to_str().expect("utf-8 path")];
+    let out = cli(&bob, &args, "");
+    assert!(out.status.success(), "{}", show(&args, &out));
+    assert!(
+        stderr(&out).contains("saved holiday.bin"),
+        "{}",
+        show(&args, &out)
+    );
+    let saved = std::fs::read(saves.join("holiday.bin")).expect("saved");
+    assert_eq!(
+        sha2::Sha256::digest(&saved),
+        sha2::Sha256::digest(&plain),
+        "the saved file is the original"
+    );
+    assert_eq!(count().await, 0, "downloaded by every device: dropped");
+}
+
+/// An upload broken off through node 1 after one whole segment resumes through
+/// node 2 from that segment (what the cluster stored), and reads back whole
+/// through either node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_broken_off_through_one_node_resumes_through_another() {
+    use sha2::Digest;
+    use switchboard::client::Client;
+    use switchboard::client::attachment::{self, CHUNK, DownloadState, ciphertext_len, seal_chunk};
+    use switchboard::cluster::blobs::SEGMENT;
+    use switchboard::proto::{Reply, Request, Response, frame};
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, one, two) = two_nodes(&nats);
+    let (dir, home) = registered_home(&one.addr, one.fingerprint, ALICE).await;
+    let creds = home.load().expect("Alice's registration").credentials;
+    let connect = |node: &ProcessNode| {
+        let (addr, fp, creds) = (node.addr.clone(), node.fingerprint, creds.clone());
+        async move { Client::connect(&addr, &creds, Some(fp)).await.unwrap() }
+    };
+    let plain: Vec<u8> = (0..(SEGMENT as usize + 5 * CHUNK + 77) as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let path = dir.path().join("r.bin");
+    std::fs::write(&path, &plain).unwrap();
+    let key = [9u8; 32];
+    let total = ciphertext_len(plain.len() as u64);
+    assert!(total > SEGMENT, "more than one segment");
+    // By hand through node 1: one segment's worth and a bit, then the connection goes.
+    let raw = connect(&one).await;
+    let (mut send, mut recv) = raw.connection().open_bi().await.unwrap();
+    let upload = Request::Upload {
+        size: total,
+        downloads: 0,
+        resume: None,
+    };
+    frame::write(&mut send, &upload).await.unwrap();
+    let id = match frame::read::<Reply, _>(&mut recv, 1 << 20).await.unwrap() {
+        Some(Reply::Ok(Response::UploadReady { id, offset: 0 })) => id,
+        other => panic!("{other:?}"),
+    };
+    let mut sent = 0u64;
+    for i in 0..plain.len().div_ceil(CHUNK) as u64 {
+        let start = i as usize * CHUNK;
+        let end = (start + CHUNK).min(plain.len());
+        let sealed = seal_chunk(&key, i, end == plain.len(), &plain[start..end]);
+        send.write_all(&sealed).await.unwrap();
+        sent += sealed.len() as u64;
+        if sent > SEGMENT + 1000 {
+            break;
+        }
+    }
+    // Bounded: the segment is in the cluster within seconds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let resumed_at = loop {
+        let client = connect(&two).await;
+        let (mut s, mut r) = client.connection().open_bi().await.unwrap();
+        let again = Request::Upload {
+            size: total,
+            downloads: 0,
+            resume: Some(id),
+        };
+        frame::write(&mut s, &again).await.unwrap();
+        let offset = match frame::read::<Reply, _>(&mut r, 1 << 20).await.unwrap() {
+            Some(Reply::Ok(Response::UploadReady { id: same, offset })) => {
+                assert_eq!(same, id);
+                offset
+            }
+            // Node 1 still holds it in flight: try again.
+            Some(Reply::Err(_)) => 0,
+            other => panic!("{other:?}"),
+        };
+        client.close().await;
+        if offset == SEGMENT {
+            break offset;
+        }
+        assert!(Instant::now() < deadline, "no segment stored (at {offset})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(resumed_at, SEGMENT);
+    raw.connection().close(0u32.into(), b"gone");
+    // The client's own resume through node 2 completes it; it reads back whole
+    // through either node.
+    let via_two = connect(&two).await;
+    let up = via_two
+        .upload_file(&path, &key, 0, Some(id), &mut |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(up.id, id);
+    assert_eq!(up.digest, <[u8; 32]>::from(sha2::Sha256::digest(&plain)));
+    let att = attachment::Attachment {
+        id,
+        key,
+        size: up.size,
+        digest: up.digest,
+        name: "r.bin".into(),
+        mime: String::new(),
+        thumbnail: None,
+        caption: String::new(),
+    };
+    for node in [&one, &two] {
+        let client = connect(node).await;
+        let out_path = dir.path().join("back.bin");
+        let mut out = tokio::fs::File::create(&out_path).await.unwrap();
+        let mut state = DownloadState::default();
+        client
+            .download_into(&att, &mut out, &mut state, &mut |_, _| {})
+            .await
+            .unwrap();
+        drop(out);
+        assert_eq!(state.digest(), up.digest);
+        assert_eq!(std::fs::read(&out_path).unwrap(), plain);
+    }
+}
+
 /// The contacts in `home` the last sync found on the node, by number.
 fn found_contacts(home: &Path) -> Vec<String> {
     ok(home, &["contacts", "sync"]);

@@ -1,0 +1,266 @@
+//! Attachments on the cluster: records in the `sb_blobs` bucket, bytes in the
+//! object store `sb_attachments`, both expiring with the message TTL.
+//!
+//! - `b.HEX(ID)`: the [`BlobRecord`] sled keeps (owner, size, bytes received, whole,
+//!   downloads left, who downloaded it), changed by compare-and-set.
+//! - `o.ACCOUNT`: the blobs an account stored, with their sizes and when (its quota
+//!   counts those younger than the TTL).
+//! - Object `HEX(ID).K`: the K-th [`SEGMENT`] bytes of the upload. A segment is
+//!   stored once it is whole (or the upload's last), and only then counted as
+//!   received, so an upload broken off resumes from the last stored segment
+//!   through any node.
+
+use async_nats::jetstream::object_store::{self, ObjectStore};
+use bincode::{Decode, Encode};
+use std::time::Duration;
+
+use super::bucket::{Bucket, engine};
+use super::{Cluster, ClusterError};
+use crate::store::StoreError;
+use crate::store::records::BlobRecord;
+
+/// The records' bucket.
+pub const BUCKET: &str = "sb_blobs";
+
+/// The object store of attachment bytes.
+pub const OBJECTS: &str = "sb_attachments";
+
+/// Bytes per stored segment (the single node makes an upload durable as often).
+pub const SEGMENT: u64 = 8 << 20;
+
+/// The blobs an account stored: (id, size, stored at ms).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
+struct AccountBlobs {
+    blobs: Vec<([u8; 16], u64, u64)>,
+}
+
+fn record_key(id: &[u8; 16]) -> String {
+    format!("b.{}", hex::encode(id))
+}
+
+fn account_key(owner: u64) -> String {
+    format!("o.{owner}")
+}
+
+fn segment_name(id: &[u8; 16], k: u64) -> String {
+    format!("{}.{k}", hex::encode(id))
+}
+
+/// How many segments `size` bytes take.
+pub fn segments(size: u64) -> u64 {
+    size.div_ceil(SEGMENT)
+}
+
+/// Attachment records and bytes on a JetStream cluster.
+#[derive(Clone)]
+pub struct JetStreamBlobs {
+    records: Bucket,
+    objects: ObjectStore,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for JetStreamBlobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamBlobs").finish_non_exhaustive()
+    }
+}
+
+impl JetStreamBlobs {
+    /// The bucket and object store on `cluster` (created with `replicas` replicas
+    /// if they are not there), their entries dropped after `ttl`.
+    pub async fn open(
+        cluster: &Cluster,
+        replicas: usize,
+        ttl: Duration,
+    ) -> Result<JetStreamBlobs, ClusterError> {
+        let records = Bucket::open_expiring(
+            cluster,
+            BUCKET,
+            "switchboard: attachment records (owner, size, downloads)",
+            replicas,
+            ttl,
+        )
+        .await?;
+        let js = &cluster.jetstream;
+        let objects = match js.get_object_store(OBJECTS).await {
+            Ok(store) => store,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: OBJECTS.into(),
+                    description: Some("switchboard: attachment bytes (ciphertext)".into()),
+                    max_age: ttl,
+                    num_replicas: replicas.clamp(1, super::REPLICAS),
+                    storage: async_nats::jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| ClusterError::JetStream(format!("object store {OBJECTS}: {e}")))?,
+        };
+        Ok(JetStreamBlobs {
+            records,
+            objects,
+            ttl,
+        })
+    }
+
+    /// Blob `id`'s record.
+    pub async fn record(&self, id: &[u8; 16]) -> Result<Option<BlobRecord>, StoreError> {
+        Ok(self.records.read(&record_key(id)).await?.0)
+    }
+
+    /// Bytes of the blobs `owner` stored within the TTL (whole or not).
+    pub async fn account_bytes(&self, owner: u64, now_ms: u64) -> Result<u64, StoreError> {
+        let since = now_ms.saturating_sub(self.ttl.as_millis() as u64);
+        let (list, _) = self
+            .records
+            .read::<AccountBlobs>(&account_key(owner))
+            .await?;
+        Ok(list
+            .map(|l| {
+                l.blobs
+                    .iter()
+                    .filter(|(_, _, at)| *at >= since)
+                    .map(|(_, size, _)| *size)
+                    .fold(0u64, u64::saturating_add)
+            })
+            .unwrap_or(0))
+    }
+
+    /// Records a new upload `id` of `owner`, `size` bytes for `downloads` devices.
+    pub async fn create(
+        &self,
+        id: [u8; 16],
+        owner: u64,
+        size: u64,
+        downloads: u32,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let since = now_ms.saturating_sub(self.ttl.as_millis() as u64);
+        self.records
+            .modify(&account_key(owner), |slot: &mut Option<AccountBlobs>| {
+                let list = slot.get_or_insert_with(AccountBlobs::default);
+                list.blobs.retain(|(_, _, at)| *at >= since);
+                list.blobs.push((id, size, now_ms));
+                ((), true)
+            })
+            .await?;
+        let record = BlobRecord {
+            owner,
+            size,
+            received: 0,
+            complete: false,
+            created_at_ms: now_ms,
+            downloads_left: downloads,
+            downloaded_by: Vec::new(),
+        };
+        self.records.put(&record_key(&id), &record).await
+    }
+
+    async fn update(
+        &self,
+        id: &[u8; 16],
+        f: impl Fn(&mut BlobRecord) -> bool,
+    ) -> Result<Option<BlobRecord>, StoreError> {
+        self.records
+            .modify(&record_key(id), |slot: &mut Option<BlobRecord>| {
+                let Some(record) = slot.as_mut() else {
+                    return (None, false);
+                };
+                let changed = f(record);
+                (Some(record.clone()), changed)
+            })
+            .await
+    }
+
+    /// Stores segment `k` of upload `id` from `bytes` (then counted as received up
+    /// to `received`; whole when that is the size).
+    pub async fn put_segment(
+        &self,
+        id: &[u8; 16],
+        k: u64,
+        bytes: &mut (impl tokio::io::AsyncRead + Unpin),
+        received: u64,
+    ) -> Result<(), StoreError> {
+        self.objects
+            .put(segment_name(id, k).as_str(), bytes)
+            .await
+            .map_err(|e| engine(OBJECTS, e))?;
+        self.update(id, |r| {
+            r.received = received.max(r.received);
+            r.complete = r.received >= r.size;
+            true
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Upload `id` (of no bytes: no segment) is whole.
+    pub async fn complete(&self, id: &[u8; 16]) -> Result<(), StoreError> {
+        self.update(id, |r| {
+            r.received = r.size;
+            r.complete = true;
+            true
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Segment `k` of blob `id`, to read.
+    pub async fn segment(&self, id: &[u8; 16], k: u64) -> Result<object_store::Object, StoreError> {
+        self.objects
+            .get(segment_name(id, k))
+            .await
+            .map_err(|e| engine(OBJECTS, e))
+    }
+
+    /// `device` downloaded blob `id` whole (counted once per device); true when it
+    /// was the last device it was for.
+    pub async fn count_download(
+        &self,
+        id: &[u8; 16],
+        device: (u64, u32),
+    ) -> Result<bool, StoreError> {
+        self.records
+            .modify(&record_key(id), |slot: &mut Option<BlobRecord>| {
+                let Some(r) = slot.as_mut() else {
+                    return (false, false);
+                };
+                if r.downloads_left == 0 || r.downloaded_by.contains(&device) {
+                    return (false, false);
+                }
+                r.downloads_left -= 1;
+                r.downloaded_by.push(device);
+                (r.downloads_left == 0, true)
+            })
+            .await
+    }
+
+    /// Drops blob `id`: its segments, then its record and its place in the owner's
+    /// list.
+    pub async fn remove(&self, id: &[u8; 16]) -> Result<(), StoreError> {
+        let Some(record) = self.record(id).await? else {
+            return Ok(());
+        };
+        for k in 0..segments(record.size) {
+            match self.objects.delete(segment_name(id, k)).await {
+                Ok(()) => {}
+                // Never stored (an upload broken off) or gone already.
+                Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => {}
+                Err(e) => return Err(engine(OBJECTS, e)),
+            }
+        }
+        self.records.purge(&record_key(id)).await?;
+        self.records
+            .modify(
+                &account_key(record.owner),
+                |slot: &mut Option<AccountBlobs>| {
+                    let Some(list) = slot.as_mut() else {
+                        return ((), false);
+                    };
+                    list.blobs.retain(|(b, _, _)| b != id);
+                    ((), true)
+                },
+            )
+            .await
+    }
+}
