@@ -108,22 +108,33 @@ impl JetStreamBlobs {
         Ok(self.records.read(&record_key(id)).await?.0)
     }
 
-    /// Bytes of the blobs `owner` stored within the TTL (whole or not).
-    pub async fn account_bytes(&self, owner: u64, now_ms: u64) -> Result<u64, StoreError> {
+    /// Bytes of the blobs `owner` stored within the TTL: whole ones, and unfinished
+    /// ones begun within `incomplete` (older ones are abandoned: the single node's
+    /// sweep would have dropped them); and how many those are.
+    pub async fn account_bytes(
+        &self,
+        owner: u64,
+        now_ms: u64,
+        incomplete: Duration,
+    ) -> Result<(u64, usize), StoreError> {
         let since = now_ms.saturating_sub(self.ttl.as_millis() as u64);
+        let abandoned = now_ms.saturating_sub(incomplete.as_millis() as u64);
         let (list, _) = self
             .records
             .read::<AccountBlobs>(&account_key(owner))
             .await?;
-        Ok(list
-            .map(|l| {
-                l.blobs
-                    .iter()
-                    .filter(|(_, _, at)| *at >= since)
-                    .map(|(_, size, _)| *size)
-                    .fold(0u64, u64::saturating_add)
-            })
-            .unwrap_or(0))
+        let (mut bytes, mut count) = (0u64, 0usize);
+        for (id, size, at) in list.map(|l| l.blobs).unwrap_or_default() {
+            if at < since {
+                continue;
+            }
+            if at < abandoned && !self.record(&id).await?.is_some_and(|r| r.complete) {
+                continue;
+            }
+            bytes = bytes.saturating_add(size);
+            count += 1;
+        }
+        Ok((bytes, count))
     }
 
     /// Records a new upload `id` of `owner`, `size` bytes for `downloads` devices.

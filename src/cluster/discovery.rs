@@ -174,23 +174,33 @@ impl JetStreamDiscovery {
         Ok(bytes)
     }
 
-    /// Takes the build lease at `now_ms`: false while another node holds it.
-    pub async fn lease(&self, now_ms: u64) -> Result<bool, StoreError> {
+    /// Takes the build lease at `now_ms`: its expiry (which [`Self::release`]
+    /// names), or `None` while another node holds it.
+    pub async fn lease(&self, now_ms: u64) -> Result<Option<u64>, StoreError> {
         let until_ms = now_ms.saturating_add(LEASE.as_millis() as u64);
         self.bucket
             .modify(LEASE_KEY, |slot: &mut Option<Lease>| {
                 if slot.is_some_and(|l| l.until_ms > now_ms) {
-                    return (false, false);
+                    return (None, false);
                 }
                 *slot = Some(Lease { until_ms });
-                (true, true)
+                (Some(until_ms), true)
             })
             .await
     }
 
-    /// Gives the build lease back.
-    pub async fn release(&self) -> Result<(), StoreError> {
-        self.bucket.put(LEASE_KEY, &Lease { until_ms: 0 }).await
+    /// Gives back the build lease taken with expiry `until_ms`, unless another node
+    /// took it since (this one's ran out).
+    pub async fn release(&self, until_ms: u64) -> Result<(), StoreError> {
+        self.bucket
+            .modify(LEASE_KEY, |slot: &mut Option<Lease>| {
+                if slot.is_some_and(|l| l.until_ms == until_ms) {
+                    *slot = Some(Lease { until_ms: 0 });
+                    return ((), true);
+                }
+                ((), false)
+            })
+            .await
     }
 
     /// The filter key of every indexed PRF value, and the revision the list covers.
@@ -210,28 +220,39 @@ impl JetStreamDiscovery {
         Ok((covers, keys))
     }
 
-    /// Stores the filter `bytes` and announces it as `meta`; the filter it replaces
-    /// goes (a node still reading it reads the new one at its next refresh).
-    pub async fn announce(&self, meta: &FilterMeta, bytes: &[u8]) -> Result<(), StoreError> {
+    /// Stores the filter `bytes` and announces it as `meta`, unless a filter that
+    /// covers more was announced meanwhile (a build that outlived its lease); the
+    /// filter it replaces goes (a node still reading it reads the new one at its
+    /// next refresh). The filter announced now.
+    pub async fn announce(
+        &self,
+        meta: &FilterMeta,
+        bytes: &[u8],
+    ) -> Result<FilterMeta, StoreError> {
         let mut reader = bytes;
         self.filters
             .put(object_name(meta.version).as_str(), &mut reader)
             .await
             .map_err(|e| engine(FILTERS, e))?;
-        let replaced = self
+        let (replaced, announced) = self
             .bucket
-            .modify(FILTER_KEY, |slot: &mut Option<FilterMeta>| {
-                let old = slot.replace(meta.clone());
-                (old, true)
+            .modify(FILTER_KEY, |slot: &mut Option<FilterMeta>| match slot {
+                Some(newer) if newer.covers > meta.covers => ((None, newer.clone()), false),
+                _ => ((slot.replace(meta.clone()), meta.clone()), true),
             })
             .await?;
-        if let Some(old) = replaced
-            && old.version != meta.version
-            && let Err(e) = self.filters.delete(object_name(old.version)).await
+        // The filter no longer announced: the one replaced, or this one if it lost.
+        let gone = match replaced {
+            Some(old) => Some(old.version),
+            None if announced.version != meta.version => Some(meta.version),
+            None => None,
+        };
+        if let Some(version) = gone.filter(|&v| v != announced.version)
+            && let Err(e) = self.filters.delete(object_name(version)).await
         {
             tracing::warn!(error = %e, "an old discovery filter was not deleted");
         }
-        Ok(())
+        Ok(announced)
     }
 
     /// Every change to the index from revision `from` on.

@@ -121,10 +121,18 @@ fn partial_path(data_dir: &Path, id: &[u8; 16]) -> PathBuf {
     dir(data_dir).join("partial").join(hex::encode(id))
 }
 
-/// Makes the blob directories (owner-only).
-pub fn prepare(data_dir: &Path) -> std::io::Result<()> {
+/// Makes the blob directories (owner-only). In cluster mode `partial/` holds only
+/// spools of segments not stored yet, worth nothing after a restart: they go.
+pub fn prepare(data_dir: &Path, cluster: bool) -> std::io::Result<()> {
     crate::fsutil::create_private_dir(&dir(data_dir))?;
-    crate::fsutil::create_private_dir(&dir(data_dir).join("partial"))
+    let partial = dir(data_dir).join("partial");
+    crate::fsutil::create_private_dir(&partial)?;
+    if cluster {
+        for entry in std::fs::read_dir(&partial)? {
+            std::fs::remove_file(entry?.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn io_error(what: &str, e: std::io::Error) -> NodeError {

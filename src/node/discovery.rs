@@ -111,10 +111,11 @@ impl Discovery {
     /// Cluster mode: `prf` was indexed at revision `revision` of the cluster's index
     /// (through any node); it joins the delta unless the installed filter has it.
     pub fn indexed_at(&self, revision: u64, prf: &Prf) {
+        // Under the delta's lock, as `install` moves `covers` and trims under it.
+        let mut delta = self.cluster_delta.lock().unwrap_or_else(|p| p.into_inner());
         if revision <= self.covers.load(Ordering::Acquire) {
             return;
         }
-        let mut delta = self.cluster_delta.lock().unwrap_or_else(|p| p.into_inner());
         if delta.len() < MAX_DELTA {
             delta.insert(revision, crate::discovery::filter_key(prf));
         }
@@ -325,9 +326,9 @@ impl Discovery {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .is_empty();
-        if behind && cluster.lease(now_ms).await? {
+        if behind && let Some(lease) = cluster.lease(now_ms).await? {
             let built = self.build_for_cluster(cluster).await;
-            let released = cluster.release().await;
+            let released = cluster.release(lease).await;
             let meta = built?;
             released?;
             self.install(cluster, &meta).await?;
@@ -351,43 +352,43 @@ impl Discovery {
             entries: snapshot.entries as u64,
             covers,
         };
-        cluster.announce(&meta, &snapshot.bytes).await?;
+        let announced = cluster.announce(&meta, &snapshot.bytes).await?;
         tracing::info!(
             entries = snapshot.entries,
             bytes = snapshot.bytes.len(),
             covers,
             "built the discovery filter for the cluster"
         );
-        Ok(meta)
+        Ok(announced)
     }
 
-    /// Serves the announced filter `meta` from now on, unless it is the one served
-    /// (or older); the delta keeps only what it does not cover.
+    /// Serves the announced filter `meta` from now on, unless what is served covers
+    /// more; the delta keeps only what it does not cover. A filter of the same
+    /// bytes (a number registered again changes no key) is not fetched again, but
+    /// what it covers moves on all the same.
     async fn install(
         &self,
         cluster: &JetStreamDiscovery,
         meta: &FilterMeta,
     ) -> Result<(), StoreError> {
         let installed = self.current();
-        if installed
-            .as_ref()
-            .is_some_and(|f| f.version == meta.version || self.covers() > meta.covers)
-        {
+        if installed.is_some() && self.covers() >= meta.covers {
             return Ok(());
         }
-        let bytes = cluster.fetch(meta).await?;
-        let snapshot = Arc::new(FilterSnapshot {
-            version: meta.version,
-            key_version: meta.key_version,
-            bytes,
-            entries: usize::try_from(meta.entries).unwrap_or(usize::MAX),
-        });
-        *self.filter.write().unwrap_or_else(|p| p.into_inner()) = Some(snapshot);
+        let same = installed.is_some_and(|f| f.version == meta.version);
+        if !same {
+            let bytes = cluster.fetch(meta).await?;
+            let snapshot = Arc::new(FilterSnapshot {
+                version: meta.version,
+                key_version: meta.key_version,
+                bytes,
+                entries: usize::try_from(meta.entries).unwrap_or(usize::MAX),
+            });
+            *self.filter.write().unwrap_or_else(|p| p.into_inner()) = Some(snapshot);
+        }
+        let mut delta = self.cluster_delta.lock().unwrap_or_else(|p| p.into_inner());
         self.covers.store(meta.covers, Ordering::Release);
-        self.cluster_delta
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|&revision, _| revision > meta.covers);
+        delta.retain(|&revision, _| revision > meta.covers);
         Ok(())
     }
 }

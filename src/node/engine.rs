@@ -398,8 +398,12 @@ pub(crate) async fn unlink_device(
                 .unlink_device(device, why, now_ms)
                 .await
                 .map_err(internal)?;
-            if matches!(outcome, Unlinked::Done { .. }) {
-                c.queues.drop_queue(device).await.map_err(internal)?;
+            // The device is unlinked whatever befalls its queue: nobody can read it
+            // again, and what stays ages out with the TTL.
+            if matches!(outcome, Unlinked::Done { .. })
+                && let Err(e) = c.queues.drop_queue(device).await
+            {
+                tracing::warn!(error = %e, "an unlinked device's queue was not dropped");
             }
             Ok(outcome)
         }
@@ -788,7 +792,25 @@ pub(crate) async fn index_number(
     account: u64,
 ) -> Result<(), NodeError> {
     match &shared.cluster {
-        Some(c) => c.discovery.index(&prf, account).await.map_err(internal),
+        Some(c) => {
+            // The registration stands either way: a number left out of the index
+            // (after a few tries) is found again once it registers again.
+            let mut tries = 0;
+            loop {
+                match c.discovery.index(&prf, account).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if tries < 3 => {
+                        tries += 1;
+                        tracing::warn!(error = %e, "indexing a number failed; trying again");
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "a registered number is not in the discovery index");
+                        return Ok(());
+                    }
+                }
+            }
+        }
         None => {
             shared.discovery.registered(key_version, &prf);
             Ok(())

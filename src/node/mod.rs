@@ -163,9 +163,11 @@ impl Node {
         };
         let fingerprint = creds.fingerprint();
 
-        blobs::prepare(&data_dir).map_err(|source| ServeError::DataDir {
-            path: blobs::dir(&data_dir),
-            source,
+        blobs::prepare(&data_dir, config.cluster.enabled()).map_err(|source| {
+            ServeError::DataDir {
+                path: blobs::dir(&data_dir),
+                source,
+            }
         })?;
         let db_path = data_dir.join("db");
         let power_loss_sync = config.storage.power_loss_sync;

@@ -470,6 +470,60 @@ async fn contacts_registered_through_either_node_are_found_through_both() {
     assert_eq!(found, vec![BOB.to_string(), CAROL.to_string()]);
 }
 
+/// How many discovery filters `nodes` built for the cluster so far.
+fn filter_builds(nodes: &[&ProcessNode]) -> usize {
+    nodes
+        .iter()
+        .map(|n| {
+            n.log()
+                .matches("built the discovery filter for the cluster")
+                .count()
+        })
+        .sum()
+}
+
+/// Registrations after a build get the cluster a new filter at the next refresh,
+/// built by one node; a number registered again (the same index entry) is rebuilt
+/// once, and then the nodes stop building.
+#[test]
+fn the_cluster_rebuilds_its_filter_after_registrations_and_then_stops() {
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, one, two) = two_nodes_with(&nats, "[discovery]\nfilter_refresh_secs = 1\n");
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Bounded waits: builds come within a few refreshes.
+    let settle = |before: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = before;
+        loop {
+            std::thread::sleep(Duration::from_secs(3));
+            let now = filter_builds(&[&one, &two]);
+            if now == seen && now > before {
+                return now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "builds never settled: {before} → {now}"
+            );
+            seen = now;
+        }
+    };
+    let first = filter_builds(&[&one, &two]);
+    register(&dir.path().join("alice"), ALICE, &one.addr);
+    register(&dir.path().join("bob"), BOB, &two.addr);
+    let after_registrations = settle(first);
+    // Alice registers again on a new device: the same index entry, written again.
+    register(&dir.path().join("alice-new"), ALICE, &two.addr);
+    let after_again = settle(after_registrations);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        filter_builds(&[&one, &two]),
+        after_again,
+        "the nodes kept building a filter nothing changed"
+    );
+}
+
 /// A group made through node 1 lives in the cluster: members on either node get
 /// each message once, the sender hears how many devices have it, and a member
 /// writing through node 2 reaches the others on both.

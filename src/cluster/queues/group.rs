@@ -8,8 +8,9 @@
 //!   items, so an item whose body is gone has aged out too), and goes as soon as the
 //!   last device acknowledged it.
 //! - **Count.** A row in the `sb_group_receipts` bucket (expiring with the message
-//!   TTL), keyed `SENDER_ACCOUNT.SENDER_DEVICE.ID`, lists the devices that
-//!   acknowledged the message, so an ack repeated after a crash counts once. Each
+//!   TTL), keyed `SENDER_ACCOUNT.SENDER_DEVICE.ID`, lists the devices the message
+//!   went to (a repeated send adds those it did not go to before) and those that
+//!   acknowledged it, so an ack repeated after a crash counts once. Each
 //!   count is a [`QueueItem::GroupDelivered`] on the sender's receipt subject; the one
 //!   it supersedes is deleted, so the sender's queue holds about one per message
 //!   however many devices take it (a crash in between leaves one more, and the client
@@ -34,9 +35,10 @@ pub const BUCKET: &str = "sb_group_receipts";
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 struct ReceiptRow {
     group_id: u64,
-    /// The devices it went to.
-    of: u32,
-    /// The devices that acknowledged it, as (account, device).
+    /// The devices it went to, as (account, device): those of every send of it (a
+    /// send repeated after a member linked a device goes to one more).
+    recipients: Vec<(u64, u32)>,
+    /// The devices that acknowledged it.
     acked: Vec<(u64, u32)>,
     /// The stream seq of its body.
     body_seq: u64,
@@ -74,24 +76,35 @@ impl JetStreamQueues {
             });
         }
         let body_seq = self.store_body(m.sender, &m.id, m.body).await?;
-        let of = u32::try_from(m.recipients.len()).unwrap_or(u32::MAX);
-        // A send repeated (its answer lost) finds its row and keeps it.
+        let devices: Vec<(u64, u32)> = m
+            .recipients
+            .iter()
+            .map(|d| (d.account_id, d.device_id))
+            .collect();
+        // A send repeated (its answer lost) finds its row and adds the devices it did
+        // not go to before, so the body stays until every one has it.
         self.receipts
             .modify(
                 &row_key(m.sender, &m.id),
                 |slot: &mut Option<ReceiptRow>| {
-                    if slot.is_some() {
-                        return ((), false);
+                    let Some(row) = slot.as_mut() else {
+                        *slot = Some(ReceiptRow {
+                            group_id: m.group_id,
+                            recipients: devices.clone(),
+                            acked: Vec::new(),
+                            body_seq,
+                            receipt_seq: 0,
+                            receipt_count: 0,
+                        });
+                        return ((), true);
+                    };
+                    let before = row.recipients.len();
+                    for d in &devices {
+                        if !row.recipients.contains(d) {
+                            row.recipients.push(*d);
+                        }
                     }
-                    *slot = Some(ReceiptRow {
-                        group_id: m.group_id,
-                        of,
-                        acked: Vec::new(),
-                        body_seq,
-                        receipt_seq: 0,
-                        receipt_count: 0,
-                    });
-                    ((), true)
+                    ((), row.recipients.len() != before)
                 },
             )
             .await?;
@@ -132,8 +145,8 @@ impl JetStreamQueues {
         let ack = self.publish(&subject, &msg_id, &value).await?;
         match self.acked(ack, &subject, &msg_id, &value).await {
             Ok(ack) => Ok(ack.sequence),
-            // Past the duplicate window the subject still holds the first copy (one
-            // per subject): that one is the body.
+            // The subject at the queue limit (a send repeated that often, past the
+            // duplicate window): the copy there is the body.
             Err(e) if subject_full(&e) => self
                 .stream
                 .get_last_raw_message_by_subject(&subject)
@@ -178,10 +191,13 @@ impl JetStreamQueues {
                 if fresh {
                     row.acked.push(me);
                 }
-                let delivered = u32::try_from(row.acked.len())
-                    .unwrap_or(u32::MAX)
-                    .min(row.of);
-                (Some((row.group_id, delivered, row.of, row.body_seq)), fresh)
+                // It had an item, so it is one the message went to.
+                if !row.recipients.contains(&me) {
+                    row.recipients.push(me);
+                }
+                let of = u32::try_from(row.recipients.len()).unwrap_or(u32::MAX);
+                let delivered = u32::try_from(row.acked.len()).unwrap_or(u32::MAX).min(of);
+                (Some((row.group_id, delivered, of, row.body_seq)), fresh)
             })
             .await?;
         let Some((group_id, delivered, of, body_seq)) = counted else {

@@ -16,6 +16,9 @@ use crate::node::worker::internal;
 use crate::proto::{ErrorKind, NodeError, Reply, Response, frame};
 use crate::store::DeviceRef;
 
+/// The most attachments one account has stored in the cluster at a time.
+const MAX_BLOBS_PER_ACCOUNT: usize = 10_000;
+
 /// [`super::upload`] on the cluster, after the checks every upload passes.
 pub(super) async fn upload(
     send: &mut quinn::SendStream,
@@ -32,17 +35,37 @@ pub(super) async fn upload(
     } = to;
     let blobs = &c.blobs;
     let limits = &shared.config.attachments;
+    let abandoned = now_ms().saturating_sub(limits.incomplete_ttl.as_millis() as u64);
     let (id, offset) = match resume {
         Some(id) => match blobs.record(&id).await.map_err(internal)? {
-            Some(r) if r.owner == account && !r.complete && r.size == size => (id, r.received),
+            Some(r)
+                if r.owner == account
+                    && !r.complete
+                    && r.size == size
+                    && r.created_at_ms >= abandoned =>
+            {
+                (id, r.received)
+            }
             _ => return Err(no_attachment()),
         },
         None => {
-            let stored = blobs
-                .account_bytes(account, now_ms())
+            let (stored, count) = blobs
+                .account_bytes(account, now_ms(), limits.incomplete_ttl)
                 .await
                 .map_err(internal)?;
             check_stored(shared, stored, size)?;
+            // The account's list is one entry of the cluster: bounded.
+            if count >= MAX_BLOBS_PER_ACCOUNT {
+                return Err(NodeError::new(
+                    ErrorKind::AttachmentQuota {
+                        max: limits.max_stored_bytes_per_account,
+                    },
+                    format!(
+                        "this account has {count} attachments on the node, as many as it may \
+                         have until they are downloaded or expire"
+                    ),
+                ));
+            }
             (rand::random::<[u8; 16]>(), 0)
         }
     };
@@ -158,6 +181,26 @@ async fn store_segment(
     Ok(())
 }
 
+/// Segment `k` of blob `id`, opened within `timeout` (`None`, logged, else).
+async fn open_segment(
+    blobs: &crate::cluster::blobs::JetStreamBlobs,
+    id: &[u8; 16],
+    k: u64,
+    timeout: std::time::Duration,
+) -> Option<async_nats::jetstream::object_store::Object> {
+    match tokio::time::timeout(timeout, blobs.segment(id, k)).await {
+        Ok(Ok(object)) => Some(object),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "opening an attachment segment");
+            None
+        }
+        Err(_) => {
+            tracing::error!("opening an attachment segment stalled");
+            None
+        }
+    }
+}
+
 /// [`super::download`] on the cluster.
 pub(super) async fn download(
     send: &mut quinn::SendStream,
@@ -168,12 +211,18 @@ pub(super) async fn download(
     offset: u64,
 ) -> Result<(), Option<NodeError>> {
     let blobs = &c.blobs;
+    // Its segments age out a TTL after they were stored (the record, rewritten by
+    // every download, would outlive them): past that it is not offered.
+    let ttl_ms = shared.config.messages.ttl.as_millis() as u64;
     let record = blobs
         .record(&id)
         .await
         .map_err(internal)?
-        .filter(|r| r.complete)
+        .filter(|r| r.complete && r.created_at_ms.saturating_add(ttl_ms) > now_ms())
         .ok_or_else(no_attachment)?;
+    // Every read of the cluster is bounded: a segment gone under a reader would
+    // otherwise leave it waiting.
+    let timeout = shared.config.limits.request_timeout;
     if offset > record.size {
         return Err(Some(NodeError::new(
             ErrorKind::Malformed,
@@ -187,10 +236,11 @@ pub(super) async fn download(
     // the client reads, not a stream cut short.
     let first = offset / SEGMENT;
     let mut segment = match first < segments(record.size) {
-        true => Some(blobs.segment(&id, first).await.map_err(|e| {
-            tracing::error!(error = %e, "reading an attachment segment");
-            no_attachment()
-        })?),
+        true => Some(
+            open_segment(blobs, &id, first, timeout)
+                .await
+                .ok_or_else(no_attachment)?,
+        ),
         false => None,
     };
     let ready = Reply::Ok(Response::DownloadReady { size: record.size });
@@ -204,10 +254,13 @@ pub(super) async fn download(
             Some(object) => object,
             None => return Err(None),
         };
-        let n = object
-            .read(&mut buf)
-            .await
-            .map_err(|e| io_error("reading an attachment", e))?;
+        let n = match tokio::time::timeout(timeout, object.read(&mut buf)).await {
+            Ok(read) => read.map_err(|e| io_error("reading an attachment", e))?,
+            Err(_) => {
+                tracing::error!("reading an attachment segment stalled");
+                return Err(None);
+            }
+        };
         if n == 0 {
             // This segment is done: the next one.
             k += 1;
@@ -217,10 +270,7 @@ pub(super) async fn download(
                     "the attachment's segments are shorter than its record",
                 )));
             }
-            segment = Some(blobs.segment(&id, k).await.map_err(|e| {
-                tracing::error!(error = %e, "reading an attachment segment");
-                None::<NodeError>
-            })?);
+            segment = Some(open_segment(blobs, &id, k, timeout).await.ok_or(None)?);
             continue;
         }
         let from = usize::try_from(skip.min(n as u64)).unwrap_or(n);
