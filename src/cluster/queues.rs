@@ -30,7 +30,9 @@
 //! - **Wake-ups.** After an append, a core NATS message (no payload) on
 //!   `sbw.ACCOUNT.DEVICE` tells whichever node holds that device's delivery stream to
 //!   read its queue now; the stream stays the source of truth (a lost wake-up delays
-//!   an item until that node's next read, never loses it).
+//!   an item until that node's next read, never loses it). A message there with a
+//!   payload is an ephemeral item for the device (a typing notice, one frame), pushed
+//!   if it is connected and never stored.
 
 use std::time::Duration;
 
@@ -171,6 +173,24 @@ impl JetStreamQueues {
             .subscribe(wake_subject(device))
             .await
             .map_err(|e| engine("wake-ups", e))
+    }
+
+    /// Hands `payload` (an encoded ephemeral item, such as a typing notice) to the
+    /// delivery stream of each of `devices`, wherever it is: on its wake-up subject,
+    /// best effort (nothing is stored; a device not connected gets nothing).
+    pub async fn tell(&self, devices: &[DeviceRef], payload: Bytes) {
+        for &device in devices {
+            if let Err(e) = self
+                .client
+                .publish(wake_subject(device), payload.clone())
+                .await
+            {
+                tracing::debug!(error = %e, "an ephemeral item not sent");
+            }
+        }
+        if let Err(e) = self.client.flush().await {
+            tracing::debug!(error = %e, "ephemeral items not flushed");
+        }
     }
 
     async fn wake(&self, devices: impl IntoIterator<Item = DeviceRef>) {

@@ -119,7 +119,7 @@ pub async fn serve(
         push(send, &shared, &mailbox, &stream, at, done, &stop).await;
         ended.cancel();
     };
-    let woken = forward_wake_ups(wake_ups, &mailbox, &ended);
+    let woken = forward_wake_ups(wake_ups, &shared, device, &mailbox, &ended);
     tokio::join!(acker, pusher, woken);
 }
 
@@ -129,9 +129,12 @@ pub async fn serve(
 const CLUSTER_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Turns the cluster's wake-ups for this device (and, without one for a while,
-/// the clock) into wake-ups of its mailbox, until `ended`.
+/// the clock) into wake-ups of its mailbox, and the typing notices among them into
+/// its ephemeral items, until `ended`.
 async fn forward_wake_ups(
     wake_ups: Option<async_nats::Subscriber>,
+    shared: &Shared,
+    device: crate::store::DeviceRef,
     mailbox: &super::mailbox::Mailbox,
     ended: &CancellationToken,
 ) {
@@ -144,6 +147,15 @@ async fn forward_wake_ups(
             () = ended.cancelled() => break,
             next = tokio::time::timeout(CLUSTER_RECHECK, wake_ups.next()) => match next {
                 Ok(None) => break,
+                Ok(Some(m)) if !m.payload.is_empty() => {
+                    // From another node: only a typing notice is taken.
+                    match frame::decode::<Item>(&m.payload, m.payload.len()) {
+                        Ok(Some((item @ Item::Typing(_), _))) => {
+                            shared.mailboxes.push_ephemeral(device, item);
+                        }
+                        _ => tracing::debug!("an ephemeral item from the cluster dropped"),
+                    }
+                }
                 Ok(Some(_)) | Err(_) => mailbox.changed.notify_waiters(),
             },
         }

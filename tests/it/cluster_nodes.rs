@@ -470,6 +470,47 @@ async fn contacts_registered_through_either_node_are_found_through_both() {
     assert_eq!(found, vec![BOB.to_string(), CAROL.to_string()]);
 }
 
+/// A typing notice through node 1 reaches the recipient's app following on node 2
+/// (handed over by the cluster, never stored).
+#[test]
+fn a_typing_notice_reaches_a_device_on_another_node() {
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, one, two) = two_nodes(&nats);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    register(&alice, ALICE, &one.addr);
+    register(&bob, BOB, &two.addr);
+    let (mut follower, rx) = follow(&bob);
+    // The first message proves the follower subscribed.
+    send(&alice, BOB, "warm-up");
+    assert_eq!(next_message(&rx).1["text"], "warm-up");
+    let args = ["typing", BOB];
+    let told = cli(&alice, &args, "");
+    assert!(told.status.success(), "{}", show(&args, &told));
+    assert!(
+        stderr(&told).contains("told 1 connected device(s)"),
+        "{}",
+        show(&args, &told)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let typing = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (_, line) = rx
+            .recv_timeout(left)
+            .expect("the follower printed the notice");
+        let value: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        if value["typing"].is_object() {
+            break value;
+        }
+    };
+    assert_eq!(typing["typing"]["from"], ALICE, "{typing}");
+    assert_eq!(typing["typing"]["typing"], true, "{typing}");
+    let _ = follower.kill();
+    let _ = follower.wait();
+}
+
 /// How many discovery filters `nodes` built for the cluster so far.
 fn filter_builds(nodes: &[&ProcessNode]) -> usize {
     nodes

@@ -137,10 +137,20 @@ pub(super) async fn typing(
         group_id,
         typing,
     });
-    let devices = targets
+    let (here, elsewhere): (Vec<DeviceRef>, Vec<DeviceRef>) = targets
         .into_iter()
-        .filter(|d| shared.mailboxes.push_ephemeral(*d, item.clone()))
-        .count();
+        .partition(|d| shared.mailboxes.push_ephemeral(*d, item.clone()));
+    let mut devices = here.len();
+    // In cluster mode the others may be connected to another node: told through
+    // the cluster, and counted (this node cannot know which are connected).
+    if let Some(c) = &shared.cluster
+        && !elsewhere.is_empty()
+    {
+        let payload = crate::proto::frame::encode(&item)
+            .map_err(|e| NodeError::new(crate::proto::ErrorKind::Internal, e.to_string()))?;
+        c.queues.tell(&elsewhere, payload.into()).await;
+        devices += elsewhere.len();
+    }
     Ok(Response::TypingSent {
         devices: u32::try_from(devices).unwrap_or(u32::MAX),
     })
