@@ -81,21 +81,14 @@ impl JetStreamBlobs {
             ttl,
         )
         .await?;
-        let js = &cluster.jetstream;
-        let objects = match js.get_object_store(OBJECTS).await {
-            Ok(store) => store,
-            Err(_) => js
-                .create_object_store(object_store::Config {
-                    bucket: OBJECTS.into(),
-                    description: Some("switchboard: attachment bytes (ciphertext)".into()),
-                    max_age: ttl,
-                    num_replicas: replicas.clamp(1, super::REPLICAS),
-                    storage: async_nats::jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| ClusterError::JetStream(format!("object store {OBJECTS}: {e}")))?,
-        };
+        let objects = super::bucket::object_store(
+            cluster,
+            OBJECTS,
+            "switchboard: attachment bytes (ciphertext)",
+            replicas,
+            ttl,
+        )
+        .await?;
         Ok(JetStreamBlobs {
             records,
             objects,
@@ -155,15 +148,7 @@ impl JetStreamBlobs {
                 ((), true)
             })
             .await?;
-        let record = BlobRecord {
-            owner,
-            size,
-            received: 0,
-            complete: false,
-            created_at_ms: now_ms,
-            downloads_left: downloads,
-            downloaded_by: Vec::new(),
-        };
+        let record = BlobRecord::new(owner, size, downloads, now_ms);
         self.records.put(&record_key(&id), &record).await
     }
 

@@ -22,6 +22,34 @@ use crate::store::records;
 /// Reads and compare-and-sets of one entry before giving up as busy.
 const TRIES: u32 = 64;
 
+/// The object store `name` on `cluster`, created with `replicas` replicas (file
+/// storage, objects dropped `max_age` after they were stored; zero: never) if it is
+/// not there.
+pub async fn object_store(
+    cluster: &Cluster,
+    name: &'static str,
+    description: &str,
+    replicas: usize,
+    max_age: Duration,
+) -> Result<async_nats::jetstream::object_store::ObjectStore, ClusterError> {
+    use async_nats::jetstream::object_store;
+    let js = &cluster.jetstream;
+    match js.get_object_store(name).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_object_store(object_store::Config {
+                bucket: name.into(),
+                description: Some(description.into()),
+                max_age,
+                num_replicas: replicas.clamp(1, super::REPLICAS),
+                storage: async_nats::jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError::JetStream(format!("object store {name}: {e}"))),
+    }
+}
+
 /// A bucket of entries of one kind.
 #[derive(Clone)]
 pub struct Bucket {

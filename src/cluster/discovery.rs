@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::object_store::{self, ObjectStore};
+use async_nats::jetstream::object_store::ObjectStore;
 use bincode::{Decode, Encode};
 use futures_util::TryStreamExt;
 use tokio::io::AsyncReadExt;
@@ -100,20 +100,14 @@ impl JetStreamDiscovery {
             replicas,
         )
         .await?;
-        let js = &cluster.jetstream;
-        let filters = match js.get_object_store(FILTERS).await {
-            Ok(store) => store,
-            Err(_) => js
-                .create_object_store(object_store::Config {
-                    bucket: FILTERS.into(),
-                    description: Some("switchboard: contact-discovery filters".into()),
-                    num_replicas: replicas.clamp(1, super::REPLICAS),
-                    storage: async_nats::jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| ClusterError::JetStream(format!("object store {FILTERS}: {e}")))?,
-        };
+        let filters = super::bucket::object_store(
+            cluster,
+            FILTERS,
+            "switchboard: contact-discovery filters",
+            replicas,
+            Duration::ZERO,
+        )
+        .await?;
         Ok(JetStreamDiscovery {
             bucket,
             filters,

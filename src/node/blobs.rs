@@ -135,13 +135,28 @@ pub fn prepare(data_dir: &Path, cluster: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+fn storage_full() -> NodeError {
+    NodeError::new(
+        ErrorKind::StorageFull,
+        "storage full: the node's disk has no room for this attachment; try again later",
+    )
+}
+
+/// Tells the client its upload `id` may send from `offset`.
+async fn upload_ready(
+    send: &mut quinn::SendStream,
+    id: [u8; 16],
+    offset: u64,
+) -> Result<(), NodeError> {
+    frame::write(send, &Reply::Ok(Response::UploadReady { id, offset }))
+        .await
+        .map_err(|e| NodeError::new(ErrorKind::Internal, e.to_string()))
+}
+
 fn io_error(what: &str, e: std::io::Error) -> NodeError {
     tracing::error!(error = %e, "{what}");
     if e.raw_os_error() == Some(28) {
-        return NodeError::new(
-            ErrorKind::StorageFull,
-            "storage full: the node's disk has no room for this attachment; try again later",
-        );
+        return storage_full();
     }
     NodeError::new(ErrorKind::Internal, format!("{what} failed; try again"))
 }
@@ -257,10 +272,7 @@ async fn upload(
         limits.max_in_flight_bytes_per_account,
     )?;
     if !shared.space.room_for(size - offset) {
-        return Err(NodeError::new(
-            ErrorKind::StorageFull,
-            "storage full: the node's disk has no room for this attachment; try again later",
-        ));
+        return Err(storage_full());
     }
     let data_dir = shared.config.server.data_dir.clone();
     let part = partial_path(&data_dir, &id);
@@ -285,9 +297,7 @@ async fn upload(
     file.seek(std::io::SeekFrom::Start(offset))
         .await
         .map_err(|e| io_error("seeking an upload's file", e))?;
-    frame::write(send, &Reply::Ok(Response::UploadReady { id, offset }))
-        .await
-        .map_err(|e| NodeError::new(ErrorKind::Internal, e.to_string()))?;
+    upload_ready(send, id, offset).await?;
 
     let timeout = shared.config.limits.request_timeout;
     let mut received = offset;

@@ -23,15 +23,7 @@ impl Store {
         now_ms: u64,
     ) -> Result<(), StoreError> {
         let _gate = self.writing();
-        let record = BlobRecord {
-            owner,
-            size,
-            received: 0,
-            complete: false,
-            created_at_ms: now_ms,
-            downloads_left: downloads,
-            downloaded_by: Vec::new(),
-        };
+        let record = BlobRecord::new(owner, size, downloads, now_ms);
         self.trees
             .account_blob
             .insert(account_blob_key(owner, &id), &size.to_be_bytes())?;

@@ -183,6 +183,21 @@ pub struct BlobRecord {
     pub downloaded_by: Vec<(u64, u32)>,
 }
 
+impl BlobRecord {
+    /// A new upload of `owner`, `size` bytes for `downloads` devices, begun at `now_ms`.
+    pub fn new(owner: u64, size: u64, downloads: u32, now_ms: u64) -> BlobRecord {
+        BlobRecord {
+            owner,
+            size,
+            received: 0,
+            complete: false,
+            created_at_ms: now_ms,
+            downloads_left: downloads,
+            downloaded_by: Vec::new(),
+        }
+    }
+}
+
 /// A registration lock: re-registering the number needs the PIN.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct LockRecord {

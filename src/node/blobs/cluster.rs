@@ -8,6 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::{
     CHUNK, Shared, Upload, check_stored, io_error, no_attachment, partial_path, read_chunk,
+    storage_full, upload_ready,
 };
 use crate::cluster::blobs::{SEGMENT, segments};
 use crate::node::clock::now_ms;
@@ -76,10 +77,7 @@ pub(super) async fn upload(
         limits.max_in_flight_bytes_per_account,
     )?;
     if !shared.space.room_for((size - offset).min(SEGMENT)) {
-        return Err(NodeError::new(
-            ErrorKind::StorageFull,
-            "storage full: the node's disk has no room for this attachment; try again later",
-        ));
+        return Err(storage_full());
     }
     if resume.is_none() {
         blobs
@@ -96,9 +94,7 @@ pub(super) async fn upload(
         .open(&spool_path)
         .await
         .map_err(|e| io_error("opening an upload's spool file", e))?;
-    frame::write(send, &Reply::Ok(Response::UploadReady { id, offset }))
-        .await
-        .map_err(|e| NodeError::new(ErrorKind::Internal, e.to_string()))?;
+    upload_ready(send, id, offset).await?;
 
     let timeout = shared.config.limits.request_timeout;
     // Bytes the cluster holds, and bytes received (the rest spooled).
