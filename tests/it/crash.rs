@@ -37,6 +37,9 @@ const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bounds on the load, whatever the cycle count.
 const MAX_MESSAGES_PER_SENDER: u64 = 200_000;
 
+/// Acknowledged messages between two stops, at least: every stop cuts into traffic.
+const LOAD_PER_STOP: usize = 50;
+
 fn cycles() -> usize {
     if std::env::var_os("SWITCHBOARD_SLOW_TESTS").is_some() {
         60
@@ -179,7 +182,7 @@ impl Oracle {
     fn check(&self, stops: usize, report: &str, log: &str) {
         let attempted: u64 = self.attempted.values().sum();
         assert!(
-            self.acked_count() >= 50 * stops,
+            self.acked_count() >= LOAD_PER_STOP * stops,
             "too little load to mean anything: {report}"
         );
         assert!(
@@ -508,9 +511,22 @@ async fn run(stop: Stop, cycles: usize) {
     let world = Arc::new(World::new(stop, &node.addr, node.fingerprint));
     let load = Load::start(&world, &node.addr).await;
 
-    // The chaos: stop the node at random moments, start it again.
-    for _ in 0..cycles {
-        let pause = rand::rng().random_range(150..700);
+    // The chaos: stop the node at random moments, start it again. Every stop waits
+    // for real traffic since the last start (a loaded machine restarts slowly; a
+    // fixed pause there would cut into almost nothing), then a random moment more.
+    let acked_now = |world: &World| world.oracle.lock().unwrap().acked_count();
+    for cycle in 0..cycles {
+        let until = acked_now(&world) + LOAD_PER_STOP;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while acked_now(&world) < until {
+            assert!(
+                Instant::now() < deadline,
+                "no load after start {cycle}: {}",
+                world.oracle.lock().unwrap().report(&format!("{stop:?}"))
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pause = rand::rng().random_range(0..500);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         world.generation.fetch_add(1, Ordering::Relaxed);
         let restarted = tokio::task::spawn_blocking(move || {
