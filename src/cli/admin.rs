@@ -63,6 +63,19 @@ enum Command {
     /// Re-key the contact-discovery index: a new OPRF key, the index rebuilt under it.
     /// Clients notice the new key version and run discovery again.
     RotateDiscoveryKey,
+    /// Move this node's data into a cluster (see README, "Cluster mode"): accounts,
+    /// devices, keys, groups, profiles, undelivered messages and attachments. The
+    /// node must be stopped, and the cluster empty (or holding this node's export
+    /// that broke off: run again, it goes on). Its nodes should use this node's
+    /// certificate, so that clients keep their pin.
+    ExportToCluster {
+        /// The cluster nodes' config file: its `[cluster] nats`, `replicas`,
+        /// `[messages]` TTL and `server.tls_cert`/`tls_key` are used.
+        #[arg(long = "to", value_name = "CLUSTER_CONFIG")]
+        to: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -121,6 +134,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Command::Delete { number, yes } => delete(&data, &e164(&number)?, yes).await,
         Command::Backup { file } => backup_to(&data, &file).await,
         Command::Restore { file } => restore_from(&data, &file).await,
+        Command::ExportToCluster { to, json } => {
+            export_to_cluster(&data, args.config.as_deref(), &to, json).await
+        }
         Command::RotateDiscoveryKey => {
             let (version, accounts) = match ask(&data, AdminRequest::RotateDiscoveryKey).await? {
                 Some(AdminReply::Rotated { version, accounts }) => (version, accounts),
@@ -137,6 +153,85 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn export_to_cluster(
+    data: &Path,
+    node_config: Option<&Path>,
+    to: &Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    if ask(data, AdminRequest::Stats).await?.is_some() {
+        bail!(
+            "a node runs on {}: stop it first (its clients then wait, and carry on \
+             through the cluster once their server addresses name its nodes)",
+            data.display()
+        );
+    }
+    let cluster = Config::load(to)?;
+    // The certificate clients pinned: the node's own, or the one its config named.
+    let tls = match node_config
+        .map(Config::load)
+        .transpose()?
+        .and_then(|c| c.server.tls)
+    {
+        Some(files) => (files.cert, files.key),
+        None => (data.join("tls/cert.pem"), data.join("tls/key.pem")),
+    };
+    let node = switchboard::tls::Credentials::load_pem(&tls.0, &tls.1)
+        .with_context(|| format!("the node's certificate {}", tls.0.display()))?;
+    let quiet = json;
+    let progress = move |what: &str| {
+        if !quiet {
+            eprintln!("exporting {what}...");
+        }
+    };
+    let report = switchboard::node::export::export_to_cluster(data, &node, &cluster, &progress)
+        .await
+        .with_context(|| {
+            format!(
+                "exporting {} to the cluster of {}",
+                data.display(),
+                to.display()
+            )
+        })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "exported {} accounts ({} devices, {} one-time keys, {} removed keys), {} profiles, \
+         {} groups, {} queued items ({} group messages; {} expired left behind, {} receipts \
+         dropped at the queue limit), {} attachments ({}; {} unfinished or expired left \
+         behind); {} numbers indexed for discovery",
+        report.accounts,
+        report.devices,
+        report.one_time_keys,
+        report.removed_keys,
+        report.profiles,
+        report.groups,
+        report.queue_items,
+        report.group_messages,
+        report.expired_items,
+        report.dropped_receipts,
+        report.attachments,
+        HumanBytes(report.attachment_bytes),
+        report.attachments_left,
+        report.indexed,
+    );
+    if report.certificate_changed() {
+        println!(
+            "warning: the cluster's certificate ({}) is not the node's ({}): every client must \
+             pin the new one. Give the cluster's nodes the node's certificate and key to avoid it.",
+            report.cluster_fingerprint, report.node_fingerprint
+        );
+    } else {
+        println!(
+            "the cluster's nodes use the node's certificate ({}): clients keep their pin",
+            report.node_fingerprint
+        );
+    }
+    Ok(())
 }
 
 fn e164(number: &str) -> anyhow::Result<String> {

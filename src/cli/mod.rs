@@ -47,6 +47,12 @@ enum Command {
     Register(register::Args),
     /// Ask the node who this device is.
     Whoami,
+    /// The node addresses this device connects to, or (given a comma-separated
+    /// list, tried in order) replace them: after the node moved, or into a cluster.
+    Servers {
+        /// host:port[,host:port...]
+        list: Option<String>,
+    },
     /// Send an end-to-end encrypted message.
     Send(messaging::SendArgs),
     /// Print the messages waiting for this device, oldest first.
@@ -140,6 +146,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args).await,
         Command::Register(args) => register::run(home(cli.home, pass)?, args).await,
         Command::Whoami => whoami::run(home(cli.home, pass)?).await,
+        Command::Servers { list } => whoami::servers(home(cli.home, pass)?, list),
         Command::Send(args) => messaging::send(home(cli.home, pass)?, args).await,
         Command::Recv(args) => messaging::recv(home(cli.home, pass)?, args).await,
         Command::History(args) => messaging::history(home(cli.home, pass)?, args).await,

@@ -169,6 +169,21 @@ impl Home {
         })
     }
 
+    /// Replaces the node addresses the device connects to (comma-separated, tried in
+    /// order): the same node under a new address, or the nodes of the cluster it
+    /// moved into. The pinned certificate stays: a node that does not present it is
+    /// refused.
+    pub fn set_servers(&self, servers: &str) -> Result<(), HomeError> {
+        let mut state = self.state()?;
+        state.server = servers.to_string();
+        let path = self.dir.join("state.toml");
+        let text = toml::to_string(&state).map_err(|e| HomeError::Damaged {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        fsutil::write_private(&path, text.as_bytes()).map_err(self.io(&path))
+    }
+
     /// Saves a new registration with its device key, replacing any earlier one.
     pub fn save(&self, reg: &Registration, pem: &PemPair) -> Result<(), HomeError> {
         fsutil::create_private_dir(&self.dir).map_err(self.io(&self.dir))?;

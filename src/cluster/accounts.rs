@@ -856,3 +856,126 @@ impl LimitStore for JetStreamAccounts {
         }
     }
 }
+
+/// `x.export`: a single node's data being moved in (`switchboard admin
+/// export-to-cluster`), or moved.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ExportMark {
+    /// The certificate fingerprint of the node it came from.
+    pub source: String,
+    pub started_at_ms: u64,
+    pub done: bool,
+}
+
+const EXPORT_KEY: &str = "x.export";
+
+/// What an account's number entry says when an imported account is not its own.
+#[derive(Debug, thiserror::Error)]
+#[error("{number} belongs to account {holder} on the cluster, not {id}")]
+pub struct NumberTaken {
+    pub number: String,
+    pub holder: u64,
+    pub id: u64,
+}
+
+impl JetStreamAccounts {
+    /// Whether the cluster has an account.
+    pub async fn any_account(&self) -> Result<bool, StoreError> {
+        use futures_util::TryStreamExt;
+        let mut listed = self.bucket.keys().await?;
+        while let Some(key) = listed
+            .try_next()
+            .await
+            .map_err(|e| bucket::engine(BUCKET, e))?
+        {
+            if key.starts_with("a.") {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The mark of an export into the cluster, if one began.
+    pub async fn export_mark(&self) -> Result<Option<ExportMark>, StoreError> {
+        Ok(self.bucket.read(EXPORT_KEY).await?.0)
+    }
+
+    pub async fn set_export_mark(&self, mark: &ExportMark) -> Result<(), StoreError> {
+        self.bucket.put(EXPORT_KEY, mark).await
+    }
+
+    /// Writes account `a` as the single node kept it: its number's entry (no
+    /// pending code), the account with its devices' names and last-seen times, each
+    /// device's key entry, and its registration lock. Written again, it changes
+    /// nothing; a number held by another account on the cluster is refused.
+    pub async fn import(
+        &self,
+        a: &crate::store::export::ExportedAccount,
+    ) -> Result<Result<(), NumberTaken>, StoreError> {
+        let id = a.id;
+        let decided = self
+            .bucket
+            .modify(
+                &number_key(&a.record.number),
+                |slot: &mut Option<NumberEntry>| {
+                    let entry = slot.get_or_insert_with(NumberEntry::default);
+                    match entry.account_id {
+                        Some(holder) if holder != id => (Err(holder), false),
+                        Some(_) => (Ok(entry.generation), false),
+                        None => {
+                            entry.account_id = Some(id);
+                            entry.generation += 1;
+                            (Ok(entry.generation), true)
+                        }
+                    }
+                },
+            )
+            .await?;
+        let generation = match decided {
+            Ok(generation) => generation,
+            Err(holder) => {
+                return Ok(Err(NumberTaken {
+                    number: a.record.number.clone(),
+                    holder,
+                    id,
+                }));
+            }
+        };
+        let entry = AccountEntry {
+            record: a.record.clone(),
+            generation,
+            names: a.names.clone(),
+            seen: a.seen.clone(),
+        };
+        self.bucket.put(&account_key(id), &entry).await?;
+        for device in &a.record.devices {
+            self.bucket
+                .put(
+                    &key_key(&device.key_id),
+                    &KeyEntry::Device(id, device.device_id),
+                )
+                .await?;
+        }
+        if let Some(lock) = &a.lock {
+            self.bucket.put(&lock_key(id), lock).await?;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Remembers why the device of `key_id` was removed, unless the key is in use.
+    pub async fn import_removed(
+        &self,
+        key_id: &KeyId,
+        removed: RemovedKeyRecord,
+    ) -> Result<(), StoreError> {
+        self.bucket
+            .modify(&key_key(key_id), |slot: &mut Option<KeyEntry>| {
+                if slot.is_some() {
+                    return ((), false);
+                }
+                *slot = Some(KeyEntry::Removed(removed));
+                ((), true)
+            })
+            .await
+    }
+}

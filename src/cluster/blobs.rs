@@ -260,3 +260,57 @@ impl JetStreamBlobs {
             .await
     }
 }
+
+impl JetStreamBlobs {
+    /// Stores blob `id` as the single node kept it (`switchboard admin
+    /// export-to-cluster`), its bytes read from `file`: the record counts nothing
+    /// received until every segment is stored, then it is the node's record. False
+    /// when the cluster has it whole already (an export run again).
+    pub async fn import(
+        &self,
+        id: [u8; 16],
+        record: &BlobRecord,
+        file: &std::path::Path,
+    ) -> Result<bool, StoreError> {
+        use tokio::io::AsyncReadExt;
+        if self.record(&id).await?.is_some_and(|r| r.complete) {
+            return Ok(false);
+        }
+        self.records
+            .modify(
+                &account_key(record.owner),
+                |slot: &mut Option<AccountBlobs>| {
+                    let list = slot.get_or_insert_with(AccountBlobs::default);
+                    if list.blobs.iter().any(|(b, _, _)| *b == id) {
+                        return ((), false);
+                    }
+                    list.blobs.push((id, record.size, record.created_at_ms));
+                    ((), true)
+                },
+            )
+            .await?;
+        let mut unfinished = record.clone();
+        unfinished.received = 0;
+        unfinished.complete = false;
+        self.records.put(&record_key(&id), &unfinished).await?;
+        let mut f = tokio::fs::File::open(file).await?;
+        let on_disk = f.metadata().await?.len();
+        if on_disk != record.size {
+            return Err(StoreError::Corrupt(format!(
+                "attachment {} holds {on_disk} bytes, its record {}",
+                hex::encode(id),
+                record.size
+            )));
+        }
+        for k in 0..segments(record.size) {
+            let len = SEGMENT.min(record.size - k * SEGMENT);
+            let mut part = (&mut f).take(len);
+            self.objects
+                .put(segment_name(&id, k).as_str(), &mut part)
+                .await
+                .map_err(|e| engine(OBJECTS, e))?;
+        }
+        self.records.put(&record_key(&id), record).await?;
+        Ok(true)
+    }
+}

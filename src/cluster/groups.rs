@@ -171,3 +171,13 @@ impl GroupStore for JetStreamGroups {
         Ok(out)
     }
 }
+
+impl JetStreamGroups {
+    /// Writes group `id` as the single node kept it (`switchboard admin
+    /// export-to-cluster`): its members' lists first, as every change does.
+    pub async fn import(&self, id: u64, record: &GroupRecord) -> Result<(), StoreError> {
+        let members: Vec<u64> = record.members.iter().map(|m| m.account_id).collect();
+        self.hint(&members, id, true).await?;
+        self.bucket.put(&group_key(id), record).await
+    }
+}

@@ -181,6 +181,23 @@ impl KeyDirectory for JetStreamKeys {
     }
 }
 
+impl JetStreamKeys {
+    /// Writes `device`'s keys as the single node kept them (`switchboard admin
+    /// export-to-cluster`), replacing what the entry held.
+    pub async fn import(
+        &self,
+        device: DeviceRef,
+        keys: &crate::store::export::DeviceKeys,
+    ) -> Result<(), StoreError> {
+        let entry = DeviceEntry {
+            keys: keys.keys.clone(),
+            one_time: keys.one_time.clone(),
+            vouch: keys.vouch,
+        };
+        self.bucket.put(&entry_key(device), &entry).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

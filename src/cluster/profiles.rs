@@ -78,3 +78,11 @@ impl ProfileStore for JetStreamProfiles {
         self.bucket.purge(&entry_key(account_id)).await
     }
 }
+
+impl JetStreamProfiles {
+    /// Writes `account_id`'s profile as the single node kept it (`switchboard admin
+    /// export-to-cluster`).
+    pub async fn import(&self, account_id: u64, record: &ProfileRecord) -> Result<(), StoreError> {
+        self.bucket.put(&entry_key(account_id), record).await
+    }
+}

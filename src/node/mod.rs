@@ -15,6 +15,7 @@ mod conn;
 mod delivery;
 mod discovery;
 mod engine;
+pub mod export;
 mod handlers;
 mod limits;
 mod link;

@@ -598,6 +598,25 @@ impl Store {
     }
 }
 
+impl Store {
+    /// How many devices acknowledged `sender`'s group message `id` (0: none, or no
+    /// count kept), for `switchboard admin export-to-cluster`.
+    pub fn export_group_delivered(
+        &self,
+        sender: DeviceRef,
+        id: &[u8; 16],
+    ) -> Result<u32, StoreError> {
+        match self
+            .trees
+            .group_receipt
+            .get(receipt_key(sender.key(), id))?
+        {
+            Some(v) => Ok(ReceiptRow::decode(&v)?.delivered),
+            None => Ok(0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

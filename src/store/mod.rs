@@ -14,6 +14,7 @@ mod admin;
 pub mod backup;
 mod blobs;
 mod devices;
+pub mod export;
 mod groups;
 pub mod keydir;
 pub mod layout;
@@ -727,7 +728,7 @@ impl Store {
 
 /// A `Store` call for the async storage traits (`keydir`, `profiles`, `groups`):
 /// sled's calls block, so each runs on tokio's blocking pool.
-pub(super) async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     store: &Store,
     op: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {

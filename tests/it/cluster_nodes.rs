@@ -40,7 +40,7 @@ fn two_nodes_with(
     (tls, one, two)
 }
 
-fn register(home: &Path, number: &str, servers: &str) {
+pub(crate) fn register(home: &Path, number: &str, servers: &str) {
     let args = ["register", number, "--server", servers, "--code", CODE];
     let out = cli(home, &args, "");
     assert!(out.status.success(), "{}", show(&args, &out));
@@ -94,7 +94,7 @@ fn next_message(rx: &mpsc::Receiver<(Instant, String)>) -> (Instant, serde_json:
     }
 }
 
-fn texts_of(home: &Path) -> Vec<String> {
+pub(crate) fn texts_of(home: &Path) -> Vec<String> {
     let args = ["recv", "--json"];
     let out = cli(home, &args, "");
     assert!(out.status.success(), "{}", show(&args, &out));
@@ -155,7 +155,7 @@ fn a_message_sent_through_one_node_is_received_through_another() {
 }
 
 /// Runs the CLI of `home` with `args`, which must succeed; its stdout.
-fn ok(home: &Path, args: &[&str]) -> String {
+pub(crate) fn ok(home: &Path, args: &[&str]) -> String {
     let out = cli(home, args, "");
     assert!(out.status.success(), "{}", show(args, &out));
     stdout(&out)
@@ -387,7 +387,7 @@ async fn an_upload_broken_off_through_one_node_resumes_through_another() {
 }
 
 /// The contacts in `home` the last sync found on the node, by number.
-fn found_contacts(home: &Path) -> Vec<String> {
+pub(crate) fn found_contacts(home: &Path) -> Vec<String> {
     ok(home, &["contacts", "sync"]);
     ok(home, &["contacts", "list", "--json"])
         .lines()

@@ -11,6 +11,7 @@ mod cli_messaging;
 mod client_home;
 mod cluster;
 mod cluster_accounts;
+mod cluster_export;
 mod cluster_nodes;
 mod cluster_power;
 mod cluster_queues;

@@ -253,3 +253,85 @@ impl JetStreamQueues {
         Ok(published.is_some())
     }
 }
+
+/// The devices, none real, that stand in an imported group message's count for
+/// those that acknowledged it on the single node (which counts, not names, them).
+fn stand_in(n: u32) -> (u64, u32) {
+    (u64::MAX, n)
+}
+
+impl JetStreamQueues {
+    /// Queues a group message moved from a single node (`switchboard admin
+    /// export-to-cluster`) for `m.recipients`, the devices whose queues still held
+    /// it, with `delivered` devices counted as having it already.
+    pub async fn import_group(
+        &self,
+        m: GroupSend,
+        delivered: u32,
+    ) -> Result<GroupAppend, StoreError> {
+        let key = row_key(m.sender, &m.id);
+        let outcome = self.append_group_items(m).await?;
+        if delivered > 0 {
+            self.receipts
+                .modify(&key, |slot: &mut Option<ReceiptRow>| {
+                    let Some(row) = slot.as_mut() else {
+                        return ((), false);
+                    };
+                    let mut changed = false;
+                    for d in (0..delivered).map(stand_in) {
+                        if !row.acked.contains(&d) {
+                            row.acked.push(d);
+                            row.recipients.push(d);
+                            changed = true;
+                        }
+                    }
+                    ((), changed)
+                })
+                .await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Queues a receipt moved from a single node (`QueueItem::Delivered` or
+    /// `GroupDelivered`, encoded as `value`) for `sender`, the device it reports
+    /// to; `name` tells it from every other for deduplication. A group count
+    /// becomes the message's latest. False when the sender's receipts are at the
+    /// queue limit (dropped, as the node drops such a receipt).
+    pub async fn import_receipt(
+        &self,
+        sender: DeviceRef,
+        item: &QueueItem,
+        value: Vec<u8>,
+        name: &str,
+    ) -> Result<bool, StoreError> {
+        let subject = receipts_subject(sender);
+        let msg_id = format!("x.{name}");
+        let value = Bytes::from(value);
+        let ack = self.publish(&subject, &msg_id, &value).await?;
+        let seq = match self.acked(ack, &subject, &msg_id, &value).await {
+            Ok(ack) => ack.sequence,
+            Err(e) if subject_full(&e) => return Ok(false),
+            Err(e) => return Err(engine(STREAM, e)),
+        };
+        if let QueueItem::GroupDelivered { id, delivered, .. } = *item {
+            let stale = self
+                .receipts
+                .modify(
+                    &row_key(sender, &id),
+                    |slot: &mut Option<ReceiptRow>| match slot.as_mut() {
+                        Some(row) if delivered >= row.receipt_count && row.receipt_seq != seq => {
+                            let old = std::mem::replace(&mut row.receipt_seq, seq);
+                            row.receipt_count = delivered;
+                            (old, true)
+                        }
+                        _ => (0, false),
+                    },
+                )
+                .await?;
+            if stale != 0 {
+                self.delete(stale).await?;
+            }
+        }
+        Ok(true)
+    }
+}
