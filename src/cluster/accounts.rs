@@ -979,3 +979,61 @@ impl JetStreamAccounts {
             .await
     }
 }
+
+impl JetStreamAccounts {
+    /// Takes the cluster's turn at the periodic job `job` for `every_ms` from
+    /// `now_ms`, if no node holds it: of the nodes' sweeps, one runs it per turn.
+    pub async fn take_turn(
+        &self,
+        job: &str,
+        now_ms: u64,
+        every_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.bucket
+            .modify(&format!("x.turn.{job}"), |slot: &mut Option<u64>| {
+                if slot.is_some_and(|until| until > now_ms) {
+                    return (false, false);
+                }
+                *slot = Some(now_ms.saturating_add(every_ms));
+                (true, true)
+            })
+            .await
+    }
+
+    /// The companions (never a primary) not seen since `cutoff_ms` (being linked
+    /// counts as being seen), over every account: the devices that lapse.
+    pub async fn lapsed_companions(&self, cutoff_ms: u64) -> Result<Vec<DeviceRef>, StoreError> {
+        use futures_util::TryStreamExt;
+        let mut ids = Vec::new();
+        let mut listed = self.bucket.keys().await?;
+        while let Some(key) = listed
+            .try_next()
+            .await
+            .map_err(|e| bucket::engine(BUCKET, e))?
+        {
+            if let Some(id) = key.strip_prefix("a.").and_then(|id| id.parse::<u64>().ok()) {
+                ids.push(id);
+            }
+        }
+        let mut lapsed = Vec::new();
+        for account_id in ids {
+            let Some(entry) = self.account_entry(account_id).await? else {
+                continue;
+            };
+            for device in entry.record.devices.iter().skip(1) {
+                let seen = entry
+                    .seen
+                    .iter()
+                    .find(|(d, _)| *d == device.device_id)
+                    .map_or(device.created_at_ms, |(_, at)| *at);
+                if seen < cutoff_ms {
+                    lapsed.push(DeviceRef {
+                        account_id,
+                        device_id: device.device_id,
+                    });
+                }
+            }
+        }
+        Ok(lapsed)
+    }
+}

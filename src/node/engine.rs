@@ -411,6 +411,34 @@ pub(crate) async fn unlink_device(
     }
 }
 
+/// The companions not seen since `cutoff_ms`, to unlink as lapsed. On the cluster,
+/// only the node whose sweep takes this interval's turn lists them (every account is
+/// read), the others find none.
+pub(crate) async fn lapsed_companions(
+    shared: &Arc<Shared>,
+    cutoff_ms: u64,
+    now_ms: u64,
+) -> Result<Vec<DeviceRef>, NodeError> {
+    match &shared.cluster {
+        Some(c) => {
+            let every = shared.config.messages.sweep_interval.as_millis() as u64;
+            if !c
+                .accounts
+                .take_turn("lapse", now_ms, every)
+                .await
+                .map_err(internal)?
+            {
+                return Ok(Vec::new());
+            }
+            c.accounts
+                .lapsed_companions(cutoff_ms)
+                .await
+                .map_err(internal)
+        }
+        None => blocking(shared, move |s| s.lapsed_companions(cutoff_ms)).await,
+    }
+}
+
 /// The account `id`.
 pub(crate) async fn account(
     shared: &Arc<Shared>,

@@ -566,11 +566,9 @@ async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
 async fn lapse_companions(shared: &Arc<Shared>) {
     let now = clock::now_ms();
     let cutoff = now.saturating_sub(shared.config.accounts.companion_lapse.as_millis() as u64);
-    let store = shared.store.clone();
-    let lapsed = match tokio::task::spawn_blocking(move || store.lapsed_companions(cutoff)).await {
-        Ok(Ok(lapsed)) => lapsed,
-        Ok(Err(e)) => return tracing::error!(error = %e, "finding lapsed devices failed"),
-        Err(e) => return tracing::error!(error = %e, "sweep task failed"),
+    let lapsed = match engine::lapsed_companions(shared, cutoff, now).await {
+        Ok(lapsed) => lapsed,
+        Err(e) => return tracing::error!(error = %e, "finding lapsed devices failed"),
     };
     for device in lapsed {
         if let Err(e) =

@@ -24,6 +24,16 @@ fn two_nodes_with(
     nats: &NatsCluster,
     extra: &str,
 ) -> (tempfile::TempDir, ProcessNode, ProcessNode) {
+    let (tls, config) = cluster_config(nats, extra);
+    let one = ProcessNode::start(&config);
+    let two = ProcessNode::start(&config);
+    assert_eq!(one.fingerprint, two.fingerprint, "one certificate");
+    (tls, one, two)
+}
+
+/// A cluster node's config on `nats`, with `extra` (whole config sections), and the
+/// dir of the certificate it names, made here.
+pub(crate) fn cluster_config(nats: &NatsCluster, extra: &str) -> (tempfile::TempDir, String) {
     let tls = tempfile::tempdir().expect("temp dir");
     let (_, pem) = Credentials::generate_node(vec!["localhost".into()]).expect("certificate");
     let (cert, key) = (tls.path().join("cert.pem"), tls.path().join("key.pem"));
@@ -34,10 +44,7 @@ fn two_nodes_with(
         "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n[cluster]\nnats = [{}]\n{extra}",
         urls.join(", ")
     ));
-    let one = ProcessNode::start(&config);
-    let two = ProcessNode::start(&config);
-    assert_eq!(one.fingerprint, two.fingerprint, "one certificate");
-    (tls, one, two)
+    (tls, config)
 }
 
 pub(crate) fn register(home: &Path, number: &str, servers: &str) {

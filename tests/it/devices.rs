@@ -306,17 +306,39 @@ fn link_codes_are_one_time_secret_and_limited() {
 /// told so; the primary never lapses.
 #[tokio::test]
 async fn a_linked_device_that_stays_away_lapses() {
-    let node = InProcessNode::start_with(&config_text(""), |c| {
-        c.accounts.companion_lapse = Duration::from_millis(1500);
-        c.messages.sweep_interval = Duration::from_millis(100);
-    })
-    .await;
-    let (_a, alice) = registered_home(&node.addr, node.fingerprint, ALICE).await;
+    let node = InProcessNode::start_with(&config_text(""), lapse_soon).await;
+    lapses(&node, &node).await;
+    node.shutdown().await;
+}
+
+/// The same in cluster mode: linked through node 1, found lapsed through node 2 (one
+/// node's sweep per interval lists the cluster's accounts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_device_that_stays_away_lapses_in_a_cluster() {
+    let Some(nats) = crate::cluster::NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, config) = crate::cluster_nodes::cluster_config(&nats, "");
+    let one = InProcessNode::start_with(&config, lapse_soon).await;
+    let two = InProcessNode::start_with(&config, lapse_soon).await;
+    lapses(&one, &two).await;
+    one.shutdown().await;
+    two.shutdown().await;
+}
+
+fn lapse_soon(c: &mut switchboard::config::Config) {
+    c.accounts.companion_lapse = Duration::from_millis(1500);
+    c.messages.sweep_interval = Duration::from_millis(100);
+}
+
+/// Alice's laptop, linked through `first`, lapses; `second` tells it so.
+async fn lapses(first: &InProcessNode, second: &InProcessNode) {
+    let (_a, alice) = registered_home(&first.addr, first.fingerprint, ALICE).await;
     let laptop_dir = tempfile::tempdir().unwrap();
     let laptop = Home::new(Some(laptop_dir.path().to_path_buf())).unwrap();
-    let id = link_home(&alice, &laptop, &node.addr, node.fingerprint, "laptop").await;
+    let id = link_home(&alice, &laptop, &first.addr, first.fingerprint, "laptop").await;
     let reg = alice.load().unwrap();
-    let phone = Client::connect(&node.addr, &reg.credentials, Some(node.fingerprint))
+    let phone = Client::connect(&second.addr, &reg.credentials, Some(second.fingerprint))
         .await
         .unwrap();
     assert_eq!(phone.list_devices().await.unwrap().len(), 2);
@@ -326,7 +348,7 @@ async fn a_linked_device_that_stays_away_lapses() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let reg = laptop.load().unwrap();
-    let away = Client::connect(&node.addr, &reg.credentials, Some(node.fingerprint))
+    let away = Client::connect(&second.addr, &reg.credentials, Some(second.fingerprint))
         .await
         .unwrap();
     assert_eq!(
@@ -337,7 +359,6 @@ async fn a_linked_device_that_stays_away_lapses() {
     );
     // The primary was away as long (it never lapses).
     assert_eq!(phone.whoami().await.unwrap().device_id, 1);
-    node.shutdown().await;
 }
 
 /// The texts of a device's history with `peer`: (outgoing, text), each message once
