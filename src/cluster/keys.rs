@@ -182,6 +182,11 @@ impl KeyDirectory for JetStreamKeys {
 }
 
 impl JetStreamKeys {
+    /// Drops what `device` published (it was signed out or unlinked).
+    pub async fn forget(&self, device: DeviceRef) -> Result<(), StoreError> {
+        self.bucket.purge(&entry_key(device)).await
+    }
+
     /// Writes `device`'s keys as the single node kept them (`switchboard admin
     /// export-to-cluster`), replacing what the entry held.
     pub async fn import(

@@ -315,10 +315,21 @@ pub(crate) async fn mark_device_seen(
 /// too); how many queued items went.
 pub(crate) async fn drop_device(shared: &Arc<Shared>, device: DeviceRef) -> Result<u64, NodeError> {
     match &shared.cluster {
-        // Its published keys stay in the key bucket, but are never handed out: a
-        // fetch asks only for the devices its account lists.
-        Some(c) => c.queues.drop_queue(device).await.map_err(internal),
+        Some(c) => {
+            let dropped = c.queues.drop_queue(device).await.map_err(internal)?;
+            forget_keys(c, device).await;
+            Ok(dropped)
+        }
         None => blocking(shared, move |s| s.drop_device(device)).await,
+    }
+}
+
+/// Drops the keys a removed device published on the cluster. A failure is logged,
+/// not the request's: keys left behind are never handed out (a fetch asks only for
+/// the devices an account lists, and device ids are never reused).
+async fn forget_keys(c: &ClusterEngine, device: DeviceRef) {
+    if let Err(e) = c.keys.forget(device).await {
+        tracing::warn!(error = %e, "a removed device's published keys were not dropped");
     }
 }
 
@@ -400,10 +411,11 @@ pub(crate) async fn unlink_device(
                 .map_err(internal)?;
             // The device is unlinked whatever befalls its queue: nobody can read it
             // again, and what stays ages out with the TTL.
-            if matches!(outcome, Unlinked::Done { .. })
-                && let Err(e) = c.queues.drop_queue(device).await
-            {
-                tracing::warn!(error = %e, "an unlinked device's queue was not dropped");
+            if matches!(outcome, Unlinked::Done { .. }) {
+                if let Err(e) = c.queues.drop_queue(device).await {
+                    tracing::warn!(error = %e, "an unlinked device's queue was not dropped");
+                }
+                forget_keys(c, device).await;
             }
             Ok(outcome)
         }

@@ -307,7 +307,7 @@ fn link_codes_are_one_time_secret_and_limited() {
 #[tokio::test]
 async fn a_linked_device_that_stays_away_lapses() {
     let node = InProcessNode::start_with(&config_text(""), lapse_soon).await;
-    lapses(&node, &node).await;
+    let _laptop = lapses(&node, &node).await;
     node.shutdown().await;
 }
 
@@ -321,7 +321,22 @@ async fn a_linked_device_that_stays_away_lapses_in_a_cluster() {
     let (_tls, config) = crate::cluster_nodes::cluster_config(&nats, "");
     let one = InProcessNode::start_with(&config, lapse_soon).await;
     let two = InProcessNode::start_with(&config, lapse_soon).await;
-    lapses(&one, &two).await;
+    let laptop = lapses(&one, &two).await;
+    // What it published went with it.
+    let keys = nats
+        .connect(0)
+        .await
+        .jetstream
+        .get_key_value(switchboard::cluster::keys::BUCKET)
+        .await
+        .expect("the key bucket");
+    let entry = format!("d.{}.{}", laptop.account_id, laptop.device_id);
+    assert_eq!(keys.get(&entry).await.expect("read"), None, "{entry}");
+    let primary = format!("d.{}.1", laptop.account_id);
+    assert!(
+        keys.get(&primary).await.expect("read").is_some(),
+        "{primary}"
+    );
     one.shutdown().await;
     two.shutdown().await;
 }
@@ -331,8 +346,8 @@ fn lapse_soon(c: &mut switchboard::config::Config) {
     c.messages.sweep_interval = Duration::from_millis(100);
 }
 
-/// Alice's laptop, linked through `first`, lapses; `second` tells it so.
-async fn lapses(first: &InProcessNode, second: &InProcessNode) {
+/// Alice's laptop, linked through `first`, lapses; `second` tells it so. The laptop.
+async fn lapses(first: &InProcessNode, second: &InProcessNode) -> switchboard::store::DeviceRef {
     let (_a, alice) = registered_home(&first.addr, first.fingerprint, ALICE).await;
     let laptop_dir = tempfile::tempdir().unwrap();
     let laptop = Home::new(Some(laptop_dir.path().to_path_buf())).unwrap();
@@ -358,7 +373,12 @@ async fn lapses(first: &InProcessNode, second: &InProcessNode) {
         }
     );
     // The primary was away as long (it never lapses).
-    assert_eq!(phone.whoami().await.unwrap().device_id, 1);
+    let me = phone.whoami().await.unwrap();
+    assert_eq!(me.device_id, 1);
+    switchboard::store::DeviceRef {
+        account_id: me.account_id,
+        device_id: id,
+    }
 }
 
 /// The texts of a device's history with `peer`: (outgoing, text), each message once
