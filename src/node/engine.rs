@@ -773,10 +773,21 @@ pub(crate) async fn cluster_page(
     max: usize,
     max_bytes: usize,
 ) -> Result<(Vec<Queued>, bool), NodeError> {
-    c.queues
-        .page(device, after, max, max_bytes)
-        .await
-        .map_err(internal)
+    // A read changes nothing, so one that failed (a stream leader being elected, a
+    // member restarting) is tried again, for about three seconds, before the
+    // delivery stream gives up and the client reconnects.
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match c.queues.page(device, after, max, max_bytes).await {
+            Ok(page) => return Ok(page),
+            Err(e) if pause < std::time::Duration::from_secs(2) => {
+                tracing::debug!(error = %e, "reading a queue failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(e) => return Err(internal(e)),
+        }
+    }
 }
 
 /// The OPRF key numbers are evaluated under: the cluster's, or this node's.
