@@ -15,6 +15,7 @@ pub mod groups;
 pub mod keys;
 pub mod profiles;
 pub mod queues;
+pub mod quotas;
 
 use std::time::Duration;
 

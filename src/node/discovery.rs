@@ -143,7 +143,7 @@ impl Discovery {
         keys
     }
 
-    fn refused(&self, now_secs: u64) -> NodeError {
+    pub(crate) fn refused(&self, now_secs: u64) -> NodeError {
         let retry = DAY_SECS - now_secs % DAY_SECS;
         NodeError::new(
             ErrorKind::RateLimited {

@@ -27,6 +27,7 @@ use crate::cluster::groups::JetStreamGroups;
 use crate::cluster::keys::JetStreamKeys;
 use crate::cluster::profiles::JetStreamProfiles;
 use crate::cluster::queues::{JetStreamQueues, QueueLimits};
+use crate::cluster::quotas::{self, JetStreamQuotas};
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::Config;
 use crate::discovery::{DiscoveryKey, Prf};
@@ -58,6 +59,8 @@ pub(crate) struct ClusterEngine {
     /// Devices being linked (`node::link`).
     pub links: Bucket,
     pub blobs: JetStreamBlobs,
+    /// Quotas counted for the whole cluster.
+    pub quotas: JetStreamQuotas,
 }
 
 impl std::fmt::Debug for ClusterEngine {
@@ -125,6 +128,7 @@ impl ClusterEngine {
             queues: JetStreamQueues::open(&cluster, replicas, limits).await?,
             profiles: JetStreamProfiles::open(&cluster, replicas).await?,
             groups: JetStreamGroups::open(&cluster, replicas).await?,
+            quotas: JetStreamQuotas::open(&cluster, replicas).await?,
             cluster,
         })
     }
@@ -788,6 +792,115 @@ pub(crate) async fn cluster_page(
             Err(e) => return Err(internal(e)),
         }
     }
+}
+
+/// Charges `n` contact-discovery evaluations to `account` today: what is left of
+/// its budget (on the cluster, counted for the whole cluster).
+pub(crate) async fn charge_discovery(
+    shared: &Arc<Shared>,
+    account: u64,
+    n: u32,
+    now_secs: u64,
+) -> Result<u32, NodeError> {
+    let Some(c) = &shared.cluster else {
+        return shared.discovery.charge(account, n, now_secs);
+    };
+    let key = format!("d.{account}.{}", quotas::day(now_secs));
+    let per_day = shared.config.discovery.daily_budget;
+    match c.quotas.take(&key, n, per_day).await.map_err(internal)? {
+        Some(left) => Ok(left),
+        None => Err(shared.discovery.refused(now_secs)),
+    }
+}
+
+/// Charges `account`'s turning `number` into an account against its discovery
+/// budget, once a day per number.
+pub(crate) async fn charge_lookup(
+    shared: &Arc<Shared>,
+    account: u64,
+    number: &str,
+    now_secs: u64,
+) -> Result<(), NodeError> {
+    let Some(c) = &shared.cluster else {
+        return shared.discovery.charge_lookup(account, number, now_secs);
+    };
+    // The number's PRF names it alike on every node, and never in plain.
+    let prf = c
+        .discovery
+        .key()
+        .prf(number)
+        .map_err(|e| internal(crate::store::StoreError::Corrupt(format!("discovery: {e}"))))?;
+    let item = u64::from_be_bytes(*prf.first_chunk::<8>().unwrap_or(&[0; 8]));
+    let key = format!("d.{account}.{}", quotas::day(now_secs));
+    let per_day = shared.config.discovery.daily_budget;
+    match c
+        .quotas
+        .take_once(&key, item, per_day)
+        .await
+        .map_err(internal)?
+    {
+        true => Ok(()),
+        false => Err(shared.discovery.refused(now_secs)),
+    }
+}
+
+/// Takes one of the `limit` of the cluster's quota `key`: whether it was left.
+async fn take_one(c: &ClusterEngine, key: &str, limit: u32) -> Result<bool, NodeError> {
+    let left = c.quotas.take(key, 1, limit).await.map_err(internal)?;
+    Ok(left.is_some())
+}
+
+/// Whether `requester` may claim one-time keys of `target` now (counted when yes):
+/// a quota per pair and one per target account, each per hour.
+pub(crate) async fn allow_claim(
+    shared: &Arc<Shared>,
+    requester: u64,
+    target: u64,
+    now_secs: u64,
+) -> Result<bool, NodeError> {
+    let Some(c) = &shared.cluster else {
+        return Ok(shared.claims.allow(requester, target));
+    };
+    let limits = &shared.config.messages;
+    let hour = quotas::hour(now_secs);
+    let pair = format!("cp.{requester}.{target}.{hour}");
+    if !take_one(c, &pair, limits.key_claims_per_pair_per_hour).await? {
+        return Ok(false);
+    }
+    let account = format!("ca.{target}.{hour}");
+    take_one(c, &account, limits.key_claims_per_account_per_hour).await
+}
+
+/// Whether `account` may create or change a group now (counted when yes).
+pub(crate) async fn allow_group_change(
+    shared: &Arc<Shared>,
+    account: u64,
+    now_secs: u64,
+) -> Result<bool, NodeError> {
+    let Some(c) = &shared.cluster else {
+        return Ok(shared.group_changes.check_key(&account).is_ok());
+    };
+    let key = format!("g.{account}.{}", quotas::hour(now_secs));
+    let limit = shared.config.groups.changes_per_account_hour;
+    take_one(c, &key, limit).await
+}
+
+/// Whether `ip` may try another link join now (counted when yes).
+pub(crate) async fn allow_join(
+    shared: &Arc<Shared>,
+    ip: std::net::IpAddr,
+    now_secs: u64,
+) -> Result<bool, NodeError> {
+    let Some(c) = &shared.cluster else {
+        return Ok(shared.links.allow_join(ip));
+    };
+    let key = format!(
+        "j.{}.{}",
+        hex::encode(ip.to_string()),
+        quotas::hour(now_secs)
+    );
+    let limit = shared.config.accounts.link_joins_per_address_hour;
+    take_one(c, &key, limit).await
 }
 
 /// The OPRF key numbers are evaluated under: the cluster's, or this node's.

@@ -860,3 +860,94 @@ async fn one_time_keys_claimed_through_two_nodes_are_never_handed_out_twice() {
         "every key handed out once"
     );
 }
+
+/// Quotas hold for the cluster, not per node: Alice's one device, connected through
+/// both nodes, gets through the two of them no more lookups by number, discovery
+/// evaluations, group changes or one-time-key claims than one node allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_are_counted_for_the_whole_cluster() {
+    use switchboard::proto::ErrorKind;
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, config) = cluster_config(
+        &nats,
+        "[discovery]\ndaily_budget = 3\n[groups]\nchanges_per_account_hour = 2\n\
+         [messages]\nkey_claims_per_pair_per_hour = 2\n",
+    );
+    let one = InProcessNode::start(&config).await;
+    let two = InProcessNode::start(&config).await;
+    let (creds, _) = Credentials::generate_device().expect("device key");
+    let alice_one = one.connect_as(&creds).await;
+    crate::support::register(&alice_one, ALICE).await;
+    let alice_two = two.connect_as(&creds).await;
+    // A real client's home: it publishes one-time keys.
+    let (_bob_dir, _bob_home) = registered_home(&two.addr, two.fingerprint, BOB).await;
+    let limited = |what: &str, r: Result<(), ErrorKind>| match r {
+        Err(ErrorKind::RateLimited { .. }) => {}
+        other => panic!("{what}: {other:?}, not refused"),
+    };
+    fn unit<T: std::fmt::Debug>(
+        r: Result<T, switchboard::client::ClientError>,
+    ) -> Result<(), ErrorKind> {
+        r.map(drop).map_err(|e| kind::<()>(Err(e)))
+    }
+
+    // Group changes: one through each node, then neither takes a third.
+    unit(alice_one.create_group(&[number(BOB)], vec![]).await).expect("first group");
+    unit(alice_two.create_group(&[number(BOB)], vec![]).await).expect("second group");
+    limited(
+        "a third group through node 1",
+        unit(alice_one.create_group(&[number(BOB)], vec![]).await),
+    );
+    limited(
+        "a third group through node 2",
+        unit(alice_two.create_group(&[number(BOB)], vec![]).await),
+    );
+
+    // One-time keys of Bob: two claims by Alice, whichever node; the third bundle
+    // comes with the fallback key alone.
+    let claimed = |bundles: switchboard::proto::Bundles| {
+        bundles
+            .devices
+            .iter()
+            .filter(|b| b.one_time_key.is_some())
+            .count()
+    };
+    let b1 = alice_one
+        .fetch_bundles(&number(BOB), true)
+        .await
+        .expect("claim 1");
+    let b2 = alice_two
+        .fetch_bundles(&number(BOB), true)
+        .await
+        .expect("claim 2");
+    let b3 = alice_one
+        .fetch_bundles(&number(BOB), true)
+        .await
+        .expect("claim 3");
+    assert_eq!((claimed(b1), claimed(b2), claimed(b3)), (1, 1, 0));
+
+    // Lookups by number (Bob's, counted once a day) and evaluations share the
+    // budget of 3: Bob, then Carol (unknown) through node 2, then one evaluation
+    // through node 1 spends it, and either node refuses what comes next.
+    assert_eq!(
+        kind(alice_two.fetch_bundles(&number(CAROL), false).await),
+        ErrorKind::UnknownRecipient
+    );
+    alice_one.evaluate(vec![[0; 32]]).await.map(drop).ok();
+    limited(
+        "a fourth number through node 2",
+        unit(
+            alice_two
+                .fetch_bundles(&number("+14155550177"), false)
+                .await,
+        ),
+    );
+    limited(
+        "an evaluation through node 1",
+        unit(alice_one.evaluate(vec![[0; 32]]).await),
+    );
+    one.shutdown().await;
+    two.shutdown().await;
+}

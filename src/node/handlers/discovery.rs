@@ -19,10 +19,13 @@ pub(super) async fn evaluate(
     if blinded.len() > MAX_DISCOVERY_BATCH {
         return Err(too_many("blinded elements", blinded.len()));
     }
-    let budget_left =
-        shared
-            .discovery
-            .charge(me.device.account_id, blinded.len() as u32, now_secs())?;
+    let budget_left = engine::charge_discovery(
+        shared,
+        me.device.account_id,
+        blinded.len() as u32,
+        now_secs(),
+    )
+    .await?;
     let key = engine::discovery_key(shared);
     // About 50 µs of scalar multiplication per element: off the async workers.
     let evaluated = tokio::task::spawn_blocking(move || {

@@ -7,6 +7,7 @@ use super::send::unknown_recipient;
 use super::{check_space, parse_number};
 use crate::node::Shared;
 use crate::node::clock::now_ms;
+use crate::node::clock::now_secs;
 use crate::node::engine;
 use crate::node::session::{Session, authenticated};
 use crate::proto::{
@@ -44,8 +45,8 @@ fn refusal(r: GroupRefusal, named: Option<&str>) -> NodeError {
 }
 
 /// Counts a group creation or change of `account` against its hourly quota.
-fn charge(shared: &Shared, account: u64) -> Result<(), NodeError> {
-    if shared.group_changes.check_key(&account).is_err() {
+async fn charge(shared: &Arc<Shared>, account: u64) -> Result<(), NodeError> {
+    if !engine::allow_group_change(shared, account, now_secs()).await? {
         return Err(NodeError::new(
             ErrorKind::RateLimited {
                 retry_after_secs: 60,
@@ -133,7 +134,7 @@ pub(super) async fn create(
     check_space(shared)?;
     check_meta(shared, &meta)?;
     let accounts = accounts_of(shared, &members).await?;
-    charge(shared, me.device.account_id)?;
+    charge(shared, me.device.account_id).await?;
     let (creator, max, now) = (
         me.device.account_id,
         shared.config.groups.max_members,
@@ -173,7 +174,7 @@ pub(super) async fn change(
             (store::GroupChange::SetMeta(meta), Vec::new())
         }
     };
-    charge(shared, me.device.account_id)?;
+    charge(shared, me.device.account_id).await?;
     let (actor, max, now) = (
         me.device.account_id,
         shared.config.groups.max_members,

@@ -6,6 +6,7 @@ use super::send::{recipient, unknown_recipient};
 use super::{charge_lookup, check_space};
 use crate::node::Shared;
 use crate::node::clock::now_ms;
+use crate::node::clock::now_secs;
 use crate::node::engine;
 use crate::node::session::{Session, authenticated};
 use crate::proto::{
@@ -142,13 +143,14 @@ pub(super) async fn fetch_bundles(
     claim: bool,
 ) -> Result<Response, NodeError> {
     let me = authenticated(shared, session).await?;
-    charge_lookup(shared, &me, number)?;
+    charge_lookup(shared, &me, number).await?;
     let Some((account_id, devices)) = recipient(shared, number).await? else {
         return Err(unknown_recipient(number));
     };
     // Past the claim limits, the bundles carry the fallback key only.
     let claim = claim && {
-        let allowed = shared.claims.allow(me.device.account_id, account_id);
+        let allowed =
+            engine::allow_claim(shared, me.device.account_id, account_id, now_secs()).await?;
         if !allowed {
             shared.metrics.key_claim_limited();
         }

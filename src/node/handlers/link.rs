@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use super::check_space;
 use crate::node::Shared;
 use crate::node::clock::now_ms;
+use crate::node::clock::now_secs;
 use crate::node::engine;
 use crate::node::link::Polled;
 use crate::node::session::{Session, authenticated};
@@ -107,7 +108,7 @@ pub(super) async fn join(
             "this device is registered already: a new device joins with a new key (a new home)",
         ));
     }
-    if !shared.links.allow_join(session.remote.ip()) {
+    if !engine::allow_join(shared, session.remote.ip(), now_secs()).await? {
         return Err(NodeError::new(
             ErrorKind::RateLimited {
                 retry_after_secs: 3600,

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use crate::node::Shared;
 use crate::node::clock::now_secs;
+use crate::node::engine;
 use crate::node::session::{Session, authenticated};
 use crate::phone::Number;
 use crate::proto::messages::MAX_DISCOVERY_BATCH;
@@ -190,14 +191,12 @@ pub(super) fn commit_failed(e: String) -> NodeError {
 
 /// Turning a number into an account counts against the discovery budget, so sending
 /// and key fetches cannot be used to enumerate around the OPRF.
-pub(super) fn charge_lookup(
-    shared: &Shared,
+pub(super) async fn charge_lookup(
+    shared: &Arc<Shared>,
     me: &DeviceIdentity,
     number: &str,
 ) -> Result<(), NodeError> {
-    shared
-        .discovery
-        .charge_lookup(me.device.account_id, number, now_secs())
+    engine::charge_lookup(shared, me.device.account_id, number, now_secs()).await
 }
 
 pub(super) fn too_many(what: &str, n: usize) -> NodeError {

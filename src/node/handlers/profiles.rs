@@ -79,7 +79,7 @@ pub(super) async fn fetch(
     version: [u8; 32],
 ) -> Result<Response, NodeError> {
     let me = authenticated(shared, session).await?;
-    charge_lookup(shared, &me, &number)?;
+    charge_lookup(shared, &me, &number).await?;
     let Some((account, _)) = recipient(shared, &number).await? else {
         return Err(no_profile());
     };
@@ -105,7 +105,7 @@ pub(super) async fn typing(
     let me = authenticated(shared, session).await?;
     let (targets, group_id): (Vec<DeviceRef>, Option<u64>) = match to {
         TypingTo::Account(number) => {
-            charge_lookup(shared, &me, &number)?;
+            charge_lookup(shared, &me, &number).await?;
             let Some((account_id, devices)) = recipient(shared, &number).await? else {
                 return Err(unknown_recipient(&number));
             };

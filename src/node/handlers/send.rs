@@ -110,7 +110,7 @@ pub(super) async fn send(
             format!("a message may be at most {max} bytes once encrypted"),
         ));
     }
-    charge_lookup(shared, &me, to)?;
+    charge_lookup(shared, &me, to).await?;
     let Some((account_id, devices)) = recipient(shared, to).await? else {
         return Err(unknown_recipient(to));
     };
