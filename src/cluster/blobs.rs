@@ -262,6 +262,35 @@ impl JetStreamBlobs {
 }
 
 impl JetStreamBlobs {
+    /// The uploads begun before `before_ms` and never finished: abandoned (what the
+    /// cluster drops by itself at the TTL, the sweep drops sooner).
+    pub async fn abandoned(&self, before_ms: u64) -> Result<Vec<[u8; 16]>, StoreError> {
+        use futures_util::TryStreamExt;
+        let mut ids = Vec::new();
+        let mut listed = self.records.keys().await?;
+        while let Some(key) = listed.try_next().await.map_err(|e| engine(BUCKET, e))? {
+            let Some(id) = key
+                .strip_prefix("b.")
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            else {
+                continue;
+            };
+            ids.push(id);
+        }
+        let mut abandoned = Vec::new();
+        for id in ids {
+            if self
+                .record(&id)
+                .await?
+                .is_some_and(|r| !r.complete && r.created_at_ms < before_ms)
+            {
+                abandoned.push(id);
+            }
+        }
+        Ok(abandoned)
+    }
+
     /// Stores blob `id` as the single node kept it (`switchboard admin
     /// export-to-cluster`), its bytes read from `file`: the record counts nothing
     /// received until every segment is stored, then it is the node's record. False

@@ -534,16 +534,28 @@ pub async fn remove(shared: &Arc<Shared>, id: [u8; 16]) {
 /// Drops the attachments past the TTL and the uploads left unfinished too long
 /// (in cluster mode the cluster drops them at the TTL by itself).
 pub async fn sweep(shared: &Arc<Shared>, now: u64) {
-    if shared.cluster.is_some() {
-        return;
-    }
     let cutoff = now.saturating_sub(shared.config.messages.ttl.as_millis() as u64);
     let incomplete =
         now.saturating_sub(shared.config.attachments.incomplete_ttl.as_millis() as u64);
-    let expired = match blocking(shared, move |store| store.expired_blobs(cutoff, incomplete)).await
-    {
+    let expired = match &shared.cluster {
+        // Whole ones expire in the cluster by themselves; abandoned uploads are found
+        // by the node whose sweep takes this interval's turn.
+        Some(c) => {
+            let every = shared.config.messages.sweep_interval.as_millis() as u64;
+            match c.accounts.take_turn("blobs", now, every).await {
+                Ok(true) => c.blobs.abandoned(incomplete).await,
+                Ok(false) => Ok(Vec::new()),
+                Err(e) => Err(e),
+            }
+            .map_err(|e| e.to_string())
+        }
+        None => blocking(shared, move |store| store.expired_blobs(cutoff, incomplete))
+            .await
+            .map_err(|e| e.message),
+    };
+    let expired = match expired {
         Ok(ids) => ids,
-        Err(e) => return tracing::error!(error = %e.message, "finding expired attachments failed"),
+        Err(e) => return tracing::error!(error = %e, "finding expired attachments failed"),
     };
     let n = expired.len();
     for id in expired {

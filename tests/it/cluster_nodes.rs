@@ -248,16 +248,8 @@ async fn a_file_sent_through_one_node_is_saved_through_another() {
         &["send", BOB, "--file", file.to_str().expect("utf-8 path")],
     );
     assert_eq!(id.trim().len(), 32, "{id}");
-    let cluster = nats.connect(0).await;
-    let objects = cluster
-        .jetstream
-        .get_object_store(switchboard::cluster::blobs::OBJECTS)
-        .await
-        .expect("the attachments' object store");
-    let count = || async {
-        use futures_util::StreamExt;
-        objects.list().await.expect("list").count().await
-    };
+    let objects = segment_objects(&nats).await;
+    let count = || segments_stored(&objects);
     assert_eq!(count().await, 3, "20 MiB in 8 MiB segments");
 
     let saves = dir.path().join("bob-saves");
@@ -278,6 +270,41 @@ async fn a_file_sent_through_one_node_is_saved_through_another() {
     assert_eq!(count().await, 0, "downloaded by every device: dropped");
 }
 
+/// Uploads `plain` sealed with `key` by hand over `client`, one segment's worth and
+/// a bit, and stops writing (the caller closes the connection): the upload's id.
+async fn break_off_upload(
+    client: &switchboard::client::Client,
+    plain: &[u8],
+    key: &[u8; 32],
+) -> [u8; 16] {
+    use switchboard::client::attachment::{CHUNK, ciphertext_len, seal_chunk};
+    use switchboard::cluster::blobs::SEGMENT;
+    use switchboard::proto::{Reply, Request, Response, frame};
+    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
+    let upload = Request::Upload {
+        size: ciphertext_len(plain.len() as u64),
+        downloads: 0,
+        resume: None,
+    };
+    frame::write(&mut send, &upload).await.unwrap();
+    let id = match frame::read::<Reply, _>(&mut recv, 1 << 20).await.unwrap() {
+        Some(Reply::Ok(Response::UploadReady { id, offset: 0 })) => id,
+        other => panic!("{other:?}"),
+    };
+    let mut sent = 0u64;
+    for i in 0..plain.len().div_ceil(CHUNK) as u64 {
+        let start = i as usize * CHUNK;
+        let end = (start + CHUNK).min(plain.len());
+        let sealed = seal_chunk(key, i, end == plain.len(), &plain[start..end]);
+        send.write_all(&sealed).await.unwrap();
+        sent += sealed.len() as u64;
+        if sent > SEGMENT + 1000 {
+            break;
+        }
+    }
+    id
+}
+
 /// An upload broken off through node 1 after one whole segment resumes through
 /// node 2 from that segment (what the cluster stored), and reads back whole
 /// through either node.
@@ -285,7 +312,7 @@ async fn a_file_sent_through_one_node_is_saved_through_another() {
 async fn an_upload_broken_off_through_one_node_resumes_through_another() {
     use sha2::Digest;
     use switchboard::client::Client;
-    use switchboard::client::attachment::{self, CHUNK, DownloadState, ciphertext_len, seal_chunk};
+    use switchboard::client::attachment::{self, CHUNK, DownloadState, ciphertext_len};
     use switchboard::cluster::blobs::SEGMENT;
     use switchboard::proto::{Reply, Request, Response, frame};
     let Some(nats) = NatsCluster::start(3) else {
@@ -308,28 +335,7 @@ async fn an_upload_broken_off_through_one_node_resumes_through_another() {
     assert!(total > SEGMENT, "more than one segment");
     // By hand through node 1: one segment's worth and a bit, then the connection goes.
     let raw = connect(&one).await;
-    let (mut send, mut recv) = raw.connection().open_bi().await.unwrap();
-    let upload = Request::Upload {
-        size: total,
-        downloads: 0,
-        resume: None,
-    };
-    frame::write(&mut send, &upload).await.unwrap();
-    let id = match frame::read::<Reply, _>(&mut recv, 1 << 20).await.unwrap() {
-        Some(Reply::Ok(Response::UploadReady { id, offset: 0 })) => id,
-        other => panic!("{other:?}"),
-    };
-    let mut sent = 0u64;
-    for i in 0..plain.len().div_ceil(CHUNK) as u64 {
-        let start = i as usize * CHUNK;
-        let end = (start + CHUNK).min(plain.len());
-        let sealed = seal_chunk(&key, i, end == plain.len(), &plain[start..end]);
-        send.write_all(&sealed).await.unwrap();
-        sent += sealed.len() as u64;
-        if sent > SEGMENT + 1000 {
-            break;
-        }
-    }
+    let id = break_off_upload(&raw, &plain, &key).await;
     // Bounded: the segment is in the cluster within seconds.
     let deadline = Instant::now() + Duration::from_secs(30);
     let resumed_at = loop {
@@ -950,4 +956,65 @@ async fn quotas_are_counted_for_the_whole_cluster() {
     );
     one.shutdown().await;
     two.shutdown().await;
+}
+
+/// An upload abandoned part-way (one segment stored in the cluster) is dropped
+/// with its segment once `attachments.incomplete_ttl` passed, by one node's sweep,
+/// not at the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_upload_leaves_the_cluster_after_the_incomplete_ttl() {
+    use switchboard::client::attachment::CHUNK;
+    use switchboard::cluster::blobs::SEGMENT;
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, config) = cluster_config(&nats, "");
+    let soon = |c: &mut switchboard::config::Config| {
+        c.attachments.incomplete_ttl = Duration::from_secs(3);
+        c.messages.sweep_interval = Duration::from_millis(200);
+    };
+    let one = InProcessNode::start_with(&config, soon).await;
+    let two = InProcessNode::start_with(&config, soon).await;
+    let alice = one.registered(ALICE).await;
+    let plain = vec![7u8; SEGMENT as usize + 3 * CHUNK];
+    let id = break_off_upload(&alice, &plain, &[3; 32]).await;
+    let objects = segment_objects(&nats).await;
+    let records = nats
+        .connect(0)
+        .await
+        .jetstream
+        .get_key_value(switchboard::cluster::blobs::BUCKET)
+        .await
+        .expect("the attachment records");
+    let record = format!("b.{}", hex::encode(id));
+    let count = || segments_stored(&objects);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count().await == 0 {
+        assert!(Instant::now() < deadline, "no segment stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    alice.close().await;
+    assert!(records.get(&record).await.expect("read").is_some());
+    while count().await > 0 || records.get(&record).await.expect("read").is_some() {
+        assert!(Instant::now() < deadline, "the abandoned upload stayed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    one.shutdown().await;
+    two.shutdown().await;
+}
+
+/// The object store of attachment segments on `nats`.
+async fn segment_objects(nats: &NatsCluster) -> async_nats::jetstream::object_store::ObjectStore {
+    nats.connect(0)
+        .await
+        .jetstream
+        .get_object_store(switchboard::cluster::blobs::OBJECTS)
+        .await
+        .expect("the attachments' object store")
+}
+
+/// How many segments `objects` holds.
+async fn segments_stored(objects: &async_nats::jetstream::object_store::ObjectStore) -> usize {
+    use futures_util::StreamExt;
+    objects.list().await.expect("list").count().await
 }
