@@ -127,6 +127,17 @@ fn send_key(key: &str) -> String {
     format!("s.{}", hex::encode(key.as_bytes()))
 }
 
+/// The bucket on `cluster`, created with `replicas` replicas if it is not there.
+async fn open_bucket(cluster: &Cluster, replicas: usize) -> Result<Bucket, ClusterError> {
+    Bucket::open(
+        cluster,
+        BUCKET,
+        "switchboard: numbers, pending codes, accounts, devices and device keys",
+        replicas,
+    )
+    .await
+}
+
 /// What the number's compare-and-set decided.
 enum Decided<E> {
     NoCode,
@@ -167,13 +178,7 @@ impl JetStreamAccounts {
         replicas: usize,
         discovery: Arc<DiscoveryKey>,
     ) -> Result<JetStreamAccounts, ClusterError> {
-        let bucket = Bucket::open(
-            cluster,
-            BUCKET,
-            "switchboard: numbers, pending codes, accounts, devices and device keys",
-            replicas,
-        )
-        .await?;
+        let bucket = open_bucket(cluster, replicas).await?;
         let limits = Bucket::open_expiring(
             cluster,
             LIMITS_BUCKET,
@@ -865,9 +870,38 @@ pub struct ExportMark {
     pub source: String,
     pub started_at_ms: u64,
     pub done: bool,
+    /// The discovery key version the cluster's nodes serve: one above the node's,
+    /// so that clients see the key change and look their contacts up again.
+    pub discovery_version: u32,
 }
 
 const EXPORT_KEY: &str = "x.export";
+
+/// The mark of an export into `cluster`, if one began (read before the stores are
+/// opened: it decides the discovery key version).
+pub async fn export_mark(
+    cluster: &Cluster,
+    replicas: usize,
+) -> Result<Option<ExportMark>, ClusterError> {
+    let (mark, _) = open_bucket(cluster, replicas)
+        .await?
+        .read(EXPORT_KEY)
+        .await
+        .map_err(|e| ClusterError::JetStream(e.to_string()))?;
+    Ok(mark)
+}
+
+/// How an export may go on, as its mark says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportStart {
+    /// No export began: this one may, into an empty cluster.
+    Fresh,
+    /// This node's export, broken off: go on.
+    Resume(ExportMark),
+    /// Another node's export, unfinished.
+    Other(String),
+    Finished,
+}
 
 /// What an account's number entry says when an imported account is not its own.
 #[derive(Debug, thiserror::Error)]
@@ -898,6 +932,22 @@ impl JetStreamAccounts {
     /// The mark of an export into the cluster, if one began.
     pub async fn export_mark(&self) -> Result<Option<ExportMark>, StoreError> {
         Ok(self.bucket.read(EXPORT_KEY).await?.0)
+    }
+
+    /// Marks the export `mark` begun, unless one began meanwhile (both checked and
+    /// written in one compare-and-set): how it may go on.
+    pub async fn begin_export(&self, mark: &ExportMark) -> Result<ExportStart, StoreError> {
+        self.bucket
+            .modify(EXPORT_KEY, |slot: &mut Option<ExportMark>| match slot {
+                None => {
+                    *slot = Some(mark.clone());
+                    (ExportStart::Fresh, true)
+                }
+                Some(m) if m.done => (ExportStart::Finished, false),
+                Some(m) if m.source != mark.source => (ExportStart::Other(m.source.clone()), false),
+                Some(m) => (ExportStart::Resume(m.clone()), false),
+            })
+            .await
     }
 
     pub async fn set_export_mark(&self, mark: &ExportMark) -> Result<(), StoreError> {

@@ -107,6 +107,11 @@ pub enum ClusterError {
     NoJetStream(String),
     #[error("JetStream: {0}")]
     JetStream(String),
+    #[error(
+        "a node's data is being moved into the cluster and that has not finished: run \
+         `switchboard admin export-to-cluster` again to finish it before serving"
+    )]
+    ExportUnfinished,
 }
 
 /// A connection to the cluster with JetStream checked.

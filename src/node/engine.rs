@@ -75,20 +75,40 @@ impl std::fmt::Debug for ClusterEngine {
 /// time need a few seconds to elect the leaders that create buckets and streams.
 const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long the queue stream recognises an item published again by its id (at
+/// most the TTL).
+pub(crate) const DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// What a [`ClusterEngine`] is opened for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// Serving clients: refused while an export into the cluster is unfinished.
+    Serve,
+    /// `admin export-to-cluster` of a node whose discovery key is at `node_version`.
+    Export { node_version: u32 },
+}
+
 impl ClusterEngine {
     /// Connects to `config.cluster.nats` and opens (creating where needed) the
-    /// buckets and the queue stream; `discovery` gives registered numbers their PRF.
-    /// A cluster that does not answer yet is tried again for up to a minute; one too
-    /// old, at once refused.
+    /// buckets and the queue stream; the discovery key that gives registered
+    /// numbers their PRF is derived from `seed` (the shared TLS key's), at the
+    /// version an export chose (1 without one). A cluster that does not answer yet
+    /// is tried again for up to a minute; one too old, or with an unfinished export
+    /// when serving, at once refused.
     pub async fn open(
         config: &Config,
-        discovery: Arc<DiscoveryKey>,
+        seed: [u8; 32],
+        purpose: Purpose,
     ) -> Result<ClusterEngine, ClusterError> {
         let deadline = tokio::time::Instant::now() + OPEN_PATIENCE;
         loop {
-            match Self::try_open(config, discovery.clone()).await {
+            match Self::try_open(config, &seed, purpose).await {
                 Ok(engine) => return Ok(engine),
-                Err(e @ (ClusterError::TooOld { .. } | ClusterError::NoAddress)) => return Err(e),
+                Err(
+                    e @ (ClusterError::TooOld { .. }
+                    | ClusterError::NoAddress
+                    | ClusterError::ExportUnfinished),
+                ) => return Err(e),
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "the cluster is not ready; trying again");
@@ -100,19 +120,27 @@ impl ClusterEngine {
 
     async fn try_open(
         config: &Config,
-        discovery: Arc<DiscoveryKey>,
+        seed: &[u8; 32],
+        purpose: Purpose,
     ) -> Result<ClusterEngine, ClusterError> {
         let cluster = Cluster::connect(&config.cluster.nats).await?;
+        let mark = crate::cluster::accounts::export_mark(&cluster, config.cluster.replicas).await?;
+        let version = match (purpose, mark) {
+            (Purpose::Serve, Some(m)) if !m.done => return Err(ClusterError::ExportUnfinished),
+            (_, Some(m)) => m.discovery_version,
+            (Purpose::Serve, None) => 1,
+            (Purpose::Export { node_version }, None) => node_version.saturating_add(1),
+        };
+        let discovery = DiscoveryKey::from_seed(seed, version)
+            .map_err(|e| ClusterError::JetStream(format!("discovery key: {e}")))?;
+        let discovery = Arc::new(discovery);
         let replicas = config.cluster.replicas;
         let limits = QueueLimits {
             max_queued: config.messages.max_queued_per_device.into(),
             ttl: config.messages.ttl,
             // Sends are deduplicated by their id for a day (a client sends again
             // within seconds, or at its next start).
-            duplicate_window: config
-                .messages
-                .ttl
-                .min(std::time::Duration::from_secs(86_400)),
+            duplicate_window: config.messages.ttl.min(DUPLICATE_WINDOW),
         };
         Ok(ClusterEngine {
             accounts: JetStreamAccounts::open(&cluster, replicas, discovery.clone()).await?,

@@ -9,10 +9,17 @@
 //!
 //! - **Into an empty cluster only.** It refuses a cluster that has accounts,
 //!   unless they are those of an export of the same node that did not finish (the
-//!   `x.export` mark): run again after a failure, it goes on where it broke off,
-//!   each record written again changing nothing and each queue item published
-//!   under a name the stream deduplicates for a day. A finished export is not run
-//!   twice (the cluster's nodes may have served since).
+//!   `x.export` mark, taken by compare-and-set, so of two exports at once one
+//!   begins): run again after a failure, it goes on where it broke off, each
+//!   record written again changing nothing and each queue item published under a
+//!   name the stream deduplicates for a day (past that day it refuses to go on).
+//!   No cluster node serves while the mark says unfinished, so nothing changes
+//!   under a resumed export. A finished export is not run twice (the cluster's
+//!   nodes may have served since).
+//! - **A new discovery key version.** The cluster's key (derived from the shared
+//!   TLS key) is given the node's version plus one, kept in the mark: clients see
+//!   the version change and look their contacts up again (answers under the
+//!   node's key would find no one in the cluster's index).
 //! - **Order kept.** Queue items are published in the order the node queued them
 //!   (one counter across every queue), so each device's queue, and each sender's
 //!   messages within it, read back in their order.
@@ -22,20 +29,18 @@
 //!
 //! Not moved: pending verification codes and code-send counters (a registration
 //! under way starts again), link codes (minutes of life), attachments not uploaded
-//! whole (the client uploads again), queue items and attachments past the TTL. The
-//! discovery index is written anew under the cluster's key; clients see a new key
-//! version and run discovery again. A message's TTL on the cluster counts from the
-//! export.
+//! whole (the client uploads again) or whose file is gone, queue items and
+//! attachments past the TTL. The discovery index is written anew under the
+//! cluster's key. A message's TTL on the cluster counts from the export.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::engine::ClusterEngine;
+use super::engine::{ClusterEngine, DUPLICATE_WINDOW, Purpose};
 use crate::cluster::ClusterError;
-use crate::cluster::accounts::ExportMark;
+use crate::cluster::accounts::{ExportMark, ExportStart};
 use crate::config::Config;
 use crate::discovery::DiscoveryKey;
 use crate::store::queue_store::{GroupSend, Outgoing, QueueStore};
@@ -103,6 +108,11 @@ pub enum ExportError {
     #[error("this node was exported to the cluster already (finished); nothing was written")]
     Finished,
     #[error(
+        "the export broke off more than a day ago: going on would queue twice what it \
+         published then; empty the cluster (its streams and buckets) and export again"
+    )]
+    TooLate,
+    #[error(
         "{number} belongs to account {holder} on the cluster, not to account {id} as on the node"
     )]
     NumberTaken {
@@ -138,18 +148,29 @@ pub async fn export_to_cluster(
     let store = tokio::task::spawn_blocking(move || Store::open(&db))
         .await
         .map_err(|e| StoreError::Corrupt(format!("opening task failed: {e}")))??;
-    // The key every cluster node derives (`Node::bind`).
-    let discovery = DiscoveryKey::from_seed(&shared.derive_secret("discovery key"), 1)
-        .map_err(|e| ClusterError::JetStream(format!("discovery key: {e}")))?;
-    let discovery = Arc::new(discovery);
+    let node_version = store.discovery_key().version();
     progress("connecting to the cluster");
-    let engine = ClusterEngine::open(cluster_config, discovery.clone()).await?;
+    // The key every cluster node derives (`Node::bind`), one version above the node's.
+    let engine = ClusterEngine::open(
+        cluster_config,
+        shared.derive_secret("discovery key"),
+        Purpose::Export { node_version },
+    )
+    .await?;
+    let discovery = engine.discovery.key();
     let mut report = ExportReport {
         node_fingerprint: node.fingerprint().to_string(),
         cluster_fingerprint: shared.fingerprint().to_string(),
         ..ExportReport::default()
     };
-    let mark = begin(&engine, &report.node_fingerprint).await?;
+    let window = cluster_config.messages.ttl.min(DUPLICATE_WINDOW);
+    let mark = begin(
+        &engine,
+        &report.node_fingerprint,
+        discovery.version(),
+        window,
+    )
+    .await?;
 
     let exporter = Exporter {
         store,
@@ -174,26 +195,37 @@ pub async fn export_to_cluster(
     Ok(report)
 }
 
-/// Checks that the cluster may take this node's data and marks the export begun.
-async fn begin(engine: &ClusterEngine, source: &str) -> Result<ExportMark, ExportError> {
+/// Checks that the cluster may take this node's data and marks the export begun
+/// (in one compare-and-set: of two exports at once, one begins).
+async fn begin(
+    engine: &ClusterEngine,
+    source: &str,
+    discovery_version: u32,
+    window: std::time::Duration,
+) -> Result<ExportMark, ExportError> {
     let accounts = &engine.accounts;
-    match accounts.export_mark().await? {
-        Some(mark) if mark.done => return Err(ExportError::Finished),
-        Some(mark) if mark.source != source => return Err(ExportError::OtherExport(mark.source)),
-        // This node's export broken off: go on.
-        Some(mark) => return Ok(mark),
-        None => {}
-    }
-    if accounts.any_account().await? {
+    let now = crate::node::clock::now_ms();
+    let fresh = ExportMark {
+        source: source.to_string(),
+        started_at_ms: now,
+        done: false,
+        discovery_version,
+    };
+    if accounts.export_mark().await?.is_none() && accounts.any_account().await? {
         return Err(ExportError::NotEmpty);
     }
-    let mark = ExportMark {
-        source: source.to_string(),
-        started_at_ms: crate::node::clock::now_ms(),
-        done: false,
-    };
-    accounts.set_export_mark(&mark).await?;
-    Ok(mark)
+    match accounts.begin_export(&fresh).await? {
+        ExportStart::Fresh => Ok(fresh),
+        ExportStart::Finished => Err(ExportError::Finished),
+        ExportStart::Other(source) => Err(ExportError::OtherExport(source)),
+        ExportStart::Resume(mark) => {
+            // Published again later, the queue items would be queued twice.
+            if now.saturating_sub(mark.started_at_ms) >= window.as_millis() as u64 {
+                return Err(ExportError::TooLate);
+            }
+            Ok(mark)
+        }
+    }
 }
 
 struct Exporter {
@@ -282,7 +314,8 @@ impl Exporter {
             })
             .await?
         };
-        let mut sent_groups: HashSet<u64> = HashSet::new();
+        // Group messages dealt with, by body: published (true) or aged out.
+        let mut done_groups: HashMap<u64, bool> = HashMap::new();
         let queues = &self.engine.queues;
         for (seq, device) in order {
             let Some(x) = read(&self.store, move |s| s.export_queue_item(device, seq)).await?
@@ -327,17 +360,23 @@ impl Exporter {
                     id,
                     body_ref,
                 } => {
-                    if !sent_groups.insert(body_ref) {
-                        report.queue_items += 1;
+                    // Its other devices' items went out with the first one's.
+                    if let Some(&sent) = done_groups.get(&body_ref) {
+                        match sent {
+                            true => report.queue_items += 1,
+                            false => report.expired_items += 1,
+                        }
                         continue;
                     }
                     let Some(body) =
                         read(&self.store, move |s| s.export_group_body(body_ref)).await?
                     else {
-                        // Its body went (aged out): the item is worth nothing.
+                        // Its body went (aged out): the items are worth nothing.
+                        done_groups.insert(body_ref, false);
                         report.expired_items += 1;
                         continue;
                     };
+                    done_groups.insert(body_ref, true);
                     let sender = DeviceRef {
                         account_id: from_account,
                         device_id: from_device,
@@ -388,6 +427,13 @@ impl Exporter {
                 continue;
             }
             let file = super::blobs::dir(&self.data_dir).join(hex::encode(id));
+            // A record whose file went (a removal that failed half-way) is worth
+            // nothing: left behind, never a reason to stop.
+            let on_disk = tokio::fs::metadata(&file).await.map(|m| m.len()).ok();
+            if on_disk != Some(record.size) {
+                report.attachments_left += 1;
+                continue;
+            }
             self.engine.blobs.import(id, &record, &file).await?;
             report.attachments += 1;
             report.attachment_bytes += record.size;

@@ -187,12 +187,12 @@ impl Node {
         // numbers the same PRF: both are derived from the TLS key they share, and
         // so never stored in the engine.
         let (code_key, cluster) = if config.cluster.enabled() {
-            let discovery =
-                crate::discovery::DiscoveryKey::from_seed(&creds.derive_secret("discovery key"), 1)
-                    .map_err(|e| {
-                        crate::cluster::ClusterError::JetStream(format!("discovery key: {e}"))
-                    })?;
-            let engine = engine::ClusterEngine::open(&config, Arc::new(discovery)).await?;
+            let engine = engine::ClusterEngine::open(
+                &config,
+                creds.derive_secret("discovery key"),
+                engine::Purpose::Serve,
+            )
+            .await?;
             tracing::info!(
                 server = %engine.cluster.server_version,
                 replicas = config.cluster.replicas,

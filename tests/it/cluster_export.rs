@@ -66,6 +66,26 @@ fn a_single_node_moved_into_a_cluster_carries_on_there() {
         &alice,
         &["send", BOB, "--file", file.to_str().expect("utf-8 path")],
     );
+    let card = dir.path().join("contacts.vcf");
+    std::fs::write(
+        &card,
+        format!(
+            "BEGIN:VCARD\nVERSION:3.0\nFN:Bob\nTEL:{BOB}\nEND:VCARD\n\
+             BEGIN:VCARD\nVERSION:3.0\nFN:Carol\nTEL:{CAROL}\nEND:VCARD\n\
+             BEGIN:VCARD\nVERSION:3.0\nFN:Dave\nTEL:{DAVE}\nEND:VCARD\n"
+        ),
+    )
+    .expect("vcard");
+    ok(
+        &alice,
+        &["contacts", "import", card.to_str().expect("utf-8 path")],
+    );
+    // Alice looked her contacts up on the node: the cluster's key is a new version,
+    // so her next sync looks them up again rather than trusting the node's answers.
+    assert_eq!(
+        found_contacts(&alice),
+        vec![BOB.to_string(), CAROL.to_string()]
+    );
     assert!(single.stop(), "the node stops cleanly");
 
     // The cluster's nodes get the node's certificate.
@@ -180,24 +200,75 @@ fn a_single_node_moved_into_a_cluster_carries_on_there() {
         vec!["hello from after the move".to_string()]
     );
 
-    let card = dir.path().join("contacts.vcf");
-    std::fs::write(
-        &card,
-        format!(
-            "BEGIN:VCARD\nVERSION:3.0\nFN:Bob\nTEL:{BOB}\nEND:VCARD\n\
-             BEGIN:VCARD\nVERSION:3.0\nFN:Carol\nTEL:{CAROL}\nEND:VCARD\n\
-             BEGIN:VCARD\nVERSION:3.0\nFN:Dave\nTEL:{DAVE}\nEND:VCARD\n"
-        ),
-    )
-    .expect("vcard");
-    ok(
-        &alice,
-        &["contacts", "import", card.to_str().expect("utf-8 path")],
-    );
     let mut found = found_contacts(&alice);
     found.sort();
     assert_eq!(
         found,
         vec![BOB.to_string(), CAROL.to_string(), DAVE.to_string()]
+    );
+}
+
+/// While an export into the cluster is unfinished (here: another node's, broken
+/// off), no cluster node serves, and no other node's export begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_export_keeps_nodes_and_other_exports_out() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use switchboard::cluster::accounts::{ExportMark, ExportStart, JetStreamAccounts};
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let key = switchboard::discovery::DiscoveryKey::from_seed(&[1; 32], 1).expect("key");
+    let accounts = JetStreamAccounts::open(&nats.connect(0).await, 3, Arc::new(key))
+        .await
+        .expect("the accounts bucket");
+    let mark = ExportMark {
+        source: "sha256:another-node".into(),
+        started_at_ms: 1,
+        done: false,
+        discovery_version: 2,
+    };
+    assert_eq!(
+        accounts.begin_export(&mark).await.expect("mark"),
+        ExportStart::Fresh
+    );
+
+    let (tls, config) = crate::cluster_nodes::cluster_config(&nats, "");
+    let file = tls.path().join("cluster.toml");
+    std::fs::write(&file, &config).expect("config");
+    let data = tls.path().join("data");
+    let mut node = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&file)
+        .arg("--data")
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = node.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = node.kill();
+            panic!("a node served a cluster with an unfinished export");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = node.wait_with_output().expect("output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!status.success());
+    assert!(err.contains("has not finished"), "{err}");
+
+    let mut single = ProcessNode::start(&config_text(""));
+    assert!(single.stop());
+    let out = export(&single.data_dir(), &file);
+    assert!(!out.status.success(), "{}", show_out(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("export of another node"),
+        "{}",
+        show_out(&out)
     );
 }

@@ -319,7 +319,9 @@ impl JetStreamQueues {
                 .modify(
                     &row_key(sender, &id),
                     |slot: &mut Option<ReceiptRow>| match slot.as_mut() {
-                        Some(row) if delivered >= row.receipt_count && row.receipt_seq != seq => {
+                        // A later count, or the same one stored later; a receipt
+                        // published again (answered with its first seq) changes nothing.
+                        Some(row) if delivered >= row.receipt_count && seq > row.receipt_seq => {
                             let old = std::mem::replace(&mut row.receipt_seq, seq);
                             row.receipt_count = delivered;
                             (old, true)
