@@ -98,6 +98,11 @@ pub enum ClusterError {
     #[error("cannot connect to NATS at {urls}: {reason}")]
     Connect { urls: String, reason: String },
     #[error(
+        "NATS at {urls} refused the node ({reason}): check `cluster.user`, \
+         `cluster.password_file` and `cluster.tls_ca`"
+    )]
+    Refused { urls: String, reason: String },
+    #[error(
         "nats-server {found} is too old: switchboard needs {}.{} or newer (older servers \
          lose compare-and-set updates on replicated buckets)",
         MIN_SERVER.0, MIN_SERVER.1
@@ -149,6 +154,17 @@ impl Cluster {
     /// cluster's other members from there), checks the server's version and that
     /// JetStream answers.
     pub async fn connect(urls: &[String]) -> Result<Cluster, ClusterError> {
+        let settings = crate::config::Cluster {
+            nats: urls.to_vec(),
+            ..crate::config::Config::default().cluster
+        };
+        Cluster::connect_with(&settings).await
+    }
+
+    /// [`Cluster::connect`] to `settings.nats`, logged in as its user and over TLS
+    /// checked against its authority where it names them.
+    pub async fn connect_with(settings: &crate::config::Cluster) -> Result<Cluster, ClusterError> {
+        let urls = &settings.nats;
         if urls.is_empty() {
             return Err(ClusterError::NoAddress);
         }
@@ -161,16 +177,44 @@ impl Cluster {
                 urls: joined.clone(),
                 reason: e.to_string(),
             })?;
-        let client = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
             // Once connected, reconnect for ever (a member restarting is routine).
-            .max_reconnects(None::<usize>)
-            .connect(addrs)
-            .await
-            .map_err(|e| ClusterError::Connect {
-                urls: joined.clone(),
-                reason: e.to_string(),
+            .max_reconnects(None::<usize>);
+        if let Some(login) = &settings.login {
+            let password = std::fs::read_to_string(&login.password_file).map_err(|e| {
+                ClusterError::Connect {
+                    urls: joined.clone(),
+                    reason: format!(
+                        "the NATS password file {}: {e}",
+                        login.password_file.display()
+                    ),
+                }
             })?;
+            options = options.user_and_password(login.user.clone(), password.trim_end().into());
+        }
+        if let Some(ca) = &settings.tls_ca {
+            options = options.require_tls(true).add_root_certificates(ca.clone());
+        }
+        if let Some(files) = &settings.client_cert {
+            options = options.add_client_certificate(files.cert.clone(), files.key.clone());
+        }
+        let client = options.connect(addrs).await.map_err(|e| {
+            use async_nats::ConnectErrorKind as Kind;
+            match e.kind() {
+                // No use trying again: the settings are wrong.
+                Kind::AuthorizationViolation | Kind::Authentication | Kind::Tls => {
+                    ClusterError::Refused {
+                        urls: joined.clone(),
+                        reason: e.to_string(),
+                    }
+                }
+                _ => ClusterError::Connect {
+                    urls: joined.clone(),
+                    reason: e.to_string(),
+                },
+            }
+        })?;
         // The INFO arrives with the connection: wait for it briefly.
         let mut version = client.server_info().version;
         for _ in 0..50 {

@@ -279,6 +279,20 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         ),
     );
     cluster.insert("replicas".into(), uint(c.cluster.replicas as u64));
+    if let Some(login) = &c.cluster.login {
+        cluster.insert("user".into(), text(login.user.clone()));
+        cluster.insert(
+            "password_file".into(),
+            text(login.password_file.display().to_string()),
+        );
+    }
+    if let Some(ca) = &c.cluster.tls_ca {
+        cluster.insert("tls_ca".into(), text(ca.display().to_string()));
+    }
+    if let Some(files) = &c.cluster.client_cert {
+        cluster.insert("tls_cert".into(), text(files.cert.display().to_string()));
+        cluster.insert("tls_key".into(), text(files.key.display().to_string()));
+    }
     let mut log = Table::new();
     log.insert("format".into(), text(c.log.format.name()));
     let mut file = Table::new();

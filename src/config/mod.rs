@@ -41,6 +41,20 @@ pub struct Cluster {
     /// Replicas of each stream and bucket the node creates (1 to 5; 3 survives
     /// the loss of one member).
     pub replicas: usize,
+    /// The NATS user the node logs in as, and the file holding its password.
+    pub login: Option<NatsLogin>,
+    /// The authority the NATS servers' certificates are checked against: set, the
+    /// node talks to NATS over TLS only.
+    pub tls_ca: Option<PathBuf>,
+    /// The node's own certificate for NATS, where the servers ask for one.
+    pub client_cert: Option<TlsFiles>,
+}
+
+/// A NATS user and where its password is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsLogin {
+    pub user: String,
+    pub password_file: PathBuf,
 }
 
 impl Cluster {
@@ -416,6 +430,9 @@ impl Default for Config {
                 incomplete_ttl: Duration::from_secs(86_400),
             },
             cluster: Cluster {
+                login: None,
+                tls_ca: None,
+                client_cert: None,
                 nats: Vec::new(),
                 replicas: 3,
             },
@@ -586,6 +603,29 @@ mod tests {
             err.contains(needle),
             "error {err:?} does not mention {needle:?}"
         );
+    }
+
+    #[test]
+    fn nats_login_and_tls_settings_go_together_and_read_back() {
+        let base = "[server]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n\
+                    [cluster]\nnats = [\"tls://10.0.0.1:4222\"]\n";
+        check_err(&format!("{base}user = \"sb\"\n"), "cluster.password_file");
+        check_err(&format!("{base}password_file = \"p\"\n"), "cluster.user");
+        check_err(&format!("{base}tls_cert = \"n.pem\"\n"), "cluster.tls_key");
+        check_err(
+            &format!("{base}tls_cert = \"n.pem\"\ntls_key = \"n.key\"\n"),
+            "cluster.tls_ca",
+        );
+        let c = Config::parse(&format!(
+            "{base}user = \"sb\"\npassword_file = \"/etc/sb/nats-password\"\n\
+             tls_ca = \"/etc/sb/ca.pem\"\ntls_cert = \"n.pem\"\ntls_key = \"n.key\"\n"
+        ))
+        .expect("config");
+        let login = c.cluster.login.as_ref().expect("login");
+        assert_eq!(login.user, "sb");
+        assert_eq!(c.cluster.tls_ca, Some(PathBuf::from("/etc/sb/ca.pem")));
+        assert!(c.cluster.client_cert.is_some());
+        assert_eq!(Config::parse(&c.to_toml(false)).expect("printed"), c);
     }
 
     #[test]

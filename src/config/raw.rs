@@ -24,6 +24,11 @@ pub struct File {
 pub struct Cluster {
     pub nats: Option<Vec<String>>,
     pub replicas: Option<u64>,
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -777,7 +782,7 @@ impl File {
                 30 * 86_400,
             )?,
         };
-        let nats = self.cluster.nats.unwrap_or_default();
+        let nats = self.cluster.nats.clone().unwrap_or_default();
         for url in &nats {
             let rest = url
                 .strip_prefix("nats://")
@@ -795,7 +800,40 @@ impl File {
                     .into(),
             );
         }
+        let c = &self.cluster;
+        let login = match (&c.user, &c.password_file) {
+            (Some(user), Some(password_file)) => Some(super::NatsLogin {
+                user: user.clone(),
+                password_file: password_file.clone(),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "keys `cluster.user` and `cluster.password_file` go together (the password \
+                     is read from the file, never written in the config)"
+                        .into(),
+                );
+            }
+        };
+        let client_cert = match (&c.tls_cert, &c.tls_key) {
+            (Some(cert), Some(key)) => Some(super::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None) => None,
+            _ => return Err("keys `cluster.tls_cert` and `cluster.tls_key` go together".into()),
+        };
+        if client_cert.is_some() && c.tls_ca.is_none() {
+            return Err(
+                "key `cluster.tls_cert`: a client certificate for NATS needs `cluster.tls_ca`, \
+                 the authority the NATS servers' certificates are checked against"
+                    .into(),
+            );
+        }
         let cluster = super::Cluster {
+            login,
+            tls_ca: c.tls_ca.clone(),
+            client_cert,
             nats,
             replicas: usize::try_from(in_range(
                 "cluster.replicas",

@@ -107,6 +107,7 @@ impl ClusterEngine {
                 Err(
                     e @ (ClusterError::TooOld { .. }
                     | ClusterError::NoAddress
+                    | ClusterError::Refused { .. }
                     | ClusterError::ExportUnfinished),
                 ) => return Err(e),
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
@@ -123,7 +124,7 @@ impl ClusterEngine {
         seed: &[u8; 32],
         purpose: Purpose,
     ) -> Result<ClusterEngine, ClusterError> {
-        let cluster = Cluster::connect(&config.cluster.nats).await?;
+        let cluster = Cluster::connect_with(&config.cluster).await?;
         let mark = crate::cluster::accounts::export_mark(&cluster, config.cluster.replicas).await?;
         let version = match (purpose, mark) {
             (Purpose::Serve, Some(m)) if !m.done => return Err(ClusterError::ExportUnfinished),

@@ -213,7 +213,6 @@ fn a_single_node_moved_into_a_cluster_carries_on_there() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfinished_export_keeps_nodes_and_other_exports_out() {
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
     use switchboard::cluster::accounts::{ExportMark, ExportStart, JetStreamAccounts};
     let Some(nats) = NatsCluster::start(3) else {
         return;
@@ -236,30 +235,7 @@ async fn an_unfinished_export_keeps_nodes_and_other_exports_out() {
     let (tls, config) = crate::cluster_nodes::cluster_config(&nats, "");
     let file = tls.path().join("cluster.toml");
     std::fs::write(&file, &config).expect("config");
-    let data = tls.path().join("data");
-    let mut node = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&file)
-        .arg("--data")
-        .arg(&data)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn node");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = node.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = node.kill();
-            panic!("a node served a cluster with an unfinished export");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let out = node.wait_with_output().expect("output");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!status.success());
+    let err = crate::cluster_nodes::serve_fails(&file, &tls.path().join("data"));
     assert!(err.contains("has not finished"), "{err}");
 
     let mut single = ProcessNode::start(&config_text(""));

@@ -1018,3 +1018,89 @@ async fn segments_stored(objects: &async_nats::jetstream::object_store::ObjectSt
     use futures_util::StreamExt;
     objects.list().await.expect("list").count().await
 }
+
+/// A NATS cluster that wants a user and password and speaks TLS only (its
+/// certificate from an authority of the test's): the nodes log in with
+/// `cluster.user`/`password_file` and check the servers against `cluster.tls_ca`;
+/// a message goes through one node to a device on the other. A node with a wrong
+/// password is refused at once, saying what to check.
+#[test]
+fn nodes_log_in_to_a_nats_cluster_over_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("authority");
+    let server_key = KeyPair::generate().expect("key");
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&server_key, &ca, &ca_key)
+        .expect("server certificate");
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("ca.pem"), ca.pem()).expect("write");
+    std::fs::write(path("nats.pem"), server.pem()).expect("write");
+    std::fs::write(path("nats.key"), server_key.serialize_pem()).expect("write");
+    std::fs::write(path("password"), "s3cret-for-nats\n").expect("write");
+    std::fs::write(path("wrong"), "not-it\n").expect("write");
+    let (cert, key) = (path("nats.pem"), path("nats.key"));
+    let args = [
+        "--user",
+        "switchboard",
+        "--pass",
+        "s3cret-for-nats",
+        "--tls",
+        "--tlscert",
+        cert.to_str().expect("utf-8 path"),
+        "--tlskey",
+        key.to_str().expect("utf-8 path"),
+    ];
+    let Some(nats) = NatsCluster::start_with(3, &args) else {
+        return;
+    };
+    let login = |password: &Path| {
+        format!(
+            "user = \"switchboard\"\npassword_file = {password:?}\ntls_ca = {:?}\n",
+            path("ca.pem")
+        )
+    };
+    let (_tls, config) = cluster_config(&nats, &login(&path("password")));
+    let one = ProcessNode::start(&config);
+    let two = ProcessNode::start(&config);
+    let (alice, bob) = (path("alice"), path("bob"));
+    register(&alice, ALICE, &one.addr);
+    register(&bob, BOB, &two.addr);
+    send(&alice, BOB, "over TLS, logged in");
+    assert_eq!(texts_of(&bob), vec!["over TLS, logged in".to_string()]);
+
+    let (_tls2, wrong) = cluster_config(&nats, &login(&path("wrong")));
+    std::fs::write(path("wrong.toml"), wrong).expect("write");
+    let err = serve_fails(&path("wrong.toml"), &path("wrong-data"));
+    assert!(err.contains("refused the node"), "{err}");
+    assert!(!err.contains("trying again"), "refused at once: {err}");
+}
+
+/// Starts `switchboard serve` with `config` and data in `data`, which must fail (a
+/// node that serves is killed after a minute and the test fails): its stderr.
+pub(crate) fn serve_fails(config: &Path, data: &Path) -> String {
+    let mut node = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .arg("--data")
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while node.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = node.kill();
+            panic!("the node served with {}", config.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = node.wait_with_output().expect("output");
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

