@@ -1031,25 +1031,6 @@ impl JetStreamAccounts {
 }
 
 impl JetStreamAccounts {
-    /// Takes the cluster's turn at the periodic job `job` for `every_ms` from
-    /// `now_ms`, if no node holds it: of the nodes' sweeps, one runs it per turn.
-    pub async fn take_turn(
-        &self,
-        job: &str,
-        now_ms: u64,
-        every_ms: u64,
-    ) -> Result<bool, StoreError> {
-        self.bucket
-            .modify(&format!("x.turn.{job}"), |slot: &mut Option<u64>| {
-                if slot.is_some_and(|until| until > now_ms) {
-                    return (false, false);
-                }
-                *slot = Some(now_ms.saturating_add(every_ms));
-                (true, true)
-            })
-            .await
-    }
-
     /// The companions (never a primary) not seen since `cutoff_ms` (being linked
     /// counts as being seen), over every account: the devices that lapse.
     pub async fn lapsed_companions(&self, cutoff_ms: u64) -> Result<Vec<DeviceRef>, StoreError> {

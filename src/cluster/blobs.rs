@@ -181,13 +181,23 @@ impl JetStreamBlobs {
             .put(segment_name(id, k).as_str(), bytes)
             .await
             .map_err(|e| engine(OBJECTS, e))?;
-        self.update(id, |r| {
-            r.received = received.max(r.received);
-            r.complete = r.received >= r.size;
-            true
-        })
-        .await
-        .map(drop)
+        let counted = self
+            .update(id, |r| {
+                r.received = received.max(r.received);
+                r.complete = r.received >= r.size;
+                true
+            })
+            .await?;
+        if counted.is_none() {
+            // Dropped meanwhile (abandoned past `incomplete_ttl`): what was just
+            // stored belongs to nothing.
+            let _ = self.objects.delete(segment_name(id, k)).await;
+            return Err(StoreError::Engine(format!(
+                "attachment {} was dropped while uploading (begun too long ago)",
+                hex::encode(id)
+            )));
+        }
+        Ok(())
     }
 
     /// Upload `id` (of no bytes: no segment) is whole.
@@ -231,12 +241,38 @@ impl JetStreamBlobs {
             .await
     }
 
+    /// Drops upload `id` if it is still unfinished and begun before `before_ms`:
+    /// its record first, by compare-and-set (an upload that finished meanwhile
+    /// stays; one still sending fails its next segment), then its segments.
+    pub async fn remove_abandoned(&self, id: &[u8; 16], before_ms: u64) -> Result<(), StoreError> {
+        let taken = self
+            .records
+            .modify(
+                &record_key(id),
+                |slot: &mut Option<BlobRecord>| match slot {
+                    Some(r) if !r.complete && r.created_at_ms < before_ms => (slot.take(), true),
+                    _ => (None, false),
+                },
+            )
+            .await?;
+        match taken {
+            Some(record) => self.drop_stored(id, record).await,
+            None => Ok(()),
+        }
+    }
+
     /// Drops blob `id`: its segments, then its record and its place in the owner's
     /// list.
     pub async fn remove(&self, id: &[u8; 16]) -> Result<(), StoreError> {
         let Some(record) = self.record(id).await? else {
             return Ok(());
         };
+        self.drop_stored(id, record).await
+    }
+
+    /// Drops the segments of blob `id` (recorded as `record`), its record if still
+    /// there, and its place in the owner's list.
+    async fn drop_stored(&self, id: &[u8; 16], record: BlobRecord) -> Result<(), StoreError> {
         for k in 0..segments(record.size) {
             match self.objects.delete(segment_name(id, k)).await {
                 Ok(()) => {}

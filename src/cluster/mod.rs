@@ -183,7 +183,7 @@ impl Cluster {
             .max_reconnects(None::<usize>);
         if let Some(login) = &settings.login {
             let password = std::fs::read_to_string(&login.password_file).map_err(|e| {
-                ClusterError::Connect {
+                ClusterError::Refused {
                     urls: joined.clone(),
                     reason: format!(
                         "the NATS password file {}: {e}",

@@ -89,6 +89,37 @@ impl JetStreamQuotas {
     }
 }
 
+impl JetStreamQuotas {
+    /// Takes the cluster's turn at the periodic job `job` (run every `every_ms` by
+    /// each node's sweep), if no node holds it: one node per interval runs it. A
+    /// turn is held for three quarters of the interval, so the holder's next sweep,
+    /// a little early, takes the next one.
+    pub async fn take_turn(
+        &self,
+        job: &str,
+        now_ms: u64,
+        every_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let hold = every_ms / 4 * 3;
+        self.bucket
+            .modify(&format!("turn.{job}"), |slot: &mut Option<u64>| {
+                if slot.is_some_and(|until| until > now_ms) {
+                    return (false, false);
+                }
+                *slot = Some(now_ms.saturating_add(hold.max(1)));
+                (true, true)
+            })
+            .await
+    }
+
+    /// Whether a node's sweep took a turn within `since_ms` of `now_ms`: a node
+    /// serves (or just served) on this cluster.
+    pub async fn node_ran_recently(&self, now_ms: u64, since_ms: u64) -> Result<bool, StoreError> {
+        let (until, _) = self.bucket.read::<u64>("turn.lapse").await?;
+        Ok(until.is_some_and(|until| until.saturating_add(since_ms) > now_ms))
+    }
+}
+
 /// The UTC day of `now_secs`, for a daily window.
 pub fn day(now_secs: u64) -> u64 {
     now_secs / 86_400

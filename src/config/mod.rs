@@ -610,6 +610,10 @@ mod tests {
         let base = "[server]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n\
                     [cluster]\nnats = [\"tls://10.0.0.1:4222\"]\n";
         check_err(&format!("{base}user = \"sb\"\n"), "cluster.password_file");
+        check_err(
+            &format!("[discovery]\ndaily_budget = 60000\n{base}"),
+            "discovery.daily_budget",
+        );
         check_err(&format!("{base}password_file = \"p\"\n"), "cluster.user");
         check_err(&format!("{base}tls_cert = \"n.pem\"\n"), "cluster.tls_key");
         check_err(

@@ -287,6 +287,9 @@ impl ProviderTable {
     }
 }
 
+/// The largest daily discovery budget in cluster mode.
+const MAX_CLUSTER_BUDGET: u32 = 50_000;
+
 fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
     key: &str,
     value: Option<T>,
@@ -844,6 +847,13 @@ impl File {
             )?)
             .unwrap_or(d.cluster.replicas),
         };
+        // The cluster keeps a day's looked-up numbers in one entry (under NATS's 1 MiB
+        // message limit at this many).
+        if cluster.enabled() && discovery.daily_budget > MAX_CLUSTER_BUDGET {
+            return Err(format!(
+                "key `discovery.daily_budget`: at most {MAX_CLUSTER_BUDGET} in cluster mode"
+            ));
+        }
         let metrics = super::Metrics {
             enabled: self.metrics.enabled.unwrap_or(d.metrics.enabled),
             listen: self.metrics.listen.unwrap_or(d.metrics.listen),

@@ -537,25 +537,34 @@ pub async fn sweep(shared: &Arc<Shared>, now: u64) {
     let cutoff = now.saturating_sub(shared.config.messages.ttl.as_millis() as u64);
     let incomplete =
         now.saturating_sub(shared.config.attachments.incomplete_ttl.as_millis() as u64);
-    let expired = match &shared.cluster {
+    if let Some(c) = &shared.cluster {
         // Whole ones expire in the cluster by themselves; abandoned uploads are found
         // by the node whose sweep takes this interval's turn.
-        Some(c) => {
-            let every = shared.config.messages.sweep_interval.as_millis() as u64;
-            match c.accounts.take_turn("blobs", now, every).await {
-                Ok(true) => c.blobs.abandoned(incomplete).await,
-                Ok(false) => Ok(Vec::new()),
-                Err(e) => Err(e),
+        let every = shared.config.messages.sweep_interval.as_millis() as u64;
+        let abandoned = match c.quotas.take_turn("blobs", now, every).await {
+            Ok(true) => c.blobs.abandoned(incomplete).await,
+            Ok(false) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        };
+        let ids = match abandoned {
+            Ok(ids) => ids,
+            Err(e) => return tracing::error!(error = %e, "finding abandoned uploads failed"),
+        };
+        let n = ids.len();
+        for id in ids {
+            if let Err(e) = c.blobs.remove_abandoned(&id, incomplete).await {
+                tracing::error!(error = %e, "removing an abandoned upload failed");
             }
-            .map_err(|e| e.to_string())
         }
-        None => blocking(shared, move |store| store.expired_blobs(cutoff, incomplete))
-            .await
-            .map_err(|e| e.message),
-    };
-    let expired = match expired {
+        if n > 0 {
+            tracing::info!(attachments = n, "swept abandoned uploads");
+        }
+        return;
+    }
+    let expired = match blocking(shared, move |store| store.expired_blobs(cutoff, incomplete)).await
+    {
         Ok(ids) => ids,
-        Err(e) => return tracing::error!(error = %e, "finding expired attachments failed"),
+        Err(e) => return tracing::error!(error = %e.message, "finding expired attachments failed"),
     };
     let n = expired.len();
     for id in expired {

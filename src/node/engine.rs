@@ -468,7 +468,7 @@ pub(crate) async fn lapsed_companions(
         Some(c) => {
             let every = shared.config.messages.sweep_interval.as_millis() as u64;
             if !c
-                .accounts
+                .quotas
                 .take_turn("lapse", now_ms, every)
                 .await
                 .map_err(internal)?

@@ -103,6 +103,11 @@ pub enum ExportError {
     Cluster(#[from] ClusterError),
     #[error("the cluster has accounts already: an export goes into an empty cluster")]
     NotEmpty,
+    #[error(
+        "a switchboard node ran on the cluster in the last five minutes: stop every cluster \
+         node, export, then start them"
+    )]
+    NodesServing,
     #[error("the cluster holds an export of another node (certificate {0}) that did not finish")]
     OtherExport(String),
     #[error("this node was exported to the cluster already (finished); nothing was written")]
@@ -211,8 +216,15 @@ async fn begin(
         done: false,
         discovery_version,
     };
-    if accounts.export_mark().await?.is_none() && accounts.any_account().await? {
-        return Err(ExportError::NotEmpty);
+    if accounts.export_mark().await?.is_none() {
+        if accounts.any_account().await? {
+            return Err(ExportError::NotEmpty);
+        }
+        // A node serving now would go on under the old discovery key, and could
+        // change what the export writes.
+        if engine.quotas.node_ran_recently(now, 5 * 60_000).await? {
+            return Err(ExportError::NodesServing);
+        }
     }
     match accounts.begin_export(&fresh).await? {
         ExportStart::Fresh => Ok(fresh),

@@ -208,7 +208,8 @@ fn a_single_node_moved_into_a_cluster_carries_on_there() {
     );
 }
 
-/// While an export into the cluster is unfinished (here: another node's, broken
+/// An export does not begin while a node runs on the cluster (its sweep took a
+/// turn a moment ago). While an export is unfinished (here: another node's, broken
 /// off), no cluster node serves, and no other node's export begins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfinished_export_keeps_nodes_and_other_exports_out() {
@@ -221,6 +222,33 @@ async fn an_unfinished_export_keeps_nodes_and_other_exports_out() {
     let accounts = JetStreamAccounts::open(&nats.connect(0).await, 3, Arc::new(key))
         .await
         .expect("the accounts bucket");
+    let (tls, config) = crate::cluster_nodes::cluster_config(&nats, "");
+    let file = tls.path().join("cluster.toml");
+    std::fs::write(&file, &config).expect("config");
+    let mut single = ProcessNode::start(&config_text(""));
+    assert!(single.stop());
+    // A node's sweep took its turn a moment ago: a node runs on the cluster.
+    let quotas = switchboard::cluster::quotas::JetStreamQuotas::open(&nats.connect(0).await, 3)
+        .await
+        .expect("the quotas bucket");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    assert!(
+        quotas
+            .take_turn("lapse", now_ms, 60_000)
+            .await
+            .expect("turn")
+    );
+    let out = export(&single.data_dir(), &file);
+    assert!(!out.status.success(), "{}", show_out(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ran on the cluster"),
+        "{}",
+        show_out(&out)
+    );
+
     let mark = ExportMark {
         source: "sha256:another-node".into(),
         started_at_ms: 1,
@@ -232,14 +260,9 @@ async fn an_unfinished_export_keeps_nodes_and_other_exports_out() {
         ExportStart::Fresh
     );
 
-    let (tls, config) = crate::cluster_nodes::cluster_config(&nats, "");
-    let file = tls.path().join("cluster.toml");
-    std::fs::write(&file, &config).expect("config");
     let err = crate::cluster_nodes::serve_fails(&file, &tls.path().join("data"));
     assert!(err.contains("has not finished"), "{err}");
 
-    let mut single = ProcessNode::start(&config_text(""));
-    assert!(single.stop());
     let out = export(&single.data_dir(), &file);
     assert!(!out.status.success(), "{}", show_out(&out));
     assert!(
