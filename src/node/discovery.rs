@@ -316,7 +316,13 @@ impl Discovery {
         now_ms: u64,
     ) -> Result<Option<Arc<FilterSnapshot>>, StoreError> {
         let _one_at_a_time = self.building.lock().await;
-        let announced = cluster.announced().await?;
+        // A filter under another key version (announced before an export gave the
+        // cluster a new key) is none: it is built again under this one.
+        let version = cluster.key().version();
+        let announced = cluster
+            .announced()
+            .await?
+            .filter(|meta| meta.key_version == version);
         if let Some(meta) = &announced {
             self.install(cluster, meta).await?;
         }
