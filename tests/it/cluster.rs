@@ -52,6 +52,12 @@ impl NatsCluster {
         retry(|| JetStreamAccounts::open(&cluster, 3, key.clone())).await
     }
 
+    /// Member `i`'s quotas bucket (3 replicas).
+    pub async fn quotas(&self, i: usize) -> switchboard::cluster::quotas::JetStreamQuotas {
+        let cluster = self.connect(i).await;
+        retry(|| switchboard::cluster::quotas::JetStreamQuotas::open(&cluster, 3)).await
+    }
+
     /// Member `i`'s queue stream (3 replicas) with `limits`.
     pub async fn queues(&self, i: usize, limits: QueueLimits) -> JetStreamQueues {
         let cluster = self.connect(i).await;

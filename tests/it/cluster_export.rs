@@ -214,23 +214,20 @@ fn a_single_node_moved_into_a_cluster_carries_on_there() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfinished_export_keeps_nodes_and_other_exports_out() {
     use std::sync::Arc;
-    use switchboard::cluster::accounts::{ExportMark, ExportStart, JetStreamAccounts};
+    use switchboard::cluster::accounts::{ExportMark, ExportStart};
     let Some(nats) = NatsCluster::start(3) else {
         return;
     };
     let key = switchboard::discovery::DiscoveryKey::from_seed(&[1; 32], 1).expect("key");
-    let accounts = JetStreamAccounts::open(&nats.connect(0).await, 3, Arc::new(key))
-        .await
-        .expect("the accounts bucket");
+    // The buckets are opened until the cluster's meta leader is there.
+    let accounts = nats.accounts(0, Arc::new(key)).await;
     let (tls, config) = crate::cluster_nodes::cluster_config(&nats, "");
     let file = tls.path().join("cluster.toml");
     std::fs::write(&file, &config).expect("config");
     let mut single = ProcessNode::start(&config_text(""));
     assert!(single.stop());
     // A node's sweep took its turn a moment ago: a node runs on the cluster.
-    let quotas = switchboard::cluster::quotas::JetStreamQuotas::open(&nats.connect(0).await, 3)
-        .await
-        .expect("the quotas bucket");
+    let quotas = nats.quotas(0).await;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
