@@ -29,10 +29,14 @@
 //!   pile up that high is dropped, logged (the single node has no such bound).
 //! - **Wake-ups.** After an append, a core NATS message (no payload) on
 //!   `sbw.ACCOUNT.DEVICE` tells whichever node holds that device's delivery stream to
-//!   read its queue now; the stream stays the source of truth (a lost wake-up delays
-//!   an item until that node's next read, never loses it). A message there with a
-//!   payload is an ephemeral item for the device (a typing notice, one frame), pushed
-//!   if it is connected and never stored.
+//!   read its queue now; its header `Sb-Seq` is the seq of the item stored, so the
+//!   read stops there instead of asking once more for a next item that is not there
+//!   (a page with a limit, [`JetStreamQueues::page_until`]). The stream stays the
+//!   source of truth: a lost wake-up delays an item until the next wake-up for a
+//!   later item or that node's next full read, never loses it. A wake-up without
+//!   `Sb-Seq` asks for a full read. A message there with a payload is an ephemeral
+//!   item for the device (a typing notice, one frame), pushed if it is connected and
+//!   never stored.
 
 use std::time::Duration;
 
@@ -95,6 +99,20 @@ fn receipts_subject(device: DeviceRef) -> String {
 /// The core NATS subject that wakes `device`'s delivery stream, wherever it is.
 pub fn wake_subject(device: DeviceRef) -> String {
     format!("sbw.{}.{}", device.account_id, device.device_id)
+}
+
+/// The header of a wake-up that names the seq of the item it is for.
+const WAKE_SEQ: &str = "Sb-Seq";
+
+/// The seq a wake-up names (`None`: it names none, so the whole queue is read).
+pub fn woken_seq(wake_up: &async_nats::Message) -> Option<u64> {
+    wake_up
+        .headers
+        .as_ref()?
+        .get(WAKE_SEQ)?
+        .as_str()
+        .parse()
+        .ok()
 }
 
 /// Whether `subject` is one of `device`'s queue subjects.
@@ -193,12 +211,15 @@ impl JetStreamQueues {
         }
     }
 
-    async fn wake(&self, devices: impl IntoIterator<Item = DeviceRef>) {
-        for device in devices {
+    /// Wakes each device's delivery stream for the item stored for it at seq.
+    async fn wake(&self, devices: impl IntoIterator<Item = (DeviceRef, u64)>) {
+        for (device, seq) in devices {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(WAKE_SEQ, seq.to_string().as_str());
             // Best effort: the stream is the truth, a lost wake-up only delays.
             if let Err(e) = self
                 .client
-                .publish(wake_subject(device), Bytes::new())
+                .publish_with_headers(wake_subject(device), headers, Bytes::new())
                 .await
             {
                 tracing::debug!(error = %e, "wake-up not sent");
@@ -307,8 +328,8 @@ impl JetStreamQueues {
 
 /// What publishing one send's items found ([`JetStreamQueues::fan_out`]).
 struct FannedOut {
-    /// The devices whose item was stored now.
-    queued: Vec<DeviceRef>,
+    /// The devices whose item was stored now, and its seq.
+    queued: Vec<(DeviceRef, u64)>,
     /// The seq of an item stored before (a repeated send), if any.
     duplicate_at: Option<u64>,
     /// A device whose queue refused its item (full), if any.
@@ -353,7 +374,7 @@ impl JetStreamQueues {
                 Ok(ack) if ack.duplicate => {
                     out.duplicate_at.get_or_insert(ack.sequence);
                 }
-                Ok(_) => out.queued.push(device),
+                Ok(ack) => out.queued.push((device, ack.sequence)),
                 Err(e) if subject_full(&e) => {
                     out.full.get_or_insert(device);
                 }
@@ -496,7 +517,7 @@ impl JetStreamQueues {
         let mut delivered = Vec::with_capacity(receipts.len());
         for (sender, ack, subject, msg_id, value) in receipts {
             match self.acked(ack, &subject, &msg_id, &value).await {
-                Ok(_) => delivered.push(sender),
+                Ok(ack) => delivered.push((sender, ack.sequence)),
                 Err(e) if subject_full(&e) => {
                     tracing::warn!(
                         account = sender.account_id,
@@ -509,15 +530,92 @@ impl JetStreamQueues {
         }
         // Group messages counted before they go too (a repeated ack counts once).
         for (seq, (sender, id)) in groups {
-            if self.count_group(device, seq, sender, id, now_ms).await? {
-                delivered.push(sender);
+            if let Some(count_seq) = self.count_group(device, seq, sender, id, now_ms).await? {
+                delivered.push((sender, count_seq));
             }
         }
         let deleted =
             futures_util::future::join_all(mine.iter().map(|&(seq, _)| self.delete(seq))).await;
         deleted.into_iter().collect::<Result<Vec<()>, _>>()?;
         self.wake(delivered.iter().copied()).await;
-        Ok(delivered)
+        Ok(delivered.into_iter().map(|(sender, _)| sender).collect())
+    }
+}
+
+impl JetStreamQueues {
+    /// [`QueueStore::page`], read no further than the first item at or past `until`
+    /// (the seq the latest wake-up named) when one is given: the items stored later
+    /// each wake the device again. `None` reads to the end of the queue (the backlog,
+    /// a wake-up that named no seq, the periodic look without one).
+    pub async fn page_until(
+        &self,
+        device: DeviceRef,
+        after: Option<u64>,
+        max: usize,
+        max_bytes: usize,
+        until: Option<u64>,
+    ) -> Result<(Vec<Queued>, bool), StoreError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = after.map_or(1, |seq| seq.saturating_add(1));
+        let now = crate::store::wall_ms();
+        loop {
+            if out.len() >= max {
+                return Ok((out, true));
+            }
+            let Some(m) = self.next_from(device, next).await? else {
+                return Ok((out, false));
+            };
+            next = m.sequence.saturating_add(1);
+            // The item a wake-up named, or one past it: what lies beyond has a
+            // wake-up of its own coming.
+            let last = until.is_some_and(|until| m.sequence >= until);
+            if !holds(device, &m.subject) {
+                return Err(StoreError::Corrupt(format!(
+                    "{STREAM}: {} answered for {}",
+                    m.subject,
+                    filter(device)
+                )));
+            }
+            if records::expires_at(&m.payload).is_some_and(|until| until <= now) {
+                self.delete(m.sequence).await?;
+                if last {
+                    return Ok((out, false));
+                }
+                continue;
+            }
+            let (queued_at_ms, item) = records::decode_queued(&m.payload)?;
+            let group_body = match &item {
+                QueueItem::GroupMessage { body_ref, .. } => match self.group_body(*body_ref).await?
+                {
+                    Some(body) => Some(body),
+                    // Its body aged out (it is stored a moment before its items):
+                    // the item has too.
+                    None => {
+                        self.delete(m.sequence).await?;
+                        if last {
+                            return Ok((out, false));
+                        }
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            let size = m.payload.len() + group_body.as_ref().map_or(0, Vec::len);
+            if bytes.saturating_add(size) > max_bytes && !out.is_empty() {
+                return Ok((out, true));
+            }
+            bytes = bytes.saturating_add(size);
+            out.push(Queued {
+                seq: m.sequence,
+                queued_at_ms,
+                item,
+                group_body,
+            });
+            if last {
+                return Ok((out, false));
+            }
+        }
     }
 }
 
@@ -568,55 +666,7 @@ impl QueueStore for JetStreamQueues {
         max: usize,
         max_bytes: usize,
     ) -> Result<(Vec<Queued>, bool), StoreError> {
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        let mut next = after.map_or(1, |seq| seq.saturating_add(1));
-        let now = crate::store::wall_ms();
-        loop {
-            if out.len() >= max {
-                return Ok((out, true));
-            }
-            let Some(m) = self.next_from(device, next).await? else {
-                return Ok((out, false));
-            };
-            next = m.sequence.saturating_add(1);
-            if !holds(device, &m.subject) {
-                return Err(StoreError::Corrupt(format!(
-                    "{STREAM}: {} answered for {}",
-                    m.subject,
-                    filter(device)
-                )));
-            }
-            if records::expires_at(&m.payload).is_some_and(|until| until <= now) {
-                self.delete(m.sequence).await?;
-                continue;
-            }
-            let (queued_at_ms, item) = records::decode_queued(&m.payload)?;
-            let group_body = match &item {
-                QueueItem::GroupMessage { body_ref, .. } => match self.group_body(*body_ref).await?
-                {
-                    Some(body) => Some(body),
-                    // Its body aged out (it is stored a moment before its items):
-                    // the item has too.
-                    None => {
-                        self.delete(m.sequence).await?;
-                        continue;
-                    }
-                },
-                _ => None,
-            };
-            let size = m.payload.len() + group_body.as_ref().map_or(0, Vec::len);
-            if bytes.saturating_add(size) > max_bytes && !out.is_empty() {
-                return Ok((out, true));
-            }
-            bytes = bytes.saturating_add(size);
-            out.push(Queued {
-                seq: m.sequence,
-                queued_at_ms,
-                item,
-                group_body,
-            });
-        }
+        self.page_until(device, after, max, max_bytes, None).await
     }
 
     async fn ack(

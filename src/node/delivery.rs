@@ -13,6 +13,7 @@
 //! read, waits for them to be durable, and the pusher finishes the node's half: a
 //! client that reads to the end knows its acknowledgements are kept.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 
 use tokio::sync::oneshot;
@@ -109,18 +110,20 @@ pub async fn serve(
     // In cluster mode, what was pushed and not yet acknowledged (so an ack needs no
     // second read of its items).
     let pushed = std::sync::Mutex::new(Pushed::default());
+    let woken = Woken::default();
     let acker = read_acks(recv, shared.clone(), me, done_tx, stop.clone(), &pushed);
     let ended = CancellationToken::new();
     let pusher = async {
         let at = Cursor {
             device,
             pushed: &pushed,
+            woken: &woken,
         };
         push(send, &shared, &mailbox, &stream, at, done, &stop).await;
         ended.cancel();
     };
-    let woken = forward_wake_ups(wake_ups, &shared, device, &mailbox, &ended);
-    tokio::join!(acker, pusher, woken);
+    let forward = forward_wake_ups(wake_ups, &shared, device, &mailbox, &woken, &ended);
+    tokio::join!(acker, pusher, forward);
 }
 
 /// In cluster mode a wake-up can be missed (published on another member before this
@@ -128,14 +131,50 @@ pub async fn serve(
 /// without one.
 const CLUSTER_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How far a delivery stream's next cluster read goes: to the highest seq a
+/// wake-up named, or (`scan`) to the end of the queue.
+struct Woken {
+    /// A wake-up named no seq, or none came for a while: read to the end.
+    scan: AtomicBool,
+    /// The highest seq a wake-up named.
+    to: AtomicU64,
+}
+
+impl Default for Woken {
+    fn default() -> Woken {
+        Woken {
+            scan: AtomicBool::new(true),
+            to: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Woken {
+    /// The limit of the next read ([`engine::cluster_page`]'s `until`); a full
+    /// read is asked for once.
+    fn until(&self) -> Option<u64> {
+        (!self.scan.swap(false, Ordering::AcqRel)).then(|| self.to.load(Ordering::Acquire))
+    }
+
+    fn note(&self, seq: Option<u64>) {
+        match seq {
+            Some(seq) => {
+                self.to.fetch_max(seq, Ordering::AcqRel);
+            }
+            None => self.scan.store(true, Ordering::Release),
+        }
+    }
+}
+
 /// Turns the cluster's wake-ups for this device (and, without one for a while,
-/// the clock) into wake-ups of its mailbox, and the typing notices among them into
-/// its ephemeral items, until `ended`.
+/// the clock) into wake-ups of its mailbox, noting in `woken` how far they reach,
+/// and the typing notices among them into its ephemeral items, until `ended`.
 async fn forward_wake_ups(
     wake_ups: Option<async_nats::Subscriber>,
     shared: &Shared,
     device: crate::store::DeviceRef,
     mailbox: &super::mailbox::Mailbox,
+    woken: &Woken,
     ended: &CancellationToken,
 ) {
     use futures_util::StreamExt;
@@ -156,7 +195,14 @@ async fn forward_wake_ups(
                         _ => tracing::debug!("an ephemeral item from the cluster dropped"),
                     }
                 }
-                Ok(Some(_)) | Err(_) => mailbox.changed.notify_waiters(),
+                Ok(Some(m)) => {
+                    woken.note(crate::cluster::queues::woken_seq(&m));
+                    mailbox.changed.notify_waiters();
+                }
+                Err(_) => {
+                    woken.note(None);
+                    mailbox.changed.notify_waiters();
+                }
             },
         }
     }
@@ -167,6 +213,7 @@ async fn forward_wake_ups(
 struct Cursor<'a> {
     device: crate::store::DeviceRef,
     pushed: &'a std::sync::Mutex<Pushed>,
+    woken: &'a Woken,
 }
 
 /// Writes pushes until the acker reports the client's half finished, or the node stops.
@@ -225,6 +272,8 @@ async fn push(
         } else {
             None
         };
+        // How far this round's cluster reads go: what the wake-ups so far named.
+        let until = at.woken.until();
         loop {
             let after = cursor;
             // The backlog is read on the reader thread, so a big drain does not queue
@@ -244,7 +293,11 @@ async fn push(
                 None
             };
             let page = match (&shared.cluster, in_memory) {
-                (Some(c), _) => engine::cluster_page(c, device, after, batch, MAX_PAGE_BYTES).await,
+                (Some(c), _) => {
+                    // The backlog is read to its end (so its end is known).
+                    let until = if backlog_sent { until } else { None };
+                    engine::cluster_page(c, device, after, batch, MAX_PAGE_BYTES, until).await
+                }
                 (None, Some(page)) => Ok(page),
                 (None, None) if backlog_sent => blocking(shared, op).await,
                 (None, None) => read(shared, op).await,

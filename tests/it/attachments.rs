@@ -439,17 +439,8 @@ async fn a_broken_upload_resumes_and_a_half_one_is_never_offered() {
     let total = ciphertext_len(plain.len() as u64);
     // By hand: the first two chunks, then the connection goes.
     let raw = alice.client().await.unwrap();
-    let (mut send, mut recv) = raw.connection().open_bi().await.unwrap();
-    let upload = Request::Upload {
-        size: total,
-        downloads: 0,
-        resume: None,
-    };
-    frame::write(&mut send, &upload).await.unwrap();
-    let id = match frame::read::<Reply, _>(&mut recv, 1 << 20).await.unwrap() {
-        Some(Reply::Ok(Response::UploadReady { id, offset: 0 })) => id,
-        other => panic!("{other:?}"),
-    };
+    let (mut send, _recv, id, offset) = begin_upload(&raw, total, None).await;
+    assert_eq!(offset, 0);
     for i in 0..2u64 {
         let start = i as usize * CHUNK;
         send.write_all(&seal_chunk(&key, i, false, &plain[start..start + CHUNK]))
@@ -475,20 +466,9 @@ async fn a_broken_upload_resumes_and_a_half_one_is_never_offered() {
     }
     // The resume starts where the node's disk ends.
     let client = alice.client().await.unwrap();
-    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
-    let again = Request::Upload {
-        size: total,
-        downloads: 0,
-        resume: Some(id),
-    };
-    frame::write(&mut send, &again).await.unwrap();
-    match frame::read::<Reply, _>(&mut recv, 1 << 20).await.unwrap() {
-        Some(Reply::Ok(Response::UploadReady { id: same, offset })) => {
-            assert_eq!(same, id);
-            assert_eq!(offset, 2 * (CHUNK + TAG) as u64);
-        }
-        other => panic!("{other:?}"),
-    }
+    let (mut send, mut recv, same, offset) = begin_upload(&client, total, Some(id)).await;
+    assert_eq!(same, id);
+    assert_eq!(offset, 2 * (CHUNK + TAG) as u64);
     // More than promised: refused.
     let _ = send.write_all(&vec![0u8; total as usize]).await;
     let _ = send.finish();

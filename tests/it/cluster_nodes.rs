@@ -279,18 +279,9 @@ async fn break_off_upload(
 ) -> [u8; 16] {
     use switchboard::client::attachment::{CHUNK, ciphertext_len, seal_chunk};
     use switchboard::cluster::blobs::SEGMENT;
-    use switchboard::proto::{Reply, Request, Response, frame};
-    let (mut send, mut recv) = client.connection().open_bi().await.unwrap();
-    let upload = Request::Upload {
-        size: ciphertext_len(plain.len() as u64),
-        downloads: 0,
-        resume: None,
-    };
-    frame::write(&mut send, &upload).await.unwrap();
-    let id = match frame::read::<Reply, _>(&mut recv, 1 << 20).await.unwrap() {
-        Some(Reply::Ok(Response::UploadReady { id, offset: 0 })) => id,
-        other => panic!("{other:?}"),
-    };
+    let size = ciphertext_len(plain.len() as u64);
+    let (mut send, _recv, id, offset) = crate::support::begin_upload(client, size, None).await;
+    assert_eq!(offset, 0);
     let mut sent = 0u64;
     for i in 0..plain.len().div_ceil(CHUNK) as u64 {
         let start = i as usize * CHUNK;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use switchboard::cluster::Cluster;
-use switchboard::cluster::queues::{JetStreamQueues, QueueLimits, STREAM, wake_subject};
+use switchboard::cluster::queues::{JetStreamQueues, QueueLimits, STREAM, wake_subject, woken_seq};
 use switchboard::store::queue_store::{GroupSend, Outgoing, QueueStore, SledQueues};
 use switchboard::store::records::QueueItem;
 use switchboard::store::{AppendOutcome, DeviceRef, GroupAppend, Store};
@@ -387,12 +387,47 @@ async fn an_append_on_one_node_wakes_the_device_on_another() {
     assert!(reached, "the subscription never reached member 0");
     node1.append(message(1, &[bob])).await.unwrap();
     let woke = tokio::time::timeout(Duration::from_secs(10), wakes.next_wake()).await;
-    assert!(
-        matches!(woke, Ok(true)),
-        "no wake-up reached the other node"
-    );
+    let Ok(Some(wake_up)) = woke else {
+        panic!("no wake-up reached the other node");
+    };
     let (page, _) = node2.page(bob, None, 10, usize::MAX).await.unwrap();
     assert_eq!(page.len(), 1);
+    assert_eq!(
+        woken_seq(&wake_up),
+        Some(page[0].seq),
+        "the wake-up names the item's seq"
+    );
+
+    // A read up to what a wake-up named stops there, without asking for more; a
+    // read without a limit goes to the end.
+    for id in 3..=5u8 {
+        node1.append(message(id, &[bob])).await.unwrap();
+    }
+    let (all, more) = node2.page(bob, None, 10, usize::MAX).await.unwrap();
+    assert!(!more);
+    let ids: Vec<u8> = all.iter().map(|q| id_of(&q.item)[0]).collect();
+    assert_eq!(ids, vec![1, 3, 4, 5]);
+    let (upto, more) = node2
+        .page_until(bob, Some(all[0].seq), 10, usize::MAX, Some(all[2].seq))
+        .await
+        .unwrap();
+    let ids: Vec<u8> = upto.iter().map(|q| id_of(&q.item)[0]).collect();
+    assert_eq!((ids, more), (vec![3, 4], false));
+    let (past, _) = node2
+        .page_until(bob, Some(all[2].seq), 10, usize::MAX, Some(all[0].seq))
+        .await
+        .unwrap();
+    let ids: Vec<u8> = past.iter().map(|q| id_of(&q.item)[0]).collect();
+    assert_eq!(
+        ids,
+        vec![5],
+        "a limit behind the cursor: the next item still comes"
+    );
+    let seqs: Vec<u64> = all.iter().skip(1).map(|q| q.seq).collect();
+    node2
+        .ack(bob, "+15550002222".into(), seqs, 2_000)
+        .await
+        .unwrap();
 
     let mut gone = message(2, &[bob]);
     gone.expires_at_ms = Some(1);
@@ -406,18 +441,18 @@ async fn an_append_on_one_node_wakes_the_device_on_another() {
 const PROBE: &str = "probe";
 
 trait NextWake {
-    async fn next_wake(&mut self) -> bool;
+    async fn next_wake(&mut self) -> Option<async_nats::Message>;
 }
 
 impl NextWake for async_nats::Subscriber {
-    async fn next_wake(&mut self) -> bool {
+    async fn next_wake(&mut self) -> Option<async_nats::Message> {
         // Probes still in flight are not wake-ups.
         while let Some(m) = self.next().await {
             if m.payload.as_ref() != PROBE.as_bytes() {
-                return true;
+                return Some(m);
             }
         }
-        false
+        None
     }
 }
 

@@ -964,3 +964,25 @@ pub fn start_link(
     let code = lines.next().expect("a line").expect("read");
     (child, code, lines)
 }
+
+/// Asks `client`'s node, by hand, for an upload of `size` bytes of ciphertext
+/// (resuming `resume` if given): the stream to write the chunks on, and the id and
+/// offset the node answered with. A test breaks an upload off with it.
+pub async fn begin_upload(
+    client: &Client,
+    size: u64,
+    resume: Option<[u8; 16]>,
+) -> (quinn::SendStream, quinn::RecvStream, [u8; 16], u64) {
+    use switchboard::proto::{Reply, Request, Response, frame};
+    let (mut send, mut recv) = client.connection().open_bi().await.expect("a stream");
+    let upload = Request::Upload {
+        size,
+        downloads: 0,
+        resume,
+    };
+    frame::write(&mut send, &upload).await.expect("the request");
+    match frame::read::<Reply, _>(&mut recv, 1 << 20).await {
+        Ok(Some(Reply::Ok(Response::UploadReady { id, offset }))) => (send, recv, id, offset),
+        other => panic!("no upload: {other:?}"),
+    }
+}

@@ -168,8 +168,8 @@ impl JetStreamQueues {
 
     /// `device` acknowledged the item `acked_seq`, `sender`'s group message `id`:
     /// counts it (once per device), queues the new count for the sender in place of
-    /// the one before, and with the last device drops the body and the row. True when
-    /// the sender got a new count (to be woken); false when nothing was counted any
+    /// the one before, and with the last device drops the body and the row. The seq
+    /// of the sender's new count (to be woken); `None` when nothing was counted any
     /// more (every device had it, or it aged out).
     pub(super) async fn count_group(
         &self,
@@ -178,7 +178,7 @@ impl JetStreamQueues {
         sender: DeviceRef,
         id: [u8; 16],
         now_ms: u64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let key = row_key(sender, &id);
         let me = (device.account_id, device.device_id);
         let counted = self
@@ -201,7 +201,7 @@ impl JetStreamQueues {
             })
             .await?;
         let Some((group_id, delivered, of, body_seq)) = counted else {
-            return Ok(false);
+            return Ok(None);
         };
         let item = QueueItem::GroupDelivered {
             group_id,
@@ -250,7 +250,7 @@ impl JetStreamQueues {
             self.delete(body_seq).await?;
             self.receipts.purge(&key).await?;
         }
-        Ok(published.is_some())
+        Ok(published)
     }
 }
 
