@@ -95,6 +95,12 @@ pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -
             2 * pairs,
             cluster.registration.as_secs_f64()
         ),
+        format!(
+            "JetStream API requests (reads, deletes; not publishes) per delivered message: \
+             {:.2} in cluster mode; per item {:.2} in the bare publish, get and delete loop, \
+             {:.2} in bare publish",
+            cluster.api_per_message, cycles.api_per_publish, bare.api_per_publish
+        ),
         format!("bare publish: {}", bare.sends),
         format!(
             "bare publish, get and delete (the API requests a queue item costs): {}",
@@ -115,6 +121,8 @@ pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -
 struct ClusterRun {
     run: Run,
     registration: Duration,
+    /// JetStream API requests per delivered message, over the relay's phases.
+    api_per_message: f64,
 }
 
 /// Three nodes in cluster mode on `nats`, sharing one certificate; the relay through
@@ -150,7 +158,9 @@ async fn cluster_run(nats: &NatsCluster, pairs: usize, shape: Shape) -> Result<C
     pids.extend(nats.pids());
     // Device i is on node i % 3 and its partner (i ^ 1) on another: every message
     // crosses nodes.
+    let api_before = api_requests(nats).await?;
     let run = relay::relay_through(&addrs, &pids, fp, &devices, &eps, shape).await?;
+    let api = api_requests(nats).await?.saturating_sub(api_before);
     if run.streams_ended > 0 {
         println!(
             "  cluster: the nodes ended {} delivery streams",
@@ -162,12 +172,31 @@ async fn cluster_run(nats: &NatsCluster, pairs: usize, shape: Shape) -> Result<C
             }
         }
     }
-    Ok(ClusterRun { run, registration })
+    Ok(ClusterRun {
+        api_per_message: api as f64 / run.seen.max(1) as f64,
+        run,
+        registration,
+    })
+}
+
+/// The JetStream API requests (`$JS.API.*`: reads, deletes, stream and bucket
+/// calls; not publishes) the members answered so far, together: each member's
+/// count for the account, asked of that member alone.
+async fn api_requests(nats: &NatsCluster) -> Result<u64> {
+    let mut total = 0;
+    for url in &nats.urls {
+        let client = async_nats::connect(url.as_str()).await.map_err(err)?;
+        let account = jetstream::new(client).query_account().await.map_err(err)?;
+        total += account.requests.total;
+    }
+    Ok(total)
 }
 
 struct Bare {
     rate: f64,
     sends: String,
+    /// JetStream API requests per acknowledged publish, over the whole loop.
+    api_per_publish: f64,
 }
 
 /// `devices × window` publishes in flight, each awaiting its acknowledgement, to a
@@ -204,6 +233,8 @@ async fn bare_publish(
         .await
         .map_err(err)?;
     let stream = contexts[0].get_stream_no_info("BARE").await.map_err(err)?;
+    let api_before = api_requests(nats).await?;
+    let all_acked = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let counting = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
@@ -212,8 +243,13 @@ async fn bare_publish(
     for device in 0..devices {
         for _ in 0..window {
             let js = contexts[device % contexts.len()].clone();
-            let (stop, counting, acked, sends) =
-                (stop.clone(), counting.clone(), acked.clone(), sends.clone());
+            let (stop, counting, acked, sends, all_acked) = (
+                stop.clone(),
+                counting.clone(),
+                acked.clone(),
+                sends.clone(),
+                all_acked.clone(),
+            );
             let subject = format!("bare.{}", device ^ 1);
             let stream = stream.clone();
             tasks.spawn(async move {
@@ -241,6 +277,9 @@ async fn bare_publish(
                     })
                     .await;
                     let ok = matches!(done, Ok(Ok(())));
+                    if ok {
+                        all_acked.fetch_add(1, Ordering::Relaxed);
+                    }
                     if counting.load(Ordering::Relaxed) {
                         sends.record(started.elapsed(), ok);
                         if ok {
@@ -268,8 +307,10 @@ async fn bare_publish(
         }
     }
     tasks.abort_all();
+    let api = api_requests(nats).await?.saturating_sub(api_before);
     Ok(Bare {
         rate,
         sends: sends.summary(),
+        api_per_publish: api as f64 / all_acked.load(Ordering::Relaxed).max(1) as f64,
     })
 }

@@ -19,6 +19,9 @@ pub(super) struct Run {
     pub(super) wire: String,
     /// Delivery streams the node ended (0 in a good run).
     pub(super) streams_ended: u64,
+    /// Messages delivered over the whole run, measured or not (set by
+    /// [`relay_through`] once its receivers are done; 0 elsewhere).
+    pub(super) seen: u64,
 }
 
 /// A load generator's connection to the system under test.
@@ -378,7 +381,7 @@ pub(super) async fn relay_through(
             }
         }
     };
-    let run = measure(
+    let mut run = measure(
         &clients,
         &tally,
         window,
@@ -393,6 +396,7 @@ pub(super) async fn relay_through(
     .await;
     stop.store(true, Ordering::Relaxed);
     while receivers.join_next().await.is_some() {}
+    run.seen = tally.seen.load(Ordering::Relaxed);
     Ok(run)
 }
 
@@ -640,6 +644,7 @@ where
     drain(senders).await;
     Run {
         streams_ended: tally.streams_ended.load(Ordering::Relaxed),
+        seen: 0,
         wire,
         sends: sends.summary(),
         handoff: Vec::new(),
