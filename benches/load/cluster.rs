@@ -101,6 +101,11 @@ pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -
              {:.2} in bare publish",
             cluster.api_per_message, cycles.api_per_publish, bare.api_per_publish
         ),
+        format!(
+            "server CPU over the relay's phases: the 3 nodes {:.0}%, the 3 NATS members {:.0}%",
+            cluster.nodes_share * 100.0,
+            (1.0 - cluster.nodes_share) * 100.0
+        ),
         format!("bare publish: {}", bare.sends),
         format!(
             "bare publish, get and delete (the API requests a queue item costs): {}",
@@ -123,6 +128,9 @@ struct ClusterRun {
     registration: Duration,
     /// JetStream API requests per delivered message, over the relay's phases.
     api_per_message: f64,
+    /// The nodes' share of the servers' CPU over the relay's phases (the rest is
+    /// the NATS members').
+    nodes_share: f64,
 }
 
 /// Three nodes in cluster mode on `nats`, sharing one certificate; the relay through
@@ -159,8 +167,13 @@ async fn cluster_run(nats: &NatsCluster, pairs: usize, shape: Shape) -> Result<C
     // Device i is on node i % 3 and its partner (i ^ 1) on another: every message
     // crosses nodes.
     let api_before = api_requests(nats).await?;
+    let cpu = |pids: &[u32]| pids.iter().map(|&pid| cpu_seconds(pid)).sum::<f64>();
+    let node_pids: Vec<u32> = nodes.iter().map(|(s, _)| s.pid()).collect();
+    let (nodes_cpu0, members_cpu0) = (cpu(&node_pids), cpu(&nats.pids()));
     let run = relay::relay_through(&addrs, &pids, fp, &devices, &eps, shape).await?;
     let api = api_requests(nats).await?.saturating_sub(api_before);
+    let nodes_cpu = cpu(&node_pids) - nodes_cpu0;
+    let members_cpu = cpu(&nats.pids()) - members_cpu0;
     if run.streams_ended > 0 {
         println!(
             "  cluster: the nodes ended {} delivery streams",
@@ -174,6 +187,7 @@ async fn cluster_run(nats: &NatsCluster, pairs: usize, shape: Shape) -> Result<C
     }
     Ok(ClusterRun {
         api_per_message: api as f64 / run.seen.max(1) as f64,
+        nodes_share: nodes_cpu / (nodes_cpu + members_cpu).max(f64::MIN_POSITIVE),
         run,
         registration,
     })
