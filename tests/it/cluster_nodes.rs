@@ -860,7 +860,8 @@ async fn one_time_keys_claimed_through_two_nodes_are_never_handed_out_twice() {
 
 /// Quotas hold for the cluster, not per node: Alice's one device, connected through
 /// both nodes, gets through the two of them no more lookups by number, discovery
-/// evaluations, group changes or one-time-key claims than one node allows.
+/// evaluations, group changes or one-time-key claims than one node allows, and a
+/// new device no more link joins from its address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_are_counted_for_the_whole_cluster() {
     use switchboard::proto::ErrorKind;
@@ -870,7 +871,8 @@ async fn quotas_are_counted_for_the_whole_cluster() {
     let (_tls, config) = cluster_config(
         &nats,
         "[discovery]\ndaily_budget = 3\n[groups]\nchanges_per_account_hour = 2\n\
-         [messages]\nkey_claims_per_pair_per_hour = 2\n",
+         [messages]\nkey_claims_per_pair_per_hour = 2\n\
+         [accounts]\nlink_joins_per_address_hour = 2\n",
     );
     let one = InProcessNode::start(&config).await;
     let two = InProcessNode::start(&config).await;
@@ -944,6 +946,27 @@ async fn quotas_are_counted_for_the_whole_cluster() {
     limited(
         "an evaluation through node 1",
         unit(alice_one.evaluate(vec![[0; 32]]).await),
+    );
+
+    // Link joins from one address (a new device guessing at codes): one through
+    // each node is judged (no such code), then neither takes a third.
+    let (new_device, _) = Credentials::generate_device().expect("device key");
+    let new_one = one.connect_as(&new_device).await;
+    let new_two = two.connect_as(&new_device).await;
+    for (what, via) in [("through node 1", &new_one), ("through node 2", &new_two)] {
+        let judged = unit(via.link_join(4711, vec![0; 33]).await);
+        assert!(
+            !matches!(judged, Err(ErrorKind::RateLimited { .. })),
+            "a first join {what}: {judged:?}"
+        );
+    }
+    limited(
+        "a third join through node 1",
+        unit(new_one.link_join(4711, vec![0; 33]).await),
+    );
+    limited(
+        "a third join through node 2",
+        unit(new_two.link_join(4711, vec![0; 33]).await),
     );
     one.shutdown().await;
     two.shutdown().await;
