@@ -76,6 +76,9 @@ pub struct JetStreamQueues {
     stream: stream::Stream<()>,
     /// How many devices have each group message (`group`).
     receipts: Bucket,
+    /// Messages and group messages acknowledged by their device through this
+    /// handle (this node's `messages_delivered_total`).
+    delivered: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for JetStreamQueues {
@@ -181,7 +184,26 @@ impl JetStreamQueues {
             jetstream: js.clone(),
             stream,
             receipts,
+            delivered: std::sync::Arc::default(),
         })
+    }
+
+    /// Messages and group messages acknowledged by their device through this
+    /// handle (its clones share the count).
+    pub fn delivered_total(&self) -> u64 {
+        self.delivered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The items the stream holds for the whole cluster (messages, receipts and
+    /// group message bodies, whichever node queued them) and their stored bytes.
+    pub async fn totals(&self) -> Result<(u64, u64), StoreError> {
+        let stream = self
+            .jetstream
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| engine(STREAM, e))?;
+        let state = &stream.cached_info().state;
+        Ok((state.messages, state.bytes))
     }
 
     /// Wake-ups for `device`: a message arrives on it whenever something was queued
@@ -537,6 +559,11 @@ impl JetStreamQueues {
         let deleted =
             futures_util::future::join_all(mine.iter().map(|&(seq, _)| self.delete(seq))).await;
         deleted.into_iter().collect::<Result<Vec<()>, _>>()?;
+        let messages = mine.iter().filter(|(_, taken)| taken.is_some()).count();
+        self.delivered.fetch_add(
+            u64::try_from(messages).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.wake(delivered.iter().copied()).await;
         Ok(delivered.into_iter().map(|(sender, _)| sender).collect())
     }

@@ -179,7 +179,7 @@ impl Metrics {
         );
         r.register(
             "queue_items",
-            "Items (messages and receipts) waiting in device queues",
+            "Items (messages and receipts) waiting in device queues; in cluster mode, every item of the cluster's queue stream (group message bodies too)",
             m.queue_items.clone(),
         );
         r.register_with_unit(
@@ -327,12 +327,23 @@ impl Metrics {
     }
 
     /// The metrics in the OpenMetrics text format, with the scrape-time gauges read now.
-    pub fn render(&self, shared: &Shared) -> String {
-        let (items, bytes) = shared.store.queue_totals();
-        self.queue_items.set(clamp(items));
-        self.queue_bytes.set(clamp(bytes));
+    /// In cluster mode the queue gauges are the cluster's stream, `cluster_queues`
+    /// (read by the caller; `None`: it did not answer, and they keep their last
+    /// value), and deliveries are those acknowledged through this node.
+    pub fn render(&self, shared: &Shared, cluster_queues: Option<(u64, u64)>) -> String {
+        let queues = match &shared.cluster {
+            Some(_) => cluster_queues,
+            None => Some(shared.store.queue_totals()),
+        };
+        if let Some((items, bytes)) = queues {
+            self.queue_items.set(clamp(items));
+            self.queue_bytes.set(clamp(bytes));
+        }
         let handoff = shared.store.handoff_stats();
-        let delivered = handoff.delivered.load(std::sync::atomic::Ordering::Relaxed);
+        let delivered = match &shared.cluster {
+            Some(c) => c.queues.delivered_total(),
+            None => handoff.delivered.load(std::sync::atomic::Ordering::Relaxed),
+        };
         self.messages_delivered
             .inc_by(delivered.saturating_sub(self.messages_delivered.get()));
         for (outcome, total) in [
@@ -407,11 +418,26 @@ pub async fn serve(
                                 .header("allow", "GET, HEAD")
                                 .body(Full::new(Bytes::from_static(b"only GET\n")))
                         } else {
+                            let cluster_queues = match &shared.cluster {
+                                Some(c) => {
+                                    let limit = std::time::Duration::from_secs(2);
+                                    match tokio::time::timeout(limit, c.queues.totals()).await {
+                                        Ok(Ok(totals)) => Some(totals),
+                                        Ok(Err(e)) => {
+                                            tracing::debug!(error = %e, "queue totals not read");
+                                            None
+                                        }
+                                        Err(_) => None,
+                                    }
+                                }
+                                None => None,
+                            };
                             // The store size is read from the filesystem: off the async workers.
-                            let text =
-                                tokio::task::spawn_blocking(move || shared.metrics.render(&shared))
-                                    .await
-                                    .unwrap_or_default();
+                            let text = tokio::task::spawn_blocking(move || {
+                                shared.metrics.render(&shared, cluster_queues)
+                            })
+                            .await
+                            .unwrap_or_default();
                             Response::builder()
                                 .header(
                                     "content-type",

@@ -1119,3 +1119,89 @@ pub(crate) fn serve_fails(config: &Path, data: &Path) -> String {
     assert!(!out.status.success());
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Metrics in cluster mode: each node counts the deliveries acknowledged through
+/// it, and its queue gauges show the cluster's queue stream, whichever node queued
+/// what is in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_clusters_queues_and_each_nodes_deliveries() {
+    use crate::support::{http_get, outgoing, parse_openmetrics, sample};
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, config) = cluster_config(
+        &nats,
+        "[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let one = InProcessNode::start(&config).await;
+    let two = InProcessNode::start(&config).await;
+    let scrape = |node: &InProcessNode| {
+        let url = node.metrics.clone().expect("metrics url");
+        async move {
+            tokio::task::spawn_blocking(move || parse_openmetrics(&http_get(&url).2))
+                .await
+                .expect("scrape")
+        }
+    };
+    let alice = one.registered(ALICE).await;
+    let bob = two.registered(BOB).await;
+    const SENDS: usize = 3;
+    for i in 0..SENDS {
+        let id = switchboard::client::e2e::new_message_id();
+        alice
+            .send(outgoing(BOB, id, vec![i as u8; 8]))
+            .await
+            .expect("send");
+    }
+    let queued = sample(&scrape(&two).await, "switchboard_queue_items");
+    assert_eq!(
+        queued, SENDS as f64,
+        "queued through node 1, seen by node 2"
+    );
+
+    let mut sub = bob.subscribe().await.expect("subscribe");
+    let mut got = 0;
+    while got < SENDS {
+        let push = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("a push within 10 s")
+            .expect("the stream")
+            .expect("a push");
+        let seqs: Vec<u64> = push
+            .items
+            .iter()
+            .filter(|d| matches!(d.item, switchboard::proto::Item::Message(_)))
+            .map(|d| d.seq)
+            .collect();
+        got += seqs.len();
+        if !seqs.is_empty() {
+            sub.ack(seqs).await.expect("ack");
+        }
+    }
+    // The acks are applied a moment after they are sent: looked at for a while.
+    let mut delivered = 0.0;
+    for _ in 0..100 {
+        delivered = sample(&scrape(&two).await, "switchboard_messages_delivered_total");
+        if delivered >= SENDS as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        delivered, SENDS as f64,
+        "counted by the node Bob acked through"
+    );
+    let on_one = scrape(&one).await;
+    assert_eq!(
+        sample(&on_one, "switchboard_messages_delivered_total"),
+        0.0,
+        "not by the other"
+    );
+    assert_eq!(
+        sample(&on_one, "switchboard_queue_items"),
+        SENDS as f64,
+        "what is left: Alice's receipts"
+    );
+    one.shutdown().await;
+    two.shutdown().await;
+}
