@@ -76,8 +76,8 @@ pub struct JetStreamQueues {
     stream: stream::Stream<()>,
     /// How many devices have each group message (`group`).
     receipts: Bucket,
-    /// Messages and group messages acknowledged by their device through this
-    /// handle (this node's `messages_delivered_total`).
+    /// Messages (one-to-one, as the single node counts them) acknowledged by their
+    /// device through this handle (this node's `messages_delivered_total`).
     delivered: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -188,8 +188,9 @@ impl JetStreamQueues {
         })
     }
 
-    /// Messages and group messages acknowledged by their device through this
-    /// handle (its clones share the count).
+    /// Messages (one-to-one) acknowledged by their device through this handle (its
+    /// clones share the count). Two delivery streams of one device acknowledging the
+    /// same item both count it.
     pub fn delivered_total(&self) -> u64 {
         self.delivered.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -495,6 +496,10 @@ impl JetStreamQueues {
         pushed: &Pushed,
         now_ms: u64,
     ) -> Result<Vec<DeviceRef>, StoreError> {
+        // A seq named twice in one ack is one item (one receipt, counted once).
+        let mut seqs = seqs;
+        seqs.sort_unstable();
+        seqs.dedup();
         let (known, unknown): (Vec<u64>, Vec<u64>) = seqs
             .into_iter()
             .partition(|seq| pushed.items.contains_key(seq));
@@ -559,7 +564,11 @@ impl JetStreamQueues {
         let deleted =
             futures_util::future::join_all(mine.iter().map(|&(seq, _)| self.delete(seq))).await;
         deleted.into_iter().collect::<Result<Vec<()>, _>>()?;
-        let messages = mine.iter().filter(|(_, taken)| taken.is_some()).count();
+        // Counted as the single node counts: one-to-one messages.
+        let messages = mine
+            .iter()
+            .filter(|(_, taken)| matches!(taken, Some(Taken::Message(_))))
+            .count();
         self.delivered.fetch_add(
             u64::try_from(messages).unwrap_or(u64::MAX),
             std::sync::atomic::Ordering::Relaxed,
