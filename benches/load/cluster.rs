@@ -164,16 +164,16 @@ async fn cluster_run(nats: &NatsCluster, pairs: usize, shape: Shape) -> Result<C
     let addrs: Vec<String> = nodes.iter().map(|(s, _)| s.addr.clone()).collect();
     let mut pids: Vec<u32> = nodes.iter().map(|(s, _)| s.pid()).collect();
     pids.extend(nats.pids());
+    let (node_pids, member_pids) = pids.split_at(nodes.len());
+    let cpu = relay::servers_cpu;
+    let api_before = api_requests(nats).await?;
+    let (nodes_cpu0, members_cpu0) = (cpu(node_pids), cpu(member_pids));
     // Device i is on node i % 3 and its partner (i ^ 1) on another: every message
     // crosses nodes.
-    let api_before = api_requests(nats).await?;
-    let cpu = |pids: &[u32]| pids.iter().map(|&pid| cpu_seconds(pid)).sum::<f64>();
-    let node_pids: Vec<u32> = nodes.iter().map(|(s, _)| s.pid()).collect();
-    let (nodes_cpu0, members_cpu0) = (cpu(&node_pids), cpu(&nats.pids()));
     let run = relay::relay_through(&addrs, &pids, fp, &devices, &eps, shape).await?;
     let api = api_requests(nats).await?.saturating_sub(api_before);
-    let nodes_cpu = cpu(&node_pids) - nodes_cpu0;
-    let members_cpu = cpu(&nats.pids()) - members_cpu0;
+    let nodes_cpu = cpu(node_pids) - nodes_cpu0;
+    let members_cpu = cpu(member_pids) - members_cpu0;
     if run.streams_ended > 0 {
         println!(
             "  cluster: the nodes ended {} delivery streams",

@@ -662,7 +662,7 @@ where
 }
 
 /// CPU seconds of the servers `pids`, together.
-fn servers_cpu(pids: &[u32]) -> f64 {
+pub(super) fn servers_cpu(pids: &[u32]) -> f64 {
     pids.iter().map(|&pid| cpu_seconds(pid)).sum()
 }
 

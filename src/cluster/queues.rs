@@ -576,9 +576,7 @@ impl JetStreamQueues {
         self.wake(delivered.iter().copied()).await;
         Ok(delivered.into_iter().map(|(sender, _)| sender).collect())
     }
-}
 
-impl JetStreamQueues {
     /// [`QueueStore::page`], read no further than the first item at or past `until`
     /// (the seq the latest wake-up named) when one is given: the items stored later
     /// each wake the device again. `None` reads to the end of the queue (the backlog,

@@ -214,6 +214,23 @@ impl Discovery {
         }
     }
 
+    /// Cluster mode: whether this node saw `account`'s lookup of `number` counted
+    /// by the cluster today ([`Discovery::counted_by_cluster`]), so a repeat (each
+    /// message to a contact) needs no PRF and no round trip.
+    pub fn counted_today(&self, account: u64, number: &str, now_secs: u64) -> bool {
+        let hash = self.hasher.hash_one(number);
+        self.with_budget(account, now_secs, |b| b.numbers.contains(&hash))
+    }
+
+    /// Cluster mode: the cluster counted `account`'s lookup of `number` against its
+    /// budget today (the day's count there holds it until the day ends, so the fact
+    /// stays true). Remembered beside the single node's own lookups, which cluster
+    /// mode does not use; at most the day's budget per account, as there.
+    pub fn counted_by_cluster(&self, account: u64, number: &str, now_secs: u64) {
+        let hash = self.hasher.hash_one(number);
+        self.with_budget(account, now_secs, |b| b.numbers.insert(hash));
+    }
+
     /// The index changed: rebuild the filter at the next refresh.
     pub fn mark_dirty(&self) {
         self.dirty.store(true, Ordering::Release);
@@ -451,5 +468,27 @@ mod tests {
         // Another account has its own budget; tomorrow the budget is full again.
         assert_eq!(d.charge(2, 10, noon).unwrap(), 0);
         assert_eq!(d.charge(1, 10, noon + DAY_SECS).unwrap(), 0);
+    }
+
+    #[test]
+    fn lookups_counted_by_the_cluster_are_held_for_their_day_and_account_only() {
+        let d = Discovery::new(10);
+        let day = 20_000 * DAY_SECS;
+        assert!(!d.counted_today(1, "+14155550100", day));
+        d.counted_by_cluster(1, "+14155550100", day);
+        assert!(d.counted_today(1, "+14155550100", day));
+        assert!(!d.counted_today(2, "+14155550100", day), "another account");
+        assert!(!d.counted_today(1, "+14155550101", day), "another number");
+        assert!(
+            !d.counted_today(1, "+14155550100", day + DAY_SECS),
+            "the next day"
+        );
+        d.counted_by_cluster(1, "+14155550101", day + DAY_SECS);
+        assert!(
+            !d.counted_today(1, "+14155550100", day),
+            "the day before went"
+        );
+        // They cost nothing of this node's own budget.
+        assert_eq!(d.charge(1, 10, day + DAY_SECS).unwrap(), 0);
     }
 }

@@ -61,46 +61,6 @@ pub(crate) struct ClusterEngine {
     pub blobs: JetStreamBlobs,
     /// Quotas counted for the whole cluster.
     pub quotas: JetStreamQuotas,
-    /// The lookups this node saw counted in the cluster today.
-    pub counted: std::sync::Mutex<Counted>,
-}
-
-/// The numbers this node saw counted against an account's discovery budget in the
-/// cluster today (`d.ACCOUNT.DAY` holds them until the day ends, so the fact
-/// stays true): a repeated lookup, such as each message to a contact, needs no PRF
-/// and no round trip to the cluster. Numbers are held by a keyed hash of this
-/// process, as the single node holds them; the set is forgotten at the turn of the
-/// day and when it is full.
-#[derive(Default)]
-pub(crate) struct Counted {
-    day: u64,
-    hasher: std::hash::RandomState,
-    seen: std::collections::HashSet<(u64, u64)>,
-}
-
-impl Counted {
-    /// At most this many remembered (16 bytes each, and the set's overhead).
-    const MAX: usize = 100_000;
-
-    fn hash(&self, account: u64, number: &str) -> (u64, u64) {
-        use std::hash::BuildHasher;
-        (account, self.hasher.hash_one(number))
-    }
-
-    /// Whether `number` was seen counted for `account` on `day`.
-    fn contains(&self, day: u64, account: u64, number: &str) -> bool {
-        self.day == day && self.seen.contains(&self.hash(account, number))
-    }
-
-    /// Notes that `number` is counted for `account` on `day`.
-    fn insert(&mut self, day: u64, account: u64, number: &str) {
-        if self.day != day || self.seen.len() >= Self::MAX {
-            self.seen.clear();
-            self.day = day;
-        }
-        let hashed = self.hash(account, number);
-        self.seen.insert(hashed);
-    }
 }
 
 impl std::fmt::Debug for ClusterEngine {
@@ -198,7 +158,6 @@ impl ClusterEngine {
             profiles: JetStreamProfiles::open(&cluster, replicas).await?,
             groups: JetStreamGroups::open(&cluster, replicas).await?,
             quotas: JetStreamQuotas::open(&cluster, replicas).await?,
-            counted: std::sync::Mutex::default(),
             cluster,
         })
     }
@@ -900,13 +859,7 @@ pub(crate) async fn charge_lookup(
     let Some(c) = &shared.cluster else {
         return shared.discovery.charge_lookup(account, number, now_secs);
     };
-    let day = quotas::day(now_secs);
-    let counted = || {
-        c.counted
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    };
-    if counted().contains(day, account, number) {
+    if shared.discovery.counted_today(account, number, now_secs) {
         return Ok(());
     }
     // The number's PRF names it alike on every node, and never in plain.
@@ -916,7 +869,7 @@ pub(crate) async fn charge_lookup(
         .prf(number)
         .map_err(|e| internal(crate::store::StoreError::Corrupt(format!("discovery: {e}"))))?;
     let item = u64::from_be_bytes(*prf.first_chunk::<8>().unwrap_or(&[0; 8]));
-    let key = format!("d.{account}.{day}");
+    let key = format!("d.{account}.{}", quotas::day(now_secs));
     let per_day = shared.config.discovery.daily_budget;
     match c
         .quotas
@@ -925,7 +878,9 @@ pub(crate) async fn charge_lookup(
         .map_err(internal)?
     {
         true => {
-            counted().insert(day, account, number);
+            shared
+                .discovery
+                .counted_by_cluster(account, number, now_secs);
             Ok(())
         }
         false => Err(shared.discovery.refused(now_secs)),
@@ -1183,30 +1138,5 @@ pub(crate) async fn watch_registrations(shared: Arc<Shared>, stop: CancellationT
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Counted;
-
-    #[test]
-    fn counted_lookups_are_held_for_their_day_and_account_only() {
-        let mut counted = Counted::default();
-        assert!(!counted.contains(7, 1, "+14155550100"));
-        counted.insert(7, 1, "+14155550100");
-        assert!(counted.contains(7, 1, "+14155550100"));
-        assert!(!counted.contains(7, 2, "+14155550100"), "another account");
-        assert!(!counted.contains(7, 1, "+14155550101"), "another number");
-        assert!(!counted.contains(8, 1, "+14155550100"), "the next day");
-        counted.insert(8, 1, "+14155550101");
-        assert!(
-            !counted.contains(7, 1, "+14155550100"),
-            "the day before went"
-        );
-        for i in 0..Counted::MAX as u64 + 10 {
-            counted.insert(8, i, "+14155550102");
-        }
-        assert!(counted.seen.len() <= Counted::MAX, "bounded");
     }
 }

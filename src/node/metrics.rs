@@ -331,19 +331,18 @@ impl Metrics {
     /// (read by the caller; `None`: it did not answer, and they keep their last
     /// value), and deliveries are those acknowledged through this node.
     pub fn render(&self, shared: &Shared, cluster_queues: Option<(u64, u64)>) -> String {
-        let queues = match &shared.cluster {
-            Some(_) => cluster_queues,
-            None => Some(shared.store.queue_totals()),
+        let handoff = shared.store.handoff_stats();
+        let (queues, delivered) = match &shared.cluster {
+            Some(c) => (cluster_queues, c.queues.delivered_total()),
+            None => (
+                Some(shared.store.queue_totals()),
+                handoff.delivered.load(std::sync::atomic::Ordering::Relaxed),
+            ),
         };
         if let Some((items, bytes)) = queues {
             self.queue_items.set(clamp(items));
             self.queue_bytes.set(clamp(bytes));
         }
-        let handoff = shared.store.handoff_stats();
-        let delivered = match &shared.cluster {
-            Some(c) => c.queues.delivered_total(),
-            None => handoff.delivered.load(std::sync::atomic::Ordering::Relaxed),
-        };
         self.messages_delivered
             .inc_by(delivered.saturating_sub(self.messages_delivered.get()));
         for (outcome, total) in [
@@ -375,6 +374,21 @@ impl Metrics {
 
 fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// In cluster mode, the items and bytes of the cluster's queue stream (`None`: not
+/// in cluster mode, or the cluster did not answer within 2 s).
+async fn cluster_queue_totals(shared: &Shared) -> Option<(u64, u64)> {
+    let c = shared.cluster.as_ref()?;
+    let limit = std::time::Duration::from_secs(2);
+    match tokio::time::timeout(limit, c.queues.totals()).await {
+        Ok(Ok(totals)) => Some(totals),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "queue totals not read");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// Serves `GET /metrics` over HTTP/1.1 until `stop`.
@@ -418,20 +432,7 @@ pub async fn serve(
                                 .header("allow", "GET, HEAD")
                                 .body(Full::new(Bytes::from_static(b"only GET\n")))
                         } else {
-                            let cluster_queues = match &shared.cluster {
-                                Some(c) => {
-                                    let limit = std::time::Duration::from_secs(2);
-                                    match tokio::time::timeout(limit, c.queues.totals()).await {
-                                        Ok(Ok(totals)) => Some(totals),
-                                        Ok(Err(e)) => {
-                                            tracing::debug!(error = %e, "queue totals not read");
-                                            None
-                                        }
-                                        Err(_) => None,
-                                    }
-                                }
-                                None => None,
-                            };
+                            let cluster_queues = cluster_queue_totals(&shared).await;
                             // The store size is read from the filesystem: off the async workers.
                             let text = tokio::task::spawn_blocking(move || {
                                 shared.metrics.render(&shared, cluster_queues)
