@@ -56,6 +56,23 @@ impl Tmux {
         self.tmux(&["capture-pane", "-p", "-t", "chat"])
     }
 
+    /// Waits (up to 30 s) until the screen no longer shows `what`: the app took the
+    /// keys before it (an Escape followed at once by more keys reads as Alt and a key).
+    fn wait_gone(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let screen = self.screen();
+            if !screen.contains(what) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the screen still shows {what:?}:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits (up to 30 s) until the screen shows `what`; the screen then.
     fn wait_for(&self, what: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -231,6 +248,7 @@ fn a_group_in_a_real_terminal_shows_names_info_and_files() {
     assert!(info.contains(&format!("({BOB}) · admin")), "{info}");
     assert!(info.contains(&format!("Carol ({CAROL})")), "{info}");
     tmux.keys(&["Escape"]);
+    tmux.wait_gone("3 members");
     // The file, saved into the home's attachments folder.
     tmux.keys(&["-l", &format!("/save {}", &file_id[..8])]);
     tmux.keys(&["Enter"]);
