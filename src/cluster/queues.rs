@@ -27,6 +27,13 @@
 //!   item, so a repeated ack within the window stores it once). A device's receipt
 //!   subject is bounded by `max_queued` too: a receipt for a sender whose receipts
 //!   pile up that high is dropped, logged (the single node has no such bound).
+//! - **Removal.** A delivery stream removes what its device acknowledged a moment
+//!   later (`cluster.removal_delay_ms`), all together: one purge of the device's
+//!   subjects below the lowest seq it pushed and has not seen acknowledged (every
+//!   item below was pushed and acknowledged: [`Pushed::floor`]), a delete each for
+//!   the rest. A purge is one replicated write for the items of many acks where a
+//!   delete is one per item. A node killed in between delivers those items again
+//!   (delivery is at least once; clients drop duplicates by id).
 //! - **Wake-ups.** After an append, a core NATS message (no payload) on
 //!   `sbw.ACCOUNT.DEVICE` tells whichever node holds that device's delivery stream to
 //!   read its queue now; its header `Sb-Seq` is the seq of the item stored, so the
@@ -417,10 +424,26 @@ impl JetStreamQueues {
 /// What a delivery stream pushed and its device has not acknowledged yet: for each
 /// seq, the sender and message id of a message or group message (`None` for any
 /// other item). An ack of a seq found here is applied without reading the item
-/// again.
+/// again. A delivery stream reads its queue from the start, in order, so every item
+/// below the lowest seq here (or below the last one pushed, when none is left) was
+/// pushed and acknowledged: [`Pushed::floor`].
 #[derive(Debug, Default)]
 pub struct Pushed {
     items: std::collections::BTreeMap<u64, Option<Taken>>,
+    /// The highest seq pushed.
+    through: u64,
+    /// Some unacknowledged items were forgotten ([`Pushed::MAX`]): no floor is known.
+    forgot: bool,
+}
+
+/// What [`JetStreamQueues::ack_pushed`] did.
+#[derive(Debug, Default)]
+pub struct Acked {
+    /// The senders that got a delivery receipt (or a group message count) queued.
+    pub receipts: Vec<DeviceRef>,
+    /// The device's own items acknowledged, which are yet to be removed
+    /// ([`JetStreamQueues::remove`]).
+    pub taken: Vec<u64>,
 }
 
 /// A message's sender and id: what its delivery receipt needs.
@@ -461,33 +484,61 @@ fn taken(item: &QueueItem) -> Option<Taken> {
 
 impl Pushed {
     /// At most this many remembered; past it the oldest are forgotten (an ack of one
-    /// reads it again).
+    /// reads it again, and its removal is a delete of its own).
     const MAX: usize = 16 * 1024;
 
-    /// Remembers the pushed `item` at `seq`.
+    /// Remembers the pushed `item` at `seq` (pushed in increasing order of seq).
     pub fn insert(&mut self, seq: u64, item: &QueueItem) {
         self.items.insert(seq, taken(item));
+        self.through = self.through.max(seq);
         while self.items.len() > Self::MAX {
             self.items.pop_first();
+            self.forgot = true;
         }
     }
 
-    /// Takes out what is remembered of `seqs` (being acknowledged).
-    pub fn take(&mut self, seqs: &[u64]) -> Pushed {
+    /// What is remembered of `seqs` (being acknowledged).
+    pub fn known(&self, seqs: &[u64]) -> Pushed {
         let items = seqs
             .iter()
-            .filter_map(|seq| Some((*seq, self.items.remove(seq)?)))
+            .filter_map(|seq| Some((*seq, *self.items.get(seq)?)))
             .collect();
-        Pushed { items }
+        Pushed {
+            items,
+            ..Pushed::default()
+        }
+    }
+
+    /// Forgets `seqs`, acknowledged now (their receipts are queued).
+    pub fn acknowledged(&mut self, seqs: &[u64]) {
+        for seq in seqs {
+            self.items.remove(seq);
+        }
+    }
+
+    /// The seq below which every item of the device's queue was pushed and
+    /// acknowledged on this stream (or is gone): the stream read the queue from its
+    /// first item, in order, and later items only ever get higher seqs. `None` when
+    /// some unacknowledged items were forgotten.
+    pub fn floor(&self) -> Option<u64> {
+        if self.forgot {
+            return None;
+        }
+        Some(
+            self.items
+                .first_key_value()
+                .map_or(self.through.saturating_add(1), |(seq, _)| *seq),
+        )
     }
 }
 
 impl JetStreamQueues {
-    /// [`QueueStore::ack`], for a delivery stream that remembers what it `pushed`:
-    /// those items are not read again. The others are read (concurrently), and only
-    /// this device's own are taken. Every receipt is acknowledged by JetStream before
-    /// any item is deleted (concurrently), so a crash between the two repeats a
-    /// receipt and never loses one.
+    /// [`QueueStore::ack`] but for the removal, for a delivery stream that remembers
+    /// what it `pushed`: those items are not read again. The others are read
+    /// (concurrently), and only this device's own are taken. Every receipt is
+    /// acknowledged by JetStream before this returns the items to remove
+    /// ([`JetStreamQueues::remove`], called by the caller when it likes), so a crash
+    /// between the two repeats a receipt and never loses one.
     pub async fn ack_pushed(
         &self,
         device: DeviceRef,
@@ -495,7 +546,7 @@ impl JetStreamQueues {
         seqs: Vec<u64>,
         pushed: &Pushed,
         now_ms: u64,
-    ) -> Result<Vec<DeviceRef>, StoreError> {
+    ) -> Result<Acked, StoreError> {
         // A seq named twice in one ack is one item (one receipt, counted once).
         let mut seqs = seqs;
         seqs.sort_unstable();
@@ -561,9 +612,6 @@ impl JetStreamQueues {
                 delivered.push((sender, count_seq));
             }
         }
-        let deleted =
-            futures_util::future::join_all(mine.iter().map(|&(seq, _)| self.delete(seq))).await;
-        deleted.into_iter().collect::<Result<Vec<()>, _>>()?;
         // Counted as the single node counts: one-to-one messages.
         let messages = mine
             .iter()
@@ -574,7 +622,48 @@ impl JetStreamQueues {
             std::sync::atomic::Ordering::Relaxed,
         );
         self.wake(delivered.iter().copied()).await;
-        Ok(delivered.into_iter().map(|(sender, _)| sender).collect())
+        Ok(Acked {
+            receipts: delivered.into_iter().map(|(sender, _)| sender).collect(),
+            taken: mine.into_iter().map(|(seq, _)| seq).collect(),
+        })
+    }
+
+    /// Removes `device`'s acknowledged items `seqs`. Those below `floor` (below which
+    /// every item of the queue is acknowledged: [`Pushed::floor`]) go in one purge of
+    /// the device's subjects when there are several, the others by a delete each.
+    pub async fn remove(
+        &self,
+        device: DeviceRef,
+        seqs: &[u64],
+        floor: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let (below, mut each): (Vec<u64>, Vec<u64>) = seqs
+            .iter()
+            .partition(|&&seq| floor.is_some_and(|floor| seq < floor));
+        let purge = match floor {
+            Some(floor) if below.len() > 1 => Some(floor),
+            _ => {
+                each.extend(below);
+                None
+            }
+        };
+        let purged = async {
+            let Some(floor) = purge else {
+                return Ok(());
+            };
+            self.stream
+                .purge()
+                .filter(filter(device))
+                .sequence(floor)
+                .await
+                .map(drop)
+                .map_err(|e| engine(STREAM, e))
+        };
+        let deleted = futures_util::future::join_all(each.iter().map(|&seq| self.delete(seq)));
+        let (purged, deleted) = futures_util::join!(purged, deleted);
+        purged?;
+        deleted.into_iter().collect::<Result<Vec<()>, _>>()?;
+        Ok(())
     }
 
     /// [`QueueStore::page`], read no further than the first item at or past `until`
@@ -710,8 +799,11 @@ impl QueueStore for JetStreamQueues {
         seqs: Vec<u64>,
         now_ms: u64,
     ) -> Result<Vec<DeviceRef>, StoreError> {
-        self.ack_pushed(device, device_number, seqs, &Pushed::default(), now_ms)
-            .await
+        let acked = self
+            .ack_pushed(device, device_number, seqs, &Pushed::default(), now_ms)
+            .await?;
+        self.remove(device, &acked.taken, None).await?;
+        Ok(acked.receipts)
     }
 
     async fn queue_len(&self, device: DeviceRef) -> Result<u64, StoreError> {
@@ -735,5 +827,52 @@ impl QueueStore for JetStreamQueues {
             .await
             .map_err(|e| engine(STREAM, e))?;
         Ok(purged.purged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receipt() -> QueueItem {
+        QueueItem::Delivered {
+            to_number: "+14155550101".into(),
+            device_id: 1,
+            id: [3; 16],
+        }
+    }
+
+    #[test]
+    fn the_floor_stops_at_the_lowest_item_not_acknowledged() {
+        let mut pushed = Pushed::default();
+        assert_eq!(pushed.floor(), Some(1), "nothing pushed: nothing below");
+        for seq in [3, 7, 9] {
+            pushed.insert(seq, &receipt());
+        }
+        assert_eq!(pushed.floor(), Some(3));
+        pushed.acknowledged(&[7, 9]);
+        assert_eq!(pushed.floor(), Some(3), "3 is not acknowledged");
+        pushed.acknowledged(&[3]);
+        assert_eq!(pushed.floor(), Some(10), "all pushed are acknowledged");
+        pushed.insert(12, &receipt());
+        assert_eq!(pushed.floor(), Some(12));
+        assert_eq!(
+            pushed.known(&[12, 13]).items.len(),
+            1,
+            "only what was pushed"
+        );
+    }
+
+    #[test]
+    fn a_forgotten_item_leaves_no_floor() {
+        let mut pushed = Pushed::default();
+        for seq in 1..=(Pushed::MAX as u64 + 1) {
+            pushed.insert(seq, &receipt());
+        }
+        assert_eq!(
+            pushed.floor(),
+            None,
+            "item 1 was forgotten, not acknowledged"
+        );
     }
 }

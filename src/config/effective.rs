@@ -279,6 +279,10 @@ pub fn to_toml(c: &Config, mask: bool) -> String {
         ),
     );
     cluster.insert("replicas".into(), uint(c.cluster.replicas as u64));
+    cluster.insert(
+        "removal_delay_ms".into(),
+        uint(c.cluster.removal_delay.as_millis() as u64),
+    );
     if let Some(login) = &c.cluster.login {
         cluster.insert("user".into(), text(login.user.clone()));
         cluster.insert(

@@ -41,6 +41,10 @@ pub struct Cluster {
     /// Replicas of each stream and bucket the node creates (1 to 5; 3 survives
     /// the loss of one member).
     pub replicas: usize,
+    /// Acknowledged queue items are removed this long after their ack, together (one
+    /// purge of the device's queue for several acks instead of a delete per item).
+    /// Zero: at once.
+    pub removal_delay: Duration,
     /// The NATS user the node logs in as, and the file holding its password.
     pub login: Option<NatsLogin>,
     /// The authority the NATS servers' certificates are checked against: set, the
@@ -435,6 +439,7 @@ impl Default for Config {
                 client_cert: None,
                 nats: Vec::new(),
                 replicas: 3,
+                removal_delay: Duration::from_millis(50),
             },
             metrics: Metrics {
                 enabled: false,
@@ -660,6 +665,10 @@ mod tests {
         check_err(
             "[verification.test_numbers]\n\"+14155550100\" = \"12\"\n",
             "6 digits",
+        );
+        check_err(
+            "[cluster]\nremoval_delay_ms = 5000\n",
+            "cluster.removal_delay_ms",
         );
         check_err("[nonsense]\n", "nonsense");
         check_err("this is not toml", "line 1");

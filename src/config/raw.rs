@@ -24,6 +24,7 @@ pub struct File {
 pub struct Cluster {
     pub nats: Option<Vec<String>>,
     pub replicas: Option<u64>,
+    pub removal_delay_ms: Option<u64>,
     pub user: Option<String>,
     pub password_file: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
@@ -846,6 +847,13 @@ impl File {
                 5,
             )?)
             .unwrap_or(d.cluster.replicas),
+            removal_delay: millis(
+                "cluster.removal_delay_ms",
+                self.cluster.removal_delay_ms,
+                d.cluster.removal_delay,
+                0,
+                1_000,
+            )?,
         };
         // The cluster keeps a day's looked-up numbers in one entry (under NATS's 1 MiB
         // message limit at this many).

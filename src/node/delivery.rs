@@ -111,7 +111,27 @@ pub async fn serve(
     // second read of its items).
     let pushed = std::sync::Mutex::new(Pushed::default());
     let woken = Woken::default();
-    let acker = read_acks(recv, shared.clone(), me, done_tx, stop.clone(), &pushed);
+    let removals = Removals::default();
+    let acks_over = CancellationToken::new();
+    let acker = async {
+        let at = Cursor {
+            device,
+            pushed: &pushed,
+            woken: &woken,
+        };
+        read_acks(
+            recv,
+            shared.clone(),
+            me,
+            done_tx,
+            stop.clone(),
+            at,
+            &removals,
+        )
+        .await;
+        acks_over.cancel();
+    };
+    let remover = remove_later(&removals, &shared, device, &pushed, &acks_over);
     let ended = CancellationToken::new();
     let pusher = async {
         let at = Cursor {
@@ -123,7 +143,92 @@ pub async fn serve(
         ended.cancel();
     };
     let forward = forward_wake_ups(wake_ups, &shared, device, &mailbox, &woken, &ended);
-    tokio::join!(acker, pusher, forward);
+    tokio::join!(acker, pusher, forward, remover);
+}
+
+/// A delivery stream's acknowledged items waiting to be removed, together, a moment
+/// after their acks (`cluster.removal_delay_ms`; cluster mode).
+#[derive(Default)]
+struct Removals {
+    seqs: std::sync::Mutex<Vec<u64>>,
+    added: tokio::sync::Notify,
+}
+
+impl Removals {
+    fn add(&self, seqs: Vec<u64>) {
+        if seqs.is_empty() {
+            return;
+        }
+        self.seqs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(seqs);
+        self.added.notify_one();
+    }
+
+    /// Removes what waits: below the stream's floor in one purge. What could not be
+    /// removed waits for the next time.
+    async fn flush(
+        &self,
+        c: &engine::ClusterEngine,
+        device: crate::store::DeviceRef,
+        pushed: &std::sync::Mutex<Pushed>,
+    ) -> Result<(), crate::store::StoreError> {
+        let seqs = std::mem::take(&mut *self.seqs.lock().unwrap_or_else(PoisonError::into_inner));
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let floor = pushed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .floor();
+        let removed = c.queues.remove(device, &seqs, floor).await;
+        if removed.is_err() {
+            self.seqs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(seqs);
+        }
+        removed
+    }
+}
+
+/// Removes acknowledged items `cluster.removal_delay_ms` after the first ack of each
+/// batch, until the acker ends; then what is left, at once (bounded by
+/// `limits.request_timeout`).
+async fn remove_later(
+    removals: &Removals,
+    shared: &Shared,
+    device: crate::store::DeviceRef,
+    pushed: &std::sync::Mutex<Pushed>,
+    acks_over: &CancellationToken,
+) {
+    let Some(c) = &shared.cluster else {
+        return;
+    };
+    let delay = shared.config.cluster.removal_delay;
+    loop {
+        tokio::select! {
+            () = acks_over.cancelled() => break,
+            () = removals.added.notified() => {}
+        }
+        tokio::select! {
+            () = acks_over.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+        if let Err(e) = removals.flush(c, device, pushed).await {
+            tracing::warn!(error = %e, "removing acknowledged items failed; tried again later");
+        }
+    }
+    let limit = shared.config.limits.request_timeout;
+    match tokio::time::timeout(limit, removals.flush(c, device, pushed)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(
+            error = %e,
+            "removing acknowledged items failed; they are delivered again"
+        ),
+        Err(_) => tracing::warn!("removing acknowledged items timed out; they are delivered again"),
+    }
 }
 
 /// In cluster mode a wake-up can be missed (published on another member before this
@@ -210,6 +315,7 @@ async fn forward_wake_ups(
 }
 
 /// Whose queue a delivery stream pushes, and what it pushed (cluster mode).
+#[derive(Clone, Copy)]
 struct Cursor<'a> {
     device: crate::store::DeviceRef,
     pushed: &'a std::sync::Mutex<Pushed>,
@@ -423,8 +529,10 @@ async fn read_acks(
     me: DeviceIdentity,
     done: oneshot::Sender<AckEnd>,
     stop: CancellationToken,
-    pushed: &std::sync::Mutex<Pushed>,
+    at: Cursor<'_>,
+    removals: &Removals,
 ) {
+    let pushed = at.pushed;
     let max = shared.config.limits.max_frame_bytes as usize;
     let end = loop {
         let read = tokio::select! {
@@ -445,14 +553,7 @@ async fn read_acks(
                 };
                 let applied = match from_memory {
                     Ok(None) if let Some(c) = &shared.cluster => {
-                        let known = pushed
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .take(&ack.seqs);
-                        c.queues
-                            .ack_pushed(device, number, ack.seqs, &known, now)
-                            .await
-                            .map_err(worker::internal)
+                        acknowledge(c, &shared, at, removals, number, ack.seqs, now).await
                     }
                     Ok(Some(receipts)) => Ok(receipts),
                     Ok(None) => {
@@ -479,6 +580,12 @@ async fn read_acks(
                 break AckEnd::Broken;
             }
             Ok(None) => {
+                // Every ack read is applied and its items removed before the end.
+                if let Some(c) = &shared.cluster
+                    && removals.flush(c, me.device, pushed).await.is_err()
+                {
+                    break AckEnd::Broken;
+                }
                 if engine::durable(&shared).await.is_err() {
                     break AckEnd::Broken;
                 }
@@ -498,4 +605,41 @@ async fn read_acks(
         }
     };
     let _ = done.send(end);
+}
+
+/// Applies an ack on the cluster: the receipts queued, the items acknowledged handed
+/// to `removals` (or removed now, without a removal delay). Returns the senders to
+/// wake.
+async fn acknowledge(
+    c: &engine::ClusterEngine,
+    shared: &Shared,
+    at: Cursor<'_>,
+    removals: &Removals,
+    number: String,
+    seqs: Vec<u64>,
+    now: u64,
+) -> Result<Vec<crate::store::DeviceRef>, crate::proto::NodeError> {
+    let known = at
+        .pushed
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .known(&seqs);
+    let acked = c
+        .queues
+        .ack_pushed(at.device, number, seqs.clone(), &known, now)
+        .await
+        .map_err(worker::internal)?;
+    // Only now, with their receipts queued, may the floor pass these items.
+    at.pushed
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .acknowledged(&seqs);
+    removals.add(acked.taken);
+    if shared.config.cluster.removal_delay.is_zero() {
+        removals
+            .flush(c, at.device, at.pushed)
+            .await
+            .map_err(worker::internal)?;
+    }
+    Ok(acked.receipts)
 }

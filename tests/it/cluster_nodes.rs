@@ -1199,11 +1199,120 @@ async fn metrics_show_the_clusters_queues_and_each_nodes_deliveries() {
         0.0,
         "not by the other"
     );
+    // Acknowledged items are removed a moment after (`cluster.removal_delay_ms`).
+    let mut left = f64::NAN;
+    for _ in 0..100 {
+        left = sample(&scrape(&one).await, "switchboard_queue_items");
+        if left == SENDS as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, SENDS as f64, "what is left: Alice's receipts");
+    one.shutdown().await;
+    two.shutdown().await;
+}
+
+/// The messages of `sub`'s pushes until `n` arrived: (seq, first body byte).
+async fn messages_pushed(sub: &mut switchboard::client::Subscription, n: usize) -> Vec<(u64, u8)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let push = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("a push within 10 s")
+            .expect("the stream")
+            .expect("a push");
+        for d in push.items {
+            if let switchboard::proto::Item::Message(m) = d.item {
+                got.push((d.seq, m.body.first().copied().unwrap_or_default()));
+            }
+        }
+    }
+    got
+}
+
+/// Acknowledged items are removed together a moment after their acks (one purge of
+/// the device's queue below the lowest item it has not acknowledged): an item pushed
+/// and not acknowledged stays however many after it are, and is pushed again; the
+/// other devices' queues are untouched; a stream that finishes has removed all it
+/// was told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_items_leave_together_and_an_unacknowledged_one_stays() {
+    use crate::support::outgoing;
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, config) = cluster_config(&nats, "");
+    let one = InProcessNode::start(&config).await;
+    let two = InProcessNode::start(&config).await;
+    let alice = one.registered(ALICE).await;
+    let bob = two.registered(BOB).await;
+    let send = |i: u8| {
+        let alice = &alice;
+        async move {
+            let id = switchboard::client::e2e::new_message_id();
+            alice
+                .send(outgoing(BOB, id, vec![i; 8]))
+                .await
+                .expect("send");
+        }
+    };
+    for i in 0..4 {
+        send(i).await;
+    }
+    let mut sub = bob.subscribe().await.expect("subscribe");
+    assert_eq!(sub.queued, 4);
+    let got = messages_pushed(&mut sub, 4).await;
     assert_eq!(
-        sample(&on_one, "switchboard_queue_items"),
-        SENDS as f64,
-        "what is left: Alice's receipts"
+        got.iter().map(|m| m.1).collect::<Vec<_>>(),
+        [0, 1, 2, 3],
+        "in the order sent"
     );
+    // All but the first acknowledged, in two acks.
+    sub.ack(vec![got[1].0]).await.expect("ack");
+    sub.ack(vec![got[2].0, got[3].0]).await.expect("ack");
+    // Two more, while the stream lives: acknowledged in one ack.
+    send(4).await;
+    send(5).await;
+    let more = messages_pushed(&mut sub, 2).await;
+    sub.ack(more.iter().map(|m| m.0).collect())
+        .await
+        .expect("ack");
+    sub.finish().await.expect("finish");
+
+    let mut sub = bob.subscribe().await.expect("subscribe again");
+    assert_eq!(sub.queued, 1, "only the unacknowledged one is left");
+    let again = messages_pushed(&mut sub, 1).await;
+    assert_eq!(again, vec![got[0]], "the first, pushed again");
+    // Now below everything the stream pushed: with the rest, in one purge.
+    send(6).await;
+    let last = messages_pushed(&mut sub, 1).await;
+    assert_eq!(last.iter().map(|m| m.1).collect::<Vec<_>>(), [6]);
+    sub.ack(vec![again[0].0, last[0].0]).await.expect("ack");
+    sub.finish().await.expect("finish");
+    let sub = bob.subscribe().await.expect("subscribe once more");
+    assert_eq!(sub.queued, 0, "every acknowledged item is gone");
+    sub.finish().await.expect("finish");
+
+    // Alice's queue is her own: a receipt for each of the seven, none purged with
+    // Bob's.
+    let mut sub = alice.subscribe().await.expect("alice subscribes");
+    assert_eq!(sub.queued, 7, "Alice's receipts");
+    let mut receipts = 0;
+    while receipts < 7 {
+        let push = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("a push within 10 s")
+            .expect("the stream")
+            .expect("a push");
+        receipts += push
+            .items
+            .iter()
+            .filter(|d| matches!(d.item, switchboard::proto::Item::Delivered(_)))
+            .count();
+    }
+    assert_eq!(receipts, 7);
+    sub.finish().await.expect("finish");
     one.shutdown().await;
     two.shutdown().await;
 }
