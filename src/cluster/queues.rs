@@ -34,6 +34,10 @@
 //!   the rest. A purge is one replicated write for the items of many acks where a
 //!   delete is one per item. A node killed in between delivers those items again
 //!   (delivery is at least once; clients drop duplicates by id).
+//! - **Reads.** The backlog is read from the stream leader; a read up to a woken seq
+//!   is a direct get (`allow_direct`), answered by the nearest replica, usually the
+//!   member the node is connected to: no hop to the leader. A replica without the
+//!   item woken for yet is caught up by asking the leader.
 //! - **Wake-ups.** After an append, a core NATS message (no payload) on
 //!   `sbw.ACCOUNT.DEVICE` tells whichever node holds that device's delivery stream to
 //!   read its queue now; its header `Sb-Seq` is the seq of the item stored, so the
@@ -168,6 +172,8 @@ impl JetStreamQueues {
             discard: DiscardPolicy::New,
             discard_new_per_subject: true,
             duplicate_window: limits.duplicate_window,
+            // Woken reads go to the nearest replica (`next_from`).
+            allow_direct: true,
             ..Default::default()
         };
         let js = &cluster.jetstream;
@@ -265,12 +271,28 @@ impl JetStreamQueues {
         found(self.stream.get_raw_message(seq).await)
     }
 
-    /// The first message of `device`'s queue at or after `seq`.
+    /// The first message of `device`'s queue at or after `seq`: from the stream
+    /// leader, or (`direct`) from whichever replica answers first, usually the
+    /// member this node is connected to (a direct get: no hop to the leader, no
+    /// JSON). A replica may not have applied the newest items yet; it never skips
+    /// one (it applies them in order), so what it answers is the next item.
     async fn next_from(
         &self,
         device: DeviceRef,
         seq: u64,
+        direct: bool,
     ) -> Result<Option<StreamMessage>, StoreError> {
+        if direct {
+            return match self
+                .stream
+                .direct_get_next_for_subject(filter(device), Some(seq))
+                .await
+            {
+                Ok(m) => Ok(Some(m)),
+                Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+                Err(e) => Err(engine(STREAM, e)),
+            };
+        }
         found(
             self.stream
                 .raw_message_builder()
@@ -682,11 +704,21 @@ impl JetStreamQueues {
         let mut bytes = 0usize;
         let mut next = after.map_or(1, |seq| seq.saturating_add(1));
         let now = crate::store::wall_ms();
+        // Reads up to a woken seq ask a replica; one that has nothing yet where the
+        // item woken for should be is caught up by asking the leader.
+        let mut direct = until.is_some();
         loop {
             if out.len() >= max {
                 return Ok((out, true));
             }
-            let Some(m) = self.next_from(device, next).await? else {
+            let m = match self.next_from(device, next, direct).await? {
+                None if direct && until.is_some_and(|until| next <= until) => {
+                    direct = false;
+                    self.next_from(device, next, false).await?
+                }
+                m => m,
+            };
+            let Some(m) = m else {
                 return Ok((out, false));
             };
             next = m.sequence.saturating_add(1);

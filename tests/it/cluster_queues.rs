@@ -436,6 +436,37 @@ async fn an_append_on_one_node_wakes_the_device_on_another() {
     let ids: Vec<u8> = page.iter().map(|q| id_of(&q.item)[0]).collect();
     assert_eq!(ids, vec![1], "the expired message is left out");
     assert_eq!(node1.queue_len(bob).await.unwrap(), 1, "and deleted");
+
+    // A read up to a woken seq, at once, finds the item woken for through any
+    // member, whichever replica answers (one that has not applied it yet is caught
+    // up by the leader).
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), wakes.next()).await {}
+    let node3 = nats.queues(2, limits(100)).await;
+    let mut cursor = page.last().map(|q| q.seq);
+    for id in 10..40u8 {
+        node1.append(message(id, &[bob])).await.unwrap();
+        let woke = tokio::time::timeout(Duration::from_secs(10), wakes.next_wake()).await;
+        let Ok(Some(wake_up)) = woke else {
+            panic!("no wake-up for message {id}");
+        };
+        let until = woken_seq(&wake_up);
+        let reads = [&node3, &node1, &node2]
+            .map(|node| node.page_until(bob, cursor, 10, usize::MAX, until));
+        for (member, read) in futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let (got, more) = read.unwrap();
+            let ids: Vec<u8> = got.iter().map(|q| id_of(&q.item)[0]).collect();
+            assert_eq!(
+                (ids, more),
+                (vec![id], false),
+                "read through reader {member}"
+            );
+        }
+        cursor = until;
+    }
 }
 
 const PROBE: &str = "probe";
