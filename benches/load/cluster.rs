@@ -82,8 +82,10 @@ pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -
          on the same members, over 3 connections; nothing read back"
             .to_string(),
         "a relayed message in cluster mode is a publish to SB_QUEUES (acknowledged by a \
-         quorum), a wake-up, a read by the recipient's node, its receipt published and the \
-         message deleted: several JetStream round trips where the bare limit has one"
+         quorum), a wake-up, a read by the recipient's node (a direct get), its receipt \
+         published, woken and read likewise, and both removed (purges, a moment later, \
+         for the items of several acks): several JetStream round trips where the bare \
+         limit has one"
             .to_string(),
         format!(
             "cluster saturated: cores used: 3 nodes and 3 NATS members {:.2}, load generator \
@@ -96,9 +98,10 @@ pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -
             cluster.registration.as_secs_f64()
         ),
         format!(
-            "JetStream API requests (reads, deletes; not publishes) per delivered message: \
-             {:.2} in cluster mode; per item {:.2} in the bare publish, get and delete loop, \
-             {:.2} in bare publish",
+            "JetStream API requests per delivered message, as the members count them \
+             (summed: deletes, purges, bucket calls, each counted by every member; not \
+             publishes, not reads by seq): {:.2} in cluster mode; per item {:.2} in the bare \
+             publish, get and delete loop, {:.2} in bare publish",
             cluster.api_per_message, cycles.api_per_publish, bare.api_per_publish
         ),
         format!(
@@ -193,9 +196,10 @@ async fn cluster_run(nats: &NatsCluster, pairs: usize, shape: Shape) -> Result<C
     })
 }
 
-/// The JetStream API requests (`$JS.API.*`: reads, deletes, stream and bucket
-/// calls; not publishes) the members answered so far, together: each member's
-/// count for the account, asked of that member alone.
+/// The JetStream API requests (`$JS.API.*`) the members counted so far, together:
+/// each member's count for the account, asked of that member alone. A delete or
+/// purge is counted by every member (about 3 per item in the bare get-and-delete
+/// loop); reads by seq and publishes are not counted.
 async fn api_requests(nats: &NatsCluster) -> Result<u64> {
     let mut total = 0;
     for url in &nats.urls {
