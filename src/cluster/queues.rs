@@ -4,7 +4,7 @@
 //! Each device has two subjects: `sbq.ACCOUNT.DEVICE.m` for the messages sent to it
 //! and `sbq.ACCOUNT.DEVICE.r` for the delivery receipts of the messages it sent. A
 //! queue item's seq is its stream sequence, so the items of both subjects read back
-//! in the order they were queued (`sbq.ACCOUNT.DEVICE.*`, from the stream leader).
+//! in the order they were queued (`sbq.ACCOUNT.DEVICE.*`).
 //! The stored value is the single node's queue value (`records::encode_queued_until`).
 //!
 //! - **Durability.** An append returns `Queued` once JetStream acknowledged every
@@ -22,7 +22,7 @@
 //! - **Expiry.** `max_age` is the message TTL; a disappearing message past its own
 //!   expiry is left out of pages and deleted when a page meets it.
 //! - **Acknowledgement.** The receipt for the sender is published (and acknowledged
-//!   by JetStream) before the item is deleted, so a crash in between delivers the item
+//!   by JetStream) before the item is removed, so a crash in between delivers the item
 //!   again and never loses the receipt (its `Nats-Msg-Id` names the acknowledged
 //!   item, so a repeated ack within the window stores it once). A device's receipt
 //!   subject is bounded by `max_queued` too: a receipt for a sender whose receipts
@@ -506,7 +506,8 @@ fn taken(item: &QueueItem) -> Option<Taken> {
 
 impl Pushed {
     /// At most this many remembered; past it the oldest are forgotten (an ack of one
-    /// reads it again, and its removal is a delete of its own).
+    /// reads it again), and the stream's removals are a delete per item from then on
+    /// (no floor is known).
     const MAX: usize = 16 * 1024;
 
     /// Remembers the pushed `item` at `seq` (pushed in increasing order of seq).
@@ -662,8 +663,10 @@ impl JetStreamQueues {
         let (below, mut each): (Vec<u64>, Vec<u64>) = seqs
             .iter()
             .partition(|&&seq| floor.is_some_and(|floor| seq < floor));
-        let purge = match floor {
-            Some(floor) if below.len() > 1 => Some(floor),
+        // No further than the items named: everything up to the floor is
+        // acknowledged, but nothing beyond them needs the purge.
+        let purge = match (floor, below.iter().max()) {
+            (Some(floor), Some(&last)) if below.len() > 1 => Some(floor.min(last + 1)),
             _ => {
                 each.extend(below);
                 None
@@ -711,12 +714,18 @@ impl JetStreamQueues {
             if out.len() >= max {
                 return Ok((out, true));
             }
-            let m = match self.next_from(device, next, direct).await? {
-                None if direct && until.is_some_and(|until| next <= until) => {
+            let m = match self.next_from(device, next, direct).await {
+                Ok(None) if direct && until.is_some_and(|until| next <= until) => {
                     direct = false;
                     self.next_from(device, next, false).await?
                 }
-                m => m,
+                // No replica answered (or refused the direct get): the leader does.
+                Err(e) if direct => {
+                    tracing::debug!(error = %e, "a direct get failed; asking the leader");
+                    direct = false;
+                    self.next_from(device, next, false).await?
+                }
+                m => m?,
             };
             let Some(m) = m else {
                 return Ok((out, false));

@@ -150,11 +150,18 @@ pub async fn serve(
 /// after their acks (`cluster.removal_delay_ms`; cluster mode).
 #[derive(Default)]
 struct Removals {
-    seqs: std::sync::Mutex<Vec<u64>>,
+    seqs: std::sync::Mutex<std::collections::BTreeSet<u64>>,
     added: tokio::sync::Notify,
+    /// Held by the flush under way: a flush returns once every seq handed over
+    /// before it was removed, including those another flush was removing.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl Removals {
+    /// At most this many wait: past it (removals failing all along) they are let go,
+    /// and delivered again on the next subscription.
+    const MAX: usize = 16 * 1024;
+
     fn add(&self, seqs: Vec<u64>) {
         if seqs.is_empty() {
             return;
@@ -167,14 +174,18 @@ impl Removals {
     }
 
     /// Removes what waits: below the stream's floor in one purge. What could not be
-    /// removed waits for the next time.
+    /// removed waits for the next time (soon: the remover is woken again).
     async fn flush(
         &self,
         c: &engine::ClusterEngine,
         device: crate::store::DeviceRef,
         pushed: &std::sync::Mutex<Pushed>,
     ) -> Result<(), crate::store::StoreError> {
-        let seqs = std::mem::take(&mut *self.seqs.lock().unwrap_or_else(PoisonError::into_inner));
+        let _flushing = self.flushing.lock().await;
+        let seqs: Vec<u64> =
+            std::mem::take(&mut *self.seqs.lock().unwrap_or_else(PoisonError::into_inner))
+                .into_iter()
+                .collect();
         if seqs.is_empty() {
             return Ok(());
         }
@@ -184,18 +195,29 @@ impl Removals {
             .floor();
         let removed = c.queues.remove(device, &seqs, floor).await;
         if removed.is_err() {
-            self.seqs
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .extend(seqs);
+            let mut waiting = self.seqs.lock().unwrap_or_else(PoisonError::into_inner);
+            waiting.extend(seqs);
+            if waiting.len() > Self::MAX {
+                tracing::warn!(
+                    items = waiting.len(),
+                    "acknowledged items could not be removed; they are delivered again"
+                );
+                waiting.clear();
+            }
+            drop(waiting);
+            self.added.notify_one();
         }
         removed
     }
 }
 
+/// How long a delivery stream waits after a failed removal before it tries again.
+const REMOVAL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Removes acknowledged items `cluster.removal_delay_ms` after the first ack of each
-/// batch, until the acker ends; then what is left, at once (bounded by
-/// `limits.request_timeout`).
+/// batch (after a failure, [`REMOVAL_RETRY`] later), until the acker ends; then what is
+/// left, at once (bounded by the shutdown grace: what is not removed by then is
+/// delivered again).
 async fn remove_later(
     removals: &Removals,
     shared: &Shared,
@@ -217,10 +239,15 @@ async fn remove_later(
             () = tokio::time::sleep(delay) => {}
         }
         if let Err(e) = removals.flush(c, device, pushed).await {
-            tracing::warn!(error = %e, "removing acknowledged items failed; tried again later");
+            tracing::warn!(error = %e, "removing acknowledged items failed; tried again");
+            tokio::select! {
+                () = acks_over.cancelled() => break,
+                () = tokio::time::sleep(REMOVAL_RETRY) => {}
+            }
         }
     }
-    let limit = shared.config.limits.request_timeout;
+    let limits = &shared.config.limits;
+    let limit = limits.request_timeout.min(limits.shutdown_grace);
     match tokio::time::timeout(limit, removals.flush(c, device, pushed)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(
@@ -582,8 +609,9 @@ async fn read_acks(
             Ok(None) => {
                 // Every ack read is applied and its items removed before the end.
                 if let Some(c) = &shared.cluster
-                    && removals.flush(c, me.device, pushed).await.is_err()
+                    && let Err(e) = removals.flush(c, me.device, pushed).await
                 {
+                    tracing::warn!(error = %e, "removing acknowledged items failed");
                     break AckEnd::Broken;
                 }
                 if engine::durable(&shared).await.is_err() {
@@ -626,20 +654,21 @@ async fn acknowledge(
         .known(&seqs);
     let acked = c
         .queues
-        .ack_pushed(at.device, number, seqs.clone(), &known, now)
+        .ack_pushed(at.device, number, seqs, &known, now)
         .await
         .map_err(worker::internal)?;
-    // Only now, with their receipts queued, may the floor pass these items.
+    // Only now, with their receipts queued, may the floor pass these items (those
+    // taken: every pushed one named is).
     at.pushed
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .acknowledged(&seqs);
+        .acknowledged(&acked.taken);
     removals.add(acked.taken);
-    if shared.config.cluster.removal_delay.is_zero() {
-        removals
-            .flush(c, at.device, at.pushed)
-            .await
-            .map_err(worker::internal)?;
+    if shared.config.cluster.removal_delay.is_zero()
+        && let Err(e) = removals.flush(c, at.device, at.pushed).await
+    {
+        // The ack stands; its items wait for the next removal.
+        tracing::warn!(error = %e, "removing acknowledged items failed; tried again");
     }
     Ok(acked.receipts)
 }

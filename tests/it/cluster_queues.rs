@@ -358,6 +358,52 @@ async fn queues_on_a_3_member_jetstream_cluster() {
     queues_keep_the_rules(a, b).await;
 }
 
+/// Acknowledged items named below a floor go in one purge, which takes every item of
+/// the device below the last one named (also those not named: they are below the
+/// floor, so acknowledged) and nothing of it beyond, nor of another device; without a
+/// floor, or with one item below it, only the items named go.
+#[tokio::test(flavor = "multi_thread")]
+async fn removals_below_the_floor_are_one_purge_of_that_device_only() {
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let node = nats.queues(0, limits(100)).await;
+    let (bob, carol) = (dev(2, 1), dev(3, 1));
+    for id in 1..=6u8 {
+        node.append(message(id, &[bob])).await.unwrap();
+        node.append(message(id, &[carol])).await.unwrap();
+    }
+    let seqs = |q: &JetStreamQueues, device| {
+        let q = q.clone();
+        async move {
+            let (page, _) = q.page(device, None, 100, usize::MAX).await.unwrap();
+            page.iter().map(|q| q.seq).collect::<Vec<u64>>()
+        }
+    };
+    let b = seqs(&node, bob).await;
+    assert_eq!(b.len(), 6);
+    // Without a floor: the two named, each.
+    node.remove(bob, &[b[0], b[2]], None).await.unwrap();
+    assert_eq!(seqs(&node, bob).await, [b[1], b[3], b[4], b[5]]);
+    // One below the floor: that one.
+    node.remove(bob, &[b[3]], Some(b[5])).await.unwrap();
+    assert_eq!(seqs(&node, bob).await, [b[1], b[4], b[5]]);
+    // Two below the floor: one purge up to the last named; b[1], not named, goes.
+    node.remove(bob, &[b[4], b[3]], Some(b[5] + 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs(&node, bob).await,
+        [b[5]],
+        "b[5] is past the last named"
+    );
+    assert_eq!(
+        seqs(&node, carol).await.len(),
+        6,
+        "Carol's queue is untouched"
+    );
+}
+
 /// What is queued through one node wakes the device's stream on another at once
 /// (core NATS); a disappearing message past its expiry is never handed out.
 #[tokio::test(flavor = "multi_thread")]
