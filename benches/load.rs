@@ -180,6 +180,13 @@ enum Scenario {
         duration: u64,
         #[arg(long, default_value_t = 256)]
         size: usize,
+        /// Delivered messages/s offered in the latency phase (default: half the
+        /// saturated rate); to compare builds at one rate.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// The nodes' `cluster.removal_delay_ms` (default: the config's).
+        #[arg(long)]
+        removal_delay_ms: Option<u64>,
     },
     /// Internal: the bare quinn relay, run as its own process.
     #[command(hide = true)]
@@ -257,7 +264,12 @@ fn main() {
                 window,
                 duration,
                 size,
-            } => cluster::run(pairs, window, Duration::from_secs(duration), size).await,
+                rate,
+                removal_delay_ms,
+            } => {
+                let duration = Duration::from_secs(duration);
+                cluster::run(pairs, window, duration, size, rate, removal_delay_ms).await
+            }
             Scenario::BareServer => bare::serve().await,
         }
     });

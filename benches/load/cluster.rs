@@ -9,7 +9,17 @@ use super::relay::{Run, Shape};
 use super::*;
 use crate::nats::NatsCluster;
 
-pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -> Result<()> {
+/// `rate`: the latency phase's offered load (delivered msg/s) instead of half the
+/// saturated rate, for comparing builds at one rate; `removal_delay_ms`: the nodes'
+/// `cluster.removal_delay_ms` instead of the default.
+pub async fn run(
+    pairs: usize,
+    window: usize,
+    duration: Duration,
+    size: usize,
+    rate: Option<f64>,
+    removal_delay_ms: Option<u64>,
+) -> Result<()> {
     let pairs = pairs.max(1);
     println!(
         "cluster: {pairs} pairs across 3 nodes over 3 NATS members, window {window}, \
@@ -24,12 +34,14 @@ pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -
         window,
         duration,
         size,
+        half_rate: rate,
     };
-    let cluster = cluster_run(&nats, pairs, shape).await?;
+    let cluster = cluster_run(&nats, pairs, shape, removal_delay_ms).await?;
     let bare = bare_publish(&nats, 2 * pairs, window, duration, size, false).await?;
     let cycles = bare_publish(&nats, 2 * pairs, window, duration, size, true).await?;
     drop(nats);
-    let sled = relay::node_run(pairs, window, duration, size, 1).await?;
+    let sled = relay::node_run(pairs, window, duration, size, 1, rate).await?;
+    let load = rate.map_or_else(|| "half load".to_string(), |r| format!("{r:.0} msg/s"));
 
     let p = |v: &[u64], q| percentile(v, q) / 1000.0;
     let figures = vec![
@@ -56,14 +68,14 @@ pub async fn run(pairs: usize, window: usize, duration: Duration, size: usize) -
         },
         Figure {
             scenario: "cluster",
-            metric: "latency p50 at half load (vs one sled node)".into(),
+            metric: format!("latency p50 at {load} (vs one sled node)"),
             unit: "µs",
             node: p(&cluster.run.latencies.sorted, 0.50),
             limit: Some(p(&sled.latencies.sorted, 0.50)),
         },
         Figure {
             scenario: "cluster",
-            metric: "latency p99 at half load (vs one sled node)".into(),
+            metric: format!("latency p99 at {load} (vs one sled node)"),
             unit: "µs",
             node: p(&cluster.run.latencies.sorted, 0.99),
             limit: Some(p(&sled.latencies.sorted, 0.99)),
@@ -138,7 +150,12 @@ struct ClusterRun {
 
 /// Three nodes in cluster mode on `nats`, sharing one certificate; the relay through
 /// them, every message from a device on one node to a device on another.
-async fn cluster_run(nats: &NatsCluster, pairs: usize, shape: Shape) -> Result<ClusterRun> {
+async fn cluster_run(
+    nats: &NatsCluster,
+    pairs: usize,
+    shape: Shape,
+    removal_delay_ms: Option<u64>,
+) -> Result<ClusterRun> {
     let tls = tempfile::tempdir().map_err(err)?;
     let (_, pem) = Credentials::generate_node(vec!["localhost".into()]).map_err(err)?;
     let (cert, key) = (tls.path().join("cert.pem"), tls.path().join("key.pem"));
@@ -148,8 +165,11 @@ async fn cluster_run(nats: &NatsCluster, pairs: usize, shape: Shape) -> Result<C
     let config = format!(
         "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n\
          [messages]\nenvelopes_per_account_minute = 1000000000\n\
-         [cluster]\nnats = [{}]\n",
-        urls.join(", ")
+         [cluster]\nnats = [{}]\n{}",
+        urls.join(", "),
+        removal_delay_ms
+            .map(|ms| format!("removal_delay_ms = {ms}\n"))
+            .unwrap_or_default()
     );
     let nums = numbers(2 * pairs);
     let mut nodes = Vec::new();

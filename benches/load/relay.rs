@@ -127,7 +127,7 @@ pub async fn run(
         "relay: {pairs} pairs of accounts with {devices} device(s) each, window {window}, \
          {size}-byte envelopes, {duration:?} per phase"
     );
-    let node = node_run(pairs, window, duration, size, devices).await?;
+    let node = node_run(pairs, window, duration, size, devices, None).await?;
     // The bare relay's latency is measured at the node's half load, the same
     // absolute rate, so the two latencies compare like with like.
     let bare = bare_run(pairs, window, duration, size, devices, node.half_rate).await?;
@@ -242,6 +242,7 @@ pub(super) async fn node_run(
     duration: Duration,
     size: usize,
     per_account: usize,
+    half_rate: Option<f64>,
 ) -> Result<Run> {
     let nums = numbers(2 * pairs);
     let (server, fp) = start_node_lines(
@@ -273,6 +274,7 @@ pub(super) async fn node_run(
             per_account,
             window,
             duration,
+            half_rate,
             size,
         },
     )
@@ -289,6 +291,9 @@ pub(super) struct Shape {
     pub(super) window: usize,
     pub(super) duration: Duration,
     pub(super) size: usize,
+    /// Delivered envelopes/s offered in the latency phase (default: half the
+    /// saturated rate).
+    pub(super) half_rate: Option<f64>,
 }
 
 /// The relay's measurement through the nodes at `addrs` (processes `pids`): device
@@ -307,6 +312,7 @@ pub(super) async fn relay_through(
         window,
         duration,
         size,
+        half_rate,
     } = shape;
     let base = Instant::now();
     let tally = Arc::new(Tally::default());
@@ -388,7 +394,7 @@ pub(super) async fn relay_through(
         duration,
         pids,
         Offered {
-            half_rate: None,
+            half_rate,
             envelopes_per_send: per_account,
         },
         send_one,
