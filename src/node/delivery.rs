@@ -162,6 +162,13 @@ impl Removals {
     /// and delivered again on the next subscription.
     const MAX: usize = 16 * 1024;
 
+    /// `seqs` without those acknowledged already and waiting here.
+    fn not_waiting(&self, mut seqs: Vec<u64>) -> Vec<u64> {
+        let waiting = self.seqs.lock().unwrap_or_else(PoisonError::into_inner);
+        seqs.retain(|seq| !waiting.contains(seq));
+        seqs
+    }
+
     fn add(&self, seqs: Vec<u64>) {
         if seqs.is_empty() {
             return;
@@ -647,6 +654,9 @@ async fn acknowledge(
     seqs: Vec<u64>,
     now: u64,
 ) -> Result<Vec<crate::store::DeviceRef>, crate::proto::NodeError> {
+    // An item acknowledged again before it is removed is not taken twice (one
+    // receipt, one delivery counted).
+    let seqs = removals.not_waiting(seqs);
     let known = at
         .pushed
         .lock()
