@@ -111,14 +111,14 @@ pub async fn serve(
     // second read of its items).
     let pushed = std::sync::Mutex::new(Pushed::default());
     let woken = Woken::default();
+    let at = Cursor {
+        device,
+        pushed: &pushed,
+        woken: &woken,
+    };
     let removals = Removals::default();
     let acks_over = CancellationToken::new();
     let acker = async {
-        let at = Cursor {
-            device,
-            pushed: &pushed,
-            woken: &woken,
-        };
         read_acks(
             recv,
             shared.clone(),
@@ -131,14 +131,9 @@ pub async fn serve(
         .await;
         acks_over.cancel();
     };
-    let remover = remove_later(&removals, &shared, device, &pushed, &acks_over);
+    let remover = remove_later(&removals, &shared, at, &acks_over);
     let ended = CancellationToken::new();
     let pusher = async {
-        let at = Cursor {
-            device,
-            pushed: &pushed,
-            woken: &woken,
-        };
         push(send, &shared, &mailbox, &stream, at, done, &stop).await;
         ended.cancel();
     };
@@ -185,8 +180,7 @@ impl Removals {
     async fn flush(
         &self,
         c: &engine::ClusterEngine,
-        device: crate::store::DeviceRef,
-        pushed: &std::sync::Mutex<Pushed>,
+        at: Cursor<'_>,
     ) -> Result<(), crate::store::StoreError> {
         let _flushing = self.flushing.lock().await;
         let seqs: Vec<u64> =
@@ -196,11 +190,12 @@ impl Removals {
         if seqs.is_empty() {
             return Ok(());
         }
-        let floor = pushed
+        let floor = at
+            .pushed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .floor();
-        let removed = c.queues.remove(device, &seqs, floor).await;
+        let removed = c.queues.remove(at.device, &seqs, floor).await;
         if removed.is_err() {
             let mut waiting = self.seqs.lock().unwrap_or_else(PoisonError::into_inner);
             waiting.extend(seqs);
@@ -228,8 +223,7 @@ const REMOVAL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 async fn remove_later(
     removals: &Removals,
     shared: &Shared,
-    device: crate::store::DeviceRef,
-    pushed: &std::sync::Mutex<Pushed>,
+    at: Cursor<'_>,
     acks_over: &CancellationToken,
 ) {
     let Some(c) = &shared.cluster else {
@@ -245,7 +239,7 @@ async fn remove_later(
             () = acks_over.cancelled() => break,
             () = tokio::time::sleep(delay) => {}
         }
-        if let Err(e) = removals.flush(c, device, pushed).await {
+        if let Err(e) = removals.flush(c, at).await {
             tracing::warn!(error = %e, "removing acknowledged items failed; tried again");
             tokio::select! {
                 () = acks_over.cancelled() => break,
@@ -255,7 +249,7 @@ async fn remove_later(
     }
     let limits = &shared.config.limits;
     let limit = limits.request_timeout.min(limits.shutdown_grace);
-    match tokio::time::timeout(limit, removals.flush(c, device, pushed)).await {
+    match tokio::time::timeout(limit, removals.flush(c, at)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(
             error = %e,
@@ -566,7 +560,6 @@ async fn read_acks(
     at: Cursor<'_>,
     removals: &Removals,
 ) {
-    let pushed = at.pushed;
     let max = shared.config.limits.max_frame_bytes as usize;
     let end = loop {
         let read = tokio::select! {
@@ -616,7 +609,7 @@ async fn read_acks(
             Ok(None) => {
                 // Every ack read is applied and its items removed before the end.
                 if let Some(c) = &shared.cluster
-                    && let Err(e) = removals.flush(c, me.device, pushed).await
+                    && let Err(e) = removals.flush(c, at).await
                 {
                     tracing::warn!(error = %e, "removing acknowledged items failed");
                     break AckEnd::Broken;
@@ -675,7 +668,7 @@ async fn acknowledge(
         .acknowledged(&acked.taken);
     removals.add(acked.taken);
     if shared.config.cluster.removal_delay.is_zero()
-        && let Err(e) = removals.flush(c, at.device, at.pushed).await
+        && let Err(e) = removals.flush(c, at).await
     {
         // The ack stands; its items wait for the next removal.
         tracing::warn!(error = %e, "removing acknowledged items failed; tried again");

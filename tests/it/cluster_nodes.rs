@@ -1162,11 +1162,7 @@ async fn metrics_show_the_clusters_queues_and_each_nodes_deliveries() {
     let mut sub = bob.subscribe().await.expect("subscribe");
     let mut got = 0;
     while got < SENDS {
-        let push = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("a push within 10 s")
-            .expect("the stream")
-            .expect("a push");
+        let push = next_push(&mut sub).await;
         let seqs: Vec<u64> = push
             .items
             .iter()
@@ -1215,18 +1211,14 @@ async fn metrics_show_the_clusters_queues_and_each_nodes_deliveries() {
     two.shutdown().await;
 }
 
-/// The messages of `sub`'s pushes until `n` arrived: (seq, first body byte).
-async fn messages_pushed(sub: &mut switchboard::client::Subscription, n: usize) -> Vec<(u64, u8)> {
+/// The messages of `sub`'s pushes until `n` arrived: (seq, its number, as
+/// [`send_numbered`] sent it).
+async fn messages_pushed(sub: &mut switchboard::client::Subscription, n: usize) -> Vec<(u64, u32)> {
     let mut got = Vec::new();
     while got.len() < n {
-        let push = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("a push within 10 s")
-            .expect("the stream")
-            .expect("a push");
-        for d in push.items {
+        for d in next_push(sub).await.items {
             if let switchboard::proto::Item::Message(m) = d.item {
-                got.push((d.seq, m.body.first().copied().unwrap_or_default()));
+                got.push((d.seq, numbered(&m.body)));
             }
         }
     }
@@ -1240,7 +1232,6 @@ async fn messages_pushed(sub: &mut switchboard::client::Subscription, n: usize) 
 /// was told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_items_leave_together_and_an_unacknowledged_one_stays() {
-    use crate::support::outgoing;
     let Some(nats) = NatsCluster::start(3) else {
         return;
     };
@@ -1249,16 +1240,8 @@ async fn acknowledged_items_leave_together_and_an_unacknowledged_one_stays() {
     let two = InProcessNode::start(&config).await;
     let alice = one.registered(ALICE).await;
     let bob = two.registered(BOB).await;
-    let send = |i: u8| {
-        let alice = &alice;
-        async move {
-            let id = switchboard::client::e2e::new_message_id();
-            alice
-                .send(outgoing(BOB, id, vec![i; 8]))
-                .await
-                .expect("send");
-        }
-    };
+    let alice = &alice;
+    let send = |i| async move { send_numbered(alice, BOB, i).await.expect("send") };
     for i in 0..4 {
         send(i).await;
     }
@@ -1302,11 +1285,7 @@ async fn acknowledged_items_leave_together_and_an_unacknowledged_one_stays() {
     assert_eq!(sub.queued, 7, "Alice's receipts");
     let mut receipts = 0;
     while receipts < 7 {
-        let push = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("a push within 10 s")
-            .expect("the stream")
-            .expect("a push");
+        let push = next_push(&mut sub).await;
         receipts += push
             .items
             .iter()
