@@ -19,7 +19,7 @@ use switchboard::store::{
     DeviceRef, GroupChange, GroupRefusal, GroupStore, KeysRefusal, ProfileStore, Store,
 };
 
-pub use crate::nats::{NatsCluster, free_port, member_command, nats_server, retry};
+pub use crate::nats::{NatsCluster, free_port, member_command, nats_server, retry, start_members};
 
 impl NatsCluster {
     /// A connection to member `i` once the cluster has a JetStream leader (up to

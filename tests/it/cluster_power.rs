@@ -15,12 +15,12 @@
 //! each setting did.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 
-use super::cluster::{free_port, member_command, nats_server, retry};
+use super::cluster::{member_command, nats_server, retry, start_members};
 use crate::powerfs::PowerFs;
 
 /// Acknowledged publishes before the power cut.
@@ -44,31 +44,40 @@ impl Members {
             logs: logs.to_path_buf(),
             server,
             root: root.to_path_buf(),
-            clients: (0..3).map(|_| free_port()).collect(),
-            routes: (0..3).map(|_| free_port()).collect(),
+            clients: Vec::new(),
+            routes: Vec::new(),
             sync,
             children: Vec::new(),
         };
-        m.spawn();
+        let started = start_members(3, logs, |i, clients, routes| m.command(i, clients, routes));
+        (m.children, m.clients, m.routes) = (started.children, started.clients, started.routes);
         m
     }
 
+    /// Member `i`, with its store under `root` and its `sync_interval`.
+    fn command(&self, i: usize, clients: &[u16], routes: &[u16]) -> Command {
+        let store = self.root.join(format!("n{i}"));
+        let conf = self.root.join(format!("n{i}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "jetstream {{ store_dir: {:?}, sync_interval: {} }}\n",
+                store.display().to_string(),
+                self.sync
+            ),
+        )
+        .expect("member config");
+        let mut command = member_command(&self.server, i, clients, routes);
+        command.arg("-c").arg(&conf);
+        command
+    }
+
+    /// Starts the members again on their ports, without waiting: after a power
+    /// cut a member may refuse to start.
     fn spawn(&mut self) {
         for i in 0..3 {
-            let store = self.root.join(format!("n{i}"));
-            let conf = self.root.join(format!("n{i}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "jetstream {{ store_dir: {:?}, sync_interval: {} }}\n",
-                    store.display().to_string(),
-                    self.sync
-                ),
-            )
-            .expect("member config");
-            let child = member_command(&self.server, i, &self.clients, &self.routes)
-                .arg("-c")
-                .arg(&conf)
+            let child = self
+                .command(i, &self.clients, &self.routes)
                 .stdout(Stdio::null())
                 .stderr(
                     std::fs::OpenOptions::new()

@@ -54,6 +54,84 @@ pub fn member_command(server: &Path, i: usize, clients: &[u16], routes: &[u16]) 
     command
 }
 
+/// Members started by [`start_members`], on the ports they listen on.
+pub struct Started {
+    pub children: Vec<Child>,
+    pub clients: Vec<u16>,
+    pub routes: Vec<u16>,
+}
+
+/// Starts `n` members on free ports, member `i` by `command(i, clients, routes)`
+/// with its stderr appended to `logs/n<i>.log`, and waits until each listens. A
+/// port can be taken by another process between [`free_port`] and the member's
+/// bind (the member then exits); all are then started again on other ports, up
+/// to 5 times.
+pub fn start_members(
+    n: usize,
+    logs: &Path,
+    command: impl Fn(usize, &[u16], &[u16]) -> Command,
+) -> Started {
+    for _ in 0..5 {
+        let clients: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut children = Vec::new();
+        let mut logged = Vec::new();
+        for i in 0..n {
+            let path = logs.join(format!("n{i}.log"));
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .expect("member log");
+            let from = log.metadata().map_or(0, |m| m.len());
+            let child = command(i, &clients, &routes)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("nats-server");
+            children.push(child);
+            logged.push((path, from));
+        }
+        let all = children
+            .iter_mut()
+            .zip(&logged)
+            .all(|(child, (path, from))| listening(child, path, *from, n > 1));
+        if all {
+            return Started {
+                children,
+                clients,
+                routes,
+            };
+        }
+        for mut child in children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    panic!("the NATS members did not start in 5 tries; their logs are in {logs:?}");
+}
+
+/// Whether a member started: its log, after byte `from`, says it listens for
+/// clients and (when `routed`) for routes. False when it exits first, or after
+/// 30 s of neither.
+fn listening(child: &mut Child, log: &Path, from: u64, routed: bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let text = std::fs::read(log).unwrap_or_default();
+        let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default());
+        if text.contains("Listening for client connections")
+            && (!routed || text.contains("Listening for route connections"))
+        {
+            return true;
+        }
+        if !matches!(child.try_wait(), Ok(None)) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
 /// A NATS cluster of its own: members on 127.0.0.1, JetStream data in a temp dir,
 /// killed when dropped.
 pub struct NatsCluster {
@@ -80,22 +158,16 @@ impl NatsCluster {
             return None;
         };
         let dir = tempfile::tempdir().expect("temp dir");
-        let clients: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let mut members = Vec::new();
-        for i in 0..n {
-            let log = std::fs::File::create(dir.path().join(format!("n{i}.log"))).expect("log");
-            let child = member_command(&server, i, &clients, &routes)
+        let started = start_members(n, dir.path(), |i, clients, routes| {
+            let mut command = member_command(&server, i, clients, routes);
+            command
                 .args(extra)
                 .arg("-js")
                 .arg("-sd")
-                .arg(dir.path().join(format!("n{i}")))
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("nats-server");
-            members.push(child);
-        }
+                .arg(dir.path().join(format!("n{i}")));
+            command
+        });
+        let (members, clients) = (started.children, started.clients);
         Some(NatsCluster {
             members,
             urls: clients
