@@ -1,6 +1,8 @@
 //! `switchboard admin`: operator commands. They talk to the running node over its
 //! admin socket (`DATA_DIR/admin.sock`); when no node runs on the data dir, they open
-//! the database themselves (sled lets one process open it at a time).
+//! the database themselves (sled lets one process open it at a time). A node on a
+//! cluster answers from the cluster; with no node running, a cluster's config is
+//! refused rather than its node's own database read.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -79,11 +81,26 @@ enum Command {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let data = match (args.data, &args.config) {
+    let config = args.config.as_deref().map(Config::load).transpose()?;
+    let data = match (args.data, &config) {
         (Some(d), _) => d,
-        (None, Some(c)) => Config::load(c)?.server.data_dir,
+        (None, Some(c)) => c.server.data_dir.clone(),
         (None, None) => Config::default().server.data_dir,
     };
+    let exporting = matches!(args.command, Command::ExportToCluster { .. });
+    if config.as_ref().is_some_and(|c| c.cluster.enabled())
+        && !exporting
+        && matches!(
+            AdminClient::connect(&data).await,
+            Err(AdminError::NotRunning(_))
+        )
+    {
+        bail!(
+            "this node runs on a NATS cluster (`[cluster] nats` in its config): admin commands \
+             ask a running node of the cluster, and none runs on {}",
+            data.display()
+        );
+    }
     match args.command {
         Command::Stats { json } => {
             let stats = match ask(&data, AdminRequest::Stats).await? {

@@ -1030,22 +1030,141 @@ impl JetStreamAccounts {
     }
 }
 
+/// An account as the bucket holds it, for an operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountView {
+    pub record: AccountRecord,
+    /// Companions' names, by device id.
+    pub names: Vec<(u32, String)>,
+    /// Last-seen times, by device id.
+    pub seen: Vec<(u32, u64)>,
+}
+
+/// The key whose entry `entry` is, when that entry now says the key was removed:
+/// every node closes that key's connections when it hears of it.
+pub fn removed_in(entry: &async_nats::jetstream::kv::Entry) -> Option<(KeyId, Removal)> {
+    let hex_id = entry.key.strip_prefix("k.")?;
+    let key_id: KeyId = hex::decode(hex_id).ok()?.try_into().ok()?;
+    match crate::store::records::decode::<KeyEntry>(&entry.value, BUCKET).ok()? {
+        KeyEntry::Removed(r) => Some((key_id, r.why)),
+        KeyEntry::Device(..) => None,
+    }
+}
+
 impl JetStreamAccounts {
-    /// The companions (never a primary) not seen since `cutoff_ms` (being linked
-    /// counts as being seen), over every account: the devices that lapse.
-    pub async fn lapsed_companions(&self, cutoff_ms: u64) -> Result<Vec<DeviceRef>, StoreError> {
+    /// Every registered number with its account id, in no order (an operator's
+    /// listing: it reads every number entry).
+    pub async fn numbers(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut numbers = Vec::new();
+        for key in self.keys_starting("n.").await? {
+            let (entry, _) = self.bucket.read::<NumberEntry>(&key).await?;
+            let Some(id) = entry.and_then(|e| e.account_id) else {
+                continue;
+            };
+            let number = hex::decode(&key[2..])
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("{BUCKET} key {key:?}")))?;
+            numbers.push((number, id));
+        }
+        Ok(numbers)
+    }
+
+    /// The bucket's keys that start with `prefix`.
+    async fn keys_starting(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         use futures_util::TryStreamExt;
-        let mut ids = Vec::new();
+        let mut keys = Vec::new();
         let mut listed = self.bucket.keys().await?;
         while let Some(key) = listed
             .try_next()
             .await
             .map_err(|e| bucket::engine(BUCKET, e))?
         {
-            if let Some(id) = key.strip_prefix("a.").and_then(|id| id.parse::<u64>().ok()) {
-                ids.push(id);
+            if key.starts_with(prefix) {
+                keys.push(key);
             }
         }
+        Ok(keys)
+    }
+
+    /// Account `id` with its devices' names and last-seen times.
+    pub async fn view(&self, id: u64) -> Result<Option<AccountView>, StoreError> {
+        Ok(self.account_entry(id).await?.map(|e| AccountView {
+            record: e.record,
+            names: e.names,
+            seen: e.seen,
+        }))
+    }
+
+    /// Deletes the account of `number` (the operator's `admin delete`): the number
+    /// entry goes (with a pending code), the account keeps no device, each device
+    /// key is marked removed as [`Removal::AccountDeleted`], and the registration
+    /// lock goes. The account's id and the devices it had; `None` when the number
+    /// has no account. What other concerns hold for the devices is the caller's to
+    /// drop.
+    ///
+    /// The number entry is the point of decision, as for a registration. The
+    /// account entry stays, emptied, at a generation above the deleted one: a
+    /// registration of the number that won its code before the deletion then finds
+    /// itself overtaken and writes nothing, instead of bringing the account back.
+    pub async fn delete_account(
+        &self,
+        number: &str,
+        now_ms: u64,
+    ) -> Result<Option<(u64, Vec<DeviceRecord>)>, StoreError> {
+        let decided = self
+            .bucket
+            .modify(&number_key(number), |slot: &mut Option<NumberEntry>| {
+                let Some(id) = slot.as_ref().and_then(|e| e.account_id) else {
+                    return (None, false);
+                };
+                let generation = slot.as_ref().map_or(0, |e| e.generation) + 1;
+                *slot = None;
+                (Some((id, generation)), true)
+            })
+            .await?;
+        let Some((account_id, generation)) = decided else {
+            return Ok(None);
+        };
+        let devices = self
+            .bucket
+            .modify(
+                &account_key(account_id),
+                |slot: &mut Option<AccountEntry>| {
+                    let Some(entry) = slot.as_mut() else {
+                        return (Vec::new(), false);
+                    };
+                    let devices = std::mem::take(&mut entry.record.devices);
+                    entry.generation = entry.generation.max(generation);
+                    entry.names.clear();
+                    entry.seen.clear();
+                    (devices, true)
+                },
+            )
+            .await?;
+        for d in &devices {
+            let device = DeviceRef {
+                account_id,
+                device_id: d.device_id,
+            };
+            self.revoke(&d.key_id, device, Removal::AccountDeleted, now_ms)
+                .await?;
+        }
+        self.bucket.purge(&lock_key(account_id)).await?;
+        Ok(Some((account_id, devices)))
+    }
+}
+
+impl JetStreamAccounts {
+    /// The companions (never a primary) not seen since `cutoff_ms` (being linked
+    /// counts as being seen), over every account: the devices that lapse.
+    pub async fn lapsed_companions(&self, cutoff_ms: u64) -> Result<Vec<DeviceRef>, StoreError> {
+        let ids: Vec<u64> = self
+            .keys_starting("a.")
+            .await?
+            .iter()
+            .filter_map(|key| key[2..].parse().ok())
+            .collect();
         let mut lapsed = Vec::new();
         for account_id in ids {
             let Some(entry) = self.account_entry(account_id).await? else {

@@ -126,6 +126,20 @@ impl JetStreamDiscovery {
         self.bucket.put(&index_key(prf), &account).await
     }
 
+    /// Drops `prf` from the index if it is `account`'s (a deleted account's; after a
+    /// re-registration of the number under another account it stays).
+    pub async fn unindex(&self, prf: &Prf, account: u64) -> Result<(), StoreError> {
+        self.bucket
+            .modify(&index_key(prf), |slot: &mut Option<u64>| {
+                if *slot != Some(account) {
+                    return ((), false);
+                }
+                *slot = None;
+                ((), true)
+            })
+            .await
+    }
+
     /// Which of `prfs` are registered, read concurrently; `Err(current)` when they
     /// were computed under `key_version`, not the current key.
     pub async fn resolve(

@@ -220,6 +220,32 @@ impl JetStreamQueues {
         Ok((state.messages, state.bytes))
     }
 
+    /// What the stream holds for an operator (`admin stats`): messages and receipts
+    /// queued for devices (a group message counting once per device), the stream's
+    /// bytes (group message bodies too) and when its oldest item was stored (ms).
+    pub async fn census(&self) -> Result<(u64, u64, u64, Option<u64>), StoreError> {
+        let stream = self
+            .jetstream
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| engine(STREAM, e))?;
+        let mut kinds = [0u64; 2];
+        for (total, kind) in kinds.iter_mut().zip(["m", "r"]) {
+            let mut subjects = stream
+                .info_with_subjects(format!("sbq.*.*.{kind}"))
+                .await
+                .map_err(|e| engine(STREAM, e))?;
+            while let Some((_, count)) = subjects.try_next().await.map_err(|e| engine(STREAM, e))? {
+                *total = total.saturating_add(count as u64);
+            }
+        }
+        let state = &stream.cached_info().state;
+        let oldest = (state.messages > 0).then(|| {
+            u64::try_from(state.first_timestamp.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+        });
+        Ok((kinds[0], kinds[1], state.bytes, oldest))
+    }
+
     /// Wake-ups for `device`: a message arrives on it whenever something was queued
     /// for the device, through any node.
     pub async fn wake_ups(&self, device: DeviceRef) -> Result<async_nats::Subscriber, StoreError> {

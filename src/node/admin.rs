@@ -11,7 +11,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Shared;
+use super::{Shared, cluster_admin};
 use crate::admin::{self, AdminReply, AdminRequest, NodeStats};
 use crate::proto::codes;
 
@@ -107,6 +107,13 @@ async fn handle(stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result<()>
         }
     };
     tracing::info!(?request, "admin request");
+    if let Some(c) = &shared.cluster {
+        let answer = match request {
+            AdminRequest::Delete { number } => delete(shared, number).await,
+            other => on_cluster(shared, c, other).await,
+        };
+        return reply(&mut stream, &answer).await;
+    }
     let answer = match request {
         AdminRequest::Backup => return backup(stream, shared).await,
         AdminRequest::Stats => stats(shared).await,
@@ -145,6 +152,47 @@ async fn handle(stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result<()>
     reply(&mut stream, &answer).await
 }
 
+/// The answer of a node on a cluster, from the cluster (`cluster_admin`). Backups and
+/// rotating the discovery key are refused: the cluster is backed up with NATS's
+/// own tools, and its key is rotated by an export.
+async fn on_cluster(
+    shared: &Arc<Shared>,
+    c: &super::engine::ClusterEngine,
+    request: AdminRequest,
+) -> AdminReply {
+    let answer =
+        match request {
+            AdminRequest::Stats => cluster_admin::counts(c)
+                .await
+                .map(|counts| AdminReply::Stats(node_stats(shared, counts))),
+            AdminRequest::Accounts => cluster_admin::accounts(c).await.map(AdminReply::Accounts),
+            AdminRequest::Account { number } => cluster_admin::account(c, number.clone())
+                .await
+                .map(|found| match found {
+                    Some(a) => AdminReply::Account(a),
+                    None => AdminReply::Error {
+                        message: format!("{number} has no account on this cluster"),
+                    },
+                }),
+            AdminRequest::Backup => Ok(AdminReply::Error {
+                message: "this node runs on a NATS cluster: back the cluster up with NATS's own \
+                      tools (`nats stream backup`, see README, \"Cluster mode\")"
+                    .into(),
+            }),
+            AdminRequest::RotateDiscoveryKey => Ok(AdminReply::Error {
+                message: "this node runs on a NATS cluster, whose discovery key is not rotated \
+                      by a node"
+                    .into(),
+            }),
+            AdminRequest::Delete { .. } => Ok(AdminReply::Error {
+                message: "deletion is not answered here".into(),
+            }),
+        };
+    answer.unwrap_or_else(|e| AdminReply::Error {
+        message: e.to_string(),
+    })
+}
+
 /// Runs a store call on the blocking pool; a failure becomes an error reply.
 async fn blocking(
     f: impl FnOnce() -> Result<AdminReply, crate::store::StoreError> + Send + 'static,
@@ -162,22 +210,21 @@ async fn blocking(
 
 async fn stats(shared: &Arc<Shared>) -> AdminReply {
     let store = shared.store.clone();
-    let data_dir = shared.config.server.data_dir.clone();
-    let online = shared.connections.devices_online() as u64;
-    let connections = shared.metrics.connections_open.get().max(0) as u64;
-    let uptime = shared.started.elapsed().as_secs();
-    blocking(move || {
-        Ok(AdminReply::Stats(NodeStats {
-            store: store.counts()?,
-            online_devices: Some(online),
-            connections: Some(connections),
-            data_dir_bytes: admin::dir_size(&data_dir),
-            uptime_secs: Some(uptime),
-            schema_version: store.schema_version(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        }))
-    })
-    .await
+    let shared = shared.clone();
+    blocking(move || Ok(AdminReply::Stats(node_stats(&shared, store.counts()?)))).await
+}
+
+/// The node's own figures beside `counts`.
+fn node_stats(shared: &Shared, counts: crate::store::StoreCounts) -> NodeStats {
+    NodeStats {
+        store: counts,
+        online_devices: Some(shared.connections.devices_online() as u64),
+        connections: Some(shared.metrics.connections_open.get().max(0) as u64),
+        data_dir_bytes: admin::dir_size(&shared.config.server.data_dir),
+        uptime_secs: Some(shared.started.elapsed().as_secs()),
+        schema_version: shared.store.schema_version(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    }
 }
 
 async fn delete(shared: &Arc<Shared>, number: String) -> AdminReply {
@@ -193,27 +240,33 @@ async fn delete(shared: &Arc<Shared>, number: String) -> AdminReply {
     let target = parsed.clone();
     // As for a registration: caches filled before or during the change die with it.
     shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
-    let deleted = tokio::task::spawn_blocking(move || store.delete_account(&target)).await;
+    let deleted = match &shared.cluster {
+        Some(c) => cluster_admin::delete(c, &target, crate::store::wall_ms())
+            .await
+            .map_err(|e| e.to_string()),
+        None => match tokio::task::spawn_blocking(move || store.delete_account(&target)).await {
+            Ok(done) => done.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("the task failed: {e}")),
+        },
+    };
     shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
     let deleted = match deleted {
-        Ok(Ok(Some(d))) => d,
-        Ok(Ok(None)) => {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            let place = if shared.cluster.is_some() {
+                "this cluster"
+            } else {
+                "this node"
+            };
             return AdminReply::Error {
-                message: format!("{parsed} has no account on this node"),
+                message: format!("{parsed} has no account on {place}"),
             };
         }
-        Ok(Err(e)) => {
-            return AdminReply::Error {
-                message: e.to_string(),
-            };
-        }
-        Err(e) => {
-            return AdminReply::Error {
-                message: format!("the task failed: {e}"),
-            };
-        }
+        Err(message) => return AdminReply::Error { message },
     };
-    if let Err(e) = shared.commit.durable().await {
+    if shared.cluster.is_none()
+        && let Err(e) = shared.commit.durable().await
+    {
         return AdminReply::Error {
             message: format!("the account was deleted but could not be made durable: {e}"),
         };

@@ -1119,8 +1119,19 @@ pub(crate) async fn watch_registrations(shared: Arc<Shared>, stop: CancellationT
                         next = changes.next() => next,
                     };
                     match next {
-                        Some(Ok(_)) => {
+                        Some(Ok(entry)) => {
                             bump();
+                            // A device removed through any node: its connections
+                            // here close too, after the linger a device unlinking
+                            // itself has to hear its answer.
+                            if let Some((key, why)) = crate::cluster::accounts::removed_in(&entry) {
+                                let shared = shared.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(super::handlers::REMOVAL_LINGER).await;
+                                    let (code, reason) = super::cluster_admin::closing(why);
+                                    shared.connections.close(&[key], code, reason.as_bytes());
+                                });
+                            }
                         }
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "the watch on registrations broke");

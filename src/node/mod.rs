@@ -10,6 +10,7 @@ mod admin;
 mod blobs;
 mod claims;
 mod clock;
+mod cluster_admin;
 mod commit;
 mod conn;
 mod delivery;

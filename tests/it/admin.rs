@@ -17,7 +17,7 @@ use crate::support::{
 };
 
 /// Runs `switchboard admin ARGS --data DATA`.
-fn admin(data: &Path, args: &[&str], stdin: &str) -> std::process::Output {
+pub(crate) fn admin(data: &Path, args: &[&str], stdin: &str) -> std::process::Output {
     let mut child = std::process::Command::new(BIN)
         .arg("admin")
         .args(args)
@@ -36,13 +36,13 @@ fn admin(data: &Path, args: &[&str], stdin: &str) -> std::process::Output {
     child.wait_with_output().expect("admin output")
 }
 
-fn admin_ok(data: &Path, args: &[&str]) -> String {
+pub(crate) fn admin_ok(data: &Path, args: &[&str]) -> String {
     let out = admin(data, args, "");
     assert!(out.status.success(), "{}", show(args, &out));
     stdout(&out)
 }
 
-fn json(text: &str) -> serde_json::Value {
+pub(crate) fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 

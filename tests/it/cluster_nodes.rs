@@ -1297,3 +1297,117 @@ async fn acknowledged_items_leave_together_and_an_unacknowledged_one_stays() {
     one.shutdown().await;
     two.shutdown().await;
 }
+
+/// The admin commands of a cluster node see and change the whole cluster: counts,
+/// accounts and queues made through the other node; deleting an account through
+/// one node closes its device's connection on the other, and the number can
+/// register again. What a node cannot do on a cluster is refused, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_of_a_cluster_node_see_and_change_the_whole_cluster() {
+    use crate::admin::{admin, admin_ok, json};
+    use switchboard::client::ClientError;
+    use switchboard::proto::ErrorKind;
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let (_tls, mut one, two) = two_nodes(&nats);
+    let alice = one.registered(ALICE).await;
+    let (bob_creds, _) = Credentials::generate_device().expect("key");
+    let bob = two.registered_as(&bob_creds, BOB).await;
+    for i in 0..3 {
+        send_numbered(&alice, BOB, i).await.expect("send");
+    }
+
+    for (node, online) in [(&one, 1), (&two, 1)] {
+        let stats = json(&admin_ok(&node.data_dir(), &["stats", "--json"]));
+        assert_eq!(stats["accounts"], 2, "{stats}");
+        assert_eq!(stats["devices"], 2, "{stats}");
+        assert_eq!(stats["queued_messages"], 3, "{stats}");
+        assert_eq!(stats["queued_receipts"], 0, "{stats}");
+        assert_eq!(stats["online_devices"], online, "this node's own: {stats}");
+        assert!(stats["queued_bytes"].as_u64().expect("bytes") > 3 * 32 * 1024);
+        assert!(stats["oldest_queued_ms"].as_u64().is_some(), "{stats}");
+    }
+    let accounts = json(&admin_ok(&one.data_dir(), &["accounts", "--json"]));
+    let numbers: Vec<&str> = accounts
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|a| a["number"].as_str().expect("number"))
+        .collect();
+    assert_eq!(numbers, [ALICE, BOB], "in number order");
+    let account = json(&admin_ok(&one.data_dir(), &["account", BOB, "--json"]));
+    let device = &account["devices"][0];
+    assert_eq!(account["devices"].as_array().expect("devices").len(), 1);
+    assert_eq!(
+        (&device["primary"], &device["queued"]),
+        (&serde_json::json!(true), &serde_json::json!(3)),
+        "{account}"
+    );
+    assert!(device["queued_bytes"].as_u64().expect("bytes") > 3 * 32 * 1024);
+    let out = admin(&one.data_dir(), &["account", CAROL], "");
+    assert!(
+        stderr(&out).contains("has no account on this cluster"),
+        "{}",
+        show(&["account", CAROL], &out)
+    );
+    let backup = one.dir.path().join("node.backup");
+    let out = admin(
+        &one.data_dir(),
+        &["backup", backup.to_str().expect("path")],
+        "",
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("nats stream backup"),
+        "{}",
+        show(&["backup"], &out)
+    );
+    assert!(!backup.exists(), "no backup file is left");
+
+    // Deleted through node one; Bob is connected to node two.
+    let deleted = admin_ok(&one.data_dir(), &["delete", BOB, "--yes"]);
+    assert!(
+        deleted.contains("deleted +14155550101: 1 device(s), 3 queued item(s)"),
+        "{deleted}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while bob.is_alive() {
+        assert!(
+            Instant::now() < deadline,
+            "node two never closed Bob's connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match bob.whoami().await {
+        Err(ClientError::Removed(why)) => assert!(why.contains("deleted"), "{why}"),
+        other => panic!("not told the account is gone: {other:?}"),
+    }
+    let stats = json(&admin_ok(&two.data_dir(), &["stats", "--json"]));
+    assert_eq!(
+        (&stats["accounts"], &stats["queued_messages"]),
+        (&serde_json::json!(1), &serde_json::json!(0)),
+        "{stats}"
+    );
+    let id = switchboard::client::e2e::new_message_id();
+    assert_eq!(
+        kind(alice.send(outgoing(BOB, id, vec![1; 10])).await),
+        ErrorKind::UnknownRecipient
+    );
+    // The number registers again, as a new account.
+    let bob = two.registered(BOB).await;
+    let row = json(&admin_ok(&one.data_dir(), &["account", BOB, "--json"]));
+    assert_ne!(row["account_id"], account["account_id"], "{row}");
+    bob.whoami().await.expect("the new Bob");
+
+    // With no node running, a cluster node's config is refused, not its own
+    // database read.
+    one.stop();
+    let config = one.dir.path().join("node.toml");
+    let args = ["stats", "--config", config.to_str().expect("path")];
+    let out = admin(&one.data_dir(), &args, "");
+    assert!(
+        !out.status.success() && stderr(&out).contains("runs on a NATS cluster"),
+        "{}",
+        show(&args, &out)
+    );
+}

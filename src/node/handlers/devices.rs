@@ -59,7 +59,7 @@ pub(super) async fn unlink_device(
     };
     // A device unlinking itself hears the answer before its connection closes (every
     // later request is refused anyway: the key is gone).
-    let linger = (device_id == me.device.device_id).then_some(std::time::Duration::from_secs(1));
+    let linger = (device_id == me.device.device_id).then_some(LINGER);
     match remove_after(shared, target, Removal::Unlinked, linger).await? {
         Unlinked::Done { .. } => Ok(Response::DeviceUnlinked),
         Unlinked::NotFound => Err(NodeError::new(
@@ -94,6 +94,10 @@ pub(crate) async fn remove(
 ) -> Result<Unlinked, NodeError> {
     remove_after(shared, device, why, None).await
 }
+
+/// How long a device unlinking itself keeps its connection, to hear the answer (on
+/// every node: the others close it when they hear of the removal, this long after).
+pub(crate) const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// [`remove`], closing the device's connections after `linger` when given.
 async fn remove_after(

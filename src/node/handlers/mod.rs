@@ -33,7 +33,7 @@ use crate::proto::messages::MAX_DISCOVERY_BATCH;
 use crate::proto::{ErrorKind, Identity, NodeError, Reply, Request, Response};
 use crate::store::DeviceIdentity;
 
-pub(crate) use devices::remove as remove_device;
+pub(crate) use devices::{LINGER as REMOVAL_LINGER, remove as remove_device};
 pub use send::Waiting;
 
 /// Answers one request.
