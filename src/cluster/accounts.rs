@@ -336,13 +336,12 @@ impl AccountStore for JetStreamAccounts {
         let nkey = number_key(&number);
         // No code pending: nothing to judge, and no id worth drawing.
         let (entry, _) = self.bucket.read::<NumberEntry>(&nkey).await?;
-        let Some(entry) = entry.filter(|e| e.code.is_some()) else {
+        if entry.is_none_or(|e| e.code.is_none()) {
             return Ok(VerifyOutcome::NoCode);
-        };
-        let fresh = match entry.account_id {
-            Some(id) => id,
-            None => self.free_account_id().await?,
-        };
+        }
+        // Drawn whether or not the number has an account now: if it is deleted
+        // before the decision, the id read here must not be taken again.
+        let fresh = self.free_account_id().await?;
         // The point of decision: the code is consumed here, once.
         let decided = self
             .bucket
@@ -578,7 +577,8 @@ impl AccountStore for JetStreamAccounts {
         let linked = self
             .bucket
             .modify(&account_key(account), |slot: &mut Option<AccountEntry>| {
-                let Some(entry) = slot else {
+                // An account without devices was deleted (`delete_account`).
+                let Some(entry) = slot.as_mut().filter(|e| !e.record.devices.is_empty()) else {
                     return (Linked::NoAccount, false);
                 };
                 let devices = &mut entry.record.devices;

@@ -108,10 +108,7 @@ async fn handle(stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result<()>
     };
     tracing::info!(?request, "admin request");
     if let Some(c) = &shared.cluster {
-        let answer = match request {
-            AdminRequest::Delete { number } => delete(shared, number).await,
-            other => on_cluster(shared, c, other).await,
-        };
+        let answer = on_cluster(shared, c, request).await;
         return reply(&mut stream, &answer).await;
     }
     let answer = match request {
@@ -184,9 +181,7 @@ async fn on_cluster(
                       by a node"
                     .into(),
             }),
-            AdminRequest::Delete { .. } => Ok(AdminReply::Error {
-                message: "deletion is not answered here".into(),
-            }),
+            AdminRequest::Delete { number } => return delete(shared, number).await,
         };
     answer.unwrap_or_else(|e| AdminReply::Error {
         message: e.to_string(),

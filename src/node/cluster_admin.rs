@@ -136,11 +136,12 @@ async fn queued(c: &ClusterEngine, device: DeviceRef) -> Result<(u64, u64), Stor
 /// Messages it sent that wait in other devices' queues stay: they are the
 /// recipients' mail.
 ///
-/// The index entry goes first, then the account ([`JetStreamAccounts::delete_account`],
-/// decided on the number's entry), then the rest. Broken off after the account
-/// went, what is left is never handed out (no device lists the keys, nobody can
-/// read the queues, which age out with the TTL) but for the account's group
-/// memberships and profile, which stay until the groups change.
+/// The index entry, the profile and the group memberships go first (deleting
+/// again finishes them if it breaks off), then the account
+/// ([`JetStreamAccounts::delete_account`], decided on the number's entry), then
+/// the index entry once more and the devices' queues and keys. Broken off after
+/// the account went, what is left is never handed out: no device lists the keys,
+/// and nobody can read the queues, which age out with the TTL.
 ///
 /// [`JetStreamAccounts::delete_account`]: crate::cluster::accounts::JetStreamAccounts::delete_account
 pub(super) async fn delete(
@@ -157,9 +158,21 @@ pub(super) async fn delete(
         .prf(number)
         .map_err(|e| StoreError::Corrupt(format!("the PRF of a number: {e}")))?;
     c.discovery.unindex(&prf, id).await?;
+    c.profiles.forget_profile(id).await?;
+    for group in c.groups.groups_of(id).await? {
+        // An admin's role passes on as on a leave; a refusal (the group is gone)
+        // leaves nothing to do.
+        let _ = c
+            .groups
+            .change_group(group, id, GroupChange::Leave, u32::MAX, now_ms)
+            .await?;
+    }
     let Some((account_id, records)) = c.accounts.delete_account(number, now_ms).await? else {
         return Ok(None);
     };
+    // A registration of the number in flight may have indexed it since
+    // (`engine::index_number` checks after it writes).
+    c.discovery.unindex(&prf, account_id).await?;
     let mut queued_items = 0;
     let mut devices = Vec::with_capacity(records.len());
     for d in &records {
@@ -170,15 +183,6 @@ pub(super) async fn delete(
         queued_items += c.queues.drop_queue(device).await?;
         c.keys.forget(device).await?;
         devices.push(device);
-    }
-    c.profiles.forget_profile(account_id).await?;
-    for group in c.groups.groups_of(account_id).await? {
-        // An admin's role passes on as on a leave; a refusal (the group is gone)
-        // leaves nothing to do.
-        let _ = c
-            .groups
-            .change_group(group, account_id, GroupChange::Leave, u32::MAX, now_ms)
-            .await?;
     }
     Ok(Some(Deleted {
         account_id,

@@ -1005,7 +1005,23 @@ pub(crate) async fn index_number(
             let mut tries = 0;
             loop {
                 match c.discovery.index(&prf, account).await {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => {
+                        // An account deleted meanwhile (its devices gone) keeps no
+                        // index entry: the deletion unindexes after it decided, and
+                        // this after it wrote.
+                        match c.accounts.account(account).await {
+                            Ok(Some(a)) if a.devices.is_empty() => {
+                                if let Err(e) = c.discovery.unindex(&prf, account).await {
+                                    tracing::warn!(error = %e, "a deleted account's number stayed in the discovery index");
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not check the account just indexed")
+                            }
+                        }
+                        return Ok(());
+                    }
                     Err(e) if tries < 3 => {
                         tries += 1;
                         tracing::warn!(error = %e, "indexing a number failed; trying again");
@@ -1125,11 +1141,15 @@ pub(crate) async fn watch_registrations(shared: Arc<Shared>, stop: CancellationT
                             // here close too, after the linger a device unlinking
                             // itself has to hear its answer.
                             if let Some((key, why)) = crate::cluster::accounts::removed_in(&entry) {
-                                let shared = shared.clone();
+                                let (shared, cluster) = (shared.clone(), cluster.clone());
                                 tokio::spawn(async move {
                                     tokio::time::sleep(super::handlers::REMOVAL_LINGER).await;
-                                    let (code, reason) = super::cluster_admin::closing(why);
-                                    shared.connections.close(&[key], code, reason.as_bytes());
+                                    // Unless the key came back meanwhile (registered
+                                    // or linked again).
+                                    if let Ok(Some(_)) = cluster.accounts.removed_key(key).await {
+                                        let (code, reason) = super::cluster_admin::closing(why);
+                                        shared.connections.close(&[key], code, reason.as_bytes());
+                                    }
                                 });
                             }
                         }

@@ -533,3 +533,61 @@ async fn accounts_on_a_3_member_jetstream_cluster() {
     one_code_registers_once(a.clone(), b.clone()).await;
     limits_keep_the_rules(a, b).await;
 }
+
+/// An account deleted through one node (`admin delete`) stays deleted through the
+/// other: a link to it is refused (the account entry is kept, without devices, and
+/// is not an account to link to), its key is told removed, and the number registers
+/// again as a new account, whose id is never the deleted one's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_account_takes_no_link_and_its_number_registers_anew() {
+    let Some(nats) = NatsCluster::start(3) else {
+        return;
+    };
+    let discovery = Arc::new(DiscoveryKey::generate(1).unwrap());
+    let a = nats.accounts(0, discovery.clone()).await;
+    let b = nats.accounts(1, discovery).await;
+    let number = "+15550100009";
+    let register = |store: &switchboard::cluster::accounts::JetStreamAccounts, dev: u8| {
+        let store = store.clone();
+        async move {
+            issue(&store, number, 7).await.expect("a code");
+            match store
+                .verify_and_register(number.to_string(), device(dev), 5_000, guess(7))
+                .await
+                .unwrap()
+            {
+                VerifyOutcome::Registered { device, .. } => device,
+                other => panic!("not registered: {other:?}"),
+            }
+        }
+    };
+    let primary = register(&a, 1).await;
+    let (id, devices) = a
+        .delete_account(number, 6_000)
+        .await
+        .unwrap()
+        .expect("deleted");
+    assert_eq!((id, devices.len()), (primary.account_id, 1));
+    assert_eq!(a.delete_account(number, 6_001).await.unwrap(), None, "once");
+    assert_eq!(
+        b.link_device(id, device(2), "laptop".into(), 5, 7_000)
+            .await
+            .unwrap(),
+        Linked::NoAccount
+    );
+    assert_eq!(b.device_by_key(key(1)).await.unwrap(), None);
+    assert_eq!(
+        b.removed_key(key(1)).await.unwrap().map(|r| r.why),
+        Some(Removal::AccountDeleted)
+    );
+    assert_eq!(b.account_by_number(number.to_string()).await.unwrap(), None);
+    let again = register(&b, 3).await;
+    assert_ne!(again.account_id, id, "a new account");
+    assert_eq!(
+        a.account_by_number(number.to_string())
+            .await
+            .unwrap()
+            .map(|(id, _)| id),
+        Some(again.account_id)
+    );
+}

@@ -1364,6 +1364,15 @@ async fn admin_commands_of_a_cluster_node_see_and_change_the_whole_cluster() {
     );
     assert!(!backup.exists(), "no backup file is left");
 
+    // Bob's number as the cluster's discovery index knows it.
+    let blinded = switchboard::discovery::blind(BOB).expect("blind");
+    let (_, evaluated, _) = alice
+        .evaluate(vec![blinded.element])
+        .await
+        .expect("evaluate");
+    let bob_prf = blinded.finalize(BOB, &evaluated[0]).expect("finalize");
+    assert_eq!(alice.resolve(vec![bob_prf]).await.expect("resolve"), [true]);
+
     // Deleted through node one; Bob is connected to node two.
     let deleted = admin_ok(&one.data_dir(), &["delete", BOB, "--yes"]);
     assert!(
@@ -1392,6 +1401,11 @@ async fn admin_commands_of_a_cluster_node_see_and_change_the_whole_cluster() {
     assert_eq!(
         kind(alice.send(outgoing(BOB, id, vec![1; 10])).await),
         ErrorKind::UnknownRecipient
+    );
+    assert_eq!(
+        alice.resolve(vec![bob_prf]).await.expect("resolve"),
+        [false],
+        "out of the discovery index"
     );
     // The number registers again, as a new account.
     let bob = two.registered(BOB).await;
