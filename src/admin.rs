@@ -77,6 +77,30 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join(SOCKET)
 }
 
+/// The file a node in cluster mode keeps in its data dir (and a node on its own
+/// removes), so that admin commands on the stopped data dir know its database
+/// holds none of the cluster's accounts.
+pub fn cluster_mark(data_dir: &Path) -> PathBuf {
+    data_dir.join("cluster-node")
+}
+
+/// Writes (`cluster`) or removes the [`cluster_mark`] of `data_dir`.
+pub fn set_cluster_mark(data_dir: &Path, cluster: bool) -> std::io::Result<()> {
+    let path = cluster_mark(data_dir);
+    if cluster {
+        std::fs::write(
+            &path,
+            "This node runs on the NATS cluster its config names ([cluster] nats); the \
+             database in this data dir holds none of the cluster's accounts.\n",
+        )
+    } else {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+}
+
 /// A connection to a running node's admin socket.
 pub struct AdminClient {
     stream: BufReader<UnixStream>,

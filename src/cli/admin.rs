@@ -1,8 +1,9 @@
 //! `switchboard admin`: operator commands. They talk to the running node over its
 //! admin socket (`DATA_DIR/admin.sock`); when no node runs on the data dir, they open
 //! the database themselves (sled lets one process open it at a time). A node on a
-//! cluster answers from the cluster; with no node running, a cluster's config is
-//! refused rather than its node's own database read.
+//! cluster answers from the cluster; with no node running, a cluster node's data
+//! dir (its `cluster-node` mark) or config is refused rather than its own database
+//! read.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -271,6 +272,13 @@ fn offline<T>(data: &Path, f: impl FnOnce(&Store) -> anyhow::Result<T>) -> anyho
     let db = data.join("db");
     if !db.exists() {
         bail!("{} holds no node database", data.display());
+    }
+    if switchboard::admin::cluster_mark(data).exists() {
+        bail!(
+            "the node of {} runs on a NATS cluster: admin commands ask a running node of \
+             the cluster (its own database here holds none of the cluster's accounts)",
+            data.display()
+        );
     }
     let store = Store::open(&db).with_context(|| {
         format!(

@@ -210,6 +210,12 @@ impl Node {
             (key, None)
         };
 
+        crate::admin::set_cluster_mark(&data_dir, cluster.is_some()).map_err(|source| {
+            ServeError::DataDir {
+                path: crate::admin::cluster_mark(&data_dir),
+                source,
+            }
+        })?;
         let server_config = conn::server_config(&creds, &config)?;
         let endpoint = bind_endpoint(
             config.server.listen,

@@ -1413,15 +1413,17 @@ async fn admin_commands_of_a_cluster_node_see_and_change_the_whole_cluster() {
     assert_ne!(row["account_id"], account["account_id"], "{row}");
     bob.whoami().await.expect("the new Bob");
 
-    // With no node running, a cluster node's config is refused, not its own
-    // database read.
+    // With no node running, a cluster node's data dir or config is refused, not
+    // its own database read.
     one.stop();
     let config = one.dir.path().join("node.toml");
-    let args = ["stats", "--config", config.to_str().expect("path")];
-    let out = admin(&one.data_dir(), &args, "");
-    assert!(
-        !out.status.success() && stderr(&out).contains("runs on a NATS cluster"),
-        "{}",
-        show(&args, &out)
-    );
+    let by_config = ["stats", "--config", config.to_str().expect("path")];
+    for args in [&by_config[..], &["accounts"], &["delete", ALICE, "--yes"]] {
+        let out = admin(&one.data_dir(), args, "");
+        assert!(
+            !out.status.success() && stderr(&out).contains("runs on a NATS cluster"),
+            "{}",
+            show(args, &out)
+        );
+    }
 }
