@@ -151,38 +151,45 @@ async fn handle(stream: UnixStream, shared: &Arc<Shared>) -> std::io::Result<()>
 
 /// The answer of a node on a cluster, from the cluster (`cluster_admin`). Backups and
 /// rotating the discovery key are refused: the cluster is backed up with NATS's
-/// own tools, and its key is rotated by an export.
+/// own tools, and its discovery key is derived from the shared TLS key.
 async fn on_cluster(
     shared: &Arc<Shared>,
     c: &super::engine::ClusterEngine,
     request: AdminRequest,
 ) -> AdminReply {
-    let answer =
-        match request {
-            AdminRequest::Stats => cluster_admin::counts(c)
-                .await
-                .map(|counts| AdminReply::Stats(node_stats(shared, counts))),
-            AdminRequest::Accounts => cluster_admin::accounts(c).await.map(AdminReply::Accounts),
-            AdminRequest::Account { number } => cluster_admin::account(c, number.clone())
+    let answer = match request {
+        AdminRequest::Stats => match cluster_admin::counts(c).await {
+            // The data dir's size is read off the async threads.
+            Ok(counts) => {
+                let shared = shared.clone();
+                return blocking(move || Ok(AdminReply::Stats(node_stats(&shared, counts)))).await;
+            }
+            Err(e) => Err(e),
+        },
+        AdminRequest::Accounts => cluster_admin::accounts(c).await.map(AdminReply::Accounts),
+        AdminRequest::Account { number } => {
+            cluster_admin::account(c, number.clone())
                 .await
                 .map(|found| match found {
                     Some(a) => AdminReply::Account(a),
                     None => AdminReply::Error {
                         message: format!("{number} has no account on this cluster"),
                     },
-                }),
-            AdminRequest::Backup => Ok(AdminReply::Error {
-                message: "this node runs on a NATS cluster: back the cluster up with NATS's own \
+                })
+        }
+        AdminRequest::Backup => Ok(AdminReply::Error {
+            message: "this node runs on a NATS cluster: back the cluster up with NATS's own \
                       tools (`nats stream backup`, see README, \"Cluster mode\")"
-                    .into(),
-            }),
-            AdminRequest::RotateDiscoveryKey => Ok(AdminReply::Error {
-                message: "this node runs on a NATS cluster, whose discovery key is not rotated \
-                      by a node"
-                    .into(),
-            }),
-            AdminRequest::Delete { number } => return delete(shared, number).await,
-        };
+                .into(),
+        }),
+        AdminRequest::RotateDiscoveryKey => Ok(AdminReply::Error {
+            message: "this node runs on a NATS cluster: rotate-discovery-key works on a \
+                      single node only (a cluster's discovery key is derived from the nodes' \
+                      shared TLS key)"
+                .into(),
+        }),
+        AdminRequest::Delete { number } => return delete(shared, number).await,
+    };
     answer.unwrap_or_else(|e| AdminReply::Error {
         message: e.to_string(),
     })
