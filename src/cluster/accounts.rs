@@ -1187,3 +1187,58 @@ impl JetStreamAccounts {
         Ok(lapsed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::kv::{Entry, Operation};
+    use proptest::prelude::*;
+
+    fn entry(key: &str, value: Vec<u8>) -> Entry {
+        Entry {
+            bucket: BUCKET.into(),
+            key: key.into(),
+            value: value.into(),
+            revision: 1,
+            delta: 0,
+            created: std::time::UNIX_EPOCH.into(),
+            operation: Operation::Put,
+            seen_current: true,
+        }
+    }
+
+    fn encoded(e: &KeyEntry) -> Vec<u8> {
+        crate::store::records::encode(e).expect("encode")
+    }
+
+    #[test]
+    fn a_removed_key_is_read_from_its_entry_and_nothing_else_is() {
+        let removed = KeyEntry::Removed(RemovedKeyRecord {
+            why: Removal::AccountDeleted,
+            at_ms: 5,
+        });
+        let key = key_key(&[7; 32]);
+        assert_eq!(
+            removed_in(&entry(&key, encoded(&removed))),
+            Some(([7; 32], Removal::AccountDeleted))
+        );
+        // A key that points at a device, another kind of entry, a deletion (no
+        // value), a key id of the wrong length or not hex: none.
+        assert_eq!(
+            removed_in(&entry(&key, encoded(&KeyEntry::Device(1, 2)))),
+            None
+        );
+        assert_eq!(removed_in(&entry("a.1", encoded(&removed))), None);
+        assert_eq!(removed_in(&entry(&key, Vec::new())), None);
+        assert_eq!(removed_in(&entry("k.0707", encoded(&removed))), None);
+        assert_eq!(removed_in(&entry("k.zz", encoded(&removed))), None);
+    }
+
+    proptest! {
+        /// Whatever the bucket holds, reading it never panics.
+        #[test]
+        fn any_entry_is_read_without_panic(key in "k?\\.?[0-9a-f]{0,70}", value in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = removed_in(&entry(&key, value));
+        }
+    }
+}
