@@ -494,11 +494,7 @@ impl AccountStore for JetStreamAccounts {
         &self,
         number: String,
     ) -> Result<Option<(u64, AccountRecord)>, StoreError> {
-        let (entry, _) = self
-            .bucket
-            .read::<NumberEntry>(&number_key(&number))
-            .await?;
-        let Some(id) = entry.and_then(|e| e.account_id) else {
+        let Some(id) = self.id_of(&number).await? else {
             return Ok(None);
         };
         Ok(self.account(id).await?.map(|a| (id, a)))
@@ -804,11 +800,7 @@ impl LimitStore for JetStreamAccounts {
         &self,
         number: String,
     ) -> Result<Option<(u64, LockRecord, u64)>, StoreError> {
-        let (entry, _) = self
-            .bucket
-            .read::<NumberEntry>(&number_key(&number))
-            .await?;
-        let Some(account) = entry.and_then(|e| e.account_id) else {
+        let Some(account) = self.id_of(&number).await? else {
             return Ok(None);
         };
         let (lock, _) = self.bucket.read::<LockRecord>(&lock_key(account)).await?;
@@ -1038,6 +1030,8 @@ pub struct AccountView {
     pub names: Vec<(u32, String)>,
     /// Last-seen times, by device id.
     pub seen: Vec<(u32, u64)>,
+    /// Whether it has a registration lock.
+    pub locked: bool,
 }
 
 /// The key whose entry `entry` is, when that entry now says the key was removed:
@@ -1089,11 +1083,22 @@ impl JetStreamAccounts {
 
     /// Account `id` with its devices' names and last-seen times.
     pub async fn view(&self, id: u64) -> Result<Option<AccountView>, StoreError> {
-        Ok(self.account_entry(id).await?.map(|e| AccountView {
-            record: e.record,
-            names: e.names,
-            seen: e.seen,
+        let Some(entry) = self.account_entry(id).await? else {
+            return Ok(None);
+        };
+        let (lock, _) = self.bucket.read::<LockRecord>(&lock_key(id)).await?;
+        Ok(Some(AccountView {
+            record: entry.record,
+            names: entry.names,
+            seen: entry.seen,
+            locked: lock.is_some(),
         }))
+    }
+
+    /// The id of `number`'s account, if it has one.
+    pub async fn id_of(&self, number: &str) -> Result<Option<u64>, StoreError> {
+        let (entry, _) = self.bucket.read::<NumberEntry>(&number_key(number)).await?;
+        Ok(entry.and_then(|e| e.account_id))
     }
 
     /// Deletes the account of `number` (the operator's `admin delete`): the number

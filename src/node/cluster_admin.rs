@@ -7,9 +7,8 @@
 use super::engine::ClusterEngine;
 use crate::store::account_store::AccountStore;
 use crate::store::keydir::KeyDirectory;
-use crate::store::limit_store::LimitStore;
 use crate::store::queue_store::QueueStore;
-use crate::store::records::{self, Removal};
+use crate::store::records;
 use crate::store::{
     AccountSummary, Deleted, DeviceRef, DeviceSummary, GroupChange, GroupStore, ProfileStore,
     StoreCounts, StoreError,
@@ -55,8 +54,8 @@ pub(super) async fn account(
     c: &ClusterEngine,
     number: String,
 ) -> Result<Option<AccountSummary>, StoreError> {
-    match c.accounts.account_by_number(number.clone()).await? {
-        Some((id, _)) => summarise(c, number, id).await,
+    match c.accounts.id_of(&number).await? {
+        Some(id) => summarise(c, number, id).await,
         None => Ok(None),
     }
 }
@@ -100,11 +99,7 @@ async fn summarise(
     }
     Ok(Some(AccountSummary {
         last_seen_ms: view.seen.iter().map(|(_, ms)| *ms).max(),
-        registration_lock: c
-            .accounts
-            .registration_lock(number.clone())
-            .await?
-            .is_some(),
+        registration_lock: view.locked,
         number,
         account_id: id,
         created_at_ms: view.record.created_at_ms,
@@ -149,7 +144,7 @@ pub(super) async fn delete(
     number: &str,
     now_ms: u64,
 ) -> Result<Option<Deleted>, StoreError> {
-    let Some((id, _)) = c.accounts.account_by_number(number.to_string()).await? else {
+    let Some(id) = c.accounts.id_of(number).await? else {
         return Ok(None);
     };
     let prf = c
@@ -190,15 +185,4 @@ pub(super) async fn delete(
         key_ids: records.iter().map(|d| d.key_id).collect(),
         queued_items,
     }))
-}
-
-/// What a removed key's connections are closed with: the QUIC code and reason.
-pub(super) fn closing(why: Removal) -> (u32, &'static str) {
-    use crate::proto::codes;
-    let code = match why {
-        Removal::SignedOut => codes::SIGNED_OUT,
-        Removal::Unlinked | Removal::Lapsed => codes::UNLINKED,
-        Removal::AccountDeleted => codes::ACCOUNT_DELETED,
-    };
-    (code, crate::proto::Removal::from(why).describe())
 }

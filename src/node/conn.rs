@@ -54,6 +54,19 @@ impl Connections {
         )
     }
 
+    /// Closes every connection of device key `key`, removed from its account for
+    /// `why`, with the close code and reason a removal of that kind has.
+    pub fn close_removed(&self, key: KeyId, why: crate::store::records::Removal) -> usize {
+        use crate::store::records::Removal;
+        let code = match why {
+            Removal::SignedOut => codes::SIGNED_OUT,
+            Removal::Unlinked | Removal::Lapsed => codes::UNLINKED,
+            Removal::AccountDeleted => codes::ACCOUNT_DELETED,
+        };
+        let reason = crate::proto::Removal::from(why).describe();
+        self.close(&[key], code, reason.as_bytes())
+    }
+
     /// Closes every connection of these device keys with `code` and `reason`.
     pub fn close(&self, keys: &[KeyId], code: u32, reason: &[u8]) -> usize {
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());

@@ -1107,6 +1107,24 @@ pub(crate) fn directory_cacheable(shared: &Shared) -> bool {
     shared.cluster.is_none() || shared.directory_watched.load(Ordering::Acquire)
 }
 
+/// Closes this node's connections of `key`, removed (`why`) through any node, after
+/// the linger a device unlinking itself has to hear its answer, unless the key came
+/// back meanwhile (registered or linked again).
+fn close_removed_later(
+    shared: &Arc<Shared>,
+    cluster: &Arc<ClusterEngine>,
+    key: KeyId,
+    why: Removal,
+) {
+    let (shared, cluster) = (shared.clone(), cluster.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(super::handlers::REMOVAL_LINGER).await;
+        if let Ok(Some(_)) = cluster.accounts.removed_key(key).await {
+            shared.connections.close_removed(key, why);
+        }
+    });
+}
+
 /// In cluster mode, until `stop`: watches the accounts bucket and bumps the
 /// directory epoch on every change through any node (a registration, a device
 /// signed out or unlinked, a key entry, a last-seen time), so this node's caches
@@ -1137,20 +1155,8 @@ pub(crate) async fn watch_registrations(shared: Arc<Shared>, stop: CancellationT
                     match next {
                         Some(Ok(entry)) => {
                             bump();
-                            // A device removed through any node: its connections
-                            // here close too, after the linger a device unlinking
-                            // itself has to hear its answer.
                             if let Some((key, why)) = crate::cluster::accounts::removed_in(&entry) {
-                                let (shared, cluster) = (shared.clone(), cluster.clone());
-                                tokio::spawn(async move {
-                                    tokio::time::sleep(super::handlers::REMOVAL_LINGER).await;
-                                    // Unless the key came back meanwhile (registered
-                                    // or linked again).
-                                    if let Ok(Some(_)) = cluster.accounts.removed_key(key).await {
-                                        let (code, reason) = super::cluster_admin::closing(why);
-                                        shared.connections.close(&[key], code, reason.as_bytes());
-                                    }
-                                });
+                                close_removed_later(&shared, &cluster, key, why);
                             }
                         }
                         Some(Err(e)) => {

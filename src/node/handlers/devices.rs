@@ -8,7 +8,7 @@ use crate::node::Shared;
 use crate::node::clock::now_ms;
 use crate::node::engine;
 use crate::node::session::{Session, authenticated};
-use crate::proto::{DeviceInfo, ErrorKind, NodeError, Response, codes};
+use crate::proto::{DeviceInfo, ErrorKind, NodeError, Response};
 use crate::store::records::Removal;
 use crate::store::{DeviceRef, Unlinked};
 
@@ -112,7 +112,6 @@ async fn remove_after(
         // Caches of who has which devices are stale from now on.
         shared.directory_epoch.fetch_add(1, Ordering::AcqRel);
         engine::durable(shared).await?;
-        let reason = crate::proto::Removal::from(why).describe();
         tracing::info!(
             account = device.account_id,
             device = device.device_id,
@@ -120,11 +119,7 @@ async fn remove_after(
             "device unlinked"
         );
         let (shared, key_id) = (shared.clone(), *key_id);
-        let close = move || {
-            shared
-                .connections
-                .close(&[key_id], codes::UNLINKED, reason.as_bytes())
-        };
+        let close = move || shared.connections.close_removed(key_id, why);
         match linger {
             None => {
                 close();
